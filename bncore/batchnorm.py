@@ -1,0 +1,260 @@
+r"""BatchNorm1d/2d/3d: drop-in replacements for torch.nn's, that also report what they computed.
+
+Same constructor arguments, buffers, parameters, state_dict keys, train/eval behaviour and
+results as :class:`torch.nn.BatchNorm2d` and friends:
+
+.. math::
+    y = \frac{x - \mathrm{E}[x]}{\sqrt{\mathrm{Var}[x] + \epsilon}} \cdot \gamma + \beta
+
+In training mode the statistics are the batch's (biased variance), and the running buffers move
+towards them by ``momentum`` (the running variance takes the unbiased batch variance); with
+``momentum=None`` they are the cumulative average over all batches. In eval mode the running
+buffers normalize, unless ``track_running_stats=False``.
+
+After every training-mode forward and backward, ``layer.stats`` (:class:`~bncore.stats.BNStats`)
+holds the per-channel batch statistics and gradient sums the layer computed anyway.
+
+Keras users: ``BatchNorm2d.from_keras(C, momentum=0.99, epsilon=1e-3)`` builds a layer that
+behaves as ``keras.layers.BatchNormalization`` does (see :meth:`_BatchNorm.from_keras`).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+from torch.nn import init
+
+from bncore.functional import batch_norm_with_stats
+from bncore.stats import BNStats
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "keras_momentum_to_torch"]
+
+B = TypeVar("B", bound="_BatchNorm")
+
+
+def keras_momentum_to_torch(momentum: float) -> float:
+    """Keras momentum weighs the old running value; torch momentum weighs the new batch value."""
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"Keras momentum must lie in [0, 1], got {momentum}")
+    return 1.0 - momentum
+
+
+class _NormBase(nn.Module):
+    """Parameters and running buffers, named and initialised as in torch.nn."""
+
+    _version = 2
+    num_features: int
+    eps: float
+    momentum: float | None
+    affine: bool
+    track_running_stats: bool
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        *,
+        bias: bool = True,
+    ) -> None:
+        super().__init__()
+        try:
+            num_features = operator.index(num_features)
+        except TypeError:
+            raise TypeError(f"num_features must be an int, got {num_features!r}") from None
+        if num_features < 1:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        if eps < 0:
+            raise ValueError(f"eps must be non-negative, got {eps}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must lie in [0, 1] or be None, got {momentum}")
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.track_running_stats = track_running_stats
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            if bias:
+                self.bias = nn.Parameter(torch.empty(num_features, **factory))
+            else:
+                self.register_parameter("bias", None)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    def reset_running_stats(self) -> None:
+        """running_mean = 0, running_var = 1, num_batches_tracked = 0."""
+        if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Running statistics reset, gamma = 1, beta = 0."""
+        self.reset_running_stats()
+        if self.weight is not None:
+            init.ones_(self.weight)
+        if self.bias is not None:
+            init.zeros_(self.bias)
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
+            f"affine={self.affine}, bias={self.bias is not None}, "
+            f"track_running_stats={self.track_running_stats}"
+        )
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Version 1 state_dicts (torch < 0.4.1) have no num_batches_tracked: it starts at 0.
+        version = local_metadata.get("version")
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+
+class _BatchNorm(_NormBase):
+    """Batch normalization over dim 1; subclasses only check the input's rank."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unbiased_running_var = True
+        self.stats = BNStats()
+
+    @classmethod
+    def from_keras(
+        cls: type[B],
+        num_features: int,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> B:
+        r"""A layer with ``keras.layers.BatchNormalization``'s arguments and behaviour.
+
+        Keras' ``momentum`` is the weight of the old running value
+        (``moving = moving * momentum + batch * (1 - momentum)``), so torch's momentum is
+        ``1 - momentum``; Keras feeds the *biased* batch variance to the moving variance, and
+        defaults to ``epsilon=1e-3``. ``center``/``scale`` switch beta/gamma off separately.
+        Parameter and buffer names stay torch's (gamma is ``weight``, moving_mean is
+        ``running_mean``).
+        """
+        layer = cls(
+            num_features,
+            eps=epsilon,
+            momentum=keras_momentum_to_torch(momentum),
+            affine=center or scale,
+            device=device,
+            dtype=dtype,
+            bias=center,
+        )
+        if not scale and layer.weight is not None:
+            layer.weight = None
+        layer.unbiased_running_var = False
+        return layer
+
+    def extra_repr(self) -> str:
+        keras = "" if self.unbiased_running_var else ", running_var=biased (Keras)"
+        return super().extra_repr() + keras
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        if input.dim() >= 2 and input.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}) got input with {input.shape[1]} "
+                f"channels (shape {tuple(input.shape)}); dim 1 must be the channels"
+            )
+        factor: float | Tensor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average, 1/k as a tensor: no host sync
+                assert self.running_mean is not None
+                factor = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
+        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
+        update = not self.training or self.track_running_stats
+        return batch_norm_with_stats(
+            input,
+            self.running_mean if update else None,
+            self.running_var if update else None,
+            self.weight,
+            self.bias,
+            use_batch_stats,
+            factor,
+            self.eps,
+            stats=self.stats if use_batch_stats else None,
+            unbiased_running_var=self.unbiased_running_var,
+        )
+
+
+class BatchNorm1d(_BatchNorm):
+    r"""Batch normalization of a 2D ``(N, C)`` or 3D ``(N, C, L)`` input, per channel C."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() not in (2, 3):
+            raise ValueError(
+                f"expected 2D (N, C) or 3D (N, C, L) input (got {input.dim()}D input of shape "
+                f"{tuple(input.shape)})"
+            )
+
+
+class BatchNorm2d(_BatchNorm):
+    r"""Batch normalization of a 4D ``(N, C, H, W)`` input, per channel C over N, H and W."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 4:
+            raise ValueError(
+                f"expected 4D (N, C, H, W) input (got {input.dim()}D input of shape "
+                f"{tuple(input.shape)})"
+            )
+
+
+class BatchNorm3d(_BatchNorm):
+    r"""Batch normalization of a 5D ``(N, C, D, H, W)`` input, per channel C."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() != 5:
+            raise ValueError(
+                f"expected 5D (N, C, D, H, W) input (got {input.dim()}D input of shape "
+                f"{tuple(input.shape)})"
+            )

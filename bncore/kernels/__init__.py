@@ -1,0 +1,83 @@
+"""Batch-norm training kernels, one interface, several implementations.
+
+Each kernel module has ``NAME``, ``supports(x, weight, bias)``,
+``forward(x, weight, bias, eps, running)`` and ``backward(dy, x, mean, invstd, weight, need_dx)``
+(see :mod:`bncore.kernels.reference` for what they compute).
+
+- ``reference``: the math in plain torch operations; any device and dtype; differentiable.
+- ``cpu``: fused C++ kernel for float32/float64 on the CPU (needs a C++ compiler at first use).
+- ``compiled``: torch.compile of the reference (Triton on CUDA).
+
+``select`` picks the fastest one that handles the input. ``BNCORE_KERNEL=reference|cpu|compiled``
+in the environment, or :func:`use`, forces one (where it cannot take an input, the reference runs).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+from torch import Tensor
+
+from bncore.kernels import cpu, reference
+
+__all__ = ["KERNELS", "forced", "reference", "select", "use"]
+
+_compiled: ModuleType | None = None
+
+
+def _compiled_kernel() -> ModuleType:
+    """Imported lazily: torch.compile's import cost is paid only where it is used."""
+    global _compiled
+    if _compiled is None:
+        from bncore.kernels import compiled
+
+        _compiled = compiled
+    return _compiled
+
+
+KERNELS = ("reference", "cpu", "compiled")
+
+
+def _parse(name: str | None) -> str | None:
+    name = (name or "auto").strip().lower()
+    if name == "auto":
+        return None
+    if name not in KERNELS:
+        raise ValueError(f"unknown bncore kernel {name!r}: use auto, {', '.join(KERNELS)}")
+    return name
+
+
+_forced: str | None = _parse(os.environ.get("BNCORE_KERNEL"))
+
+
+def forced() -> str | None:
+    """The kernel forced by BNCORE_KERNEL or :func:`use`, if any."""
+    return _forced
+
+
+@contextmanager
+def use(name: str | None) -> Iterator[None]:
+    """Force a kernel ('reference', 'cpu', 'compiled'; None or 'auto' to choose) for a block."""
+    global _forced
+    previous, _forced = _forced, _parse(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def select(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> ModuleType:
+    """The kernel module to run a training-mode batch norm on ``x``."""
+    name = _forced
+    if name == "reference":
+        return reference
+    if name in (None, "cpu") and cpu.supports(x, weight, bias) and cpu.available():
+        return cpu
+    if name == "compiled" or (name is None and x.is_cuda):
+        kernel = _compiled_kernel()
+        if kernel.supports(x, weight, bias) and kernel.available():
+            return kernel
+    return reference

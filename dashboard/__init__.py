@@ -1,0 +1,1 @@
+"""dashboard: the Dash app mounted in the server, drawing runs live (issue #5)."""

@@ -1,0 +1,96 @@
+"""Gradients checked numerically (float64): first order for every kernel, second order too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+import bncore
+from bncore.functional import batch_norm
+
+SHAPES = [(6, 3), (4, 3, 5), (3, 2, 3, 4)]
+
+
+def _inputs(shape: tuple[int, ...], affine: bool):
+    gen = torch.Generator().manual_seed(11)
+    c = shape[1]
+    x = torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_()
+    w = (
+        (torch.rand(c, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+        if affine
+        else None
+    )
+    b = torch.randn(c, generator=gen, dtype=torch.float64).requires_grad_() if affine else None
+    return x, w, b
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("affine", [True, False])
+def test_gradcheck_training(kernel: str, shape, affine):
+    x, w, b = _inputs(shape, affine)
+    args = (x, w, b) if affine else (x,)
+
+    def f(x, w=None, b=None):
+        return batch_norm(x, None, None, w, b, training=True, eps=1e-3)
+
+    assert gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradcheck_channels_last(kernel: str, shape):
+    if len(shape) != 4:
+        pytest.skip("channels_last is 4-d")
+    x, w, b = _inputs(shape, True)
+    xc = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    def f(x, w, b):
+        return batch_norm(x, None, None, w, b, training=True, eps=1e-3)
+
+    assert gradcheck(f, (xc, w, b), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_gradcheck_eval_mode(kernel: str):
+    x, w, b = _inputs((5, 3, 4), True)
+    rm = torch.randn(3, dtype=torch.float64)
+    rv = torch.rand(3, dtype=torch.float64) + 0.5
+
+    def f(x, w, b):
+        return batch_norm(x, rm, rv, w, b, training=False, eps=1e-3)
+
+    assert gradcheck(f, (x, w, b))
+    assert gradgradcheck(f, (x, w, b))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gradgradcheck_training(kernel: str, shape):
+    x, w, b = _inputs(shape, True)
+
+    def f(x, w, b):
+        return batch_norm(x, None, None, w, b, training=True, eps=1e-3)
+
+    assert gradgradcheck(f, (x, w, b), eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_double_backward_matches_torch(kernel: str):
+    """A gradient penalty (create_graph) gives torch's second-order gradients."""
+    x, w, b = _inputs((6, 4, 3), True)
+    results = []
+    for fn in (torch.nn.functional.batch_norm, bncore.functional.batch_norm):
+        y = fn(x, None, None, w, b, True, 0.1, 1e-3)
+        (gx,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum(), (x, w, b)))
+    for ours, ref in zip(results[1], results[0], strict=True):
+        torch.testing.assert_close(ours, ref)
+
+
+def test_input_without_grad_still_gives_parameter_grads(kernel: str):
+    layer = bncore.BatchNorm1d(4, dtype=torch.float64)
+    ref = torch.nn.BatchNorm1d(4, dtype=torch.float64)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    dy = torch.randn(8, 4, dtype=torch.float64)
+    g1 = torch.autograd.grad(ref(x), (ref.weight, ref.bias), dy)
+    g2 = torch.autograd.grad(layer(x), (layer.weight, layer.bias), dy)
+    for a, b in zip(g2, g1, strict=True):
+        torch.testing.assert_close(a, b)
+    assert layer.stats.dx_sq is None  # dx was never computed

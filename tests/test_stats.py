@@ -1,0 +1,82 @@
+"""The by-product statistics each BN layer leaves behind, against an independent computation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bncore
+from bncore.stats import BNStats
+from tests.helpers import channel_dims
+
+
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [
+        ((64, 16), False),
+        ((8, 6, 40), False),
+        ((4, 5, 6, 7), False),
+        ((4, 5, 6, 7), True),
+        ((3, 300, 2), False),
+    ],
+)
+def test_stats_equal_independent_recomputation(kernel: str, shape, channels_last):
+    gen = torch.Generator().manual_seed(9)
+    c = shape[1]
+    layer = (bncore.BatchNorm2d if len(shape) == 4 else bncore.BatchNorm1d)(c, dtype=torch.float64)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 2.0, generator=gen)
+    x = torch.randn(shape, generator=gen, dtype=torch.float64) * 3 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    dy = torch.randn(shape, generator=gen, dtype=torch.float64)
+    y = layer(x)
+    (dx,) = torch.autograd.grad(y, x, dy)
+    dims = channel_dims(x)
+    s = layer.stats
+    # forward: the batch statistics that normalized
+    torch.testing.assert_close(s.mean, x.detach().mean(dims))
+    torch.testing.assert_close(s.var, x.detach().var(dims, correction=0))
+    # backward: the sums behind dgamma/dbeta, and the squared gradient norms
+    xhat = (x.detach() - x.detach().mean(dims, keepdim=True)) / torch.sqrt(
+        x.detach().var(dims, correction=0, keepdim=True) + layer.eps
+    )
+    torch.testing.assert_close(s.sum_dy, dy.sum(dims))
+    torch.testing.assert_close(s.sum_dy_xhat, (dy * xhat).sum(dims))
+    torch.testing.assert_close(s.dy_sq, dy.square().sum(dims))
+    torch.testing.assert_close(s.dx_sq, dx.square().sum(dims))
+    assert (s.forward_steps, s.backward_steps) == (1, 1)
+    for t in (s.mean, s.var, s.sum_dy, s.sum_dy_xhat, s.dy_sq, s.dx_sq):
+        assert t.shape == (c,) and not t.requires_grad and t.device == x.device
+
+
+def test_stats_follow_each_step_and_skip_eval(kernel: str):
+    layer = bncore.BatchNorm1d(3)
+    for i in range(3):
+        x = torch.randn(10, 3) + 10 * i
+        layer(x).sum().backward()
+        torch.testing.assert_close(layer.stats.mean, x.mean(0))
+    assert layer.stats.forward_steps == 3 and layer.stats.backward_steps == 3
+    layer.eval()
+    layer(torch.randn(10, 3) - 100)  # eval: running statistics, nothing recorded
+    assert layer.stats.forward_steps == 3
+    torch.testing.assert_close(layer.stats.mean, x.mean(0))
+
+
+def test_stats_do_not_keep_the_graph_alive(kernel: str):
+    layer = bncore.BatchNorm1d(3)
+    x = torch.randn(10, 3, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.stats.mean.grad_fn is None and layer.stats.sum_dy.grad_fn is None
+
+
+def test_stats_recorded_through_functional_api(kernel: str):
+    stats = BNStats()
+    x = torch.randn(6, 2, 5, requires_grad=True)
+    y = bncore.functional.batch_norm_with_stats(x, None, None, training=True, stats=stats)
+    y.pow(2).sum().backward()
+    torch.testing.assert_close(stats.var, x.detach().var((0, 2), correction=0))
+    torch.testing.assert_close(stats.dy_sq, (2 * y.detach()).square().sum((0, 2)))
+    stats.clear()
+    assert stats.mean is None and stats.forward_steps == 0
