@@ -28,53 +28,6 @@ from bncore.stats import BNStats
 __all__ = ["batch_norm", "batch_norm_with_stats"]
 
 
-class _TrainingBatchNorm(torch.autograd.Function):
-    """y = BN(x) with batch statistics; forward and backward record their by-products."""
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx,
-        x: Tensor,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        eps: float,
-        running: Running | None,
-        stats: BNStats | None,
-    ) -> Tensor:
-        kernel = kernels.select(x, weight, bias)
-        out = kernel.forward(x, weight, bias, eps, running)
-        ctx.save_for_backward(x, weight, out.mean, out.invstd)
-        ctx.kernel, ctx.eps, ctx.stats = kernel, eps, stats  # type: ignore[attr-defined]
-        ctx.bias_dtype = None if bias is None else bias.dtype  # type: ignore[attr-defined]
-        if stats is not None:
-            stats.record_forward(out.mean, out.var)
-        return out.y
-
-    @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dy: Tensor
-    ) -> tuple[Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
-        need_dx, need_w, need_b = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
-        kernel = ctx.kernel  # type: ignore[attr-defined]
-        if torch.is_grad_enabled():
-            # create_graph=True: the statistics depend on x too, so differentiate through them.
-            mean, var = reference.batch_stats(reference.ncl_view(x))
-            invstd = torch.rsqrt(var + ctx.eps)  # type: ignore[attr-defined]
-            kernel = reference
-        grads = kernel.backward(dy, x, mean, invstd, weight, need_dx)
-        stats: BNStats | None = ctx.stats  # type: ignore[attr-defined]
-        if stats is not None:
-            stats.record_backward(grads)
-        dw = _cast(grads.sum_dy_xhat, weight.dtype) if need_w else None
-        db = _cast(grads.sum_dy, ctx.bias_dtype) if need_b else None  # type: ignore[attr-defined]
-        return grads.dx if need_dx else None, dw, db, None, None, None
-
-
-def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _check(
     input: Tensor,
     running_mean: Tensor | None,
@@ -172,7 +125,7 @@ def batch_norm_with_stats(
     running = None
     if running_mean is not None and running_var is not None:
         running = Running(running_mean, running_var, momentum, unbiased_running_var)
-    return _TrainingBatchNorm.apply(input, weight, bias, eps, running, stats)
+    return kernels.train(input, weight, bias, eps, running, stats)
 
 
 def batch_norm(

@@ -6,44 +6,52 @@ the data and no host synchronisation. Reading them (``.cpu()``, ``.item()``) is 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 from torch import Tensor
-
-from bncore.kernels.reference import Backward
 
 
 @dataclass
 class BNStats:
-    """Per-channel by-products of the last training-mode forward and the last backward.
+    """Per-channel by-products of the last training-mode forward and of its backward.
 
-    Forward: ``mean`` and ``var`` are the batch statistics the layer normalized with (``var`` is
-    the biased variance). Backward: ``sum_dy`` (= dL/dbeta), ``sum_dy_xhat`` (= dL/dgamma),
-    ``dy_sq`` = sum dy^2 and ``dx_sq`` = sum dx^2, the squared norms of the activation gradient
-    leaving and entering the layer. ``forward_steps`` and ``backward_steps`` count the calls, so a
-    reader can tell whether the backward values belong to the latest forward.
+    Forward: ``mean`` and ``var``, the batch statistics the layer normalized with (``var`` is the
+    biased variance). Backward: ``grad``, a (4, C) tensor that the forward allocates (NaN) and its
+    backward fills in place, with rows ``sum_dy_xhat`` (= dL/dgamma), ``sum_dy`` (= dL/dbeta),
+    ``dy_sq`` = sum dy^2 and ``dx_sq`` = sum dx^2: the squared norms of the activation gradient
+    reaching and leaving the layer (NaN where dx was not needed). ``steps`` counts forwards.
     """
 
     mean: Tensor | None = None
     var: Tensor | None = None
-    sum_dy: Tensor | None = None
-    sum_dy_xhat: Tensor | None = None
-    dy_sq: Tensor | None = None
-    dx_sq: Tensor | None = None
-    forward_steps: int = 0
-    backward_steps: int = 0
+    grad: Tensor | None = None
+    steps: int = 0
 
-    def record_forward(self, mean: Tensor, var: Tensor) -> None:
-        self.mean, self.var = mean.detach(), var.detach()
-        self.forward_steps += 1
+    GRAD_ROWS = ("sum_dy_xhat", "sum_dy", "dy_sq", "dx_sq")
 
-    def record_backward(self, grads: Backward) -> None:
-        self.sum_dy = grads.sum_dy.detach()
-        self.sum_dy_xhat = grads.sum_dy_xhat.detach()
-        self.dy_sq = grads.dy_sq.detach()
-        self.dx_sq = None if grads.dx_sq is None else grads.dx_sq.detach()
-        self.backward_steps += 1
+    def record(self, mean: Tensor, var: Tensor, grad: Tensor) -> None:
+        self.mean, self.var, self.grad = mean, var, grad
+        self.steps += 1
+
+    def _row(self, i: int) -> Tensor | None:
+        return None if self.grad is None else self.grad[i]
+
+    @property
+    def sum_dy_xhat(self) -> Tensor | None:
+        return self._row(0)
+
+    @property
+    def sum_dy(self) -> Tensor | None:
+        return self._row(1)
+
+    @property
+    def dy_sq(self) -> Tensor | None:
+        return self._row(2)
+
+    @property
+    def dx_sq(self) -> Tensor | None:
+        return self._row(3)
 
     def clear(self) -> None:
-        for f in fields(self):
-            setattr(self, f.name, f.default)
+        self.mean = self.var = self.grad = None
+        self.steps = 0

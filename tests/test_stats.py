@@ -46,7 +46,7 @@ def test_stats_equal_independent_recomputation(kernel: str, shape, channels_last
     torch.testing.assert_close(s.sum_dy_xhat, (dy * xhat).sum(dims))
     torch.testing.assert_close(s.dy_sq, dy.square().sum(dims))
     torch.testing.assert_close(s.dx_sq, dx.square().sum(dims))
-    assert (s.forward_steps, s.backward_steps) == (1, 1)
+    assert s.steps == 1
     for t in (s.mean, s.var, s.sum_dy, s.sum_dy_xhat, s.dy_sq, s.dx_sq):
         assert t.shape == (c,) and not t.requires_grad and t.device == x.device
 
@@ -57,10 +57,11 @@ def test_stats_follow_each_step_and_skip_eval(kernel: str):
         x = torch.randn(10, 3) + 10 * i
         layer(x).sum().backward()
         torch.testing.assert_close(layer.stats.mean, x.mean(0))
-    assert layer.stats.forward_steps == 3 and layer.stats.backward_steps == 3
+        torch.testing.assert_close(layer.stats.sum_dy, torch.full((3,), 10.0))
+    assert layer.stats.steps == 3
     layer.eval()
     layer(torch.randn(10, 3) - 100)  # eval: running statistics, nothing recorded
-    assert layer.stats.forward_steps == 3
+    assert layer.stats.steps == 3
     torch.testing.assert_close(layer.stats.mean, x.mean(0))
 
 
@@ -79,4 +80,24 @@ def test_stats_recorded_through_functional_api(kernel: str):
     torch.testing.assert_close(stats.var, x.detach().var((0, 2), correction=0))
     torch.testing.assert_close(stats.dy_sq, (2 * y.detach()).square().sum((0, 2)))
     stats.clear()
-    assert stats.mean is None and stats.forward_steps == 0
+    assert stats.mean is None and stats.grad is None and stats.steps == 0
+
+
+def test_gradient_sums_are_nan_until_the_backward_runs(kernel: str):
+    layer = bncore.BatchNorm1d(3)
+    y = layer(torch.randn(10, 3, requires_grad=True))
+    assert torch.isnan(layer.stats.grad).all()
+    y.sum().backward()
+    assert not torch.isnan(layer.stats.grad).any()
+
+
+def test_gradient_sums_survive_gradient_accumulation(kernel: str):
+    """Parameter grads are copies: accumulating into .grad leaves each step's record alone."""
+    layer = bncore.BatchNorm1d(3)
+    x = torch.randn(10, 3)
+    layer(x).sum().backward()
+    first = layer.stats.grad.clone()
+    record = layer.stats.grad
+    layer(x).mul(3).sum().backward()  # accumulates into weight.grad / bias.grad
+    torch.testing.assert_close(record, first, equal_nan=True)
+    torch.testing.assert_close(layer.bias.grad, torch.full((3,), 40.0))

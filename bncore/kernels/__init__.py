@@ -2,10 +2,12 @@
 
 Each kernel module has ``NAME``, ``supports(x, weight, bias)``,
 ``forward(x, weight, bias, eps, running)`` and ``backward(dy, x, mean, invstd, weight, need_dx)``
-(see :mod:`bncore.kernels.reference` for what they compute).
+(see :mod:`bncore.kernels.reference` for what they compute). :func:`train` runs a training-mode
+batch norm with autograd on the best of them: the CPU kernel's own C++ autograd, or
+:mod:`bncore.kernels.autograd` around the others.
 
 - ``reference``: the math in plain torch operations; any device and dtype; differentiable.
-- ``cpu``: fused C++ kernel for float32/float64 on the CPU (needs a C++ compiler at first use).
+- ``cpu``: fused C++ operators for float32/float64 on the CPU (built on first use).
 - ``compiled``: torch.compile of the reference (Triton on CUDA).
 
 ``select`` picks the fastest one that handles the input. ``BNCORE_KERNEL=reference|cpu|compiled``
@@ -21,9 +23,11 @@ from types import ModuleType
 
 from torch import Tensor
 
-from bncore.kernels import cpu, reference
+from bncore.kernels import autograd, cpu, reference
+from bncore.kernels.reference import Running
+from bncore.stats import BNStats
 
-__all__ = ["KERNELS", "forced", "reference", "select", "use"]
+__all__ = ["KERNELS", "forced", "reference", "select", "train", "use"]
 
 _compiled: ModuleType | None = None
 
@@ -81,3 +85,18 @@ def select(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> ModuleType:
         if kernel.supports(x, weight, bias) and kernel.available():
             return kernel
     return reference
+
+
+def train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running: Running | None,
+    stats: BNStats | None,
+) -> Tensor:
+    """Training-mode batch norm of ``x`` (autograd-aware) with the best kernel for it."""
+    kernel = select(x, weight, bias)
+    if kernel is cpu:
+        return cpu.train(x, weight, bias, eps, running, stats)
+    return autograd.train(kernel, x, weight, bias, eps, running, stats)

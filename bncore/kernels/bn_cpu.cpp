@@ -1,4 +1,6 @@
-// Batch-norm training kernels for the CPU: the math of reference.py, fused.
+// Batch-norm training kernels for the CPU: the math of reference.py, fused, registered as torch
+// operators (namespace bncore) with their autograd in C++, so a training step runs no Python
+// between the forward call and the next layer's backward.
 //
 // Two memory layouts, both seen as (N, C, L) with m = N * L values per channel:
 //   planes: x[n][c][l], contiguous (NCHW images, (N, C, L) sequences);
@@ -9,11 +11,21 @@
 // channel's first value): float partial sums over short runs, merged in double.
 // Backward reads (dy, x) once for sum dy, sum dy*(x-mean), sum dy^2, and once more to write dx,
 // accumulating sum dx^2 on the way: the by-product statistics cost no extra pass.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <omp.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <limits>
 #include <vector>
 
 namespace {
@@ -320,31 +332,247 @@ void backward_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t C, const T
 
 }  // namespace
 
-// C entry points: one forward and one backward per dtype. `rows` selects the layout; the
-// statistics are written to consecutive rows of length C starting at `stats`:
-// forward: mean, var, invstd; backward: sum_dy_xhat, sum_dy, dy_sq, dx_sq.
-#define BN_EXPORT(T, SUFFIX)                                                                     \
-  extern "C" void bn_forward_##SUFFIX(const T* x, T* y, int64_t N, int64_t C, int64_t L,         \
-                                      int rows, const T* w, const T* b, double eps, T* stats,    \
-                                      T* rm, T* rv, double momentum, double correction,          \
-                                      int threads) {                                             \
-    if (rows)                                                                                    \
-      forward_rows<T>(x, y, N * L, C, w, b, eps, stats, stats + C, stats + 2 * C, rm, rv,        \
-                      momentum, correction, threads);                                            \
-    else                                                                                         \
-      forward_planes<T>(x, y, N, C, L, w, b, eps, stats, stats + C, stats + 2 * C, rm, rv,       \
-                        momentum, correction, threads);                                          \
-  }                                                                                              \
-  extern "C" void bn_backward_##SUFFIX(const T* dy, const T* x, T* dx, int64_t N, int64_t C,     \
-                                       int64_t L, int rows, const T* mean, const T* invstd,      \
-                                       const T* w, T* stats, int threads) {                      \
-    if (rows)                                                                                    \
-      backward_rows<T>(dy, x, dx, N * L, C, mean, invstd, w, stats, stats + C, stats + 2 * C,    \
-                       stats + 3 * C, threads);                                                  \
-    else                                                                                         \
-      backward_planes<T>(dy, x, dx, N, C, L, mean, invstd, w, stats, stats + C, stats + 2 * C,   \
-                         stats + 3 * C, threads);                                                \
+// ------------------------------------------------------------ torch operators
+
+namespace {
+
+using at::Tensor;
+using std::optional;
+
+// Layout and sizes of an (N, C, *) input; `rows` when the channel is the innermost dimension.
+struct Shape {
+  int64_t n, c, l;
+  bool rows;
+};
+
+Shape shape_of(const Tensor& x) {
+  const int64_t n = x.size(0), c = x.size(1), l = x.numel() / std::max<int64_t>(1, n * c);
+  if (x.is_contiguous()) return {n, c, l, l == 1};
+  // channels-last order: C innermost, then the trailing dims, then N
+  int64_t expected = 1;
+  std::vector<int64_t> order{1};
+  for (int64_t d = x.dim() - 1; d > 1; --d) order.push_back(d);
+  order.push_back(0);
+  for (int64_t d : order) {
+    TORCH_CHECK(x.size(d) == 1 || x.stride(d) == expected,
+                "bncore: input layout is neither contiguous nor channels-last");
+    expected *= x.size(d);
+  }
+  return {n, c, l, true};
+}
+
+template <typename T>
+const T* ptr_or_null(const optional<Tensor>& t) {
+  return t && t->defined() ? t->const_data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* mut_ptr_or_null(const optional<Tensor>& t) {
+  return t && t->defined() ? t->mutable_data_ptr<T>() : nullptr;
+}
+
+void check_param(const optional<Tensor>& t, const Tensor& x, const char* name) {
+  if (!t || !t->defined()) return;
+  TORCH_CHECK(t->scalar_type() == x.scalar_type() && t->is_contiguous() && t->numel() == x.size(1),
+              "bncore: ", name, " must be a contiguous ", x.scalar_type(), " vector of ",
+              x.size(1), " elements");
+}
+
+// A fresh (C,) vector like x; allocating directly keeps the per-call overhead down.
+Tensor channel_vector(const Tensor& x) { return at::empty({x.size(1)}, x.options()); }
+
+struct ForwardOut {
+  Tensor y, mean, var, invstd;
+};
+
+// y and the statistics (mean, var, invstd); moves the running buffers if given.
+ForwardOut forward_impl(const Tensor& x, const optional<Tensor>& w, const optional<Tensor>& b,
+                        const optional<Tensor>& rm, const optional<Tensor>& rv, double momentum,
+                        double correction, double eps) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "bncore: CPU input of shape (N, C, ...)");
+  for (auto [t, name] : {std::pair{&w, "weight"}, {&b, "bias"}, {&rm, "running_mean"},
+                         {&rv, "running_var"}})
+    check_param(*t, x, name);
+  const Shape s = shape_of(x);
+  ForwardOut o{at::empty_like(x), channel_vector(x), channel_vector(x), channel_vector(x)};
+  const int threads = at::get_num_threads();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bncore_forward", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    scalar_t* yp = o.y.mutable_data_ptr<scalar_t>();
+    scalar_t *mp = o.mean.mutable_data_ptr<scalar_t>(), *vp = o.var.mutable_data_ptr<scalar_t>(),
+             *ip = o.invstd.mutable_data_ptr<scalar_t>();
+    if (s.rows)
+      forward_rows<scalar_t>(xp, yp, s.n * s.l, s.c, ptr_or_null<scalar_t>(w),
+                             ptr_or_null<scalar_t>(b), eps, mp, vp, ip,
+                             mut_ptr_or_null<scalar_t>(rm), mut_ptr_or_null<scalar_t>(rv),
+                             momentum, correction, threads);
+    else
+      forward_planes<scalar_t>(xp, yp, s.n, s.c, s.l, ptr_or_null<scalar_t>(w),
+                               ptr_or_null<scalar_t>(b), eps, mp, vp, ip,
+                               mut_ptr_or_null<scalar_t>(rm), mut_ptr_or_null<scalar_t>(rv),
+                               momentum, correction, threads);
+  });
+  return o;
+}
+
+// A (4, C) tensor of NaN: the gradient sums before a backward has filled them.
+Tensor nan_sums(const Tensor& x) {
+  Tensor sums = at::empty({4, x.size(1)}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bncore_nan", [&] {
+    std::fill_n(sums.mutable_data_ptr<scalar_t>(), sums.numel(),
+                std::numeric_limits<scalar_t>::quiet_NaN());
+  });
+  return sums;
+}
+
+// A copy of row i of a contiguous (4, C) tensor.
+Tensor row_copy(const Tensor& sums, int64_t i) {
+  Tensor out = at::empty({sums.size(1)}, sums.options());
+  std::memcpy(out.mutable_data_ptr(), static_cast<const char*>(sums.const_data_ptr()) +
+                                          i * sums.size(1) * sums.element_size(),
+              sums.size(1) * sums.element_size());
+  return out;
+}
+
+// dx (undefined unless need_dx), and sums rows (sum_dy_xhat, sum_dy, dy_sq, dx_sq) into `sums`.
+Tensor backward_impl(const Tensor& dy_in, const Tensor& x, const Tensor& mean,
+                     const Tensor& invstd, const optional<Tensor>& w, bool need_dx,
+                     Tensor& sums) {
+  TORCH_CHECK(dy_in.sizes() == x.sizes(), "bncore: gradient of shape ", dy_in.sizes(),
+              " for input of shape ", x.sizes());
+  Tensor dy = dy_in;
+  if (dy.strides() != x.strides() || dy.scalar_type() != x.scalar_type())
+    dy = at::empty_like(x).copy_(dy_in);
+  const Shape s = shape_of(x);
+  Tensor dx = need_dx ? at::empty_like(x) : Tensor();
+  const int threads = at::get_num_threads();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bncore_backward", [&] {
+    scalar_t* st = sums.mutable_data_ptr<scalar_t>();
+    scalar_t* dxp = need_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr;
+    const scalar_t *dyp = dy.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
+    const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *ip = invstd.const_data_ptr<scalar_t>();
+    if (s.rows)
+      backward_rows<scalar_t>(dyp, xp, dxp, s.n * s.l, s.c, mp, ip, ptr_or_null<scalar_t>(w),
+                              st, st + s.c, st + 2 * s.c, st + 3 * s.c, threads);
+    else
+      backward_planes<scalar_t>(dyp, xp, dxp, s.n, s.c, s.l, mp, ip, ptr_or_null<scalar_t>(w),
+                                st, st + s.c, st + 2 * s.c, st + 3 * s.c, threads);
+  });
+  return dx;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const optional<Tensor>& w,
+                                                      const optional<Tensor>& b,
+                                                      const optional<Tensor>& rm,
+                                                      const optional<Tensor>& rv, double momentum,
+                                                      double correction, double eps) {
+  ForwardOut o = forward_impl(x, w, b, rm, rv, momentum, correction, eps);
+  return {o.y, o.mean, o.var, o.invstd};
+}
+
+std::tuple<Tensor, Tensor> bn_backward(const Tensor& dy, const Tensor& x, const Tensor& mean,
+                                       const Tensor& invstd, const optional<Tensor>& w,
+                                       bool need_dx) {
+  Tensor sums = nan_sums(x);
+  Tensor dx = backward_impl(dy, x, mean, invstd, w, need_dx, sums);
+  return {dx, sums};
+}
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// Training-mode batch norm with its backward; returns (y, mean, var, grad_stats) where
+// grad_stats (4 x C: sum_dy_xhat, sum_dy, dy_sq, dx_sq) is NaN until the backward fills it.
+struct TrainingBatchNorm : public torch::autograd::Function<TrainingBatchNorm> {
+  static variable_list forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& w,
+                               const optional<Tensor>& b, const optional<Tensor>& rm,
+                               const optional<Tensor>& rv, double momentum, double correction,
+                               double eps) {
+    ForwardOut o = forward_impl(x, w, b, rm, rv, momentum, correction, eps);
+    Tensor grad_stats = nan_sums(x);
+    ctx->save_for_backward({x, w.value_or(Tensor()), o.mean, o.invstd});
+    ctx->saved_data["grad_stats"] = grad_stats;  // written in place, so not version-checked
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["has_bias"] = b.has_value() && b->defined();
+    ctx->mark_non_differentiable({o.mean, o.var, grad_stats});
+    ctx->set_materialize_grads(false);
+    return {o.y, o.mean, o.var, grad_stats};
   }
 
-BN_EXPORT(float, f32)
-BN_EXPORT(double, f64)
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const Tensor &x = saved[0], &w = saved[1];
+    Tensor grad_stats = ctx->saved_data["grad_stats"].toTensor();
+    // needs_input_grad counts tensor inputs only: absent weight/bias have no slot.
+    size_t edge = 1;
+    const bool need_dx = ctx->needs_input_grad(0);
+    const bool need_w = w.defined() && ctx->needs_input_grad(edge++);
+    const bool need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(edge++);
+    variable_list out(8);
+    if (!grads[0].defined()) return out;
+    const optional<Tensor> w_opt = w.defined() ? optional<Tensor>(w) : std::nullopt;
+    Tensor dx, sum_dy_xhat, sum_dy;
+    if (at::GradMode::is_enabled()) {
+      // create_graph: differentiate through the statistics too, with the reference math
+      // (registered from Python as bncore::reference_backward).
+      static auto op = c10::Dispatcher::singleton()
+                           .findSchemaOrThrow("bncore::reference_backward", "")
+                           .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
+                               const Tensor&, const Tensor&, const optional<Tensor>&, double)>();
+      auto [rdx, rdyx, rdy, dy_sq, dx_sq] =
+          op.call(grads[0], x, w_opt, ctx->saved_data["eps"].toDouble());
+      {
+        at::NoGradGuard no_grad;
+        grad_stats[0].copy_(rdyx);
+        grad_stats[1].copy_(rdy);
+        grad_stats[2].copy_(dy_sq);
+        grad_stats[3].copy_(dx_sq);
+      }
+      dx = rdx, sum_dy_xhat = rdyx, sum_dy = rdy;
+    } else {
+      dx = backward_impl(grads[0], x, saved[2], saved[3], w_opt, need_dx, grad_stats);
+      // copies: grad_stats stays the layer's record whatever happens to the parameter grads
+      if (need_w) sum_dy_xhat = row_copy(grad_stats, 0);
+      if (need_b) sum_dy = row_copy(grad_stats, 1);
+    }
+    out[0] = need_dx ? dx : Tensor();
+    out[1] = need_w ? sum_dy_xhat : Tensor();
+    out[2] = need_b ? sum_dy : Tensor();
+    return out;
+  }
+};
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
+    const Tensor& x, const optional<Tensor>& w, const optional<Tensor>& b,
+    const optional<Tensor>& rm, const optional<Tensor>& rv, double momentum, double correction,
+    double eps) {
+  auto out = TrainingBatchNorm::apply(x, w, b, rm, rv, momentum, correction, eps);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(bncore, m) {
+  m.def(
+      "forward(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float correction, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "backward(Tensor dy, Tensor x, Tensor mean, Tensor invstd, Tensor? weight, bool need_dx) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
+      "Tensor(b!)? running_var, float momentum, float correction, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "reference_backward(Tensor dy, Tensor x, Tensor? weight, float eps) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(bncore, CPU, m) {
+  m.impl("forward", &bn_forward);
+  m.impl("backward", &bn_backward);
+  m.impl("batch_norm_train", &batch_norm_train);
+}
+
+TORCH_LIBRARY_IMPL(bncore, Autograd, m) { m.impl("batch_norm_train", &batch_norm_train); }

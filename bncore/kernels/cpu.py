@@ -1,13 +1,14 @@
-"""The fused CPU kernel (bn_cpu.cpp), built on first use with the system's C++ compiler.
+"""The fused CPU kernel: bn_cpu.cpp, built on first use into torch operators (``bncore::*``).
 
-The shared library is cached per source, compiler and CPU (it is built with -march=native), in
-``$BNCORE_CACHE_DIR`` or ``~/.cache/bncore``. Where no compiler is found, or the build fails,
-:func:`available` is False and the caller falls back to the reference kernel.
+The extension is compiled with the system's C++ compiler against the installed torch's headers,
+and cached per source, compiler, torch and CPU (it is built with -march=native) in
+``$BNCORE_CACHE_DIR`` or ``~/.cache/bncore``. Its ``batch_norm_train`` operator carries its own
+backward in C++, so a training step runs no Python inside the layer. Where no compiler is found,
+or the build fails, :func:`available` is False and the reference kernel runs instead.
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import logging
 import os
@@ -20,24 +21,42 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from torch.utils import cpp_extension
 
-from bncore.kernels.reference import (
-    Backward,
-    Forward,
-    Running,
-    update_running,
-)
+from bncore.kernels import reference
+from bncore.kernels.reference import Backward, Forward, Running
+from bncore.stats import BNStats
 
 log = logging.getLogger(__name__)
 
 NAME = "cpu"
 SOURCE = Path(__file__).with_name("bn_cpu.cpp")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++17"]
-_SUFFIX = {torch.float32: "f32", torch.float64: "f64"}
+DTYPES = (torch.float32, torch.float64)
 
 _lock = threading.Lock()
-_fns: dict[tuple[str, torch.dtype], ctypes._CFuncPtr] | None = None
+_loaded = False
 _failed: str | None = None
+
+
+def _flags() -> list[str]:
+    torch_lib = cpp_extension.library_paths()[0]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    return [
+        "-O3",
+        "-march=native",
+        "-fopenmp",
+        "-fPIC",
+        "-shared",
+        "-std=c++20",
+        "-w",
+        f"-D_GLIBCXX_USE_CXX11_ABI={abi}",
+        *(f"-I{d}" for d in cpp_extension.include_paths()),
+        f"-L{torch_lib}",
+        "-ltorch",
+        "-ltorch_cpu",
+        "-lc10",
+        f"-Wl,-rpath,{torch_lib}",
+    ]
 
 
 def cache_dirs() -> list[Path]:
@@ -65,7 +84,9 @@ def _cpu_fingerprint() -> str:
 
 def _build(cxx: str) -> Path:
     src = SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join([cxx, *FLAGS, _cpu_fingerprint()]).encode()).hexdigest()
+    flags = _flags()
+    ident = " ".join([cxx, torch.__version__, *flags, _cpu_fingerprint()])
+    key = hashlib.sha256(src + ident.encode()).hexdigest()
     name = f"bn_cpu-{key[:16]}.so"
     for folder in cache_dirs():
         if (folder / name).exists():
@@ -80,11 +101,11 @@ def _build(cxx: str) -> Path:
         # Build beside the target and rename: concurrent workers never load a half-built file.
         try:
             subprocess.run(
-                [cxx, *FLAGS, str(SOURCE), "-o", tmp],
+                [cxx, str(SOURCE), "-o", tmp, *flags],
                 check=True,
                 capture_output=True,
                 text=True,
-                timeout=300,
+                timeout=600,
             )
             os.replace(tmp, folder / name)
         finally:
@@ -94,45 +115,52 @@ def _build(cxx: str) -> Path:
     raise RuntimeError(f"no writable cache directory among {[str(d) for d in cache_dirs()]}")
 
 
-def _bind(lib: ctypes.CDLL) -> dict[tuple[str, torch.dtype], ctypes._CFuncPtr]:
-    """The library's entry points by ('forward' | 'backward', dtype)."""
-    p, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
-    signatures = {
-        "forward": [p, p, i64, i64, i64, i32, p, p, f64, p, p, p, f64, f64, i32],
-        "backward": [p, p, p, i64, i64, i64, i32, p, p, p, p, i32],
-    }
-    fns = {}
-    for kind, argtypes in signatures.items():
-        for dtype, sfx in _SUFFIX.items():
-            fn = getattr(lib, f"bn_{kind}_{sfx}")
-            fn.argtypes, fn.restype = argtypes, None
-            fns[kind, dtype] = fn
-    return fns
+def _reference_backward(
+    dy: Tensor, x: Tensor, weight: Tensor | None, eps: float
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """bncore::reference_backward: the differentiable backward the C++ op uses under
+    create_graph=True; it recomputes the statistics from x so they are differentiated too."""
+    mean, var = reference.batch_stats(reference.ncl_view(x))
+    g = reference.backward(dy, x, mean, torch.rsqrt(var + eps), weight)
+    assert g.dx is not None and g.dx_sq is not None
+    return g.dx, g.sum_dy_xhat, g.sum_dy, g.dy_sq, g.dx_sq
 
 
-def load() -> dict[tuple[str, torch.dtype], ctypes._CFuncPtr] | None:
-    """The library's functions, building it on first call; None (warned once) if it can't be."""
-    global _fns, _failed
-    if _fns is not None or _failed is not None:
-        return _fns
+_impls: torch.library.Library | None = None
+
+
+def _first_error(text: str) -> str:
+    """The line of a compiler's output that says what went wrong."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if "error" in ln.lower()]
+    return (errors or lines or [""])[0][:300]
+
+
+def load() -> bool:
+    """Build (first time) and load the operators; False (warned once) if that can't be done."""
+    global _loaded, _failed, _impls
+    if _loaded or _failed is not None:
+        return _loaded
     with _lock:
-        if _fns is not None or _failed is not None:
-            return _fns
+        if _loaded or _failed is not None:
+            return _loaded
         cxx = _compiler()
         try:
             if cxx is None:
                 raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
-            _fns = _bind(ctypes.CDLL(str(_build(cxx))))
+            torch.ops.load_library(str(_build(cxx)))
+            _impls = torch.library.Library("bncore", "IMPL")
+            _impls.impl("reference_backward", _reference_backward, "CompositeImplicitAutograd")
+            _loaded = True
         except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-            detail = getattr(exc, "stderr", None) or str(exc)
-            _failed = detail.strip().splitlines()[-1] if detail.strip() else type(exc).__name__
+            _failed = _first_error(getattr(exc, "stderr", None) or str(exc)) or type(exc).__name__
             log.warning("bncore: fused CPU kernel unavailable, using the reference (%s)", _failed)
-    return _fns
+    return _loaded
 
 
 def available() -> bool:
-    """True if the library is built (or can be) on this machine."""
-    return load() is not None
+    """True if the operators are built (or can be) on this machine."""
+    return load()
 
 
 def unavailable_reason() -> str | None:
@@ -158,22 +186,30 @@ def layout(x: Tensor) -> str | None:
 
 def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """Whether this kernel handles the input: float32/float64 on the CPU, params of its dtype."""
-    if x.dtype not in _SUFFIX or x.device.type != "cpu" or layout(x) is None:
+    if x.dtype not in DTYPES or x.device.type != "cpu" or layout(x) is None:
         return False
     return (weight is None or (weight.dtype == x.dtype and weight.is_contiguous())) and (
         bias is None or (bias.dtype == x.dtype and bias.is_contiguous())
     )
 
 
-def _ptr(t: Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def _running_args(x: Tensor, running: Running | None) -> tuple:
+    """(running_mean, running_var, momentum, correction) for the operator; buffers it cannot
+    update itself (another dtype, strided) are left to the caller (None here)."""
+    if running is None:
+        return None, None, 0.0, 1.0
+    rm, rv, momentum = running.mean, running.var, running.momentum
+    if not (rm.dtype == rv.dtype == x.dtype and rm.is_contiguous() and rv.is_contiguous()):
+        return None, None, 0.0, 1.0
+    if isinstance(momentum, Tensor):  # 1/k on the CPU: reading it costs no device sync
+        momentum = float(momentum)
+    m = x.numel() // x.shape[1]
+    return rm, rv, momentum, (m / (m - 1) if running.unbiased else 1.0)
 
 
-def _require() -> dict[tuple[str, torch.dtype], ctypes._CFuncPtr]:
-    fns = load()
-    if fns is None:
-        raise RuntimeError(f"the fused CPU kernel is unavailable: {_failed}")
-    return fns
+def _leftover_running(x: Tensor, running: Running | None, args: tuple, mean, var) -> None:
+    if running is not None and args[0] is None:
+        reference.update_running(running, mean, var, x.numel() // x.shape[1])
 
 
 def forward(
@@ -183,47 +219,11 @@ def forward(
     eps: float,
     running: Running | None = None,
 ) -> Forward:
-    """Fused training-mode forward; see reference.forward."""
-    fn = _require()["forward", x.dtype]
-    n, c = x.shape[0], x.shape[1]
-    m = x.numel() // c
-    y = torch.empty_like(x)
-    stats = torch.empty((3, c), dtype=x.dtype)
-    rm = rv = None
-    momentum, correction = 0.0, 1.0
-    # The kernel updates the running buffers itself where it can; else the reference does.
-    fused = (
-        running is not None
-        and not isinstance(running.momentum, Tensor)
-        and running.mean.dtype == x.dtype
-        and running.var.dtype == x.dtype
-        and running.mean.is_contiguous()
-        and running.var.is_contiguous()
-    )
-    if fused:
-        assert running is not None
-        rm, rv, momentum = running.mean.data_ptr(), running.var.data_ptr(), running.momentum
-        correction = m / (m - 1) if running.unbiased else 1.0
-    fn(
-        x.data_ptr(),
-        y.data_ptr(),
-        n,
-        c,
-        m // n,
-        layout(x) == "rows",
-        _ptr(weight),
-        _ptr(bias),
-        eps,
-        stats.data_ptr(),
-        rm,
-        rv,
-        momentum,
-        correction,
-        torch.get_num_threads(),
-    )
-    mean, var, invstd = stats.unbind(0)
-    if running is not None and not fused:
-        update_running(running, mean, var, m)
+    """Fused training-mode forward (no autograd); see reference.forward."""
+    _require()
+    args = _running_args(x, running)
+    y, mean, var, invstd = torch.ops.bncore.forward(x, weight, bias, *args, eps)
+    _leftover_running(x, running, args, mean, var)
     return Forward(y, mean, var, invstd)
 
 
@@ -235,27 +235,30 @@ def backward(
     weight: Tensor | None,
     need_dx: bool = True,
 ) -> Backward:
-    """Fused closed-form backward; see reference.backward."""
-    fn = _require()["backward", x.dtype]
-    rows = layout(x) == "rows"
-    if dy.stride() != x.stride() or dy.dtype != x.dtype:
-        dy = torch.empty_like(x).copy_(dy)
-    n, c = x.shape[0], x.shape[1]
-    dx = torch.empty_like(x) if need_dx else None
-    sums = torch.empty((4, c), dtype=x.dtype)
-    fn(
-        dy.data_ptr(),
-        x.data_ptr(),
-        _ptr(dx),
-        n,
-        c,
-        x.numel() // (n * c),
-        rows,
-        mean.data_ptr(),
-        invstd.data_ptr(),
-        _ptr(weight),
-        sums.data_ptr(),
-        torch.get_num_threads(),
-    )
+    """Fused closed-form backward (no autograd); see reference.backward."""
+    _require()
+    dx, sums = torch.ops.bncore.backward(dy, x, mean, invstd, weight, need_dx)
     sum_dy_xhat, sum_dy, dy_sq, dx_sq = sums.unbind(0)
-    return Backward(dx, sum_dy_xhat, sum_dy, dy_sq, dx_sq if need_dx else None)
+    return Backward(dx if need_dx else None, sum_dy_xhat, sum_dy, dy_sq, dx_sq if need_dx else None)
+
+
+def train(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running: Running | None,
+    stats: BNStats | None,
+) -> Tensor:
+    """Training-mode batch norm through the C++ autograd operator; records into ``stats``."""
+    args = _running_args(x, running)
+    y, mean, var, grad_stats = torch.ops.bncore.batch_norm_train(x, weight, bias, *args, eps)
+    _leftover_running(x, running, args, mean, var)
+    if stats is not None:
+        stats.record(mean, var, grad_stats)
+    return y
+
+
+def _require() -> None:
+    if not load():
+        raise RuntimeError(f"the fused CPU kernel is unavailable: {_failed}")
