@@ -27,7 +27,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-from bncore.functional import batch_norm_with_stats
+from bncore.functional import batch_norm_with_stats, train_batch_norm
+from bncore.kernels.reference import Running
 from bncore.stats import BNStats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "keras_momentum_to_torch"]
@@ -200,31 +201,30 @@ class _BatchNorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        if input.dim() >= 2 and input.shape[1] != self.num_features:
+        if input.shape[1] != self.num_features:
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}) got input with {input.shape[1]} "
                 f"channels (shape {tuple(input.shape)}); dim 1 must be the channels"
             )
-        factor: float | Tensor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average, 1/k as a tensor: no host sync
-                assert self.running_mean is not None
-                factor = self.num_batches_tracked.to(self.running_mean.dtype).reciprocal()
-        use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
-        update = not self.training or self.track_running_stats
-        return batch_norm_with_stats(
-            input,
-            self.running_mean if update else None,
-            self.running_var if update else None,
-            self.weight,
-            self.bias,
-            use_batch_stats,
-            factor,
-            self.eps,
-            stats=self.stats if use_batch_stats else None,
-            unbiased_running_var=self.unbiased_running_var,
-        )
+        # Straight from the registries: nn.Module.__getattr__ costs microseconds per layer call.
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params["weight"], params["bias"]
+        running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+        if not self.training and running_mean is not None and running_var is not None:
+            return batch_norm_with_stats(
+                input, running_mean, running_var, weight, bias, False, 0.0, self.eps
+            )
+        running = None
+        if self.training and self.track_running_stats and running_mean is not None:
+            assert running_var is not None
+            count = buffers["num_batches_tracked"]
+            factor: float | Tensor = 0.0 if self.momentum is None else self.momentum
+            if count is not None:
+                count.add_(1)
+                if self.momentum is None:  # cumulative average: 1/k as a tensor, no host sync
+                    factor = count.to(running_mean.dtype).reciprocal()
+            running = Running(running_mean, running_var, factor, self.unbiased_running_var)
+        return train_batch_norm(input, weight, bias, self.eps, running, self.stats)
 
 
 class BatchNorm1d(_BatchNorm):

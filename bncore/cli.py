@@ -1,17 +1,22 @@
-"""The ``bnscope`` command line."""
+"""The ``bnscope`` command line: ``train`` a run from a config file, ``info`` about this machine."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 import bncore
 from bncore import kernels
+from bncore.config import ConfigError, describe_fields, load_config
 from bncore.kernels import cpu
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -25,11 +30,56 @@ def _info(_: argparse.Namespace) -> int:
     fused = "available" if cpu.available() else f"unavailable ({cpu.unavailable_reason()})"
     print(f"fused CPU kernel: {fused}")
     chosen = kernels.select(torch.zeros(2, 2), None, None).NAME
+    forced = " (forced by BNCORE_KERNEL)" if kernels.forced() else ""
+    print(f"kernel used for float32 CPU input: {chosen}{forced}")
+    return EXIT_OK
+
+
+def _train(args: argparse.Namespace) -> int:
+    """Train the run a config file describes, writing its records to --out."""
+    from tqdm import tqdm
+
+    from bncore.data import DatasetError
+    from bncore.engine import Trainer
+    from bncore.records import ParquetSink
+
+    try:
+        config = load_config(args.config, args.set)
+        trainer = Trainer(config)
+    except ConfigError as exc:
+        for field, message in exc.errors:
+            print(f"bnscope train: {field}: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DatasetError, ValueError) as exc:
+        print(f"bnscope train: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    bar = tqdm(total=config.steps, unit="step", disable=args.quiet, dynamic_ncols=True)
+
+    def progress(t: Trainer, rec) -> None:
+        if rec.steps:
+            bar.update(len(rec.steps["step"]))
+            bar.set_postfix(loss=f"{float(rec.steps['loss'][-1]):.4f}")
+
+    try:
+        result = trainer.run(ParquetSink(args.out), on_flush=progress)
+    except KeyboardInterrupt:
+        print("\nbnscope train: interrupted", file=sys.stderr)
+        return EXIT_FAILED
+    finally:
+        bar.close()
     print(
-        f"kernel used for float32 CPU input: {chosen}"
-        f"{' (forced by BNCORE_KERNEL)' if kernels.forced() else ''}"
+        json.dumps(
+            {
+                "status": result.status,
+                "steps": result.steps_done,
+                "message": result.message,
+                "final": result.final,
+                "out": str(Path(args.out).resolve()),
+            },
+            indent=2,
+        )
     )
-    return 0
+    return EXIT_DIVERGED if result.status == "diverged" else EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,6 +90,28 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help=_info.__doc__, description=_info.__doc__)
     info.set_defaults(func=_info)
+    train = sub.add_parser(
+        "train",
+        help=_train.__doc__,
+        description=_train.__doc__
+        + " Output: DIR/{steps,layers,channels,evals}.parquet, config.json and run.json "
+        "(the columns are documented in bncore/records.py). Exit status: 0 completed, "
+        "3 diverged, 2 bad config or data.",
+        epilog="Config fields (JSON or YAML; nested keys as in the dotted names):\n"
+        + "\n".join(describe_fields()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    train.add_argument("config", help="run config, .json or .yaml (an empty file: all defaults)")
+    train.add_argument("--out", required=True, help="directory for the records")
+    train.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field, e.g. --set optim.lr=0.1 (repeatable)",
+    )
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=_train)
     return parser
 
 
@@ -48,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     return int(args.func(args))
 
 

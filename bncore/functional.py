@@ -15,8 +15,6 @@ output uses the biased one). Eval mode normalizes with the running buffers. The 
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -25,7 +23,7 @@ from bncore.kernels import reference
 from bncore.kernels.reference import Running
 from bncore.stats import BNStats
 
-__all__ = ["batch_norm", "batch_norm_with_stats"]
+__all__ = ["batch_norm", "batch_norm_with_stats", "train_batch_norm"]
 
 
 def _check(
@@ -59,11 +57,6 @@ def _check(
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must be given together, or both be None")
     if training:
-        if input.shape[0] * math.prod(input.shape[2:]) == 1:
-            raise ValueError(
-                f"Expected more than 1 value per channel when training, got input size "
-                f"{input.size()}"
-            )
         if eps <= 0.0:
             raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     else:
@@ -120,11 +113,30 @@ def batch_norm_with_stats(
     if not training:
         assert running_mean is not None and running_var is not None
         return _normalize_eval(input, running_mean, running_var, weight, bias, eps)
-    if input.numel() == 0:
-        return input.clone()
     running = None
     if running_mean is not None and running_var is not None:
         running = Running(running_mean, running_var, momentum, unbiased_running_var)
+    return train_batch_norm(input, weight, bias, eps, running, stats)
+
+
+def train_batch_norm(
+    input: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running: Running | None,
+    stats: BNStats | None,
+) -> Tensor:
+    """Normalize with batch statistics (training mode), moving ``running`` if given.
+
+    The hot path of the BatchNorm modules, which have checked everything else already.
+    """
+    if input.numel() == input.shape[1]:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {input.size()}"
+        )
+    if input.numel() == 0:
+        return input.clone()
     return kernels.train(input, weight, bias, eps, running, stats)
 
 

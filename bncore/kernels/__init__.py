@@ -17,17 +17,27 @@ in the environment, or :func:`use`, forces one (where it cannot take an input, t
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
+import torch
 from torch import Tensor
 
 from bncore.kernels import autograd, cpu, reference
 from bncore.kernels.reference import Running
 from bncore.stats import BNStats
 
-__all__ = ["KERNELS", "forced", "reference", "select", "train", "use"]
+__all__ = [
+    "KERNELS",
+    "channel_moments",
+    "forced",
+    "record_row_fn",
+    "reference",
+    "select",
+    "train",
+    "use",
+]
 
 _compiled: ModuleType | None = None
 
@@ -100,3 +110,25 @@ def train(
     if kernel is cpu:
         return cpu.train(x, weight, bias, eps, running, stats)
     return autograd.train(kernel, x, weight, bias, eps, running, stats)
+
+
+def _fused_cpu(x: Tensor, dtypes: tuple[torch.dtype, ...] = cpu.DTYPES) -> bool:
+    return (
+        _forced in (None, "cpu")
+        and x.device.type == "cpu"
+        and x.dtype in dtypes
+        and cpu.available()
+    )
+
+
+def channel_moments(x: Tensor, lo: float = float("-inf"), hi: float = float("inf")) -> Tensor:
+    """Per-channel (mean, var, fraction <= lo, fraction >= hi) of an (N, C, *) tensor, (4, C)."""
+    if _fused_cpu(x):
+        return cpu.channel_moments(x, lo, hi)
+    return reference.channel_moments(x, lo, hi)
+
+
+def record_row_fn(out: Tensor) -> Callable[..., None]:
+    """The function that writes recorded steps into ``out`` (see reference.record_row): the
+    fused one where it applies (it releases the GIL, so it can run beside training)."""
+    return cpu.record_row if _fused_cpu(out, (torch.float32,)) else reference.record_row

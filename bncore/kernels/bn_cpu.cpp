@@ -57,6 +57,93 @@ inline void update_running(T* rm, T* rv, int64_t c, double mu, double v, double 
   rv[c] = static_cast<T>((1.0 - momentum) * rv[c] + momentum * v * correction);
 }
 
+// Shifted sums of one channel (planes layout): sum d, sum d^2 with d = x - shift, and, if kTails,
+// the counts of x <= lo and x >= hi. Partial sums run in T over short runs, then add up in double.
+struct Sums {
+  double s1 = 0, s2 = 0, lo = 0, hi = 0;
+};
+
+template <typename T, bool kTails>
+Sums plane_sums(const T* x, int64_t N, int64_t C, int64_t L, int64_t c, T shift, T lo, T hi) {
+  Sums s;
+  for (int64_t n = 0; n < N; ++n) {
+    const T* p = x + (n * C + c) * L;
+    for (int64_t l0 = 0; l0 < L; l0 += kRun) {
+      const int64_t l1 = std::min(L, l0 + kRun);
+      T a1 = 0, a2 = 0, a3 = 0, a4 = 0;
+#pragma omp simd reduction(+ : a1, a2, a3, a4)
+      for (int64_t l = l0; l < l1; ++l) {
+        const T d = p[l] - shift;
+        a1 += d;
+        a2 += d * d;
+        if constexpr (kTails) {
+          a3 += p[l] <= lo ? T(1) : T(0);
+          a4 += p[l] >= hi ? T(1) : T(0);
+        }
+      }
+      s.s1 += a1;
+      s.s2 += a2;
+      s.lo += a3;
+      s.hi += a4;
+    }
+  }
+  return s;
+}
+
+// The same over rows [r0, r1) of row-major (R, C) data, for every channel at once, added into
+// s1, s2 (and lo, hi if kTails), each an array of C doubles. Columns go in blocks of kCols whose
+// partial sums stay in registers while the rows stream past.
+constexpr int64_t kCols = 16;
+
+template <typename T, bool kTails, int64_t W>
+inline void column_block_sums(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t c0,
+                              const T* shift, T lo, T hi, double* s1, double* s2, double* nlo,
+                              double* nhi) {
+  T sh[W];
+  for (int64_t j = 0; j < W; ++j) sh[j] = shift[c0 + j];
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+    T a1[W] = {}, a2[W] = {}, a3[W] = {}, a4[W] = {};
+    const int64_t re = std::min(r1, rb + kRowBlock);
+    for (int64_t r = rb; r < re; ++r) {
+      const T* p = x + r * C + c0;
+#pragma omp simd
+      for (int64_t j = 0; j < W; ++j) {
+        const T d = p[j] - sh[j];
+        a1[j] += d;
+        a2[j] += d * d;
+        if constexpr (kTails) {
+          a3[j] += p[j] <= lo ? T(1) : T(0);
+          a4[j] += p[j] >= hi ? T(1) : T(0);
+        }
+      }
+    }
+    for (int64_t j = 0; j < W; ++j) {
+      s1[c0 + j] += a1[j];
+      s2[c0 + j] += a2[j];
+      if constexpr (kTails) {
+        nlo[c0 + j] += a3[j];
+        nhi[c0 + j] += a4[j];
+      }
+    }
+  }
+}
+
+template <typename T, bool kTails>
+void row_sums(const T* x, int64_t r0, int64_t r1, int64_t C, const T* shift, T lo, T hi,
+              double* s1, double* s2, double* nlo, double* nhi) {
+  int64_t c0 = 0;
+  for (; c0 + kCols <= C; c0 += kCols)
+    column_block_sums<T, kTails, kCols>(x, r0, r1, C, c0, shift, lo, hi, s1, s2, nlo, nhi);
+  for (; c0 < C; ++c0)  // the last few columns, one at a time
+    column_block_sums<T, kTails, 1>(x, r0, r1, C, c0, shift, lo, hi, s1, s2, nlo, nhi);
+}
+
+// Mean and biased variance from shifted sums over m values.
+inline std::pair<double, double> finish(double s1, double s2, double shift, double m) {
+  const double dm = s1 / m;
+  return {shift + dm, std::max(s2 / m - dm * dm, 0.0)};
+}
+
 template <typename T>
 void forward_planes(const T* x, T* y, int64_t N, int64_t C, int64_t L, const T* w, const T* b,
                     double eps, T* mean, T* var, T* invstd, T* rm, T* rv, double momentum,
@@ -66,25 +153,8 @@ void forward_planes(const T* x, T* y, int64_t N, int64_t C, int64_t L, const T* 
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t c = 0; c < C; ++c) {
     const T shift = x[c * L];
-    double s1 = 0, s2 = 0;
-    for (int64_t n = 0; n < N; ++n) {
-      const T* p = x + (n * C + c) * L;
-      for (int64_t l0 = 0; l0 < L; l0 += kRun) {
-        const int64_t l1 = std::min(L, l0 + kRun);
-        T a1 = 0, a2 = 0;
-#pragma omp simd reduction(+ : a1, a2)
-        for (int64_t l = l0; l < l1; ++l) {
-          const T d = p[l] - shift;
-          a1 += d;
-          a2 += d * d;
-        }
-        s1 += a1;
-        s2 += a2;
-      }
-    }
-    const double dm = s1 / m;
-    const double v = std::max(s2 / m - dm * dm, 0.0);
-    const double mu = shift + dm;
+    const Sums sums = plane_sums<T, false>(x, N, C, L, c, shift, T(0), T(0));
+    const auto [mu, v] = finish(sums.s1, sums.s2, shift, static_cast<double>(m));
     const double inv = 1.0 / std::sqrt(v + eps);
     mean[c] = static_cast<T>(mu);
     var[c] = static_cast<T>(v);
@@ -115,28 +185,7 @@ void forward_rows(const T* x, T* y, int64_t R, int64_t C, const T* w, const T* b
     int64_t r0, r1;
     split(R, nth, t, &r0, &r1);
     double* s1 = &part[static_cast<size_t>(t) * 2 * C];
-    double* s2 = s1 + C;
-    std::vector<T> a1(C), a2(C);
-    for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
-      std::fill(a1.begin(), a1.end(), T(0));
-      std::fill(a2.begin(), a2.end(), T(0));
-      const int64_t re = std::min(r1, rb + kRowBlock);
-      for (int64_t r = rb; r < re; ++r) {
-        const T* p = x + r * C;
-        T* A1 = a1.data();
-        T* A2 = a2.data();
-#pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          const T d = p[c] - shift[c];
-          A1[c] += d;
-          A2[c] += d * d;
-        }
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        s1[c] += a1[c];
-        s2[c] += a2[c];
-      }
-    }
+    row_sums<T, false>(x, r0, r1, C, shift, T(0), T(0), s1, s1 + C, nullptr, nullptr);
 #pragma omp barrier
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < C; ++c) {
@@ -145,9 +194,7 @@ void forward_rows(const T* x, T* y, int64_t R, int64_t C, const T* w, const T* b
         t1 += part[static_cast<size_t>(k) * 2 * C + c];
         t2 += part[static_cast<size_t>(k) * 2 * C + C + c];
       }
-      const double dm = t1 / R;
-      const double v = std::max(t2 / R - dm * dm, 0.0);
-      const double mu = shift[c] + dm;
+      const auto [mu, v] = finish(t1, t2, shift[c], static_cast<double>(R));
       const double inv = 1.0 / std::sqrt(v + eps);
       mean[c] = static_cast<T>(mu);
       var[c] = static_cast<T>(v);
@@ -164,6 +211,53 @@ void forward_rows(const T* x, T* y, int64_t R, int64_t C, const T* w, const T* b
       T* q = y + r * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) q[c] = p[c] * S[c] + O[c];
+    }
+  }
+}
+
+// ---------------------------------------------------------------- moments
+
+// Per-channel mean, biased variance, and the fractions of values <= lo and >= hi, written as
+// the rows of out (4 x C): what a probe needs of any activation, in one pass.
+template <typename T>
+void moments_planes(const T* x, int64_t N, int64_t C, int64_t L, T lo, T hi, T* out,
+                    int threads) {
+  const double m = static_cast<double>(N * L);
+  const int nt = std::min<int64_t>(pick_threads(N * L * C, threads), C);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
+  for (int64_t c = 0; c < C; ++c) {
+    const T shift = x[c * L];
+    const Sums s = plane_sums<T, true>(x, N, C, L, c, shift, lo, hi);
+    const auto [mu, v] = finish(s.s1, s.s2, shift, m);
+    out[c] = static_cast<T>(mu);
+    out[C + c] = static_cast<T>(v);
+    out[2 * C + c] = static_cast<T>(s.lo / m);
+    out[3 * C + c] = static_cast<T>(s.hi / m);
+  }
+}
+
+template <typename T>
+void moments_rows(const T* x, int64_t R, int64_t C, T lo, T hi, T* out, int threads) {
+  const int nt = std::min<int64_t>(pick_threads(R * C, threads), R);
+  std::vector<double> part(static_cast<size_t>(nt) * 4 * C, 0.0);
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int t = omp_get_thread_num(), nth = omp_get_num_threads();
+    int64_t r0, r1;
+    split(R, nth, t, &r0, &r1);
+    double* p = &part[static_cast<size_t>(t) * 4 * C];
+    row_sums<T, true>(x, r0, r1, C, x, lo, hi, p, p + C, p + 2 * C, p + 3 * C);
+#pragma omp barrier
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < C; ++c) {
+      double tot[4] = {0, 0, 0, 0};
+      for (int k = 0; k < nth; ++k)
+        for (int j = 0; j < 4; ++j) tot[j] += part[static_cast<size_t>(k) * 4 * C + j * C + c];
+      const auto [mu, v] = finish(tot[0], tot[1], x[c], static_cast<double>(R));
+      out[c] = static_cast<T>(mu);
+      out[C + c] = static_cast<T>(v);
+      out[2 * C + c] = static_cast<T>(tot[2] / R);
+      out[3 * C + c] = static_cast<T>(tot[3] / R);
     }
   }
 }
@@ -461,6 +555,132 @@ Tensor backward_impl(const Tensor& dy_in, const Tensor& x, const Tensor& mean,
   return dx;
 }
 
+// x as a tensor the kernels can stride (a contiguous copy only if it has an odd layout).
+std::pair<Tensor, Shape> strideable(const Tensor& x) {
+  try {
+    return {x, shape_of(x)};
+  } catch (const c10::Error&) {
+    Tensor c = x.contiguous();
+    return {c, shape_of(c)};
+  }
+}
+
+template <typename T>
+void moments_into(const Tensor& x_in, double lo, double hi, T* out, int threads) {
+  auto [x, s] = strideable(x_in);
+  const T* xp = x.const_data_ptr<T>();
+  const auto l = static_cast<T>(lo), h = static_cast<T>(hi);
+  if (s.rows)
+    moments_rows<T>(xp, s.n * s.l, s.c, l, h, out, threads);
+  else
+    moments_planes<T>(xp, s.n, s.c, s.l, l, h, out, threads);
+}
+
+void check_float_input(const Tensor& x, const char* what) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2 && x.size(0) * x.size(1) > 0, "bncore: ", what,
+              " takes a non-empty CPU tensor of shape (N, C, ...)");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "bncore: ", what,
+              " takes float32 or float64");
+}
+
+Tensor channel_moments(const Tensor& x, double lo, double hi) {
+  check_float_input(x, "channel_moments");
+  Tensor out = at::empty({4, x.size(1)}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bncore_moments", [&] {
+    moments_into<scalar_t>(x, lo, hi, out.mutable_data_ptr<scalar_t>(), at::get_num_threads());
+  });
+  return out;
+}
+
+// One recorded step, written into `out` (float32, 1-d) piece after piece, so a training step
+// records everything with a single call. Piece kinds:
+//   0 copy      the tensor's values (contiguous order)
+//   1 mean/var  2C values: per-channel mean and biased variance of an (N, C, ...) tensor
+//   2 moments   4C values: mean, variance, fraction <= lo, fraction >= hi
+//   3 units     N*k values: x[n, index[j], centre of the trailing dims], n-major (takes the
+//               next tensor of `index`)
+//   4 norm      1 value: the L2 norm of the whole tensor
+// threads: how many OpenMP threads to use (0: torch's setting).
+enum Piece : int64_t { kCopy = 0, kMeanVar = 1, kMoments = 2, kUnits = 3, kNorm = 4 };
+
+void record_row(const Tensor& out, at::TensorList tensors, at::IntArrayRef kinds,
+                at::ArrayRef<double> lo, at::ArrayRef<double> hi, at::TensorList index,
+                int64_t threads_wanted) {
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.device().is_cpu(),
+              "bncore: record_row writes a contiguous float32 CPU row");
+  TORCH_CHECK(tensors.size() == kinds.size() && lo.size() == kinds.size() &&
+                  hi.size() == kinds.size(),
+              "bncore: record_row needs one kind, lo and hi per tensor");
+  float* o = out.mutable_data_ptr<float>();
+  const float* end = o + out.numel();
+  const int threads = threads_wanted > 0 ? static_cast<int>(threads_wanted) : at::get_num_threads();
+  size_t next_index = 0;
+  std::vector<float> tmp;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const Tensor& t = tensors[i];
+    TORCH_CHECK(t.scalar_type() == at::kFloat, "bncore: record_row takes float32 tensors");
+    int64_t n = 0;
+    switch (kinds[i]) {
+      case kCopy: {
+        n = t.numel();
+        TORCH_CHECK(o + n <= end, "bncore: record_row overflows its row");
+        Tensor c = t.contiguous();
+        std::memcpy(o, c.const_data_ptr<float>(), n * sizeof(float));
+        break;
+      }
+      case kMeanVar:
+      case kMoments: {
+        check_float_input(t, "record_row");
+        const int64_t c = t.size(1);
+        n = (kinds[i] == kMoments ? 4 : 2) * c;
+        TORCH_CHECK(o + n <= end, "bncore: record_row overflows its row");
+        tmp.resize(4 * c);
+        moments_into<float>(t, lo[i], hi[i], tmp.data(), threads);
+        std::memcpy(o, tmp.data(), n * sizeof(float));
+        break;
+      }
+      case kUnits: {
+        TORCH_CHECK(next_index < index.size(), "bncore: record_row is missing a unit index");
+        const Tensor units = index[next_index++].to(at::kLong).contiguous();
+        const int64_t k = units.numel(), batch = t.size(0);
+        n = batch * k;
+        TORCH_CHECK(o + n <= end, "bncore: record_row overflows its row");
+        int64_t centre = 0;
+        for (int64_t d = 2; d < t.dim(); ++d) centre += (t.size(d) / 2) * t.stride(d);
+        const float* base = t.const_data_ptr<float>();
+        const int64_t* u = units.const_data_ptr<int64_t>();
+        for (int64_t r = 0; r < batch; ++r)
+          for (int64_t j = 0; j < k; ++j)
+            o[r * k + j] = base[r * t.stride(0) + u[j] * t.stride(1) + centre];
+        break;
+      }
+      case kNorm: {
+        n = 1;
+        TORCH_CHECK(o + 1 <= end, "bncore: record_row overflows its row");
+        Tensor c = t.contiguous();
+        const float* p = c.const_data_ptr<float>();
+        const int64_t m = c.numel();
+        double total = 0;
+#pragma omp parallel for reduction(+ : total) num_threads(pick_threads(m, threads)) if (m > kSerialWork)
+        for (int64_t b0 = 0; b0 < m; b0 += kRun) {
+          const int64_t b1 = std::min(m, b0 + kRun);
+          float a = 0;
+#pragma omp simd reduction(+ : a)
+          for (int64_t j = b0; j < b1; ++j) a += p[j] * p[j];
+          total += a;
+        }
+        *o = static_cast<float>(std::sqrt(total));
+        break;
+      }
+      default:
+        TORCH_CHECK(false, "bncore: record_row got an unknown piece kind ", kinds[i]);
+    }
+    o += n;
+  }
+  TORCH_CHECK(o == end, "bncore: record_row filled ", out.numel() - (end - o), " of ",
+              out.numel(), " values");
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const optional<Tensor>& w,
                                                       const optional<Tensor>& b,
                                                       const optional<Tensor>& rm,
@@ -564,6 +784,10 @@ TORCH_LIBRARY(bncore, m) {
       "batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, float momentum, float correction, float eps) "
       "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("channel_moments(Tensor x, float lo, float hi) -> Tensor");
+  m.def(
+      "record_row(Tensor(a!) out, Tensor[] tensors, int[] kinds, float[] lo, float[] hi, "
+      "Tensor[] index, int threads=0) -> ()");
   m.def(
       "reference_backward(Tensor dy, Tensor x, Tensor? weight, float eps) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
@@ -572,6 +796,8 @@ TORCH_LIBRARY(bncore, m) {
 TORCH_LIBRARY_IMPL(bncore, CPU, m) {
   m.impl("forward", &bn_forward);
   m.impl("backward", &bn_backward);
+  m.impl("channel_moments", &channel_moments);
+  m.impl("record_row", &record_row);
   m.impl("batch_norm_train", &batch_norm_train);
 }
 

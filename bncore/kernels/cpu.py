@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 from torch.utils import cpp_extension
 
+from bncore.cache import cache_dirs
 from bncore.kernels import reference
 from bncore.kernels.reference import Backward, Forward, Running
 from bncore.stats import BNStats
@@ -57,13 +58,6 @@ def _flags() -> list[str]:
         "-lc10",
         f"-Wl,-rpath,{torch_lib}",
     ]
-
-
-def cache_dirs() -> list[Path]:
-    """Where built kernels may be kept, in order of preference."""
-    env = os.environ.get("BNCORE_CACHE_DIR")
-    home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bncore"
-    return [Path(env)] if env else [home, Path(tempfile.gettempdir()) / "bncore"]
 
 
 def _compiler() -> str | None:
@@ -262,3 +256,22 @@ def train(
 def _require() -> None:
     if not load():
         raise RuntimeError(f"the fused CPU kernel is unavailable: {_failed}")
+
+
+def channel_moments(x: Tensor, lo: float, hi: float) -> Tensor:
+    """Fused reference.channel_moments (one pass)."""
+    _require()
+    return torch.ops.bncore.channel_moments(x.detach(), lo, hi)
+
+
+def record_row(
+    out: Tensor,
+    tensors: list[Tensor],
+    kinds: list[int],
+    lo: list[float],
+    hi: list[float],
+    index: list[Tensor],
+    threads: int = 0,
+) -> None:
+    """Fused reference.record_row: one call, no intermediate tensors; releases the GIL."""
+    torch.ops.bncore.record_row(out, tensors, kinds, lo, hi, index, threads)

@@ -163,3 +163,48 @@ def backward(
     dx = _col(k / m) * (m * dy3 - _col(sum_dy) - xhat * _col(sum_dy_xhat))
     dx_sq = dx.square().sum(dim=REDUCE_DIMS)
     return Backward(dx.to(dy.dtype).view(x.shape), sum_dy_xhat, sum_dy, dy_sq, dx_sq)
+
+
+def channel_moments(x: Tensor, lo: float, hi: float) -> Tensor:
+    """Per-channel mean, biased variance, and fractions of values <= lo and >= hi of an
+    (N, C, *) tensor, as the rows of a (4, C) tensor: what a probe needs of any activation."""
+    x3 = ncl_view(x.detach())
+    mean, var = batch_stats(x3)
+    low = (x3 <= lo).to(mean.dtype).mean(dim=REDUCE_DIMS)
+    high = (x3 >= hi).to(mean.dtype).mean(dim=REDUCE_DIMS)
+    return torch.stack([mean, var, low, high])
+
+
+#: Piece kinds of :func:`record_row` (the same numbers as bn_cpu.cpp's).
+COPY, MEAN_VAR, MOMENTS, UNITS, NORM = range(5)
+
+
+def record_row(
+    out: Tensor,
+    tensors: list[Tensor],
+    kinds: list[int],
+    lo: list[float],
+    hi: list[float],
+    index: list[Tensor],
+) -> None:
+    """Write one recorded step into the 1-d ``out``, piece after piece: COPY (the values),
+    MEAN_VAR (2C: per-channel mean, variance), MOMENTS (4C: :func:`channel_moments`), UNITS
+    (N*k: ``x[:, units, centre]``, n-major, taking the next ``index`` tensor), NORM (1: L2)."""
+    pieces, units = [], iter(index)
+    for t, kind, a, b in zip(tensors, kinds, lo, hi, strict=True):
+        t = t.detach()
+        if kind == COPY:
+            pieces.append(t.reshape(-1))
+        elif kind in (MEAN_VAR, MOMENTS):
+            m = channel_moments(t, a, b)
+            pieces.append((m[:2] if kind == MEAN_VAR else m).reshape(-1))
+        elif kind == UNITS:
+            v = t.index_select(1, next(units))
+            while v.dim() > 2:
+                v = v.select(2, v.shape[2] // 2)
+            pieces.append(v.reshape(-1))
+        elif kind == NORM:
+            pieces.append(torch.linalg.vector_norm(t).reshape(1))
+        else:
+            raise ValueError(f"unknown record piece kind {kind}")
+    torch.cat([p.to(out.dtype) for p in pieces], out=out)

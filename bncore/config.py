@@ -1,0 +1,287 @@
+"""What a run is: one pydantic model, used alike by the trainer, the CLI, the API and the dashboard.
+
+A :class:`RunConfig` names the model, its normalization, the data, the optimizer and the
+schedule; every field has a default, a range and a description (``bnscope train --help`` prints
+them all). Validation errors name the field (``optim.lr``) and the allowed range. Limits keep a
+run within what one machine can train and store.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = [
+    "ConfigError",
+    "DataConfig",
+    "ModelConfig",
+    "NormConfig",
+    "OptimConfig",
+    "RunConfig",
+    "describe_fields",
+    "load_config",
+]
+
+SPATIAL_DATASETS = ("mnist1d", "digits", "mnist", "fashion_mnist", "cifar10")
+FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
+MAX_PARAMETERS = 50_000_000
+MAX_RECORDED_VALUES = 2_000_000_000  # per-channel values kept over a run (about 8 GB as float32)
+
+KERAS_DEFAULTS = {"momentum": 0.99, "eps": 1e-3}
+PYTORCH_DEFAULTS = {"momentum": 0.1, "eps": 1e-5}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Strict):
+    """The network: a stack of blocks (linear or conv, normalization, activation), then a
+    linear classifier. Blocks are named block0, block1, ... with or without normalization."""
+
+    kind: Literal["mlp", "cnn"] = Field("mlp", description="fully connected, or convolutional")
+    depth: int = Field(4, ge=1, le=100, description="number of hidden blocks")
+    width: int = Field(
+        128, ge=1, le=4096, description="units per hidden layer (MLP) or channels (CNN)"
+    )
+    activation: Literal["relu", "tanh", "sigmoid", "linear"] = Field(
+        "relu", description="nonlinearity after each block's normalization (or before it)"
+    )
+    bias: bool | None = Field(
+        None,
+        description="bias in each linear/conv layer; default: off where a normalization "
+        "directly follows it (its mean subtraction cancels the bias), on otherwise",
+    )
+
+
+class NormConfig(_Strict):
+    """The normalization in each block. ``kind`` selects the layer; new kinds (ghost BN, batch
+    renorm, GroupNorm...) register a builder in bncore.models.NORMS."""
+
+    kind: Literal["none", "batch"] = Field("batch", description="normalization layer, or none")
+    placement: Literal["before_activation", "after_activation"] = Field(
+        "before_activation",
+        description="BN between the linear/conv layer and the activation (Ioffe & Szegedy), "
+        "or after the activation",
+    )
+    convention: Literal["pytorch", "keras"] = Field(
+        "pytorch",
+        description="meaning and defaults of momentum and eps: pytorch (momentum 0.1 weighs the "
+        "new batch, eps 1e-5, unbiased running variance) or keras (momentum 0.99 weighs the old "
+        "value, eps 1e-3, biased running variance)",
+    )
+    momentum: float | Literal["cumulative"] | None = Field(
+        None,
+        description="running-statistics momentum in the chosen convention; 'cumulative' for "
+        "the cumulative average (pytorch only); default: the convention's",
+    )
+    eps: float | None = Field(
+        None, gt=0, le=1, description="added to the variance; default: the convention's"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> NormConfig:
+        if isinstance(self.momentum, float) and not 0.0 <= self.momentum <= 1.0:
+            raise ValueError(f"momentum must lie in [0, 1], got {self.momentum}")
+        if self.momentum == "cumulative" and self.convention == "keras":
+            raise ValueError("momentum 'cumulative' exists only in the pytorch convention")
+        return self
+
+    def resolved(self) -> tuple[float | None, float]:
+        """(torch momentum, eps): None momentum means the cumulative average."""
+        defaults = KERAS_DEFAULTS if self.convention == "keras" else PYTORCH_DEFAULTS
+        eps = defaults["eps"] if self.eps is None else self.eps
+        if self.momentum == "cumulative":
+            return None, eps
+        m = defaults["momentum"] if self.momentum is None else float(self.momentum)
+        return (1.0 - m if self.convention == "keras" else m), eps
+
+
+class DataConfig(_Strict):
+    """The dataset, made or read locally: nothing is downloaded."""
+
+    name: Literal["mnist1d", "digits", "blobs", "spirals", "mnist", "fashion_mnist", "cifar10"] = (
+        Field(
+            "mnist1d",
+            description="mnist1d (Greydanus 2020, made offline), digits (scikit-learn, 8x8), "
+            "blobs and spirals (synthetic, 2-d), or mnist/fashion_mnist (IDX files) and cifar10 "
+            "(python batches) read from 'path'",
+        )
+    )
+    path: str | None = Field(
+        None, description="directory holding the files of mnist, fashion_mnist or cifar10"
+    )
+    samples: int = Field(
+        4000, ge=20, le=200_000, description="number of examples to make (blobs, spirals)"
+    )
+    classes: int = Field(4, ge=2, le=20, description="number of classes (blobs, spirals)")
+    noise: float = Field(0.2, ge=0, le=10, description="noise level (blobs, spirals)")
+    test_fraction: float = Field(
+        0.2, gt=0, lt=1, description="share held out for testing where the data has no split"
+    )
+    split_seed: int = Field(
+        0,
+        ge=0,
+        description="seed of the train/test split and of synthetic data (fixed, so "
+        "runs with different training seeds see the same data)",
+    )
+    max_train: int | None = Field(None, ge=2, description="use at most this many training examples")
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.name in FILE_DATASETS and not self.path:
+            raise ValueError(f"data.name={self.name!r} is read from files: set data.path")
+        return self
+
+
+class OptimConfig(_Strict):
+    """The optimizer."""
+
+    name: Literal["sgd", "adam"] = Field("sgd", description="SGD with momentum, or Adam")
+    lr: float = Field(0.05, gt=0, le=100, description="learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam)")
+    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 weight decay")
+
+
+class RunConfig(_Strict):
+    """One training run."""
+
+    name: str | None = Field(None, max_length=200, description="a label for the run")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    norm: NormConfig = Field(default_factory=NormConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    batch_size: int = Field(64, ge=2, le=8192, description="examples per training step")
+    steps: int = Field(1000, ge=1, le=1_000_000, description="training steps")
+    eval_interval: int = Field(
+        100, ge=1, description="steps between evaluations (train/test loss and accuracy)"
+    )
+    stats_interval: int = Field(
+        1, ge=1, description="steps between recorded statistics (every layer, every statistic)"
+    )
+    channel_interval: int = Field(
+        10,
+        ge=1,
+        description="keep per-channel arrays every this many recorded steps (summaries are "
+        "kept at every recorded step)",
+    )
+    tracked_units: int = Field(
+        3, ge=1, le=16, description="units per layer whose 15/50/85th percentiles are recorded"
+    )
+    seed: int = Field(0, ge=0, description="seed of initialization and batch order")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where to train: auto picks cuda when available"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> RunConfig:
+        if self.model.kind == "cnn" and self.data.name not in SPATIAL_DATASETS:
+            raise ValueError(
+                f"model.kind='cnn' needs data with spatial structure "
+                f"({', '.join(SPATIAL_DATASETS)}), not data.name={self.data.name!r}"
+            )
+        width, depth = self.model.width, self.model.depth
+        per_block = width * width * (9 if self.model.kind == "cnn" else 1)
+        if per_block * depth > MAX_PARAMETERS:
+            raise ValueError(
+                f"model.width={width} x model.depth={depth} gives about "
+                f"{per_block * depth:,} parameters; the limit is {MAX_PARAMETERS:,}"
+            )
+        recorded = self.steps // self.stats_interval // self.channel_interval
+        values = recorded * depth * width * 16
+        if values > MAX_RECORDED_VALUES:
+            raise ValueError(
+                f"stats_interval={self.stats_interval} and channel_interval="
+                f"{self.channel_interval} would keep about {values:,} per-channel values over "
+                f"{self.steps} steps; raise one of them (limit {MAX_RECORDED_VALUES:,})"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; ``errors`` lists (field path, message)."""
+
+    def __init__(self, errors: list[tuple[str, str]]) -> None:
+        self.errors = errors
+        super().__init__("; ".join(f"{loc}: {msg}" for loc, msg in errors))
+
+
+def _flatten_errors(exc: ValidationError) -> list[tuple[str, str]]:
+    out = []
+    for e in exc.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; bnscope train --help lists the fields)"
+        out.append((loc or "config", msg))
+    return out
+
+
+def parse_config(data: dict[str, Any]) -> RunConfig:
+    """A RunConfig from plain data; raises ConfigError naming each bad field."""
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_flatten_errors(exc)) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read a JSON or YAML file, apply ``key.path=value`` overrides, and validate."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError([("config", f"cannot read {path}: {exc.strerror}")]) from None
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError([("config", f"{path} is not valid JSON/YAML: {exc}")]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError([("config", f"{path} must hold a mapping of fields")])
+    for item in overrides or []:
+        apply_override(data, item)
+    return parse_config(data)
+
+
+def apply_override(data: dict[str, Any], item: str) -> None:
+    """Set ``a.b=value`` in nested ``data``; the value is parsed as YAML (numbers, null, ...)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key:
+        raise ConfigError([("--set", f"expected key.path=value, got {item!r}")])
+    node = data
+    *parents, leaf = key.strip().split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError([(key, f"{p} is not a group of fields")])
+    node[leaf] = yaml.safe_load(raw)
+
+
+def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
+    """One line per field: dotted name, type, default, range and description."""
+    lines = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.extend(describe_fields(ann, path + "."))
+            continue
+        rng = [
+            f"{k}{getattr(m, a)}"
+            for m in field.metadata
+            for k, a in ((">=", "ge"), (">", "gt"), ("<=", "le"), ("<", "lt"))
+            if getattr(m, a, None) is not None
+        ]
+        kind = str(ann).replace("typing.", "").replace("Literal", "one of ")
+        default = field.get_default(call_default_factory=True)
+        lines.append(
+            f"  {path:24s} {kind}; default {default!r}"
+            f"{'; ' + ', '.join(rng) if rng else ''}\n      {field.description or ''}"
+        )
+    return lines

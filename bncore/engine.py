@@ -1,0 +1,288 @@
+"""The training loop: a RunConfig in, records out, every layer's BN statistics at every step.
+
+    from bncore import RunConfig, train
+    result = train(RunConfig(steps=500))          # in memory
+    result.records.layers["pre_var"]              # numpy columns (see bncore.records)
+
+A run ends "completed", "diverged" (the loss became NaN or infinite: it stops at the flush that
+sees it, keeping everything recorded up to then), or "cancelled" (``should_stop`` returned True).
+Statistics stay on the device and reach the host once per flush (every ``flush_every`` steps or
+``flush_seconds``), never by a per-layer ``.item()``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+import bncore
+from bncore.config import RunConfig
+from bncore.data import Dataset, load_dataset
+from bncore.models import Net, build_model
+from bncore.probes import Recorder
+from bncore.records import MemorySink, Records, Sink
+
+__all__ = ["RunResult", "Trainer", "resolve_device", "train"]
+
+EVAL_BATCH = 2048
+TRAIN_EVAL_EXAMPLES = 2000
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' -> cuda if available else cpu; 'cuda' without a GPU is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for, but no CUDA device is available here")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class RunResult:
+    """How a run ended, and (with the default in-memory sink) what it recorded."""
+
+    status: str  # completed | diverged | cancelled
+    steps_done: int
+    message: str = ""
+    seconds: float = 0.0
+    final: dict[str, float] = field(default_factory=dict)
+    records: Records | None = None
+
+
+class Trainer:
+    """Owns the data, model, optimizer and recorder of one run; :meth:`run` drives it."""
+
+    def __init__(self, config: RunConfig, dataset: Dataset | None = None) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        torch.manual_seed(config.seed)
+        data = dataset if dataset is not None else load_dataset(config.data)
+        self.data = data.to(self.device)
+        self.model: Net = build_model(config, data.input_shape, data.num_classes).to(self.device)
+        self.model.train()
+        self.optimizer = _optimizer(config, self.model)
+        self.loss_fn = nn.CrossEntropyLoss()
+        self.recorder = Recorder(
+            self.model, config.model.activation, config.tracked_units, self.device
+        )
+        self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
+        self._order = torch.empty(0, dtype=torch.long)
+        self._cursor = 0
+        self.step_count = 0
+        self._losses: list[Tensor] = []
+        self._step_rows: dict[str, list[float]] = {"step": [], "lr": [], "step_time": []}
+        n = min(len(self.data.x_train), config.batch_size)
+        self.probe_batch = self.data.x_train[:n]
+
+    # -- batches ------------------------------------------------------------------------------
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """The next training batch: a seeded permutation per epoch, dropping the short tail."""
+        n, bs = len(self.data.x_train), self.config.batch_size
+        bs = min(bs, n)
+        if self._cursor + bs > len(self._order):
+            self._order = torch.randperm(n, generator=self.generator)
+            self._cursor = 0
+        idx = self._order[self._cursor : self._cursor + bs].to(self.device)
+        self._cursor += bs
+        return self.data.x_train[idx], self.data.y_train[idx]
+
+    # -- one step -----------------------------------------------------------------------------
+
+    def step(self) -> None:
+        """One training step; records this step's statistics if it is due."""
+        cfg = self.config
+        t0 = time.perf_counter()
+        self.step_count += 1
+        record = (self.step_count - 1) % cfg.stats_interval == 0
+        x, y = self.next_batch()
+        self.recorder.arm(record)
+        loss = self.loss_fn(self.model(x), y)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if record:
+            self.recorder.snapshot(self.step_count)
+        self.optimizer.step()
+        self._losses.append(loss.detach())
+        self._step_rows["step"].append(self.step_count)
+        self._step_rows["lr"].append(self.optimizer.param_groups[0]["lr"])
+        self._step_rows["step_time"].append(time.perf_counter() - t0)
+
+    def flush(self) -> Records:
+        """Pending records to the host: one transfer for the losses, one for the statistics."""
+        rec = self.recorder.flush(self.config.channel_interval)
+        if self._losses:
+            rec.steps = {
+                "step": np.asarray(self._step_rows["step"], dtype=np.int64),
+                "loss": torch.stack(self._losses).float().cpu().numpy(),
+                "lr": np.asarray(self._step_rows["lr"], dtype=np.float32),
+                "step_time": np.asarray(self._step_rows["step_time"], dtype=np.float32),
+            }
+            self._losses = []
+            self._step_rows = {k: [] for k in self._step_rows}
+        return rec
+
+    # -- evaluation ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _loss_acc(self, x: Tensor, y: Tensor) -> tuple[float, float]:
+        total, correct = 0.0, 0
+        for i in range(0, len(x), EVAL_BATCH):
+            logits = self.model(x[i : i + EVAL_BATCH])
+            total += float(self.loss_fn(logits, y[i : i + EVAL_BATCH])) * len(logits)
+            correct += int((logits.argmax(1) == y[i : i + EVAL_BATCH]).sum())
+        return total / len(x), correct / len(x)
+
+    @torch.no_grad()
+    def _mode_gap(self) -> float:
+        """Relative distance of the probe batch's logits in train mode (batch statistics) and
+        eval mode (running statistics); train mode here leaves no trace on the buffers."""
+        self.model.eval()
+        eval_logits = self.model(self.probe_batch)
+        buffers = [b.clone() for b in self.model.buffers()]
+        self.model.train()
+        train_logits = self.model(self.probe_batch)
+        for b, saved in zip(self.model.buffers(), buffers, strict=True):
+            b.copy_(saved)
+        denom = eval_logits.norm().clamp_min(1e-12)
+        return float((train_logits - eval_logits).norm() / denom)
+
+    def evaluate(self) -> dict[str, float]:
+        """Train (a fixed subset) and test loss and accuracy in eval mode, and the mode gap."""
+        self.recorder.arm(False)
+        self.model.eval()
+        d = self.data
+        n = min(len(d.x_train), TRAIN_EVAL_EXAMPLES)
+        train_loss, train_acc = self._loss_acc(d.x_train[:n], d.y_train[:n])
+        test_loss, test_acc = self._loss_acc(d.x_test, d.y_test)
+        gap = self._mode_gap() if len(self.probe_batch) > 1 else math.nan
+        self.model.train()
+        return {
+            "step": self.step_count,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "mode_gap": gap,
+        }
+
+    # -- the whole run ------------------------------------------------------------------------
+
+    def run(
+        self,
+        sink: Sink,
+        should_stop: Callable[[], bool] | None = None,
+        on_flush: Callable[[Trainer, Records], None] | None = None,
+        flush_every: int = 50,
+        flush_seconds: float = 0.5,
+    ) -> RunResult:
+        cfg = self.config
+        started = time.perf_counter()
+        sink.start(self.meta())
+        status, message, final = "completed", "", {}
+        last_flush = time.perf_counter()
+        evals: list[dict[str, float]] = [self.evaluate()]
+        try:
+            while self.step_count < cfg.steps:
+                if should_stop is not None and should_stop():
+                    status, message = "cancelled", f"cancelled at step {self.step_count}"
+                    break
+                self.step()
+                due_eval = self.step_count % cfg.eval_interval == 0 or self.step_count == cfg.steps
+                due_flush = (
+                    len(self._losses) >= flush_every
+                    or time.perf_counter() - last_flush >= flush_seconds
+                )
+                if not (due_eval or due_flush):
+                    continue
+                rec = self.flush()
+                last_flush = time.perf_counter()
+                bad = _first_nonfinite(rec)
+                if bad is None and due_eval:
+                    evals.append(self.evaluate())
+                rec.evals = _eval_table(evals)
+                evals = []
+                sink.write(rec)
+                if on_flush is not None:
+                    on_flush(self, rec)
+                if bad is not None:
+                    status = "diverged"
+                    message = f"loss became {bad[1]} at step {bad[0]}; stopped, records kept"
+                    break
+        finally:
+            rec = self.flush()
+            rec.evals = _eval_table(evals)
+            if any(rec.tables().values()):
+                sink.write(rec)
+        if status == "completed":
+            final = {k: v for k, v in self.evaluate().items() if k != "step"}
+        summary = {
+            **self.meta(),
+            "status": status,
+            "message": message,
+            "steps_done": self.step_count,
+            "seconds": time.perf_counter() - started,
+            "final": final,
+        }
+        sink.finish(summary)
+        return RunResult(status, self.step_count, message, summary["seconds"], final)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "config": self.config.model_dump(mode="json"),
+            "device": str(self.device),
+            "layers": [n for n, _ in self.model.blocks()],
+            "channels": [b.channels for _, b in self.model.blocks()],
+            "tracked_units": [s.units.tolist() for s in self.recorder.slots],
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "bncore": bncore.__version__,
+            "torch": torch.__version__,
+        }
+
+
+def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "adam":
+        return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
+    )
+
+
+def _first_nonfinite(rec: Records) -> tuple[int, str] | None:
+    if not rec.steps:
+        return None
+    bad = ~np.isfinite(rec.steps["loss"])
+    if not bad.any():
+        return None
+    i = int(np.argmax(bad))
+    return int(rec.steps["step"][i]), str(float(rec.steps["loss"][i]))
+
+
+def _eval_table(rows: list[dict[str, float]]) -> dict[str, np.ndarray]:
+    if not rows:
+        return {}
+    out = {k: np.asarray([r[k] for r in rows], dtype=np.float32) for k in rows[0]}
+    out["step"] = out["step"].astype(np.int64)
+    return out
+
+
+def train(
+    config: RunConfig,
+    sink: Sink | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    on_flush: Callable[[Trainer, Records], None] | None = None,
+) -> RunResult:
+    """Run ``config`` to the end; with no ``sink`` the records come back in ``result.records``."""
+    memory = MemorySink() if sink is None else None
+    result = Trainer(config).run(sink or memory, should_stop, on_flush)
+    if memory is not None:
+        result.records = memory.records
+    return result

@@ -1,0 +1,230 @@
+"""What a run records, in columns: the format every sink writes and every reader gets.
+
+Four tables, each a dict of equal-length numpy columns (Parquet files in ``bnscope train --out``):
+
+``steps`` (one row per training step)
+    step, loss, lr, step_time (seconds, as seen by the host)
+
+``layers`` (one row per recorded step and block; ``layer`` is the block's name)
+    pre_mean, pre_mean_abs, pre_var, pre_var_min, pre_var_max
+        channel-average of the batch mean (and of its magnitude) and variance of what enters the
+        normalization (for BN: the statistics it normalized with); extremes over channels
+    post_mean, post_var          the same of what leaves the normalization
+    act_mean, act_var            the same of the activation's output
+    act_saturated                share of activation outputs at rest or saturated: ReLU = 0,
+                                 sigmoid <= 0.01 or >= 0.99, tanh |y| >= 0.99 (0 for linear)
+    act_dead                     share of units at rest or saturated for the whole batch
+                                 (dead ReLUs)
+    running_mean_gap, running_var_gap
+                                 RMS over channels of running statistic minus batch statistic
+                                 (NaN without running statistics)
+    gamma, beta                  channel-averages of the BN scale and shift (NaN without)
+    gamma_grad_norm, beta_grad_norm
+                                 L2 norms of dL/dgamma (= sum dy*xhat) and dL/dbeta (= sum dy);
+                                 without BN, beta_grad_norm is the norm a bias there would get
+    grad_out_norm, grad_in_norm  L2 norms of the activation gradient reaching the normalization's
+                                 output and leaving through its input
+    weight_grad_norm             L2 norm of the linear/conv weight's gradient
+    p15_j, p50_j, p85_j          15th/50th/85th percentiles over the batch of tracked unit j's
+                                 activation input (Ioffe & Szegedy, Figure 1)
+
+``channels`` (one row per kept step and block, every ``channel_interval`` recorded steps)
+    per-channel arrays, each of shape (rows, C): pre_mean, pre_var, post_mean, post_var,
+    act_mean, act_var, act_saturated, running_mean, running_var, gamma, beta, gamma_grad,
+    beta_grad, grad_out_sq, grad_in_sq
+
+``evals`` (one row per evaluation, in eval mode)
+    step, train_loss, train_acc, test_loss, test_acc, mode_gap (relative L2 distance between
+    the logits of a fixed probe batch in train mode and in eval mode)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+TABLES = ("steps", "layers", "channels", "evals")
+
+CHANNEL_COLUMNS = (
+    "pre_mean", "pre_var", "post_mean", "post_var", "act_mean", "act_var", "act_saturated",
+    "running_mean", "running_var", "gamma", "beta", "gamma_grad", "beta_grad",
+    "grad_out_sq", "grad_in_sq",
+)  # fmt: skip
+
+Table = dict[str, np.ndarray]
+
+
+@dataclass
+class Records:
+    """A batch of rows for each table."""
+
+    steps: Table = field(default_factory=dict)
+    layers: Table = field(default_factory=dict)
+    channels: Table = field(default_factory=dict)
+    evals: Table = field(default_factory=dict)
+
+    def tables(self) -> dict[str, Table]:
+        return {name: getattr(self, name) for name in TABLES}
+
+    @staticmethod
+    def concat(parts: Sequence[Records]) -> Records:
+        out = Records()
+        for name in TABLES:
+            pieces = [t for p in parts if (t := getattr(p, name))]
+            if pieces:
+                setattr(out, name, {k: np.concatenate([t[k] for t in pieces]) for k in pieces[0]})
+        return out
+
+
+def rms(a: np.ndarray) -> np.ndarray:
+    return np.sqrt(np.mean(np.square(a), axis=-1))
+
+
+def summarize(raw: dict[str, np.ndarray], pct: np.ndarray, weight_grad_norm: np.ndarray) -> Table:
+    """``layers`` columns from raw per-channel rows with channels last (each (..., C)); ``pct``
+    is (..., 3, units). Every column comes out shaped like the leading dims."""
+    saturated = raw["act_lo"] + raw["act_hi"]
+    with np.errstate(invalid="ignore"):
+        cols: Table = {
+            "pre_mean": raw["pre_mean"].mean(-1),
+            "pre_mean_abs": np.abs(raw["pre_mean"]).mean(-1),
+            "pre_var": raw["pre_var"].mean(-1),
+            "pre_var_min": raw["pre_var"].min(-1),
+            "pre_var_max": raw["pre_var"].max(-1),
+            "post_mean": raw["post_mean"].mean(-1),
+            "post_var": raw["post_var"].mean(-1),
+            "act_mean": raw["act_mean"].mean(-1),
+            "act_var": raw["act_var"].mean(-1),
+            "act_saturated": saturated.mean(-1),
+            "act_dead": (saturated >= 1.0).mean(-1),
+            "running_mean_gap": rms(raw["running_mean"] - raw["pre_mean"]),
+            "running_var_gap": rms(raw["running_var"] - raw["pre_var"]),
+            "gamma": raw["gamma"].mean(-1),
+            "beta": raw["beta"].mean(-1),
+            "gamma_grad_norm": np.sqrt(np.square(raw["gamma_grad"]).sum(-1)),
+            "beta_grad_norm": np.sqrt(np.square(raw["beta_grad"]).sum(-1)),
+            "grad_out_norm": np.sqrt(raw["grad_out_sq"].sum(-1)),
+            "grad_in_norm": np.sqrt(raw["grad_in_sq"].sum(-1)),
+            "weight_grad_norm": weight_grad_norm,
+        }
+    for j in range(pct.shape[-1]):
+        for q, name in enumerate(("p15", "p50", "p85")):
+            cols[f"{name}_{j}"] = pct[..., q, j]
+    return {k: v.astype(np.float32, copy=False) for k, v in cols.items()}
+
+
+def channel_rows(raw: dict[str, np.ndarray]) -> Table:
+    """``channels`` columns (per-channel arrays) from raw rows."""
+    out = {k: raw[k] for k in CHANNEL_COLUMNS if k in raw}
+    out["act_saturated"] = raw["act_lo"] + raw["act_hi"]
+    return {k: out[k].astype(np.float32, copy=False) for k in CHANNEL_COLUMNS}
+
+
+class Sink(Protocol):
+    """Where a run's records go: memory, files, a server."""
+
+    def start(self, meta: dict[str, Any]) -> None: ...
+
+    def write(self, records: Records) -> None: ...
+
+    def finish(self, summary: dict[str, Any]) -> None: ...
+
+
+class MemorySink:
+    """Keeps everything; ``records`` concatenates what was written."""
+
+    def __init__(self) -> None:
+        self.parts: list[Records] = []
+        self.meta: dict[str, Any] = {}
+        self.summary: dict[str, Any] = {}
+
+    def start(self, meta: dict[str, Any]) -> None:
+        self.meta = meta
+
+    def write(self, records: Records) -> None:
+        self.parts.append(records)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        self.summary = summary
+
+    @property
+    def records(self) -> Records:
+        return Records.concat(self.parts)
+
+
+def to_arrow(table: Table):
+    """A pyarrow Table; 2-d columns become fixed-size lists (one row per array)."""
+    import pyarrow as pa
+
+    cols = {}
+    for k, v in table.items():
+        if v.ndim == 2:
+            cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
+        else:
+            cols[k] = pa.array(v)
+    return pa.table(cols)
+
+
+class ParquetSink:
+    """Writes ``DIR/{steps,layers,channels,evals}.parquet``, ``config.json`` and ``run.json``.
+
+    Each flush is appended as row groups; the files are complete once the run finishes (a
+    diverged or cancelled run finishes too, with what it recorded).
+    """
+
+    def __init__(self, out_dir: str | Path) -> None:
+        self.out = Path(out_dir)
+        self._writers: dict[str, Any] = {}
+
+    def start(self, meta: dict[str, Any]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "config.json").write_text(json.dumps(meta.get("config", {}), indent=2))
+        self._write_run({**meta, "status": "running"})
+
+    def write(self, records: Records) -> None:
+        import pyarrow.parquet as pq
+
+        for name, table in records.tables().items():
+            if not table:
+                continue
+            t = to_arrow(table)
+            if name not in self._writers:
+                self._writers[name] = pq.ParquetWriter(self.out / f"{name}.parquet", t.schema)
+            self._writers[name].write_table(t)
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        for w in self._writers.values():
+            w.close()
+        self._writers.clear()
+        self._write_run(summary)
+
+    def _write_run(self, data: dict[str, Any]) -> None:
+        tmp = self.out / "run.json.tmp"
+        tmp.write_text(json.dumps(data, indent=2, default=str))
+        tmp.replace(self.out / "run.json")
+
+
+def read_parquet(out_dir: str | Path) -> Records:
+    """Read back what ParquetSink wrote, as numpy columns."""
+    import pyarrow.parquet as pq
+
+    rec = Records()
+    for name in TABLES:
+        path = Path(out_dir) / f"{name}.parquet"
+        if not path.exists():
+            continue
+        t = pq.read_table(path)
+        cols = {}
+        for k in t.column_names:
+            col = t.column(k).combine_chunks()
+            if hasattr(col, "flatten") and hasattr(col.type, "list_size"):
+                cols[k] = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
+            else:
+                cols[k] = col.to_numpy(zero_copy_only=False)
+        setattr(rec, name, cols)
+    return rec

@@ -1,0 +1,91 @@
+"""bnscope train: a config file in, documented Parquet records out, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from bncore.records import read_parquet
+
+
+def _bnscope(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bncore.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_train_writes_records(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "steps: 60\neval_interval: 30\nmodel: {depth: 2, width: 16}\ndata: {name: digits}\n"
+    )
+    out = tmp_path / "out"
+    result = _bnscope("train", str(cfg), "--out", str(out), "--set", "optim.lr=0.1")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "completed" and summary["steps"] == 60
+    assert "step/s" in result.stderr  # the progress bar
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and run["layers"] == ["block0", "block1"]
+    assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 0.1
+    rec = read_parquet(out)
+    assert list(rec.steps["step"]) == list(range(1, 61))
+    assert len(rec.layers["step"]) == 120 and rec.channels["pre_var"].shape[1] == 16
+    assert list(rec.evals["step"]) == [0, 30, 60]
+    assert np.isfinite(rec.layers["grad_in_norm"]).all()
+
+
+def test_bad_config_names_the_field(tmp_path):
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"optim": {"lr": 0}, "model": {"depht": 3}}))
+    result = _bnscope("train", str(cfg), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "optim.lr: Input should be greater than 0" in result.stderr
+    assert "model.depht: unknown field" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_config_file_and_missing_data(tmp_path):
+    result = _bnscope("train", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "cannot read" in result.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{name: mnist, path: {tmp_path / 'empty'}}}\n")
+    result = _bnscope("train", str(cfg), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "is not a directory" in result.stderr
+
+
+def test_diverged_run_exits_3_with_its_records(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "steps: 300\nmodel: {activation: linear, depth: 2, width: 16}\n"
+        "norm: {kind: none}\noptim: {lr: 50}\ndata: {name: digits}\n"
+    )
+    result = _bnscope("train", str(cfg), "--out", str(tmp_path / "o"), "--quiet")
+    assert result.returncode == 3, result.stderr
+    assert json.loads(result.stdout)["status"] == "diverged"
+    assert len(read_parquet(tmp_path / "o").steps["step"]) > 0
+
+
+def test_help_documents_every_field():
+    result = _bnscope("train", "--help")
+    assert result.returncode == 0
+    for field in (
+        "model.depth",
+        "norm.placement",
+        "norm.convention",
+        "data.path",
+        "optim.weight_decay",
+        "stats_interval",
+        "seed",
+        "device",
+    ):
+        assert field in result.stdout
+    assert "Exit status" in result.stdout
