@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from bncore.functional import batch_norm_with_stats, train_batch_norm
-from bncore.kernels.reference import Running
+from bncore.kernels.reference import ActivationStats, Running
 from bncore.stats import BNStats
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "keras_momentum_to_torch"]
@@ -160,6 +160,8 @@ class _BatchNorm(_NormBase):
         super().__init__(*args, **kwargs)
         self.unbiased_running_var = True
         self.stats = BNStats()
+        # set by a recorder: also measure the activation that follows, in the same pass
+        self.record_activation: ActivationStats | None = None
 
     @classmethod
     def from_keras(
@@ -224,7 +226,9 @@ class _BatchNorm(_NormBase):
                 if self.momentum is None:  # cumulative average: 1/k as a tensor, no host sync
                     factor = count.to(running_mean.dtype).reciprocal()
             running = Running(running_mean, running_var, factor, self.unbiased_running_var)
-        return train_batch_norm(input, weight, bias, self.eps, running, self.stats)
+        return train_batch_norm(
+            input, weight, bias, self.eps, running, self.stats, self.record_activation
+        )
 
 
 class BatchNorm1d(_BatchNorm):

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from bncore import kernels
 from bncore.kernels import reference
-from bncore.kernels.reference import Running
+from bncore.kernels.reference import ActivationStats, Running
 from bncore.stats import BNStats
 
 __all__ = ["batch_norm", "batch_norm_with_stats", "train_batch_norm"]
@@ -126,6 +126,7 @@ def train_batch_norm(
     eps: float,
     running: Running | None,
     stats: BNStats | None,
+    act: ActivationStats | None = None,
 ) -> Tensor:
     """Normalize with batch statistics (training mode), moving ``running`` if given.
 
@@ -137,7 +138,7 @@ def train_batch_norm(
         )
     if input.numel() == 0:
         return input.clone()
-    return kernels.train(input, weight, bias, eps, running, stats)
+    return kernels.train(input, weight, bias, eps, running, stats, act)
 
 
 def batch_norm(

@@ -4,9 +4,11 @@ On a recorded step the trainer arms the recorder; each block hands it the tensor
 positions during the forward (see bncore.models.Block). What BN already computed is taken as is:
 its batch statistics, its parameters and buffers, and the (4, C) gradient sums its backward fills.
 Its output statistics follow exactly from those (mean = beta, var = gamma^2 var/(var + eps)), so
-they cost nothing either. What is left, the activation's statistics and the weights' gradient
-norms, is measured after the backward in the same single call that writes the step's row. Without
-BN, the norm positions are measured the same way and the gradient there is summed by a hook.
+they cost nothing either. Where a ReLU or no nonlinearity follows BN, BN also measures the
+activation in its normalize pass, with its output still in registers. What is left (other
+activations, the weights' gradient norms) is measured after the backward, in the single call that
+writes the step's row. Without BN, the norm positions are measured the same way and the gradient
+there is summed by a hook.
 
 After the backward, :meth:`Recorder.snapshot` writes the step's row of a device buffer with one
 call (:func:`bncore.kernels.record_row_fn`: fused on the CPU). :meth:`Recorder.flush` moves all
@@ -23,7 +25,16 @@ import torch
 from torch import Tensor
 
 from bncore import kernels
-from bncore.kernels.reference import COPY, MEAN_VAR, MOMENTS, NORM, UNITS
+from bncore.kernels.reference import (
+    COPY,
+    IDENTITY,
+    MEAN_VAR,
+    MOMENTS,
+    NORM,
+    RELU,
+    UNITS,
+    ActivationStats,
+)
 from bncore.models import Block, Net
 from bncore.records import Records, channel_rows, summarize
 from bncore.stats import BNStats
@@ -54,6 +65,7 @@ class _BlockSlot:
         self.channels = c = block.channels
         self.units = torch.linspace(0, c - 1, min(units, c), device=device).round().long()
         self.is_bn = isinstance(getattr(block.norm, "stats", None), BNStats)
+        self.act_spec: ActivationStats | None = None  # what BN measures of the activation
         self.rows = BN_ROWS if self.is_bn else MEASURED_ROWS
         self.nan = torch.full((c,), math.nan, device=device)
         self.nan4 = torch.full((4 * c,), math.nan, device=device)
@@ -77,6 +89,10 @@ class Recorder:
     def __init__(self, model: Net, activation: str, tracked_units: int, device: torch.device):
         self.lo, self.hi = SATURATION[activation]
         self.slots = [_BlockSlot(n, b, tracked_units, device) for n, b in model.blocks()]
+        fusable = {"relu": RELU, "linear": IDENTITY}.get(activation)
+        for s in self.slots:
+            if s.is_bn and s.block.norm_first and fusable is not None:
+                s.act_spec = ActivationStats(fusable, self.lo, self.hi)
         self._by_block = {id(s.block): s for s in self.slots}
         self.device = device
         self.buffer = torch.empty(0, device=device)  # (capacity, width) rows, one per step
@@ -96,8 +112,10 @@ class Recorder:
     def arm(self, on: bool) -> None:
         """Attach to (or detach from) every block for the next forward."""
         if on != self.armed:
-            for s in self.slots:  # plain attribute, not a submodule: skip nn.Module.__setattr__
+            for s in self.slots:  # plain attributes, not submodules: skip nn.Module.__setattr__
                 object.__setattr__(s.block, "probe", self if on else None)
+                if s.act_spec is not None:
+                    object.__setattr__(s.norm, "record_activation", s.act_spec if on else None)
             self.armed = on
         if on:
             self._tensors, self._kinds, self._lo, self._hi = [], [], [], []
@@ -119,7 +137,10 @@ class Recorder:
             slot.grad = None
             if pre_norm.requires_grad:
                 pre_norm.register_hook(self._grad_hook(slot))
-        self._add([post_act], MOMENTS, self.lo, self.hi)
+        if stats is not None and stats.act is not None:
+            self._add([stats.act], COPY)  # measured by BN's forward
+        else:
+            self._add([post_act], MOMENTS, self.lo, self.hi)
         self._add(slot.state, COPY)  # running_mean, running_var, gamma, beta
         self._grad_slots.append((len(self._tensors), slot))
         self._add([None], COPY)  # the gradient sums, known after the backward
@@ -202,7 +223,8 @@ class Recorder:
                 }
             )
             if keep.any():
-                kept = {k: v[keep].reshape(-1, s.channels) for k, v in channel_rows(rows).items()}
+                kept_rows = {k: v[keep] for k, v in rows.items()}
+                kept = {k: v.reshape(-1, s.channels) for k, v in channel_rows(kept_rows).items()}
                 channels.append(
                     {
                         "step": np.repeat(steps[keep], b),
@@ -236,16 +258,13 @@ def _percentiles(values: np.ndarray) -> np.ndarray:
 
 def _groups(slots: list[_BlockSlot]) -> list[list[_BlockSlot]]:
     """Runs of consecutive blocks with the same record layout."""
+
+    def layout(s: _BlockSlot) -> tuple:
+        return s.rows, s.channels, s.width(), len(s.units), s.is_bn, getattr(s.norm, "eps", 0)
+
     out: list[list[_BlockSlot]] = []
     for s in slots:
-        prev = out[-1][0] if out else None
-        same = prev is not None and (prev.rows, prev.channels, prev.width, len(prev.units)) == (
-            s.rows,
-            s.channels,
-            s.width,
-            len(s.units),
-        )
-        if same and prev.is_bn == s.is_bn and prev.block.norm.eps == s.block.norm.eps:
+        if out and layout(out[-1][0]) == layout(s):
             out[-1].append(s)
         else:
             out.append([s])
@@ -256,6 +275,8 @@ def _by_step(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Concatenate per-block tables, then order rows by step (stable: blocks stay in order)."""
     if not parts:
         return {}
+    if len(parts) == 1:  # one group of blocks: already step-major
+        return parts[0]
     table = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     order = np.argsort(table["step"], kind="stable")
     return {k: v[order] for k, v in table.items()}

@@ -19,18 +19,22 @@ class BNStats:
     biased variance). Backward: ``grad``, a (4, C) tensor that the forward allocates (NaN) and its
     backward fills in place, with rows ``sum_dy_xhat`` (= dL/dgamma), ``sum_dy`` (= dL/dbeta),
     ``dy_sq`` = sum dy^2 and ``dx_sq`` = sum dx^2: the squared norms of the activation gradient
-    reaching and leaving the layer (NaN where dx was not needed). ``steps`` counts forwards.
+    reaching and leaving the layer (NaN where dx was not needed). ``act``: on the forwards that
+    asked for it (``layer.record_activation``), the (4, C) mean, variance and tail fractions of
+    the activation that follows the layer, taken while its output was in registers.
+    ``steps`` counts forwards.
     """
 
     mean: Tensor | None = None
     var: Tensor | None = None
     grad: Tensor | None = None
+    act: Tensor | None = None
     steps: int = 0
 
     GRAD_ROWS = ("sum_dy_xhat", "sum_dy", "dy_sq", "dx_sq")
 
-    def record(self, mean: Tensor, var: Tensor, grad: Tensor) -> None:
-        self.mean, self.var, self.grad = mean, var, grad
+    def record(self, mean: Tensor, var: Tensor, grad: Tensor, act: Tensor | None = None) -> None:
+        self.mean, self.var, self.grad, self.act = mean, var, grad, act
         self.steps += 1
 
     def _row(self, i: int) -> Tensor | None:
@@ -53,5 +57,5 @@ class BNStats:
         return self._row(3)
 
     def clear(self) -> None:
-        self.mean = self.var = self.grad = None
+        self.mean = self.var = self.grad = self.act = None
         self.steps = 0

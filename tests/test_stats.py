@@ -101,3 +101,27 @@ def test_gradient_sums_survive_gradient_accumulation(kernel: str):
     layer(x).mul(3).sum().backward()  # accumulates into weight.grad / bias.grad
     torch.testing.assert_close(record, first, equal_nan=True)
     torch.testing.assert_close(layer.bias.grad, torch.full((3,), 40.0))
+
+
+@pytest.mark.parametrize("shape,channels_last", [
+    ((128, 32), False), ((6, 5, 70), False), ((8, 6, 5, 5), True), ((3, 4, 5000), False),
+])
+@pytest.mark.parametrize("kind", [1, 2])
+def test_activation_statistics_from_the_forward(kernel: str, shape, channels_last, kind):
+    """Asked to, BN measures the ReLU (or identity) that follows, in its normalize pass."""
+    from bncore.kernels.reference import ActivationStats, activation_stats
+
+    layer = (bncore.BatchNorm2d if len(shape) == 4 else bncore.BatchNorm1d)(shape[1])
+    with torch.no_grad():
+        layer.bias.uniform_(-1, 1)
+    x = torch.randn(shape) * 2 + 1
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    spec = ActivationStats(kind, 0.0, 1.5)
+    layer.record_activation = spec
+    y = layer(x)
+    expected = activation_stats(y.detach(), spec)
+    torch.testing.assert_close(layer.stats.act, expected, rtol=1e-4, atol=1e-5)
+    layer.record_activation = None
+    layer(x)
+    assert layer.stats.act is None  # not asked: not measured

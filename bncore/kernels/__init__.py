@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from bncore.kernels import autograd, cpu, reference
-from bncore.kernels.reference import Running
+from bncore.kernels.reference import ActivationStats, Running
 from bncore.stats import BNStats
 
 __all__ = [
@@ -104,12 +104,14 @@ def train(
     eps: float,
     running: Running | None,
     stats: BNStats | None,
+    act: ActivationStats | None = None,
 ) -> Tensor:
-    """Training-mode batch norm of ``x`` (autograd-aware) with the best kernel for it."""
+    """Training-mode batch norm of ``x`` (autograd-aware) with the best kernel for it; with
+    ``act``, ``stats.act`` gets the statistics of the activation that follows."""
     kernel = select(x, weight, bias)
     if kernel is cpu:
-        return cpu.train(x, weight, bias, eps, running, stats)
-    return autograd.train(kernel, x, weight, bias, eps, running, stats)
+        return cpu.train(x, weight, bias, eps, running, stats, act)
+    return autograd.train(kernel, x, weight, bias, eps, running, stats, act)
 
 
 def _fused_cpu(x: Tensor, dtypes: tuple[torch.dtype, ...] = cpu.DTYPES) -> bool:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from bncore.kernels import reference
-from bncore.kernels.reference import Running
+from bncore.kernels.reference import ActivationStats, Running
 from bncore.stats import BNStats
 
 
@@ -30,6 +30,7 @@ class TrainingBatchNorm(torch.autograd.Function):
         running: Running | None,
         stats: BNStats | None,
         kernel: ModuleType,
+        act: ActivationStats | None,
     ) -> Tensor:
         out = kernel.forward(x, weight, bias, eps, running)
         grad = torch.full((4, x.shape[1]), float("nan"), dtype=out.mean.dtype, device=x.device)
@@ -37,7 +38,8 @@ class TrainingBatchNorm(torch.autograd.Function):
         ctx.kernel, ctx.eps, ctx.grad = kernel, eps, grad  # type: ignore[attr-defined]
         ctx.bias_dtype = None if bias is None else bias.dtype  # type: ignore[attr-defined]
         if stats is not None:
-            stats.record(out.mean, out.var, grad)
+            act_stats = None if act is None else reference.activation_stats(out.y, act)
+            stats.record(out.mean, out.var, grad, act_stats)
         return out.y
 
     @staticmethod
@@ -60,7 +62,7 @@ class TrainingBatchNorm(torch.autograd.Function):
                 ctx.grad[3].copy_(g.dx_sq)  # type: ignore[attr-defined]
         dw = _cast(g.sum_dy_xhat, weight.dtype) if need_w else None
         db = _cast(g.sum_dy, ctx.bias_dtype) if need_b else None  # type: ignore[attr-defined]
-        return g.dx if need_dx else None, dw, db, None, None, None, None
+        return g.dx if need_dx else None, dw, db, None, None, None, None, None
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -75,6 +77,7 @@ def train(
     eps: float,
     running: Running | None,
     stats: BNStats | None,
+    act: ActivationStats | None = None,
 ) -> Tensor:
     """Training-mode batch norm with ``kernel``'s forward and backward."""
-    return TrainingBatchNorm.apply(x, weight, bias, eps, running, stats, kernel)
+    return TrainingBatchNorm.apply(x, weight, bias, eps, running, stats, kernel, act)

@@ -144,10 +144,60 @@ inline std::pair<double, double> finish(double s1, double s2, double shift, doub
   return {shift + dm, std::max(s2 / m - dm * dm, 0.0)};
 }
 
+// The activation that follows BN, when the caller wants its statistics from the forward
+// (kAct: 0 none, 1 identity, 2 ReLU): the output is in registers anyway.
+enum Act : int64_t { kNoAct = 0, kIdentity = 1, kRelu = 2 };
+
+// ReLU is written (v + |v|) / 2 in the loops below: exact, and branch-free where a select would
+// leave gcc with scalar code and a mispredicted branch per value.
+
+// Mean, variance and tail fractions of act(y) from raw sums (no shift: y is normalized).
+template <typename T>
+inline void finish_act(const double* sums, double m, int64_t c, int64_t C, T* act) {
+  const double mu = sums[0] / m;
+  act[c] = static_cast<T>(mu);
+  act[C + c] = static_cast<T>(std::max(sums[1] / m - mu * mu, 0.0));
+  act[2 * C + c] = static_cast<T>(sums[2] / m);
+  act[3 * C + c] = static_cast<T>(sums[3] / m);
+}
+
+template <typename T, int64_t kAct>
+void normalize_plane(const T* x, T* y, int64_t N, int64_t C, int64_t L, int64_t c, T scale,
+                     T offset, T lo, T hi, double* sums) {
+  for (int64_t n = 0; n < N; ++n) {
+    const T* p = x + (n * C + c) * L;
+    T* q = y + (n * C + c) * L;
+    if constexpr (kAct == kNoAct) {
+#pragma omp simd
+      for (int64_t l = 0; l < L; ++l) q[l] = p[l] * scale + offset;
+    } else {
+      for (int64_t l0 = 0; l0 < L; l0 += kRun) {
+        const int64_t l1 = std::min(L, l0 + kRun);
+        T a1 = 0, a2 = 0, a3 = 0, a4 = 0;
+#pragma omp simd reduction(+ : a1, a2, a3, a4)
+        for (int64_t l = l0; l < l1; ++l) {
+          const T v = p[l] * scale + offset;
+          q[l] = v;
+          const T a = kAct == kRelu ? (v + std::fabs(v)) * T(0.5) : v;
+          a1 += a;
+          a2 += a * a;
+          a3 += a <= lo ? T(1) : T(0);
+          a4 += a >= hi ? T(1) : T(0);
+        }
+        sums[0] += a1;
+        sums[1] += a2;
+        sums[2] += a3;
+        sums[3] += a4;
+      }
+    }
+  }
+}
+
 template <typename T>
 void forward_planes(const T* x, T* y, int64_t N, int64_t C, int64_t L, const T* w, const T* b,
                     double eps, T* mean, T* var, T* invstd, T* rm, T* rv, double momentum,
-                    double correction, int threads) {
+                    double correction, int threads, int64_t act_kind = kNoAct, T lo = T(0),
+                    T hi = T(0), T* act = nullptr) {
   const int64_t m = N * L;
   const int nt = std::min<int64_t>(pick_threads(m * C, threads), C);
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
@@ -162,21 +212,69 @@ void forward_planes(const T* x, T* y, int64_t N, int64_t C, int64_t L, const T* 
     update_running(rm, rv, c, mu, v, momentum, correction);
     const T scale = static_cast<T>((w ? w[c] : 1.0) * inv);
     const T offset = static_cast<T>((b ? b[c] : 0.0) - mu * scale);
-    for (int64_t n = 0; n < N; ++n) {
-      const T* p = x + (n * C + c) * L;
-      T* q = y + (n * C + c) * L;
+    double act_sums[4] = {0, 0, 0, 0};
+    if (act_kind == kRelu)
+      normalize_plane<T, kRelu>(x, y, N, C, L, c, scale, offset, lo, hi, act_sums);
+    else if (act_kind == kIdentity)
+      normalize_plane<T, kIdentity>(x, y, N, C, L, c, scale, offset, lo, hi, act_sums);
+    else
+      normalize_plane<T, kNoAct>(x, y, N, C, L, c, scale, offset, lo, hi, act_sums);
+    if (act_kind != kNoAct) finish_act(act_sums, static_cast<double>(m), c, C, act);
+  }
+}
+
+// Rows [r0, r1) of y = x * S + O for the columns [c0, c0 + W), adding the sums of act(y)
+// (sum, sum of squares, count <= lo, count >= hi) into sums[0..3][C].
+template <typename T, int64_t kAct, int64_t W>
+inline void normalize_column_block(const T* x, T* y, int64_t r0, int64_t r1, int64_t C,
+                                   int64_t c0, const T* S, const T* O, T lo, T hi,
+                                   double* sums) {
+  T sc[W], of[W];
+  for (int64_t j = 0; j < W; ++j) sc[j] = S[c0 + j], of[j] = O[c0 + j];
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+    T a1[W] = {}, a2[W] = {}, a3[W] = {}, a4[W] = {};
+    const int64_t re = std::min(r1, rb + kRowBlock);
+    for (int64_t r = rb; r < re; ++r) {
+      const T* p = x + r * C + c0;
+      T* q = y + r * C + c0;
 #pragma omp simd
-      for (int64_t l = 0; l < L; ++l) q[l] = p[l] * scale + offset;
+      for (int64_t j = 0; j < W; ++j) {
+        const T v = p[j] * sc[j] + of[j];
+        q[j] = v;
+        const T a = kAct == kRelu ? (v + std::fabs(v)) * T(0.5) : v;
+        a1[j] += a;
+        a2[j] += a * a;
+        a3[j] += a <= lo ? T(1) : T(0);
+        a4[j] += a >= hi ? T(1) : T(0);
+      }
+    }
+    for (int64_t j = 0; j < W; ++j) {
+      sums[c0 + j] += a1[j];
+      sums[C + c0 + j] += a2[j];
+      sums[2 * C + c0 + j] += a3[j];
+      sums[3 * C + c0 + j] += a4[j];
     }
   }
+}
+
+template <typename T, int64_t kAct>
+void normalize_rows_act(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, const T* S,
+                        const T* O, T lo, T hi, double* sums) {
+  int64_t c0 = 0;
+  for (; c0 + kCols <= C; c0 += kCols)
+    normalize_column_block<T, kAct, kCols>(x, y, r0, r1, C, c0, S, O, lo, hi, sums);
+  for (; c0 < C; ++c0)
+    normalize_column_block<T, kAct, 1>(x, y, r0, r1, C, c0, S, O, lo, hi, sums);
 }
 
 template <typename T>
 void forward_rows(const T* x, T* y, int64_t R, int64_t C, const T* w, const T* b, double eps,
                   T* mean, T* var, T* invstd, T* rm, T* rv, double momentum, double correction,
-                  int threads) {
+                  int threads, int64_t act_kind = kNoAct, T lo = T(0), T hi = T(0),
+                  T* act = nullptr) {
   const int nt = std::min<int64_t>(pick_threads(R * C, threads), R);
   std::vector<double> part(static_cast<size_t>(nt) * 2 * C, 0.0);
+  std::vector<double> act_part(act_kind == kNoAct ? 0 : static_cast<size_t>(nt) * 4 * C, 0.0);
   std::vector<T> scale(C), offset(C);
   const T* shift = x;  // the first row
 #pragma omp parallel num_threads(nt) if (nt > 1)
@@ -205,12 +303,30 @@ void forward_rows(const T* x, T* y, int64_t R, int64_t C, const T* w, const T* b
     }
     const T* S = scale.data();
     const T* O = offset.data();
+    if (act_kind == kNoAct) {
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < R; ++r) {
-      const T* p = x + r * C;
-      T* q = y + r * C;
+      for (int64_t r = 0; r < R; ++r) {
+        const T* p = x + r * C;
+        T* q = y + r * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) q[c] = p[c] * S[c] + O[c];
+        for (int64_t c = 0; c < C; ++c) q[c] = p[c] * S[c] + O[c];
+      }
+    } else {
+      // the same rows as the statistics pass, so the partial sums reuse its buffer
+      double* sums = &act_part[static_cast<size_t>(t) * 4 * C];
+      if (act_kind == kRelu)
+        normalize_rows_act<T, kRelu>(x, y, r0, r1, C, S, O, lo, hi, sums);
+      else
+        normalize_rows_act<T, kIdentity>(x, y, r0, r1, C, S, O, lo, hi, sums);
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t c = 0; c < C; ++c) {
+        double tot[4] = {0, 0, 0, 0};
+        for (int k = 0; k < nth; ++k)
+          for (int j = 0; j < 4; ++j)
+            tot[j] += act_part[static_cast<size_t>(k) * 4 * C + j * C + c];
+        finish_act(tot, static_cast<double>(R), c, C, act);
+      }
     }
   }
 }
@@ -476,36 +592,45 @@ void check_param(const optional<Tensor>& t, const Tensor& x, const char* name) {
 Tensor channel_vector(const Tensor& x) { return at::empty({x.size(1)}, x.options()); }
 
 struct ForwardOut {
-  Tensor y, mean, var, invstd;
+  Tensor y, mean, var, invstd, act;
 };
 
-// y and the statistics (mean, var, invstd); moves the running buffers if given.
+// y and the statistics (mean, var, invstd); moves the running buffers if given. With an
+// activation kind (Act), also the (4, C) statistics of act(y): mean, variance, fractions
+// <= act_lo and >= act_hi; else act is an empty tensor.
 ForwardOut forward_impl(const Tensor& x, const optional<Tensor>& w, const optional<Tensor>& b,
                         const optional<Tensor>& rm, const optional<Tensor>& rv, double momentum,
-                        double correction, double eps) {
+                        double correction, double eps, int64_t act_kind = kNoAct,
+                        double act_lo = 0, double act_hi = 0) {
+  TORCH_CHECK(act_kind >= kNoAct && act_kind <= kRelu, "bncore: unknown activation kind ",
+              act_kind);
   TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "bncore: CPU input of shape (N, C, ...)");
   for (auto [t, name] : {std::pair{&w, "weight"}, {&b, "bias"}, {&rm, "running_mean"},
                          {&rv, "running_var"}})
     check_param(*t, x, name);
   const Shape s = shape_of(x);
-  ForwardOut o{at::empty_like(x), channel_vector(x), channel_vector(x), channel_vector(x)};
+  ForwardOut o{at::empty_like(x), channel_vector(x), channel_vector(x), channel_vector(x),
+               at::empty({act_kind == kNoAct ? 0 : 4 * s.c}, x.options())};
   const int threads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bncore_forward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = o.y.mutable_data_ptr<scalar_t>();
     scalar_t *mp = o.mean.mutable_data_ptr<scalar_t>(), *vp = o.var.mutable_data_ptr<scalar_t>(),
              *ip = o.invstd.mutable_data_ptr<scalar_t>();
+    scalar_t* ap = act_kind == kNoAct ? nullptr : o.act.mutable_data_ptr<scalar_t>();
+    const auto lo = static_cast<scalar_t>(act_lo), hi = static_cast<scalar_t>(act_hi);
     if (s.rows)
       forward_rows<scalar_t>(xp, yp, s.n * s.l, s.c, ptr_or_null<scalar_t>(w),
                              ptr_or_null<scalar_t>(b), eps, mp, vp, ip,
                              mut_ptr_or_null<scalar_t>(rm), mut_ptr_or_null<scalar_t>(rv),
-                             momentum, correction, threads);
+                             momentum, correction, threads, act_kind, lo, hi, ap);
     else
       forward_planes<scalar_t>(xp, yp, s.n, s.c, s.l, ptr_or_null<scalar_t>(w),
                                ptr_or_null<scalar_t>(b), eps, mp, vp, ip,
                                mut_ptr_or_null<scalar_t>(rm), mut_ptr_or_null<scalar_t>(rv),
-                               momentum, correction, threads);
+                               momentum, correction, threads, act_kind, lo, hi, ap);
   });
+  if (act_kind != kNoAct) o.act = o.act.view({4, s.c});
   return o;
 }
 
@@ -701,22 +826,26 @@ std::tuple<Tensor, Tensor> bn_backward(const Tensor& dy, const Tensor& x, const 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// Training-mode batch norm with its backward; returns (y, mean, var, grad_stats) where
-// grad_stats (4 x C: sum_dy_xhat, sum_dy, dy_sq, dx_sq) is NaN until the backward fills it.
+// Training-mode batch norm with its backward; returns (y, mean, var, grad_stats, act_stats)
+// where grad_stats (4 x C: sum_dy_xhat, sum_dy, dy_sq, dx_sq) is NaN until the backward fills
+// it, and act_stats the statistics of the activation that follows (see forward_impl).
 struct TrainingBatchNorm : public torch::autograd::Function<TrainingBatchNorm> {
+  static constexpr size_t kInputs = 11;
+
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& w,
                                const optional<Tensor>& b, const optional<Tensor>& rm,
                                const optional<Tensor>& rv, double momentum, double correction,
-                               double eps) {
-    ForwardOut o = forward_impl(x, w, b, rm, rv, momentum, correction, eps);
+                               double eps, int64_t act_kind, double act_lo, double act_hi) {
+    ForwardOut o =
+        forward_impl(x, w, b, rm, rv, momentum, correction, eps, act_kind, act_lo, act_hi);
     Tensor grad_stats = nan_sums(x);
     ctx->save_for_backward({x, w.value_or(Tensor()), o.mean, o.invstd});
     ctx->saved_data["grad_stats"] = grad_stats;  // written in place, so not version-checked
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = b.has_value() && b->defined();
-    ctx->mark_non_differentiable({o.mean, o.var, grad_stats});
+    ctx->mark_non_differentiable({o.mean, o.var, grad_stats, o.act});
     ctx->set_materialize_grads(false);
-    return {o.y, o.mean, o.var, grad_stats};
+    return {o.y, o.mean, o.var, grad_stats, o.act};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -728,7 +857,7 @@ struct TrainingBatchNorm : public torch::autograd::Function<TrainingBatchNorm> {
     const bool need_dx = ctx->needs_input_grad(0);
     const bool need_w = w.defined() && ctx->needs_input_grad(edge++);
     const bool need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(edge++);
-    variable_list out(8);
+    variable_list out(kInputs);
     if (!grads[0].defined()) return out;
     const optional<Tensor> w_opt = w.defined() ? optional<Tensor>(w) : std::nullopt;
     Tensor dx, sum_dy_xhat, sum_dy;
@@ -762,12 +891,13 @@ struct TrainingBatchNorm : public torch::autograd::Function<TrainingBatchNorm> {
   }
 };
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> batch_norm_train(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_train(
     const Tensor& x, const optional<Tensor>& w, const optional<Tensor>& b,
     const optional<Tensor>& rm, const optional<Tensor>& rv, double momentum, double correction,
-    double eps) {
-  auto out = TrainingBatchNorm::apply(x, w, b, rm, rv, momentum, correction, eps);
-  return {out[0], out[1], out[2], out[3]};
+    double eps, int64_t act_kind, double act_lo, double act_hi) {
+  auto out = TrainingBatchNorm::apply(x, w, b, rm, rv, momentum, correction, eps, act_kind,
+                                      act_lo, act_hi);
+  return {out[0], out[1], out[2], out[3], out[4]};
 }
 
 }  // namespace
@@ -782,8 +912,8 @@ TORCH_LIBRARY(bncore, m) {
       "-> (Tensor, Tensor)");
   m.def(
       "batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
-      "Tensor(b!)? running_var, float momentum, float correction, float eps) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor(b!)? running_var, float momentum, float correction, float eps, int act=0, "
+      "float act_lo=0, float act_hi=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("channel_moments(Tensor x, float lo, float hi) -> Tensor");
   m.def(
       "record_row(Tensor(a!) out, Tensor[] tensors, int[] kinds, float[] lo, float[] hi, "

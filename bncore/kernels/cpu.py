@@ -25,7 +25,7 @@ from torch.utils import cpp_extension
 
 from bncore.cache import cache_dirs
 from bncore.kernels import reference
-from bncore.kernels.reference import Backward, Forward, Running
+from bncore.kernels.reference import ActivationStats, Backward, Forward, Running
 from bncore.stats import BNStats
 
 log = logging.getLogger(__name__)
@@ -243,13 +243,17 @@ def train(
     eps: float,
     running: Running | None,
     stats: BNStats | None,
+    act: ActivationStats | None = None,
 ) -> Tensor:
     """Training-mode batch norm through the C++ autograd operator; records into ``stats``."""
     args = _running_args(x, running)
-    y, mean, var, grad_stats = torch.ops.bncore.batch_norm_train(x, weight, bias, *args, eps)
+    kind, lo, hi = act if act is not None else (0, 0.0, 0.0)
+    y, mean, var, grad_stats, act_stats = torch.ops.bncore.batch_norm_train(
+        x, weight, bias, *args, eps, kind, lo, hi
+    )
     _leftover_running(x, running, args, mean, var)
     if stats is not None:
-        stats.record(mean, var, grad_stats)
+        stats.record(mean, var, grad_stats, act_stats if act is not None else None)
     return y
 
 

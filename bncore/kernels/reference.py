@@ -46,6 +46,25 @@ class Running(NamedTuple):
     unbiased: bool = True
 
 
+class ActivationStats(NamedTuple):
+    """Ask a training forward for the statistics of the activation that follows it:
+    ``kind`` (IDENTITY or RELU) and the thresholds of :func:`channel_moments`."""
+
+    kind: int
+    lo: float
+    hi: float
+
+
+#: Activation kinds a forward can take statistics of (bn_cpu.cpp uses the same numbers).
+IDENTITY, RELU = 1, 2
+
+
+def activation_stats(y: Tensor, act: ActivationStats) -> Tensor:
+    """:func:`channel_moments` of act(y), the reference for what the fused forward returns."""
+    a = torch.relu(y) if act.kind == RELU else y
+    return channel_moments(a, act.lo, act.hi)
+
+
 class Forward(NamedTuple):
     """What a training-mode forward produces; statistics are per channel, in float32 or wider."""
 
