@@ -221,6 +221,7 @@ class Trainer:
             rec.evals = _eval_table(evals)
             if any(rec.tables().values()):
                 sink.write(rec)
+            self.recorder.close()
         if status == "completed":
             final = {k: v for k, v in self.evaluate().items() if k != "step"}
         summary = {

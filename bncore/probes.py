@@ -5,8 +5,9 @@ positions during the forward (see bncore.models.Block). What BN already computed
 its batch statistics, its parameters and buffers, and the (4, C) gradient sums its backward fills.
 Its output statistics follow exactly from those (mean = beta, var = gamma^2 var/(var + eps)), so
 they cost nothing either. Where a ReLU or no nonlinearity follows BN, BN also measures the
-activation in its normalize pass, with its output still in registers. What is left (other
-activations, the weights' gradient norms) is measured after the backward, in the single call that
+activation in its normalize pass, with its output still in registers; each weight's gradient
+norm is taken by a C++ hook the moment the backward produces it. What is left (other
+activations; everything, off the CPU) is measured after the backward, in the single call that
 writes the step's row. Without BN, the norm positions are measured the same way and the gradient
 there is summed by a hook.
 
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from bncore import kernels
+from bncore.kernels import cpu
 from bncore.kernels.reference import (
     COPY,
     IDENTITY,
@@ -98,6 +100,15 @@ class Recorder:
         self.buffer = torch.empty(0, device=device)  # (capacity, width) rows, one per step
         self._write = kernels.record_row_fn(self.buffer)
         self.weights = [s.block.layer.weight for s in self.slots]
+        # weight-gradient norms: written by C++ hooks during the backward where possible
+        self.grad_norms = torch.full((len(self.slots),), math.nan, device=device)
+        self._flag = torch.zeros(1, dtype=torch.long)
+        self._watches: list[tuple[Tensor, int]] = []
+        if self._write is cpu.record_row:
+            self._watches = [
+                (w, int(torch.ops.bncore.watch_grad_norm(w, self.grad_norms, i, self._flag)))
+                for i, w in enumerate(self.weights)
+            ]
         self.pending_steps: list[int] = []
         self.recorded = 0  # steps recorded so far, for channel_interval
         self.armed = False
@@ -116,6 +127,7 @@ class Recorder:
                 object.__setattr__(s.block, "probe", self if on else None)
                 if s.act_spec is not None:
                     object.__setattr__(s.norm, "record_activation", s.act_spec if on else None)
+            self._flag.fill_(int(on))
             self.armed = on
         if on:
             self._tensors, self._kinds, self._lo, self._hi = [], [], [], []
@@ -170,13 +182,25 @@ class Recorder:
         """After the backward, before the optimizer step: record this step's row."""
         for i, slot in self._grad_slots:
             self._tensors[i] = slot.grad.reshape(-1) if slot.grad is not None else slot.nan4
-        self._add([w.grad if w.grad is not None else w.new_zeros(1) for w in self.weights], NORM)
+        if self._watches:
+            self._add([self.grad_norms], COPY)
+        else:
+            self._add(
+                [w.grad if w.grad is not None else w.new_zeros(1) for w in self.weights], NORM
+            )
         width = sum(s.width() for s in self.slots) + len(self.slots)
         row = len(self.pending_steps)
         if row >= self.buffer.shape[0] or self.buffer.shape[1] != width:
             self._grow(width)
         self._write(self.buffer[row], self._tensors, self._kinds, self._lo, self._hi, self._index)
+        self.grad_norms.fill_(math.nan)
         self.pending_steps.append(step)
+
+    def close(self) -> None:
+        """Detach the gradient hooks from the model."""
+        for weight, handle in self._watches:
+            torch.ops.bncore.unwatch_grad_norm(weight, handle)
+        self._watches = []
 
     def _grow(self, width: int) -> None:
         rows = len(self.pending_steps)

@@ -717,6 +717,46 @@ Tensor channel_moments(const Tensor& x, double lo, double hi) {
   return out;
 }
 
+// L2 norm of a contiguous float buffer (double accumulation across runs).
+double l2_norm(const float* p, int64_t m, int threads) {
+  double total = 0;
+#pragma omp parallel for reduction(+ : total) num_threads(pick_threads(m, threads)) if (m > kSerialWork)
+  for (int64_t b0 = 0; b0 < m; b0 += kRun) {
+    const int64_t b1 = std::min(m, b0 + kRun);
+    float a = 0;
+#pragma omp simd reduction(+ : a)
+    for (int64_t j = b0; j < b1; ++j) a += p[j] * p[j];
+    total += a;
+  }
+  return std::sqrt(total);
+}
+
+// Registers a hook on `weight` that, while flag[0] != 0, writes the L2 norm of each gradient
+// the backward computes for it into out[index]: taken the moment the gradient exists, so it is
+// still in cache, and with no Python in the backward. Returns the hook's handle for unwatch.
+int64_t watch_grad_norm(const Tensor& weight, const Tensor& out, int64_t index,
+                        const Tensor& flag) {
+  TORCH_CHECK(weight.requires_grad(), "bncore: watch_grad_norm needs a tensor that requires grad");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.device().is_cpu() &&
+                  index >= 0 && index < out.numel(),
+              "bncore: watch_grad_norm writes into a contiguous float32 CPU vector");
+  TORCH_CHECK(flag.scalar_type() == at::kLong && flag.numel() == 1 && flag.device().is_cpu(),
+              "bncore: watch_grad_norm's flag is a one-element int64 CPU tensor");
+  Tensor o = out, f = flag;  // held by the hook
+  return weight.register_hook([o, f, index](const at::TensorBase& grad) {
+    if (f.const_data_ptr<int64_t>()[0] == 0 || !grad.defined() || !grad.device().is_cpu() ||
+        grad.scalar_type() != at::kFloat)
+      return;
+    const Tensor g = Tensor(grad).contiguous();
+    o.mutable_data_ptr<float>()[index] =
+        static_cast<float>(l2_norm(g.const_data_ptr<float>(), g.numel(), at::get_num_threads()));
+  });
+}
+
+void unwatch_grad_norm(const Tensor& weight, int64_t handle) {
+  weight.remove_hook(static_cast<unsigned>(handle));
+}
+
 // One recorded step, written into `out` (float32, 1-d) piece after piece, so a training step
 // records everything with a single call. Piece kinds:
 //   0 copy      the tensor's values (contiguous order)
@@ -783,18 +823,7 @@ void record_row(const Tensor& out, at::TensorList tensors, at::IntArrayRef kinds
         n = 1;
         TORCH_CHECK(o + 1 <= end, "bncore: record_row overflows its row");
         Tensor c = t.contiguous();
-        const float* p = c.const_data_ptr<float>();
-        const int64_t m = c.numel();
-        double total = 0;
-#pragma omp parallel for reduction(+ : total) num_threads(pick_threads(m, threads)) if (m > kSerialWork)
-        for (int64_t b0 = 0; b0 < m; b0 += kRun) {
-          const int64_t b1 = std::min(m, b0 + kRun);
-          float a = 0;
-#pragma omp simd reduction(+ : a)
-          for (int64_t j = b0; j < b1; ++j) a += p[j] * p[j];
-          total += a;
-        }
-        *o = static_cast<float>(std::sqrt(total));
+        *o = static_cast<float>(l2_norm(c.const_data_ptr<float>(), c.numel(), threads));
         break;
       }
       default:
@@ -915,6 +944,8 @@ TORCH_LIBRARY(bncore, m) {
       "Tensor(b!)? running_var, float momentum, float correction, float eps, int act=0, "
       "float act_lo=0, float act_hi=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("channel_moments(Tensor x, float lo, float hi) -> Tensor");
+  m.def("watch_grad_norm(Tensor weight, Tensor(a!) out, int index, Tensor flag) -> int");
+  m.def("unwatch_grad_norm(Tensor weight, int handle) -> ()");
   m.def(
       "record_row(Tensor(a!) out, Tensor[] tensors, int[] kinds, float[] lo, float[] hi, "
       "Tensor[] index, int threads=0) -> ()");
@@ -928,6 +959,8 @@ TORCH_LIBRARY_IMPL(bncore, CPU, m) {
   m.impl("backward", &bn_backward);
   m.impl("channel_moments", &channel_moments);
   m.impl("record_row", &record_row);
+  m.impl("watch_grad_norm", &watch_grad_norm);
+  m.impl("unwatch_grad_norm", &unwatch_grad_norm);
   m.impl("batch_norm_train", &batch_norm_train);
 }
 
