@@ -103,9 +103,15 @@ def test_gradient_sums_survive_gradient_accumulation(kernel: str):
     torch.testing.assert_close(layer.bias.grad, torch.full((3,), 40.0))
 
 
-@pytest.mark.parametrize("shape,channels_last", [
-    ((128, 32), False), ((6, 5, 70), False), ((8, 6, 5, 5), True), ((3, 4, 5000), False),
-])
+@pytest.mark.parametrize(
+    "shape,channels_last",
+    [
+        ((128, 32), False),
+        ((6, 5, 70), False),
+        ((8, 6, 5, 5), True),
+        ((3, 4, 5000), False),
+    ],
+)
 @pytest.mark.parametrize("kind", [1, 2])
 def test_activation_statistics_from_the_forward(kernel: str, shape, channels_last, kind):
     """Asked to, BN measures the ReLU (or identity) that follows, in its normalize pass."""
