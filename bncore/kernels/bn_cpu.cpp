@@ -99,43 +99,44 @@ template <typename T, bool kTails, int64_t W>
 inline void column_block_sums(const T* x, int64_t r0, int64_t r1, int64_t C, int64_t c0,
                               const T* shift, T lo, T hi, double* s1, double* s2, double* nlo,
                               double* nhi) {
-  T sh[W];
+  T sh[W], a1[W] = {}, a2[W] = {}, a3[W] = {}, a4[W] = {};
   for (int64_t j = 0; j < W; ++j) sh[j] = shift[c0 + j];
-  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
-    T a1[W] = {}, a2[W] = {}, a3[W] = {}, a4[W] = {};
-    const int64_t re = std::min(r1, rb + kRowBlock);
-    for (int64_t r = rb; r < re; ++r) {
-      const T* p = x + r * C + c0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* p = x + r * C + c0;
 #pragma omp simd
-      for (int64_t j = 0; j < W; ++j) {
-        const T d = p[j] - sh[j];
-        a1[j] += d;
-        a2[j] += d * d;
-        if constexpr (kTails) {
-          a3[j] += p[j] <= lo ? T(1) : T(0);
-          a4[j] += p[j] >= hi ? T(1) : T(0);
-        }
+    for (int64_t j = 0; j < W; ++j) {
+      const T d = p[j] - sh[j];
+      a1[j] += d;
+      a2[j] += d * d;
+      if constexpr (kTails) {
+        a3[j] += p[j] <= lo ? T(1) : T(0);
+        a4[j] += p[j] >= hi ? T(1) : T(0);
       }
     }
-    for (int64_t j = 0; j < W; ++j) {
-      s1[c0 + j] += a1[j];
-      s2[c0 + j] += a2[j];
-      if constexpr (kTails) {
-        nlo[c0 + j] += a3[j];
-        nhi[c0 + j] += a4[j];
-      }
+  }
+  for (int64_t j = 0; j < W; ++j) {
+    s1[c0 + j] += a1[j];
+    s2[c0 + j] += a2[j];
+    if constexpr (kTails) {
+      nlo[c0 + j] += a3[j];
+      nhi[c0 + j] += a4[j];
     }
   }
 }
 
+// Row blocks outside, column blocks inside: a block of rows stays in cache while its columns
+// are summed, and each column block's partial sums stay in registers over the block's rows.
 template <typename T, bool kTails>
 void row_sums(const T* x, int64_t r0, int64_t r1, int64_t C, const T* shift, T lo, T hi,
               double* s1, double* s2, double* nlo, double* nhi) {
-  int64_t c0 = 0;
-  for (; c0 + kCols <= C; c0 += kCols)
-    column_block_sums<T, kTails, kCols>(x, r0, r1, C, c0, shift, lo, hi, s1, s2, nlo, nhi);
-  for (; c0 < C; ++c0)  // the last few columns, one at a time
-    column_block_sums<T, kTails, 1>(x, r0, r1, C, c0, shift, lo, hi, s1, s2, nlo, nhi);
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+    const int64_t re = std::min(r1, rb + kRowBlock);
+    int64_t c0 = 0;
+    for (; c0 + kCols <= C; c0 += kCols)
+      column_block_sums<T, kTails, kCols>(x, rb, re, C, c0, shift, lo, hi, s1, s2, nlo, nhi);
+    for (; c0 < C; ++c0)  // the last few columns, one at a time
+      column_block_sums<T, kTails, 1>(x, rb, re, C, c0, shift, lo, hi, s1, s2, nlo, nhi);
+  }
 }
 
 // Mean and biased variance from shifted sums over m values.
@@ -229,42 +230,41 @@ template <typename T, int64_t kAct, int64_t W>
 inline void normalize_column_block(const T* x, T* y, int64_t r0, int64_t r1, int64_t C,
                                    int64_t c0, const T* S, const T* O, T lo, T hi,
                                    double* sums) {
-  T sc[W], of[W];
+  T sc[W], of[W], a1[W] = {}, a2[W] = {}, a3[W] = {}, a4[W] = {};
   for (int64_t j = 0; j < W; ++j) sc[j] = S[c0 + j], of[j] = O[c0 + j];
-  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
-    T a1[W] = {}, a2[W] = {}, a3[W] = {}, a4[W] = {};
-    const int64_t re = std::min(r1, rb + kRowBlock);
-    for (int64_t r = rb; r < re; ++r) {
-      const T* p = x + r * C + c0;
-      T* q = y + r * C + c0;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* p = x + r * C + c0;
+    T* q = y + r * C + c0;
 #pragma omp simd
-      for (int64_t j = 0; j < W; ++j) {
-        const T v = p[j] * sc[j] + of[j];
-        q[j] = v;
-        const T a = kAct == kRelu ? (v + std::fabs(v)) * T(0.5) : v;
-        a1[j] += a;
-        a2[j] += a * a;
-        a3[j] += a <= lo ? T(1) : T(0);
-        a4[j] += a >= hi ? T(1) : T(0);
-      }
-    }
     for (int64_t j = 0; j < W; ++j) {
-      sums[c0 + j] += a1[j];
-      sums[C + c0 + j] += a2[j];
-      sums[2 * C + c0 + j] += a3[j];
-      sums[3 * C + c0 + j] += a4[j];
+      const T v = p[j] * sc[j] + of[j];
+      q[j] = v;
+      const T a = kAct == kRelu ? (v + std::fabs(v)) * T(0.5) : v;
+      a1[j] += a;
+      a2[j] += a * a;
+      a3[j] += a <= lo ? T(1) : T(0);
+      a4[j] += a >= hi ? T(1) : T(0);
     }
+  }
+  for (int64_t j = 0; j < W; ++j) {
+    sums[c0 + j] += a1[j];
+    sums[C + c0 + j] += a2[j];
+    sums[2 * C + c0 + j] += a3[j];
+    sums[3 * C + c0 + j] += a4[j];
   }
 }
 
 template <typename T, int64_t kAct>
 void normalize_rows_act(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, const T* S,
                         const T* O, T lo, T hi, double* sums) {
-  int64_t c0 = 0;
-  for (; c0 + kCols <= C; c0 += kCols)
-    normalize_column_block<T, kAct, kCols>(x, y, r0, r1, C, c0, S, O, lo, hi, sums);
-  for (; c0 < C; ++c0)
-    normalize_column_block<T, kAct, 1>(x, y, r0, r1, C, c0, S, O, lo, hi, sums);
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+    const int64_t re = std::min(r1, rb + kRowBlock);
+    int64_t c0 = 0;
+    for (; c0 + kCols <= C; c0 += kCols)
+      normalize_column_block<T, kAct, kCols>(x, y, rb, re, C, c0, S, O, lo, hi, sums);
+    for (; c0 < C; ++c0)
+      normalize_column_block<T, kAct, 1>(x, y, rb, re, C, c0, S, O, lo, hi, sums);
+  }
 }
 
 template <typename T>
