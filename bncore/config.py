@@ -29,7 +29,7 @@ __all__ = [
 SPATIAL_DATASETS = ("mnist1d", "digits", "mnist", "fashion_mnist", "cifar10")
 FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 MAX_PARAMETERS = 50_000_000
-MAX_RECORDED_VALUES = 2_000_000_000  # per-channel values kept over a run (about 8 GB as float32)
+MAX_RECORDED_VALUES = 500_000_000  # per-channel values kept over a run (2 GB as float32)
 
 KERAS_DEFAULTS = {"momentum": 0.99, "eps": 1e-3}
 PYTORCH_DEFAULTS = {"momentum": 0.1, "eps": 1e-5}

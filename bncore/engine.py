@@ -77,7 +77,12 @@ class Trainer:
         self._cursor = 0
         self.step_count = 0
         self._losses: list[Tensor] = []
-        self._step_rows: dict[str, list[float]] = {"step": [], "lr": [], "step_time": []}
+        self._step_rows: dict[str, list[float]] = {
+            "step": [],
+            "lr": [],
+            "step_time": [],
+            "time": [],
+        }
         n = min(len(self.data.x_train), config.batch_size)
         self.probe_batch = self.data.x_train[:n]
 
@@ -114,6 +119,7 @@ class Trainer:
         self._step_rows["step"].append(self.step_count)
         self._step_rows["lr"].append(self.optimizer.param_groups[0]["lr"])
         self._step_rows["step_time"].append(time.perf_counter() - t0)
+        self._step_rows["time"].append(time.time())
 
     def flush(self) -> Records:
         """Pending records to the host: one transfer for the losses, one for the statistics."""
@@ -124,6 +130,7 @@ class Trainer:
                 "loss": torch.stack(self._losses).float().cpu().numpy(),
                 "lr": np.asarray(self._step_rows["lr"], dtype=np.float32),
                 "step_time": np.asarray(self._step_rows["step_time"], dtype=np.float32),
+                "time": np.asarray(self._step_rows["time"], dtype=np.float64),
             }
             self._losses = []
             self._step_rows = {k: [] for k in self._step_rows}

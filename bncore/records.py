@@ -3,7 +3,8 @@
 Four tables, each a dict of equal-length numpy columns (Parquet files in ``bnscope train --out``):
 
 ``steps`` (one row per training step)
-    step, loss, lr, step_time (seconds, as seen by the host)
+    step, loss, lr, step_time (seconds, as seen by the host), time (wall clock at the step's end,
+    Unix seconds)
 
 ``layers`` (one row per recorded step and block; ``layer`` is the block's name)
     pre_mean, pre_mean_abs, pre_var, pre_var_min, pre_var_max
@@ -41,6 +42,7 @@ Four tables, each a dict of equal-length numpy columns (Parquet files in ``bnsco
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,6 +59,16 @@ CHANNEL_COLUMNS = (
 )  # fmt: skip
 
 Table = dict[str, np.ndarray]
+
+STEP_COLUMNS = ("loss", "lr", "step_time", "time")
+EVAL_COLUMNS = ("train_loss", "train_acc", "test_loss", "test_acc", "mode_gap")
+LAYER_COLUMNS = (
+    "pre_mean", "pre_mean_abs", "pre_var", "pre_var_min", "pre_var_max", "post_mean", "post_var",
+    "act_mean", "act_var", "act_saturated", "act_dead", "running_mean_gap", "running_var_gap",
+    "gamma", "beta", "gamma_grad_norm", "beta_grad_norm", "grad_out_norm", "grad_in_norm",
+    "weight_grad_norm",
+)  # fmt: skip
+PERCENTILE_COLUMN = re.compile(r"p(15|50|85)_\d+")
 
 
 @dataclass

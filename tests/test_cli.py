@@ -14,7 +14,7 @@ from bncore.records import read_parquet
 
 def _bnscope(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "bncore.cli", *args],
+        [sys.executable, "-m", "bnscope.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

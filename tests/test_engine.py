@@ -220,6 +220,17 @@ def test_saturation_of_sigmoid_units():
     assert ((sat >= 0) & (sat <= 1)).all()
 
 
+def test_columns_are_the_documented_ones():
+    from bncore.records import EVAL_COLUMNS, LAYER_COLUMNS, PERCENTILE_COLUMN, STEP_COLUMNS
+
+    rec = train(_cfg(steps=5, eval_interval=5)).records
+    assert set(rec.steps) == {"step", *STEP_COLUMNS}
+    assert set(rec.evals) == {"step", *EVAL_COLUMNS}
+    extra = set(rec.layers) - {"step", "layer", *LAYER_COLUMNS}
+    assert extra and all(PERCENTILE_COLUMN.fullmatch(c) for c in extra)
+    assert set(LAYER_COLUMNS) <= set(rec.layers)
+
+
 def test_intervals():
     rec = train(_cfg(steps=40, stats_interval=5, channel_interval=3)).records
     assert len(rec.steps["step"]) == 40
@@ -235,7 +246,7 @@ def test_a_seed_reproduces_a_run():
     c = train(_cfg(steps=30, seed=4)).records
     for table in ("steps", "layers", "channels", "evals"):
         for col, values in getattr(a, table).items():
-            if col == "step_time":
+            if col in ("step_time", "time"):
                 continue
             np.testing.assert_array_equal(values, getattr(b, table)[col], err_msg=col)
     assert not np.array_equal(a.steps["loss"], c.steps["loss"])

@@ -82,6 +82,43 @@ def _train(args: argparse.Namespace) -> int:
     return EXIT_DIVERGED if result.status == "diverged" else EXIT_OK
 
 
+def _serve(args: argparse.Namespace) -> int:
+    """Start the server: REST API, live stream and dashboard, on one port."""
+    from pydantic import ValidationError
+
+    from server.app import serve
+    from server.settings import Settings
+
+    given = {
+        k: v
+        for k, v in (
+            ("host", args.host),
+            ("port", args.port),
+            ("data_dir", args.data_dir),
+            ("token", args.token),
+            ("max_runs", args.max_runs),
+            ("database_url", args.database_url),
+            ("cors_origins", args.cors_origin or None),
+        )
+        if v is not None
+    }
+    try:
+        settings = Settings(**given)
+    except ValidationError as exc:
+        for e in exc.errors():
+            print(f"bnscope serve: --{'-'.join(map(str, e['loc']))}: {e['msg']}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        serve(settings, log_level=args.log_level)
+    except OSError as exc:
+        print(
+            f"bnscope serve: cannot listen on {settings.host}:{settings.port}: {exc}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="bnscope",
@@ -112,6 +149,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
+    serve = sub.add_parser(
+        "serve",
+        help=_serve.__doc__,
+        description=_serve.__doc__ + " Every flag can also be set "
+        "as an environment variable BNSCOPE_<NAME> (BNSCOPE_TOKEN, BNSCOPE_DATA_DIR, ...).",
+    )
+    serve.add_argument("--host", help="interface (default 127.0.0.1; 0.0.0.0 for all)")
+    serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
+    serve.add_argument("--data-dir", help="where runs are stored (default ./bnscope-data)")
+    serve.add_argument("--database-url", help="SQLAlchemy URL instead of SQLite in --data-dir")
+    serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on changes")
+    serve.add_argument("--max-runs", type=int, help="runs training at once (default: cores/2)")
+    serve.add_argument("--cors-origin", action="append", help="allow this origin (repeatable)")
+    serve.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(func=_serve)
     return parser
 
 

@@ -1,0 +1,147 @@
+"""Runs waiting, runs training: each in its own process, at most ``max_runs`` at once.
+
+The scheduler starts queued runs as slots free up, cancels (a flag the worker checks every step,
+then a kill if it does not stop), and watches its workers: one that dies without reporting how
+its run ended leaves the run "failed", with its records kept and the server untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import multiprocessing as mp
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from server import worker
+from server.settings import Settings
+from server.store import Store
+
+log = logging.getLogger(__name__)
+POLL = 0.1  # seconds between looks at the queue and the workers
+KILL_AFTER = 5.0  # seconds a cancelled worker gets to stop by itself
+
+
+@dataclass
+class _Worker:
+    process: Any  # multiprocessing process (spawn context)
+    cancel: Any  # multiprocessing Event
+    cancelled_at: float | None = None
+
+
+class Scheduler:
+    def __init__(self, store: Store, settings: Settings, on_status: Callable[[str], None]) -> None:
+        self.store, self.settings, self.on_status = store, settings, on_status
+        self.queue: deque[str] = deque()
+        self.running: dict[str, _Worker] = {}
+        self._ctx = mp.get_context("spawn")
+        self._task: asyncio.Task | None = None
+        self.api_url = settings.public_url
+
+    def start(self, api_url: str) -> None:
+        self.api_url = self.settings.public_url or api_url
+        self.queue.extend(self.store.recover())
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for run_id, w in list(self.running.items()):
+            if self.store.finish_run(
+                run_id,
+                "interrupted",
+                message="the server shut down while this run was training; its records are kept",
+            ):
+                self.on_status(run_id)
+            w.cancel.set()
+        deadline = time.monotonic() + KILL_AFTER
+        for run_id, w in list(self.running.items()):
+            w.process.join(max(0.0, deadline - time.monotonic()))
+            if w.process.is_alive():
+                w.process.kill()
+            self._reap(run_id, w)
+
+    def submit(self, run_id: str) -> None:
+        self.queue.append(run_id)
+
+    def position(self, run_id: str) -> int | None:
+        """Place in the queue (0: next), None if not queued."""
+        try:
+            return self.queue.index(run_id)
+        except ValueError:
+            return None
+
+    def cancel(self, run_id: str) -> bool:
+        """Cancel a queued or running run; False if it is neither."""
+        if run_id in self.queue:
+            self.queue.remove(run_id)
+            if self.store.finish_run(run_id, "cancelled", message="cancelled before it started"):
+                self.on_status(run_id)
+            return True
+        w = self.running.get(run_id)
+        if w is None:
+            return False
+        w.cancel.set()
+        w.cancelled_at = w.cancelled_at or time.monotonic()
+        return True
+
+    def worker_pid(self, run_id: str) -> int | None:
+        w = self.running.get(run_id)
+        return w.process.pid if w is not None else None
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self._tick()
+            except Exception:  # the scheduler must outlive any one run's trouble
+                log.exception("scheduler tick failed")
+            await asyncio.sleep(POLL)
+
+    def _tick(self) -> None:
+        for run_id, w in list(self.running.items()):
+            if not w.process.is_alive():
+                self._reap(run_id, w)
+            elif w.cancelled_at and time.monotonic() - w.cancelled_at > KILL_AFTER:
+                w.process.kill()
+        while self.queue and len(self.running) < self.settings.max_runs:
+            self._launch(self.queue.popleft())
+
+    def _launch(self, run_id: str) -> None:
+        run = self.store.get_run(run_id)
+        if run is None or run["status"] != "queued":
+            return
+        cancel = self._ctx.Event()
+        config_json = json.dumps(run["config"])
+        process = self._ctx.Process(
+            target=worker.main,
+            name=f"bnscope-run-{run_id}",
+            daemon=True,
+            args=(
+                run_id,
+                config_json,
+                self.api_url,
+                self.settings.token,
+                self.settings.threads_per_run(),
+                cancel,
+            ),
+        )
+        process.start()
+        self.running[run_id] = _Worker(process, cancel)
+        self.store.update_run(run_id, pid=process.pid)
+
+    def _reap(self, run_id: str, w: _Worker) -> None:
+        self.running.pop(run_id, None)
+        code = w.process.exitcode
+        if w.cancelled_at is not None:
+            status, message = "cancelled", "cancelled while training"
+        else:
+            status = "failed"
+            message = f"the worker process ended with exit code {code} before reporting a result"
+            if code is not None and code < 0:
+                message = f"the worker process was killed (signal {-code})"
+        if self.store.finish_run(run_id, status, message=message):
+            self.on_status(run_id)

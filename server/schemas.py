@@ -1,0 +1,110 @@
+"""What the API takes and returns, beyond bncore's RunConfig (the body of POST /api/runs)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Status = Literal["queued", "running", "completed", "diverged", "failed", "cancelled", "interrupted"]
+
+
+class Links(BaseModel):
+    self: str
+    layers: str
+    metrics: str
+    channels: str
+    stream: str
+    export: str
+    cancel: str
+
+
+class RunOut(BaseModel):
+    """A run: what it is, how far it got, where its records are."""
+
+    id: str
+    name: str | None
+    status: Status
+    source: Literal["server", "client"]
+    sweep_id: str | None
+    config: dict[str, Any] | None
+    meta: dict[str, Any] | None
+    final: dict[str, Any] | None
+    message: str | None
+    steps_done: int
+    steps_total: int | None
+    queue_position: int | None = None
+    pid: int | None = Field(None, description="the worker process, while training")
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    links: Links
+
+
+class RunList(BaseModel):
+    items: list[RunOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class ClientRunCreate(BaseModel):
+    """A run trained by the caller's own script, which streams its records in (bnscope.client)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, max_length=200)
+    meta: dict[str, Any] = Field(
+        default_factory=dict, description="layers, channels and anything to show with it"
+    )
+    steps_total: int | None = Field(None, ge=1, le=100_000_000)
+
+
+class StatusUpdate(BaseModel):
+    """How a run is doing, as its worker (or client) reports it."""
+
+    model_config = ConfigDict(extra="forbid")
+    status: Literal["running", "completed", "diverged", "failed", "cancelled"]
+    message: str | None = Field(None, max_length=10_000)
+    final: dict[str, Any] | None = None
+    meta: dict[str, Any] | None = None
+    steps_done: int | None = Field(None, ge=0)
+    traceback: str | None = Field(None, max_length=10_000)
+
+
+class SweepCreate(BaseModel):
+    """One run per point of ``grid``: dotted config fields, each with the values to try."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str | None = Field(None, max_length=200)
+    base: dict[str, Any] = Field(default_factory=dict, description="a RunConfig, partial")
+    grid: dict[str, list[Any]] = Field(
+        ..., description='e.g. {"norm.kind": ["batch", "none"], "optim.lr": [0.01, 0.1]}'
+    )
+
+
+class SweepOut(BaseModel):
+    id: str
+    name: str | None
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    created_at: float
+    runs: list[RunOut]
+
+
+class Series(BaseModel):
+    layer: str
+    stat: str
+    steps: list[int]
+    values: list[float | None]
+    points_total: int
+
+
+class MetricsOut(BaseModel):
+    run_id: str
+    max_points: int
+    series: list[Series]
+
+
+class IngestAck(BaseModel):
+    seq: int
+    stored: bool

@@ -1,0 +1,446 @@
+"""The store: runs, sweeps and their records in a SQL database (SQLite by default, in WAL mode).
+
+Records are kept by series, one per (run, layer, stat), in chunks of ``CHUNK`` steps: each chunk
+is a row holding its steps (int64) and values (float32) as blobs, so a 100k-step series is a few
+dozen rows to read. Global series (loss, learning rate, evaluations) have the layer ``""``.
+Per-channel arrays are kept per (run, layer, step). The schema is created and upgraded by the
+Alembic migrations in ``server/migrations``; everything here is SQLAlchemy Core, so a PostgreSQL
+URL works too.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config
+
+from bncore.records import CHANNEL_COLUMNS
+
+CHUNK = 4096  # steps per stored chunk of a series
+ACTIVE = ("queued", "running")
+FINISHED = ("completed", "diverged", "failed", "cancelled", "interrupted")
+
+metadata = sa.MetaData()
+runs = sa.Table(
+    "runs", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(200)),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("sweep_id", sa.String(32), index=True),
+    sa.Column("config", sa.Text),
+    sa.Column("meta", sa.Text),
+    sa.Column("final", sa.Text),
+    sa.Column("message", sa.Text),
+    sa.Column("steps_done", sa.Integer, nullable=False, default=0),
+    sa.Column("pid", sa.Integer),
+    sa.Column("seq", sa.Integer, nullable=False, default=0),
+    sa.Column("client_seq", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+)  # fmt: skip
+sweeps = sa.Table(
+    "sweeps", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(200)),
+    sa.Column("base", sa.Text, nullable=False),
+    sa.Column("grid", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+)  # fmt: skip
+series = sa.Table(
+    "series", metadata,
+    sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("layer", sa.String(64), primary_key=True),
+    sa.Column("stat", sa.String(64), primary_key=True),
+    sa.Column("chunk", sa.Integer, primary_key=True),
+    sa.Column("n", sa.Integer, nullable=False),
+    sa.Column("steps", sa.LargeBinary, nullable=False),
+    sa.Column("vals", sa.LargeBinary, nullable=False),
+)  # fmt: skip
+channels = sa.Table(
+    "channels", metadata,
+    sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("layer", sa.String(64), primary_key=True),
+    sa.Column("step", sa.Integer, primary_key=True),
+    sa.Column("c", sa.Integer, nullable=False),
+    sa.Column("vals", sa.LargeBinary, nullable=False),
+)  # fmt: skip
+
+JSON_FIELDS = ("config", "meta", "final")
+
+
+class Store:
+    """All database access; one writer at a time, readers alongside (WAL)."""
+
+    def __init__(self, url: str) -> None:
+        if url.startswith("sqlite:///"):
+            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        self.engine = sa.create_engine(url)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+        self._write = threading.Lock()
+        self._open: dict[tuple[str, str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+        self.migrate()
+
+    def migrate(self) -> None:
+        """Bring the schema to the newest migration."""
+        cfg = Config()
+        cfg.set_main_option("script_location", str(Path(__file__).with_name("migrations")))
+        with self._write, self.engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def create_run(self, **fields: Any) -> dict[str, Any]:
+        row = {"steps_done": 0, "seq": 0, "client_seq": 0, "created_at": time.time(), **fields}
+        with self._write, self.engine.begin() as conn:
+            conn.execute(runs.insert().values(**_dump(row)))
+        return self.get_run(row["id"]) or {}
+
+    def get_run(self, run_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(runs.select().where(runs.c.id == run_id)).mappings().first()
+        return _load(row) if row else None
+
+    def list_runs(
+        self,
+        status: str | None = None,
+        sweep_id: str | None = None,
+        limit: int = 50,
+        offset: int = 0,
+    ) -> tuple[list[dict[str, Any]], int]:
+        query = runs.select()
+        count = sa.select(sa.func.count()).select_from(runs)
+        for col, value in ((runs.c.status, status), (runs.c.sweep_id, sweep_id)):
+            if value is not None:
+                query, count = query.where(col == value), count.where(col == value)
+        query = query.order_by(runs.c.created_at.desc(), runs.c.id).limit(limit).offset(offset)
+        with self.engine.connect() as conn:
+            rows = conn.execute(query).mappings().all()
+            total = conn.execute(count).scalar_one()
+        return [_load(r) for r in rows], total
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        with self._write, self.engine.begin() as conn:
+            conn.execute(runs.update().where(runs.c.id == run_id).values(**_dump(fields)))
+
+    def finish_run(self, run_id: str, status: str, **fields: Any) -> bool:
+        """Set a final status unless the run already has one; True if this call set it."""
+        with self._write, self.engine.begin() as conn:
+            done = conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id, runs.c.status.in_(ACTIVE))
+                .values(status=status, finished_at=time.time(), pid=None, **_dump(fields))
+            ).rowcount
+        self._drop_open(run_id)
+        return bool(done)
+
+    def delete_run(self, run_id: str) -> None:
+        with self._write, self.engine.begin() as conn:
+            conn.execute(series.delete().where(series.c.run_id == run_id))
+            conn.execute(channels.delete().where(channels.c.run_id == run_id))
+            conn.execute(runs.delete().where(runs.c.id == run_id))
+        self._drop_open(run_id)
+
+    def recover(self) -> list[str]:
+        """At start: runs left running by a dead server become 'interrupted'; the queued ids
+        are returned, oldest first, to be queued again."""
+        with self._write, self.engine.begin() as conn:
+            conn.execute(
+                runs.update()
+                .where(runs.c.status == "running")
+                .values(
+                    status="interrupted",
+                    pid=None,
+                    finished_at=time.time(),
+                    message="the server stopped while this run was training; the records it "
+                    "had acknowledged are kept",
+                )
+            )
+            queued = (
+                conn.execute(
+                    sa.select(runs.c.id)
+                    .where(runs.c.status == "queued")
+                    .order_by(runs.c.created_at)
+                )
+                .scalars()
+                .all()
+            )
+        return list(queued)
+
+    # -- sweeps -----------------------------------------------------------------------------
+
+    def create_sweep(self, sweep_id: str, name: str | None, base: dict, grid: dict) -> None:
+        with self._write, self.engine.begin() as conn:
+            conn.execute(
+                sweeps.insert().values(
+                    id=sweep_id,
+                    name=name,
+                    base=json.dumps(base),
+                    grid=json.dumps(grid),
+                    created_at=time.time(),
+                )
+            )
+
+    def get_sweep(self, sweep_id: str) -> dict[str, Any] | None:
+        with self.engine.connect() as conn:
+            row = conn.execute(sweeps.select().where(sweeps.c.id == sweep_id)).mappings().first()
+        if row is None:
+            return None
+        out = dict(row)
+        out["base"], out["grid"] = json.loads(out["base"]), json.loads(out["grid"])
+        return out
+
+    # -- records ----------------------------------------------------------------------------
+
+    def append(
+        self,
+        run_id: str,
+        batch: dict[str, dict[str, np.ndarray]],
+        client_seq: int | None,
+    ) -> tuple[int, bool]:
+        """Write one batch of records (bncore.records tables) atomically.
+
+        Returns (seq, written): the run's batch sequence number after this call, and False if
+        ``client_seq`` showed the batch was already stored (a retried send)."""
+        with self._write, self.engine.begin() as conn:
+            row = conn.execute(
+                sa.select(runs.c.seq, runs.c.client_seq, runs.c.steps_done).where(
+                    runs.c.id == run_id
+                )
+            ).first()
+            if row is None:
+                raise KeyError(run_id)
+            seq, last_client, steps_done = row
+            if client_seq is not None and client_seq <= last_client:
+                return seq, False
+            chunks = list(self._chunks(run_id, batch, conn))
+            if chunks:
+                conn.execute(_upsert(self.engine, series, ("n", "steps", "vals")), chunks)
+            chan = list(_channel_rows(run_id, batch.get("channels") or {}))
+            if chan:
+                conn.execute(_upsert(self.engine, channels, ("c", "vals")), chan)
+            steps = batch.get("steps") or {}
+            if len(steps.get("step", ())):
+                steps_done = max(steps_done, int(np.max(steps["step"])))
+            values = {"seq": seq + 1, "steps_done": steps_done}
+            if client_seq is not None:
+                values["client_seq"] = client_seq
+            conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
+        return seq + 1, True
+
+    def _chunks(self, run_id: str, batch: dict[str, dict[str, np.ndarray]], conn):
+        """Series chunk rows with this batch appended (the open chunks are kept in memory)."""
+        for layer, stat, steps, vals in _series_of(batch):
+            chunk_of = steps // CHUNK
+            for chunk in np.unique(chunk_of):
+                sel = chunk_of == chunk
+                key = (run_id, layer, stat, int(chunk))
+                old = self._open.get(key)
+                if old is None:
+                    old = self._read_chunk(conn, key)
+                new_steps = np.concatenate([old[0], steps[sel]])
+                new_vals = np.concatenate([old[1], vals[sel]])
+                self._open[key] = (new_steps, new_vals)
+                self._open.pop((run_id, layer, stat, int(chunk) - 1), None)
+                yield {
+                    "run_id": run_id,
+                    "layer": layer,
+                    "stat": stat,
+                    "chunk": int(chunk),
+                    "n": len(new_steps),
+                    "steps": new_steps.tobytes(),
+                    "vals": new_vals.tobytes(),
+                }
+
+    @staticmethod
+    def _read_chunk(conn, key: tuple[str, str, str, int]) -> tuple[np.ndarray, np.ndarray]:
+        row = conn.execute(
+            sa.select(series.c.steps, series.c.vals).where(
+                series.c.run_id == key[0],
+                series.c.layer == key[1],
+                series.c.stat == key[2],
+                series.c.chunk == key[3],
+            )
+        ).first()
+        if row is None:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        return np.frombuffer(row[0], np.int64), np.frombuffer(row[1], np.float32)
+
+    def _drop_open(self, run_id: str) -> None:
+        for key in [k for k in self._open if k[0] == run_id]:
+            del self._open[key]
+
+    def read_series(
+        self,
+        run_id: str,
+        layer: str,
+        stat: str,
+        step_min: int | None = None,
+        step_max: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, values) of one series, in step order, within [step_min, step_max]."""
+        q = sa.select(series.c.steps, series.c.vals).where(
+            series.c.run_id == run_id, series.c.layer == layer, series.c.stat == stat
+        )
+        if step_min is not None:
+            q = q.where(series.c.chunk >= step_min // CHUNK)
+        if step_max is not None:
+            q = q.where(series.c.chunk <= step_max // CHUNK)
+        with self.engine.connect() as conn:
+            rows = conn.execute(q.order_by(series.c.chunk)).all()
+        if not rows:
+            return np.empty(0, np.int64), np.empty(0, np.float32)
+        steps = np.concatenate([np.frombuffer(r[0], np.int64) for r in rows])
+        vals = np.concatenate([np.frombuffer(r[1], np.float32) for r in rows])
+        keep = np.ones(len(steps), bool)
+        if step_min is not None:
+            keep &= steps >= step_min
+        if step_max is not None:
+            keep &= steps <= step_max
+        return steps[keep], vals[keep]
+
+    def series_names(self, run_id: str) -> list[tuple[str, str]]:
+        """The (layer, stat) pairs a run has records of."""
+        with self.engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(series.c.layer, series.c.stat).where(series.c.run_id == run_id).distinct()
+            ).all()
+        return sorted((r[0], r[1]) for r in rows)
+
+    def read_channels(self, run_id: str, step: int | None = None) -> list[dict[str, Any]]:
+        """Per-channel arrays of every layer at ``step`` (default: each layer's latest)."""
+        with self.engine.connect() as conn:
+            if step is None:
+                latest = (
+                    sa.select(channels.c.layer, sa.func.max(channels.c.step).label("step"))
+                    .where(channels.c.run_id == run_id)
+                    .group_by(channels.c.layer)
+                    .subquery()
+                )
+                q = (
+                    channels.select()
+                    .join(
+                        latest,
+                        sa.and_(
+                            channels.c.layer == latest.c.layer, channels.c.step == latest.c.step
+                        ),
+                    )
+                    .where(channels.c.run_id == run_id)
+                )
+            else:
+                q = channels.select().where(channels.c.run_id == run_id, channels.c.step == step)
+            rows = conn.execute(q).mappings().all()
+        out = []
+        for r in rows:
+            arr = np.frombuffer(r["vals"], np.float32).reshape(len(CHANNEL_COLUMNS), r["c"])
+            out.append(
+                {
+                    "layer": r["layer"],
+                    "step": r["step"],
+                    **{col: arr[i] for i, col in enumerate(CHANNEL_COLUMNS)},
+                }
+            )
+        return sorted(out, key=lambda d: _layer_order(d["layer"]))
+
+    def channel_steps(self, run_id: str) -> list[int]:
+        with self.engine.connect() as conn:
+            return list(
+                conn.execute(
+                    sa.select(channels.c.step)
+                    .where(channels.c.run_id == run_id)
+                    .distinct()
+                    .order_by(channels.c.step)
+                ).scalars()
+            )
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return (int(digits) if digits else -1, name)
+
+
+def _series_of(
+    batch: dict[str, dict[str, np.ndarray]],
+) -> Iterable[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(layer, stat, steps, values) for every series in a batch."""
+    for table in ("steps", "evals"):
+        t = batch.get(table) or {}
+        if not len(t.get("step", ())):
+            continue
+        steps = np.asarray(t["step"], np.int64)
+        for stat, vals in t.items():
+            if stat != "step":
+                yield "", stat, steps, np.asarray(vals, np.float32)
+    t = batch.get("layers") or {}
+    if len(t.get("step", ())):
+        steps, names = np.asarray(t["step"], np.int64), np.asarray(t["layer"])
+        for layer in dict.fromkeys(names.tolist()):
+            sel = names == layer
+            for stat, vals in t.items():
+                if stat not in ("step", "layer"):
+                    yield str(layer), stat, steps[sel], np.asarray(vals, np.float32)[sel]
+
+
+def _channel_rows(run_id: str, table: dict[str, np.ndarray]) -> Iterable[dict[str, Any]]:
+    if not len(table.get("step", ())):
+        return
+    stacked = np.stack([np.asarray(table[c], np.float32) for c in CHANNEL_COLUMNS], axis=1)
+    for i, (step, layer) in enumerate(zip(table["step"], table["layer"], strict=True)):
+        arr = np.ascontiguousarray(stacked[i])
+        yield {
+            "run_id": run_id,
+            "layer": str(layer),
+            "step": int(step),
+            "c": arr.shape[1],
+            "vals": arr.tobytes(),
+        }
+
+
+def _upsert(engine: sa.Engine, table: sa.Table, update: tuple[str, ...]):
+    if engine.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert
+    stmt = insert(table)
+    return stmt.on_conflict_do_update(
+        index_elements=[c.name for c in table.primary_key.columns],
+        set_={c: stmt.excluded[c] for c in update},
+    )
+
+
+def _dump(fields: dict[str, Any]) -> dict[str, Any]:
+    return {
+        k: (json.dumps(v) if k in JSON_FIELDS and v is not None else v) for k, v in fields.items()
+    }
+
+
+def _load(row) -> dict[str, Any]:
+    out = dict(row)
+    for k in JSON_FIELDS:
+        out[k] = json.loads(out[k]) if out.get(k) else None
+    return out
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=NORMAL")  # in WAL: durable when the process dies
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=10000")
+    cur.close()

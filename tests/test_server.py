@@ -1,0 +1,346 @@
+"""The server against a real uvicorn on 127.0.0.1 and a real SQLite file: runs from POST to
+records, live streaming, cancellation, crashes, restarts, tokens, the queue and sweeps."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import time
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.serving import ServerProcess, tiny_run, wait_for
+
+pytestmark = pytest.mark.timeout(240)
+FINAL = {"completed", "diverged", "failed", "cancelled", "interrupted"}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerProcess(
+        tmp_path_factory.mktemp("srv"), "--max-runs", "2", env={"BNSCOPE_MAX_BODY_BYTES": "300000"}
+    ).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def api(server):
+    with server.client() as c:
+        yield c
+
+
+def finished(api: httpx.Client, run_id: str, timeout: float = 120) -> dict:
+    return wait_for(
+        lambda: (r := api.get(f"/api/runs/{run_id}").json())["status"] in FINAL and r, timeout
+    )
+
+
+def events(response: httpx.Response):
+    """(event, id, data) from an SSE response, as they arrive."""
+    kind, ident, data = None, None, []
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("id:"):
+            ident = line[3:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].strip())
+        elif not line and data:
+            yield kind, ident, json.loads("\n".join(data))
+            kind, ident, data = None, None, []
+
+
+def test_a_run_from_post_to_export(api):
+    r = api.post("/api/runs", json=tiny_run(name="life"))
+    assert r.status_code == 201, r.text
+    run = r.json()
+    assert run["status"] in ("queued", "running") and run["steps_total"] == 120
+    assert run["links"]["metrics"] == f"/api/runs/{run['id']}/metrics"
+    done = finished(api, run["id"])
+    assert done["status"] == "completed", done
+    assert done["steps_done"] == 120 and done["final"]["test_acc"] > 0.5
+    assert done["meta"]["layers"] == ["block0", "block1"]
+
+    layers = api.get(f"/api/runs/{run['id']}/layers").json()
+    assert layers["layers"] == ["block0", "block1"] and "pre_var" in layers["stats"]["layer"]
+    assert "loss" in layers["stats"]["global"] and layers["channel_steps"]
+
+    m = api.get(
+        f"/api/runs/{run['id']}/metrics", params={"stat": ["loss", "pre_var"], "max_points": 20}
+    ).json()
+    by = {(s["layer"], s["stat"]): s for s in m["series"]}
+    loss = by[("", "loss")]
+    assert loss["points_total"] == 120 and len(loss["steps"]) <= 20
+    full = api.get(f"/api/runs/{run['id']}/metrics", params={"stat": "loss"}).json()["series"][0]
+    assert full["steps"] == list(range(1, 121))
+    assert max(loss["values"]) == max(full["values"])  # the bucket extremes survive
+    assert set(by) >= {("block0", "pre_var"), ("block1", "pre_var")}
+    part = api.get(
+        f"/api/runs/{run['id']}/metrics",
+        params={"stat": "pre_var", "layer": "block1", "step_min": 50, "step_max": 60},
+    ).json()["series"]
+    assert len(part) == 1 and part[0]["steps"] == list(range(50, 61))
+
+    ch = api.get(f"/api/runs/{run['id']}/channels").json()["layers"]
+    assert [c["layer"] for c in ch] == ["block0", "block1"] and len(ch[0]["pre_var"]) == 16
+
+    csv = api.get(f"/api/runs/{run['id']}/export", params={"table": "steps"})
+    assert csv.status_code == 200 and csv.text.splitlines()[0].startswith('"step","loss"')
+    assert len(csv.text.splitlines()) == 121
+    pqt = api.get(f"/api/runs/{run['id']}/export", params={"format": "parquet"})
+    table = pq.read_table(io.BytesIO(pqt.content))
+    assert table.num_rows == 240 and "pre_var" in table.column_names
+
+    listed = api.get("/api/runs", params={"status": "completed", "limit": 1}).json()
+    assert listed["total"] >= 1 and len(listed["items"]) == 1
+    assert api.delete(f"/api/runs/{run['id']}").status_code == 204
+    assert api.get(f"/api/runs/{run['id']}").status_code == 404
+
+
+def test_stream_is_live_and_resumes(api, server):
+    run = api.post("/api/runs", json=tiny_run(steps=2000, eval_interval=500)).json()
+    seqs = []
+    with (
+        httpx.Client(base_url=server.url, timeout=60) as c,
+        c.stream("GET", f"/api/runs/{run['id']}/stream") as resp,
+    ):
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        for kind, ident, data in events(resp):
+            if kind == "records":
+                assert int(ident) == data["seq"]
+                seqs.append(data["seq"])
+                assert data["steps"]["step"] and data["layers"]["layer"]
+                created = data["steps"]["time"][-1]
+                assert time.time() - created < 5  # live, not replayed from long ago
+            if len(seqs) == 3:
+                break
+    time.sleep(0.5)  # batches keep coming while nobody listens
+    last = seqs[-1]
+    with (
+        httpx.Client(base_url=server.url, timeout=120) as c,
+        c.stream(
+            "GET", f"/api/runs/{run['id']}/stream", headers={"Last-Event-ID": str(last)}
+        ) as resp,
+    ):
+        for kind, _ident, data in events(resp):
+            if kind == "records":
+                seqs.append(data["seq"])
+            assert kind != "reset"
+            if kind == "status" and data["status"] in FINAL:
+                break
+    assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "every batch, once, in order"
+    assert api.get(f"/api/runs/{run['id']}").json()["status"] == "completed"
+
+
+def test_cancel_stops_within_a_second(api):
+    run = api.post(
+        "/api/runs", json=tiny_run(steps=1_000_000, stats_interval=10, channel_interval=1000)
+    ).json()
+    wait_for(lambda: api.get(f"/api/runs/{run['id']}").json()["steps_done"] > 0)
+    t0 = time.monotonic()
+    r = api.post(f"/api/runs/{run['id']}/cancel")
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert time.monotonic() - t0 < 2.5
+    m = api.get(f"/api/runs/{run['id']}/metrics", params={"stat": "loss"}).json()
+    assert m["series"][0]["points_total"] > 0  # what it recorded is kept
+    assert api.post(f"/api/runs/{run['id']}/cancel").status_code == 409
+
+
+@pytest.mark.parametrize(
+    "body,status,words",
+    [
+        ({"optim": {"lr": 0}}, 422, "optim.lr: Input should be greater than 0"),
+        ({"model": {"depht": 3}}, 422, "model.depht: Extra inputs are not permitted"),
+        ({"data": {"name": "mnist", "path": "/nonexistent"}}, 400, "is not a directory"),
+        ({"steps": "many"}, 422, "steps: Input should be a valid integer"),
+    ],
+)
+def test_bad_run_configs(api, body, status, words):
+    r = api.post("/api/runs", json=body)
+    assert r.status_code == status, r.text
+    assert words in (r.json().get("message") or r.json()["detail"])
+
+
+def test_cuda_where_there_is_none(api):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    r = api.post("/api/runs", json=tiny_run(device="cuda"))
+    assert r.status_code == 400 and "no CUDA device" in r.json()["detail"]
+
+
+def test_bad_requests(api):
+    assert (
+        api.post(
+            "/api/runs", content=b"{not json", headers={"content-type": "application/json"}
+        ).status_code
+        == 422
+    )
+    r = api.get("/api/runs/nope")
+    assert r.status_code == 404 and "no run with id" in r.json()["detail"]
+    assert api.get("/api/nothing-here").status_code == 404
+    run = api.post("/api/runs", json=tiny_run(steps=30)).json()
+    done = finished(api, run["id"])
+    rid = done["id"]
+    for params, words in [
+        ({"stat": "nope"}, "unknown stat 'nope'"),
+        ({"stat": "pre_var", "layer": "block9"}, "unknown layer 'block9'"),
+        ({"stat": "loss", "step_min": 9, "step_max": 3}, "is after"),
+        ({"stat": "loss", "max_points": 1}, "greater than or equal to 2"),
+    ]:
+        r = api.get(f"/api/runs/{rid}/metrics", params=params)
+        assert r.status_code in (400, 422) and words in r.text, (params, r.text)
+    assert api.get(f"/api/runs/{rid}/metrics").status_code == 422  # stat is required
+    assert api.get(f"/api/runs/{rid}/export", params={"format": "xls"}).status_code == 422
+    assert api.get(f"/api/runs/{rid}/channels", params={"step": 7}).status_code == 404
+    r = api.post(f"/api/runs/{rid}/records", json={"steps": {"step": [1], "loss": [1.0]}})
+    assert r.status_code == 409 and "only while running" in r.text
+    assert api.post(f"/api/runs/{rid}/cancel").status_code == 409
+    big = api.post(
+        "/api/runs", content=b" " * 400_000, headers={"content-type": "application/json"}
+    )
+    assert big.status_code == 413 and "larger than" in big.text
+
+
+def test_delete_is_refused_while_training(api):
+    run = api.post(
+        "/api/runs", json=tiny_run(steps=1_000_000, stats_interval=10, channel_interval=1000)
+    ).json()
+    r = api.delete(f"/api/runs/{run['id']}")
+    assert r.status_code == 409 and "cancel it" in r.json()["detail"]
+    api.post(f"/api/runs/{run['id']}/cancel")
+    assert api.delete(f"/api/runs/{run['id']}").status_code == 204
+
+
+def test_ingest_checks_batches(api):
+    run = api.post("/api/runs/client", json={"name": "mine", "meta": {"layers": ["bn1"]}}).json()
+    assert run["status"] == "running" and run["source"] == "client"
+    url = f"/api/runs/{run['id']}/records"
+    for body, words in [
+        ({"steps": {"loss": [1.0]}}, "'step' column"),
+        ({"steps": {"step": [1, 2], "loss": [1.0]}}, "as long as 'step'"),
+        ({"layers": {"step": [1], "pre_var": [1.0]}}, "needs a 'layer' column"),
+        ({"steps": {"step": [1], "loss": ["x"]}}, "could not convert"),
+        ({"weights": {}}, "unknown keys"),
+        ({"seq": -1}, "seq must be a positive integer"),
+    ]:
+        r = api.post(url, json=body)
+        assert r.status_code == 422 and words in r.json()["detail"], (body, r.text)
+    ok = api.post(url, json={"seq": 1, "steps": {"step": [1, 2], "loss": [2.0, None]}})
+    assert ok.json() == {"seq": 1, "stored": True}
+    again = api.post(url, json={"seq": 1, "steps": {"step": [1, 2], "loss": [2.0, None]}})
+    assert again.json() == {"seq": 1, "stored": False}  # a retried send is not stored twice
+    s = api.get(f"/api/runs/{run['id']}/metrics", params={"stat": "loss"}).json()["series"][0]
+    assert s["steps"] == [1, 2] and s["values"] == [2.0, None]
+    done = api.post(f"/api/runs/{run['id']}/status", json={"status": "completed"}).json()
+    assert done["status"] == "completed"
+
+
+def test_a_killed_worker_fails_its_run_only(api):
+    run = api.post(
+        "/api/runs", json=tiny_run(steps=1_000_000, stats_interval=10, channel_interval=1000)
+    ).json()
+
+    def worker_pid() -> int | None:
+        r = api.get(f"/api/runs/{run['id']}").json()
+        return r["pid"] if r["steps_done"] > 0 else None
+
+    pid = wait_for(worker_pid, 60)
+    os.kill(pid, signal.SIGKILL)
+    failed = finished(api, run["id"], 10)
+    assert failed["status"] == "failed" and "killed (signal 9)" in failed["message"]
+    m = api.get(f"/api/runs/{run['id']}/metrics", params={"stat": "loss"}).json()
+    assert m["series"][0]["points_total"] > 0
+    assert api.get("/healthz").json()["status"] == "ok"
+    other = api.post("/api/runs", json=tiny_run(steps=20)).json()
+    assert finished(api, other["id"])["status"] == "completed"
+
+
+def test_runs_beyond_the_limit_queue_then_run(tmp_path):
+    srv = ServerProcess(tmp_path, "--max-runs", "1").start()
+    try:
+        with srv.client() as api:
+            first = api.post("/api/runs", json=tiny_run(steps=300)).json()
+            second = api.post("/api/runs", json=tiny_run(steps=30)).json()
+            wait_for(lambda: api.get(f"/api/runs/{first['id']}").json()["status"] == "running")
+            waiting = api.get(f"/api/runs/{second['id']}").json()
+            assert waiting["status"] == "queued" and waiting["queue_position"] == 0
+            assert finished(api, first["id"])["status"] == "completed"
+            assert finished(api, second["id"])["status"] == "completed"
+    finally:
+        srv.stop()
+
+
+def test_token_guards_changes(tmp_path):
+    srv = ServerProcess(tmp_path, "--token", "s3cret").start()
+    try:
+        with srv.client() as api:
+            r = api.post("/api/runs", json=tiny_run(steps=10))
+            assert r.status_code == 401 and "Bearer" in r.json()["detail"]
+            bad = api.post(
+                "/api/runs", json=tiny_run(steps=10), headers={"authorization": "Bearer nope"}
+            )
+            assert bad.status_code == 401
+            ok = api.post(
+                "/api/runs", json=tiny_run(steps=10), headers={"authorization": "Bearer s3cret"}
+            )
+            assert ok.status_code == 201
+            assert api.get("/api/runs").status_code == 200  # reading needs no token
+            # the worker, which carries the token, gets its run done
+            assert finished(api, ok.json()["id"])["status"] == "completed"
+    finally:
+        srv.stop()
+
+
+def test_server_killed_mid_run_then_restarted(tmp_path):
+    srv = ServerProcess(tmp_path).start()
+    with srv.client() as api:
+        run = api.post(
+            "/api/runs", json=tiny_run(steps=1_000_000, stats_interval=5, channel_interval=1000)
+        ).json()
+        wait_for(lambda: api.get(f"/api/runs/{run['id']}").json()["steps_done"] > 100)
+        acked = api.get(f"/api/runs/{run['id']}/metrics", params={"stat": "loss"}).json()["series"][
+            0
+        ]["points_total"]
+    srv.kill()
+    srv = ServerProcess(tmp_path).start()
+    try:
+        with srv.client() as api:
+            back = api.get(f"/api/runs/{run['id']}").json()
+            assert back["status"] == "interrupted" and "acknowledged" in back["message"]
+            loss = api.get(f"/api/runs/{run['id']}/metrics", params={"stat": "loss"}).json()[
+                "series"
+            ][0]
+            assert loss["points_total"] >= acked > 0
+            assert loss["steps"][:5] == [1, 2, 3, 4, 5]
+            fresh = api.post("/api/runs", json=tiny_run(steps=20)).json()
+            assert finished(api, fresh["id"])["status"] == "completed"
+    finally:
+        srv.stop()
+
+
+def test_sweep_makes_one_run_per_point(api):
+    body = {
+        "name": "bn-vs-lr",
+        "base": tiny_run(steps=15),
+        "grid": {"norm.kind": ["batch", "none"], "optim.lr": [0.01, 0.1]},
+    }
+    r = api.post("/api/sweeps", json=body)
+    assert r.status_code == 201, r.text
+    sweep = r.json()
+    labels = sorted(run["name"] for run in sweep["runs"])
+    assert len(labels) == 4 and "bn-vs-lr: norm.kind=none, optim.lr=0.1" in labels
+    for run in sweep["runs"]:
+        assert finished(api, run["id"])["status"] == "completed"
+    again = api.get(f"/api/sweeps/{sweep['id']}").json()
+    assert {r["config"]["norm"]["kind"] for r in again["runs"]} == {"batch", "none"}
+    before = api.get("/api/runs").json()["total"]
+    bad = api.post("/api/sweeps", json={"base": {}, "grid": {"optim.lr": [0.1, -1]}})
+    assert bad.status_code == 422 and bad.json()["detail"]["point"] == "optim.lr=-1"
+    assert bad.json()["detail"]["errors"][0]["field"] == "optim.lr"
+    assert api.get("/api/runs").json()["total"] == before  # nothing queued
