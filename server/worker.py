@@ -51,9 +51,10 @@ class HttpSink:
                 if attempt == RETRIES - 1:
                     raise
             else:
-                if r.status_code < 500:
-                    r.raise_for_status()
+                if r.status_code < 400:
                     return
+                if r.status_code < 500:  # our mistake: retrying will not help
+                    raise RuntimeError(f"POST {path}: {r.status_code} {r.text[:500]}")
                 if attempt == RETRIES - 1:
                     r.raise_for_status()
             time.sleep(0.2 * 2**attempt)

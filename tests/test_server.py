@@ -8,16 +8,29 @@ import json
 import os
 import signal
 import time
+from typing import Any
 
 import httpx
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.serving import ServerProcess, tiny_run, wait_for
+from server.process import ServerProcess, wait_for
 
 pytestmark = pytest.mark.timeout(240)
 FINAL = {"completed", "diverged", "failed", "cancelled", "interrupted"}
+
+
+def tiny_run(**over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "steps": 120,
+        "model": {"depth": 2, "width": 16},
+        "data": {"name": "digits"},
+        "eval_interval": 40,
+        "batch_size": 32,
+    }
+    cfg.update(over)
+    return cfg
 
 
 @pytest.fixture(scope="module")
@@ -344,3 +357,42 @@ def test_sweep_makes_one_run_per_point(api):
     assert bad.status_code == 422 and bad.json()["detail"]["point"] == "optim.lr=-1"
     assert bad.json()["detail"]["errors"][0]["field"] == "optim.lr"
     assert api.get("/api/runs").json()["total"] == before  # nothing queued
+
+
+def test_client_streams_a_script_of_its_own(server):
+    from bnscope.client import Client
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(), torch.nn.Linear(16, 3)
+    )
+    client = Client(server.url)
+    with client.create_run(name="my script", flush_every=7) as run:
+        model = run.watch(model)
+        assert isinstance(model[1], __import__("bncore").BatchNorm1d)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        last_var = None
+        for step in range(1, 21):
+            x, y = torch.randn(32, 8) * 3 + 1, torch.randint(0, 3, (32,))
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.log(step, loss, lr=0.1)
+            last_var = model[1].stats.var.mean().item()
+    done = client.get_run(run.id)
+    assert done["status"] == "completed" and done["steps_done"] == 20
+    assert done["meta"]["layers"] == ["1"]
+    with server.client() as api:
+        s = api.get(f"/api/runs/{run.id}/metrics", params={"stat": ["pre_var", "act_var"]}).json()
+        pre, act = s["series"]
+        assert pre["steps"] == list(range(1, 21))
+        assert abs(pre["values"][-1] - last_var) < 1e-5
+        assert all(v is None for v in act["values"])  # a plain BN layer can't see it
+        loss = api.get(f"/api/runs/{run.id}/metrics", params={"stat": "loss"}).json()
+        assert loss["series"][0]["points_total"] == 20
+    launched = client.launch(tiny_run(steps=10))
+    assert launched["status"] in ("queued", "running")
+    with pytest.raises(RuntimeError, match=r"optim\.lr"):
+        client.launch({"optim": {"lr": -1}})
+    client.close()

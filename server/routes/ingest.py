@@ -30,7 +30,7 @@ from server.views import json_columns, run_out
 router = APIRouter(prefix="/api/runs", tags=["ingest"], dependencies=[Depends(require_token)])
 Svc = Annotated[Services, Depends(services)]
 TABLES = ("steps", "layers", "channels", "evals")
-NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,63}")
 
 
 def parse_batch(body: bytes) -> tuple[dict[str, dict[str, np.ndarray]], int | None]:

@@ -1,4 +1,5 @@
-"""A real `bnscope serve` in a subprocess on 127.0.0.1, for the tests that need a server."""
+"""A real ``bnscope serve`` in a child process on 127.0.0.1: for tests, benchmarks and tools that
+need a server they can also kill."""
 
 from __future__ import annotations
 
@@ -90,15 +91,3 @@ def wait_for(predicate, timeout: float = 60.0, every: float = 0.1):
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout}s waiting for {predicate}")
-
-
-def tiny_run(**over: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "steps": 120,
-        "model": {"depth": 2, "width": 16},
-        "data": {"name": "digits"},
-        "eval_interval": 40,
-        "batch_size": 32,
-    }
-    cfg.update(over)
-    return cfg

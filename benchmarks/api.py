@@ -1,0 +1,229 @@
+"""The server under load, measured against a real ``bnscope serve`` on 127.0.0.1 (SQLite):
+
+1. live latency: from a record's creation in a training worker (the wall clock of its step) to
+   its arrival at an SSE client; target p95 <= 250 ms;
+2. ingest: statistic values per second stored through the ingest endpoint, sustained; target
+   >= 100,000/s; and a training run's speed through the server against the same run alone;
+3. ``GET /metrics?max_points=2000`` on a 100k-step run while two runs train; target p99 <= 50 ms.
+
+    python benchmarks/api.py            # about two minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+
+from server.process import ServerProcess, wait_for
+
+LAYERS = [f"block{i}" for i in range(6)]
+TRAIN = {
+    "model": {"depth": 6, "width": 128},
+    "data": {"name": "mnist1d"},
+    "batch_size": 64,
+    "channel_interval": 100,
+    "eval_interval": 1000,
+}
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def live_latency(srv: ServerProcess, seconds: float) -> dict[str, float]:
+    with srv.client() as api:
+        run = api.post("/api/runs", json={**TRAIN, "steps": 1_000_000}).json()
+        wait_for(lambda: api.get(f"/api/runs/{run['id']}").json()["status"] == "running")
+        latencies: list[float] = []
+        deadline = time.time() + seconds
+        with (
+            httpx.Client(base_url=srv.url, timeout=30) as c,
+            c.stream("GET", f"/api/runs/{run['id']}/stream") as resp,
+        ):
+            kind = None
+            for line in resp.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:") and kind == "records":
+                    arrived = time.time()
+                    created = json.loads(line[5:])["steps"]["time"]
+                    latencies += [arrived - t for t in created]
+                if time.time() > deadline:
+                    break
+        api.post(f"/api/runs/{run['id']}/cancel")
+    return {
+        "records": len(latencies),
+        "p50_ms": 1e3 * percentile(latencies, 50),
+        "p95_ms": 1e3 * percentile(latencies, 95),
+        "max_ms": 1e3 * max(latencies),
+    }
+
+
+def synthetic_batch(step0: int, steps: int, seq: int) -> tuple[bytes, int]:
+    """A worker-shaped batch: steps, 6 layers x 29 statistics, no per-channel arrays."""
+    rng = np.random.default_rng(seq)
+    s = np.arange(step0, step0 + steps)
+    layers = {"step": np.repeat(s, len(LAYERS)).tolist(), "layer": LAYERS * steps}
+    stats = [
+        "pre_mean",
+        "pre_var",
+        "post_mean",
+        "post_var",
+        "act_mean",
+        "act_var",
+        "act_saturated",
+        "act_dead",
+        "running_mean_gap",
+        "running_var_gap",
+        "gamma",
+        "beta",
+        "gamma_grad_norm",
+        "beta_grad_norm",
+        "grad_out_norm",
+        "grad_in_norm",
+        "weight_grad_norm",
+        "pre_mean_abs",
+        "pre_var_min",
+        "pre_var_max",
+        *(f"p{q}_{j}" for q in (15, 50, 85) for j in range(3)),
+    ]
+    for k in stats:
+        layers[k] = rng.standard_normal(len(s) * len(LAYERS)).astype(np.float32)
+    body = {
+        "seq": seq,
+        "steps": {
+            "step": s,
+            "loss": rng.random(steps),
+            "lr": np.full(steps, 0.1),
+            "step_time": np.full(steps, 0.01),
+            "time": np.full(steps, 1.0),
+        },
+        "layers": layers,
+    }
+    values = steps * 4 + len(s) * len(LAYERS) * len(stats)
+    return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), values
+
+
+def ingest_rate(srv: ServerProcess, steps_total: int, batch_steps: int) -> tuple[str, float]:
+    """Fill a client run with steps_total steps as fast as the server takes them."""
+    with srv.client() as api:
+        run = api.post(
+            "/api/runs/client", json={"name": "synthetic", "meta": {"layers": LAYERS}}
+        ).json()
+        sent, t0 = 0, time.perf_counter()
+        for i, step0 in enumerate(range(1, steps_total + 1, batch_steps), 1):
+            body, n = synthetic_batch(step0, min(batch_steps, steps_total + 1 - step0), i)
+            r = api.post(
+                f"/api/runs/{run['id']}/records",
+                content=body,
+                headers={"content-type": "application/json"},
+            )
+            r.raise_for_status()
+            sent += n
+        rate = sent / (time.perf_counter() - t0)
+        api.post(f"/api/runs/{run['id']}/status", json={"status": "completed"})
+    return run["id"], rate
+
+
+def worker_speed(srv: ServerProcess, steps: int) -> dict[str, float]:
+    """Steps/s of a run trained by the server against the same run trained alone."""
+    from bncore.config import parse_config
+    from bncore.engine import Trainer
+    from bncore.records import MemorySink
+
+    cfg = {**TRAIN, "steps": steps}
+    t0 = time.perf_counter()
+    Trainer(parse_config(cfg)).run(MemorySink(), flush_seconds=0.1)
+    alone = steps / (time.perf_counter() - t0)
+    with srv.client() as api:
+        run = api.post("/api/runs", json=cfg).json()
+        done = wait_for(
+            lambda: (
+                (r := api.get(f"/api/runs/{run['id']}").json())["status"] in ("completed", "failed")
+                and r
+            ),
+            600,
+            0.2,
+        )
+    served = steps / (done["finished_at"] - done["started_at"])
+    return {"alone_steps_per_s": alone, "served_steps_per_s": served, "ratio": served / alone}
+
+
+def query_latency(srv: ServerProcess, run_id: str, requests: int) -> dict[str, float]:
+    with srv.client() as api:
+        trainers = [
+            api.post("/api/runs", json={**TRAIN, "steps": 1_000_000}).json()["id"] for _ in range(2)
+        ]
+        wait_for(
+            lambda: all(api.get(f"/api/runs/{t}").json()["status"] == "running" for t in trainers),
+            120,
+        )
+        times = []
+        for i in range(requests):
+            stat = ("pre_var", "grad_in_norm", "act_dead", "gamma")[i % 4]
+            t0 = time.perf_counter()
+            r = api.get(
+                f"/api/runs/{run_id}/metrics",
+                params={"stat": stat, "layer": LAYERS[i % 6], "max_points": 2000},
+            )
+            times.append(time.perf_counter() - t0)
+            r.raise_for_status()
+            assert len(r.json()["series"][0]["steps"]) <= 2000
+        whole = api.get(f"/api/runs/{run_id}/metrics", params={"stat": "loss"}).json()
+        for t in trainers:
+            api.post(f"/api/runs/{t}/cancel")
+    return {
+        "points_total": whole["series"][0]["points_total"],
+        "p50_ms": 1e3 * percentile(times, 50),
+        "p99_ms": 1e3 * percentile(times, 99),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--latency-seconds", type=float, default=20)
+    ap.add_argument("--history-steps", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=300)
+    ap.add_argument("--worker-steps", type=int, default=1500)
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        srv = ServerProcess(Path(tmp), "--max-runs", "2").start()
+        try:
+            lat = live_latency(srv, args.latency_seconds)
+            print(
+                f"live latency, worker to SSE client: p50 {lat['p50_ms']:.0f} ms, "
+                f"p95 {lat['p95_ms']:.0f} ms, max {lat['max_ms']:.0f} ms over {lat['records']} "
+                f"records  (target p95 <= 250 ms: {'met' if lat['p95_ms'] <= 250 else 'MISSED'})"
+            )
+            run_id, rate = ingest_rate(srv, args.history_steps, 2000)
+            print(
+                f"ingest: {rate:,.0f} statistic values/s into SQLite, "
+                f"{args.history_steps:,} steps x 6 layers  "
+                f"(target >= 100,000/s: {'met' if rate >= 1e5 else 'MISSED'})"
+            )
+            q = query_latency(srv, run_id, args.queries)
+            print(
+                f"GET /metrics?max_points=2000 on a {q['points_total']:,}-step run while two "
+                f"runs train: p50 {q['p50_ms']:.1f} ms, p99 {q['p99_ms']:.1f} ms  "
+                f"(target p99 <= 50 ms: {'met' if q['p99_ms'] <= 50 else 'MISSED'})"
+            )
+            w = worker_speed(srv, args.worker_steps)
+            print(
+                f"training through the server: {w['served_steps_per_s']:.0f} steps/s against "
+                f"{w['alone_steps_per_s']:.0f} alone (ratio {w['ratio']:.2f})"
+            )
+        finally:
+            srv.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
