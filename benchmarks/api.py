@@ -67,11 +67,13 @@ def live_latency(srv: ServerProcess, seconds: float) -> dict[str, float]:
     }
 
 
-def synthetic_batch(step0: int, steps: int, seq: int) -> tuple[bytes, int]:
-    """A worker-shaped batch: steps, 6 layers x 29 statistics, no per-channel arrays."""
+def synthetic_batch(
+    step0: int, steps: int, seq: int, names: list[str] = LAYERS
+) -> tuple[bytes, int]:
+    """A worker-shaped batch: steps, layers x 29 statistics, no per-channel arrays."""
     rng = np.random.default_rng(seq)
     s = np.arange(step0, step0 + steps)
-    layers = {"step": np.repeat(s, len(LAYERS)).tolist(), "layer": LAYERS * steps}
+    layers = {"step": np.repeat(s, len(names)).tolist(), "layer": names * steps}
     stats = [
         "pre_mean",
         "pre_var",
@@ -96,7 +98,7 @@ def synthetic_batch(step0: int, steps: int, seq: int) -> tuple[bytes, int]:
         *(f"p{q}_{j}" for q in (15, 50, 85) for j in range(3)),
     ]
     for k in stats:
-        layers[k] = rng.standard_normal(len(s) * len(LAYERS)).astype(np.float32)
+        layers[k] = np.abs(rng.standard_normal(len(s) * len(names))).astype(np.float32)
     body = {
         "seq": seq,
         "steps": {
@@ -108,7 +110,7 @@ def synthetic_batch(step0: int, steps: int, seq: int) -> tuple[bytes, int]:
         },
         "layers": layers,
     }
-    values = steps * 4 + len(s) * len(LAYERS) * len(stats)
+    values = steps * 4 + len(s) * len(names) * len(stats)
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), values
 
 

@@ -16,6 +16,7 @@ Four tables, each a dict of equal-length numpy columns (Parquet files in ``bnsco
                                  sigmoid <= 0.01 or >= 0.99, tanh |y| >= 0.99 (0 for linear)
     act_dead                     share of units at rest or saturated for the whole batch
                                  (dead ReLUs)
+    running_mean, running_var    channel-averages of the running statistics (NaN without)
     running_mean_gap, running_var_gap
                                  RMS over channels of running statistic minus batch statistic
                                  (NaN without running statistics)
@@ -64,7 +65,8 @@ STEP_COLUMNS = ("loss", "lr", "step_time", "time")
 EVAL_COLUMNS = ("train_loss", "train_acc", "test_loss", "test_acc", "mode_gap")
 LAYER_COLUMNS = (
     "pre_mean", "pre_mean_abs", "pre_var", "pre_var_min", "pre_var_max", "post_mean", "post_var",
-    "act_mean", "act_var", "act_saturated", "act_dead", "running_mean_gap", "running_var_gap",
+    "act_mean", "act_var", "act_saturated", "act_dead", "running_mean", "running_var",
+    "running_mean_gap", "running_var_gap",
     "gamma", "beta", "gamma_grad_norm", "beta_grad_norm", "grad_out_norm", "grad_in_norm",
     "weight_grad_norm",
 )  # fmt: skip
@@ -114,6 +116,8 @@ def summarize(raw: dict[str, np.ndarray], pct: np.ndarray, weight_grad_norm: np.
             "act_var": raw["act_var"].mean(-1),
             "act_saturated": saturated.mean(-1),
             "act_dead": (saturated >= 1.0).mean(-1),
+            "running_mean": raw["running_mean"].mean(-1),
+            "running_var": raw["running_var"].mean(-1),
             "running_mean_gap": rms(raw["running_mean"] - raw["pre_mean"]),
             "running_var_gap": rms(raw["running_var"] - raw["pre_var"]),
             "gamma": raw["gamma"].mean(-1),

@@ -25,6 +25,7 @@ from alembic.config import Config
 from bncore.records import CHANNEL_COLUMNS
 
 CHUNK = 4096  # steps per stored chunk of a series
+COARSE = 64  # steps per bin of a chunk's coarse copy (CHUNK // COARSE bins)
 ACTIVE = ("queued", "running")
 FINISHED = ("completed", "diverged", "failed", "cancelled", "interrupted")
 
@@ -66,6 +67,7 @@ series = sa.Table(
     sa.Column("n", sa.Integer, nullable=False),
     sa.Column("steps", sa.LargeBinary, nullable=False),
     sa.Column("vals", sa.LargeBinary, nullable=False),
+    sa.Column("coarse", sa.LargeBinary),  # float32 means of COARSE-step bins (migration 0002)
 )  # fmt: skip
 channels = sa.Table(
     "channels", metadata,
@@ -231,7 +233,7 @@ class Store:
                 return seq, False
             chunks = list(self._chunks(run_id, batch, conn))
             if chunks:
-                conn.execute(_upsert(self.engine, series, ("n", "steps", "vals")), chunks)
+                conn.execute(_upsert(self.engine, series, ("n", "steps", "vals", "coarse")), chunks)
             chan = list(_channel_rows(run_id, batch.get("channels") or {}))
             if chan:
                 conn.execute(_upsert(self.engine, channels, ("c", "vals")), chan)
@@ -266,6 +268,7 @@ class Store:
                     "n": len(new_steps),
                     "steps": new_steps.tobytes(),
                     "vals": new_vals.tobytes(),
+                    "coarse": coarse_bins(new_steps, new_vals, int(chunk)).tobytes(),
                 }
 
     @staticmethod
@@ -314,6 +317,105 @@ class Store:
         if step_max is not None:
             keep &= steps <= step_max
         return steps[keep], vals[keep]
+
+    def read_many(
+        self, run_id: str, keys: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+        """Several whole series in one query: {(layer, stat): (steps, values)}."""
+        layers = sorted({lay for lay, _ in keys})
+        stats = sorted({s for _, s in keys})
+        q = (
+            sa.select(series.c.layer, series.c.stat, series.c.steps, series.c.vals)
+            .where(series.c.run_id == run_id, series.c.layer.in_(layers), series.c.stat.in_(stats))
+            .order_by(series.c.layer, series.c.stat, series.c.chunk)
+        )
+        parts: dict[tuple[str, str], list] = {k: [] for k in keys}
+        with self.engine.connect() as conn:
+            for layer, stat, steps, vals in conn.execute(q):
+                if (layer, stat) in parts:
+                    parts[layer, stat].append((steps, vals))
+        out = {}
+        for key, chunks in parts.items():
+            if chunks:
+                out[key] = (
+                    np.concatenate([np.frombuffer(s, np.int64) for s, _ in chunks]),
+                    np.concatenate([np.frombuffer(v, np.float32) for _, v in chunks]),
+                )
+            else:
+                out[key] = (np.empty(0, np.int64), np.empty(0, np.float32))
+        return out
+
+    def read_coarse(
+        self, run_id: str, keys: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
+        """Several series at COARSE-step resolution: {(layer, stat): (bin centres, means)}."""
+        layers = sorted({lay for lay, _ in keys})
+        stats = sorted({s for _, s in keys})
+        q = (
+            sa.select(
+                series.c.layer,
+                series.c.stat,
+                series.c.chunk,
+                series.c.coarse,
+                series.c.steps,
+                series.c.vals,
+            )
+            .where(series.c.run_id == run_id, series.c.layer.in_(layers), series.c.stat.in_(stats))
+            .order_by(series.c.layer, series.c.stat, series.c.chunk)
+        )
+        parts: dict[tuple[str, str], list] = {k: [] for k in keys}
+        centres = np.arange(CHUNK // COARSE) * COARSE + COARSE / 2
+        with self.engine.connect() as conn:
+            for layer, stat, chunk, coarse, steps, vals in conn.execute(q):
+                if (layer, stat) not in parts:
+                    continue
+                means = (
+                    np.frombuffer(coarse, np.float32)
+                    if coarse is not None
+                    else coarse_bins(
+                        np.frombuffer(steps, np.int64), np.frombuffer(vals, np.float32), chunk
+                    )
+                )
+                parts[layer, stat].append((chunk * CHUNK + centres, means))
+        out = {}
+        for key, chunks in parts.items():
+            if chunks:
+                x = np.concatenate([c for c, _ in chunks])
+                y = np.concatenate([m for _, m in chunks])
+                keep = np.isfinite(y)
+                out[key] = (x[keep], y[keep])
+            else:
+                out[key] = (np.empty(0), np.empty(0, np.float32))
+        return out
+
+    def read_last(self, run_id: str, keys: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
+        """The latest value of several series (NaN where there is none)."""
+        last = (
+            sa.select(series.c.layer, series.c.stat, sa.func.max(series.c.chunk).label("chunk"))
+            .where(series.c.run_id == run_id)
+            .group_by(series.c.layer, series.c.stat)
+            .subquery()
+        )
+        q = (
+            sa.select(series.c.layer, series.c.stat, series.c.vals)
+            .join(
+                last,
+                sa.and_(
+                    series.c.layer == last.c.layer,
+                    series.c.stat == last.c.stat,
+                    series.c.chunk == last.c.chunk,
+                ),
+            )
+            .where(series.c.run_id == run_id)
+        )
+        wanted = set(keys)
+        out = dict.fromkeys(keys, float("nan"))
+        with self.engine.connect() as conn:
+            for layer, stat, vals in conn.execute(q):
+                if (layer, stat) in wanted:
+                    v = np.frombuffer(vals, np.float32)
+                    out[layer, stat] = float(v[-1]) if len(v) else float("nan")
+        return out
 
     def series_names(self, run_id: str) -> list[tuple[str, str]]:
         """The (layer, stat) pairs a run has records of."""
@@ -368,6 +470,17 @@ class Store:
                     .order_by(channels.c.step)
                 ).scalars()
             )
+
+
+def coarse_bins(steps: np.ndarray, vals: np.ndarray, chunk: int) -> np.ndarray:
+    """Means of the chunk's COARSE-step bins (NaN where a bin has no finite value)."""
+    idx = (steps - chunk * CHUNK) // COARSE
+    ok = np.isfinite(vals)
+    n = CHUNK // COARSE
+    total = np.bincount(idx[ok], vals[ok].astype(np.float64), minlength=n)[:n]
+    count = np.bincount(idx[ok], minlength=n)[:n]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan).astype(np.float32)
 
 
 def _layer_order(name: str) -> tuple[int, str]:

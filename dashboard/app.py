@@ -1,0 +1,192 @@
+"""The dashboard: a Dash app in the server's process, at /dashboard.
+
+Tabs: Runs (the list; pick one or several), Run (one run, live), Compare (runs overlaid),
+Launch (a form generated from the run config, with presets). The run view is fed by push:
+assets/live.js listens to the run's Server-Sent Events and extends the figures in the browser
+(dcc.Graph extendData), so nothing is reloaded while a run trains.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import plotly.io as pio
+from a2wsgi import WSGIMiddleware
+from dash import Dash, dash_table, dcc, html
+
+from dashboard import callbacks
+from dashboard.form import PRESETS, build_form
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+RUN_GRAPHS = ("fig-loss", "fig-acc", "fig-heat-mean", "fig-heat-var", "fig-heat-grad",
+              "fig-heat-sat", "fig-depth", "fig-layer", "fig-affine", "fig-grads", "fig-pct",
+              "fig-channels")  # fmt: skip
+STATUS_COLUMNS = ("id", "name", "status", "progress", "model", "norm", "test_acc", "message")
+
+
+def _graph(gid: str) -> dcc.Graph:
+    return dcc.Graph(id=gid, config={"displaylogo": False, "responsive": True}, className="graph")
+
+
+def layout(has_token: bool) -> html.Div:
+    runs_tab = html.Div(
+        [
+            html.Div(
+                [
+                    html.Button("Open selected run", id="open-run", n_clicks=0),
+                    html.Button("Compare selected runs", id="open-compare", n_clicks=0),
+                    html.Span(id="runs-note", className="note"),
+                ],
+                className="toolbar",
+            ),
+            dash_table.DataTable(
+                id="runs-table",
+                columns=[{"name": c, "id": c} for c in STATUS_COLUMNS],
+                data=[],
+                row_selectable="multi",
+                selected_rows=[],
+                page_size=25,
+                sort_action="native",
+                style_cell={
+                    "textAlign": "left",
+                    "fontSize": 13,
+                    "maxWidth": 320,
+                    "overflow": "hidden",
+                    "textOverflow": "ellipsis",
+                },
+                style_data_conditional=[
+                    {"if": {"filter_query": f'{{status}} = "{s}"'}, "color": c}
+                    for s, c in (
+                        ("diverged", "#b45309"),
+                        ("failed", "#b91c1c"),
+                        ("interrupted", "#7c3aed"),
+                        ("running", "#047857"),
+                    )
+                ],
+            ),
+            dcc.Interval(id="runs-refresh", interval=2000),
+        ]
+    )
+    run_tab = html.Div(
+        [
+            html.Div(id="run-banner", className="banner"),
+            html.Div(
+                [
+                    html.Label("Layer"),
+                    dcc.Dropdown(id="layer-select", clearable=False, style={"width": "220px"}),
+                    html.Span(id="live-indicator", className="note"),
+                ],
+                className="toolbar",
+            ),
+            html.Div([_graph(g) for g in RUN_GRAPHS], className="grid"),
+        ]
+    )
+    compare_tab = html.Div(
+        [
+            html.Div(
+                [
+                    html.Label("Statistic"),
+                    dcc.Dropdown(
+                        id="cmp-stat",
+                        value="pre_var",
+                        clearable=False,
+                        options=[
+                            "pre_var",
+                            "pre_mean",
+                            "post_var",
+                            "act_dead",
+                            "act_saturated",
+                            "running_var_gap",
+                            "grad_in_norm",
+                            "weight_grad_norm",
+                            "gamma",
+                            "beta",
+                        ],
+                        style={"width": "220px"},
+                    ),
+                    html.Label("Layer"),
+                    dcc.Input(id="cmp-layer", value="block0", debounce=True),
+                ],
+                className="toolbar",
+            ),
+            html.Div(
+                [_graph(g) for g in ("cmp-loss", "cmp-acc", "cmp-stat-fig")], className="grid"
+            ),
+        ]
+    )
+    launch_tab = html.Div(
+        [
+            html.Div(
+                [
+                    html.Label("Preset"),
+                    dcc.Dropdown(
+                        id="preset",
+                        options=list(PRESETS),
+                        placeholder="a single run",
+                        style={"width": "320px"},
+                    ),
+                    html.Label("Sweep over (JSON: field -> values)"),
+                    dcc.Textarea(id="grid", value="", style={"width": "420px", "height": "38px"}),
+                    *(
+                        [dcc.Input(id="token", type="password", placeholder="server token")]
+                        if has_token
+                        else [dcc.Input(id="token", type="hidden", value="")]
+                    ),
+                    html.Button("Launch", id="launch", n_clicks=0, className="primary"),
+                ],
+                className="toolbar",
+            ),
+            html.Div(id="launch-result", className="banner"),
+            html.Div(build_form(), id="form-box"),
+        ]
+    )
+    return html.Div(
+        [
+            html.Header(
+                [
+                    html.H1("BN Scope"),
+                    html.Span(
+                        "what batch normalization does inside a network, live", className="note"
+                    ),
+                ]
+            ),
+            dcc.Tabs(
+                id="tabs",
+                value="runs",
+                children=[
+                    dcc.Tab(runs_tab, label="Runs", value="runs"),
+                    dcc.Tab(run_tab, label="Run", value="run"),
+                    dcc.Tab(compare_tab, label="Compare", value="compare"),
+                    dcc.Tab(launch_tab, label="Launch", value="launch"),
+                ],
+            ),
+            dcc.Location(id="url", refresh=False),
+            dcc.Store(id="view-run"),
+            dcc.Store(id="compare-runs"),
+            dcc.Store(id="live-spec"),
+            dcc.Store(id="live-batch"),
+            dcc.Store(id="live-status"),
+            dcc.Store(id="live-reset"),
+            dcc.Store(id="live-conn"),
+            dcc.Store(id="watching"),
+        ]
+    )
+
+
+def mount(app: FastAPI) -> None:
+    """Build the Dash app on the server's services and mount it at /dashboard."""
+    svc = app.state.services
+    pio.json.config.default_engine = "orjson"  # Dash encodes figures through plotly.io
+    dash_app = Dash(
+        __name__,
+        requests_pathname_prefix="/dashboard/",
+        routes_pathname_prefix="/",
+        title="BN Scope",
+        suppress_callback_exceptions=True,
+        update_title=None,
+    )
+    dash_app.layout = layout(bool(svc.settings.token))
+    callbacks.register(dash_app, svc, RUN_GRAPHS)
+    app.mount("/dashboard", WSGIMiddleware(dash_app.server))

@@ -1,0 +1,238 @@
+"""The dashboard's behaviour. Server callbacks read the store (dashboard.data) and draw
+(dashboard.figures); the live path runs in the browser (assets/live.js). A failing callback
+shows its error in the page and leaves the figures as they were: the page never goes blank."""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from typing import Any
+from urllib.parse import parse_qs
+
+from dash import ALL, ClientsideFunction, Dash, Input, Output, State, ctx, html, no_update
+from fastapi import HTTPException
+
+from bncore.config import ConfigError, parse_config
+from dashboard import data, figures
+from dashboard.form import PRESETS, build_form, collect
+from server.routes import runs as run_routes
+from server.routes import sweeps as sweep_routes
+from server.schemas import SweepCreate
+from server.services import Services
+from server.views import run_out
+
+log = logging.getLogger(__name__)
+REPLACED = ("fig-depth", "fig-channels")  # rebuilt, not extended, by live batches
+
+
+def banner(run: dict[str, Any] | None, error: str | None = None) -> list[Any]:
+    if error:
+        return [html.Span("error", className="status status-failed"), error]
+    if run is None:
+        return ["Pick a run in the Runs tab (or launch one)."]
+    total = run.get("steps_total")
+    parts: list[Any] = [
+        html.Span(run["status"], className=f"status status-{run['status']}", id="run-status"),
+        html.B(run.get("name") or run["id"]),
+        f"  ·  id {run['id']}  ·  step ",
+        html.Span(str(run["steps_done"]), id="run-step"),
+        f" of {total}" if total else "",
+    ]
+    final = run.get("final") or {}
+    if "test_acc" in final:
+        parts.append(f"  ·  test accuracy {final['test_acc']:.4f}")
+    if run.get("message"):
+        parts.append(html.Pre(run["message"], id="run-message"))
+    return parts
+
+
+def register(app: Dash, svc: Services, graphs: tuple[str, ...]) -> None:
+    @app.callback(
+        Output("runs-table", "data"),
+        Input("runs-refresh", "n_intervals"),
+        Input("launch-result", "children"),
+    )
+    def refresh(_n: int | None, _launched: Any) -> Any:
+        try:
+            return data.runs(svc)
+        except Exception:  # the store is busy or gone: keep the table as it is
+            log.exception("runs table")
+            return no_update
+
+    @app.callback(
+        Output("view-run", "data"),
+        Output("compare-runs", "data"),
+        Output("tabs", "value"),
+        Output("runs-note", "children"),
+        Input("open-run", "n_clicks"),
+        Input("open-compare", "n_clicks"),
+        Input("url", "search"),
+        State("runs-table", "data"),
+        State("runs-table", "selected_rows"),
+    )
+    def open_runs(
+        _a: int, _b: int, search: str | None, rows: list[dict], selected: list[int]
+    ) -> Any:
+        if ctx.triggered_id in (None, "url"):  # a link: /dashboard/?run=ID or ?compare=A,B
+            query = parse_qs((search or "").lstrip("?"))
+            if query.get("run"):
+                return query["run"][0], no_update, "run", ""
+            if query.get("compare"):
+                return no_update, query["compare"][0].split(","), "compare", ""
+            return no_update, no_update, no_update, ""
+        ids = [rows[i]["id"] for i in selected or [] if i < len(rows)]
+        if not ids:
+            return no_update, no_update, no_update, "select a run first (tick its box)"
+        if ctx.triggered_id == "open-run":
+            return ids[0], no_update, "run", ""
+        if len(ids) < 2:
+            return no_update, no_update, no_update, "select two or more runs to compare"
+        return no_update, ids, "compare", ""
+
+    run_outputs = [Output(g, "figure", allow_duplicate=g in REPLACED) for g in graphs]
+
+    @app.callback(
+        *run_outputs,
+        Output("live-spec", "data"),
+        Output("layer-select", "options"),
+        Output("layer-select", "value"),
+        Output("run-banner", "children"),
+        Input("view-run", "data"),
+        Input("layer-select", "value"),
+        Input("live-reset", "data"),
+        prevent_initial_call="initial_duplicate",
+    )
+    def render_run(run_id: str | None, layer: str | None, _reset: Any) -> Any:
+        keep = [no_update] * len(graphs)
+        if not run_id:
+            return *keep, no_update, [], None, banner(None)
+        try:
+            view = data.run_view(svc, run_id, layer)
+            figs, specs = figures.run_figures(view)
+        except KeyError:
+            return *keep, None, [], None, banner(None, f"run {run_id} no longer exists")
+        except Exception as exc:
+            log.exception("run view")
+            return *keep, no_update, no_update, no_update, banner(None, f"{exc}")
+        out = [figs.get(g, no_update) for g in graphs]
+        spec = {"run": run_id, "graphs": list(graphs), "specs": specs, "layers": view["layers"]}
+        return (*out, spec, view["layers"], view["layer"], banner(run_out(view["run"], svc)))
+
+    @app.callback(
+        Output("run-banner", "children", allow_duplicate=True),
+        Output("live-reset", "data", allow_duplicate=True),
+        Input("live-status", "data"),
+        State("live-spec", "data"),
+        prevent_initial_call=True,
+    )
+    def live_status(run: dict[str, Any] | None, spec: dict[str, Any] | None) -> Any:
+        if not run:
+            return no_update, no_update
+        # the worker has just said which layers it has: draw them
+        layers_known = bool((run.get("meta") or {}).get("layers"))
+        redraw = layers_known and spec is not None and not spec.get("layers")
+        return banner(run), (time.time() if redraw else no_update)
+
+    app.clientside_callback(
+        ClientsideFunction("bnscope", "watch"),
+        Output("watching", "data"),
+        Input("view-run", "data"),
+    )
+    app.clientside_callback(
+        ClientsideFunction("bnscope", "extend"),
+        *[
+            Output(g, "figure" if g in REPLACED else "extendData", allow_duplicate=g in REPLACED)
+            for g in graphs
+        ],
+        Input("live-batch", "data"),
+        State("live-spec", "data"),
+        *[State(g, "figure") for g in graphs],
+        prevent_initial_call=True,
+    )
+
+    @app.callback(
+        Output("cmp-loss", "figure"),
+        Output("cmp-acc", "figure"),
+        Output("cmp-stat-fig", "figure"),
+        Input("compare-runs", "data"),
+        Input("cmp-stat", "value"),
+        Input("cmp-layer", "value"),
+    )
+    def compare(run_ids: list[str] | None, stat: str, layer: str) -> Any:
+        if not run_ids:
+            return no_update, no_update, no_update
+        try:
+            figs = figures.compare_figures(data.compare_view(svc, run_ids, stat, layer), stat)
+        except Exception:
+            log.exception("compare view")
+            return no_update, no_update, no_update
+        return figs["cmp-loss"], figs["cmp-acc"], figs["cmp-stat-fig"]
+
+    @app.callback(
+        Output("form-box", "children"),
+        Output("grid", "value"),
+        Input("preset", "value"),
+        prevent_initial_call=True,
+    )
+    def preset(name: str | None) -> Any:
+        if not name:
+            return build_form(), ""
+        p = PRESETS[name]
+        return build_form(parse_config(p["base"])), json.dumps(p["grid"])
+
+    @app.callback(
+        Output("launch-result", "children"),
+        Output({"type": "cfg-err", "field": ALL}, "children"),
+        Input("launch", "n_clicks"),
+        State({"type": "cfg", "field": ALL}, "value"),
+        State({"type": "cfg", "field": ALL}, "id"),
+        State("grid", "value"),
+        State("token", "value"),
+        prevent_initial_call=True,
+    )
+    def launch(
+        _n: int, values: list[Any], ids: list[dict[str, str]], grid: str, token: str | None
+    ) -> Any:
+        fields = [i["field"] for i in ids]
+        errors = {f: "" for f in fields}
+
+        def fail(message: str) -> Any:
+            return [html.Span("not launched", className="status status-failed"), message], [
+                errors[f] for f in fields
+            ]
+
+        if svc.settings.token and not secrets.compare_digest(token or "", svc.settings.token):
+            return fail("this server needs its token to launch runs")
+        body = collect(ids, values)
+        try:
+            config = parse_config(body)
+        except ConfigError as exc:
+            for field, message in exc.errors:
+                errors[field if field in errors else fields[0]] = message
+            return fail("fix the fields marked in red")
+        try:
+            if grid and grid.strip():
+                sweep = sweep_routes.create_sweep(
+                    SweepCreate(base=body, grid=json.loads(grid), name=None), svc
+                )
+                msg = f"sweep {sweep['id']}: {len(sweep['runs'])} runs queued"
+            else:
+                run = run_routes.create_run(config, svc)
+                msg = f"run {run['id']} queued"
+        except json.JSONDecodeError as exc:
+            return fail(f"the sweep grid is not JSON: {exc}")
+        except HTTPException as exc:
+            detail = exc.detail
+            if isinstance(detail, dict):
+                for e in detail.get("errors", []):
+                    if e["field"] in errors:
+                        errors[e["field"]] = e["message"]
+                detail = f"grid point {detail.get('point')}: fix the fields marked in red"
+            return fail(str(detail))
+        except Exception as exc:
+            return fail(f"{type(exc).__name__}: {exc}")
+        return [html.Span("launched", className="status status-running"), msg], [
+            errors[f] for f in fields
+        ]

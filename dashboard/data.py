@@ -1,0 +1,166 @@
+"""What the dashboard shows, read from the server's store: plain dicts of numpy arrays, sized for
+a browser (downsampled or binned), with no plotting in here."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from server.downsample import minmax
+from server.services import Services
+from server.store import COARSE
+
+HEAT_COLUMNS = 400  # step bins of a layer x step heatmap
+LINE_POINTS = 1000  # points per line
+HEAT_STATS = ("pre_mean", "pre_var", "grad_in_norm", "act_saturated")
+LAYER_STATS = ("pre_mean", "running_mean", "pre_var", "running_var", "running_mean_gap",
+               "running_var_gap", "gamma", "beta", "gamma_grad_norm", "beta_grad_norm",
+               "weight_grad_norm", "act_dead", "act_saturated")  # fmt: skip
+EVAL_STATS = ("train_loss", "train_acc", "test_loss", "test_acc", "mode_gap")
+
+
+def runs(svc: Services, limit: int = 200) -> list[dict[str, Any]]:
+    """Rows for the runs table, newest first."""
+    items, _ = svc.store.list_runs(limit=limit)
+    rows = []
+    for r in items:
+        config = r.get("config") or {}
+        total = config.get("steps") or (r.get("meta") or {}).get("steps_total")
+        final = r.get("final") or {}
+        norm = (config.get("norm") or {}).get("kind", "")
+        rows.append(
+            {
+                "id": r["id"],
+                "name": r["name"] or "",
+                "status": r["status"],
+                "progress": f"{r['steps_done']}/{total}" if total else str(r["steps_done"]),
+                "model": _describe(config),
+                "norm": norm,
+                "test_acc": round(final["test_acc"], 4) if "test_acc" in final else None,
+                "message": (r.get("message") or "").splitlines()[0][:120]
+                if r.get("message")
+                else "",
+            }
+        )
+    return rows
+
+
+def _describe(config: dict[str, Any]) -> str:
+    m = config.get("model") or {}
+    if not m:
+        return "client"
+    return (
+        f"{m.get('kind', '')} {m.get('depth')}x{m.get('width')} {m.get('activation', '')}, "
+        f"{(config.get('data') or {}).get('name', '')}, bs {config.get('batch_size')}, "
+        f"lr {(config.get('optim') or {}).get('lr')}"
+    )
+
+
+def layer_names(svc: Services, run: dict[str, Any]) -> list[str]:
+    meta = run.get("meta") or {}
+    if meta.get("layers"):
+        return list(meta["layers"])
+    return sorted(
+        {lay for lay, _ in svc.store.series_names(run["id"]) if lay}, key=lambda n: (len(n), n)
+    )
+
+
+def binned(steps: np.ndarray, values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Mean of the values in each step bin (NaN where a bin is empty)."""
+    if len(steps) == 0:
+        return np.full(len(edges) - 1, np.nan)
+    idx = np.clip(np.searchsorted(edges, steps, side="right") - 1, 0, len(edges) - 2)
+    ok = np.isfinite(values)
+    total = np.bincount(idx[ok], values[ok].astype(np.float64), minlength=len(edges) - 1)
+    count = np.bincount(idx[ok], minlength=len(edges) - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+
+def run_view(svc: Services, run_id: str, layer: str | None) -> dict[str, Any]:
+    """Everything the run view draws, in one read of the store."""
+    run = svc.store.get_run(run_id)
+    if run is None:
+        raise KeyError(run_id)
+    layers = layer_names(svc, run)
+    layer = layer if layer in layers else (layers[-1] if layers else None)
+    keys = [("", "loss"), *[("", s) for s in EVAL_STATS]]
+    if layer:
+        units = len((run.get("meta") or {}).get("tracked_units", [[0, 0, 0]])[0] or [0])
+        keys += [(layer, s) for s in LAYER_STATS]
+        keys += [(layer, f"p{q}_{j}") for q in (15, 50, 85) for j in range(units)]
+    data = svc.store.read_many(run_id, keys)
+    loss_steps, loss = data[("", "loss")]
+    last = int(loss_steps[-1]) if len(loss_steps) else 0
+    edges = np.unique(np.linspace(0, max(last, 1), HEAT_COLUMNS + 1).round().astype(np.int64))
+    # layer x step overviews: every step of a short run, the stored bin means of a long one
+    heat_keys = [(lay, s) for lay in layers for s in HEAT_STATS]
+    fine = last <= COARSE * HEAT_COLUMNS
+    source = (svc.store.read_many if fine else svc.store.read_coarse)(run_id, heat_keys)
+    heat = {}
+    for stat in HEAT_STATS:
+        heat[stat] = (
+            np.stack([binned(*source[(lay, stat)], edges) for lay in layers], axis=1)
+            if layers
+            else np.empty((len(edges) - 1, 0))
+        )
+    centers = (edges[:-1] + edges[1:]) / 2
+    filled = ~np.all(np.isnan(heat["pre_var"]), axis=1) if layers else np.zeros(0, bool)
+    latest = svc.store.read_last(
+        run_id, [(lay, s) for lay in layers for s in ("grad_in_norm", "grad_out_norm")]
+    )
+    depth = {
+        stat: [_finite(latest[(lay, stat)]) for lay in layers]
+        for stat in ("grad_in_norm", "grad_out_norm")
+    }
+    lines = {"loss": minmax(loss_steps, loss, LINE_POINTS)}
+    evals = {s: data[("", s)] for s in EVAL_STATS}
+    detail = {}
+    if layer:
+        detail = {key[1]: minmax(*data[key], LINE_POINTS) for key in keys if key[0] == layer}
+    channels = svc.store.read_channels(run_id)
+    return {
+        "run": run,
+        "layers": layers,
+        "layer": layer,
+        "last_step": last,
+        "heat_steps": centers[filled],
+        "heat": {k: v[filled] for k, v in heat.items()},
+        "depth": depth,
+        "lines": lines,
+        "evals": evals,
+        "detail": detail,
+        "channels": channels,
+    }
+
+
+def _finite(v: float) -> float | None:
+    return v if np.isfinite(v) else None
+
+
+def compare_view(
+    svc: Services, run_ids: list[str], stat: str, layer: str | None
+) -> list[dict[str, Any]]:
+    """Per run: its name, loss, test accuracy, and one statistic of one layer position."""
+    out = []
+    for run_id in run_ids:
+        run = svc.store.get_run(run_id)
+        if run is None:
+            continue
+        layers = layer_names(svc, run)
+        lay = layer if layer in layers else (layers[-1] if layers else "")
+        keys = [("", "loss"), ("", "test_acc"), (lay, stat)]
+        data = svc.store.read_many(run_id, keys)
+        out.append(
+            {
+                "id": run_id,
+                "name": run["name"] or run_id,
+                "status": run["status"],
+                "layer": lay,
+                "loss": minmax(*data[keys[0]], LINE_POINTS),
+                "test_acc": data[keys[1]],
+                "stat": minmax(*data[keys[2]], LINE_POINTS),
+            }
+        )
+    return out

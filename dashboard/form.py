@@ -1,0 +1,154 @@
+"""The launch form, generated from bncore's RunConfig (one input per field, its description as
+the hint), and the presets that reproduce the classic BN comparisons as sweeps."""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any, Literal
+
+from dash import dcc, html
+from pydantic import BaseModel
+
+from bncore.config import RunConfig
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "BN vs no BN": {"base": {"steps": 1000}, "grid": {"norm.kind": ["batch", "none"]}},
+    "Batch size sweep": {"base": {"steps": 1000}, "grid": {"batch_size": [4, 16, 64, 256]}},
+    "BN before vs after the activation": {
+        "base": {"steps": 1000},
+        "grid": {"norm.placement": ["before_activation", "after_activation"]},
+    },
+    "Learning-rate sweep": {
+        "base": {"steps": 1000},
+        "grid": {"optim.lr": [0.003, 0.03, 0.3, 3.0], "norm.kind": ["batch", "none"]},
+    },
+}
+
+
+def leaves(model: type[BaseModel] = RunConfig, prefix: str = ""):
+    """(dotted name, pydantic field) for every leaf field of the config."""
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            yield from leaves(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def _choices(ann: Any) -> tuple[list[Any], bool, bool]:
+    """Literal values, and whether None / free numbers are allowed too."""
+    args = (
+        typing.get_args(ann)
+        if typing.get_origin(ann) in (typing.Union, types.UnionType)
+        else (ann,)
+    )
+    literals, optional, numeric = [], False, False
+    for a in args:
+        if a is type(None):
+            optional = True
+        elif typing.get_origin(a) is Literal:
+            literals += list(typing.get_args(a))
+        elif a in (int, float):
+            numeric = True
+    return literals, optional, numeric
+
+
+def field_input(path: str, field: Any, value: Any) -> html.Div:
+    ann = field.annotation
+    literals, optional, numeric = _choices(ann)
+    ident = {"type": "cfg", "field": path}
+    if ann is bool or (literals == [] and bool in typing.get_args(ann)):
+        options = [{"label": "default", "value": "default"}] * optional + [
+            {"label": "on", "value": "true"},
+            {"label": "off", "value": "false"},
+        ]
+        control = dcc.Dropdown(options, _text(value, "default"), id=ident, clearable=False)
+    elif literals and not numeric:
+        options = [{"label": str(v), "value": v} for v in literals]
+        control = dcc.Dropdown(options, value, id=ident, clearable=False)
+    elif numeric and not literals and not optional:
+        control = dcc.Input(
+            id=ident, type="number", value=value, debounce=True, style={"width": "100%"}
+        )
+    else:  # free text: optional numbers, strings, or a number-or-keyword
+        hint = "default" if optional else ""
+        if literals:
+            hint = " or ".join([hint, *map(str, literals)]).strip(" or")
+        control = dcc.Input(
+            id=ident,
+            type="text",
+            value=_text(value, ""),
+            placeholder=hint,
+            debounce=True,
+            style={"width": "100%"},
+        )
+    return html.Div(
+        [
+            html.Label(path, htmlFor=str(ident), className="field-name"),
+            control,
+            html.Div(field.description or "", className="field-hint"),
+            html.Div(id={"type": "cfg-err", "field": path}, className="field-error"),
+        ],
+        className="field",
+    )
+
+
+def _text(value: Any, empty: str) -> str:
+    if value is None:
+        return empty
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def build_form(config: RunConfig | None = None) -> html.Div:
+    config = config or RunConfig()
+    flat = flatten(config.model_dump(mode="json"))
+    groups: dict[str, list[Any]] = {}
+    for path, field in leaves():
+        groups.setdefault(path.split(".")[0] if "." in path else "run", []).append(
+            field_input(path, field, flat.get(path))
+        )
+    return html.Div(
+        [
+            html.Fieldset([html.Legend(name), *items], className="group")
+            for name, items in groups.items()
+        ],
+        className="form",
+    )
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def collect(ids: list[dict[str, str]], values: list[Any]) -> dict[str, Any]:
+    """The form's values as nested config data; blank means the default."""
+    data: dict[str, Any] = {}
+    for ident, value in zip(ids, values, strict=True):
+        if value is None or value == "" or value == "default":
+            continue
+        if isinstance(value, str):
+            value = {"true": True, "false": False}.get(value, _number(value))
+        node = data
+        *parents, leaf = ident["field"].split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return data
+
+
+def _number(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
