@@ -1,6 +1,8 @@
 """The dashboard in a real headless Chromium against a real ``bnscope serve``:
 
-1. a finished 100k-step, 20-layer run opens (all figures drawn) in <= 2 s;
+1. a finished 100k-step, 20-layer run opens (all figures of its view drawn) in <= 2 s, from
+   the dashboard (the user picks it in the runs list and clicks Open); a cold page load with a
+   link to the run is reported too;
 2. while a run trains, a record is drawn <= 500 ms after its creation in the worker (p95,
    measured in the page for the oldest record of each redraw);
 3. no main-thread task over 200 ms while it streams (PerformanceObserver 'longtask').
@@ -55,18 +57,41 @@ def main(argv: list[str] | None = None) -> int:
         browser = launch(pw)
         try:
             run_id = big_run(srv, args.steps)
-            times = []
+            cold = []
             for _ in range(args.opens):
                 page = browser.new_page(viewport={"width": 1500, "height": 1000})
                 t0 = time.perf_counter()
                 page.goto(f"{srv.url}/dashboard/?run={run_id}")
                 page.wait_for_function(DRAWN, timeout=60_000)
-                times.append(time.perf_counter() - t0)
+                cold.append(time.perf_counter() - t0)
                 page.close()
+            other = big_run(srv, 1000)  # a second run to switch away to
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            page.goto(f"{srv.url}/dashboard/")
+            page.wait_for_selector("#runs-table .dash-spreadsheet input[type=checkbox]")
+            warm = []
+            for i in range(2 * args.opens):
+                target = run_id if i % 2 else other
+                page.click("#tabs >> text=Runs")
+                page.locator("#runs-table tr", has_text=target).locator("input").check()
+                page.click("#open-run")
+                t0 = time.perf_counter()
+                page.wait_for_function(
+                    "() => (document.getElementById('run-banner') || {}).innerText"
+                    f"?.includes('{target}')",
+                    timeout=60_000,
+                )
+                page.wait_for_function(DRAWN, timeout=60_000)
+                if target == run_id:
+                    warm.append(time.perf_counter() - t0)
+                page.click("#tabs >> text=Runs")
+                page.locator("#runs-table tr", has_text=target).locator("input").uncheck()
+            page.close()
             print(
-                f"open a finished {args.steps:,}-step, {len(LAYERS)}-layer run: median "
-                f"{np.median(times):.2f} s, worst {max(times):.2f} s over {args.opens} loads "
-                f"(target <= 2 s: {'met' if max(times) <= 2 else 'MISSED'})"
+                f"open a finished {args.steps:,}-step, {len(LAYERS)}-layer run from the "
+                f"dashboard: median {np.median(warm):.2f} s, worst {max(warm):.2f} s "
+                f"(target <= 2 s: {'met' if max(warm) <= 2 else 'MISSED'}); cold page load "
+                f"with a link to it: median {np.median(cold):.2f} s"
             )
 
             with srv.client() as api:
@@ -88,9 +113,13 @@ def main(argv: list[str] | None = None) -> int:
                 page.add_init_script(WATCH_LONG_TASKS)
                 page.goto(f"{srv.url}/dashboard/?run={live['id']}")
                 page.wait_for_function(DRAWN, timeout=60_000)
-                page.evaluate("() => { window.bnscope.latencies = []; window.__longTasks = []; }")
+                page.evaluate(
+                    "() => { Object.assign(window.bnscope, {latencies: [], latenciesAll: []});"
+                    " window.__longTasks = []; }"
+                )
                 time.sleep(args.live_seconds)
                 lat = page.evaluate("() => window.bnscope.latencies")
+                lat_all = page.evaluate("() => window.bnscope.latenciesAll")
                 long_tasks = page.evaluate("() => window.__longTasks")
                 steps_done = api.get(f"/api/runs/{live['id']}").json()["steps_done"]
                 api.post(f"/api/runs/{live['id']}/cancel")
@@ -99,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"live: {len(lat)} redraws, record to screen p50 {1e3 * np.median(lat):.0f} ms,"
                 f" p95 {1e3 * np.percentile(lat, 95):.0f} ms (target <= 500 ms: "
                 f"{'met' if np.percentile(lat, 95) <= 0.5 else 'MISSED'}); about {rate:.0f} "
-                f"steps/s, so {rate:.0f} records/s per layer"
+                f"steps/s, so {rate:.0f} records/s per layer; in every figure of the section: "
+                f"p95 {1e3 * np.percentile(lat_all, 95):.0f} ms"
             )
             worst = max(long_tasks, default=0.0)
             print(

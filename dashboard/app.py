@@ -15,14 +15,26 @@ from a2wsgi import WSGIMiddleware
 from dash import Dash, dash_table, dcc, html
 
 from dashboard import callbacks
+from dashboard.figures import STAT_LABELS
 from dashboard.form import PRESETS, build_form
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-RUN_GRAPHS = ("fig-loss", "fig-acc", "fig-heat-mean", "fig-heat-var", "fig-heat-grad",
-              "fig-heat-sat", "fig-depth", "fig-layer", "fig-affine", "fig-grads", "fig-pct",
-              "fig-channels")  # fmt: skip
+# The run view's sections: only the open one is drawn (and fed live), so opening a run or
+# streaming into it costs a handful of figures, however many there are in all.
+SECTIONS = {
+    "overview": ("fig-loss", "fig-acc", "fig-heat-var", "fig-heat-mean", "fig-depth",
+                 "fig-channels"),
+    "layer": ("fig-layer", "fig-affine", "fig-grads", "fig-pct"),
+    "gradients": ("fig-heat-grad", "fig-heat-sat", "fig-depth-2"),
+}  # fmt: skip
+SECTION_LABELS = {
+    "overview": "Overview",
+    "layer": "One layer",
+    "gradients": "Gradients and saturation",
+}
+RUN_GRAPHS = tuple(g for graphs in SECTIONS.values() for g in graphs)
 STATUS_COLUMNS = ("id", "name", "status", "progress", "model", "norm", "test_acc", "message")
 
 
@@ -80,7 +92,18 @@ def layout(has_token: bool) -> html.Div:
                 ],
                 className="toolbar",
             ),
-            html.Div([_graph(g) for g in RUN_GRAPHS], className="grid"),
+            dcc.Tabs(
+                id="section",
+                value="overview",
+                children=[
+                    dcc.Tab(
+                        html.Div([_graph(g) for g in graphs], className="grid"),
+                        label=SECTION_LABELS[name],
+                        value=name,
+                    )
+                    for name, graphs in SECTIONS.items()
+                ],
+            ),
         ]
     )
     compare_tab = html.Div(
@@ -92,22 +115,12 @@ def layout(has_token: bool) -> html.Div:
                         id="cmp-stat",
                         value="pre_var",
                         clearable=False,
-                        options=[
-                            "pre_var",
-                            "pre_mean",
-                            "post_var",
-                            "act_dead",
-                            "act_saturated",
-                            "running_var_gap",
-                            "grad_in_norm",
-                            "weight_grad_norm",
-                            "gamma",
-                            "beta",
-                        ],
-                        style={"width": "220px"},
+                        options=[{"label": v, "value": k} for k, v in STAT_LABELS.items()],
+                        style={"width": "280px"},
                     ),
                     html.Label("Layer"),
-                    dcc.Input(id="cmp-layer", value="block0", debounce=True),
+                    dcc.Dropdown(id="cmp-layer", clearable=False, style={"width": "180px"}),
+                    html.Span("runs without that layer show their last one", className="note"),
                 ],
                 className="toolbar",
             ),
@@ -166,7 +179,7 @@ def layout(has_token: bool) -> html.Div:
             dcc.Store(id="view-run"),
             dcc.Store(id="compare-runs"),
             dcc.Store(id="live-spec"),
-            dcc.Store(id="live-batch"),
+            dcc.Store(id="following"),
             dcc.Store(id="live-status"),
             dcc.Store(id="live-reset"),
             dcc.Store(id="live-conn"),
@@ -188,5 +201,5 @@ def mount(app: FastAPI) -> None:
         update_title=None,
     )
     dash_app.layout = layout(bool(svc.settings.token))
-    callbacks.register(dash_app, svc, RUN_GRAPHS)
+    callbacks.register(dash_app, svc, RUN_GRAPHS, SECTIONS)
     app.mount("/dashboard", WSGIMiddleware(dash_app.server))

@@ -24,7 +24,6 @@ from server.services import Services
 from server.views import run_out
 
 log = logging.getLogger(__name__)
-REPLACED = ("fig-depth", "fig-channels")  # rebuilt, not extended, by live batches
 
 
 def banner(run: dict[str, Any] | None, error: str | None = None) -> list[Any]:
@@ -48,7 +47,9 @@ def banner(run: dict[str, Any] | None, error: str | None = None) -> list[Any]:
     return parts
 
 
-def register(app: Dash, svc: Services, graphs: tuple[str, ...]) -> None:
+def register(
+    app: Dash, svc: Services, graphs: tuple[str, ...], sections: dict[str, tuple[str, ...]]
+) -> None:
     @app.callback(
         Output("runs-table", "data"),
         Input("runs-refresh", "n_intervals"),
@@ -91,10 +92,8 @@ def register(app: Dash, svc: Services, graphs: tuple[str, ...]) -> None:
             return no_update, no_update, no_update, "select two or more runs to compare"
         return no_update, ids, "compare", ""
 
-    run_outputs = [Output(g, "figure", allow_duplicate=g in REPLACED) for g in graphs]
-
     @app.callback(
-        *run_outputs,
+        *[Output(g, "figure") for g in graphs],
         Output("live-spec", "data"),
         Output("layer-select", "options"),
         Output("layer-select", "value"),
@@ -102,9 +101,10 @@ def register(app: Dash, svc: Services, graphs: tuple[str, ...]) -> None:
         Input("view-run", "data"),
         Input("layer-select", "value"),
         Input("live-reset", "data"),
-        prevent_initial_call="initial_duplicate",
+        Input("section", "value"),
     )
-    def render_run(run_id: str | None, layer: str | None, _reset: Any) -> Any:
+    def render_run(run_id: str | None, layer: str | None, _reset: Any, section: str) -> Any:
+        """The open section's figures, fresh from the store, and what feeds them live."""
         keep = [no_update] * len(graphs)
         if not run_id:
             return *keep, no_update, [], None, banner(None)
@@ -116,8 +116,13 @@ def register(app: Dash, svc: Services, graphs: tuple[str, ...]) -> None:
         except Exception as exc:
             log.exception("run view")
             return *keep, no_update, no_update, no_update, banner(None, f"{exc}")
-        out = [figs.get(g, no_update) for g in graphs]
-        spec = {"run": run_id, "graphs": list(graphs), "specs": specs, "layers": view["layers"]}
+        shown = set(sections.get(section, ()))
+        out = [figs.get(g, no_update) if g in shown else no_update for g in graphs]
+        spec = {
+            "run": run_id,
+            "specs": [s for s in specs if s["graph"] in shown],
+            "layers": view["layers"],
+        }
         return (*out, spec, view["layers"], view["layer"], banner(run_out(view["run"], svc)))
 
     @app.callback(
@@ -141,34 +146,33 @@ def register(app: Dash, svc: Services, graphs: tuple[str, ...]) -> None:
         Input("view-run", "data"),
     )
     app.clientside_callback(
-        ClientsideFunction("bnscope", "extend"),
-        *[
-            Output(g, "figure" if g in REPLACED else "extendData", allow_duplicate=g in REPLACED)
-            for g in graphs
-        ],
-        Input("live-batch", "data"),
-        State("live-spec", "data"),
-        *[State(g, "figure") for g in graphs],
-        prevent_initial_call=True,
+        ClientsideFunction("bnscope", "follow"),
+        Output("following", "data"),
+        Input("live-spec", "data"),
     )
 
     @app.callback(
         Output("cmp-loss", "figure"),
         Output("cmp-acc", "figure"),
         Output("cmp-stat-fig", "figure"),
+        Output("cmp-layer", "options"),
+        Output("cmp-layer", "value"),
         Input("compare-runs", "data"),
         Input("cmp-stat", "value"),
         Input("cmp-layer", "value"),
     )
-    def compare(run_ids: list[str] | None, stat: str, layer: str) -> Any:
+    def compare(run_ids: list[str] | None, stat: str, layer: str | None) -> Any:
         if not run_ids:
-            return no_update, no_update, no_update
+            return (no_update,) * 5
         try:
-            figs = figures.compare_figures(data.compare_view(svc, run_ids, stat, layer), stat)
+            runs = data.compare_view(svc, run_ids, stat, layer)
+            figs = figures.compare_figures(runs, stat)
         except Exception:
             log.exception("compare view")
-            return no_update, no_update, no_update
-        return figs["cmp-loss"], figs["cmp-acc"], figs["cmp-stat-fig"]
+            return (no_update,) * 5
+        layers = list(dict.fromkeys(name for r in runs for name in r["layers"]))
+        chosen = layer if layer in layers else (runs[0]["layer"] if runs else None)
+        return figs["cmp-loss"], figs["cmp-acc"], figs["cmp-stat-fig"], layers, chosen
 
     @app.callback(
         Output("form-box", "children"),

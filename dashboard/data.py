@@ -158,6 +158,7 @@ def compare_view(
                 "name": run["name"] or run_id,
                 "status": run["status"],
                 "layer": lay,
+                "layers": layers,
                 "loss": minmax(*data[keys[0]], LINE_POINTS),
                 "test_acc": data[keys[1]],
                 "stat": minmax(*data[keys[2]], LINE_POINTS),

@@ -19,6 +19,23 @@ MAX_LIVE_COLUMNS = 1_000  # per heatmap while a run streams
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
           "#e377c2", "#7f7f7f", "#bcbd22")  # fmt: skip
 _AXIS = {"gridcolor": "#eef2f7", "zeroline": False, "automargin": True}
+# Per-layer statistics a user can pick to compare runs by (records.LAYER_COLUMNS).
+STAT_LABELS = {
+    "pre_var": "BN input variance (batch)",
+    "pre_mean": "BN input mean (batch)",
+    "post_var": "BN output variance",
+    "post_mean": "BN output mean",
+    "act_var": "activation variance",
+    "act_dead": "dead-unit fraction",
+    "act_saturated": "saturated-unit fraction",
+    "running_mean_gap": "running-mean gap (RMS)",
+    "running_var_gap": "running-variance gap (RMS)",
+    "gamma": "gamma (mean)",
+    "beta": "beta (mean)",
+    "grad_in_norm": "gradient norm into the layer",
+    "weight_grad_norm": "weight gradient norm",
+    "gamma_grad_norm": "gamma gradient norm",
+}
 
 
 def figure(
@@ -117,7 +134,7 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
             line(*ev["mode_gap"], "train-vs-eval mode gap", COLORS[4], yaxis="y2", **marked),
         ],
         "Accuracy (eval mode) and train/eval gap",
-        yaxis2={"overlaying": "y", "side": "right", "showgrid": False, "title": "gap"},
+        yaxis2={**_AXIS, "overlaying": "y", "side": "right", "showgrid": False, "title": "gap"},
     )
     live("fig-acc", "evals", ["train_acc", "test_acc", "mode_gap"], [0, 1, 2])
 
@@ -154,7 +171,7 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
         )
 
     depth = view["depth"]
-    figs["fig-depth"] = figure(
+    figs["fig-depth"] = figs["fig-depth-2"] = figure(
         [
             line(layers, depth["grad_out_norm"], "reaching BN's output", COLORS[3], **marked),
             line(layers, depth["grad_in_norm"], "leaving through BN's input", COLORS[0], **marked),
@@ -171,6 +188,7 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
             "layers": layers,
         }
     )
+    specs.append({**specs[-1], "graph": "fig-depth-2"})
 
     d = view["detail"]
     if layer:
@@ -289,5 +307,5 @@ def compare_figures(runs: list[dict[str, Any]], stat: str) -> dict[str, Figure]:
     return {
         "cmp-loss": figure(loss, "Training loss", yaxis={"type": "log"}),
         "cmp-acc": figure(acc, "Test accuracy"),
-        "cmp-stat-fig": figure(st, f"{stat} at the same layer position"),
+        "cmp-stat-fig": figure(st, f"{STAT_LABELS.get(stat, stat)} at the chosen layer"),
     }

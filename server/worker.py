@@ -91,7 +91,7 @@ def main(
                 sink,
                 should_stop=lambda: cancel.is_set() or os.getppid() != parent,
                 flush_every=200,
-                flush_seconds=0.1,
+                flush_seconds=0.05,
             )
         except Exception as exc:
             if os.getppid() != parent:

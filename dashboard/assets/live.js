@@ -1,21 +1,53 @@
-// BN Scope live view: one EventSource per viewed run; each `records` batch extends the figures
-// in the browser, following the live specs that dashboard/figures.py sends with the figures.
+// BN Scope live view: one EventSource per viewed run. Batches that arrive within EVERY ms are
+// merged; each figure of the open section then grows by one extendData (or, for "latest" and
+// "channels" figures, is rebuilt), each in its own task so the page stays responsive. What
+// feeds each figure comes from the live specs that dashboard/figures.py sends with it.
 (function () {
   const B = (window.bnscope = window.bnscope || {});
-  B.latencies = [];  // seconds from a record's creation in the worker to its drawing here
+  const EVERY = 50;
+  // seconds from a record's creation in the worker until it is drawn here: in the first figure
+  // that shows it (latencies), and once every figure of the open section has it (latenciesAll)
+  B.latencies = [];
+  B.latenciesAll = [];
   B.source = null;
   B.runId = null;
-  B.pending = [];  // batches received since the last redraw
+  B.pending = [];
   B.timer = null;
-  B.every = 200;  // ms: batches arriving faster are drawn together, one redraw per figure
+  B.spec = null;
+  B.redrawAsked = false;
+
+  const set = (id, props) => window.dash_clientside.set_props(id, props);
+  const say = (text) => set("live-indicator", {children: text});
+  const log10 = (v) => (v === null || !(v > 0) ? null : Math.log10(v));
+
+  B.watch = function (runId) {
+    if (runId === B.runId) return;
+    if (B.source) B.source.close();
+    Object.assign(B, {source: null, runId: runId || null, pending: []});
+    if (!runId) { say(""); return; }
+    const es = new EventSource("/api/runs/" + runId + "/stream");  // reconnects by itself
+    B.source = es;
+    es.onopen = () => say("live");
+    es.onerror = () => say(es.readyState === EventSource.CLOSED ? "" : "reconnecting…");
+    es.addEventListener("records", (e) => {
+      B.pending.push(JSON.parse(e.data));
+      if (!B.timer) B.timer = setTimeout(B.deliver, EVERY);
+    });
+    es.addEventListener("status", (e) => {
+      const run = JSON.parse(e.data);
+      set("live-status", {data: run});
+      if (!["queued", "running"].includes(run.status)) { es.close(); say("finished"); }
+    });
+    es.addEventListener("reset", () => set("live-reset", {data: Date.now()}));
+  };
 
   // One batch from several: columns concatenated; per-channel arrays, only the latest.
   B.merge = function (batches) {
     if (batches.length === 1) return batches[0];
-    const out = {seq: batches[batches.length - 1].seq};
+    const out = {};
     for (const b of batches) {
       for (const [name, table] of Object.entries(b)) {
-        if (name === "seq" || !table || !table.step) continue;
+        if (!table || !table.step) continue;
         if (name === "channels" || !out[name]) { out[name] = Object.assign({}, table); continue; }
         for (const [col, values] of Object.entries(table)) {
           out[name][col] = (out[name][col] || []).concat(values);
@@ -25,137 +57,114 @@
     return out;
   };
 
-  B.deliver = function () {
-    B.timer = null;
-    if (!B.pending.length) return;
-    const batch = B.merge(B.pending);
-    B.pending = [];
-    dash_clientside.set_props("live-batch", {data: batch});
-    const steps = batch.steps && batch.steps.step;
-    if (steps && steps.length && document.getElementById("run-step")) {
-      dash_clientside.set_props("run-step", {children: String(steps[steps.length - 1])});
-    }
-  };
-
-  function say(text) {
-    if (window.dash_clientside && dash_clientside.set_props) {
-      dash_clientside.set_props("live-indicator", {children: text});
-    }
-  }
-
-  B.watch = function (runId) {
-    if (runId === B.runId) return;
-    if (B.source) B.source.close();
-    B.source = null;
-    B.runId = runId || null;
-    B.pending = [];
-    if (!runId) { say(""); return; }
-    const es = new EventSource("/api/runs/" + runId + "/stream");  // reconnects by itself
-    B.source = es;
-    es.onopen = () => say("live");
-    es.onerror = () => say(es.readyState === EventSource.CLOSED ? "" : "reconnecting…");
-    es.addEventListener("records", (e) => {
-      B.pending.push(JSON.parse(e.data));
-      if (!B.timer) B.timer = setTimeout(B.deliver, B.every);
-    });
-    es.addEventListener("status", (e) => {
-      const run = JSON.parse(e.data);
-      dash_clientside.set_props("live-status", {data: run});
-      if (!["queued", "running"].includes(run.status)) { es.close(); say("finished"); }
-    });
-    es.addEventListener("reset", () => {
-      dash_clientside.set_props("live-reset", {data: Date.now()});
-    });
-  };
-
   const rows = (table, layer) => {
     const idx = [];
-    if (!table || !table.step) return idx;
     for (let i = 0; i < table.step.length; i++) {
       if (layer === undefined || table.layer[i] === layer) idx.push(i);
     }
     return idx;
   };
-  const log10 = (v) => (v === null || !(v > 0) ? null : Math.log10(v));
+  const plotted = (graph) => {
+    const gd = document.querySelector("#" + graph + " .js-plotly-plot");
+    return gd && gd.data ? gd : null;
+  };
 
-  // Extend (or, for "latest" and "channels", rebuild) every graph from one batch.
-  B.extend = function (batch, specs, graphIds, figures) {
-    const nothing = window.dash_clientside.no_update;
-    const out = {};
-    for (const spec of specs || []) {
-      const table = batch[spec.table];
-      if (!table || !table.step || !table.step.length) continue;
-      if (spec.kind === "line") {
-        const idx = rows(table, spec.layer);
-        if (!idx.length) continue;
-        const ext = (out[spec.graph] = out[spec.graph] || {x: [], y: [], traces: [], max: spec.max});
-        spec.columns.forEach((col, k) => {
-          if (!table[col]) return;
-          ext.x.push(idx.map((i) => table.step[i]));
-          ext.y.push(idx.map((i) => table[col][i]));
-          ext.traces.push(spec.traces[k]);
-        });
-      } else if (spec.kind === "heat") {
-        const byStep = new Map();
-        table.step.forEach((s, i) => {
-          if (!byStep.has(s)) byStep.set(s, new Array(spec.layers.length).fill(null));
-          const j = spec.layers.indexOf(table.layer[i]);
-          if (j >= 0) byStep.get(s)[j] = spec.log ? log10(table[spec.column][i]) : table[spec.column][i];
-        });
-        out[spec.graph] = {heat: [[...byStep.keys()], [...byStep.values()]], max: spec.max};
-      } else if (spec.kind === "latest") {
-        const last = {};
-        table.step.forEach((s, i) => { last[table.layer[i]] = i; });
-        out[spec.graph] = {latest: spec.columns.map((col) =>
-          spec.layers.map((l) => (l in last ? table[col][last[l]] : null)))};
-      } else if (spec.kind === "channels") {
-        out[spec.graph] = {channels: table};
+  // The update of one figure from one batch: [prop, value], or null if nothing changes.
+  function update(spec, batch, ext) {
+    const table = batch[spec.table];
+    if (!table || !table.step || !table.step.length) return null;
+    if (spec.kind === "line") {
+      const idx = rows(table, spec.layer);
+      if (!idx.length) return null;
+      spec.columns.forEach((col, k) => {
+        if (!table[col]) return;
+        ext.x.push(idx.map((i) => table.step[i]));
+        ext.y.push(idx.map((i) => table[col][i]));
+        ext.traces.push(spec.traces[k]);
+        ext.max = spec.max;
+      });
+      return null;  // lines of one figure are sent together, after all its specs
+    }
+    if (spec.kind === "heat") {
+      const byStep = new Map();
+      table.step.forEach((s, i) => {
+        if (!byStep.has(s)) byStep.set(s, new Array(spec.layers.length).fill(null));
+        const j = spec.layers.indexOf(table.layer[i]);
+        const v = table[spec.column][i];
+        if (j >= 0) byStep.get(s)[j] = spec.log ? log10(v) : v;
+      });
+      return ["extendData", [{x: [[...byStep.keys()]], z: [[...byStep.values()]]}, [0], spec.max]];
+    }
+    const gd = plotted(spec.graph);
+    if (!gd) return null;
+    let data;
+    if (spec.kind === "latest") {
+      const last = {};
+      table.step.forEach((s, i) => { last[table.layer[i]] = i; });
+      data = gd.data.map((t, k) => Object.assign({}, t, {
+        y: spec.layers.map((l) => (l in last ? table[spec.columns[k]][last[l]] : null))}));
+    } else {  // channels: the latest per-channel arrays, one row per layer of the run
+      const known = (B.spec && B.spec.layers) || [];
+      const names = known.length ? known : (gd.data[0].y || []);
+      data = gd.data.map((t, k) => {
+        const before = new Map((t.y || []).map((layer, r) => [layer, t.z ? t.z[r] : null]));
+        return Object.assign({}, t, {y: names, z: names.map((layer) => {
+          const i = table.layer.lastIndexOf(layer);
+          if (i < 0) return before.get(layer) || null;
+          const row = table[k === 0 ? "pre_mean" : "pre_var"][i];
+          return k === 0 ? row : row.map(log10);
+        })});
+      });
+      const height = Math.max(240, 80 + 18 * names.length);  // as figures.channel_figure
+      return ["figure", {data: data, layout: Object.assign({}, gd.layout, {height: height})}];
+    }
+    return ["figure", {data: data, layout: gd.layout}];
+  }
+
+  B.deliver = function () {
+    B.timer = null;
+    if (!B.pending.length || !B.spec) return;
+    const batch = B.merge(B.pending);
+    B.pending = [];
+    const layers = batch.layers && batch.layers.layer;
+    if (layers && layers.length && !(B.spec.layers || []).length && !B.redrawAsked) {
+      B.redrawAsked = true;  // drawn before the run said which layers it has
+      set("live-reset", {data: Date.now()});
+    }
+    const steps = batch.steps && batch.steps.step;
+    if (steps && steps.length) set("run-step", {children: String(steps[steps.length - 1])});
+    const lines = {};
+    const work = [];  // line figures first: the step's loss shows before the heatmaps
+    for (const spec of B.spec.specs || []) {
+      const ext = (lines[spec.graph] = lines[spec.graph] || {x: [], y: [], traces: []});
+      const u = update(spec, batch, ext);
+      if (u) work.push([spec.graph, u]);
+    }
+    for (const [graph, ext] of Object.entries(lines).reverse()) {
+      if (ext.traces.length) {
+        work.unshift([graph, ["extendData", [{x: ext.x, y: ext.y}, ext.traces, ext.max]]]);
       }
     }
-    return graphIds.map((g, n) => {
-      const e = out[g];
-      if (!e) return nothing;
-      if (e.heat) return [{x: [e.heat[0]], z: [e.heat[1]]}, [0], e.max];
-      if (e.latest || e.channels) {
-        const fig = figures[n];
-        if (!fig) return nothing;
-        const data = fig.data.map((t, k) => {
-          if (e.latest) return Object.assign({}, t, {y: e.latest[k]});
-          const col = k === 0 ? "pre_mean" : "pre_var";
-          const z = (t.y || []).map((layer) => {
-            const i = e.channels.layer.indexOf(layer);
-            const old = t.z ? t.z[(t.y || []).indexOf(layer)] : null;
-            if (i < 0) return old;
-            const row = e.channels[col][i];
-            return k === 0 ? row : row.map(log10);
-          });
-          return Object.assign({}, t, {z: z});
-        });
-        return Object.assign({}, fig, {data: data});
-      }
-      return [{x: e.x, y: e.y}, e.traces, e.max];
+    const created = batch.steps && batch.steps.time;
+    work.forEach(([graph, [prop, value]], n) => {
+      setTimeout(() => {
+        set(graph, {[prop]: value});
+        if ((n === 0 || n === work.length - 1) && created && created.length) {
+          const oldest = created[0];  // the record that waited longest
+          const into = n === 0 ? B.latencies : B.latenciesAll;
+          requestAnimationFrame(() => into.push(Date.now() / 1000 - oldest));
+        }
+      }, 0);
     });
   };
 
   window.dash_clientside = Object.assign({}, window.dash_clientside, {
     bnscope: {
       watch: function (runId) { B.watch(runId); return runId || null; },
-      extend: function (batch, specs, ...figures) {
-        // drawn before the run said which layers it has: redraw once they show up
-        const haveLayers = specs && specs.layers && specs.layers.length;
-        if (haveLayers) B.redrawAsked = false;
-        else if (batch && batch.layers && batch.layers.layer && !B.redrawAsked) {
-          B.redrawAsked = true;
-          dash_clientside.set_props("live-reset", {data: Date.now()});
-        }
-        const graphIds = (specs && specs.graphs) || [];
-        const result = B.extend(batch || {}, (specs && specs.specs) || [], graphIds, figures);
-        const created = batch && batch.steps && batch.steps.time;
-        if (created && created.length) {
-          const oldest = created[0];  // the record that waited longest
-          requestAnimationFrame(() => B.latencies.push(Date.now() / 1000 - oldest));
-        }
-        return result;
+      follow: function (spec) {
+        B.spec = spec || null;
+        if (spec && (spec.layers || []).length) B.redrawAsked = false;
+        return spec ? spec.run : null;
       },
     },
   });
