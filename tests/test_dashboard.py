@@ -1,0 +1,237 @@
+"""The dashboard in a real headless Chromium (Debian's) against a real ``bnscope serve``:
+launch from the form, watch a run grow live, compare runs, see failures for what they are.
+Screenshots go to artifacts/."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from server.process import ServerProcess, wait_for
+
+playwright = pytest.importorskip("playwright.sync_api")
+from dashboard.browser import CHROMIUM, launch  # noqa: E402
+
+pytestmark = [
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
+]
+ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts"
+SMALL = {
+    "model": {"depth": 3, "width": 16},
+    "data": {"name": "digits"},
+    "batch_size": 32,
+    "eval_interval": 100,
+}
+
+
+def points(page, graph: str, trace: int = 0) -> int:
+    return page.evaluate(
+        "([g, t]) => { const gd = document.querySelector('#' + g + ' .js-plotly-plot');"
+        " return gd && gd.data && gd.data[t] && gd.data[t].x ? gd.data[t].x.length : 0; }",
+        [graph, trace],
+    )
+
+
+def shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / name), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("dash"), "--max-runs", "2").start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with playwright.sync_playwright() as pw:
+        b = launch(pw)
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    p = browser.new_page(viewport={"width": 1400, "height": 1000})
+    errors: list[str] = []
+    p.on("pageerror", lambda e: errors.append(str(e)))
+    p.goto(f"{server.url}/dashboard/")
+    p.wait_for_selector("#runs-table")
+    yield p
+    p.close()
+    assert not errors, errors
+
+
+def fill(page, field: str, value: str) -> None:
+    box = page.locator(f'[id*=\'"field":"{field}"\']').first
+    box.fill(value)
+    box.press("Tab")
+
+
+def test_launch_from_the_form_and_watch_it_grow(page, server):
+    page.click("#tabs >> text=Launch")
+    for field, value in (
+        ("steps", "6000"),
+        ("eval_interval", "200"),
+        ("batch_size", "32"),
+        ("model.width", "16"),
+        ("model.depth", "3"),
+    ):
+        fill(page, field, value)
+    page.locator("#form-box").get_by_role("button", name="mnist1d").click()
+    page.get_by_role("option", name="digits").click()
+    page.click("#launch")
+    result = page.locator("#launch-result")
+    result.get_by_text("queued").wait_for()
+    run_id = result.inner_text().split("run ")[1].split()[0]
+    page.click("#tabs >> text=Runs")
+    row = page.locator("#runs-table tr", has_text=run_id)
+    row.wait_for()
+    row.locator("input").check()
+    page.click("#open-run")
+    page.locator("#run-banner").get_by_text("running").wait_for(timeout=60_000)
+    wait_for(lambda: points(page, "fig-loss") > 20, 60)
+    first = points(page, "fig-loss")
+    time.sleep(2)
+    later = points(page, "fig-loss")
+    assert later > first, "the loss chart grows while the run trains"
+    wait_for(
+        lambda: page.evaluate(
+            "() => { const gd = document.querySelector('#fig-heat-var .js-plotly-plot');"
+            " return gd && gd.data[0].z && gd.data[0].z.length > 5; }"
+        ),
+        30,
+    )
+    assert page.inner_text("#live-indicator") == "live"
+    wait_for(
+        lambda: page.evaluate(
+            "() => { const gd = document.querySelector('#fig-channels .js-plotly-plot');"
+            " return gd && gd.data.every((t) => t.z && t.z.length === 3"
+            " && t.z.every((row) => row && row.length === 16)); }"
+        ),
+        30,
+    )  # per-channel heatmaps fill live, one row per layer, one column per unit
+    shot(page, "dashboard-overview.png")
+    page.click("#section >> text=One layer")
+    wait_for(lambda: points(page, "fig-layer") > 0, 30)
+    lat = page.evaluate("() => window.bnscope.latencies")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "live-latency.json").write_text(json.dumps(lat))
+    assert lat and min(lat) < 5, "records reach the page (figures: benchmarks/dashboard_page.py)"
+    shot(page, "dashboard-run.png")
+    with server.client() as api:
+        api.post(f"/api/runs/{run_id}/cancel")
+
+
+def test_form_errors_show_beside_their_field(page):
+    page.click("#tabs >> text=Launch")
+    fill(page, "optim.lr", "-1")
+    fill(page, "batch_size", "1")
+    page.click("#launch")
+    page.locator("#launch-result").get_by_text("fix the fields").wait_for()
+    lr_error = page.locator("[id*='\"field\":\"optim.lr\"'][id*='cfg-err']")
+    assert "greater than 0" in lr_error.inner_text()
+    bs_error = page.locator("[id*='\"field\":\"batch_size\"'][id*='cfg-err']")
+    assert "greater than or equal to 2" in bs_error.inner_text()
+    shot(page, "dashboard-form-errors.png")
+
+
+def test_compare_view_overlays_runs(page, server):
+    with server.client() as api:
+        ids = [
+            api.post(
+                "/api/runs",
+                json={**SMALL, "steps": 60, "name": f"cmp-{kind}", "norm": {"kind": kind}},
+            ).json()["id"]
+            for kind in ("batch", "none")
+        ]
+        for run_id in ids:
+            wait_for(
+                lambda r=run_id: api.get(f"/api/runs/{r}").json()["status"] == "completed", 120
+            )
+    page.click("#tabs >> text=Runs")
+    for run_id in ids:
+        row = page.locator("#runs-table tr", has_text=run_id)
+        row.wait_for()
+        row.locator("input").check()
+    page.click("#open-compare")
+    wait_for(
+        lambda: (
+            page.evaluate(
+                "() => { const gd = document.querySelector('#cmp-loss .js-plotly-plot');"
+                " return gd && gd.data ? gd.data.length : 0; }"
+            )
+            == 2
+        ),
+        30,
+    )
+    assert points(page, "cmp-loss", 0) > 0 and points(page, "cmp-loss", 1) > 0
+    names = page.evaluate(
+        "() => document.querySelector('#cmp-stat-fig .js-plotly-plot').data.map(t => t.name)"
+    )
+    assert any("cmp-batch" in n for n in names) and any("cmp-none" in n for n in names)
+    page.locator("#cmp-layer").click()
+    page.get_by_role("option", name="block0").click()
+    stat_names = (
+        "() => document.querySelector('#cmp-stat-fig .js-plotly-plot').data.map(t => t.name)"
+    )
+    wait_for(lambda: all(n.endswith("block0") for n in page.evaluate(stat_names)), 30)
+    shot(page, "dashboard-compare.png")
+
+
+def test_a_diverged_run_says_so(page, server):
+    with server.client() as api:
+        run_id = api.post(
+            "/api/runs",
+            json={
+                **SMALL,
+                "steps": 2000,
+                "name": "too hot",
+                "norm": {"kind": "none"},
+                "model": {"depth": 2, "width": 16, "activation": "linear"},
+                "optim": {"lr": 50},
+            },
+        ).json()["id"]
+        wait_for(lambda: api.get(f"/api/runs/{run_id}").json()["status"] == "diverged", 120)
+    page.goto(f"{page.url.split('?')[0]}?run={run_id}")
+    banner = page.locator("#run-banner")
+    banner.get_by_text("diverged").wait_for()
+    assert "loss became" in banner.inner_text()
+    shot(page, "dashboard-diverged.png")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_page_survives_a_lost_server_and_reconnects(browser, tmp_path):
+    port = str(_free_port())
+    srv = ServerProcess(tmp_path, "--port", port).start()
+    page = browser.new_page()
+    try:
+        with srv.client() as api:
+            run_id = api.post(
+                "/api/runs", json={**SMALL, "steps": 1_000_000, "channel_interval": 1000}
+            ).json()["id"]
+        page.goto(f"{srv.url}/dashboard/?run={run_id}")
+        wait_for(lambda: points(page, "fig-loss") > 10, 60)
+        srv.kill()
+        wait_for(lambda: page.inner_text("#live-indicator") == "reconnecting…", 20)
+        assert points(page, "fig-loss") > 10, "what was drawn stays"
+        assert page.locator("#run-banner").inner_text()
+        srv = ServerProcess(tmp_path, "--port", port).start()
+        banner = page.locator("#run-banner")
+        banner.get_by_text("interrupted").wait_for(timeout=30_000)  # reconnected by itself
+        shot(page, "dashboard-reconnected.png")
+    finally:
+        page.close()
+        srv.stop()
