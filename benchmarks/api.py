@@ -25,6 +25,7 @@ import orjson
 from server.process import ServerProcess, wait_for
 
 LAYERS = [f"block{i}" for i in range(6)]
+MAX_RUNS = 2
 TRAIN = {
     "model": {"depth": 6, "width": 128},
     "data": {"name": "mnist1d"},
@@ -136,15 +137,33 @@ def ingest_rate(srv: ServerProcess, steps_total: int, batch_steps: int) -> tuple
 
 
 def worker_speed(srv: ServerProcess, steps: int) -> dict[str, float]:
-    """Steps/s of a run trained by the server against the same run trained alone."""
+    """Steps/s of a run trained by the server against the same run trained alone, with the
+    torch threads the server gives a run."""
+    import torch
+
     from bncore.config import parse_config
     from bncore.engine import Trainer
     from bncore.records import MemorySink
+    from server.settings import Settings
 
     cfg = {**TRAIN, "steps": steps}
-    t0 = time.perf_counter()
-    Trainer(parse_config(cfg)).run(MemorySink(), flush_seconds=0.1)
-    alone = steps / (time.perf_counter() - t0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(Settings(max_runs=MAX_RUNS).threads_per_run())
+    class Timed(MemorySink):  # from "running" to the end, as the server's timestamps
+        def start(self, meta: dict) -> None:
+            self.t0 = time.time()
+            super().start(meta)
+
+        def finish(self, summary: dict) -> None:
+            self.t1 = time.time()
+            super().finish(summary)
+
+    try:
+        sink = Timed()
+        Trainer(parse_config(cfg)).run(sink, flush_seconds=0.05)
+        alone = steps / (sink.t1 - sink.t0)
+    finally:
+        torch.set_num_threads(threads)
     with srv.client() as api:
         run = api.post("/api/runs", json=cfg).json()
         done = wait_for(
@@ -197,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--worker-steps", type=int, default=1500)
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        srv = ServerProcess(Path(tmp), "--max-runs", "2").start()
+        srv = ServerProcess(Path(tmp), "--max-runs", str(MAX_RUNS)).start()
         try:
             lat = live_latency(srv, args.latency_seconds)
             print(

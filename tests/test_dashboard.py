@@ -5,13 +5,13 @@ Screenshots go to artifacts/."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 from pathlib import Path
 
 import pytest
 
 from server.process import ServerProcess, wait_for
+from tests.helpers import free_port
 
 playwright = pytest.importorskip("playwright.sync_api")
 from dashboard.browser import CHROMIUM, launch  # noqa: E402
@@ -207,14 +207,8 @@ def test_a_diverged_run_says_so(page, server):
     shot(page, "dashboard-diverged.png")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_page_survives_a_lost_server_and_reconnects(browser, tmp_path):
-    port = str(_free_port())
+    port = str(free_port())
     srv = ServerProcess(tmp_path, "--port", port).start()
     page = browser.new_page()
     try:

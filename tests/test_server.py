@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from server.process import ServerProcess, wait_for
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.timeout(240)
 FINAL = {"completed", "diverged", "failed", "cancelled", "interrupted"}
@@ -357,6 +358,43 @@ def test_sweep_makes_one_run_per_point(api):
     assert bad.status_code == 422 and bad.json()["detail"]["point"] == "optim.lr=-1"
     assert bad.json()["detail"]["errors"][0]["field"] == "optim.lr"
     assert api.get("/api/runs").json()["total"] == before  # nothing queued
+
+
+def test_worker_sink_sends_in_the_background_in_order_and_reports_a_lost_server(api, server):
+    import numpy as np
+
+    from bncore.records import Records
+    from server.worker import HttpSink
+
+    def rec(step: int) -> Records:
+        return Records(
+            steps={
+                "step": np.array([step]),
+                "loss": np.array([1.0 / step], np.float32),
+                "lr": np.array([0.1]),
+                "step_time": np.array([0.01]),
+                "time": np.array([time.time()]),
+            }
+        )
+
+    run_id = api.post("/api/runs/client", json={"name": "sink"}).json()["id"]
+    with httpx.Client(base_url=server.url) as http:
+        sink = HttpSink(http, run_id)
+        for step in range(1, 201):  # far faster than one post each: batches coalesce
+            sink.write(rec(step))
+        sink.finish({"status": "completed", "steps_done": 200})
+    assert sink.seq < 200
+    series = api.get(f"/api/runs/{run_id}/metrics", params={"stat": "loss"}).json()["series"][0]
+    assert series["steps"] == list(range(1, 201))
+    assert api.get(f"/api/runs/{run_id}").json()["status"] == "completed"
+
+    with httpx.Client(base_url=f"http://127.0.0.1:{free_port()}", timeout=2) as http:
+        lost = HttpSink(http, "nobody", retries=1)
+        lost.write(rec(1))
+        with pytest.raises(RuntimeError, match="sending records failed"):
+            lost.drain()
+        with pytest.raises(RuntimeError, match="sending records failed"):
+            lost.write(rec(2))
 
 
 def test_client_streams_a_script_of_its_own(server):
