@@ -10,6 +10,7 @@ URL works too.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import orjson
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
@@ -26,6 +28,8 @@ from bncore.records import CHANNEL_COLUMNS
 
 CHUNK = 4096  # steps per stored chunk of a series
 COARSE = 64  # steps per bin of a chunk's coarse copy (CHUNK // COARSE bins)
+FOLD_BATCHES = 64  # pending batches of a run folded into its chunks at once, at most...
+FOLD_SECONDS = 1.0  # ...or once the oldest waited this long (and before any read)
 ACTIVE = ("queued", "running")
 FINISHED = ("completed", "diverged", "failed", "cancelled", "interrupted")
 
@@ -79,11 +83,26 @@ channels = sa.Table(
     sa.Column("vals", sa.LargeBinary, nullable=False),
 )  # fmt: skip
 
+pending = sa.Table(
+    "pending", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id", ondelete="CASCADE"),
+              nullable=False, index=True),
+    sa.Column("body", sa.LargeBinary, nullable=False),  # a batch, as _pack writes it
+    sa.Column("created_at", sa.Float, nullable=False),
+)  # fmt: skip
+
 JSON_FIELDS = ("config", "meta", "final")
 
 
 class Store:
-    """All database access; one writer at a time, readers alongside (WAL)."""
+    """All database access; one writer at a time, readers alongside (WAL).
+
+    A batch of records is stored as it comes, in one row of ``pending``, and acknowledged;
+    batches are folded into the per-(layer, statistic) chunks of ``series`` every
+    FOLD_BATCHES batches or FOLD_SECONDS, and before anything reads the run. So the cost of
+    updating hundreds of series is paid once a second, not at every batch.
+    """
 
     def __init__(self, url: str) -> None:
         if url.startswith("sqlite:///"):
@@ -94,6 +113,16 @@ class Store:
         self._write = threading.Lock()
         self._open: dict[tuple[str, str, str, int], tuple[np.ndarray, np.ndarray]] = {}
         self.migrate()
+        # run id -> [time of its oldest pending batch, pending batches]
+        with self.engine.connect() as conn:
+            self._pending: dict[str, list[float]] = {
+                r[0]: [r[1], r[2]]
+                for r in conn.execute(
+                    sa.select(
+                        pending.c.run_id, sa.func.min(pending.c.created_at), sa.func.count()
+                    ).group_by(pending.c.run_id)
+                )
+            }
 
     def migrate(self) -> None:
         """Bring the schema to the newest migration."""
@@ -149,11 +178,14 @@ class Store:
                 .where(runs.c.id == run_id, runs.c.status.in_(ACTIVE))
                 .values(status=status, finished_at=time.time(), pid=None, **_dump(fields))
             ).rowcount
+            self._fold(conn, run_id)
         self._drop_open(run_id)
         return bool(done)
 
     def delete_run(self, run_id: str) -> None:
         with self._write, self.engine.begin() as conn:
+            conn.execute(pending.delete().where(pending.c.run_id == run_id))
+            self._pending.pop(run_id, None)
             conn.execute(series.delete().where(series.c.run_id == run_id))
             conn.execute(channels.delete().where(channels.c.run_id == run_id))
             conn.execute(runs.delete().where(runs.c.id == run_id))
@@ -220,6 +252,7 @@ class Store:
 
         Returns (seq, written): the run's batch sequence number after this call, and False if
         ``client_seq`` showed the batch was already stored (a retried send)."""
+        now = time.time()
         with self._write, self.engine.begin() as conn:
             row = conn.execute(
                 sa.select(runs.c.seq, runs.c.client_seq, runs.c.steps_done).where(
@@ -231,12 +264,11 @@ class Store:
             seq, last_client, steps_done = row
             if client_seq is not None and client_seq <= last_client:
                 return seq, False
-            chunks = list(self._chunks(run_id, batch, conn))
-            if chunks:
-                conn.execute(_upsert(self.engine, series, ("n", "steps", "vals", "coarse")), chunks)
-            chan = list(_channel_rows(run_id, batch.get("channels") or {}))
-            if chan:
-                conn.execute(_upsert(self.engine, channels, ("c", "vals")), chan)
+            conn.execute(pending.insert().values(run_id=run_id, body=_pack(batch), created_at=now))
+            waiting = self._pending.setdefault(run_id, [now, 0])
+            waiting[1] += 1
+            if waiting[1] >= FOLD_BATCHES or now - waiting[0] >= FOLD_SECONDS:
+                self._fold(conn, run_id)
             steps = batch.get("steps") or {}
             if len(steps.get("step", ())):
                 steps_done = max(steps_done, int(np.max(steps["step"])))
@@ -245,6 +277,47 @@ class Store:
                 values["client_seq"] = client_seq
             conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
         return seq + 1, True
+
+    def fold(self, run_id: str) -> None:
+        """Fold the run's pending batches into its series and channels (before reading them)."""
+        if run_id in self._pending:
+            with self._write, self.engine.begin() as conn:
+                self._fold(conn, run_id)
+
+    def _fold(self, conn: sa.Connection, run_id: str) -> None:
+        if run_id not in self._pending:
+            return
+        rows = conn.execute(
+            sa.select(pending.c.id, pending.c.body)
+            .where(pending.c.run_id == run_id)
+            .order_by(pending.c.id)
+        ).all()
+        if not rows:
+            self._pending.pop(run_id, None)
+            return
+        chunks: dict[tuple[str, str, int], dict[str, Any]] = {}  # the latest of each chunk
+        chan: list[dict[str, Any]] = []
+        batches = [_unpack(r[1]) for r in rows]
+        for name in dict.fromkeys(t for b in batches for t in b):
+            tables = [b[name] for b in batches if name in b]
+            # runs of tables with the same columns, in order: a column stays absent where absent
+            for _, same in itertools.groupby(tables, key=tuple):
+                parts = list(same)
+                table = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+                if name == "channels":
+                    chan += _channel_rows(run_id, table)
+                    continue
+                for c in self._chunks(run_id, {name: table}, conn):
+                    chunks[c["layer"], c["stat"], c["chunk"]] = c
+        if chunks:
+            upsert = _upsert(self.engine, series, ("n", "steps", "vals", "coarse"))
+            conn.execute(upsert, list(chunks.values()))
+        if chan:
+            conn.execute(_upsert(self.engine, channels, ("c", "vals")), chan)
+        conn.execute(
+            pending.delete().where(pending.c.run_id == run_id, pending.c.id <= rows[-1][0])
+        )
+        self._pending.pop(run_id, None)
 
     def _chunks(self, run_id: str, batch: dict[str, dict[str, np.ndarray]], conn):
         """Series chunk rows with this batch appended (the open chunks are kept in memory)."""
@@ -298,6 +371,7 @@ class Store:
         step_max: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of one series, in step order, within [step_min, step_max]."""
+        self.fold(run_id)
         q = sa.select(series.c.steps, series.c.vals).where(
             series.c.run_id == run_id, series.c.layer == layer, series.c.stat == stat
         )
@@ -322,6 +396,7 @@ class Store:
         self, run_id: str, keys: list[tuple[str, str]]
     ) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
         """Several whole series in one query: {(layer, stat): (steps, values)}."""
+        self.fold(run_id)
         layers = sorted({lay for lay, _ in keys})
         stats = sorted({s for _, s in keys})
         q = (
@@ -349,6 +424,7 @@ class Store:
         self, run_id: str, keys: list[tuple[str, str]]
     ) -> dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]:
         """Several series at COARSE-step resolution: {(layer, stat): (bin centres, means)}."""
+        self.fold(run_id)
         layers = sorted({lay for lay, _ in keys})
         stats = sorted({s for _, s in keys})
         q = (
@@ -390,6 +466,7 @@ class Store:
 
     def read_last(self, run_id: str, keys: list[tuple[str, str]]) -> dict[tuple[str, str], float]:
         """The latest value of several series (NaN where there is none)."""
+        self.fold(run_id)
         last = (
             sa.select(series.c.layer, series.c.stat, sa.func.max(series.c.chunk).label("chunk"))
             .where(series.c.run_id == run_id)
@@ -419,6 +496,7 @@ class Store:
 
     def series_names(self, run_id: str) -> list[tuple[str, str]]:
         """The (layer, stat) pairs a run has records of."""
+        self.fold(run_id)
         with self.engine.connect() as conn:
             rows = conn.execute(
                 sa.select(series.c.layer, series.c.stat).where(series.c.run_id == run_id).distinct()
@@ -427,6 +505,7 @@ class Store:
 
     def read_channels(self, run_id: str, step: int | None = None) -> list[dict[str, Any]]:
         """Per-channel arrays of every layer at ``step`` (default: each layer's latest)."""
+        self.fold(run_id)
         with self.engine.connect() as conn:
             if step is None:
                 latest = (
@@ -461,6 +540,7 @@ class Store:
         return sorted(out, key=lambda d: _layer_order(d["layer"]))
 
     def channel_steps(self, run_id: str) -> list[int]:
+        self.fold(run_id)
         with self.engine.connect() as conn:
             return list(
                 conn.execute(
@@ -508,6 +588,38 @@ def _series_of(
             for stat, vals in t.items():
                 if stat not in ("step", "layer"):
                     yield str(layer), stat, steps[sel], np.asarray(vals, np.float32)[sel]
+
+
+def _pack(batch: dict[str, dict[str, np.ndarray]]) -> bytes:
+    """A batch as bytes: a JSON index (text columns inline), then the raw numeric arrays."""
+    index: list[list[Any]] = []
+    blobs: list[bytes] = []
+    offset = 0
+    for table, cols in batch.items():
+        for col, arr in cols.items():
+            if arr.dtype.kind in "UO":
+                index.append([table, col, "text", arr.tolist()])
+                continue
+            a = np.ascontiguousarray(arr)
+            index.append([table, col, a.dtype.str, list(a.shape), offset])
+            blobs.append(a.tobytes())
+            offset += a.nbytes
+    head = orjson.dumps(index)
+    return len(head).to_bytes(4, "little") + head + b"".join(blobs)
+
+
+def _unpack(data: bytes) -> dict[str, dict[str, np.ndarray]]:
+    n = int.from_bytes(data[:4], "little")
+    body = memoryview(data)[4 + n :]
+    batch: dict[str, dict[str, np.ndarray]] = {}
+    for table, col, dtype, *rest in orjson.loads(data[4 : 4 + n]):
+        if dtype == "text":
+            arr = np.asarray(rest[0], dtype=str)
+        else:
+            shape, offset = rest
+            arr = np.frombuffer(body, np.dtype(dtype), int(np.prod(shape)), offset).reshape(shape)
+        batch.setdefault(table, {})[col] = arr
+    return batch
 
 
 def _channel_rows(run_id: str, table: dict[str, np.ndarray]) -> Iterable[dict[str, Any]]:

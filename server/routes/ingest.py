@@ -55,6 +55,8 @@ def parse_batch(body: bytes) -> tuple[dict[str, dict[str, np.ndarray]], int | No
         if not isinstance(t, dict) or "step" not in t:
             raise HTTPException(422, f"{name} must be an object of columns with a 'step' column")
         n = len(t["step"]) if isinstance(t["step"], list) else -1
+        if n == 0:
+            continue  # an empty table: nothing to store
         cols: dict[str, np.ndarray] = {}
         for col, values in t.items():
             where = f"{name}.{col}"

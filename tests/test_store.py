@@ -1,0 +1,104 @@
+"""The SQLite store on a real file: batches wait in ``pending`` and are folded into series
+chunks; whatever the folding schedule, and across a restart, reads give every record once."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from bncore.records import CHANNEL_COLUMNS
+from server import store as store_module
+from server.store import Store, _pack, _unpack
+
+
+def batch(step0: int, steps: int, layers=("block0", "block1"), extra: bool = False) -> dict:
+    s = np.arange(step0, step0 + steps)
+    rows = np.repeat(s, len(layers))
+    out = {
+        "steps": {"step": s, "loss": 1.0 / s},
+        "layers": {
+            "step": rows,
+            "layer": np.asarray(list(layers) * steps),
+            "pre_var": rows * 10.0 + np.tile(np.arange(len(layers)), steps),
+        },
+        "channels": {
+            "step": s[:1],
+            "layer": np.asarray(layers[:1]),
+            **{c: np.full((1, 3), float(step0)) for c in CHANNEL_COLUMNS},
+        },
+    }
+    if extra:  # a column that only some batches carry
+        out["layers"]["gamma"] = np.full(len(rows), 2.0)
+    return out
+
+
+def fill(store: Store, run_id: str, batches: int = 30) -> None:
+    store.create_run(id=run_id, name=run_id, status="running", source="client")
+    for i in range(batches):
+        seq, stored = store.append(run_id, batch(1 + 5 * i, 5, extra=i % 2 == 1), i + 1)
+        assert stored and seq == i + 1
+    # a retried send is acknowledged and not stored twice
+    assert store.append(run_id, batch(1, 5), 1) == (batches, False)
+
+
+def test_pack_round_trips_numbers_nan_text_and_2d_columns():
+    b = batch(7, 3)
+    b["steps"]["loss"][1] = np.nan
+    back = _unpack(_pack(b))
+    assert back.keys() == b.keys()
+    for table, cols in b.items():
+        assert back[table].keys() == cols.keys()
+        for col, arr in cols.items():
+            np.testing.assert_array_equal(back[table][col], arr)
+            assert back[table][col].dtype.kind == arr.dtype.kind
+
+
+@pytest.mark.parametrize("fold_every", [1, 7, 10_000])
+def test_reads_see_every_record_once_whatever_the_folding(tmp_path, monkeypatch, fold_every):
+    monkeypatch.setattr(store_module, "FOLD_BATCHES", fold_every)
+    monkeypatch.setattr(store_module, "FOLD_SECONDS", 1e9)
+    st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    fill(st, "r1")
+    assert st.get_run("r1")["steps_done"] == 150
+    steps, vals = st.read_series("r1", "block1", "pre_var")
+    np.testing.assert_array_equal(steps, np.arange(1, 151))
+    np.testing.assert_allclose(vals, steps * 10.0 + 1)
+    steps, gamma = st.read_series("r1", "block0", "gamma")  # only where a batch carried it
+    np.testing.assert_array_equal(steps, [s for s in range(1, 151) if (s - 1) // 5 % 2 == 1])
+    assert (gamma == 2.0).all()
+    loss = st.read_many("r1", [("", "loss")])[("", "loss")]
+    np.testing.assert_allclose(loss[1], 1.0 / np.arange(1, 151), rtol=1e-6)
+    assert st.read_last("r1", [("block0", "pre_var")])[("block0", "pre_var")] == 1500.0
+    assert st.channel_steps("r1") == list(range(1, 151, 5))
+    assert st.read_channels("r1")[0]["step"] == 146
+
+
+def test_pending_batches_survive_a_restart_and_fold_on_first_read(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "FOLD_BATCHES", 10_000)
+    monkeypatch.setattr(store_module, "FOLD_SECONDS", 1e9)
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    st = Store(url)
+    fill(st, "r1", batches=4)
+    st.close()  # the server stops before anything folded them
+    again = Store(url)
+    assert "r1" in again._pending
+    steps, _ = again.read_series("r1", "block0", "pre_var")
+    np.testing.assert_array_equal(steps, np.arange(1, 21))
+    assert "r1" not in again._pending
+
+
+def test_batches_fold_after_a_second_and_when_the_run_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(store_module, "FOLD_SECONDS", 0.2)
+    st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    fill(st, "r1", batches=2)
+    assert "r1" in st._pending
+    time.sleep(0.25)
+    st.append("r1", batch(11, 5), None)
+    assert "r1" not in st._pending  # folded by the append that came after the second
+    st.append("r1", batch(16, 5), None)
+    st.finish_run("r1", "completed")
+    assert "r1" not in st._pending
+    st.delete_run("r1")
+    assert st.get_run("r1") is None
