@@ -149,6 +149,7 @@ def worker_speed(srv: ServerProcess, steps: int) -> dict[str, float]:
     cfg = {**TRAIN, "steps": steps}
     threads = torch.get_num_threads()
     torch.set_num_threads(Settings(max_runs=MAX_RUNS).threads_per_run())
+
     class Timed(MemorySink):  # from "running" to the end, as the server's timestamps
         def start(self, meta: dict) -> None:
             self.t0 = time.time()
@@ -159,6 +160,7 @@ def worker_speed(srv: ServerProcess, steps: int) -> dict[str, float]:
             super().finish(summary)
 
     try:
+        Trainer(parse_config({**cfg, "steps": 50})).run(MemorySink())  # warm: kernel, data
         sink = Timed()
         Trainer(parse_config(cfg)).run(sink, flush_seconds=0.05)
         alone = steps / (sink.t1 - sink.t0)
