@@ -34,7 +34,6 @@ SECTION_LABELS = {
     "layer": "One layer",
     "gradients": "Gradients and saturation",
 }
-RUN_GRAPHS = tuple(g for graphs in SECTIONS.values() for g in graphs)
 STATUS_COLUMNS = ("id", "name", "status", "progress", "model", "norm", "test_acc", "message")
 
 
@@ -201,5 +200,5 @@ def mount(app: FastAPI) -> None:
         update_title=None,
     )
     dash_app.layout = layout(bool(svc.settings.token))
-    callbacks.register(dash_app, svc, RUN_GRAPHS, SECTIONS)
+    callbacks.register(dash_app, svc, SECTIONS)
     app.mount("/dashboard", WSGIMiddleware(dash_app.server))

@@ -47,9 +47,9 @@ def banner(run: dict[str, Any] | None, error: str | None = None) -> list[Any]:
     return parts
 
 
-def register(
-    app: Dash, svc: Services, graphs: tuple[str, ...], sections: dict[str, tuple[str, ...]]
-) -> None:
+def register(app: Dash, svc: Services, sections: dict[str, tuple[str, ...]]) -> None:
+    graphs = [g for section in sections.values() for g in section]
+
     @app.callback(
         Output("runs-table", "data"),
         Input("runs-refresh", "n_intervals"),

@@ -252,20 +252,23 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
         ):
             live(gid, "layers", cols, list(range(len(cols))), layer=layer)
 
-    figs["fig-channels"] = channel_figure(view["channels"])
+    figs["fig-channels"] = channel_figure(view["channels"], layers)
     specs.append({"graph": "fig-channels", "kind": "channels", "table": "channels"})
     return figs, specs
 
 
-def channel_figure(rows: list[dict[str, Any]]) -> Figure:
-    """Layer x channel heatmaps of the latest per-channel batch means and variances."""
-    names = [r["layer"] for r in rows]
+def channel_figure(rows: list[dict[str, Any]], layers: list[str]) -> Figure:
+    """Layer x channel heatmaps of the latest per-channel batch means and variances: one row
+    per layer of the run, empty until its first per-channel record (filled live)."""
+    names = list(dict.fromkeys([*layers, *(r["layer"] for r in rows)]))
+    by_layer = {r["layer"]: r for r in rows}
     width = max((len(r["pre_mean"]) for r in rows), default=0)
 
     def grid(col: str, log: bool) -> np.ndarray:
-        z = np.full((len(rows), width), np.nan)
-        for i, r in enumerate(rows):
-            z[i, : len(r[col])] = r[col]
+        z = np.full((len(names), width), np.nan)
+        for i, name in enumerate(names):
+            if name in by_layer:
+                z[i, : len(by_layer[name][col])] = by_layer[name][col]
         return _log10(z) if log else z
 
     step = max((r["step"] for r in rows), default=None)
@@ -290,7 +293,7 @@ def channel_figure(rows: list[dict[str, Any]]) -> Figure:
         ],
         "Per-channel batch mean (left) and log10 variance (right), layer x channel"
         + (f", step {step}" if step is not None else ""),
-        height=max(240, 80 + 18 * len(rows)),
+        height=max(240, 80 + 18 * len(names)),
         xaxis={"domain": [0, 0.42], "title": "channel"},
         xaxis2={**_AXIS, "domain": [0.55, 1.0], "title": "channel", "anchor": "y"},
     )

@@ -153,7 +153,7 @@ mapfile -t cmd < <(buildah inspect --type image --format '{{range .Docker.Config
 setsid buildah run --isolation chroot --network host --user "$user" -v "$data:/data" \
   "$ctr" -- env BNSCOPE_PORT="$PORT" "${cmd[@]}" &
 server=$!
-mapfile -d '' hc < <(printf '%s' "$config" | python3 -c 'import json, sys; print(json.dumps(json.load(sys.stdin)["Docker"]["config"]["Healthcheck"]))' | health_cmd)
+mapfile -d '' hc < <(buildah inspect --type image --format '{{json .Docker.Config.Healthcheck}}' "$IMAGE" | health_cmd)
 wait_healthy buildah run --isolation chroot --network host --user "$user" "$ctr" -- env BNSCOPE_PORT="$PORT" "${hc[@]}"
 train_through_api
 [ -f "$data/bnscope.db" ] || { say "nothing stored in the /data volume"; exit 1; }

@@ -34,11 +34,19 @@ def test_dockerfile_lints_clean():
 
 
 def test_the_installed_package_carries_its_data_files(tmp_path):
-    """What the image installs (a wheel, not this checkout): kernel source, migrations and the
-    dashboard's assets must be in it."""
+    """What the image installs (a wheel built from what the Dockerfile copies, not this
+    checkout): kernel source, migrations and the dashboard's assets must be in it."""
+    context = tmp_path / "context"
+    context.mkdir()
+    for name in ("pyproject.toml", "README.md", "bncore", "bnscope", "server", "dashboard"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, context / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, context / name)
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(tmp_path), "."],
-        cwd=ROOT,
+        cwd=context,
         check=True,
         timeout=300,
     )

@@ -103,20 +103,13 @@
       table.step.forEach((s, i) => { last[table.layer[i]] = i; });
       data = gd.data.map((t, k) => Object.assign({}, t, {
         y: spec.layers.map((l) => (l in last ? table[spec.columns[k]][last[l]] : null))}));
-    } else {  // channels: the latest per-channel arrays, one row per layer of the run
-      const known = (B.spec && B.spec.layers) || [];
-      const names = known.length ? known : (gd.data[0].y || []);
-      data = gd.data.map((t, k) => {
-        const before = new Map((t.y || []).map((layer, r) => [layer, t.z ? t.z[r] : null]));
-        return Object.assign({}, t, {y: names, z: names.map((layer) => {
-          const i = table.layer.lastIndexOf(layer);
-          if (i < 0) return before.get(layer) || null;
-          const row = table[k === 0 ? "pre_mean" : "pre_var"][i];
-          return k === 0 ? row : row.map(log10);
-        })});
-      });
-      const height = Math.max(240, 80 + 18 * names.length);  // as figures.channel_figure
-      return ["figure", {data: data, layout: Object.assign({}, gd.layout, {height: height})}];
+    } else {  // channels: each layer's row (figures.channel_figure) gets its latest arrays
+      data = gd.data.map((t, k) => Object.assign({}, t, {z: (t.y || []).map((layer, r) => {
+        const i = table.layer.lastIndexOf(layer);
+        if (i < 0) return t.z ? t.z[r] : null;
+        const row = table[k === 0 ? "pre_mean" : "pre_var"][i];
+        return k === 0 ? row : row.map(log10);
+      })}));
     }
     return ["figure", {data: data, layout: gd.layout}];
   }
