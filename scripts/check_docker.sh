@@ -75,6 +75,42 @@ assert test[0] == "CMD", test
 print("\0".join(test[1:]), end="")'
 }
 
+# --- torch for the image --------------------------------------------------------------------
+# The image takes torch from PyTorch's index. Where that index cannot be reached (as on the
+# project's build machines), torch and its dependencies are fetched with this machine's pip
+# configuration and served to the build from a PEP 503 index on loopback.
+build_args=()
+index_dir=""
+index_server=""
+local_torch_index() {
+  local version port
+  version="$(sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)"
+  index_dir="$(mktemp -d)"
+  say "PyTorch's index is unreachable: serving torch==$version from this machine's pip on loopback"
+  python3 -m pip download --quiet --only-binary=:all: --dest "$index_dir/wheels" "torch==$version"
+  python3 - "$index_dir" <<'EOF'
+import re, sys
+from pathlib import Path
+root = Path(sys.argv[1])
+for wheel in (root / "wheels").glob("*.whl"):
+    project = re.sub(r"[-_.]+", "-", wheel.name.split("-")[0]).lower()
+    (root / "cpu" / project).mkdir(parents=True, exist_ok=True)
+    (root / "cpu" / project / wheel.name).symlink_to(wheel)
+EOF
+  port="$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')"
+  python3 -m http.server --bind 127.0.0.1 --directory "$index_dir" "$port" >/dev/null 2>&1 &
+  index_server=$!
+  build_args=(--build-arg "TORCH_INDEX=http://127.0.0.1:$port" --build-arg TORCH_VARIANT=cpu)
+}
+stop_index() {
+  [ -z "$index_server" ] || kill "$index_server" 2>/dev/null || true
+  [ -z "$index_dir" ] || rm -rf "$index_dir"
+}
+if ! curl -fsS -o /dev/null --max-time 10 "https://download.pytorch.org/whl/cpu/torch/"; then
+  local_torch_index
+fi
+trap stop_index EXIT
+
 # --- docker -------------------------------------------------------------------------------
 if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
   name="bnscope-check-$$"
@@ -83,9 +119,10 @@ if command -v docker >/dev/null && docker info >/dev/null 2>&1; then
     docker rm -f "$name" >/dev/null 2>&1 || true
     [ -n "${BNSCOPE_KEEP_IMAGE:-}" ] || docker rmi "$IMAGE" >/dev/null 2>&1 || true
     rm -rf "$data"
+    stop_index
   }
   trap cleanup EXIT
-  docker build -t "$IMAGE" .
+  docker build --network host "${build_args[@]}" -t "$IMAGE" .
   chmod 777 "$data"
   docker run -d --name "$name" -p "127.0.0.1:$PORT:8000" -v "$data:/data" "$IMAGE"
   mapfile -d '' hc < <(docker inspect -f '{{json .Config.Healthcheck}}' "$IMAGE" | health_cmd)
@@ -124,15 +161,17 @@ fi
 data="$(mktemp -d)"
 ctr=""
 server=""
-cleanup() {
-  [ -n "$server" ] && kill -- "-$server" 2>/dev/null && wait "$server" 2>/dev/null
-  [ -n "$ctr" ] && buildah rm "$ctr" >/dev/null 2>&1
-  [ -n "${BNSCOPE_KEEP_IMAGE:-}" ] || buildah rmi "$IMAGE" >/dev/null 2>&1 || true
+cleanup() {  # every step runs, whatever failed before it
+  if [ -n "$server" ]; then kill -- "-$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; fi
+  if [ -n "$ctr" ]; then buildah rm "$ctr" >/dev/null 2>&1 || true; fi
+  if [ -z "${BNSCOPE_KEEP_IMAGE:-}" ]; then buildah rmi "$IMAGE" >/dev/null 2>&1 || true; fi
   rm -rf "$data"
+  stop_index
 }
 trap cleanup EXIT
 
-buildah bud --isolation chroot --network host --format docker --layers -t "$IMAGE" .
+buildah bud --isolation chroot --network host --format docker --layers "${build_args[@]}" \
+  -t "$IMAGE" .
 config="$(buildah inspect --type image "$IMAGE")"
 python3 - "$config" <<'EOF'
 import json, sys
@@ -140,6 +179,7 @@ cfg = json.loads(sys.argv[1])["Docker"]["config"]
 assert cfg["Cmd"] == ["bnscope", "serve"], cfg["Cmd"]
 assert cfg["User"].split(":")[0] not in ("", "root", "0"), cfg["User"]
 assert "/data" in cfg["Volumes"], cfg["Volumes"]
+assert "BNSCOPE_DATA_DIR=/data" in cfg["Env"], cfg["Env"]
 assert "8000/tcp" in cfg["ExposedPorts"], cfg["ExposedPorts"]
 assert "/healthz" in " ".join(cfg["Healthcheck"]["Test"]), cfg["Healthcheck"]
 print("check_docker: image config: CMD bnscope serve, user", cfg["User"], ", volume /data,"
@@ -148,13 +188,16 @@ EOF
 user="$(buildah inspect --type image --format '{{.Docker.Config.User}}' "$IMAGE")"
 chown "$user" "$data"
 ctr="$(buildah from "$IMAGE")"
-# CMD as the image runs it, as its user, on this check's port, with /data from the host.
+# CMD as the image runs it, as its user, on this check's port, storing in a host directory.
+# buildah run gives a path the image declares a VOLUME a fresh copy of its own, whatever -v
+# says, so the host directory goes to another path; the config check above covers /data.
 mapfile -t cmd < <(buildah inspect --type image --format '{{range .Docker.Config.Cmd}}{{println .}}{{end}}' "$IMAGE" | sed '/^$/d')
-setsid buildah run --isolation chroot --network host --user "$user" -v "$data:/data" \
-  "$ctr" -- env BNSCOPE_PORT="$PORT" "${cmd[@]}" &
+setsid buildah run --isolation chroot --network host --user "$user" -v "$data:/srv/data" \
+  "$ctr" -- env BNSCOPE_PORT="$PORT" BNSCOPE_DATA_DIR=/srv/data "${cmd[@]}" &
 server=$!
-mapfile -d '' hc < <(buildah inspect --type image --format '{{json .Docker.Config.Healthcheck}}' "$IMAGE" | health_cmd)
+mapfile -d '' hc < <(python3 -c 'import json, sys; print(json.dumps(json.loads(sys.argv[1])["Docker"]["config"]["Healthcheck"]))' "$config" | health_cmd)
+[ "${#hc[@]}" -gt 0 ] || { say "no HEALTHCHECK command in the image"; exit 1; }
 wait_healthy buildah run --isolation chroot --network host --user "$user" "$ctr" -- env BNSCOPE_PORT="$PORT" "${hc[@]}"
 train_through_api
-[ -f "$data/bnscope.db" ] || { say "nothing stored in the /data volume"; exit 1; }
-say "buildah: image built, healthy, trains, stores in its volume"
+[ -f "$data/bnscope.db" ] || { say "nothing stored in the data directory"; exit 1; }
+say "buildah: image built, healthy, trains, stores in its data directory"
