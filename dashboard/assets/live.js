@@ -1,10 +1,14 @@
-// BN Scope live view: one EventSource per viewed run. Batches that arrive within EVERY ms are
-// merged; each figure of the open section then grows by one extendData (or, for "latest" and
-// "channels" figures, is rebuilt), each in its own task so the page stays responsive. What
-// feeds each figure comes from the live specs that dashboard/figures.py sends with it.
+// BN Scope live view: one EventSource per viewed run. Each figure of the open section grows by
+// one extendData per delivery (or, for "latest" and "channels" figures, is rebuilt), each in
+// its own task so the page stays responsive. One delivery is drawn at a time: batches that
+// arrive meanwhile are merged into the next, so a slow machine draws larger batches less often
+// instead of falling behind. What feeds each figure comes from the live specs that
+// dashboard/figures.py sends with it.
 (function () {
   const B = (window.bnscope = window.bnscope || {});
-  const EVERY = 50;
+  // Heatmaps and rebuilt figures cost a full redraw each: at most one per HEAVY_EVERY ms, so
+  // line figures (the step's loss first) keep up with the stream on a slow machine.
+  const HEAVY_EVERY = 400;
   // seconds from a record's creation in the worker until it is drawn here: in the first figure
   // that shows it (latencies), and once every figure of the open section has it (latenciesAll)
   B.latencies = [];
@@ -13,6 +17,9 @@
   B.runId = null;
   B.pending = [];
   B.timer = null;
+  B.busy = false;  // a delivery is being drawn
+  B.heavy = [];  // batches the heatmaps and rebuilt figures have not drawn yet
+  B.heavyAt = 0;
   B.spec = null;
   B.redrawAsked = false;
 
@@ -23,7 +30,7 @@
   B.watch = function (runId) {
     if (runId === B.runId) return;
     if (B.source) B.source.close();
-    Object.assign(B, {source: null, runId: runId || null, pending: []});
+    Object.assign(B, {source: null, runId: runId || null, pending: [], heavy: []});
     if (!runId) { say(""); return; }
     const es = new EventSource("/api/runs/" + runId + "/stream");  // reconnects by itself
     B.source = es;
@@ -31,7 +38,7 @@
     es.onerror = () => say(es.readyState === EventSource.CLOSED ? "" : "reconnecting…");
     es.addEventListener("records", (e) => {
       B.pending.push(JSON.parse(e.data));
-      if (!B.timer) B.timer = setTimeout(B.deliver, EVERY);
+      B.schedule();
     });
     es.addEventListener("status", (e) => {
       const run = JSON.parse(e.data);
@@ -40,6 +47,33 @@
     });
     es.addEventListener("reset", () => set("live-reset", {data: Date.now()}));
   };
+
+  // A task of its own, queued ahead of timers: Chromium lets timers wait behind rendering
+  // for 100 ms and more while a page streams.
+  const task = (fn) => {
+    const ch = new MessageChannel();
+    ch.port1.onmessage = fn;
+    ch.port2.postMessage(null);
+  };
+  B.schedule = function () {
+    if (B.busy) return;
+    if (B.pending.length) {
+      clearTimeout(B.timer);
+      B.timer = null;
+      B.busy = true;
+      task(B.deliver);
+    } else if (B.heavy.length && !B.timer) {  // the last records of a burst reach the heatmaps
+      B.timer = setTimeout(B.deliver, Math.max(0, B.heavyAt + HEAVY_EVERY - Date.now()));
+    }
+  };
+  // After the next paint; a hidden tab paints nothing, so also after at most 250 ms.
+  const afterPaint = (fn) => {
+    let done = false;
+    const once = () => { if (!done) { done = true; fn(); } };
+    requestAnimationFrame(once);
+    setTimeout(once, 250);
+  };
+  const drawn = () => { B.busy = false; B.schedule(); };
 
   // One batch from several: columns concatenated; per-channel arrays, only the latest.
   B.merge = function (batches) {
@@ -115,10 +149,18 @@
   }
 
   B.deliver = function () {
-    B.timer = null;
-    if (!B.pending.length || !B.spec) return;
-    const batch = B.merge(B.pending);
+    Object.assign(B, {timer: null, busy: false});
+    if (!B.spec || !(B.pending.length || B.heavy.length)) return;
+    const fresh = B.pending.length > 0;
+    const batch = fresh ? B.merge(B.pending) : {};
     B.pending = [];
+    if (fresh) B.heavy.push(batch);
+    const now = Date.now();
+    let heavy = null;  // what heatmaps and rebuilt figures get this time, if they are due
+    if (now - B.heavyAt >= HEAVY_EVERY) {
+      heavy = B.merge(B.heavy);
+      Object.assign(B, {heavy: [], heavyAt: now});
+    }
     const layers = batch.layers && batch.layers.layer;
     if (layers && layers.length && !(B.spec.layers || []).length && !B.redrawAsked) {
       B.redrawAsked = true;  // drawn before the run said which layers it has
@@ -130,7 +172,7 @@
     const work = [];  // line figures first: the step's loss shows before the heatmaps
     for (const spec of B.spec.specs || []) {
       const ext = (lines[spec.graph] = lines[spec.graph] || {x: [], y: [], traces: []});
-      const u = update(spec, batch, ext);
+      const u = spec.kind === "line" ? update(spec, batch, ext) : heavy && update(spec, heavy, ext);
       if (u) work.push([spec.graph, u]);
     }
     for (const [graph, ext] of Object.entries(lines).reverse()) {
@@ -138,17 +180,29 @@
         work.unshift([graph, ["extendData", [{x: ext.x, y: ext.y}, ext.traces, ext.max]]]);
       }
     }
-    const created = batch.steps && batch.steps.time;
+    // the record that waited longest: for the first figure drawn, and for the last one
+    const oldest = (b) => (b && b.steps && b.steps.time && b.steps.time.length ?
+      b.steps.time[0] : null);
+    const first = oldest(batch);
+    const all = heavy ? oldest(heavy) : null;
+    B.busy = work.length > 0;
     work.forEach(([graph, [prop, value]], n) => {
-      setTimeout(() => {
-        set(graph, {[prop]: value});
-        if ((n === 0 || n === work.length - 1) && created && created.length) {
-          const oldest = created[0];  // the record that waited longest
-          const into = n === 0 ? B.latencies : B.latenciesAll;
-          requestAnimationFrame(() => into.push(Date.now() / 1000 - oldest));
+      const last = n === work.length - 1;
+      task(() => {
+        try {
+          set(graph, {[prop]: value});
+        } finally {
+          if (n === 0 && first !== null) {
+            requestAnimationFrame(() => B.latencies.push(Date.now() / 1000 - first));
+          }
+          if (last && all !== null) {
+            requestAnimationFrame(() => B.latenciesAll.push(Date.now() / 1000 - all));
+          }
+          if (last) afterPaint(drawn);
         }
-      }, 0);
+      });
     });
+    B.schedule();
   };
 
   window.dash_clientside = Object.assign({}, window.dash_clientside, {
