@@ -126,6 +126,17 @@ class _NormBase(nn.Module):
     def _check_input_dim(self, input: Tensor) -> None:
         raise NotImplementedError
 
+    def _running_factor(self) -> float | Tensor:
+        """Counts a training batch; the weight of its statistics in the running buffers:
+        ``momentum``, or 1/k for the cumulative average (a tensor: no host sync)."""
+        count = self._buffers["num_batches_tracked"]
+        factor: float | Tensor = 0.0 if self.momentum is None else self.momentum
+        if count is not None:
+            count.add_(1)
+            if self.momentum is None:
+                factor = count.to(self._buffers["running_mean"].dtype).reciprocal()
+        return factor
+
     def extra_repr(self) -> str:
         return (
             f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, "
@@ -219,13 +230,9 @@ class _BatchNorm(_NormBase):
         running = None
         if self.training and self.track_running_stats and running_mean is not None:
             assert running_var is not None
-            count = buffers["num_batches_tracked"]
-            factor: float | Tensor = 0.0 if self.momentum is None else self.momentum
-            if count is not None:
-                count.add_(1)
-                if self.momentum is None:  # cumulative average: 1/k as a tensor, no host sync
-                    factor = count.to(running_mean.dtype).reciprocal()
-            running = Running(running_mean, running_var, factor, self.unbiased_running_var)
+            running = Running(
+                running_mean, running_var, self._running_factor(), self.unbiased_running_var
+            )
         return train_batch_norm(
             input, weight, bias, self.eps, running, self.stats, self.record_activation
         )

@@ -59,10 +59,15 @@ class ModelConfig(_Strict):
 
 
 class NormConfig(_Strict):
-    """The normalization in each block. ``kind`` selects the layer; new kinds (ghost BN, batch
-    renorm, GroupNorm...) register a builder in bncore.models.NORMS."""
+    """The normalization in each block. ``kind`` selects the layer (bncore.models.NORMS builds
+    it); the fields after ``eps`` belong to one kind each."""
 
-    kind: Literal["none", "batch"] = Field("batch", description="normalization layer, or none")
+    kind: Literal["none", "batch", "ghost", "renorm", "noisy", "group", "layer"] = Field(
+        "batch",
+        description="batch (BN); ghost (BN over virtual batches); renorm (batch renormalization);"
+        " noisy (BN, then a per-channel shift and scale redrawn every step); group (GroupNorm);"
+        " layer (LayerNorm: GroupNorm with one group); none",
+    )
     placement: Literal["before_activation", "after_activation"] = Field(
         "before_activation",
         description="BN between the linear/conv layer and the activation (Ioffe & Szegedy), "
@@ -82,6 +87,28 @@ class NormConfig(_Strict):
     eps: float | None = Field(
         None, gt=0, le=1, description="added to the variance; default: the convention's"
     )
+    virtual_batch: int | None = Field(
+        None,
+        ge=2,
+        le=8192,
+        description="kind 'ghost': examples per virtual batch; must divide batch_size; default: "
+        "the largest divisor of batch_size up to 32",
+    )
+    r_max: float = Field(3.0, ge=1, le=100, description="kind 'renorm': bound of the scale r")
+    d_max: float = Field(5.0, ge=0, le=100, description="kind 'renorm': bound of the shift d")
+    noise_shift: float = Field(
+        0.5, ge=0, le=100, description="kind 'noisy': shifts are drawn from U(-noise_shift, +)"
+    )
+    noise_scale: float = Field(
+        1.5, ge=1, le=100, description="kind 'noisy': scales are drawn from U(1, noise_scale)"
+    )
+    groups: int | None = Field(
+        None,
+        ge=1,
+        le=4096,
+        description="kind 'group': channel groups; must divide model.width; default: the largest"
+        " divisor of model.width up to 32 that leaves at least 4 channels per group",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> NormConfig:
@@ -99,6 +126,25 @@ class NormConfig(_Strict):
             return None, eps
         m = defaults["momentum"] if self.momentum is None else float(self.momentum)
         return (1.0 - m if self.convention == "keras" else m), eps
+
+    def resolved_groups(self, width: int) -> int:
+        """GroupNorm's groups for ``width`` channels: 1 for LayerNorm."""
+        if self.kind == "layer":
+            return 1
+        if self.groups is not None:
+            return self.groups
+        return largest_divisor(width, max(1, min(32, width // 4)))
+
+    def resolved_virtual_batch(self, batch_size: int) -> int:
+        """Ghost BN's virtual batch size for ``batch_size``."""
+        if self.virtual_batch is not None:
+            return self.virtual_batch
+        return largest_divisor(batch_size, 32)
+
+
+def largest_divisor(n: int, at_most: int) -> int:
+    """The largest divisor of ``n`` that is at most ``at_most``."""
+    return max(d for d in range(1, min(n, at_most) + 1) if n % d == 0)
 
 
 class DataConfig(_Strict):
@@ -185,6 +231,21 @@ class RunConfig(_Strict):
                 f"({', '.join(SPATIAL_DATASETS)}), not data.name={self.data.name!r}"
             )
         width, depth = self.model.width, self.model.depth
+        norm = self.norm
+        if norm.kind == "group" and width % norm.resolved_groups(width):
+            raise ValueError(
+                f"norm.groups={norm.groups} must divide model.width={width} (GroupNorm splits "
+                "the channels into equal groups)"
+            )
+        if norm.kind == "group" and self.model.kind == "mlp" and norm.groups == width:
+            raise ValueError(
+                f"norm.groups={norm.groups} leaves one channel per group: in an MLP each group "
+                "would be a single value, normalized to zero; use fewer groups"
+            )
+        if norm.kind == "ghost" and self.batch_size % norm.resolved_virtual_batch(self.batch_size):
+            raise ValueError(
+                f"norm.virtual_batch={norm.virtual_batch} must divide batch_size={self.batch_size}"
+            )
         per_block = width * width * (9 if self.model.kind == "cnn" else 1)
         if per_block * depth > MAX_PARAMETERS:
             raise ValueError(

@@ -12,13 +12,14 @@ normalization the ``norm`` slot is an identity, so runs compare block by block. 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from bncore.batchnorm import BatchNorm1d, BatchNorm2d
 from bncore.config import ModelConfig, NormConfig, RunConfig
+from bncore.norms import BatchRenorm, GhostBatchNorm, NoisyBatchNorm
 
 __all__ = ["ACTIVATIONS", "NORMS", "Block", "Net", "Probe", "build_model"]
 
@@ -31,7 +32,7 @@ class Probe(Protocol):
     ) -> None: ...
 
 
-NormBuilder = Callable[[NormConfig, int, int], nn.Module]
+NormBuilder = Callable[[RunConfig, int, int], nn.Module]
 
 
 def _batch_norm(cfg: NormConfig, channels: int, spatial_dims: int) -> nn.Module:
@@ -43,10 +44,28 @@ def _batch_norm(cfg: NormConfig, channels: int, spatial_dims: int) -> nn.Module:
     return cls(channels, eps=eps, momentum=momentum)
 
 
-#: Normalization layers by NormConfig.kind: (config, channels, spatial dims) -> module.
+def _bn_args(cfg: NormConfig) -> dict[str, Any]:
+    momentum, eps = cfg.resolved()
+    return {"eps": eps, "momentum": momentum, "unbiased_running_var": cfg.convention != "keras"}
+
+
+#: Normalization layers by NormConfig.kind: (run config, channels, spatial dims) -> module.
 NORMS: dict[str, NormBuilder] = {
     "none": lambda cfg, channels, dims: nn.Identity(),
-    "batch": _batch_norm,
+    "batch": lambda cfg, channels, dims: _batch_norm(cfg.norm, channels, dims),
+    "ghost": lambda cfg, channels, dims: GhostBatchNorm(
+        channels, cfg.norm.resolved_virtual_batch(cfg.batch_size), **_bn_args(cfg.norm)
+    ),
+    "renorm": lambda cfg, channels, dims: BatchRenorm(
+        channels, cfg.norm.r_max, cfg.norm.d_max, **_bn_args(cfg.norm)
+    ),
+    "noisy": lambda cfg, channels, dims: NoisyBatchNorm(
+        _batch_norm(cfg.norm, channels, dims), cfg.norm.noise_shift, cfg.norm.noise_scale
+    ),
+    "group": lambda cfg, channels, dims: nn.GroupNorm(
+        cfg.norm.resolved_groups(channels), channels, eps=cfg.norm.resolved()[1]
+    ),
+    "layer": lambda cfg, channels, dims: nn.GroupNorm(1, channels, eps=cfg.norm.resolved()[1]),
 }
 
 #: Activation modules by ModelConfig.activation.
@@ -127,7 +146,7 @@ def build_model(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int) 
             blocks.append(
                 Block(
                     nn.Linear(fan_in, m.width, bias=bias),
-                    NORMS[norm.kind](norm, m.width, 0),
+                    NORMS[norm.kind](cfg, m.width, 0),
                     ACTIVATIONS[m.activation](),
                     norm_first,
                 )
@@ -145,7 +164,7 @@ def build_model(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int) 
         blocks.append(
             Block(
                 conv(channels, m.width, 3, stride=stride, padding=1, bias=bias),
-                NORMS[norm.kind](norm, m.width, spatial),
+                NORMS[norm.kind](cfg, m.width, spatial),
                 ACTIVATIONS[m.activation](),
                 norm_first,
             )

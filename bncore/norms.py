@@ -1,0 +1,181 @@
+r"""Normalization variants that the BN literature compares against plain batch normalization.
+
+- :class:`GhostBatchNorm` (Hoffer et al. 2017): each virtual batch of ``virtual_batch`` examples
+  is normalized with its own statistics, as if the batch were that small.
+- :class:`BatchRenorm` (Ioffe 2017): the batch statistics, corrected towards the running ones,
+
+  .. math::
+      y = \frac{x - \mu_B}{\sigma_B} r + d, \quad
+      r = \mathrm{clip}_{[1/r_{max}, r_{max}]}\left(\frac{\sigma_B}{\sigma}\right), \quad
+      d = \mathrm{clip}_{[-d_{max}, d_{max}]}\left(\frac{\mu_B - \mu}{\sigma}\right)
+
+  with r and d treated as constants by the gradient. ``r_max=1, d_max=0`` is plain BN.
+- :class:`NoisyBatchNorm` (Santurkar et al. 2018, section 2.1): BN, then a shift and scale of
+  each channel drawn anew at every training step, so that the distribution each layer sees moves
+  all the time ("internal covariate shift" injected on purpose).
+- GroupNorm and LayerNorm (Wu & He 2018) are torch.nn's :class:`~torch.nn.GroupNorm` (LayerNorm
+  of a block is GroupNorm with one group: over channels and positions, one gamma/beta per channel).
+
+Ghost BN and batch renorm keep torch.nn's running buffers and momentum semantics (see
+:mod:`bncore.batchnorm`); they are written in torch ops, so autograd differentiates them and
+the recorder measures them as it measures any layer that is not bncore's BatchNorm.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bncore.batchnorm import _NormBase
+
+__all__ = ["BatchRenorm", "GhostBatchNorm", "NoisyBatchNorm"]
+
+
+def _check(layer: _NormBase, x: Tensor) -> None:
+    if x.dim() < 2 or x.shape[1] != layer.num_features:
+        raise ValueError(
+            f"{type(layer).__name__}({layer.num_features}) expects (N, {layer.num_features}, ...)"
+            f" input, got shape {tuple(x.shape)}"
+        )
+
+
+def _affine(layer: _NormBase, y: Tensor) -> Tensor:
+    shape = (1, -1) + (1,) * (y.dim() - 2)
+    if layer.weight is not None:
+        y = y * layer.weight.reshape(shape)
+    if layer.bias is not None:
+        y = y + layer.bias.reshape(shape)
+    return y
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+class _BatchStatsNorm(_NormBase):
+    """A normalization by batch statistics with torch.nn's running buffers."""
+
+    def __init__(self, *args: Any, unbiased_running_var: bool = True, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.unbiased_running_var = unbiased_running_var
+
+    def _update_running(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """Moves the running buffers towards a batch's mean and biased variance of ``count``
+        values per channel."""
+        if not (self.track_running_stats and self.running_mean is not None):
+            return
+        assert self.running_var is not None
+        factor = self._running_factor()
+        with torch.no_grad():
+            if self.unbiased_running_var and count > 1:
+                var = var * (count / (count - 1))
+            self.running_mean.lerp_(mean.detach(), factor)
+            self.running_var.lerp_(var.detach(), factor)
+
+    def _eval(self, x: Tensor) -> Tensor | None:
+        if self.training or self.running_mean is None or self.running_var is None:
+            return None
+        y = (x - _per_channel(self.running_mean, x)) * _per_channel(
+            torch.rsqrt(self.running_var + self.eps), x
+        )
+        return _affine(self, y)
+
+
+class GhostBatchNorm(_BatchStatsNorm):
+    """Batch normalization over virtual batches of ``virtual_batch`` examples (the last one may
+    be smaller). The running buffers move once per step, towards the virtual batches' average
+    mean and variance (as Keras' ``virtual_batch_size`` does)."""
+
+    def __init__(self, num_features: int, virtual_batch: int, *args: Any, **kwargs: Any) -> None:
+        if virtual_batch < 2:
+            raise ValueError(f"virtual_batch must be at least 2, got {virtual_batch}")
+        super().__init__(num_features, *args, **kwargs)
+        self.virtual_batch = virtual_batch
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", virtual_batch={self.virtual_batch}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check(self, x)
+        if (y := self._eval(x)) is not None:
+            return y
+        outs, means, variances, count = [], [], [], 0
+        for part in x.split(self.virtual_batch):
+            dims = [0, *range(2, part.dim())]
+            var, mean = torch.var_mean(part, dims, correction=0, keepdim=True)
+            outs.append((part - mean) * torch.rsqrt(var + self.eps))
+            means.append(mean.flatten())
+            variances.append(var.flatten())
+            count = count or part.numel() // part.shape[1]  # a full virtual batch's
+        self._update_running(torch.stack(means).mean(0), torch.stack(variances).mean(0), count)
+        return _affine(self, torch.cat(outs))
+
+
+class BatchRenorm(_BatchStatsNorm):
+    """Batch renormalization; see the module docstring. ``r_max``/``d_max`` are held fixed (the
+    paper ramps them up from 1 and 0 during the first part of training)."""
+
+    def __init__(
+        self, num_features: int, r_max: float, d_max: float, *args: Any, **kwargs: Any
+    ) -> None:
+        if r_max < 1 or d_max < 0:
+            raise ValueError(f"need r_max >= 1 and d_max >= 0, got {r_max} and {d_max}")
+        super().__init__(num_features, *args, **kwargs)
+        self.r_max, self.d_max = r_max, d_max
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"
+
+    def forward(self, x: Tensor) -> Tensor:
+        _check(self, x)
+        if (y := self._eval(x)) is not None:
+            return y
+        dims = [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(x, dims, correction=0)
+        std = torch.sqrt(var + self.eps)
+        y = (x - _per_channel(mean, x)) / _per_channel(std, x)
+        if self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                running_std = torch.sqrt(self.running_var + self.eps)
+                r = (std / running_std).clamp(1 / self.r_max, self.r_max)
+                d = ((mean - self.running_mean) / running_std).clamp(-self.d_max, self.d_max)
+            y = y * _per_channel(r, x) + _per_channel(d, x)
+        self._update_running(mean, var, x.numel() // x.shape[1])
+        return _affine(self, y)
+
+
+class NoisyBatchNorm(torch.nn.Module):
+    """``bn`` (a batch-norm layer), then in training a per-channel scale drawn from
+    U(1, ``noise_scale``) and shift from U(-``noise_shift``, ``noise_shift``), new at every
+    step and shared by the batch. Evaluation is ``bn`` alone. The running buffers and gamma/beta
+    are ``bn``'s, visible under the usual names."""
+
+    def __init__(self, bn: _NormBase, noise_shift: float, noise_scale: float) -> None:
+        if noise_shift < 0 or noise_scale < 1:
+            raise ValueError(
+                f"need noise_shift >= 0 and noise_scale >= 1, got {noise_shift} and {noise_scale}"
+            )
+        super().__init__()
+        self.bn = bn
+        self.noise_shift, self.noise_scale = noise_shift, noise_scale
+
+    def extra_repr(self) -> str:
+        return f"noise_shift={self.noise_shift}, noise_scale={self.noise_scale}"
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("weight", "bias", "running_mean", "running_var", "num_features", "eps"):
+            return getattr(self._modules["bn"], name)
+        return super().__getattr__(name)
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.bn(x)
+        if not self.training:
+            return y
+        c = y.shape[1]
+        scale = torch.empty(c, device=y.device, dtype=y.dtype).uniform_(1.0, self.noise_scale)
+        shift = torch.empty(c, device=y.device, dtype=y.dtype).uniform_(
+            -self.noise_shift, self.noise_shift
+        )
+        return y * _per_channel(scale, y) + _per_channel(shift, y)
