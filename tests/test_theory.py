@@ -1,0 +1,76 @@
+"""Measured against the literature's closed forms, on small networks at initialization."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from bncore.config import parse_config
+from bncore.engine import train
+from bncore.models import build_model
+from bncore.theory import gradient_explosion_rate, gradient_growth_rate
+
+DEPTH = 24
+
+
+def _at_init(activation: str, batch_size: int) -> dict[str, np.ndarray]:
+    """Records of 10 steps that leave the weights where they started (lr 1e-9)."""
+    cfg = parse_config(
+        {
+            "model": {"depth": DEPTH, "width": 256, "activation": activation},
+            "data": {"name": "digits"},  # 64 features: the batch spans B - 1 directions
+            "batch_size": batch_size,
+            "steps": 10,
+            "eval_interval": 10,
+            "channel_interval": 1000,
+            "optim": {"lr": 1e-9, "momentum": 0.0},
+        }
+    )
+    return train(cfg).records.layers
+
+
+@pytest.mark.parametrize(("activation", "batch_size"), [("linear", 8), ("linear", 16),
+                                                        ("relu", 256)])  # fmt: skip
+def test_gradient_explosion_rate_matches_yang_et_al(activation, batch_size):
+    measured = gradient_growth_rate(_at_init(activation, batch_size), DEPTH)
+    theory = gradient_explosion_rate(activation, batch_size)
+    assert measured == pytest.approx(theory, rel=0.1)
+    # and closer than the neighbouring batch size's prediction would be
+    if activation == "linear":
+        other = gradient_explosion_rate(activation, batch_size * 2 if batch_size < 16 else 8)
+        assert abs(measured - theory) < abs(measured - other)
+
+
+def test_closed_forms():
+    assert gradient_explosion_rate("linear", 8) == pytest.approx(1.2)
+    assert gradient_explosion_rate("relu", 64) == pytest.approx(math.pi / (math.pi - 1))
+    with pytest.raises(ValueError, match="batch_size > 3"):
+        gradient_explosion_rate("linear", 3)
+    with pytest.raises(ValueError, match="tanh"):
+        gradient_explosion_rate("tanh", 64)
+
+
+def test_growth_rate_of_a_known_geometric_profile():
+    depth, rate = 10, 1.3
+    norms = np.sqrt(rate ** -np.arange(depth, dtype=float))  # ||g_l||^2 = rate^-l
+    layers = {"grad_in_norm": np.tile(norms, 3)}
+    assert gradient_growth_rate(layers, depth) == pytest.approx(rate)
+    with pytest.raises(ValueError, match="whole steps"):
+        gradient_growth_rate({"grad_in_norm": norms[:7]}, depth)
+
+
+@pytest.mark.parametrize("kind", ["batch", "ghost", "renorm"])
+def test_bn_cancels_the_gradient_of_the_bias_before_it(kind):
+    cfg = parse_config({"model": {"depth": 3, "width": 32, "bias": True}, "norm": {"kind": kind},
+                        "batch_size": 32})  # fmt: skip
+    torch.manual_seed(0)
+    model = build_model(cfg, (64,), 10)
+    x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    for _, block in model.blocks():
+        weight, bias = block.layer.weight.grad, block.layer.bias.grad
+        assert weight.abs().max() > 1e-4  # the layer does learn
+        assert bias.abs().max() < 1e-6 * max(1.0, float(weight.abs().max()))
