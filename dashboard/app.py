@@ -14,7 +14,7 @@ import plotly.io as pio
 from a2wsgi import WSGIMiddleware
 from dash import Dash, dash_table, dcc, html
 
-from dashboard import callbacks
+from dashboard import callbacks, experiments
 from dashboard.figures import STAT_LABELS
 from dashboard.form import PRESETS, build_form
 
@@ -172,6 +172,7 @@ def layout(has_token: bool) -> html.Div:
                     dcc.Tab(run_tab, label="Run", value="run"),
                     dcc.Tab(compare_tab, label="Compare", value="compare"),
                     dcc.Tab(launch_tab, label="Launch", value="launch"),
+                    dcc.Tab(experiments.tab(), label="Experiments", value="experiments"),
                 ],
             ),
             dcc.Location(id="url", refresh=False),
@@ -201,4 +202,5 @@ def mount(app: FastAPI) -> None:
     )
     dash_app.layout = layout(bool(svc.settings.token))
     callbacks.register(dash_app, svc, SECTIONS)
+    experiments.register(dash_app, svc)
     app.mount("/dashboard", WSGIMiddleware(dash_app.server))

@@ -312,3 +312,25 @@ def compare_figures(runs: list[dict[str, Any]], stat: str) -> dict[str, Figure]:
         "cmp-acc": figure(acc, "Test accuracy"),
         "cmp-stat-fig": figure(st, f"{STAT_LABELS.get(stat, stat)} at the chosen layer"),
     }
+
+
+def experiment_figure(panel: dict[str, Any]) -> Figure:
+    """One panel of an experiment's result (bncore.experiments.result): measured lines solid,
+    theory dashed in the colour of the measurement it belongs to; None is a gap."""
+    traces, colors = [], {}
+    for s in panel["series"]:
+        base = s["name"].split(": ")[0] if s["theory"] else s["name"]
+        color = colors.setdefault(base, COLORS[len(colors) % len(COLORS)])
+        y = np.array([np.nan if v is None else v for v in s["y"]], dtype=float)
+        kw: dict[str, Any] = {"mode": "lines+markers"} if panel["kind"] == "by_value" else {}
+        if s["theory"]:
+            kw["line"] = {"dash": "dash"}
+        traces.append(line(s["x"], y, s["name"], color, **kw))
+    return figure(
+        traces,
+        panel["title"],
+        height=360,
+        legend={"y": -0.32},
+        xaxis={"title": {"text": panel["x_label"]}, "type": "log" if panel["log_x"] else "linear"},
+        yaxis={"title": {"text": panel["y_label"]}},
+    )

@@ -25,7 +25,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import bncore
 from server.hub import Hub
-from server.routes import ingest, runs, sweeps
+from server.routes import experiments, ingest, runs, sweeps
 from server.scheduler import Scheduler
 from server.services import Services
 from server.settings import Settings
@@ -107,6 +107,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(runs.router)
     app.include_router(ingest.router)
     app.include_router(sweeps.router)
+    app.include_router(experiments.router)
 
     @app.get("/healthz", tags=["system"])
     def healthz() -> dict[str, Any]:

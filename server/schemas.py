@@ -88,7 +88,49 @@ class SweepOut(BaseModel):
     base: dict[str, Any]
     grid: dict[str, list[Any]]
     created_at: float
+    experiment: str | None = Field(None, description="the experiment it was started from")
     runs: list[RunOut]
+
+
+class ExperimentOut(BaseModel):
+    key: str
+    title: str
+    claim: str
+    note: str
+    base: dict[str, Any] = Field(description="the quick-size base config")
+    grid: dict[str, list[Any]]
+    full: dict[str, Any] = Field(description="dotted overrides of the full (GPU) size")
+    runs: int = Field(description="runs in the sweep")
+
+
+class ExperimentStart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: Literal["quick", "full"] = Field("quick", description="quick: minutes on a CPU")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description='dotted config fields set in every run, e.g. {"data.name": "mnist", '
+        '"data.path": "/data/mnist"}',
+    )
+
+
+class Panel(BaseModel):
+    title: str
+    kind: Literal["over_steps", "by_value"]
+    x_label: str
+    y_label: str
+    log_x: bool
+    series: list[dict[str, Any]] = Field(description="{name, x, y, theory}; null: no value")
+
+
+class ExperimentResult(BaseModel):
+    sweep_id: str
+    experiment: str
+    title: str
+    claim: str
+    note: str
+    runs_total: int
+    runs_finished: int
+    panels: list[Panel]
 
 
 class Series(BaseModel):

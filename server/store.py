@@ -60,6 +60,7 @@ sweeps = sa.Table(
     sa.Column("base", sa.Text, nullable=False),
     sa.Column("grid", sa.Text, nullable=False),
     sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("experiment", sa.String(64)),
 )  # fmt: skip
 series = sa.Table(
     "series", metadata,
@@ -219,7 +220,9 @@ class Store:
 
     # -- sweeps -----------------------------------------------------------------------------
 
-    def create_sweep(self, sweep_id: str, name: str | None, base: dict, grid: dict) -> None:
+    def create_sweep(
+        self, sweep_id: str, name: str | None, base: dict, grid: dict, experiment: str | None = None
+    ) -> None:
         with self._write, self.engine.begin() as conn:
             conn.execute(
                 sweeps.insert().values(
@@ -228,8 +231,18 @@ class Store:
                     base=json.dumps(base),
                     grid=json.dumps(grid),
                     created_at=time.time(),
+                    experiment=experiment,
                 )
             )
+
+    def list_sweeps(self, experiments_only: bool = False, limit: int = 200) -> list[dict]:
+        """Sweeps, newest first: id, name, experiment, created_at."""
+        q = sa.select(sweeps.c.id, sweeps.c.name, sweeps.c.experiment, sweeps.c.created_at)
+        if experiments_only:
+            q = q.where(sweeps.c.experiment.is_not(None))
+        with self.engine.connect() as conn:
+            rows = conn.execute(q.order_by(sweeps.c.created_at.desc()).limit(limit)).mappings()
+            return [dict(r) for r in rows]
 
     def get_sweep(self, sweep_id: str) -> dict[str, Any] | None:
         with self.engine.connect() as conn:

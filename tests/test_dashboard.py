@@ -229,3 +229,28 @@ def test_page_survives_a_lost_server_and_reconnects(browser, tmp_path):
     finally:
         page.close()
         srv.stop()
+
+
+def test_an_experiment_runs_from_its_button_and_shows_theory_beside_measurement(page):
+    page.click("#tabs >> text=Experiments")
+    card = page.locator(".card", has_text="Gradient explosion at initialization")
+    card.locator("button").click()
+    page.wait_for_function(
+        "() => (document.getElementById('exp-head') || {}).innerText?.includes("
+        "'10 of 10 runs finished')",
+        timeout=240_000,
+    )
+    head = page.inner_text("#exp-head")
+    assert "mean field theory" in head and "Yang et al. 2019" in head
+    traces = page.evaluate(
+        "() => { const gd = document.querySelector('#exp-figures .js-plotly-plot');"
+        " return gd.data.map((t) => [t.name, (t.line || {}).dash || 'solid', t.y.length]); }"
+    )
+    names = {name: (dash, n) for name, dash, n in traces}
+    assert names["activation=linear"] == ("solid", 5)
+    assert names["activation=linear: Yang et al. closed form"] == ("dash", 5)
+    assert "activation=relu" in names
+    # the sweep is listed for later, and the view refreshes no more once it is finished
+    options = page.locator("#exp-pick").inner_text()
+    assert "Gradient explosion" in options
+    shot(page, "experiment-gradient-explosion.png")

@@ -33,6 +33,12 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
 @router.post("", status_code=201, response_model=SweepOut, dependencies=[Depends(require_token)])
 def create_sweep(body: SweepCreate, svc: Svc) -> dict[str, Any]:
     """Validate every point first (nothing is queued if one is bad), then queue them all."""
+    return start_sweep(body, svc)
+
+
+def start_sweep(body: SweepCreate, svc: Services, experiment: str | None = None) -> dict[str, Any]:
+    """Validates and queues the sweep's runs (see create_sweep); ``experiment``: the
+    bncore.experiments key it reproduces."""
     if not body.grid or any(not v for v in body.grid.values()):
         raise HTTPException(422, "grid needs at least one field, each with at least one value")
     points = list(itertools.product(*body.grid.values()))
@@ -53,7 +59,7 @@ def create_sweep(body: SweepCreate, svc: Svc) -> dict[str, Any]:
         check_runnable(config)
         configs.append((label, config))
     sweep_id = uuid.uuid4().hex[:12]
-    svc.store.create_sweep(sweep_id, body.name, body.base, body.grid)
+    svc.store.create_sweep(sweep_id, body.name, body.base, body.grid, experiment)
     for label, config in configs:
         launch(svc, config, sweep_id, name=f"{body.name or 'sweep'}: {label}")
     return get_sweep(sweep_id, svc)

@@ -1,0 +1,331 @@
+"""Experiments: the BN literature's findings, each one sweep of runs away.
+
+An :class:`Experiment` is a sweep (a base RunConfig and a grid of fields to vary), the sentence
+saying what the literature found, and the panels that put the measurement (and the theory, where
+there is a closed form) side by side. :func:`result` turns the recorded series of the sweep's
+runs into those panels, as plain numbers: drawing them is the dashboard's job.
+
+Default sizes finish in minutes on a 2-core CPU; ``full`` holds the overrides for a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from bncore.theory import gradient_explosion_rate, gradient_growth_rate
+
+__all__ = ["EXPERIMENTS", "Experiment", "Panel", "Point", "get_field", "needs", "result"]
+
+#: Points per line of an over-steps panel.
+MAX_POINTS = 400
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One figure of an experiment's result.
+
+    ``over_steps``: each run's ``stats`` (at ``layer``; "" for step/eval statistics, "last" for
+    the last block) over training steps. ``by_value``: one number per run (``reduce`` of its
+    first stat: ``final``, ``best``, ``steps_to`` reaching ``target``, or ``growth``, the
+    measured per-layer gradient growth) against the grid field ``x``; ``theory`` gives the
+    closed form for a run's config, drawn dashed beside it.
+    """
+
+    title: str
+    kind: Literal["over_steps", "by_value"]
+    stats: tuple[str, ...]
+    y_label: str
+    layer: str = ""
+    x: str | None = None
+    log_x: bool = False
+    reduce: Literal["final", "best", "steps_to", "growth"] = "final"
+    target: float | None = None
+    theory: Callable[[dict[str, Any]], float] | None = None
+    theory_label: str = ""
+
+
+@dataclass(frozen=True)
+class Experiment:
+    key: str
+    title: str
+    claim: str  # what the literature found, in one sentence, with the reference
+    base: dict[str, Any]
+    grid: dict[str, list[Any]]
+    panels: tuple[Panel, ...]
+    full: dict[str, Any] = field(default_factory=dict)  # dotted overrides for a GPU
+    note: str = ""  # how this reproduction differs from the paper's setting
+
+    def sweep(
+        self, size: Literal["quick", "full"] = "quick", overrides: dict[str, Any] | None = None
+    ) -> tuple[dict, dict]:
+        """(base, grid) of the sweep to run at ``size``, with dotted ``overrides`` of the base
+        (``{"data.name": "mnist", "data.path": "/data/mnist"}``)."""
+        base = _deepcopy(self.base)
+        for dotted, value in {**(self.full if size == "full" else {}), **(overrides or {})}.items():
+            node = base
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+                if not isinstance(node, dict):
+                    raise ValueError(f"override {dotted!r}: {p} is not a group of fields")
+            node[leaf] = value
+        return base, {k: list(v) for k, v in self.grid.items()}
+
+
+@dataclass
+class Point:
+    """One finished (or running) run of a sweep: its config, the grid values it was run at, and
+    its series {(layer, stat): (steps, values)}."""
+
+    config: dict[str, Any]
+    values: dict[str, Any]
+    series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]
+    layers: list[str]
+
+
+def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
+
+
+def get_field(config: dict[str, Any], dotted: str) -> Any:
+    """The value of a dotted field (``optim.lr``) in a config dict, or None."""
+    node: Any = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def needs(exp: Experiment, layers: Sequence[str]) -> list[tuple[str, str]]:
+    """The (layer, stat) series :func:`result` reads of a run with these blocks."""
+    keys: list[tuple[str, str]] = []
+    for p in exp.panels:
+        if p.reduce == "growth":
+            keys += [(layer, s) for layer in layers for s in p.stats]
+        else:
+            layer = (layers[-1] if layers else "") if p.layer == "last" else p.layer
+            keys += [(layer, s) for s in p.stats]
+    return list(dict.fromkeys(keys))
+
+
+def _label(values: dict[str, Any], skip: str | None = None) -> str:
+    parts = [f"{k.split('.')[-1]}={v}" for k, v in values.items() if k != skip]
+    return ", ".join(parts) or "run"
+
+
+def _reduce(p: Panel, point: Point) -> float | None:
+    if p.reduce == "growth":
+        cols = [point.series.get((layer, p.stats[0])) for layer in point.layers]
+        if not point.layers or any(c is None or not len(c[1]) for c in cols):
+            return None
+        n = min(len(c[1]) for c in cols if c is not None)
+        stacked = np.stack([c[1][:n] for c in cols if c is not None], axis=1)  # steps x layers
+        return gradient_growth_rate({p.stats[0]: stacked.reshape(-1)}, len(point.layers))
+    layer = (point.layers[-1] if point.layers else "") if p.layer == "last" else p.layer
+    steps, vals = point.series.get((layer, p.stats[0]), (np.empty(0), np.empty(0)))
+    ok = np.isfinite(vals)
+    if not ok.any():
+        return None
+    if p.reduce == "final":
+        return float(vals[ok][-1])
+    if p.reduce == "best":
+        return float(vals[ok].max())
+    hit = np.nonzero(vals >= (p.target or 0.0))[0]  # steps_to
+    return float(steps[hit[0]]) if len(hit) else None
+
+
+def _thin(steps: np.ndarray, vals: np.ndarray) -> tuple[list, list]:
+    idx = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), MAX_POINTS)).astype(int))
+    return steps[idx].tolist(), [None if not math.isfinite(v) else float(v) for v in vals[idx]]
+
+
+def result(exp: Experiment, points: Sequence[Point]) -> dict[str, Any]:
+    """The experiment's panels from its runs: {"title", "claim", "note", "panels": [{"title",
+    "kind", "x_label", "y_label", "log_x", "series": [{"name", "x", "y", "theory"}]}]}."""
+    panels = []
+    for p in exp.panels:
+        series: list[dict[str, Any]] = []
+        if p.kind == "over_steps":
+            for point in points:
+                layer = (point.layers[-1] if point.layers else "") if p.layer == "last" else p.layer
+                for stat in p.stats:
+                    steps, vals = point.series.get((layer, stat), (np.empty(0), np.empty(0)))
+                    x, y = _thin(steps, vals) if len(steps) else ([], [])
+                    name = _label(point.values) + (f" {stat}" if len(p.stats) > 1 else "")
+                    series.append({"name": name, "x": x, "y": y, "theory": False})
+        else:
+            assert p.x is not None
+            groups: dict[str, list[Point]] = {}
+            for point in points:
+                groups.setdefault(_label(point.values, skip=p.x), []).append(point)
+            for name, members in groups.items():
+                members = sorted(members, key=lambda m: m.values[p.x])
+                xs = [m.values[p.x] for m in members]
+                series.append(
+                    {"name": name, "x": xs, "y": [_reduce(p, m) for m in members], "theory": False}
+                )
+                if p.theory is not None:
+                    series.append(
+                        {
+                            "name": f"{name}: {p.theory_label or 'theory'}",
+                            "x": xs,
+                            "y": [p.theory(m.config) for m in members],
+                            "theory": True,
+                        }
+                    )
+        panels.append(
+            {
+                "title": p.title,
+                "kind": p.kind,
+                "x_label": "step" if p.kind == "over_steps" else (p.x or ""),
+                "y_label": p.y_label,
+                "log_x": p.log_x,
+                "series": series,
+            }
+        )
+    return {"title": exp.title, "claim": exp.claim, "note": exp.note, "panels": panels}
+
+
+def _yang(config: dict[str, Any]) -> float:
+    return gradient_explosion_rate(
+        get_field(config, "model.activation"), get_field(config, "batch_size")
+    )
+
+
+_MLP = {"kind": "mlp", "depth": 4, "width": 128, "activation": "relu"}
+_TEST_ACC = Panel("Test accuracy", "over_steps", ("test_acc",), "test accuracy")
+
+EXPERIMENTS: dict[str, Experiment] = {
+    e.key: e
+    for e in (
+        Experiment(
+            key="bn-vs-learning-rate",
+            title="BN vs no BN across learning rates",
+            claim="With BN a network trains over a much wider range of learning rates and "
+            "reaches a given accuracy in fewer steps (Ioffe & Szegedy 2015; Santurkar et al. "
+            "2018; Bjorck et al. 2018).",
+            base={"model": _MLP, "data": {"name": "mnist1d"}, "batch_size": 64, "steps": 800,
+                  "eval_interval": 50, "stats_interval": 10},
+            grid={"optim.lr": [0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+                  "norm.kind": ["batch", "none"]},
+            panels=(
+                Panel("Best test accuracy by learning rate", "by_value", ("test_acc",),
+                      "best test accuracy", x="optim.lr", log_x=True, reduce="best"),
+                Panel("Steps to 50% test accuracy (missing: never reached)", "by_value",
+                      ("test_acc",), "steps", x="optim.lr", log_x=True, reduce="steps_to",
+                      target=0.5),
+            ),
+            full={"steps": 10_000, "model.width": 512, "model.depth": 8},
+        ),
+        Experiment(
+            key="ioffe-szegedy-figure-1",
+            title="Ioffe & Szegedy 2015, Figure 1",
+            claim="A 3 x 100 sigmoid network trains faster and higher with BN, and the "
+            "distribution of a last-layer sigmoid input (its 15/50/85th percentiles) stays "
+            "stable with BN while it drifts without (Ioffe & Szegedy 2015, Figure 1).",
+            base={"model": {"kind": "mlp", "depth": 3, "width": 100, "activation": "sigmoid"},
+                  "data": {"name": "mnist1d"}, "batch_size": 60, "steps": 3000,
+                  "eval_interval": 100, "stats_interval": 10, "optim": {"lr": 0.5}},
+            grid={"norm.kind": ["batch", "none"]},
+            panels=(
+                _TEST_ACC,
+                Panel("Last layer, tracked unit 0: 15/50/85th percentiles of its sigmoid input",
+                      "over_steps", ("p15_0", "p50_0", "p85_0"), "sigmoid input", layer="last"),
+            ),
+            full={"steps": 50_000},
+            note="The paper trains on MNIST for 50k steps; this uses MNIST-1D (made offline). "
+            'For MNIST, start it with overrides {"data.name": "mnist", "data.path": DIR}.',
+        ),
+        Experiment(
+            key="gradient-explosion",
+            title="Gradient explosion at initialization (Yang et al. 2019)",
+            claim="At initialization the gradient of a deep fully connected BN network grows "
+            "geometrically towards the input, at a rate per layer that mean field theory gives "
+            "in closed form: (B-2)/(B-3) for a linear network, tending to pi/(pi-1) for ReLU "
+            "(Yang et al. 2019).",
+            base={"model": {"kind": "mlp", "depth": 24, "width": 256}, "data": {"name": "digits"},
+                  "steps": 10, "eval_interval": 10, "channel_interval": 1000,
+                  "optim": {"lr": 1e-9, "momentum": 0.0}},
+            grid={"model.activation": ["linear", "relu"], "batch_size": [8, 16, 32, 64, 128]},
+            panels=(
+                Panel("Squared-gradient growth per layer, measured and in theory", "by_value",
+                      ("grad_in_norm",), "growth per layer", x="batch_size", log_x=True,
+                      reduce="growth", theory=_yang, theory_label="Yang et al. closed form"),
+            ),
+            full={"model.depth": 40, "model.width": 1024},
+            note="Measured over 10 steps at a learning rate of 1e-9 (the weights stay at their "
+            "initialization). The ReLU line is the large-batch limit pi/(pi-1).",
+        ),
+        Experiment(
+            key="batch-size-bn-vs-groupnorm",
+            title="Batch size: BN against GroupNorm",
+            claim="BN's accuracy falls sharply as the batch shrinks below about 8 examples, "
+            "because its statistics get noisy and differ from the running ones used at test "
+            "time; GroupNorm does not depend on the batch and stays flat (Wu & He 2018, "
+            "Figure 1).",
+            base={"model": {"kind": "cnn", "depth": 4, "width": 32}, "data": {"name": "digits"},
+                  "steps": 500, "eval_interval": 100, "stats_interval": 10,
+                  "optim": {"lr": 0.05}},
+            grid={"batch_size": [2, 4, 8, 16, 32, 64, 128], "norm.kind": ["batch", "group"]},
+            panels=(
+                Panel("Final test accuracy by batch size", "by_value", ("test_acc",),
+                      "test accuracy", x="batch_size", log_x=True, reduce="final"),
+                Panel("Train/eval-mode gap by batch size", "by_value", ("mode_gap",),
+                      "relative logit gap", x="batch_size", log_x=True, reduce="final"),
+            ),
+            full={"steps": 5000, "model.width": 64},
+            note="Same number of steps at every batch size (the paper keeps epochs fixed). "
+            'For CIFAR-10: overrides {"data.name": "cifar10", "data.path": DIR}.',
+        ),
+        Experiment(
+            key="placement",
+            title="BN before or after the activation",
+            claim="Ioffe & Szegedy put BN before the nonlinearity; in practice placing it after "
+            "trains about as well, and the bias of the layer before BN is useless, since BN "
+            "subtracts it again (its gradient is zero).",
+            base={"model": _MLP, "data": {"name": "mnist1d"}, "batch_size": 64, "steps": 1000,
+                  "eval_interval": 50, "stats_interval": 10, "optim": {"lr": 0.1}},
+            grid={"norm.placement": ["before_activation", "after_activation"]},
+            panels=(_TEST_ACC, Panel("Share of dead ReLUs, last layer", "over_steps",
+                                     ("act_dead",), "dead units", layer="last")),
+            full={"steps": 10_000},
+        ),
+        Experiment(
+            key="running-statistics",
+            title="Running statistics: momentum and the train/eval gap",
+            claim="Evaluation uses running averages of the batch statistics; a small momentum "
+            "averages over many batches and lags behind while the weights move, which shows as "
+            "a gap between train-mode and eval-mode outputs. PyTorch's momentum 0.1 is Keras' "
+            "0.9 (the weight of the old value).",
+            base={"model": _MLP, "data": {"name": "mnist1d"}, "batch_size": 64, "steps": 1000,
+                  "eval_interval": 50, "stats_interval": 10, "optim": {"lr": 0.1}},
+            grid={"norm.momentum": [0.001, 0.01, 0.1, 0.5]},
+            panels=(
+                Panel("Train/eval-mode gap over training", "over_steps", ("mode_gap",),
+                      "relative logit gap"),
+                Panel("Final test accuracy by momentum", "by_value", ("test_acc",),
+                      "test accuracy", x="norm.momentum", log_x=True, reduce="final"),
+            ),
+            full={"steps": 10_000},
+        ),
+        Experiment(
+            key="noisy-bn",
+            title="Noisy BN: injected covariate shift (Santurkar et al. 2018)",
+            claim="Adding a random, step-to-step shift and scale after each BN layer (internal "
+            "covariate shift on purpose) barely hurts: noisy BN trains about as well as BN and "
+            "better than no BN, so reducing covariate shift is not what makes BN work "
+            "(Santurkar et al. 2018, Figure 2).",
+            base={"model": _MLP, "data": {"name": "mnist1d"}, "batch_size": 64, "steps": 1000,
+                  "eval_interval": 50, "stats_interval": 10, "optim": {"lr": 0.1}},
+            grid={"norm.kind": ["batch", "noisy", "none"]},
+            panels=(_TEST_ACC, Panel("Spread of the last block's output mean across steps",
+                                     "over_steps", ("post_mean",), "mean after the norm",
+                                     layer="last")),
+            full={"steps": 10_000, "model.depth": 8},
+        ),
+    )
+}  # fmt: skip

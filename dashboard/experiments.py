@@ -1,0 +1,117 @@
+"""The Experiments tab: one button per experiment of bncore.experiments, and the result view of
+the sweep it starts (the literature's sentence above the measurement and, where there is one,
+the theory). The view refreshes every 2 s until the sweep's last run finishes."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
+from fastapi import HTTPException
+
+from bncore.experiments import EXPERIMENTS
+from dashboard.figures import experiment_figure
+from server.routes import experiments as exp_routes
+from server.services import Services
+
+
+def tab() -> html.Div:
+    runs = {e["key"]: e["runs"] for e in exp_routes.list_experiments()}
+    cards = [
+        html.Div(
+            [
+                html.H3(e.title),
+                html.P(e.claim),
+                html.P(e.note, className="note") if e.note else None,
+                html.Button(
+                    f"Run it ({runs[e.key]} runs)",
+                    id={"type": "exp-run", "key": e.key},
+                    n_clicks=0,
+                    className="primary",
+                ),
+            ],
+            className="card",
+        )
+        for e in EXPERIMENTS.values()
+    ]
+    return html.Div(
+        [
+            html.Div(
+                [
+                    html.Label("Result of"),
+                    dcc.Dropdown(
+                        id="exp-pick", placeholder="an experiment you ran", style={"width": "480px"}
+                    ),
+                ],
+                className="toolbar",
+            ),
+            html.Div(id="exp-head", className="banner"),
+            html.Div(id="exp-figures", className="grid"),
+            html.Div(cards, className="cards"),
+            dcc.Interval(id="exp-refresh", interval=2000, disabled=True),
+        ]
+    )
+
+
+def register(app: Dash, svc: Services) -> None:
+    @app.callback(
+        Output("exp-pick", "options"),
+        Output("exp-pick", "value"),
+        Output("exp-head", "children", allow_duplicate=True),
+        Input({"type": "exp-run", "key": ALL}, "n_clicks"),
+        Input("tabs", "value"),
+        State("token", "value"),
+        prevent_initial_call=True,
+    )
+    def start(clicks: list[int], tab_name: str, token: str | None) -> Any:
+        """Starts an experiment on a click; lists the experiments run so far."""
+        picked, head = no_update, no_update
+        if isinstance(ctx.triggered_id, dict) and any(clicks):
+            key = ctx.triggered_id["key"]
+            if svc.settings.token and not secrets.compare_digest(token or "", svc.settings.token):
+                head = [html.Span("not started", className="status status-failed"),
+                        "this server needs its token: type it in the Launch tab"]  # fmt: skip
+            else:
+                try:
+                    picked = exp_routes.start_experiment(key, svc, None)["id"]
+                except HTTPException as exc:
+                    head = [html.Span("not started", className="status status-failed"),
+                            str(exc.detail)]  # fmt: skip
+        elif tab_name != "experiments":
+            return no_update, no_update, no_update
+        options = [
+            {"label": f"{s['name']} · {s['id']}", "value": s["id"]}
+            for s in svc.store.list_sweeps(experiments_only=True)
+        ]
+        return options, picked, head
+
+    @app.callback(
+        Output("exp-head", "children"),
+        Output("exp-figures", "children"),
+        Output("exp-refresh", "disabled"),
+        Input("exp-pick", "value"),
+        Input("exp-refresh", "n_intervals"),
+    )
+    def show(sweep_id: str | None, _n: int | None) -> Any:
+        if not sweep_id:
+            return "Run an experiment below, or pick one you ran.", [], True
+        try:
+            res = exp_routes.sweep_result(sweep_id, svc)
+        except HTTPException as exc:
+            return [html.Span("error", className="status status-failed"), str(exc.detail)], [], True
+        done = res["runs_finished"] == res["runs_total"]
+        head = [
+            html.Span("finished" if done else "running",
+                      className=f"status status-{'completed' if done else 'running'}"),
+            html.B(res["title"]),
+            f"  ·  {res['runs_finished']} of {res['runs_total']} runs finished",
+            html.P(res["claim"], className="claim"),
+            html.P(res["note"], className="note") if res["note"] else None,
+        ]  # fmt: skip
+        graphs = [
+            dcc.Graph(figure=experiment_figure(p), className="graph",
+                      config={"displaylogo": False, "responsive": True})
+            for p in res["panels"]
+        ]  # fmt: skip
+        return head, graphs, done

@@ -1,0 +1,124 @@
+"""Experiments: every preset is a valid sweep of modest size, results are computed from the runs'
+series, and one experiment runs end to end through a real server, matching its theory."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from bncore.config import parse_config
+from bncore.experiments import EXPERIMENTS, Panel, Point, get_field, needs, result
+from server.process import ServerProcess, wait_for
+from tests.test_server import FINAL
+
+
+@pytest.mark.parametrize("key", list(EXPERIMENTS))
+@pytest.mark.parametrize("size", ["quick", "full"])
+def test_every_point_of_every_experiment_is_a_valid_run(key, size):
+    exp = EXPERIMENTS[key]
+    base, grid = exp.sweep(size)
+    points = list(itertools.product(*grid.values()))
+    assert 2 <= len(points) <= 16
+    for values in points:
+        data = {**base}
+        for dotted, value in zip(grid, values, strict=True):
+            node = data
+            *parents, leaf = dotted.split(".")
+            for p in parents:
+                node[p] = node = dict(node.get(p) or {})
+            node[leaf] = value
+        cfg = parse_config(data).model_dump()
+        for dotted, value in zip(grid, values, strict=True):
+            assert get_field(cfg, dotted) == value
+    assert exp.claim.endswith(".") and len(exp.panels) >= 1
+    if size == "quick":  # the full size only grows the quick one
+        assert exp.sweep("quick")[0] == base
+
+
+def _point(values, config, series, layers=("block0", "block1")):
+    return Point(config=config, values=values, series=series, layers=list(layers))
+
+
+def test_by_value_panels_group_reduce_and_draw_theory_beside():
+    panel_best = Panel("best", "by_value", ("test_acc",), "acc", x="optim.lr", reduce="best")
+    panel_to = Panel("to", "by_value", ("test_acc",), "steps", x="optim.lr", reduce="steps_to",
+                     target=0.5, theory=lambda cfg: 2 * get_field(cfg, "optim.lr"))  # fmt: skip
+    exp = EXPERIMENTS["bn-vs-learning-rate"]
+    exp = type(exp)(**{**exp.__dict__, "panels": (panel_best, panel_to)})
+    steps = np.array([0, 50, 100])
+    points = [
+        _point({"optim.lr": lr, "norm.kind": kind}, {"optim": {"lr": lr}},
+               {("", "test_acc"): (steps, np.array(acc, np.float32))})
+        for lr, kind, acc in [(0.1, "batch", [0.1, 0.6, 0.7]), (0.01, "batch", [0.1, 0.2, 0.55]),
+                              (0.1, "none", [0.1, 0.2, 0.3])]
+    ]  # fmt: skip
+    out = result(exp, points)
+    best, to = out["panels"]
+    by_name = {s["name"]: s for s in best["series"]}
+    assert by_name["kind=batch"]["x"] == [0.01, 0.1]  # sorted along x
+    assert by_name["kind=batch"]["y"] == pytest.approx([0.55, 0.7])
+    assert by_name["kind=none"]["y"] == pytest.approx([0.3])
+    to_series = {s["name"]: s for s in to["series"]}
+    assert to_series["kind=batch"]["y"] == [100.0, 50.0]
+    assert to_series["kind=none"]["y"] == [None]  # never reached
+    theory = to_series["kind=batch: theory"]
+    assert theory["theory"] and theory["y"] == pytest.approx([0.02, 0.2])
+    assert out["claim"] == exp.claim
+
+
+def test_over_steps_panels_read_the_last_block_and_stay_small():
+    exp = EXPERIMENTS["ioffe-szegedy-figure-1"]
+    steps = np.arange(0, 5000, dtype=np.int64)
+    series = {("block2", s): (steps, np.linspace(0, 1, 5000, dtype=np.float32))
+              for s in ("p15_0", "p50_0", "p85_0")}  # fmt: skip
+    series["", "test_acc"] = (steps[:3], np.array([0.1, np.nan, 0.9], np.float32))
+    point = _point({"norm.kind": "batch"}, {}, series, layers=("block0", "block1", "block2"))
+    assert ("block2", "p50_0") in needs(exp, point.layers)
+    acc, pct = result(exp, [point])["panels"]
+    assert acc["series"][0]["y"] == [pytest.approx(0.1), None, pytest.approx(0.9)]
+    assert len(pct["series"]) == 3 and all(len(s["x"]) <= 400 for s in pct["series"])
+    assert pct["series"][0]["x"][0] == 0 and pct["series"][0]["x"][-1] == 4999
+
+
+@pytest.mark.timeout(600)
+def test_gradient_explosion_experiment_through_the_server_matches_yang_et_al(tmp_path):
+    srv = ServerProcess(tmp_path, "--max-runs", "2").start()
+    try:
+        with srv.client() as api:
+            listed = {e["key"]: e for e in api.get("/api/experiments").json()}
+            assert set(listed) == set(EXPERIMENTS) and listed["gradient-explosion"]["runs"] == 10
+            r = api.post("/api/experiments/gradient-explosion", json={"size": "quick"})
+            assert r.status_code == 201, r.text
+            sweep = r.json()
+            assert sweep["experiment"] == "gradient-explosion" and len(sweep["runs"]) == 10
+            for run in sweep["runs"]:
+                wait_for(lambda run=run: api.get(f"/api/runs/{run['id']}").json()["status"]
+                         in FINAL, 300)  # fmt: skip
+            res = api.get(f"/api/sweeps/{sweep['id']}/result").json()
+            assert res["runs_finished"] == res["runs_total"] == 10
+            assert res["claim"] == EXPERIMENTS["gradient-explosion"].claim
+            series = {s["name"]: s for s in res["panels"][0]["series"]}
+            linear, theory = series["activation=linear"], series["activation=linear: Yang et al. "
+                                                                 "closed form"]  # fmt: skip
+            assert linear["x"] == [8, 16, 32, 64, 128]
+            np.testing.assert_allclose(linear["y"], theory["y"], rtol=0.1)
+            relu = series["activation=relu"]
+            assert relu["y"][-1] == pytest.approx(np.pi / (np.pi - 1), rel=0.1)  # large batch
+            assert all(y > 1.2 for y in relu["y"])  # explodes at every batch size
+
+            # bad inputs: clear 4xx, nothing queued
+            before = api.get("/api/runs").json()["total"]
+            missing = api.post("/api/experiments/nope")
+            assert missing.status_code == 404 and "gradient-explosion" in missing.json()["detail"]
+            bad = api.post("/api/experiments/placement", json={"size": "huge"})
+            assert bad.status_code == 422
+            plain = api.post("/api/sweeps", json={"base": {"steps": 5, "model": {"depth": 1,
+                             "width": 8}, "data": {"name": "digits"}},
+                             "grid": {"optim.lr": [0.1]}}).json()  # fmt: skip
+            no_view = api.get(f"/api/sweeps/{plain['id']}/result")
+            assert no_view.status_code == 409 and "not started from an experiment" in no_view.text
+            assert api.get("/api/runs").json()["total"] == before + 1
+    finally:
+        srv.stop()
