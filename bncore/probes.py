@@ -225,7 +225,9 @@ class Recorder:
         self.recorded += len(steps)
         self.pending_steps = []
         n = len(steps)
-        grad_norms = raw[:, -len(self.slots) :]
+        # a copy: passed through as a column, it would be a view on the buffer (when n == 1),
+        # and the next step would overwrite records already handed to the sink
+        grad_norms = raw[:, -len(self.slots) :].copy()
         layers, channels = [], []
         offset = first = 0
         for group in _groups(self.slots):

@@ -231,6 +231,25 @@ def test_columns_are_the_documented_ones():
     assert set(LAYER_COLUMNS) <= set(rec.layers)
 
 
+def test_flushed_records_do_not_change_when_training_goes_on():
+    """A flush of a single step used to hand out a view on the recorder's buffer: the next step
+    overwrote that step's weight gradient norms in records already given to the sink."""
+    t = Trainer(_cfg(steps=5))
+    flushed = []
+    for _ in range(3):
+        t.step()
+        flushed.append(t.flush())  # one step per flush, as a slow first step causes
+    before = [{k: v.copy() for k, v in r.layers.items()} for r in flushed]
+    for _ in range(2):
+        t.step()
+        t.flush()
+    for rec, saved in zip(flushed, before, strict=True):
+        for col, values in saved.items():
+            np.testing.assert_array_equal(rec.layers[col], values, col)
+    norms = [r.layers["weight_grad_norm"] for r in flushed]
+    assert not np.array_equal(norms[0], norms[1])  # each step's own gradients
+
+
 def test_intervals():
     rec = train(_cfg(steps=40, stats_interval=5, channel_interval=3)).records
     assert len(rec.steps["step"]) == 40
