@@ -218,6 +218,17 @@ class RunConfig(_Strict):
     tracked_units: int = Field(
         3, ge=1, le=16, description="units per layer whose 15/50/85th percentiles are recorded"
     )
+    ics_interval: int = Field(
+        0,
+        ge=0,
+        description="steps between measurements of internal covariate shift (Santurkar et al."
+        "): one extra forward and backward per block; a multiple of stats_interval; 0: off",
+    )
+    landscape: bool = Field(
+        False,
+        description="at every evaluation, the loss and gradient along the gradient direction "
+        "at 0.5-4 learning rates (Santurkar et al.'s landscape and beta-smoothness)",
+    )
     seed: int = Field(0, ge=0, description="seed of initialization and batch order")
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="where to train: auto picks cuda when available"
@@ -229,6 +240,12 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"model.kind='cnn' needs data with spatial structure "
                 f"({', '.join(SPATIAL_DATASETS)}), not data.name={self.data.name!r}"
+            )
+        if self.ics_interval % self.stats_interval:
+            raise ValueError(
+                f"ics_interval={self.ics_interval} must be a multiple of stats_interval="
+                f"{self.stats_interval} (internal covariate shift is recorded with the step's "
+                "statistics)"
             )
         width, depth = self.model.width, self.model.depth
         norm = self.norm

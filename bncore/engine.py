@@ -25,6 +25,7 @@ from torch import Tensor, nn
 import bncore
 from bncore.config import RunConfig
 from bncore.data import Dataset, load_dataset
+from bncore.landscape import internal_covariate_shift, landscape
 from bncore.models import Net, build_model
 from bncore.probes import Recorder
 from bncore.records import MemorySink, Records, Sink
@@ -32,6 +33,8 @@ from bncore.records import MemorySink, Records, Sink
 __all__ = ["RunResult", "Trainer", "resolve_device", "train"]
 
 EVAL_BATCH = 2048
+#: Step sizes of the landscape measurement, in learning rates (Santurkar et al. use a range).
+LANDSCAPE_STEPS = (0.5, 1.0, 2.0, 4.0)
 TRAIN_EVAL_EXAMPLES = 2000
 
 
@@ -85,6 +88,8 @@ class Trainer:
         }
         n = min(len(self.data.x_train), config.batch_size)
         self.probe_batch = self.data.x_train[:n]
+        self.probe_labels = self.data.y_train[:n]
+        self._ics: dict[int, tuple[Tensor, Tensor]] = {}  # step -> (ICS, cosine) per block
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -114,7 +119,15 @@ class Trainer:
         loss.backward()
         if record:
             self.recorder.snapshot(self.step_count)
-        self.optimizer.step()
+        if cfg.ics_interval and (self.step_count - 1) % cfg.ics_interval == 0:
+            self.recorder.arm(False)
+            blocks = [b for _, b in self.model.blocks()]
+            before = [b.layer.weight.grad.detach().clone() for b in blocks]
+            self._ics[self.step_count] = internal_covariate_shift(
+                self.model, self.loss_fn, x, y, blocks, before, self.optimizer.step
+            )
+        else:
+            self.optimizer.step()
         self._losses.append(loss.detach())
         self._step_rows["step"].append(self.step_count)
         self._step_rows["lr"].append(self.optimizer.param_groups[0]["lr"])
@@ -124,6 +137,8 @@ class Trainer:
     def flush(self) -> Records:
         """Pending records to the host: one transfer for the losses, one for the statistics."""
         rec = self.recorder.flush(self.config.channel_interval)
+        if self.config.ics_interval and rec.layers:
+            self._add_ics(rec.layers)
         if self._losses:
             rec.steps = {
                 "step": np.asarray(self._step_rows["step"], dtype=np.int64),
@@ -135,6 +150,18 @@ class Trainer:
             self._losses = []
             self._step_rows = {k: [] for k in self._step_rows}
         return rec
+
+    def _add_ics(self, layers: dict[str, np.ndarray]) -> None:
+        """ICS columns for the flushed ``layers`` rows (NaN on steps without a measurement)."""
+        n = len(layers["step"])
+        dist, cos = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+        index = {name: i for i, (name, _) in enumerate(self.model.blocks())}
+        for step, (d, c) in self._ics.items():
+            rows = np.nonzero(layers["step"] == step)[0]
+            blocks = [index[str(name)] for name in layers["layer"][rows]]
+            dist[rows], cos[rows] = d.cpu().numpy()[blocks], c.cpu().numpy()[blocks]
+        layers["ics"], layers["ics_cos"] = dist, cos
+        self._ics = {}
 
     # -- evaluation ---------------------------------------------------------------------------
 
@@ -171,7 +198,7 @@ class Trainer:
         test_loss, test_acc = self._loss_acc(d.x_test, d.y_test)
         gap = self._mode_gap() if len(self.probe_batch) > 1 else math.nan
         self.model.train()
-        return {
+        out = {
             "step": self.step_count,
             "train_loss": train_loss,
             "train_acc": train_acc,
@@ -179,6 +206,12 @@ class Trainer:
             "test_acc": test_acc,
             "mode_gap": gap,
         }
+        if self.config.landscape:
+            lr = self.optimizer.param_groups[0]["lr"]
+            etas = [f * lr for f in LANDSCAPE_STEPS]
+            out.update(landscape(self.model, self.loss_fn, self.probe_batch, self.probe_labels,
+                                 etas))  # fmt: skip
+        return out
 
     # -- the whole run ------------------------------------------------------------------------
 

@@ -320,11 +320,38 @@ EXPERIMENTS: dict[str, Experiment] = {
             "better than no BN, so reducing covariate shift is not what makes BN work "
             "(Santurkar et al. 2018, Figure 2).",
             base={"model": _MLP, "data": {"name": "mnist1d"}, "batch_size": 64, "steps": 1000,
-                  "eval_interval": 50, "stats_interval": 10, "optim": {"lr": 0.1}},
+                  "eval_interval": 50, "stats_interval": 10, "ics_interval": 20,
+                  "optim": {"lr": 0.1}},
             grid={"norm.kind": ["batch", "noisy", "none"]},
-            panels=(_TEST_ACC, Panel("Spread of the last block's output mean across steps",
-                                     "over_steps", ("post_mean",), "mean after the norm",
-                                     layer="last")),
+            panels=(
+                _TEST_ACC,
+                Panel("Internal covariate shift of the last block, ||G - G'||", "over_steps",
+                      ("ics",), "ICS", layer="last"),
+                Panel("cos(G, G') of the last block: 1 is no shift", "over_steps",
+                      ("ics_cos",), "cosine", layer="last"),
+            ),
+            full={"steps": 10_000, "model.depth": 8},
+            note="ICS as Santurkar et al. define it: the change of a block's weight gradient on "
+            "the same batch once the blocks below took their step (bncore.landscape).",
+        ),
+        Experiment(
+            key="landscape",
+            title="Landscape smoothness with and without BN (Santurkar et al. 2018)",
+            claim="With BN the loss changes less, and the gradient stays more predictive, along "
+            "the gradient direction: the landscape is smoother (a smaller effective "
+            "beta-smoothness), which lets larger steps work (Santurkar et al. 2018, Figure 4).",
+            base={"model": _MLP, "data": {"name": "mnist1d"}, "batch_size": 64, "steps": 1000,
+                  "eval_interval": 50, "stats_interval": 10, "landscape": True,
+                  "optim": {"lr": 0.1}},
+            grid={"norm.kind": ["batch", "none"]},
+            panels=(
+                Panel("Loss along the gradient, 0.5 to 4 learning rates: highest", "over_steps",
+                      ("landscape_loss_max",), "loss"),
+                Panel("Gradient predictiveness: largest ||g(w - eta g) - g(w)||", "over_steps",
+                      ("grad_change",), "gradient change"),
+                Panel("Effective beta-smoothness", "over_steps", ("beta_smoothness",),
+                      "max ||dg|| / ||eta g||"),
+            ),
             full={"steps": 10_000, "model.depth": 8},
         ),
     )

@@ -29,6 +29,10 @@ Four tables, each a dict of equal-length numpy columns (Parquet files in ``bnsco
     weight_grad_norm             L2 norm of the linear/conv weight's gradient
     p15_j, p50_j, p85_j          15th/50th/85th percentiles over the batch of tracked unit j's
                                  activation input (Ioffe & Szegedy, Figure 1)
+    ics, ics_cos                 with ``ics_interval``: internal covariate shift, ||G - G'||, and
+                                 cos(G, G') of the weight gradient before and after the blocks
+                                 below took their step (Santurkar et al.; bncore.landscape); NaN
+                                 on steps without a measurement
 
 ``channels`` (one row per kept step and block, every ``channel_interval`` recorded steps)
     per-channel arrays, each of shape (rows, C): pre_mean, pre_var, post_mean, post_var,
@@ -37,7 +41,9 @@ Four tables, each a dict of equal-length numpy columns (Parquet files in ``bnsco
 
 ``evals`` (one row per evaluation, in eval mode)
     step, train_loss, train_acc, test_loss, test_acc, mode_gap (relative L2 distance between
-    the logits of a fixed probe batch in train mode and in eval mode)
+    the logits of a fixed probe batch in train mode and in eval mode); with ``landscape``:
+    landscape_loss_min, landscape_loss_max, grad_change, beta_smoothness (the loss and gradient
+    along the gradient direction; bncore.landscape)
 """
 
 from __future__ import annotations
