@@ -14,7 +14,7 @@ import plotly.io as pio
 from a2wsgi import WSGIMiddleware
 from dash import Dash, dash_table, dcc, html
 
-from dashboard import callbacks, experiments
+from dashboard import calculator, callbacks, experiments
 from dashboard.figures import STAT_LABELS
 from dashboard.form import PRESETS, build_form
 
@@ -173,6 +173,7 @@ def layout(has_token: bool) -> html.Div:
                     dcc.Tab(compare_tab, label="Compare", value="compare"),
                     dcc.Tab(launch_tab, label="Launch", value="launch"),
                     dcc.Tab(experiments.tab(), label="Experiments", value="experiments"),
+                    dcc.Tab(calculator.tab(), label="BN calculator", value="calculator"),
                 ],
             ),
             dcc.Location(id="url", refresh=False),
@@ -203,4 +204,5 @@ def mount(app: FastAPI) -> None:
     dash_app.layout = layout(bool(svc.settings.token))
     callbacks.register(dash_app, svc, SECTIONS)
     experiments.register(dash_app, svc)
+    calculator.register(dash_app)
     app.mount("/dashboard", WSGIMiddleware(dash_app.server))

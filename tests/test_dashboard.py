@@ -254,3 +254,21 @@ def test_an_experiment_runs_from_its_button_and_shows_theory_beside_measurement(
     options = page.locator("#exp-pick").inner_text()
     assert "Gradient explosion" in options
     shot(page, "experiment-gradient-explosion.png")
+
+
+def test_bn_calculator_shows_each_step_and_corrects_the_seed(page):
+    page.click("#tabs >> text=BN calculator")
+    page.wait_for_selector("#calc-seed-note")
+    note = page.inner_text("#calc-seed-note")
+    assert "6.33333" in note and "9.55556" in note
+    out = page.inner_text("#calc-out")
+    assert "x_hat = (x - mean) / sqrt(var + eps)" in out and "running_var" in out
+    page.fill("#calc-x", "1 2\n3 5\n5 11")
+    page.click("#calc-gamma")  # leave the text box: the batch is read
+    page.wait_for_function("() => document.querySelectorAll('.calc-channel').length === 2")
+    assert "mean = sum(x) / N = 18 / 3 = 6" in page.inner_text("#calc-out")
+    shot(page, "bn-calculator.png")
+    page.fill("#calc-x", "1, 2, oops")
+    page.click("#calc-gamma")
+    page.wait_for_selector("#calc-error")
+    assert "line 1 is not a list of numbers" in page.inner_text("#calc-error")
