@@ -112,9 +112,11 @@ def landscape(
             changes.append(float(change))
             ratios.append(float(change / (eta * g_norm).clamp_min(1e-30)))
     finite = [v for v in losses if v == v and abs(v) != float("inf")]
+    lo, hi = min(finite, default=float("nan")), max(finite, default=float("nan"))
     return {
-        "landscape_loss_min": min(finite, default=float("nan")),
-        "landscape_loss_max": max(finite, default=float("nan")),
+        "landscape_loss_min": lo,
+        "landscape_loss_max": hi,
+        "landscape_loss_range": hi - lo,
         "grad_change": max(changes),
         "beta_smoothness": max(ratios),
     }

@@ -42,7 +42,8 @@ Four tables, each a dict of equal-length numpy columns (Parquet files in ``bnsco
 ``evals`` (one row per evaluation, in eval mode)
     step, train_loss, train_acc, test_loss, test_acc, mode_gap (relative L2 distance between
     the logits of a fixed probe batch in train mode and in eval mode); with ``landscape``:
-    landscape_loss_min, landscape_loss_max, grad_change, beta_smoothness (the loss and gradient
+    landscape_loss_min, landscape_loss_max, landscape_loss_range, grad_change,
+    beta_smoothness (the loss and gradient
     along the gradient direction; bncore.landscape)
 """
 

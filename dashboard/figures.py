@@ -35,6 +35,8 @@ STAT_LABELS = {
     "grad_in_norm": "gradient norm into the layer",
     "weight_grad_norm": "weight gradient norm",
     "gamma_grad_norm": "gamma gradient norm",
+    "ics": "internal covariate shift ||G - G'|| (runs with ics_interval)",
+    "ics_cos": "internal covariate shift: cos(G, G')",
 }
 
 

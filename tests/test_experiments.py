@@ -77,7 +77,8 @@ def test_over_steps_panels_read_the_last_block_and_stay_small():
     point = _point({"norm.kind": "batch"}, {}, series, layers=("block0", "block1", "block2"))
     assert ("block2", "p50_0") in needs(exp, point.layers)
     acc, pct = result(exp, [point])["panels"]
-    assert acc["series"][0]["y"] == [pytest.approx(0.1), None, pytest.approx(0.9)]
+    assert acc["series"][0]["y"] == [pytest.approx(0.1), pytest.approx(0.9)]  # NaN: dropped
+    assert acc["series"][0]["x"] == [0, 2]
     assert len(pct["series"]) == 3 and all(len(s["x"]) <= 400 for s in pct["series"])
     assert pct["series"][0]["x"][0] == 0 and pct["series"][0]["x"][-1] == 4999
 
