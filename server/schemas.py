@@ -72,13 +72,21 @@ class StatusUpdate(BaseModel):
 
 
 class SweepCreate(BaseModel):
-    """One run per point of ``grid``: dotted config fields, each with the values to try."""
+    """One run per point of ``grid`` (dotted config fields, each with the values to try), or per
+    entry of ``points`` (dotted fields and values of each run, for settings that move together,
+    such as the learning rate with the batch size)."""
 
     model_config = ConfigDict(extra="forbid")
     name: str | None = Field(None, max_length=200)
     base: dict[str, Any] = Field(default_factory=dict, description="a RunConfig, partial")
     grid: dict[str, list[Any]] = Field(
-        ..., description='e.g. {"norm.kind": ["batch", "none"], "optim.lr": [0.01, 0.1]}'
+        default_factory=dict,
+        description='e.g. {"norm.kind": ["batch", "none"], "optim.lr": [0.01, 0.1]}',
+    )
+    points: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description='instead of grid, e.g. [{"batch_size": 8, "optim.lr": 0.01}, '
+        '{"batch_size": 64, "optim.lr": 0.08}]',
     )
 
 

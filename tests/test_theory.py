@@ -74,3 +74,23 @@ def test_bn_cancels_the_gradient_of_the_bias_before_it(kind):
         weight, bias = block.layer.weight.grad, block.layer.bias.grad
         assert weight.abs().max() > 1e-4  # the layer does learn
         assert bias.abs().max() < 1e-6 * max(1.0, float(weight.abs().max()))
+
+
+def _digits_mlp(kind: str, batch_size: int, seed: int) -> float:
+    """Test accuracy after one epoch of digits, learning rate linear in the batch (Wu & He)."""
+    steps = 1438 // batch_size
+    lr = 0.1 * batch_size / 32
+    cfg = parse_config({"model": {"depth": 3, "width": 64}, "data": {"name": "digits"},
+                        "norm": {"kind": kind}, "batch_size": batch_size, "seed": seed,
+                        "steps": steps, "eval_interval": steps, "stats_interval": 20,
+                        "channel_interval": 100, "optim": {"lr": lr}})  # fmt: skip
+    return train(cfg).final["test_acc"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1])
+def test_bn_degrades_at_batch_2_while_groupnorm_does_not(seed):
+    bn2, gn2, bn16 = (_digits_mlp(k, b, seed) for k, b in (("batch", 2), ("group", 2),
+                                                            ("batch", 16)))  # fmt: skip
+    assert bn16 > bn2 + 0.3  # BN itself is fine at batch 16
+    assert gn2 > bn2 + 0.2  # at batch 2 GroupNorm still learns, BN does not

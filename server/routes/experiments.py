@@ -31,12 +31,9 @@ def _experiment(key: str) -> Experiment:
 
 
 def _out(exp: Experiment) -> dict[str, Any]:
-    base, grid = exp.sweep("quick")
-    runs = 1
-    for values in grid.values():
-        runs *= len(values)
     return {"key": exp.key, "title": exp.title, "claim": exp.claim, "note": exp.note,
-            "base": base, "grid": grid, "full": exp.full, "runs": runs}  # fmt: skip
+            "base": exp.sweep("quick")["base"], "grid": exp.grid, "full": exp.full,
+            "runs": exp.runs()}  # fmt: skip
 
 
 @router.get("/api/experiments", response_model=list[ExperimentOut])
@@ -58,11 +55,11 @@ def start_experiment(
     exp = _experiment(key)
     body = body or ExperimentStart()
     try:
-        base, grid = exp.sweep(body.size, body.overrides)
+        sweep = exp.sweep(body.size, body.overrides)
     except ValueError as exc:
         raise HTTPException(422, str(exc)) from None
     name = exp.title + (" (full)" if body.size == "full" else "")
-    return start_sweep(SweepCreate(name=name, base=base, grid=grid), svc, experiment=exp.key)
+    return start_sweep(SweepCreate(name=name, **sweep), svc, experiment=exp.key)
 
 
 @router.get("/api/sweeps/{sweep_id}/result", response_model=ExperimentResult)
@@ -79,7 +76,7 @@ def sweep_result(sweep_id: str, svc: Svc) -> dict[str, Any]:
         stored = svc.store.get_run(run["id"]) or {}
         config = stored.get("config") or {}
         layers = list((stored.get("meta") or {}).get("layers") or [])
-        values = {k: get_field(config, k) for k in sweep["grid"]}
+        values = {k: get_field(config, k) for k in exp.grid}  # its axes, not derived settings
         series = svc.store.read_many(run["id"], needs(exp, layers)) if layers else {}
         points.append(Point(config=config, values=values, series=series, layers=layers))
     out = result(exp, points)

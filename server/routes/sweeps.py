@@ -39,16 +39,21 @@ def create_sweep(body: SweepCreate, svc: Svc) -> dict[str, Any]:
 def start_sweep(body: SweepCreate, svc: Services, experiment: str | None = None) -> dict[str, Any]:
     """Validates and queues the sweep's runs (see create_sweep); ``experiment``: the
     bncore.experiments key it reproduces."""
-    if not body.grid or any(not v for v in body.grid.values()):
+    if bool(body.grid) == bool(body.points):
+        raise HTTPException(422, "give either grid (values per field) or points (one per run)")
+    if body.grid and any(not v for v in body.grid.values()):
         raise HTTPException(422, "grid needs at least one field, each with at least one value")
-    points = list(itertools.product(*body.grid.values()))
+    points = body.points or [
+        dict(zip(body.grid, values, strict=True))
+        for values in itertools.product(*body.grid.values())
+    ]
     if len(points) > MAX_POINTS:
-        raise HTTPException(422, f"the grid has {len(points)} points; at most {MAX_POINTS}")
+        raise HTTPException(422, f"the sweep has {len(points)} points; at most {MAX_POINTS}")
     configs = []
-    for values in points:
+    for point in points:
         data = copy.deepcopy(body.base)
-        label = ", ".join(f"{k}={v}" for k, v in zip(body.grid, values, strict=True))
-        for key, value in zip(body.grid, values, strict=True):
+        label = ", ".join(f"{k}={v}" for k, v in point.items())
+        for key, value in point.items():
             _set(data, key, value)
         try:
             config = parse_config(data)
@@ -59,7 +64,8 @@ def start_sweep(body: SweepCreate, svc: Services, experiment: str | None = None)
         check_runnable(config)
         configs.append((label, config))
     sweep_id = uuid.uuid4().hex[:12]
-    svc.store.create_sweep(sweep_id, body.name, body.base, body.grid, experiment)
+    grid = body.grid or {k: list(dict.fromkeys(p.get(k) for p in points)) for k in points[0]}
+    svc.store.create_sweep(sweep_id, body.name, body.base, grid, experiment)
     for label, config in configs:
         launch(svc, config, sweep_id, name=f"{body.name or 'sweep'}: {label}")
     return get_sweep(sweep_id, svc)
