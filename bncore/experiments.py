@@ -316,12 +316,20 @@ EXPERIMENTS: dict[str, Experiment] = {
             claim="Ioffe & Szegedy put BN before the nonlinearity; in practice placing it after "
             "trains about as well, and the bias of the layer before BN is useless, since BN "
             "subtracts it again (its gradient is zero).",
-            base={"model": _MLP, "data": {"name": "mnist1d"}, "batch_size": 64, "steps": 1000,
-                  "eval_interval": 50, "stats_interval": 10, "optim": {"lr": 0.1}},
+            base={"model": {**_MLP, "bias": True}, "data": {"name": "mnist1d"},
+                  "batch_size": 64, "steps": 1000, "eval_interval": 50, "stats_interval": 10,
+                  "optim": {"lr": 0.1}},
             grid={"norm.placement": ["before_activation", "after_activation"]},
-            panels=(_TEST_ACC, Panel("Share of dead ReLUs, last layer", "over_steps",
-                                     ("act_dead",), "dead units", layer="last")),
+            panels=(
+                _TEST_ACC,
+                Panel("Gradient norm of the last layer's own bias (zero when BN follows it)",
+                      "over_steps", ("layer_bias_grad_norm",), "bias gradient norm",
+                      layer="last"),
+                Panel("Share of dead ReLUs, last layer", "over_steps", ("act_dead",),
+                      "dead units", layer="last"),
+            ),
             full={"steps": 10_000},
+            note="Every layer keeps its bias here (model.bias), so that its gradient shows.",
         ),
         Experiment(
             key="running-statistics",
@@ -338,6 +346,26 @@ EXPERIMENTS: dict[str, Experiment] = {
                       "relative logit gap"),
                 Panel("Final test accuracy by momentum", "by_value", ("test_acc",),
                       "test accuracy", x="norm.momentum", log_x=True, reduce="final"),
+            ),
+            full={"steps": 10_000},
+        ),
+        Experiment(
+            key="pytorch-vs-keras",
+            title="Running statistics: PyTorch's and Keras' defaults",
+            claim="The same word means opposite things: PyTorch's momentum 0.1 weighs the new "
+            "batch, Keras' 0.99 the old average, so by default Keras' running statistics "
+            "average over about ten times more batches (and it adds eps 1e-3, not 1e-5, and "
+            "feeds the biased variance); early in training its eval-mode outputs lag further "
+            "behind.",
+            base={"model": _MLP, "data": {"name": "mnist1d"}, "batch_size": 64, "steps": 600,
+                  "eval_interval": 25, "stats_interval": 10, "optim": {"lr": 0.1}},
+            grid={"norm.convention": ["pytorch", "keras"]},
+            panels=(
+                Panel("Train/eval-mode gap over training", "over_steps", ("mode_gap",),
+                      "relative logit gap"),
+                Panel("Running mean against the batch mean (RMS gap), last layer", "over_steps",
+                      ("running_mean_gap",), "RMS gap", layer="last"),
+                _TEST_ACC,
             ),
             full={"steps": 10_000},
         ),

@@ -100,6 +100,8 @@ class Recorder:
         self.buffer = torch.empty(0, device=device)  # (capacity, width) rows, one per step
         self._write = kernels.record_row_fn(self.buffer)
         self.weights = [s.block.layer.weight for s in self.slots]
+        self.biases = [s.block.layer.bias for s in self.slots]
+        self._nan1 = torch.full((1,), math.nan, device=device)
         # weight-gradient norms: written by C++ hooks during the backward where possible
         self.grad_norms = torch.full((len(self.slots),), math.nan, device=device)
         self._flag = torch.zeros(1, dtype=torch.long)
@@ -188,7 +190,11 @@ class Recorder:
             self._add(
                 [w.grad if w.grad is not None else w.new_zeros(1) for w in self.weights], NORM
             )
-        width = sum(s.width() for s in self.slots) + len(self.slots)
+        self._add(  # the layers' own biases (NaN without): zero where BN follows
+            [b.grad if b is not None and b.grad is not None else self._nan1 for b in self.biases],
+            NORM,
+        )
+        width = sum(s.width() for s in self.slots) + 2 * len(self.slots)
         row = len(self.pending_steps)
         if row >= self.buffer.shape[0] or self.buffer.shape[1] != width:
             self._grow(width)
@@ -227,7 +233,9 @@ class Recorder:
         n = len(steps)
         # a copy: passed through as a column, it would be a view on the buffer (when n == 1),
         # and the next step would overwrite records already handed to the sink
-        grad_norms = raw[:, -len(self.slots) :].copy()
+        k = len(self.slots)
+        grad_norms = raw[:, -2 * k : -k].copy()
+        bias_norms = raw[:, -k:].copy()
         layers, channels = [], []
         offset = first = 0
         for group in _groups(self.slots):
@@ -239,7 +247,9 @@ class Recorder:
             values = block_raw[:, :, len(s.rows) * s.channels :].reshape(n, b, -1, len(s.units))
             pct = _percentiles(values.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)  # (S, B, 3, k)
             names = np.array([g.name for g in group])
-            cols = summarize(rows, pct, grad_norms[:, first : first + b])
+            cols = summarize(
+                rows, pct, grad_norms[:, first : first + b], bias_norms[:, first : first + b]
+            )
             first += b
             layers.append(
                 {

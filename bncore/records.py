@@ -27,6 +27,8 @@ Four tables, each a dict of equal-length numpy columns (Parquet files in ``bnsco
     grad_out_norm, grad_in_norm  L2 norms of the activation gradient reaching the normalization's
                                  output and leaving through its input
     weight_grad_norm             L2 norm of the linear/conv weight's gradient
+    layer_bias_grad_norm         L2 norm of the linear/conv layer's own bias gradient (NaN
+                                 without one); BN right after the layer makes it zero
     p15_j, p50_j, p85_j          15th/50th/85th percentiles over the batch of tracked unit j's
                                  activation input (Ioffe & Szegedy, Figure 1)
     ics, ics_cos                 with ``ics_interval``: internal covariate shift, ||G - G'||, and
@@ -70,12 +72,16 @@ Table = dict[str, np.ndarray]
 
 STEP_COLUMNS = ("loss", "lr", "step_time", "time")
 EVAL_COLUMNS = ("train_loss", "train_acc", "test_loss", "test_acc", "mode_gap")
+#: Only in runs that ask for them (RunConfig.landscape, RunConfig.ics_interval).
+OPTIONAL_EVAL_COLUMNS = ("landscape_loss_min", "landscape_loss_max", "landscape_loss_range",
+                         "grad_change", "beta_smoothness")  # fmt: skip
+OPTIONAL_LAYER_COLUMNS = ("ics", "ics_cos")
 LAYER_COLUMNS = (
     "pre_mean", "pre_mean_abs", "pre_var", "pre_var_min", "pre_var_max", "post_mean", "post_var",
     "act_mean", "act_var", "act_saturated", "act_dead", "running_mean", "running_var",
     "running_mean_gap", "running_var_gap",
     "gamma", "beta", "gamma_grad_norm", "beta_grad_norm", "grad_out_norm", "grad_in_norm",
-    "weight_grad_norm",
+    "weight_grad_norm", "layer_bias_grad_norm",
 )  # fmt: skip
 PERCENTILE_COLUMN = re.compile(r"p(15|50|85)_\d+")
 
@@ -106,7 +112,12 @@ def rms(a: np.ndarray) -> np.ndarray:
     return np.sqrt(np.mean(np.square(a), axis=-1))
 
 
-def summarize(raw: dict[str, np.ndarray], pct: np.ndarray, weight_grad_norm: np.ndarray) -> Table:
+def summarize(
+    raw: dict[str, np.ndarray],
+    pct: np.ndarray,
+    weight_grad_norm: np.ndarray,
+    layer_bias_grad_norm: np.ndarray,
+) -> Table:
     """``layers`` columns from raw per-channel rows with channels last (each (..., C)); ``pct``
     is (..., 3, units). Every column comes out shaped like the leading dims."""
     saturated = raw["act_lo"] + raw["act_hi"]
@@ -134,6 +145,7 @@ def summarize(raw: dict[str, np.ndarray], pct: np.ndarray, weight_grad_norm: np.
             "grad_out_norm": np.sqrt(raw["grad_out_sq"].sum(-1)),
             "grad_in_norm": np.sqrt(raw["grad_in_sq"].sum(-1)),
             "weight_grad_norm": weight_grad_norm,
+            "layer_bias_grad_norm": layer_bias_grad_norm,
         }
     for j in range(pct.shape[-1]):
         for q, name in enumerate(("p15", "p50", "p85")):

@@ -233,7 +233,8 @@ class ClientRun:
             rows["post_var"] = gamma**2 * rows["pre_var"] / (rows["pre_var"] + layer.eps)
             for k in ("act_mean", "act_var", "act_lo", "act_hi"):
                 rows[k] = np.full_like(rows["pre_mean"], np.nan)
-            cols = summarize(rows, np.empty((len(steps), 3, 0)), np.full(len(steps), np.nan))
+            nan = np.full(len(steps), np.nan)
+            cols = summarize(rows, np.empty((len(steps), 3, 0)), nan, nan)
             layers.append({"step": steps, "layer": np.full(len(steps), name), **cols})
             if keep.any():
                 chans.append(

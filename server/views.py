@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bncore.records import CHANNEL_COLUMNS, EVAL_COLUMNS, STEP_COLUMNS
+from bncore.records import CHANNEL_COLUMNS, EVAL_COLUMNS, OPTIONAL_EVAL_COLUMNS, STEP_COLUMNS
 
 if TYPE_CHECKING:
     from server.services import Services
@@ -69,7 +69,7 @@ def table(svc: Services, run_id: str, name: str) -> dict[str, np.ndarray]:
         return out
     names = store.series_names(run_id)
     if name in ("steps", "evals"):
-        wanted = STEP_COLUMNS if name == "steps" else EVAL_COLUMNS
+        wanted = STEP_COLUMNS if name == "steps" else (*EVAL_COLUMNS, *OPTIONAL_EVAL_COLUMNS)
         return _aligned(store, run_id, [("", s) for s in wanted if ("", s) in names])
     parts = []
     for layer in dict.fromkeys(layer for layer, _ in names if layer):

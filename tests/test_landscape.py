@@ -81,3 +81,14 @@ def test_landscape_equals_the_loss_at_each_step_size_and_leaves_the_model():
 def test_ics_interval_must_be_a_multiple_of_stats_interval():
     with pytest.raises(ConfigError, match="ics_interval=15 must be a multiple of stats_interval"):
         parse_config({"stats_interval": 10, "ics_interval": 15})
+
+
+def test_the_metrics_api_knows_the_new_statistics():
+    from fastapi import HTTPException
+
+    from server.routes.runs import _check_stat
+
+    assert _check_stat("ics") and _check_stat("ics_cos") and _check_stat("layer_bias_grad_norm")
+    assert not _check_stat("beta_smoothness") and not _check_stat("landscape_loss_range")
+    with pytest.raises(HTTPException, match="beta_smoothness"):  # the error lists them
+        _check_stat("nope")

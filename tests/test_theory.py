@@ -76,6 +76,17 @@ def test_bn_cancels_the_gradient_of_the_bias_before_it(kind):
         assert bias.abs().max() < 1e-6 * max(1.0, float(weight.abs().max()))
 
 
+def test_the_recorded_bias_gradient_is_zero_before_bn_and_not_after():
+    def recorded(placement: str) -> np.ndarray:
+        cfg = parse_config({"model": {"depth": 3, "width": 32, "bias": True},
+                            "data": {"name": "digits"}, "steps": 20,
+                            "norm": {"placement": placement}})  # fmt: skip
+        return train(cfg).records.layers["layer_bias_grad_norm"]
+
+    before, after = recorded("before_activation"), recorded("after_activation")
+    assert (before < 1e-5).all() and (after > 1e-3).all()
+
+
 def _digits_mlp(kind: str, batch_size: int, seed: int) -> float:
     """Test accuracy after one epoch of digits, learning rate linear in the batch (Wu & He)."""
     steps = 1438 // batch_size

@@ -17,7 +17,14 @@ from fastapi.responses import Response
 from sse_starlette.sse import EventSourceResponse
 
 from bncore.config import FILE_DATASETS, RunConfig
-from bncore.records import EVAL_COLUMNS, LAYER_COLUMNS, PERCENTILE_COLUMN, STEP_COLUMNS
+from bncore.records import (
+    EVAL_COLUMNS,
+    LAYER_COLUMNS,
+    OPTIONAL_EVAL_COLUMNS,
+    OPTIONAL_LAYER_COLUMNS,
+    PERCENTILE_COLUMN,
+    STEP_COLUMNS,
+)
 from server.downsample import minmax
 from server.hub import Event
 from server.schemas import MetricsOut, RunList, RunOut
@@ -27,7 +34,7 @@ from server.views import run_out, table
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
 Svc = Annotated[Services, Depends(services)]
-GLOBAL_STATS = (*STEP_COLUMNS, *EVAL_COLUMNS)
+GLOBAL_STATS = (*STEP_COLUMNS, *EVAL_COLUMNS, *OPTIONAL_EVAL_COLUMNS)
 
 
 def check_runnable(config: RunConfig) -> None:
@@ -142,13 +149,13 @@ def _check_stat(stat: str) -> bool:
     """True for a per-layer statistic, False for a global one; 400 for an unknown name."""
     if stat in GLOBAL_STATS:
         return False
-    if stat in LAYER_COLUMNS or PERCENTILE_COLUMN.fullmatch(stat):
+    if stat in (*LAYER_COLUMNS, *OPTIONAL_LAYER_COLUMNS) or PERCENTILE_COLUMN.fullmatch(stat):
         return True
     raise HTTPException(
         400,
         f"unknown stat {stat!r}; per step: {', '.join(STEP_COLUMNS)}; "
-        f"per evaluation: {', '.join(EVAL_COLUMNS)}; per layer: "
-        f"{', '.join(LAYER_COLUMNS)}, p15_j/p50_j/p85_j",
+        f"per evaluation: {', '.join((*EVAL_COLUMNS, *OPTIONAL_EVAL_COLUMNS))}; per layer: "
+        f"{', '.join((*LAYER_COLUMNS, *OPTIONAL_LAYER_COLUMNS))}, p15_j/p50_j/p85_j",
     )
 
 
