@@ -23,7 +23,9 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "describe_fields",
+    "get_field",
     "load_config",
+    "set_field",
 ]
 
 SPATIAL_DATASETS = ("mnist1d", "digits", "mnist", "fashion_mnist", "cifar10")
@@ -363,3 +365,22 @@ def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> lis
             f"{'; ' + ', '.join(rng) if rng else ''}\n      {field.description or ''}"
         )
     return lines
+
+
+def get_field(config: dict[str, Any], dotted: str) -> Any:
+    """The value of a dotted field (``optim.lr``) in a config dict, or None."""
+    node: Any = config
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def set_field(config: dict[str, Any], dotted: str, value: Any) -> None:
+    """Sets a dotted field (``optim.lr``) in a config dict, making the groups it needs."""
+    node = config
+    *parents, leaf = dotted.split(".")
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{dotted!r}: {p} is not a group of fields")
+    node[leaf] = value

@@ -10,6 +10,8 @@ Default sizes finish in minutes on a 2-core CPU; ``full`` holds the overrides fo
 
 from __future__ import annotations
 
+import copy
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,9 +20,11 @@ from typing import Any, Literal
 
 import numpy as np
 
+from bncore.config import DataConfig, get_field, set_field
+from bncore.data import load_dataset
 from bncore.theory import gradient_explosion_rate, gradient_growth_rate
 
-__all__ = ["EXPERIMENTS", "Experiment", "Panel", "Point", "get_field", "needs", "result"]
+__all__ = ["EXPERIMENTS", "Experiment", "Panel", "Point", "needs", "result"]
 
 #: Points per line of an over-steps panel.
 MAX_POINTS = 400
@@ -69,15 +73,9 @@ class Experiment:
         """The sweep to run at ``size`` ({"base", "grid"}, or {"base", "points"} where settings
         are derived per point), with dotted ``overrides`` of the base
         (``{"data.name": "mnist", "data.path": "/data/mnist"}``)."""
-        base = _deepcopy(self.base)
+        base = copy.deepcopy(self.base)
         for dotted, value in {**(self.full if size == "full" else {}), **(overrides or {})}.items():
-            node = base
-            *parents, leaf = dotted.split(".")
-            for p in parents:
-                node = node.setdefault(p, {})
-                if not isinstance(node, dict):
-                    raise ValueError(f"override {dotted!r}: {p} is not a group of fields")
-            node[leaf] = value
+            set_field(base, dotted, value)
         grid = {k: list(v) for k, v in self.grid.items()}
         if self.derive is None:
             return {"base": base, "grid": grid}
@@ -98,18 +96,6 @@ class Point:
     values: dict[str, Any]
     series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]
     layers: list[str]
-
-
-def _deepcopy(d: dict[str, Any]) -> dict[str, Any]:
-    return {k: _deepcopy(v) if isinstance(v, dict) else v for k, v in d.items()}
-
-
-def get_field(config: dict[str, Any], dotted: str) -> Any:
-    """The value of a dotted field (``optim.lr``) in a config dict, or None."""
-    node: Any = config
-    for part in dotted.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
-    return node
 
 
 def needs(exp: Experiment, layers: Sequence[str]) -> list[tuple[str, str]]:
@@ -215,13 +201,18 @@ def _yang(config: dict[str, Any]) -> float:
 
 _MLP = {"kind": "mlp", "depth": 4, "width": 128, "activation": "relu"}
 EPOCHS = 3
-DIGITS_TRAIN = 1438  # training examples of the digits dataset (bncore.data)
+
+
+@functools.cache
+def _train_size(name: str) -> int:
+    return len(load_dataset(DataConfig(name=name)).x_train)
 
 
 def _same_epochs(point: dict[str, Any]) -> dict[str, Any]:
-    """Wu & He's protocol: equal epochs at every batch size, learning rate linear in it."""
+    """Wu & He's protocol: equal epochs (of digits) at every batch size, learning rate linear
+    in it."""
     bs = point["batch_size"]
-    return {"steps": math.ceil(EPOCHS * DIGITS_TRAIN / bs), "optim.lr": 0.1 * bs / 32}
+    return {"steps": math.ceil(EPOCHS * _train_size("digits") / bs), "optim.lr": 0.1 * bs / 32}
 
 
 _TEST_ACC = Panel("Test accuracy", "over_steps", ("test_acc",), "test accuracy")

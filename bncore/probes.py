@@ -100,7 +100,10 @@ class Recorder:
         self.buffer = torch.empty(0, device=device)  # (capacity, width) rows, one per step
         self._write = kernels.record_row_fn(self.buffer)
         self.weights = [s.block.layer.weight for s in self.slots]
+        # the layers' own biases: recorded only where one exists (off by default before BN)
         self.biases = [s.block.layer.bias for s in self.slots]
+        if all(b is None for b in self.biases):
+            self.biases = []
         self._nan1 = torch.full((1,), math.nan, device=device)
         # weight-gradient norms: written by C++ hooks during the backward where possible
         self.grad_norms = torch.full((len(self.slots),), math.nan, device=device)
@@ -194,7 +197,7 @@ class Recorder:
             [b.grad if b is not None and b.grad is not None else self._nan1 for b in self.biases],
             NORM,
         )
-        width = sum(s.width() for s in self.slots) + 2 * len(self.slots)
+        width = sum(s.width() for s in self.slots) + len(self.slots) + len(self.biases)
         row = len(self.pending_steps)
         if row >= self.buffer.shape[0] or self.buffer.shape[1] != width:
             self._grow(width)
@@ -233,9 +236,9 @@ class Recorder:
         n = len(steps)
         # a copy: passed through as a column, it would be a view on the buffer (when n == 1),
         # and the next step would overwrite records already handed to the sink
-        k = len(self.slots)
-        grad_norms = raw[:, -2 * k : -k].copy()
-        bias_norms = raw[:, -k:].copy()
+        k, kb = len(self.slots), len(self.biases)
+        grad_norms = raw[:, raw.shape[1] - k - kb : raw.shape[1] - kb].copy()
+        bias_norms = raw[:, -kb:].copy() if kb else np.full((n, k), np.nan, np.float32)
         layers, channels = [], []
         offset = first = 0
         for group in _groups(self.slots):

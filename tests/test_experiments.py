@@ -3,13 +3,14 @@ series, and one experiment runs end to end through a real server, matching its t
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
 import pytest
 
-from bncore.config import parse_config
-from bncore.experiments import EXPERIMENTS, Panel, Point, get_field, needs, result
+from bncore.config import get_field, parse_config, set_field
+from bncore.experiments import EXPERIMENTS, Panel, Point, needs, result
 from server.process import ServerProcess, wait_for
 from tests.test_server import FINAL
 
@@ -26,13 +27,9 @@ def test_every_point_of_every_experiment_is_a_valid_run(key, size):
     ]
     assert 2 <= len(points) == exp.runs() <= 16
     for point in points:
-        data = {**base}
+        data = copy.deepcopy(base)
         for dotted, value in point.items():
-            node = data
-            *parents, leaf = dotted.split(".")
-            for p in parents:
-                node[p] = node = dict(node.get(p) or {})
-            node[leaf] = value
+            set_field(data, dotted, value)
         cfg = parse_config(data).model_dump()
         for dotted, value in point.items():
             assert get_field(cfg, dotted) == value

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException
 
-from bncore.experiments import EXPERIMENTS, Experiment, Point, get_field, needs, result
+from bncore.config import get_field
+from bncore.experiments import EXPERIMENTS, Experiment, Point, needs, result
 from server.routes.sweeps import MAX_POINTS, get_sweep, start_sweep
 from server.schemas import (
     ExperimentOut,
@@ -73,9 +74,8 @@ def sweep_result(sweep_id: str, svc: Svc) -> dict[str, Any]:
     exp = _experiment(sweep["experiment"])
     points = []
     for run in sweep["runs"][:MAX_POINTS]:
-        stored = svc.store.get_run(run["id"]) or {}
-        config = stored.get("config") or {}
-        layers = list((stored.get("meta") or {}).get("layers") or [])
+        config = run["config"] or {}
+        layers = list((run["meta"] or {}).get("layers") or [])
         values = {k: get_field(config, k) for k in exp.grid}  # its axes, not derived settings
         series = svc.store.read_many(run["id"], needs(exp, layers)) if layers else {}
         points.append(Point(config=config, values=values, series=series, layers=layers))

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException
 
-from bncore.config import ConfigError, parse_config
+from bncore.config import ConfigError, parse_config, set_field
 from server.routes.runs import check_runnable, launch
 from server.schemas import SweepCreate, SweepOut
 from server.services import Services, require_token, services
@@ -18,16 +18,6 @@ from server.views import run_out
 router = APIRouter(prefix="/api/sweeps", tags=["sweeps"])
 Svc = Annotated[Services, Depends(services)]
 MAX_POINTS = 256
-
-
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
-    node = data
-    *parents, leaf = dotted.split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise HTTPException(422, f"grid key {dotted!r}: {p} is not a group of fields")
-    node[leaf] = value
 
 
 @router.post("", status_code=201, response_model=SweepOut, dependencies=[Depends(require_token)])
@@ -53,8 +43,11 @@ def start_sweep(body: SweepCreate, svc: Services, experiment: str | None = None)
     for point in points:
         data = copy.deepcopy(body.base)
         label = ", ".join(f"{k}={v}" for k, v in point.items())
-        for key, value in point.items():
-            _set(data, key, value)
+        try:
+            for key, value in point.items():
+                set_field(data, key, value)
+        except ValueError as exc:
+            raise HTTPException(422, f"sweep key {exc}") from None
         try:
             config = parse_config(data)
         except ConfigError as exc:
