@@ -29,7 +29,7 @@ from torch.nn import init
 
 from bncore.functional import batch_norm_with_stats, train_batch_norm
 from bncore.kernels.reference import ActivationStats, Running
-from bncore.stats import BNStats
+from bncore.stats import BNStats, RecordTarget
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "keras_momentum_to_torch"]
 
@@ -171,8 +171,10 @@ class _BatchNorm(_NormBase):
         super().__init__(*args, **kwargs)
         self.unbiased_running_var = True
         self.stats = BNStats()
-        # set by a recorder: also measure the activation that follows, in the same pass
+        # set by a recorder: also measure the activation that follows, in the same pass, and
+        # write the recorded step's values straight into its row
         self.record_activation: ActivationStats | None = None
+        self.record_into: RecordTarget | None = None
 
     @classmethod
     def from_keras(
@@ -234,7 +236,14 @@ class _BatchNorm(_NormBase):
                 running_mean, running_var, self._running_factor(), self.unbiased_running_var
             )
         return train_batch_norm(
-            input, weight, bias, self.eps, running, self.stats, self.record_activation
+            input,
+            weight,
+            bias,
+            self.eps,
+            running,
+            self.stats,
+            self.record_activation,
+            self.record_into,
         )
 
 

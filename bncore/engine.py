@@ -72,8 +72,9 @@ class Trainer:
         self.model.train()
         self.optimizer = _optimizer(config, self.model)
         self.loss_fn = nn.CrossEntropyLoss()
+        batch = min(len(self.data.x_train), config.batch_size)
         self.recorder = Recorder(
-            self.model, config.model.activation, config.tracked_units, self.device
+            self.model, config.model.activation, config.tracked_units, self.device, batch
         )
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self._order = torch.empty(0, dtype=torch.long)

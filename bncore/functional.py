@@ -21,7 +21,7 @@ from torch import Tensor
 from bncore import kernels
 from bncore.kernels import reference
 from bncore.kernels.reference import ActivationStats, Running
-from bncore.stats import BNStats
+from bncore.stats import BNStats, RecordTarget
 
 __all__ = ["batch_norm", "batch_norm_with_stats", "train_batch_norm"]
 
@@ -127,6 +127,7 @@ def train_batch_norm(
     running: Running | None,
     stats: BNStats | None,
     act: ActivationStats | None = None,
+    record: RecordTarget | None = None,
 ) -> Tensor:
     """Normalize with batch statistics (training mode), moving ``running`` if given.
 
@@ -138,7 +139,7 @@ def train_batch_norm(
         )
     if input.numel() == 0:
         return input.clone()
-    return kernels.train(input, weight, bias, eps, running, stats, act)
+    return kernels.train(input, weight, bias, eps, running, stats, act, record)
 
 
 def batch_norm(

@@ -1,17 +1,17 @@
 """The recorder: every block's statistics on every recorded step, kept on the device.
 
-On a recorded step the trainer arms the recorder; each block hands it the tensors at its
-positions during the forward (see bncore.models.Block). What BN already computed is taken as is:
-its batch statistics, its parameters and buffers, and the (4, C) gradient sums its backward fills.
-Its output statistics follow exactly from those (mean = beta, var = gamma^2 var/(var + eps)), so
-they cost nothing either. Where a ReLU or no nonlinearity follows BN, BN also measures the
-activation in its normalize pass, with its output still in registers; each weight's gradient
-norm is taken by a C++ hook the moment the backward produces it. What is left (other
-activations; everything, off the CPU) is measured after the backward, in the single call that
-writes the step's row. Without BN, the norm positions are measured the same way and the gradient
-there is summed by a hook.
+Each recorded step is one row of a device buffer; each block owns a fixed stretch of it. A
+BatchNorm layer writes its own stretch (see :class:`bncore.stats.RecordTarget`): the recorder
+hands it the row before the forward, and its forward writes the batch statistics, the running
+buffers as just moved, gamma and beta, the output at the tracked units, and (where a ReLU or no
+nonlinearity follows it) the activation's statistics, with everything still in cache; its
+backward writes the gradient sums. Its output statistics follow exactly from those
+(mean = beta, var = gamma^2 var/(var + eps)), so they cost nothing either. Each weight's gradient
+norm is taken by a C++ hook the moment the backward produces it.
 
-After the backward, :meth:`Recorder.snapshot` writes the step's row of a device buffer with one
+What BN cannot see (another activation, a tracked unit before BN, every position of a block
+without BN, whose gradient is summed by a hook) is collected during the forward by
+:meth:`Recorder.observe` and written after the backward by :meth:`Recorder.snapshot`, in one
 call (:func:`bncore.kernels.record_row_fn`: fused on the CPU). :meth:`Recorder.flush` moves all
 pending rows to the host in a single transfer and turns them into ``layers`` and ``channels``
 rows (bncore.records).
@@ -39,7 +39,7 @@ from bncore.kernels.reference import (
 )
 from bncore.models import Block, Net
 from bncore.records import Records, channel_rows, summarize
-from bncore.stats import BNStats
+from bncore.stats import RECORD_ACT, RECORD_GRAD, RECORD_ROWS, BNStats, RecordTarget
 
 __all__ = ["QUANTILES", "SATURATION", "Recorder"]
 
@@ -52,25 +52,29 @@ SATURATION: dict[str, tuple[float, float]] = {
 }
 QUANTILES = (15, 50, 85)
 
-#: Rows (C values each) of a block's raw record, before the tracked units' values.
-BN_ROWS = ("pre_mean", "pre_var", "act_mean", "act_var", "act_lo", "act_hi",
-           "running_mean", "running_var", "gamma", "beta",
-           "gamma_grad", "beta_grad", "grad_out_sq", "grad_in_sq")  # fmt: skip
+#: Rows (C values each) of a block's stretch of a row, before the tracked units' values.
+BN_ROWS = RECORD_ROWS
 MEASURED_ROWS = (*BN_ROWS[:2], "post_mean", "post_var", *BN_ROWS[2:])
+#: Rows of the whole buffer allocated at first; it doubles when a flush comes late.
+INITIAL_ROWS = 64
 
 
 class _BlockSlot:
-    """What the recorder knows about one block: its record layout and live tensors."""
+    """What the recorder knows about one block: its stretch of a row and its live tensors."""
 
-    def __init__(self, name: str, block: Block, units: int, device: torch.device):
+    def __init__(self, name: str, block: Block, units: int, batch: int, offset: int):
         self.name, self.block, self.norm = name, block, block.norm
         self.channels = c = block.channels
+        device = block.layer.weight.device
         self.units = torch.linspace(0, c - 1, min(units, c), device=device).round().long()
         self.is_bn = isinstance(getattr(block.norm, "stats", None), BNStats)
         self.act_spec: ActivationStats | None = None  # what BN measures of the activation
         self.rows = BN_ROWS if self.is_bn else MEASURED_ROWS
+        self.batch = batch  # examples per recorded forward
+        self.offset = offset
+        self.width = len(self.rows) * c + batch * len(self.units)
         self.nan = torch.full((c,), math.nan, device=device)
-        self.nan4 = torch.full((4 * c,), math.nan, device=device)
+        self.nan4 = torch.full((4, c), math.nan, device=device)
         norm = block.norm
         self.state = [
             v if isinstance(v, Tensor) else self.nan
@@ -78,52 +82,78 @@ class _BlockSlot:
                 getattr(norm, k, None) for k in ("running_mean", "running_var", "weight", "bias")
             )
         ]  # running_mean, running_var, gamma, beta: live tensors, copied when recorded
-        self.grad: Tensor | None = None  # (4, C) gradient sums, filled during the backward
-        self.batch = 0  # examples in the recorded forward
+        self.grad: Tensor | None = None  # without BN: (4, C) gradient sums from a hook
 
-    def width(self) -> int:
-        return len(self.rows) * self.channels + self.batch * len(self.units)
+    def at(self, row: str) -> int:
+        """Where ``row`` starts in a step's row."""
+        return self.offset + self.rows.index(row) * self.channels
+
+    @property
+    def units_at(self) -> int:
+        return self.offset + len(self.rows) * self.channels
+
+    def target(self, row: Tensor) -> RecordTarget:
+        """This BN block's stretch of a step's ``row``, for its layer to write."""
+        c, k = self.channels, len(RECORD_ROWS)
+        mine = row[self.offset : self.offset + self.width]
+        rows = mine[: k * c].view(k, c)
+        units = self.units if self.block.norm_first else None  # BN's output is the pre-activation
+        return RecordTarget(
+            mine, rows[RECORD_ACT : RECORD_ACT + 4], rows[RECORD_GRAD : RECORD_GRAD + 4], units
+        )
 
 
 class Recorder:
-    """Collects per-block statistics on armed steps; see the module docstring."""
+    """Collects per-block statistics on armed steps; see the module docstring.
 
-    def __init__(self, model: Net, activation: str, tracked_units: int, device: torch.device):
+    ``batch``: the examples in each recorded forward (it fixes the row layout).
+    """
+
+    def __init__(
+        self, model: Net, activation: str, tracked_units: int, device: torch.device, batch: int
+    ):
         self.lo, self.hi = SATURATION[activation]
-        self.slots = [_BlockSlot(n, b, tracked_units, device) for n, b in model.blocks()]
+        self.slots: list[_BlockSlot] = []
+        offset = 0
+        for name, block in model.blocks():
+            self.slots.append(_BlockSlot(name, block, tracked_units, batch, offset))
+            offset += self.slots[-1].width
         fusable = {"relu": RELU, "linear": IDENTITY}.get(activation)
         for s in self.slots:
             if s.is_bn and s.block.norm_first and fusable is not None:
                 s.act_spec = ActivationStats(fusable, self.lo, self.hi)
+        self._bn = [s for s in self.slots if s.is_bn]
         self._by_block = {id(s.block): s for s in self.slots}
         self.device = device
-        self.buffer = torch.empty(0, device=device)  # (capacity, width) rows, one per step
-        self._write = kernels.record_row_fn(self.buffer)
         self.weights = [s.block.layer.weight for s in self.slots]
         # the layers' own biases: recorded only where one exists (off by default before BN)
         self.biases = [s.block.layer.bias for s in self.slots]
         if all(b is None for b in self.biases):
             self.biases = []
+        self._norms_at = offset  # weight-gradient norms, then the biases'
+        self.width = offset + len(self.slots) + len(self.biases)
+        self.buffer = torch.empty(0, self.width, device=device)  # one row per recorded step
+        self._row_views: list[Tensor] = []
+        self._targets: list[list[RecordTarget]] = []  # per row: the BN blocks' stretches
+        self._write = kernels.record_row_fn(self.buffer)
         self._nan1 = torch.full((1,), math.nan, device=device)
-        # weight-gradient norms: written by C++ hooks during the backward where possible
-        self.grad_norms = torch.full((len(self.slots),), math.nan, device=device)
+        # weight-gradient norms: written into the row by C++ hooks during the backward where
+        # possible, on the row the flag names (row + 1; 0: not recording)
+        self._hooked = self._write is cpu.record_row
         self._flag = torch.zeros(1, dtype=torch.long)
+        self._flag_np = self._flag.numpy()  # set without a torch call
         self._watches: list[tuple[Tensor, int]] = []
-        if self._write is cpu.record_row:
-            self._watches = [
-                (w, int(torch.ops.bncore.watch_grad_norm(w, self.grad_norms, i, self._flag)))
-                for i, w in enumerate(self.weights)
-            ]
         self.pending_steps: list[int] = []
         self.recorded = 0  # steps recorded so far, for channel_interval
         self.armed = False
-        # this step's record, piece by piece (see kernels.record_row); None: a slot's gradient
-        self._tensors: list[Tensor | None] = []
+        # what is left of this step's row for snapshot: pieces (see kernels.record_row)
+        self._tensors: list[Tensor] = []
         self._kinds: list[int] = []
         self._lo: list[float] = []
         self._hi: list[float] = []
-        self._grad_slots: list[tuple[int, _BlockSlot]] = []
+        self._offsets: list[int] = []
         self._index: list[Tensor] = []
+        self._grad_slots: list[_BlockSlot] = []
 
     def arm(self, on: bool) -> None:
         """Attach to (or detach from) every block for the next forward."""
@@ -132,45 +162,54 @@ class Recorder:
                 object.__setattr__(s.block, "probe", self if on else None)
                 if s.act_spec is not None:
                     object.__setattr__(s.norm, "record_activation", s.act_spec if on else None)
-            self._flag.fill_(int(on))
+                if s.is_bn and not on:
+                    object.__setattr__(s.norm, "record_into", None)
+            self._flag_np[0] = 0
             self.armed = on
         if on:
+            row = len(self.pending_steps)
+            if row >= self.buffer.shape[0]:
+                self._grow()
+            self._flag_np[0] = row + 1
+            for s, target in zip(self._bn, self._targets[row], strict=True):
+                object.__setattr__(s.norm, "record_into", target)
             self._tensors, self._kinds, self._lo, self._hi = [], [], [], []
-            self._grad_slots, self._index = [], []
+            self._offsets, self._index, self._grad_slots = [], [], []
 
     def observe(
         self, block: Block, pre_norm: Tensor, post_norm: Tensor, pre_act: Tensor, post_act: Tensor
     ) -> None:
-        """During the forward: note what to record of this block (no computation yet)."""
+        """During the forward: note what is left to record of this block (no computation yet)."""
         slot = self._by_block[id(block)]
-        stats = slot.norm.stats if slot.is_bn else None
-        inf = math.inf
-        if stats is not None and stats.mean is not None and slot.norm.training:
-            # BN's own batch statistics; its gradient sums are filled in place by its backward
-            self._add([stats.mean, stats.var], COPY)
-            slot.grad = stats.grad
-        else:
-            self._add([pre_norm, post_norm], MEAN_VAR, -inf, inf)
+        if pre_act.shape[0] != slot.batch:
+            raise RuntimeError(
+                f"the recorder was laid out for batches of {slot.batch} examples, "
+                f"got {pre_act.shape[0]}"
+            )
+        if slot.is_bn and not slot.norm.training:
+            raise RuntimeError("recording needs the BatchNorm layers in training mode")
+        if slot.act_spec is None:  # BN did not measure the activation
+            self._add(post_act, MOMENTS, slot.at("act_mean"), self.lo, self.hi)
+        if not slot.is_bn:
+            inf = math.inf
+            self._add(pre_norm, MEAN_VAR, slot.at("pre_mean"), -inf, inf)
+            self._add(post_norm, MEAN_VAR, slot.at("post_mean"), -inf, inf)
+            for i, t in enumerate(slot.state):  # running_mean, running_var, gamma, beta
+                self._add(t, COPY, slot.at("running_mean") + i * slot.channels)
             slot.grad = None
             if pre_norm.requires_grad:
                 pre_norm.register_hook(self._grad_hook(slot))
-        if stats is not None and stats.act is not None:
-            self._add([stats.act], COPY)  # measured by BN's forward
-        else:
-            self._add([post_act], MOMENTS, self.lo, self.hi)
-        self._add(slot.state, COPY)  # running_mean, running_var, gamma, beta
-        self._grad_slots.append((len(self._tensors), slot))
-        self._add([None], COPY)  # the gradient sums, known after the backward
-        self._add([pre_act], UNITS)
-        self._index.append(slot.units)
-        slot.batch = pre_act.shape[0]
+            self._grad_slots.append(slot)
+        if not (slot.is_bn and block.norm_first):  # else BN's output: it wrote the units
+            self._add(pre_act, UNITS, slot.units_at)
+            self._index.append(slot.units)
 
-    def _add(self, tensors: list, kind: int, lo: float = 0.0, hi: float = 0.0) -> None:
-        n = len(tensors)
-        self._tensors += tensors
-        self._kinds += [kind] * n
-        self._lo += [lo] * n
-        self._hi += [hi] * n
+    def _add(self, t: Tensor, kind: int, offset: int, lo: float = 0.0, hi: float = 0.0) -> None:
+        self._tensors.append(t)
+        self._kinds.append(kind)
+        self._offsets.append(offset)
+        self._lo.append(lo)
+        self._hi.append(hi)
 
     def _grad_hook(self, slot: _BlockSlot):
         """Without BN: the gradient at the norm position, summed per channel as BN does."""
@@ -184,25 +223,28 @@ class Recorder:
 
     @torch.no_grad()
     def snapshot(self, step: int) -> None:
-        """After the backward, before the optimizer step: record this step's row."""
-        for i, slot in self._grad_slots:
-            self._tensors[i] = slot.grad.reshape(-1) if slot.grad is not None else slot.nan4
-        if self._watches:
-            self._add([self.grad_norms], COPY)
-        else:
-            self._add(
-                [w.grad if w.grad is not None else w.new_zeros(1) for w in self.weights], NORM
+        """After the backward, before the optimizer step: write what is left of this step's row."""
+        for slot in self._grad_slots:
+            grad = slot.grad if slot.grad is not None else slot.nan4
+            self._add(grad, COPY, slot.at("gamma_grad"))
+        if not self._hooked:
+            for i, w in enumerate(self.weights):
+                self._add(
+                    w.grad if w.grad is not None else w.new_zeros(1), NORM, self._norms_at + i
+                )
+        at = self._norms_at + len(self.slots)
+        for i, b in enumerate(self.biases):  # the layers' own biases: zero where BN follows
+            self._add(b.grad if b is not None and b.grad is not None else self._nan1, NORM, at + i)
+        if self._tensors:
+            self._write(
+                self._row_views[len(self.pending_steps)],
+                self._tensors,
+                self._kinds,
+                self._lo,
+                self._hi,
+                self._index,
+                self._offsets,
             )
-        self._add(  # the layers' own biases (NaN without): zero where BN follows
-            [b.grad if b is not None and b.grad is not None else self._nan1 for b in self.biases],
-            NORM,
-        )
-        width = sum(s.width() for s in self.slots) + len(self.slots) + len(self.biases)
-        row = len(self.pending_steps)
-        if row >= self.buffer.shape[0] or self.buffer.shape[1] != width:
-            self._grow(width)
-        self._write(self.buffer[row], self._tensors, self._kinds, self._lo, self._hi, self._index)
-        self.grad_norms.fill_(math.nan)
         self.pending_steps.append(step)
 
     def close(self) -> None:
@@ -211,14 +253,28 @@ class Recorder:
             torch.ops.bncore.unwatch_grad_norm(weight, handle)
         self._watches = []
 
-    def _grow(self, width: int) -> None:
+    def _grow(self) -> None:
+        """Twice the rows (keeping the pending ones), each row's views for the BN layers, and
+        the gradient-norm hooks moved onto the new buffer."""
         rows = len(self.pending_steps)
-        if rows and self.buffer.shape[1] != width:
-            raise RuntimeError("the record layout changed between flushes (batch size?)")
-        bigger = torch.empty((max(64, 2 * self.buffer.shape[0]), width), device=self.device)
+        capacity = max(INITIAL_ROWS, 2 * self.buffer.shape[0])
+        bigger = torch.full((capacity, self.width), math.nan, device=self.device)
         if rows:
             bigger[:rows] = self.buffer[:rows]
         self.buffer = bigger
+        self._row_views = list(bigger.unbind(0))
+        self._targets = [[s.target(row) for s in self._bn] for row in self._row_views]
+        if self._hooked:
+            self.close()
+            self._watches = [
+                (
+                    w,
+                    int(
+                        torch.ops.bncore.watch_grad_norm(w, bigger, self._norms_at + i, self._flag)
+                    ),
+                )
+                for i, w in enumerate(self.weights)
+            ]
 
     def flush(self, channel_interval: int) -> Records:
         """All pending steps to the host in one transfer, as ``layers``/``channels`` rows.
@@ -238,12 +294,14 @@ class Recorder:
         # and the next step would overwrite records already handed to the sink
         k, kb = len(self.slots), len(self.biases)
         grad_norms = raw[:, raw.shape[1] - k - kb : raw.shape[1] - kb].copy()
+        # NaN again where a hook may not write next time (a weight without a gradient)
+        self.buffer[:n, self._norms_at : self._norms_at + k].fill_(math.nan)
         bias_norms = raw[:, -kb:].copy() if kb else np.full((n, k), np.nan, np.float32)
         layers, channels = [], []
         offset = first = 0
         for group in _groups(self.slots):
             s, b = group[0], len(group)
-            w = s.width()
+            w = s.width
             block_raw = raw[:, offset : offset + b * w].reshape(n, b, w)
             offset += b * w
             rows = self._rows(s, block_raw)  # each (S, B, C)
@@ -299,7 +357,7 @@ def _groups(slots: list[_BlockSlot]) -> list[list[_BlockSlot]]:
     """Runs of consecutive blocks with the same record layout."""
 
     def layout(s: _BlockSlot) -> tuple:
-        return s.rows, s.channels, s.width(), len(s.units), s.is_bn, getattr(s.norm, "eps", 0)
+        return s.rows, s.channels, s.width, len(s.units), s.is_bn, getattr(s.norm, "eps", 0)
 
     out: list[list[_BlockSlot]] = []
     for s in slots:

@@ -7,8 +7,30 @@ the data and no host synchronisation. Reading them (``.cpu()``, ``.item()``) is 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from torch import Tensor
+
+#: The rows (C values each) of a BN layer's part of a recorded step, then its tracked units.
+RECORD_ROWS = ("pre_mean", "pre_var", "act_mean", "act_var", "act_lo", "act_hi",
+               "running_mean", "running_var", "gamma", "beta",
+               "gamma_grad", "beta_grad", "grad_out_sq", "grad_in_sq")  # fmt: skip
+RECORD_ACT, RECORD_RUNNING, RECORD_GRAD = 2, 6, 10  # first row of each group
+
+
+class RecordTarget(NamedTuple):
+    """Where a BN layer writes a recorded step itself, while the values are in cache.
+
+    ``row``: 1-d, ``len(RECORD_ROWS) * C`` values, then ``N * len(units)`` for the output at
+    the tracked ``units`` (n-major; at the centre of any trailing dims) when ``units`` is given.
+    ``act`` and ``grad`` are (4, C) views on its activation and gradient rows; the forward fills
+    ``act`` only when asked for activation statistics, the backward fills ``grad``.
+    """
+
+    row: Tensor
+    act: Tensor
+    grad: Tensor
+    units: Tensor | None
 
 
 @dataclass

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from bncore.kernels import autograd, cpu, reference
 from bncore.kernels.reference import ActivationStats, Running
-from bncore.stats import BNStats
+from bncore.stats import BNStats, RecordTarget
 
 __all__ = [
     "KERNELS",
@@ -105,13 +105,15 @@ def train(
     running: Running | None,
     stats: BNStats | None,
     act: ActivationStats | None = None,
+    record: RecordTarget | None = None,
 ) -> Tensor:
     """Training-mode batch norm of ``x`` (autograd-aware) with the best kernel for it; with
-    ``act``, ``stats.act`` gets the statistics of the activation that follows."""
+    ``act``, ``stats.act`` gets the statistics of the activation that follows; with ``record``,
+    the layer writes its part of a recorded step there (see bncore.stats.RecordTarget)."""
     kernel = select(x, weight, bias)
-    if kernel is cpu:
-        return cpu.train(x, weight, bias, eps, running, stats, act)
-    return autograd.train(kernel, x, weight, bias, eps, running, stats, act)
+    if kernel is cpu and (record is None or record.row.dtype == x.dtype):
+        return cpu.train(x, weight, bias, eps, running, stats, act, record)
+    return autograd.train(kernel, x, weight, bias, eps, running, stats, act, record)
 
 
 def _fused_cpu(x: Tensor, dtypes: tuple[torch.dtype, ...] = cpu.DTYPES) -> bool:

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from bncore.kernels import reference
 from bncore.kernels.reference import ActivationStats, Running
-from bncore.stats import BNStats
+from bncore.stats import BNStats, RecordTarget
 
 
 class TrainingBatchNorm(torch.autograd.Function):
@@ -31,14 +31,22 @@ class TrainingBatchNorm(torch.autograd.Function):
         stats: BNStats | None,
         kernel: ModuleType,
         act: ActivationStats | None,
+        record: RecordTarget | None,
     ) -> Tensor:
         out = kernel.forward(x, weight, bias, eps, running)
-        grad = torch.full((4, x.shape[1]), float("nan"), dtype=out.mean.dtype, device=x.device)
+        act_stats = None if act is None else reference.activation_stats(out.y, act)
+        if record is not None:
+            reference.write_record(
+                record, out.y, out.mean, out.var, running, weight, bias, act_stats
+            )
+            grad = record.grad
+            act_stats = None if act is None else record.act
+        else:
+            grad = torch.full((4, x.shape[1]), float("nan"), dtype=out.mean.dtype, device=x.device)
         ctx.save_for_backward(x, weight, out.mean, out.invstd)
         ctx.kernel, ctx.eps, ctx.grad = kernel, eps, grad  # type: ignore[attr-defined]
         ctx.bias_dtype = None if bias is None else bias.dtype  # type: ignore[attr-defined]
         if stats is not None:
-            act_stats = None if act is None else reference.activation_stats(out.y, act)
             stats.record(out.mean, out.var, grad, act_stats)
         return out.y
 
@@ -62,7 +70,7 @@ class TrainingBatchNorm(torch.autograd.Function):
                 ctx.grad[3].copy_(g.dx_sq)  # type: ignore[attr-defined]
         dw = _cast(g.sum_dy_xhat, weight.dtype) if need_w else None
         db = _cast(g.sum_dy, ctx.bias_dtype) if need_b else None  # type: ignore[attr-defined]
-        return g.dx if need_dx else None, dw, db, None, None, None, None, None
+        return g.dx if need_dx else None, dw, db, None, None, None, None, None, None
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -78,6 +86,7 @@ def train(
     running: Running | None,
     stats: BNStats | None,
     act: ActivationStats | None = None,
+    record: RecordTarget | None = None,
 ) -> Tensor:
     """Training-mode batch norm with ``kernel``'s forward and backward."""
-    return TrainingBatchNorm.apply(x, weight, bias, eps, running, stats, kernel, act)
+    return TrainingBatchNorm.apply(x, weight, bias, eps, running, stats, kernel, act, record)

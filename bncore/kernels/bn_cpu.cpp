@@ -595,13 +595,69 @@ struct ForwardOut {
   Tensor y, mean, var, invstd, act;
 };
 
+// A layer's part of a recorded step's row (bncore.stats.RecordTarget): 14 rows of C values,
+// then N*k tracked units. Rows: mean, var, 4 of act, running mean and var, gamma, beta, then
+// the 4 gradient sums that the backward fills.
+constexpr int64_t kRecordAct = 2, kRecordRunning = 6, kRecordParams = 8, kRecordGrad = 10,
+                  kRecordRows = 14;
+
+// The row's checked data pointer for x's layer, or nullptr without a record.
+template <typename T>
+T* record_ptr(const optional<Tensor>& record, const Tensor& x, const optional<Tensor>& units) {
+  if (!record || !record->defined()) return nullptr;
+  const int64_t need = kRecordRows * x.size(1) +
+                       (units && units->defined() ? x.size(0) * units->numel() : 0);
+  TORCH_CHECK(record->scalar_type() == x.scalar_type() && record->is_contiguous() &&
+                  record->device().is_cpu() && record->numel() >= need,
+              "bncore: record must be a contiguous CPU tensor of x's dtype with at least ",
+              need, " values");
+  return record->mutable_data_ptr<T>();
+}
+
+template <typename T>
+void copy_or_nan(T* out, const T* src, int64_t n) {
+  if (src)
+    std::memcpy(out, src, n * sizeof(T));
+  else
+    std::fill_n(out, n, std::numeric_limits<T>::quiet_NaN());
+}
+
+// What the forward knows of a recorded step, written while it is still in cache: the batch
+// statistics, the running buffers as just updated, gamma and beta, NaN gradient sums for the
+// backward to fill, and y at the tracked units (n-major, centre of the trailing dims).
+template <typename T>
+void write_record(T* r, const Tensor& y, int64_t C, const T* mean, const T* var, const T* rm,
+                  const T* rv, const T* w, const T* b, const optional<Tensor>& units) {
+  copy_or_nan(r, mean, C);
+  copy_or_nan(r + C, var, C);
+  copy_or_nan(r + kRecordRunning * C, rm, C);
+  copy_or_nan(r + (kRecordRunning + 1) * C, rv, C);
+  copy_or_nan(r + kRecordParams * C, w, C);
+  copy_or_nan(r + (kRecordParams + 1) * C, b, C);
+  copy_or_nan<T>(r + kRecordGrad * C, nullptr, 4 * C);
+  if (!units || !units->defined()) return;
+  TORCH_CHECK(units->scalar_type() == at::kLong && units->is_contiguous() && units->is_cpu(),
+              "bncore: units must be a contiguous int64 CPU tensor");
+  const int64_t k = units->numel(), batch = y.size(0);
+  const int64_t* up = units->const_data_ptr<int64_t>();
+  int64_t centre = 0;
+  for (int64_t d = 2; d < y.dim(); ++d) centre += (y.size(d) / 2) * y.stride(d);
+  const T* base = y.const_data_ptr<T>();
+  T* o = r + kRecordRows * C;
+  for (int64_t n = 0; n < batch; ++n)
+    for (int64_t j = 0; j < k; ++j) o[n * k + j] = base[n * y.stride(0) + up[j] * y.stride(1) + centre];
+}
+
 // y and the statistics (mean, var, invstd); moves the running buffers if given. With an
 // activation kind (Act), also the (4, C) statistics of act(y): mean, variance, fractions
-// <= act_lo and >= act_hi; else act is an empty tensor.
+// <= act_lo and >= act_hi; else act is an empty tensor. With a record, the step's row is
+// written there (write_record), the activation statistics in its act rows (act is empty).
 ForwardOut forward_impl(const Tensor& x, const optional<Tensor>& w, const optional<Tensor>& b,
                         const optional<Tensor>& rm, const optional<Tensor>& rv, double momentum,
                         double correction, double eps, int64_t act_kind = kNoAct,
-                        double act_lo = 0, double act_hi = 0) {
+                        double act_lo = 0, double act_hi = 0,
+                        const optional<Tensor>& record = std::nullopt,
+                        const optional<Tensor>& units = std::nullopt) {
   TORCH_CHECK(act_kind >= kNoAct && act_kind <= kRelu, "bncore: unknown activation kind ",
               act_kind);
   TORCH_CHECK(x.device().is_cpu() && x.dim() >= 2, "bncore: CPU input of shape (N, C, ...)");
@@ -609,15 +665,19 @@ ForwardOut forward_impl(const Tensor& x, const optional<Tensor>& w, const option
                          {&rv, "running_var"}})
     check_param(*t, x, name);
   const Shape s = shape_of(x);
+  const bool recording = record && record->defined();
   ForwardOut o{at::empty_like(x), channel_vector(x), channel_vector(x), channel_vector(x),
-               at::empty({act_kind == kNoAct ? 0 : 4 * s.c}, x.options())};
+               at::empty({act_kind == kNoAct || recording ? 0 : 4 * s.c}, x.options())};
   const int threads = at::get_num_threads();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "bncore_forward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     scalar_t* yp = o.y.mutable_data_ptr<scalar_t>();
     scalar_t *mp = o.mean.mutable_data_ptr<scalar_t>(), *vp = o.var.mutable_data_ptr<scalar_t>(),
              *ip = o.invstd.mutable_data_ptr<scalar_t>();
-    scalar_t* ap = act_kind == kNoAct ? nullptr : o.act.mutable_data_ptr<scalar_t>();
+    scalar_t* rec = record_ptr<scalar_t>(record, x, units);
+    scalar_t* ap = act_kind == kNoAct ? nullptr
+                   : rec           ? rec + kRecordAct * s.c
+                                   : o.act.mutable_data_ptr<scalar_t>();
     const auto lo = static_cast<scalar_t>(act_lo), hi = static_cast<scalar_t>(act_hi);
     if (s.rows)
       forward_rows<scalar_t>(xp, yp, s.n * s.l, s.c, ptr_or_null<scalar_t>(w),
@@ -629,8 +689,12 @@ ForwardOut forward_impl(const Tensor& x, const optional<Tensor>& w, const option
                                ptr_or_null<scalar_t>(b), eps, mp, vp, ip,
                                mut_ptr_or_null<scalar_t>(rm), mut_ptr_or_null<scalar_t>(rv),
                                momentum, correction, threads, act_kind, lo, hi, ap);
+    if (rec)
+      write_record<scalar_t>(rec, o.y, s.c, mp, vp, mut_ptr_or_null<scalar_t>(rm),
+                             mut_ptr_or_null<scalar_t>(rv), ptr_or_null<scalar_t>(w),
+                             ptr_or_null<scalar_t>(b), units);
   });
-  if (act_kind != kNoAct) o.act = o.act.view({4, s.c});
+  if (o.act.numel()) o.act = o.act.view({4, s.c});
   return o;
 }
 
@@ -731,24 +795,26 @@ double l2_norm(const float* p, int64_t m, int threads) {
   return std::sqrt(total);
 }
 
-// Registers a hook on `weight` that, while flag[0] != 0, writes the L2 norm of each gradient
-// the backward computes for it into out[index]: taken the moment the gradient exists, so it is
-// still in cache, and with no Python in the backward. Returns the hook's handle for unwatch.
-int64_t watch_grad_norm(const Tensor& weight, const Tensor& out, int64_t index,
+// Registers a hook on `weight` that writes the L2 norm of each gradient the backward computes
+// for it into out[row, column], row = flag[0] - 1 (nothing while flag[0] is 0): taken the
+// moment the gradient exists, so it is still in cache, with no Python in the backward and
+// nothing left to copy afterwards. Returns the hook's handle for unwatch.
+int64_t watch_grad_norm(const Tensor& weight, const Tensor& out, int64_t column,
                         const Tensor& flag) {
   TORCH_CHECK(weight.requires_grad(), "bncore: watch_grad_norm needs a tensor that requires grad");
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.device().is_cpu() &&
-                  index >= 0 && index < out.numel(),
-              "bncore: watch_grad_norm writes into a contiguous float32 CPU vector");
+                  out.dim() == 2 && column >= 0 && column < out.size(1),
+              "bncore: watch_grad_norm writes into a contiguous float32 CPU matrix");
   TORCH_CHECK(flag.scalar_type() == at::kLong && flag.numel() == 1 && flag.device().is_cpu(),
               "bncore: watch_grad_norm's flag is a one-element int64 CPU tensor");
   Tensor o = out, f = flag;  // held by the hook
-  return weight.register_hook([o, f, index](const at::TensorBase& grad) {
-    if (f.const_data_ptr<int64_t>()[0] == 0 || !grad.defined() || !grad.device().is_cpu() ||
+  return weight.register_hook([o, f, column](const at::TensorBase& grad) {
+    const int64_t row = f.const_data_ptr<int64_t>()[0] - 1;
+    if (row < 0 || row >= o.size(0) || !grad.defined() || !grad.device().is_cpu() ||
         grad.scalar_type() != at::kFloat)
       return;
     const Tensor g = Tensor(grad).contiguous();
-    o.mutable_data_ptr<float>()[index] =
+    o.mutable_data_ptr<float>()[row * o.size(1) + column] =
         static_cast<float>(l2_norm(g.const_data_ptr<float>(), g.numel(), at::get_num_threads()));
   });
 }
@@ -757,8 +823,8 @@ void unwatch_grad_norm(const Tensor& weight, int64_t handle) {
   weight.remove_hook(static_cast<unsigned>(handle));
 }
 
-// One recorded step, written into `out` (float32, 1-d) piece after piece, so a training step
-// records everything with a single call. Piece kinds:
+// What is left of a recorded step (the BN layers write the rest themselves), written into `out`
+// (float32, 1-d) with a single call, piece i from offsets[i] on. Piece kinds:
 //   0 copy      the tensor's values (contiguous order)
 //   1 mean/var  2C values: per-channel mean and biased variance of an (N, C, ...) tensor
 //   2 moments   4C values: mean, variance, fraction <= lo, fraction >= hi
@@ -770,20 +836,23 @@ enum Piece : int64_t { kCopy = 0, kMeanVar = 1, kMoments = 2, kUnits = 3, kNorm 
 
 void record_row(const Tensor& out, at::TensorList tensors, at::IntArrayRef kinds,
                 at::ArrayRef<double> lo, at::ArrayRef<double> hi, at::TensorList index,
-                int64_t threads_wanted) {
+                at::IntArrayRef offsets, int64_t threads_wanted) {
   TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.device().is_cpu(),
               "bncore: record_row writes a contiguous float32 CPU row");
   TORCH_CHECK(tensors.size() == kinds.size() && lo.size() == kinds.size() &&
-                  hi.size() == kinds.size(),
-              "bncore: record_row needs one kind, lo and hi per tensor");
-  float* o = out.mutable_data_ptr<float>();
-  const float* end = o + out.numel();
+                  hi.size() == kinds.size() && offsets.size() == kinds.size(),
+              "bncore: record_row needs one kind, lo, hi and offset per tensor");
+  float* const start = out.mutable_data_ptr<float>();
+  const float* end = start + out.numel();
   const int threads = threads_wanted > 0 ? static_cast<int>(threads_wanted) : at::get_num_threads();
   size_t next_index = 0;
   std::vector<float> tmp;
   for (size_t i = 0; i < tensors.size(); ++i) {
     const Tensor& t = tensors[i];
     TORCH_CHECK(t.scalar_type() == at::kFloat, "bncore: record_row takes float32 tensors");
+    TORCH_CHECK(offsets[i] >= 0 && offsets[i] < out.numel(),
+                "bncore: record_row offset out of its row");
+    float* o = start + offsets[i];
     int64_t n = 0;
     switch (kinds[i]) {
       case kCopy: {
@@ -829,10 +898,7 @@ void record_row(const Tensor& out, at::TensorList tensors, at::IntArrayRef kinds
       default:
         TORCH_CHECK(false, "bncore: record_row got an unknown piece kind ", kinds[i]);
     }
-    o += n;
   }
-  TORCH_CHECK(o == end, "bncore: record_row filled ", out.numel() - (end - o), " of ",
-              out.numel(), " values");
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> bn_forward(const Tensor& x, const optional<Tensor>& w,
@@ -859,22 +925,34 @@ using torch::autograd::variable_list;
 // where grad_stats (4 x C: sum_dy_xhat, sum_dy, dy_sq, dx_sq) is NaN until the backward fills
 // it, and act_stats the statistics of the activation that follows (see forward_impl).
 struct TrainingBatchNorm : public torch::autograd::Function<TrainingBatchNorm> {
-  static constexpr size_t kInputs = 11;
+  static constexpr size_t kInputs = 14;
 
   static variable_list forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& w,
                                const optional<Tensor>& b, const optional<Tensor>& rm,
                                const optional<Tensor>& rv, double momentum, double correction,
-                               double eps, int64_t act_kind, double act_lo, double act_hi) {
-    ForwardOut o =
-        forward_impl(x, w, b, rm, rv, momentum, correction, eps, act_kind, act_lo, act_hi);
-    Tensor grad_stats = nan_sums(x);
+                               double eps, int64_t act_kind, double act_lo, double act_hi,
+                               const optional<Tensor>& record,
+                               const optional<Tensor>& record_grad,
+                               const optional<Tensor>& units) {
+    ForwardOut o = forward_impl(x, w, b, rm, rv, momentum, correction, eps, act_kind, act_lo,
+                                act_hi, record, units);
+    // recording: the backward fills record_grad, the (4, C) view on the record's gradient
+    // rows that the caller holds (not returned: an empty tensor instead)
+    const bool recording = record && record->defined();
+    if (recording)
+      TORCH_CHECK(record_grad && record_grad->defined() && record_grad->is_contiguous() &&
+                      record_grad->dim() == 2 && record_grad->size(0) == 4 &&
+                      record_grad->size(1) == x.size(1) &&
+                      record_grad->scalar_type() == x.scalar_type(),
+                  "bncore: record_grad must be a contiguous (4, C) tensor of x's dtype");
+    Tensor grad_stats = recording ? *record_grad : nan_sums(x);
     ctx->save_for_backward({x, w.value_or(Tensor()), o.mean, o.invstd});
     ctx->saved_data["grad_stats"] = grad_stats;  // written in place, so not version-checked
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["has_bias"] = b.has_value() && b->defined();
     ctx->mark_non_differentiable({o.mean, o.var, grad_stats, o.act});
     ctx->set_materialize_grads(false);
-    return {o.y, o.mean, o.var, grad_stats, o.act};
+    return {o.y, o.mean, o.var, recording ? o.act : grad_stats, o.act};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -923,9 +1001,10 @@ struct TrainingBatchNorm : public torch::autograd::Function<TrainingBatchNorm> {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_train(
     const Tensor& x, const optional<Tensor>& w, const optional<Tensor>& b,
     const optional<Tensor>& rm, const optional<Tensor>& rv, double momentum, double correction,
-    double eps, int64_t act_kind, double act_lo, double act_hi) {
+    double eps, int64_t act_kind, double act_lo, double act_hi, const optional<Tensor>& record,
+    const optional<Tensor>& record_grad, const optional<Tensor>& units) {
   auto out = TrainingBatchNorm::apply(x, w, b, rm, rv, momentum, correction, eps, act_kind,
-                                      act_lo, act_hi);
+                                      act_lo, act_hi, record, record_grad, units);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 
@@ -942,13 +1021,15 @@ TORCH_LIBRARY(bncore, m) {
   m.def(
       "batch_norm_train(Tensor x, Tensor? weight, Tensor? bias, Tensor(a!)? running_mean, "
       "Tensor(b!)? running_var, float momentum, float correction, float eps, int act=0, "
-      "float act_lo=0, float act_hi=0) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "float act_lo=0, float act_hi=0, Tensor(c!)? record=None, Tensor(d!)? record_grad=None, "
+      "Tensor? units=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("channel_moments(Tensor x, float lo, float hi) -> Tensor");
-  m.def("watch_grad_norm(Tensor weight, Tensor(a!) out, int index, Tensor flag) -> int");
+  m.def("watch_grad_norm(Tensor weight, Tensor(a!) out, int column, Tensor flag) -> int");
   m.def("unwatch_grad_norm(Tensor weight, int handle) -> ()");
   m.def(
       "record_row(Tensor(a!) out, Tensor[] tensors, int[] kinds, float[] lo, float[] hi, "
-      "Tensor[] index, int threads=0) -> ()");
+      "Tensor[] index, int[] offsets, int threads=0) -> ()");
   m.def(
       "reference_backward(Tensor dy, Tensor x, Tensor? weight, float eps) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");

@@ -26,7 +26,7 @@ from torch.utils import cpp_extension
 from bncore.cache import cache_dirs
 from bncore.kernels import reference
 from bncore.kernels.reference import ActivationStats, Backward, Forward, Running
-from bncore.stats import BNStats
+from bncore.stats import RECORD_RUNNING, BNStats, RecordTarget
 
 log = logging.getLogger(__name__)
 
@@ -244,14 +244,26 @@ def train(
     running: Running | None,
     stats: BNStats | None,
     act: ActivationStats | None = None,
+    record: RecordTarget | None = None,
 ) -> Tensor:
-    """Training-mode batch norm through the C++ autograd operator; records into ``stats``."""
+    """Training-mode batch norm through the C++ autograd operator; records into ``stats`` and,
+    if given, into ``record`` (which must have x's dtype)."""
     args = _running_args(x, running)
     kind, lo, hi = act if act is not None else (0, 0.0, 0.0)
+    row = row_grad = units = None
+    if record is not None:
+        row, row_grad, units = record.row, record.grad, record.units
     y, mean, var, grad_stats, act_stats = torch.ops.bncore.batch_norm_train(
-        x, weight, bias, *args, eps, kind, lo, hi
+        x, weight, bias, *args, eps, kind, lo, hi, row, row_grad, units
     )
     _leftover_running(x, running, args, mean, var)
+    if record is not None:
+        grad_stats, act_stats = record.grad, record.act
+        if running is not None and args[0] is None:  # moved after the operator wrote them
+            c = x.shape[1]
+            for i, buffer in enumerate((running.mean, running.var)):
+                start = (RECORD_RUNNING + i) * c
+                record.row[start : start + c].copy_(buffer)
     if stats is not None:
         stats.record(mean, var, grad_stats, act_stats if act is not None else None)
     return y
@@ -275,7 +287,8 @@ def record_row(
     lo: list[float],
     hi: list[float],
     index: list[Tensor],
+    offsets: list[int],
     threads: int = 0,
 ) -> None:
     """Fused reference.record_row: one call, no intermediate tensors; releases the GIL."""
-    torch.ops.bncore.record_row(out, tensors, kinds, lo, hi, index, threads)
+    torch.ops.bncore.record_row(out, tensors, kinds, lo, hi, index, offsets, threads)

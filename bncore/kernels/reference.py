@@ -23,10 +23,13 @@ it. These functions are also differentiable in torch's sense, which is how doubl
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from bncore.stats import RECORD_ROWS, RECORD_RUNNING, RecordTarget
 
 NAME = "reference"
 REDUCE_DIMS = (0, 2)
@@ -205,10 +208,12 @@ def record_row(
     lo: list[float],
     hi: list[float],
     index: list[Tensor],
+    offsets: list[int],
 ) -> None:
-    """Write one recorded step into the 1-d ``out``, piece after piece: COPY (the values),
-    MEAN_VAR (2C: per-channel mean, variance), MOMENTS (4C: :func:`channel_moments`), UNITS
-    (N*k: ``x[:, units, centre]``, n-major, taking the next ``index`` tensor), NORM (1: L2)."""
+    """Write pieces of a recorded step into the 1-d ``out``, piece i from ``offsets[i]`` on:
+    COPY (the values), MEAN_VAR (2C: per-channel mean, variance), MOMENTS (4C:
+    :func:`channel_moments`), UNITS (N*k: ``x[:, units, centre]``, n-major, taking the next
+    ``index`` tensor), NORM (1: L2)."""
     pieces, units = [], iter(index)
     for t, kind, a, b in zip(tensors, kinds, lo, hi, strict=True):
         t = t.detach()
@@ -218,12 +223,51 @@ def record_row(
             m = channel_moments(t, a, b)
             pieces.append((m[:2] if kind == MEAN_VAR else m).reshape(-1))
         elif kind == UNITS:
-            v = t.index_select(1, next(units))
-            while v.dim() > 2:
-                v = v.select(2, v.shape[2] // 2)
-            pieces.append(v.reshape(-1))
+            pieces.append(units_at(t, next(units)).reshape(-1))
         elif kind == NORM:
             pieces.append(torch.linalg.vector_norm(t).reshape(1))
         else:
             raise ValueError(f"unknown record piece kind {kind}")
-    torch.cat([p.to(out.dtype) for p in pieces], out=out)
+    for p, start in zip(pieces, offsets, strict=True):
+        out[start : start + p.numel()].copy_(p)
+
+
+def units_at(x: Tensor, units: Tensor) -> Tensor:
+    """``x[:, units]`` at the centre of any trailing dims, (N, k)."""
+    v = x.detach().index_select(1, units)
+    while v.dim() > 2:
+        v = v.select(2, v.shape[2] // 2)
+    return v
+
+
+def write_record(
+    target: RecordTarget,
+    y: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    running: Running | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    act: Tensor | None,
+) -> None:
+    """What the fused forward writes into a :class:`~bncore.stats.RecordTarget`, for the other
+    kernels: batch statistics, running buffers, gamma and beta (NaN where absent), ``act``
+    if given, NaN gradient sums, and ``y`` at the tracked units."""
+    c = mean.numel()
+    rows = target.row[: len(RECORD_ROWS) * c].view(len(RECORD_ROWS), c)
+    state = [running.mean, running.var] if running is not None else [None, None]
+    values = {0: mean, 1: var, RECORD_RUNNING: state[0], RECORD_RUNNING + 1: state[1]}
+    values |= {RECORD_RUNNING + 2: weight, RECORD_RUNNING + 3: bias}
+    with torch.no_grad():
+        for i, v in values.items():
+            if v is None:
+                rows[i].fill_(math.nan)
+            else:
+                rows[i].copy_(v.detach())
+        if act is not None:
+            target.act.copy_(act)
+        target.grad.fill_(math.nan)
+        if target.units is not None:
+            n = y.shape[0] * target.units.numel()
+            start = len(RECORD_ROWS) * c
+            target.row[start : start + n].copy_(units_at(y, target.units).reshape(-1))
