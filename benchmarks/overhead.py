@@ -46,6 +46,7 @@ class PlainLoop:
 
     def __init__(self, cfg: RunConfig, data) -> None:
         self.t = Trainer(cfg, dataset=data)  # same data, batches and initialization
+        self.t.recorder.close()  # no gradient-norm hooks either
         for _, block in self.t.model.blocks():
             bn = block.norm
             cls = (
