@@ -133,11 +133,12 @@ def train_batch_norm(
 
     The hot path of the BatchNorm modules, which have checked everything else already.
     """
-    if input.numel() == input.shape[1]:
+    n = input.numel()
+    if n == input.shape[1]:
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {input.size()}"
         )
-    if input.numel() == 0:
+    if n == 0:
         return input.clone()
     return kernels.train(input, weight, bias, eps, running, stats, act, record)
 

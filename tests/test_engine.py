@@ -46,7 +46,9 @@ def test_loss_falls_and_accuracy_rises():
     assert result.final["test_acc"] == pytest.approx(float(evals["test_acc"][-1]), abs=1e-6)
 
 
-def _recompute(model: nn.Module, x: torch.Tensor, y: torch.Tensor, units: list[list[int]]):
+def _recompute(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, units: list[list[int]], activation: str
+):
     """Everything the recorder reports for one step, computed directly on a copy."""
     seen: dict[str, dict[str, torch.Tensor]] = {}
     hooks = []
@@ -71,9 +73,13 @@ def _recompute(model: nn.Module, x: torch.Tensor, y: torch.Tensor, units: list[l
     out = {}
     for i, (name, block) in enumerate(model.blocks()):
         z, n = seen[name]["z"], seen[name]["n"]
-        a = torch.relu(n)
         dims = channel_dims(z)
-        frac0 = (a <= 0).float().mean(dims)
+        if activation == "relu":
+            a = torch.relu(n)
+            frac0 = (a <= 0).float().mean(dims)
+        else:
+            a = torch.tanh(n)
+            frac0 = (a <= -0.99).float().mean(dims) + (a >= 0.99).float().mean(dims)
         u = n.detach()[:, units[i]]
         bn = block.norm
         out[name] = {
@@ -99,8 +105,21 @@ def _recompute(model: nn.Module, x: torch.Tensor, y: torch.Tensor, units: list[l
     return out
 
 
-def test_recorded_statistics_equal_an_independent_recomputation():
-    cfg = _cfg(steps=50, channel_interval=1)
+@pytest.mark.parametrize(
+    ("activation", "kernel"),
+    [
+        ("relu", None),  # BN writes everything itself, activation statistics included
+        ("tanh", None),  # the activation's statistics measured after the backward
+        ("relu", "reference"),  # the record written by the kernels' common Python path
+    ],
+)
+def test_recorded_statistics_equal_an_independent_recomputation(activation, kernel):
+    with bncore.kernels.use(kernel):
+        _check_recorded_statistics(activation)
+
+
+def _check_recorded_statistics(activation: str) -> None:
+    cfg = _cfg(steps=50, channel_interval=1, model={"activation": activation})
     trainer = Trainer(cfg)
     for _ in range(7):  # a few steps in, so gamma, beta and the running statistics have moved
         trainer.step()
@@ -114,7 +133,7 @@ def test_recorded_statistics_equal_an_independent_recomputation():
     rec = trainer.flush()
     x, y = batches[0]
     units = [s.units.tolist() for s in trainer.recorder.slots]
-    expected = _recompute(before, x, y, units)
+    expected = _recompute(before, x, y, units, activation)
     layers, chans = rec.layers, rec.channels
     assert list(layers["layer"]) == list(expected) and (layers["step"] == 8).all()
     tol = dict(rtol=1e-4, atol=1e-5)

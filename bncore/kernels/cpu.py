@@ -180,10 +180,12 @@ def layout(x: Tensor) -> str | None:
 
 def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """Whether this kernel handles the input: float32/float64 on the CPU, params of its dtype."""
-    if x.dtype not in DTYPES or x.device.type != "cpu" or layout(x) is None:
+    # the cheapest checks first: this runs on every training forward
+    dtype = x.dtype
+    if not x.is_cpu or dtype not in DTYPES or not (x.is_contiguous() or layout(x) is not None):
         return False
-    return (weight is None or (weight.dtype == x.dtype and weight.is_contiguous())) and (
-        bias is None or (bias.dtype == x.dtype and bias.is_contiguous())
+    return (weight is None or (weight.dtype == dtype and weight.is_contiguous())) and (
+        bias is None or (bias.dtype == dtype and bias.is_contiguous())
     )
 
 
@@ -192,13 +194,15 @@ def _running_args(x: Tensor, running: Running | None) -> tuple:
     update itself (another dtype, strided) are left to the caller (None here)."""
     if running is None:
         return None, None, 0.0, 1.0
-    rm, rv, momentum = running.mean, running.var, running.momentum
+    rm, rv, momentum, unbiased = running
     if not (rm.dtype == rv.dtype == x.dtype and rm.is_contiguous() and rv.is_contiguous()):
         return None, None, 0.0, 1.0
-    if isinstance(momentum, Tensor):  # 1/k on the CPU: reading it costs no device sync
+    if not isinstance(momentum, float):  # 1/k on the CPU: reading it costs no device sync
         momentum = float(momentum)
+    if not unbiased:
+        return rm, rv, momentum, 1.0
     m = x.numel() // x.shape[1]
-    return rm, rv, momentum, (m / (m - 1) if running.unbiased else 1.0)
+    return rm, rv, momentum, m / (m - 1)
 
 
 def _leftover_running(x: Tensor, running: Running | None, args: tuple, mean, var) -> None:
@@ -253,7 +257,7 @@ def train(
     row = row_grad = units = None
     if record is not None:
         row, row_grad, units = record.row, record.grad, record.units
-    y, mean, var, grad_stats, act_stats = torch.ops.bncore.batch_norm_train(
+    y, mean, var, grad_stats, act_stats = _train_op()(
         x, weight, bias, *args, eps, kind, lo, hi, row, row_grad, units
     )
     _leftover_running(x, running, args, mean, var)
@@ -267,6 +271,18 @@ def train(
     if stats is not None:
         stats.record(mean, var, grad_stats, act_stats if act is not None else None)
     return y
+
+
+_train_overload = None
+
+
+def _train_op():
+    """bncore::batch_norm_train's overload itself: calling it skips the packet's Python."""
+    global _train_overload
+    if _train_overload is None:
+        _require()
+        _train_overload = torch.ops.bncore.batch_norm_train.default
+    return _train_overload
 
 
 def _require() -> None:
