@@ -83,6 +83,7 @@ class _BlockSlot:
             )
         ]  # running_mean, running_var, gamma, beta: live tensors, copied when recorded
         self.grad: Tensor | None = None  # without BN: (4, C) gradient sums from a hook
+        self.observed = True  # whether the recorder needs to see the block's forward
 
     def at(self, row: str) -> int:
         """Where ``row`` starts in a step's row."""
@@ -122,6 +123,8 @@ class Recorder:
         for s in self.slots:
             if s.is_bn and s.block.norm_first and fusable is not None:
                 s.act_spec = ActivationStats(fusable, self.lo, self.hi)
+            # BN before a ReLU or no nonlinearity writes all of its block's record itself
+            s.observed = not (s.act_spec is not None and s.block.norm_first)
         self._bn = [s for s in self.slots if s.is_bn]
         self._by_block = {id(s.block): s for s in self.slots}
         self.device = device
@@ -159,7 +162,8 @@ class Recorder:
         """Attach to (or detach from) every block for the next forward."""
         if on != self.armed:
             for s in self.slots:  # plain attributes, not submodules: skip nn.Module.__setattr__
-                object.__setattr__(s.block, "probe", self if on else None)
+                if s.observed:
+                    object.__setattr__(s.block, "probe", self if on else None)
                 if s.act_spec is not None:
                     object.__setattr__(s.norm, "record_activation", s.act_spec if on else None)
                 if s.is_bn and not on:
@@ -168,13 +172,14 @@ class Recorder:
             self.armed = on
         if on:
             row = len(self.pending_steps)
-            if row >= self.buffer.shape[0]:
+            if row >= len(self._row_views):
                 self._grow()
             self._flag_np[0] = row + 1
             for s, target in zip(self._bn, self._targets[row], strict=True):
                 object.__setattr__(s.norm, "record_into", target)
-            self._tensors, self._kinds, self._lo, self._hi = [], [], [], []
-            self._offsets, self._index, self._grad_slots = [], [], []
+            if self._tensors or self._grad_slots:  # else nothing to reset (BN wrote it all)
+                self._tensors, self._kinds, self._lo, self._hi = [], [], [], []
+                self._offsets, self._index, self._grad_slots = [], [], []
 
     def observe(
         self, block: Block, pre_norm: Tensor, post_norm: Tensor, pre_act: Tensor, post_act: Tensor
@@ -221,7 +226,6 @@ class Recorder:
 
         return hook
 
-    @torch.no_grad()
     def snapshot(self, step: int) -> None:
         """After the backward, before the optimizer step: write what is left of this step's row."""
         for slot in self._grad_slots:
@@ -236,15 +240,16 @@ class Recorder:
         for i, b in enumerate(self.biases):  # the layers' own biases: zero where BN follows
             self._add(b.grad if b is not None and b.grad is not None else self._nan1, NORM, at + i)
         if self._tensors:
-            self._write(
-                self._row_views[len(self.pending_steps)],
-                self._tensors,
-                self._kinds,
-                self._lo,
-                self._hi,
-                self._index,
-                self._offsets,
-            )
+            with torch.no_grad():
+                self._write(
+                    self._row_views[len(self.pending_steps)],
+                    self._tensors,
+                    self._kinds,
+                    self._lo,
+                    self._hi,
+                    self._index,
+                    self._offsets,
+                )
         self.pending_steps.append(step)
 
     def close(self) -> None:
@@ -336,10 +341,12 @@ class Recorder:
         c = s.channels
         rows = {name: block_raw[..., j * c : (j + 1) * c] for j, name in enumerate(s.rows)}
         if s.is_bn:  # BN's output statistics are exact functions of what it recorded
-            eps = s.block.norm.eps
-            gamma = np.nan_to_num(rows["gamma"], nan=1.0)
-            rows["post_mean"] = np.nan_to_num(rows["beta"], nan=0.0)
-            rows["post_var"] = gamma**2 * rows["pre_var"] / (rows["pre_var"] + eps)
+            norm = s.block.norm
+            var = rows["pre_var"]
+            rows["post_mean"] = rows["beta"] if norm.bias is not None else np.zeros_like(var)
+            rows["post_var"] = var / (var + norm.eps)
+            if norm.weight is not None:  # else gamma is 1 (and recorded as NaN)
+                rows["post_var"] *= np.square(rows["gamma"])
         return rows
 
 

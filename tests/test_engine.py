@@ -321,3 +321,12 @@ def test_cuda_asked_without_a_gpu_is_a_clear_error():
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="no CUDA device is available"):
         Trainer(_cfg(device="cuda"))
+
+
+@pytest.mark.parametrize("activation", ["relu", "tanh"])
+def test_a_recorded_batch_of_another_size_is_a_clear_error(activation):
+    trainer = Trainer(_cfg(steps=5, model={"activation": activation}))
+    trainer.recorder.arm(True)
+    x, _ = trainer.next_batch()
+    with pytest.raises(RuntimeError, match="batch"):
+        trainer.model(x[:16])

@@ -604,12 +604,15 @@ constexpr int64_t kRecordAct = 2, kRecordRunning = 6, kRecordParams = 8, kRecord
 template <typename T>
 T* record_ptr(const optional<Tensor>& record, const Tensor& x, const optional<Tensor>& units) {
   if (!record || !record->defined()) return nullptr;
-  const int64_t need = kRecordRows * x.size(1) +
-                       (units && units->defined() ? x.size(0) * units->numel() : 0);
   TORCH_CHECK(record->scalar_type() == x.scalar_type() && record->is_contiguous() &&
-                  record->device().is_cpu() && record->numel() >= need,
-              "bncore: record must be a contiguous CPU tensor of x's dtype with at least ",
-              need, " values");
+                  record->device().is_cpu(),
+              "bncore: record must be a contiguous CPU tensor of x's dtype");
+  // with units, the record is exactly the layer's stretch: a batch of another size is an error
+  const bool with_units = units && units->defined();
+  const int64_t need = kRecordRows * x.size(1) + (with_units ? x.size(0) * units->numel() : 0);
+  TORCH_CHECK(with_units ? record->numel() == need : record->numel() >= need,
+              "bncore: the record holds ", record->numel(), " values, this batch of ", x.size(0),
+              " needs ", need, " (was the recorder laid out for another batch size?)");
   return record->mutable_data_ptr<T>();
 }
 
