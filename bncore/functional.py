@@ -23,7 +23,7 @@ from bncore.kernels import reference
 from bncore.kernels.reference import ActivationStats, Running
 from bncore.stats import BNStats, RecordTarget
 
-__all__ = ["batch_norm", "batch_norm_with_stats", "train_batch_norm"]
+__all__ = ["batch_norm", "batch_norm_with_stats", "eval_batch_norm", "train_batch_norm"]
 
 
 def _check(
@@ -69,7 +69,7 @@ def _check(
             raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
 
 
-def _normalize_eval(
+def eval_batch_norm(
     input: Tensor,
     running_mean: Tensor,
     running_var: Tensor,
@@ -77,7 +77,8 @@ def _normalize_eval(
     bias: Tensor | None,
     eps: float,
 ) -> Tensor:
-    """y = x * scale + shift with scale = gamma / sqrt(running_var + eps): plain autograd ops."""
+    """Evaluation mode: normalize with the running buffers, as y = x * scale + shift with
+    scale = gamma / sqrt(running_var + eps), in plain (differentiable) torch operations."""
     acc = reference.opmath_dtype(input.dtype)
     scale = torch.rsqrt(running_var.to(acc) + eps)
     if weight is not None:
@@ -112,7 +113,7 @@ def batch_norm_with_stats(
     _check(input, running_mean, running_var, weight, bias, training, eps)
     if not training:
         assert running_mean is not None and running_var is not None
-        return _normalize_eval(input, running_mean, running_var, weight, bias, eps)
+        return eval_batch_norm(input, running_mean, running_var, weight, bias, eps)
     running = None
     if running_mean is not None and running_var is not None:
         running = Running(running_mean, running_var, momentum, unbiased_running_var)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from bncore.batchnorm import _NormBase
+from bncore.functional import eval_batch_norm
 
 __all__ = ["BatchRenorm", "GhostBatchNorm", "NoisyBatchNorm"]
 
@@ -54,6 +55,11 @@ def _per_channel(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape((1, -1) + (1,) * (x.dim() - 2))
 
 
+def _batch_var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel biased variance and mean of an (N, C, ...) tensor, shaped (C,)."""
+    return torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
+
+
 class _BatchStatsNorm(_NormBase):
     """A normalization by batch statistics with torch.nn's running buffers."""
 
@@ -74,13 +80,17 @@ class _BatchStatsNorm(_NormBase):
             self.running_mean.lerp_(mean.detach(), factor)
             self.running_var.lerp_(var.detach(), factor)
 
-    def _eval(self, x: Tensor) -> Tensor | None:
-        if self.training or self.running_mean is None or self.running_var is None:
-            return None
-        y = (x - _per_channel(self.running_mean, x)) * _per_channel(
-            torch.rsqrt(self.running_var + self.eps), x
-        )
-        return _affine(self, y)
+    def forward(self, x: Tensor) -> Tensor:
+        _check(self, x)
+        rm, rv = self.running_mean, self.running_var
+        if self.training or rm is None or rv is None:
+            return _affine(self, self._normalize(x))
+        return eval_batch_norm(x, rm, rv, self.weight, self.bias, self.eps)
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        """Training: x normalized by the layer's own rule (before gamma and beta), moving the
+        running buffers."""
+        raise NotImplementedError
 
 
 class GhostBatchNorm(_BatchStatsNorm):
@@ -97,20 +107,17 @@ class GhostBatchNorm(_BatchStatsNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", virtual_batch={self.virtual_batch}"
 
-    def forward(self, x: Tensor) -> Tensor:
-        _check(self, x)
-        if (y := self._eval(x)) is not None:
-            return y
+    def _normalize(self, x: Tensor) -> Tensor:
         outs, means, variances, count = [], [], [], 0
         for part in x.split(self.virtual_batch):
-            dims = [0, *range(2, part.dim())]
-            var, mean = torch.var_mean(part, dims, correction=0, keepdim=True)
-            outs.append((part - mean) * torch.rsqrt(var + self.eps))
-            means.append(mean.flatten())
-            variances.append(var.flatten())
+            var, mean = _batch_var_mean(part)
+            scale = _per_channel(torch.rsqrt(var + self.eps), part)
+            outs.append((part - _per_channel(mean, part)) * scale)
+            means.append(mean)
+            variances.append(var)
             count = count or part.numel() // part.shape[1]  # a full virtual batch's
         self._update_running(torch.stack(means).mean(0), torch.stack(variances).mean(0), count)
-        return _affine(self, torch.cat(outs))
+        return torch.cat(outs)
 
 
 class BatchRenorm(_BatchStatsNorm):
@@ -128,12 +135,8 @@ class BatchRenorm(_BatchStatsNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + f", r_max={self.r_max}, d_max={self.d_max}"
 
-    def forward(self, x: Tensor) -> Tensor:
-        _check(self, x)
-        if (y := self._eval(x)) is not None:
-            return y
-        dims = [0, *range(2, x.dim())]
-        var, mean = torch.var_mean(x, dims, correction=0)
+    def _normalize(self, x: Tensor) -> Tensor:
+        var, mean = _batch_var_mean(x)
         std = torch.sqrt(var + self.eps)
         y = (x - _per_channel(mean, x)) / _per_channel(std, x)
         if self.running_mean is not None and self.running_var is not None:
@@ -143,7 +146,7 @@ class BatchRenorm(_BatchStatsNorm):
                 d = ((mean - self.running_mean) / running_std).clamp(-self.d_max, self.d_max)
             y = y * _per_channel(r, x) + _per_channel(d, x)
         self._update_running(mean, var, x.numel() // x.shape[1])
-        return _affine(self, y)
+        return y
 
 
 class NoisyBatchNorm(torch.nn.Module):

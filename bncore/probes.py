@@ -52,9 +52,9 @@ SATURATION: dict[str, tuple[float, float]] = {
 }
 QUANTILES = (15, 50, 85)
 
-#: Rows (C values each) of a block's stretch of a row, before the tracked units' values.
-BN_ROWS = RECORD_ROWS
-MEASURED_ROWS = (*BN_ROWS[:2], "post_mean", "post_var", *BN_ROWS[2:])
+#: Rows (C values each) of the stretch of a block without BN, before the tracked units' values
+#: (a BN block's are RECORD_ROWS: its output statistics follow from them).
+MEASURED_ROWS = (*RECORD_ROWS[:2], "post_mean", "post_var", *RECORD_ROWS[2:])
 #: Rows of the whole buffer allocated at first; it doubles when a flush comes late.
 INITIAL_ROWS = 64
 
@@ -69,7 +69,7 @@ class _BlockSlot:
         self.units = torch.linspace(0, c - 1, min(units, c), device=device).round().long()
         self.is_bn = isinstance(getattr(block.norm, "stats", None), BNStats)
         self.act_spec: ActivationStats | None = None  # what BN measures of the activation
-        self.rows = BN_ROWS if self.is_bn else MEASURED_ROWS
+        self.rows = RECORD_ROWS if self.is_bn else MEASURED_ROWS
         self.batch = batch  # examples per recorded forward
         self.offset = offset
         self.width = len(self.rows) * c + batch * len(self.units)

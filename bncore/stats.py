@@ -15,7 +15,9 @@ from torch import Tensor
 RECORD_ROWS = ("pre_mean", "pre_var", "act_mean", "act_var", "act_lo", "act_hi",
                "running_mean", "running_var", "gamma", "beta",
                "gamma_grad", "beta_grad", "grad_out_sq", "grad_in_sq")  # fmt: skip
-RECORD_ACT, RECORD_RUNNING, RECORD_GRAD = 2, 6, 10  # first row of each group
+RECORD_ACT = RECORD_ROWS.index("act_mean")  # the first of 4 activation rows
+RECORD_RUNNING = RECORD_ROWS.index("running_mean")  # running mean and var, gamma, beta
+RECORD_GRAD = RECORD_ROWS.index("gamma_grad")  # the first of 4 gradient rows
 
 
 class RecordTarget(NamedTuple):

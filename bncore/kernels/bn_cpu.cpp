@@ -616,6 +616,16 @@ T* record_ptr(const optional<Tensor>& record, const Tensor& x, const optional<Te
   return record->mutable_data_ptr<T>();
 }
 
+// out[n * k + j] = x[n, units[j], centre of the trailing dims], for every n of the batch.
+template <typename T>
+void gather_units(const Tensor& x, const int64_t* units, int64_t k, T* out) {
+  int64_t centre = 0;
+  for (int64_t d = 2; d < x.dim(); ++d) centre += (x.size(d) / 2) * x.stride(d);
+  const T* base = x.const_data_ptr<T>();
+  for (int64_t n = 0; n < x.size(0); ++n)
+    for (int64_t j = 0; j < k; ++j) out[n * k + j] = base[n * x.stride(0) + units[j] * x.stride(1) + centre];
+}
+
 template <typename T>
 void copy_or_nan(T* out, const T* src, int64_t n) {
   if (src)
@@ -640,14 +650,7 @@ void write_record(T* r, const Tensor& y, int64_t C, const T* mean, const T* var,
   if (!units || !units->defined()) return;
   TORCH_CHECK(units->scalar_type() == at::kLong && units->is_contiguous() && units->is_cpu(),
               "bncore: units must be a contiguous int64 CPU tensor");
-  const int64_t k = units->numel(), batch = y.size(0);
-  const int64_t* up = units->const_data_ptr<int64_t>();
-  int64_t centre = 0;
-  for (int64_t d = 2; d < y.dim(); ++d) centre += (y.size(d) / 2) * y.stride(d);
-  const T* base = y.const_data_ptr<T>();
-  T* o = r + kRecordRows * C;
-  for (int64_t n = 0; n < batch; ++n)
-    for (int64_t j = 0; j < k; ++j) o[n * k + j] = base[n * y.stride(0) + up[j] * y.stride(1) + centre];
+  gather_units<T>(y, units->const_data_ptr<int64_t>(), units->numel(), r + kRecordRows * C);
 }
 
 // y and the statistics (mean, var, invstd); moves the running buffers if given. With an
@@ -878,16 +881,9 @@ void record_row(const Tensor& out, at::TensorList tensors, at::IntArrayRef kinds
       case kUnits: {
         TORCH_CHECK(next_index < index.size(), "bncore: record_row is missing a unit index");
         const Tensor units = index[next_index++].to(at::kLong).contiguous();
-        const int64_t k = units.numel(), batch = t.size(0);
-        n = batch * k;
+        n = t.size(0) * units.numel();
         TORCH_CHECK(o + n <= end, "bncore: record_row overflows its row");
-        int64_t centre = 0;
-        for (int64_t d = 2; d < t.dim(); ++d) centre += (t.size(d) / 2) * t.stride(d);
-        const float* base = t.const_data_ptr<float>();
-        const int64_t* u = units.const_data_ptr<int64_t>();
-        for (int64_t r = 0; r < batch; ++r)
-          for (int64_t j = 0; j < k; ++j)
-            o[r * k + j] = base[r * t.stride(0) + u[j] * t.stride(1) + centre];
+        gather_units<float>(t, units.const_data_ptr<int64_t>(), units.numel(), o);
         break;
       }
       case kNorm: {

@@ -9,6 +9,7 @@ or the build fails, :func:`available` is False and the reference kernel runs ins
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -273,16 +274,11 @@ def train(
     return y
 
 
-_train_overload = None
-
-
+@functools.cache
 def _train_op():
     """bncore::batch_norm_train's overload itself: calling it skips the packet's Python."""
-    global _train_overload
-    if _train_overload is None:
-        _require()
-        _train_overload = torch.ops.bncore.batch_norm_train.default
-    return _train_overload
+    _require()
+    return torch.ops.bncore.batch_norm_train.default
 
 
 def _require() -> None:
