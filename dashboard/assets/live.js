@@ -129,23 +129,30 @@
       });
       return ["extendData", [{x: [[...byStep.keys()]], z: [[...byStep.values()]]}, [0], spec.max]];
     }
-    const gd = plotted(spec.graph);
-    if (!gd) return null;
-    let data;
-    if (spec.kind === "latest") {
-      const last = {};
-      table.step.forEach((s, i) => { last[table.layer[i]] = i; });
-      data = gd.data.map((t, k) => Object.assign({}, t, {
-        y: spec.layers.map((l) => (l in last ? table[spec.columns[k]][last[l]] : null))}));
-    } else {  // channels: each layer's row (figures.channel_figure) gets its latest arrays
-      data = gd.data.map((t, k) => Object.assign({}, t, {z: (t.y || []).map((layer, r) => {
-        const i = table.layer.lastIndexOf(layer);
-        if (i < 0) return t.z ? t.z[r] : null;
-        const row = table[k === 0 ? "pre_mean" : "pre_var"][i];
-        return k === 0 ? row : row.map(log10);
-      })}));
-    }
-    return ["figure", {data: data, layout: gd.layout}];
+    // rebuilt from the figure as it is when the task runs, not as it was when the batch came:
+    // a redraw from the server in between must not be overwritten by an older figure
+    return ["figure", () => {
+      const gd = plotted(spec.graph);
+      if (!gd) return null;
+      let data;
+      if (spec.kind === "latest") {
+        const last = {};
+        table.step.forEach((s, i) => { last[table.layer[i]] = i; });
+        data = gd.data.map((t, k) => Object.assign({}, t, {
+          y: spec.layers.map((l) => (l in last ? table[spec.columns[k]][last[l]] : null))}));
+      } else {  // channels: each layer's row (figures.channel_figure) gets its latest arrays
+        const layers = (B.spec && B.spec.layers) || [];
+        if (!layers.length) return null;  // drawn before the run said which layers it has
+        data = gd.data.map((t, k) => Object.assign({}, t, {y: layers, z: layers.map((layer) => {
+          const i = table.layer.lastIndexOf(layer);
+          const r = (t.y || []).indexOf(layer);
+          if (i < 0) return t.z && r >= 0 ? t.z[r] : null;
+          const row = table[k === 0 ? "pre_mean" : "pre_var"][i];
+          return k === 0 ? row : row.map(log10);
+        })}));
+      }
+      return {data: data, layout: gd.layout};
+    }];
   }
 
   B.deliver = function () {
@@ -190,7 +197,8 @@
       const last = n === work.length - 1;
       task(() => {
         try {
-          set(graph, {[prop]: value});
+          const v = typeof value === "function" ? value() : value;
+          if (v !== null) set(graph, {[prop]: v});
         } finally {
           if (n === 0 && first !== null) {
             requestAnimationFrame(() => B.latencies.push(Date.now() / 1000 - first));
