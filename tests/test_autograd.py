@@ -95,3 +95,42 @@ def test_input_without_grad_still_gives_parameter_grads(kernel: str):
         torch.testing.assert_close(a, b)
     assert torch.isnan(layer.stats.dx_sq).all()  # dx was never computed
     assert not torch.isnan(layer.stats.dy_sq).any()
+
+
+def test_graph_misuse_is_caught_as_torch_does(kernel: str):
+    """The saved input is version-checked, and a freed graph cannot be walked twice."""
+    layer = bncore.BatchNorm1d(4, dtype=torch.float64)
+    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    y = layer(x * 1)
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="second time"):
+        y.sum().backward()
+    h = x * 1
+    y = layer(h)
+    with torch.no_grad():
+        h.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.pow(2).sum().backward()
+
+
+def test_grad_of_the_weight_alone(kernel: str):
+    """autograd.grad for gamma only: torch's value (the fused kernel skips dx on the way)."""
+    layer = bncore.BatchNorm1d(4, dtype=torch.float64)
+    ref = torch.nn.BatchNorm1d(4, dtype=torch.float64)
+    x = torch.randn(8, 4, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(8, 4, dtype=torch.float64)
+    (ours,) = torch.autograd.grad(layer(x), layer.weight, dy)
+    (theirs,) = torch.autograd.grad(ref(x), ref.weight, dy)
+    torch.testing.assert_close(ours, theirs)
+    if kernel == "cpu":
+        assert torch.isnan(layer.stats.dx_sq).all()
+    assert x.grad is None and layer.bias.grad is None
+
+
+def test_forward_mode_ad_is_a_clear_error(kernel: str):
+    import torch.autograd.forward_ad as fwAD
+
+    layer = bncore.BatchNorm1d(4, dtype=torch.float64)
+    x = torch.randn(8, 4, dtype=torch.float64)
+    with fwAD.dual_level(), pytest.raises((RuntimeError, NotImplementedError), match="forward"):
+        layer(fwAD.make_dual(x, torch.randn_like(x)))

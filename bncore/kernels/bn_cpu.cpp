@@ -18,7 +18,8 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <omp.h>
-#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -916,56 +917,37 @@ std::tuple<Tensor, Tensor> bn_backward(const Tensor& dy, const Tensor& x, const 
   return {dx, sums};
 }
 
-using torch::autograd::AutogradContext;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// Training-mode batch norm with its backward; returns (y, mean, var, grad_stats, act_stats)
-// where grad_stats (4 x C: sum_dy_xhat, sum_dy, dy_sq, dx_sq) is NaN until the backward fills
-// it, and act_stats the statistics of the activation that follows (see forward_impl).
-struct TrainingBatchNorm : public torch::autograd::Function<TrainingBatchNorm> {
-  static constexpr size_t kInputs = 14;
+// The backward of batch_norm_train, as a plain autograd node: the generic custom-Function
+// machinery (input metadata for all 14 arguments, saved_data by name, five wrapped outputs)
+// cost about as much per call as the layer's whole kernel on small inputs.
+struct BatchNormTrainBackward : public Node {
+  SavedVariable x_, w_, mean_, invstd_;
+  Tensor grad_stats_;  // (4, C), written in place by apply: not version-checked
+  double eps_ = 0;
 
-  static variable_list forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& w,
-                               const optional<Tensor>& b, const optional<Tensor>& rm,
-                               const optional<Tensor>& rv, double momentum, double correction,
-                               double eps, int64_t act_kind, double act_lo, double act_hi,
-                               const optional<Tensor>& record,
-                               const optional<Tensor>& record_grad,
-                               const optional<Tensor>& units) {
-    ForwardOut o = forward_impl(x, w, b, rm, rv, momentum, correction, eps, act_kind, act_lo,
-                                act_hi, record, units);
-    // recording: the backward fills record_grad, the (4, C) view on the record's gradient
-    // rows that the caller holds (not returned: an empty tensor instead)
-    const bool recording = record && record->defined();
-    if (recording)
-      TORCH_CHECK(record_grad && record_grad->defined() && record_grad->is_contiguous() &&
-                      record_grad->dim() == 2 && record_grad->size(0) == 4 &&
-                      record_grad->size(1) == x.size(1) &&
-                      record_grad->scalar_type() == x.scalar_type(),
-                  "bncore: record_grad must be a contiguous (4, C) tensor of x's dtype");
-    Tensor grad_stats = recording ? *record_grad : nan_sums(x);
-    ctx->save_for_backward({x, w.value_or(Tensor()), o.mean, o.invstd});
-    ctx->saved_data["grad_stats"] = grad_stats;  // written in place, so not version-checked
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["has_bias"] = b.has_value() && b->defined();
-    ctx->mark_non_differentiable({o.mean, o.var, grad_stats, o.act});
-    ctx->set_materialize_grads(false);
-    return {o.y, o.mean, o.var, recording ? o.act : grad_stats, o.act};
+  std::string name() const override { return "BatchNormTrainBackward"; }
+
+  void release_variables() override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    x_.reset_data();
+    w_.reset_data();
+    mean_.reset_data();
+    invstd_.reset_data();
   }
 
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    auto saved = ctx->get_saved_variables();
-    const Tensor &x = saved[0], &w = saved[1];
-    Tensor grad_stats = ctx->saved_data["grad_stats"].toTensor();
-    // needs_input_grad counts tensor inputs only: absent weight/bias have no slot.
-    size_t edge = 1;
-    const bool need_dx = ctx->needs_input_grad(0);
-    const bool need_w = w.defined() && ctx->needs_input_grad(edge++);
-    const bool need_b = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(edge++);
-    variable_list out(kInputs);
-    if (!grads[0].defined()) return out;
+  // next edges: x, weight, bias (an undefined tensor's edge is invalid: nothing computed)
+  variable_list apply(variable_list&& grads) override {
+    std::lock_guard<std::mutex> lock(mutex_);
+    variable_list out(3);
+    if (grads.empty() || !grads[0].defined()) return out;
+    const Tensor x = x_.unpack(), w = w_.unpack();
+    const bool need_dx = task_should_compute_output(0);
+    const bool need_w = task_should_compute_output(1), need_b = task_should_compute_output(2);
     const optional<Tensor> w_opt = w.defined() ? optional<Tensor>(w) : std::nullopt;
-    Tensor dx, sum_dy_xhat, sum_dy;
     if (at::GradMode::is_enabled()) {
       // create_graph: differentiate through the statistics too, with the reference math
       // (registered from Python as bncore::reference_backward).
@@ -973,37 +955,63 @@ struct TrainingBatchNorm : public torch::autograd::Function<TrainingBatchNorm> {
                            .findSchemaOrThrow("bncore::reference_backward", "")
                            .typed<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>(
                                const Tensor&, const Tensor&, const optional<Tensor>&, double)>();
-      auto [rdx, rdyx, rdy, dy_sq, dx_sq] =
-          op.call(grads[0], x, w_opt, ctx->saved_data["eps"].toDouble());
+      auto [rdx, rdyx, rdy, dy_sq, dx_sq] = op.call(grads[0], x, w_opt, eps_);
       {
         at::NoGradGuard no_grad;
-        grad_stats[0].copy_(rdyx);
-        grad_stats[1].copy_(rdy);
-        grad_stats[2].copy_(dy_sq);
-        grad_stats[3].copy_(dx_sq);
+        for (auto [i, t] : {std::pair{0, &rdyx}, {1, &rdy}, {2, &dy_sq}, {3, &dx_sq}})
+          grad_stats_[i].copy_(*t);
       }
-      dx = rdx, sum_dy_xhat = rdyx, sum_dy = rdy;
-    } else {
-      dx = backward_impl(grads[0], x, saved[2], saved[3], w_opt, need_dx, grad_stats);
-      // copies: grad_stats stays the layer's record whatever happens to the parameter grads
-      if (need_w) sum_dy_xhat = row_copy(grad_stats, 0);
-      if (need_b) sum_dy = row_copy(grad_stats, 1);
+      out[0] = need_dx ? rdx : Tensor();
+      out[1] = need_w ? rdyx : Tensor();
+      out[2] = need_b ? rdy : Tensor();
+      return out;
     }
+    Tensor dx = backward_impl(grads[0], x, mean_.unpack(), invstd_.unpack(), w_opt, need_dx,
+                              grad_stats_);
     out[0] = need_dx ? dx : Tensor();
-    out[1] = need_w ? sum_dy_xhat : Tensor();
-    out[2] = need_b ? sum_dy : Tensor();
+    // copies: grad_stats stays the layer's record whatever happens to the parameter grads
+    if (need_w) out[1] = row_copy(grad_stats_, 0);
+    if (need_b) out[2] = row_copy(grad_stats_, 1);
     return out;
   }
 };
 
+// Training-mode batch norm; returns (y, mean, var, grad_stats, act_stats) where grad_stats
+// (4 x C: sum_dy_xhat, sum_dy, dy_sq, dx_sq) is NaN until the backward fills it, and act_stats
+// the statistics of the activation that follows (see forward_impl). Recording, the backward
+// fills record_grad, the (4, C) view on the record's gradient rows that the caller holds, and
+// grad_stats is act_stats (empty). Only y is differentiable.
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> batch_norm_train(
     const Tensor& x, const optional<Tensor>& w, const optional<Tensor>& b,
     const optional<Tensor>& rm, const optional<Tensor>& rv, double momentum, double correction,
     double eps, int64_t act_kind, double act_lo, double act_hi, const optional<Tensor>& record,
     const optional<Tensor>& record_grad, const optional<Tensor>& units) {
-  auto out = TrainingBatchNorm::apply(x, w, b, rm, rv, momentum, correction, eps, act_kind,
-                                      act_lo, act_hi, record, record_grad, units);
-  return {out[0], out[1], out[2], out[3], out[4]};
+  TORCH_CHECK(!torch::autograd::isFwGradDefined(x) && !torch::autograd::isFwGradDefined(w) &&
+                  !torch::autograd::isFwGradDefined(b),
+              "bncore: BatchNorm has no forward-mode AD (dual tensors); "
+              "torch.nn.BatchNorm has, if you need it");
+  ForwardOut o = forward_impl(x, w, b, rm, rv, momentum, correction, eps, act_kind, act_lo,
+                              act_hi, record, units);
+  const bool recording = record && record->defined();
+  if (recording)
+    TORCH_CHECK(record_grad && record_grad->defined() && record_grad->is_contiguous() &&
+                    record_grad->dim() == 2 && record_grad->size(0) == 4 &&
+                    record_grad->size(1) == x.size(1) &&
+                    record_grad->scalar_type() == x.scalar_type(),
+                "bncore: record_grad must be a contiguous (4, C) tensor of x's dtype");
+  Tensor grad_stats = recording ? *record_grad : nan_sums(x);
+  if (torch::autograd::compute_requires_grad(x, w, b)) {
+    auto node = c10::make_intrusive<BatchNormTrainBackward>();
+    node->set_next_edges(torch::autograd::collect_next_edges(x, w, b));
+    node->x_ = SavedVariable(x, false);
+    node->w_ = SavedVariable(w.value_or(Tensor()), false);
+    node->mean_ = SavedVariable(o.mean, false);
+    node->invstd_ = SavedVariable(o.invstd, false);
+    node->grad_stats_ = grad_stats;
+    node->eps_ = eps;
+    torch::autograd::set_history(o.y, node);
+  }
+  return {o.y, o.mean, o.var, recording ? o.act : grad_stats, o.act};
 }
 
 }  // namespace
