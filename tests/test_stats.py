@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -113,7 +115,8 @@ def test_gradient_sums_survive_gradient_accumulation(kernel: str):
     ],
 )
 @pytest.mark.parametrize("kind", [1, 2])
-def test_activation_statistics_from_the_forward(kernel: str, shape, channels_last, kind):
+@pytest.mark.parametrize("lo,hi", [(0.0, 1.5), (0.0, math.inf), (-math.inf, math.inf)])
+def test_activation_statistics_from_the_forward(kernel: str, shape, channels_last, kind, lo, hi):
     """Asked to, BN measures the ReLU (or identity) that follows, in its normalize pass."""
     from bncore.kernels.reference import ActivationStats, activation_stats
 
@@ -123,7 +126,7 @@ def test_activation_statistics_from_the_forward(kernel: str, shape, channels_las
     x = torch.randn(shape) * 2 + 1
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    spec = ActivationStats(kind, 0.0, 1.5)
+    spec = ActivationStats(kind, lo, hi)
     layer.record_activation = spec
     y = layer(x)
     expected = activation_stats(y.detach(), spec)
@@ -131,3 +134,24 @@ def test_activation_statistics_from_the_forward(kernel: str, shape, channels_las
     layer.record_activation = None
     layer(x)
     assert layer.stats.act is None  # not asked: not measured
+
+
+@pytest.mark.parametrize("shape", [(64, 16), (4, 3, 300)])
+@pytest.mark.parametrize("kind", [1, 2])
+@pytest.mark.parametrize("lo", [-math.inf, 0.0])
+def test_activation_statistics_of_infinite_outputs(kernel: str, shape, kind, lo):
+    """Outputs that overflow to +-inf: ReLU(-inf) is 0, and they are what a tail at +-inf
+    counts (the fused kernel sums such a channel again, exactly)."""
+    from bncore.kernels.reference import ActivationStats, activation_stats
+
+    layer = bncore.BatchNorm1d(shape[1])
+    with torch.no_grad():
+        layer.weight[0] = 3e38  # channel 0 overflows beyond about 1.1 standard deviations
+    spec = ActivationStats(kind, lo, math.inf)
+    layer.record_activation = spec
+    y = layer(torch.randn(shape, generator=torch.Generator().manual_seed(3)))
+    assert (y[:, 0] == math.inf).any() and (y[:, 0] == -math.inf).any()
+    assert y[:, 1:].isfinite().all()
+    expected = activation_stats(y.detach(), spec)
+    assert expected[3, 0] > 0 and (expected[2, 0] > 0) == (kind == 1 or lo == 0)
+    torch.testing.assert_close(layer.stats.act, expected, rtol=1e-4, atol=1e-5, equal_nan=True)

@@ -27,6 +27,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -150,8 +151,57 @@ inline std::pair<double, double> finish(double s1, double s2, double shift, doub
 // (kAct: 0 none, 1 identity, 2 ReLU): the output is in registers anyway.
 enum Act : int64_t { kNoAct = 0, kIdentity = 1, kRelu = 2 };
 
-// ReLU is written (v + |v|) / 2 in the loops below: exact, and branch-free where a select would
-// leave gcc with scalar code and a mispredicted branch per value.
+// act(v), exactly as torch's: ReLU is 0 for v < 0 (-inf included) and keeps NaN.
+template <typename T, int64_t kAct>
+inline T activate(T v) {
+  if constexpr (kAct == kRelu) return T(0) > v ? T(0) : v;
+  return v;
+}
+
+// act(v) in the vectorized loops: ReLU as (v + |v|) / 2, which gcc vectorizes (it leaves the
+// select above scalar). It differs from act(v) only at v = -inf (NaN, not 0).
+template <typename T, int64_t kAct>
+inline T activate_fast(T v) {
+  if constexpr (kAct == kRelu) return (v + std::fabs(v)) * T(0.5);
+  return v;
+}
+
+// The vectorized loops may be wrong only on a channel holding an infinite or NaN value, and
+// such a value always makes the channel's sum non-finite: such a channel is summed again,
+// exactly (exact_act_sums). So they also count a tail (act <= lo, act >= hi) only where its
+// bound is finite, a tail at +-inf holding only infinite values: ReLU's statistics (lo = 0,
+// hi = inf) cost one comparison per value, not two.
+template <typename T, typename F>
+inline void with_tails(T lo, T hi, F&& f) {
+  const bool l = std::isfinite(lo), h = std::isfinite(hi);
+  if (l && h)
+    f(std::true_type{}, std::true_type{});
+  else if (l)
+    f(std::true_type{}, std::false_type{});
+  else if (h)
+    f(std::false_type{}, std::true_type{});
+  else
+    f(std::false_type{}, std::false_type{});
+}
+
+// One channel's sums of act (sum, sum of squares, count <= lo, count >= hi) over its values
+// y[n * stride + i] (n < outer, i < len), computed again exactly where the vectorized sums are
+// not finite.
+template <typename T, int64_t kAct>
+void exact_act_sums(const T* y, int64_t outer, int64_t stride, int64_t len, T lo, T hi,
+                    double* sums) {
+  if (std::isfinite(sums[0])) return;
+  double s[4] = {0, 0, 0, 0};
+  for (int64_t n = 0; n < outer; ++n)
+    for (int64_t i = 0; i < len; ++i) {
+      const T a = activate<T, kAct>(y[n * stride + i]);
+      s[0] += a;
+      s[1] += a * a;
+      s[2] += a <= lo;
+      s[3] += a >= hi;
+    }
+  std::copy(s, s + 4, sums);
+}
 
 // Mean, variance and tail fractions of act(y) from raw sums (no shift: y is normalized).
 template <typename T>
@@ -163,7 +213,7 @@ inline void finish_act(const double* sums, double m, int64_t c, int64_t C, T* ac
   act[3 * C + c] = static_cast<T>(sums[3] / m);
 }
 
-template <typename T, int64_t kAct>
+template <typename T, int64_t kAct, bool kLo = true, bool kHi = true>
 void normalize_plane(const T* x, T* y, int64_t N, int64_t C, int64_t L, int64_t c, T scale,
                      T offset, T lo, T hi, double* sums) {
   for (int64_t n = 0; n < N; ++n) {
@@ -180,11 +230,11 @@ void normalize_plane(const T* x, T* y, int64_t N, int64_t C, int64_t L, int64_t 
         for (int64_t l = l0; l < l1; ++l) {
           const T v = p[l] * scale + offset;
           q[l] = v;
-          const T a = kAct == kRelu ? (v + std::fabs(v)) * T(0.5) : v;
+          const T a = activate_fast<T, kAct>(v);
           a1 += a;
           a2 += a * a;
-          a3 += a <= lo ? T(1) : T(0);
-          a4 += a >= hi ? T(1) : T(0);
+          if constexpr (kLo) a3 += a <= lo ? T(1) : T(0);
+          if constexpr (kHi) a4 += a >= hi ? T(1) : T(0);
         }
         sums[0] += a1;
         sums[1] += a2;
@@ -215,36 +265,39 @@ void forward_planes(const T* x, T* y, int64_t N, int64_t C, int64_t L, const T* 
     const T scale = static_cast<T>((w ? w[c] : 1.0) * inv);
     const T offset = static_cast<T>((b ? b[c] : 0.0) - mu * scale);
     double act_sums[4] = {0, 0, 0, 0};
-    if (act_kind == kRelu)
-      normalize_plane<T, kRelu>(x, y, N, C, L, c, scale, offset, lo, hi, act_sums);
-    else if (act_kind == kIdentity)
-      normalize_plane<T, kIdentity>(x, y, N, C, L, c, scale, offset, lo, hi, act_sums);
-    else
+    if (act_kind == kNoAct) {
       normalize_plane<T, kNoAct>(x, y, N, C, L, c, scale, offset, lo, hi, act_sums);
-    if (act_kind != kNoAct) finish_act(act_sums, static_cast<double>(m), c, C, act);
+      continue;
+    }
+    with_tails(lo, hi, [&](auto kl, auto kh) {
+      if (act_kind == kRelu)
+        normalize_plane<T, kRelu, kl(), kh()>(x, y, N, C, L, c, scale, offset, lo, hi, act_sums);
+      else
+        normalize_plane<T, kIdentity, kl(), kh()>(x, y, N, C, L, c, scale, offset, lo, hi,
+                                                 act_sums);
+    });
+    if (act_kind == kRelu)
+      exact_act_sums<T, kRelu>(y + c * L, N, C * L, L, lo, hi, act_sums);
+    else
+      exact_act_sums<T, kIdentity>(y + c * L, N, C * L, L, lo, hi, act_sums);
+    finish_act(act_sums, static_cast<double>(m), c, C, act);
   }
 }
 
-// Rows [r0, r1) of y = x * S + O for the columns [c0, c0 + W), adding the sums of act(y)
-// (sum, sum of squares, count <= lo, count >= hi) into sums[0..3][C].
-template <typename T, int64_t kAct, int64_t W>
-inline void normalize_column_block(const T* x, T* y, int64_t r0, int64_t r1, int64_t C,
-                                   int64_t c0, const T* S, const T* O, T lo, T hi,
-                                   double* sums) {
-  T sc[W], of[W], a1[W] = {}, a2[W] = {}, a3[W] = {}, a4[W] = {};
-  for (int64_t j = 0; j < W; ++j) sc[j] = S[c0 + j], of[j] = O[c0 + j];
+// Sums of act(y) over rows [r0, r1) for the columns [c0, c0 + W): read-only, in registers.
+template <typename T, int64_t kAct, int64_t W, bool kLo, bool kHi>
+inline void act_column_block(const T* y, int64_t r0, int64_t r1, int64_t C, int64_t c0, T lo,
+                             T hi, double* sums) {
+  T a1[W] = {}, a2[W] = {}, a3[W] = {}, a4[W] = {};
   for (int64_t r = r0; r < r1; ++r) {
-    const T* p = x + r * C + c0;
-    T* q = y + r * C + c0;
+    const T* q = y + r * C + c0;
 #pragma omp simd
     for (int64_t j = 0; j < W; ++j) {
-      const T v = p[j] * sc[j] + of[j];
-      q[j] = v;
-      const T a = kAct == kRelu ? (v + std::fabs(v)) * T(0.5) : v;
+      const T a = activate_fast<T, kAct>(q[j]);
       a1[j] += a;
       a2[j] += a * a;
-      a3[j] += a <= lo ? T(1) : T(0);
-      a4[j] += a >= hi ? T(1) : T(0);
+      if constexpr (kLo) a3[j] += a <= lo ? T(1) : T(0);
+      if constexpr (kHi) a4[j] += a >= hi ? T(1) : T(0);
     }
   }
   for (int64_t j = 0; j < W; ++j) {
@@ -255,16 +308,24 @@ inline void normalize_column_block(const T* x, T* y, int64_t r0, int64_t r1, int
   }
 }
 
-template <typename T, int64_t kAct>
+// y = x * S + O over rows [r0, r1), then the sums of act(y) (sum, sum of squares, count <= lo,
+// count >= hi) added into sums[0..3][C], a block of rows at a time: the stores stream row by
+// row, and the statistics read the block back from cache (strided stores stalled on misses).
+template <typename T, int64_t kAct, bool kLo, bool kHi>
 void normalize_rows_act(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, const T* S,
                         const T* O, T lo, T hi, double* sums) {
   for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
     const int64_t re = std::min(r1, rb + kRowBlock);
+    for (int64_t r = rb; r < re; ++r) {
+      const T* p = x + r * C;
+      T* q = y + r * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) q[c] = p[c] * S[c] + O[c];
+    }
     int64_t c0 = 0;
     for (; c0 + kCols <= C; c0 += kCols)
-      normalize_column_block<T, kAct, kCols>(x, y, rb, re, C, c0, S, O, lo, hi, sums);
-    for (; c0 < C; ++c0)
-      normalize_column_block<T, kAct, 1>(x, y, rb, re, C, c0, S, O, lo, hi, sums);
+      act_column_block<T, kAct, kCols, kLo, kHi>(y, rb, re, C, c0, lo, hi, sums);
+    for (; c0 < C; ++c0) act_column_block<T, kAct, 1, kLo, kHi>(y, rb, re, C, c0, lo, hi, sums);
   }
 }
 
@@ -315,10 +376,12 @@ void forward_rows(const T* x, T* y, int64_t R, int64_t C, const T* w, const T* b
     } else {
       // the same rows as the statistics pass, so the partial sums reuse its buffer
       double* sums = &act_part[static_cast<size_t>(t) * 4 * C];
-      if (act_kind == kRelu)
-        normalize_rows_act<T, kRelu>(x, y, r0, r1, C, S, O, lo, hi, sums);
-      else
-        normalize_rows_act<T, kIdentity>(x, y, r0, r1, C, S, O, lo, hi, sums);
+      with_tails(lo, hi, [&](auto kl, auto kh) {
+        if (act_kind == kRelu)
+          normalize_rows_act<T, kRelu, kl(), kh()>(x, y, r0, r1, C, S, O, lo, hi, sums);
+        else
+          normalize_rows_act<T, kIdentity, kl(), kh()>(x, y, r0, r1, C, S, O, lo, hi, sums);
+      });
     }
   }
   if (act_kind == kNoAct) return;
@@ -327,6 +390,10 @@ void forward_rows(const T* x, T* y, int64_t R, int64_t C, const T* w, const T* b
     double tot[4] = {0, 0, 0, 0};
     for (int k = 0; k < nt; ++k)
       for (int j = 0; j < 4; ++j) tot[j] += act_part[static_cast<size_t>(k) * 4 * C + j * C + c];
+    if (act_kind == kRelu)
+      exact_act_sums<T, kRelu>(y + c, R, C, 1, lo, hi, tot);
+    else
+      exact_act_sums<T, kIdentity>(y + c, R, C, 1, lo, hi, tot);
     finish_act(tot, static_cast<double>(R), c, C, act);
   }
 }
