@@ -108,42 +108,52 @@ class Records:
         return out
 
 
-def rms(a: np.ndarray) -> np.ndarray:
-    return np.sqrt(np.mean(np.square(a), axis=-1))
-
-
 def summarize(
     raw: dict[str, np.ndarray],
     pct: np.ndarray,
     weight_grad_norm: np.ndarray,
     layer_bias_grad_norm: np.ndarray,
+    means: dict[str, np.ndarray] | None = None,
 ) -> Table:
     """``layers`` columns from raw per-channel rows with channels last (each (..., C)); ``pct``
-    is (..., 3, units). Every column comes out shaped like the leading dims."""
-    saturated = raw["act_lo"] + raw["act_hi"]
+    is (..., 3, units). Every column comes out shaped like the leading dims.
+
+    ``means``: channel averages the caller already has for some rows (one reduction over rows
+    stacked in memory costs far less than one per row); the others are computed here.
+    """
+    known = means or {}
+
+    def mean(name: str) -> np.ndarray:
+        return known[name] if name in known else raw[name].mean(-1)
+
+    def norm(a: np.ndarray) -> np.ndarray:
+        """L2 norm over channels, in one pass (no squared temporary)."""
+        return np.sqrt(np.einsum("...c,...c->...", a, a))
+
+    channels = raw["pre_var"].shape[-1]
     with np.errstate(invalid="ignore"):
         cols: Table = {
-            "pre_mean": raw["pre_mean"].mean(-1),
+            "pre_mean": mean("pre_mean"),
             "pre_mean_abs": np.abs(raw["pre_mean"]).mean(-1),
-            "pre_var": raw["pre_var"].mean(-1),
+            "pre_var": mean("pre_var"),
             "pre_var_min": raw["pre_var"].min(-1),
             "pre_var_max": raw["pre_var"].max(-1),
-            "post_mean": raw["post_mean"].mean(-1),
-            "post_var": raw["post_var"].mean(-1),
-            "act_mean": raw["act_mean"].mean(-1),
-            "act_var": raw["act_var"].mean(-1),
-            "act_saturated": saturated.mean(-1),
-            "act_dead": (saturated >= 1.0).mean(-1),
-            "running_mean": raw["running_mean"].mean(-1),
-            "running_var": raw["running_var"].mean(-1),
-            "running_mean_gap": rms(raw["running_mean"] - raw["pre_mean"]),
-            "running_var_gap": rms(raw["running_var"] - raw["pre_var"]),
-            "gamma": raw["gamma"].mean(-1),
-            "beta": raw["beta"].mean(-1),
-            "gamma_grad_norm": np.sqrt(np.square(raw["gamma_grad"]).sum(-1)),
-            "beta_grad_norm": np.sqrt(np.square(raw["beta_grad"]).sum(-1)),
-            "grad_out_norm": np.sqrt(raw["grad_out_sq"].sum(-1)),
-            "grad_in_norm": np.sqrt(raw["grad_in_sq"].sum(-1)),
+            "post_mean": mean("post_mean"),
+            "post_var": mean("post_var"),
+            "act_mean": mean("act_mean"),
+            "act_var": mean("act_var"),
+            "act_saturated": mean("act_lo") + mean("act_hi"),
+            "act_dead": (raw["act_lo"] + raw["act_hi"] >= 1.0).mean(-1),
+            "running_mean": mean("running_mean"),
+            "running_var": mean("running_var"),
+            "running_mean_gap": norm(raw["running_mean"] - raw["pre_mean"]) / np.sqrt(channels),
+            "running_var_gap": norm(raw["running_var"] - raw["pre_var"]) / np.sqrt(channels),
+            "gamma": mean("gamma"),
+            "beta": mean("beta"),
+            "gamma_grad_norm": norm(raw["gamma_grad"]),
+            "beta_grad_norm": norm(raw["beta_grad"]),
+            "grad_out_norm": np.sqrt(mean("grad_out_sq") * channels),
+            "grad_in_norm": np.sqrt(mean("grad_in_sq") * channels),
             "weight_grad_norm": weight_grad_norm,
             "layer_bias_grad_norm": layer_bias_grad_norm,
         }
