@@ -148,7 +148,7 @@ inline std::pair<double, double> finish(double s1, double s2, double shift, doub
 }
 
 // The activation that follows BN, when the caller wants its statistics from the forward
-// (kAct: 0 none, 1 identity, 2 ReLU): the output is in registers anyway.
+// (kAct: 0 none, 1 identity, 2 ReLU): the output is in registers or cache anyway.
 enum Act : int64_t { kNoAct = 0, kIdentity = 1, kRelu = 2 };
 
 // act(v), exactly as torch's: ReLU is 0 for v < 0 (-inf included) and keeps NaN.
