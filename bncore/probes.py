@@ -38,7 +38,7 @@ from bncore.kernels.reference import (
     ActivationStats,
 )
 from bncore.models import Block, Net
-from bncore.records import Records, channel_rows, summarize
+from bncore.records import Records, bn_output_rows, channel_rows, summarize
 from bncore.stats import RECORD_ACT, RECORD_GRAD, RECORD_ROWS, BNStats, RecordTarget
 
 __all__ = ["QUANTILES", "SATURATION", "Recorder"]
@@ -350,11 +350,12 @@ class Recorder:
         rows = {name: block_raw[..., j * c : (j + 1) * c] for j, name in enumerate(s.rows)}
         if s.is_bn:  # BN's output statistics are exact functions of what it recorded
             norm = s.block.norm
-            var = rows["pre_var"]
-            rows["post_mean"] = rows["beta"] if norm.bias is not None else np.zeros_like(var)
-            rows["post_var"] = var / (var + norm.eps)
-            if norm.weight is not None:  # else gamma is 1 (and recorded as NaN)
-                rows["post_var"] *= np.square(rows["gamma"])
+            rows["post_mean"], rows["post_var"] = bn_output_rows(
+                rows["pre_var"],
+                rows["gamma"] if norm.weight is not None else None,  # else recorded as NaN
+                rows["beta"] if norm.bias is not None else None,
+                norm.eps,
+            )
         return rows
 
 

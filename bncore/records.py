@@ -108,6 +108,17 @@ class Records:
         return out
 
 
+def bn_output_rows(
+    pre_var: np.ndarray, gamma: np.ndarray | None, beta: np.ndarray | None, eps: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and variance of a BN layer's training-mode output, as they follow exactly
+    from what it normalized with: beta, and gamma^2 var / (var + eps) (no gamma: 1; no beta: 0)."""
+    post_var = pre_var / (pre_var + eps)
+    if gamma is not None:
+        post_var = post_var * np.square(gamma)
+    return (beta if beta is not None else np.zeros_like(pre_var)), post_var
+
+
 def summarize(
     raw: dict[str, np.ndarray],
     pct: np.ndarray,

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 import bncore
-from bncore.records import Records, channel_rows, summarize
+from bncore.records import Records, bn_output_rows, channel_rows, summarize
 from server.worker import HttpSink
 
 __all__ = ["Client", "ClientRun"]
@@ -228,9 +228,12 @@ class ClientRun:
                     strict=True,
                 )
             )
-            gamma = np.nan_to_num(rows["gamma"], nan=1.0)
-            rows["post_mean"] = np.nan_to_num(rows["beta"], nan=0.0)
-            rows["post_var"] = gamma**2 * rows["pre_var"] / (rows["pre_var"] + layer.eps)
+            rows["post_mean"], rows["post_var"] = bn_output_rows(
+                rows["pre_var"],
+                rows["gamma"] if layer.weight is not None else None,
+                rows["beta"] if layer.bias is not None else None,
+                layer.eps,
+            )
             for k in ("act_mean", "act_var", "act_lo", "act_hi"):
                 rows[k] = np.full_like(rows["pre_mean"], np.nan)
             nan = np.full(len(steps), np.nan)

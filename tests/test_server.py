@@ -417,15 +417,19 @@ def test_client_streams_a_script_of_its_own(server):
             loss.backward()
             opt.step()
             run.log(step, loss, lr=0.1)
-            last_var = model[1].stats.var.mean().item()
+            bn = model[1]
+            last_var = bn.stats.var.mean().item()
+            post_var = bn.weight.detach() ** 2 * bn.stats.var / (bn.stats.var + bn.eps)
     done = client.get_run(run.id)
     assert done["status"] == "completed" and done["steps_done"] == 20
     assert done["meta"]["layers"] == ["1"]
     with server.client() as api:
-        s = api.get(f"/api/runs/{run.id}/metrics", params={"stat": ["pre_var", "act_var"]}).json()
-        pre, act = s["series"]
+        stats = {"stat": ["pre_var", "act_var", "post_var"]}
+        s = api.get(f"/api/runs/{run.id}/metrics", params=stats).json()
+        pre, act, post = s["series"]
         assert pre["steps"] == list(range(1, 21))
         assert abs(pre["values"][-1] - last_var) < 1e-5
+        assert abs(post["values"][-1] - post_var.mean().item()) < 1e-5  # gamma^2 var/(var+eps)
         assert all(v is None for v in act["values"])  # a plain BN layer can't see it
         loss = api.get(f"/api/runs/{run.id}/metrics", params={"stat": "loss"}).json()
         assert loss["series"][0]["points_total"] == 20
