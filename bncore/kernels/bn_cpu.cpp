@@ -171,17 +171,26 @@ inline T activate_fast(T v) {
 // exactly (exact_act_sums). So they also count a tail (act <= lo, act >= hi) only where its
 // bound is finite, a tail at +-inf holding only infinite values: ReLU's statistics (lo = 0,
 // hi = inf) cost one comparison per value, not two.
+//
+// with_act calls f(act, count_lo, count_hi) with compile-time constants: act is kRelu or
+// kIdentity (act_kind), count_lo / count_hi whether lo / hi are finite.
 template <typename T, typename F>
-inline void with_tails(T lo, T hi, F&& f) {
-  const bool l = std::isfinite(lo), h = std::isfinite(hi);
-  if (l && h)
-    f(std::true_type{}, std::true_type{});
-  else if (l)
-    f(std::true_type{}, std::false_type{});
-  else if (h)
-    f(std::false_type{}, std::true_type{});
+inline void with_act(int64_t act_kind, T lo, T hi, F&& f) {
+  auto tails = [&](auto act) {
+    const bool l = std::isfinite(lo), h = std::isfinite(hi);
+    if (l && h)
+      f(act, std::true_type{}, std::true_type{});
+    else if (l)
+      f(act, std::true_type{}, std::false_type{});
+    else if (h)
+      f(act, std::false_type{}, std::true_type{});
+    else
+      f(act, std::false_type{}, std::false_type{});
+  };
+  if (act_kind == kRelu)
+    tails(std::integral_constant<int64_t, kRelu>{});
   else
-    f(std::false_type{}, std::false_type{});
+    tails(std::integral_constant<int64_t, kIdentity>{});
 }
 
 // One channel's sums of act (sum, sum of squares, count <= lo, count >= hi) over its values
@@ -269,17 +278,10 @@ void forward_planes(const T* x, T* y, int64_t N, int64_t C, int64_t L, const T* 
       normalize_plane<T, kNoAct>(x, y, N, C, L, c, scale, offset, lo, hi, act_sums);
       continue;
     }
-    with_tails(lo, hi, [&](auto kl, auto kh) {
-      if (act_kind == kRelu)
-        normalize_plane<T, kRelu, kl(), kh()>(x, y, N, C, L, c, scale, offset, lo, hi, act_sums);
-      else
-        normalize_plane<T, kIdentity, kl(), kh()>(x, y, N, C, L, c, scale, offset, lo, hi,
-                                                 act_sums);
+    with_act(act_kind, lo, hi, [&](auto act, auto kl, auto kh) {
+      normalize_plane<T, act(), kl(), kh()>(x, y, N, C, L, c, scale, offset, lo, hi, act_sums);
+      exact_act_sums<T, act()>(y + c * L, N, C * L, L, lo, hi, act_sums);
     });
-    if (act_kind == kRelu)
-      exact_act_sums<T, kRelu>(y + c * L, N, C * L, L, lo, hi, act_sums);
-    else
-      exact_act_sums<T, kIdentity>(y + c * L, N, C * L, L, lo, hi, act_sums);
     finish_act(act_sums, static_cast<double>(m), c, C, act);
   }
 }
@@ -376,11 +378,8 @@ void forward_rows(const T* x, T* y, int64_t R, int64_t C, const T* w, const T* b
     } else {
       // the same rows as the statistics pass, so the partial sums reuse its buffer
       double* sums = &act_part[static_cast<size_t>(t) * 4 * C];
-      with_tails(lo, hi, [&](auto kl, auto kh) {
-        if (act_kind == kRelu)
-          normalize_rows_act<T, kRelu, kl(), kh()>(x, y, r0, r1, C, S, O, lo, hi, sums);
-        else
-          normalize_rows_act<T, kIdentity, kl(), kh()>(x, y, r0, r1, C, S, O, lo, hi, sums);
+      with_act(act_kind, lo, hi, [&](auto act, auto kl, auto kh) {
+        normalize_rows_act<T, act(), kl(), kh()>(x, y, r0, r1, C, S, O, lo, hi, sums);
       });
     }
   }
@@ -390,10 +389,9 @@ void forward_rows(const T* x, T* y, int64_t R, int64_t C, const T* w, const T* b
     double tot[4] = {0, 0, 0, 0};
     for (int k = 0; k < nt; ++k)
       for (int j = 0; j < 4; ++j) tot[j] += act_part[static_cast<size_t>(k) * 4 * C + j * C + c];
-    if (act_kind == kRelu)
-      exact_act_sums<T, kRelu>(y + c, R, C, 1, lo, hi, tot);
-    else
-      exact_act_sums<T, kIdentity>(y + c, R, C, 1, lo, hi, tot);
+    with_act(act_kind, lo, hi, [&](auto act, auto, auto) {
+      exact_act_sums<T, act()>(y + c, R, C, 1, lo, hi, tot);
+    });
     finish_act(tot, static_cast<double>(R), c, C, act);
   }
 }

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from bncore.stats import RECORD_ROWS, RECORD_RUNNING, RecordTarget
+from bncore.stats import RECORD_ROWS, RecordTarget
 
 NAME = "reference"
 REDUCE_DIMS = (0, 2)
@@ -255,11 +255,12 @@ def write_record(
     if given, NaN gradient sums, and ``y`` at the tracked units."""
     c = mean.numel()
     rows = target.row[: len(RECORD_ROWS) * c].view(len(RECORD_ROWS), c)
-    state = [running.mean, running.var] if running is not None else [None, None]
-    values = {0: mean, 1: var, RECORD_RUNNING: state[0], RECORD_RUNNING + 1: state[1]}
-    values |= {RECORD_RUNNING + 2: weight, RECORD_RUNNING + 3: bias}
+    rm, rv = (running.mean, running.var) if running is not None else (None, None)
+    values = {"pre_mean": mean, "pre_var": var, "running_mean": rm, "running_var": rv,
+              "gamma": weight, "beta": bias}  # fmt: skip
     with torch.no_grad():
-        for i, v in values.items():
+        for name, v in values.items():
+            i = RECORD_ROWS.index(name)
             if v is None:
                 rows[i].fill_(math.nan)
             else:
