@@ -228,6 +228,9 @@ def test_delete_is_refused_while_training(api):
     r = api.delete(f"/api/runs/{run['id']}")
     assert r.status_code == 409 and "cancel it" in r.json()["detail"]
     api.post(f"/api/runs/{run['id']}/cancel")
+    # a worker still starting (importing torch) stops once it reaches its loop, which on a busy
+    # machine can be after cancel has answered
+    finished(api, run["id"], timeout=30)
     assert api.delete(f"/api/runs/{run['id']}").status_code == 204
 
 
