@@ -143,7 +143,7 @@ def worker_speed(srv: ServerProcess, steps: int) -> dict[str, float]:
 
     from bncore.config import parse_config
     from bncore.engine import Trainer
-    from bncore.records import MemorySink
+    from bncore.sinks import MemorySink
     from server.settings import Settings
 
     cfg = {**TRAIN, "steps": steps}

@@ -28,12 +28,14 @@ from torch import Tensor, nn
 from torch.nn import init
 
 from bncore.functional import batch_norm_with_stats, train_batch_norm
+from bncore.kernels import reference
 from bncore.kernels.reference import ActivationStats, Running
 from bncore.stats import BNStats, RecordTarget
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "keras_momentum_to_torch"]
 
 B = TypeVar("B", bound="_BatchNorm")
+is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def keras_momentum_to_torch(momentum: float) -> float:
@@ -43,8 +45,14 @@ def keras_momentum_to_torch(momentum: float) -> float:
     return 1.0 - momentum
 
 
-class _NormBase(nn.Module):
-    """Parameters and running buffers, named and initialised as in torch.nn."""
+class _NormBase(nn.modules.batchnorm._BatchNorm):
+    """Parameters and running buffers, named and initialised as in torch.nn.
+
+    A subclass of torch's own ``_BatchNorm``, so that what recognizes torch's BN layers
+    recognizes bncore's too (``nn.SyncBatchNorm.convert_sync_batchnorm``,
+    ``torch.func.replace_all_batch_norm_modules_``, a user's ``isinstance`` check for freezing
+    BN); everything it does is defined here.
+    """
 
     _version = 2
     num_features: int
@@ -68,7 +76,7 @@ class _NormBase(nn.Module):
         *,
         bias: bool = True,
     ) -> None:
-        super().__init__()
+        nn.Module.__init__(self)  # torch's _NormBase.__init__ registers its own way
         try:
             num_features = operator.index(num_features)
         except TypeError:
@@ -229,6 +237,8 @@ class _BatchNorm(_NormBase):
             return batch_norm_with_stats(
                 input, running_mean, running_var, weight, bias, False, 0.0, self.eps
             )
+        if torch.compiler.is_compiling() or is_functorch_wrapped(input):
+            return self._traceable_forward(input, weight, bias, running_mean, running_var)
         running = None
         if self.training and self.track_running_stats and running_mean is not None:
             assert running_var is not None
@@ -245,6 +255,35 @@ class _BatchNorm(_NormBase):
             self.record_activation,
             self.record_into,
         )
+
+    def _traceable_forward(
+        self,
+        input: Tensor,
+        weight: Tensor | None,
+        bias: Tensor | None,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+    ) -> Tensor:
+        """Training mode under torch.compile or torch.func transforms, which bncore's fused
+        operators do not support: torch's own batch norm (the same math), not recorded; Keras'
+        biased running variance in plain torch operations."""
+        running = running_mean is not None and self.track_running_stats
+        factor = self._running_factor() if running else 0.0
+        if isinstance(factor, Tensor):  # the cumulative average, as torch.nn computes it
+            factor = 1.0 / float(self._buffers["num_batches_tracked"])
+        if self.unbiased_running_var or not running:
+            return torch.batch_norm(
+                input, weight, bias, running_mean if running else None,
+                running_var if running else None, True, factor, self.eps,
+                torch.backends.cudnn.enabled,
+            )  # fmt: skip
+        assert running_mean is not None and running_var is not None
+        out = reference.normalize_batch(input, weight, bias, self.eps)
+        reference.update_running(
+            Running(running_mean, running_var, factor, False),
+            out.mean.detach(), out.var.detach(), reference.values_per_channel(input),
+        )  # fmt: skip
+        return out.y
 
 
 class BatchNorm1d(_BatchNorm):

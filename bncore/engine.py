@@ -28,7 +28,8 @@ from bncore.data import Dataset, load_dataset
 from bncore.landscape import internal_covariate_shift, landscape
 from bncore.models import Net, build_model
 from bncore.probes import Recorder
-from bncore.records import MemorySink, Records, Sink
+from bncore.records import Records
+from bncore.sinks import MemorySink, Sink
 
 __all__ = ["RunResult", "Trainer", "resolve_device", "train"]
 

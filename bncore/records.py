@@ -51,12 +51,10 @@ Four tables, each a dict of equal-length numpy columns (Parquet files in ``bnsco
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -103,9 +101,62 @@ class Records:
         out = Records()
         for name in TABLES:
             pieces = [t for p in parts if (t := getattr(p, name))]
-            if pieces:
+            if name == "channels":
+                out.channels = channel_table(pieces)
+            elif pieces:
                 setattr(out, name, {k: np.concatenate([t[k] for t in pieces]) for k in pieces[0]})
         return out
+
+
+def channel_table(parts: Sequence[Table], by_step: bool = False) -> Table:
+    """Concatenate ``channels`` tables. Layers of one width give (rows, C) arrays; layers of
+    several widths (a ResNet's 64 to 512) give 1-d object arrays of per-row arrays.
+    ``by_step``: order the rows by step (stable: layers stay in order within a step)."""
+    parts = [p for p in parts if p and len(p["step"])]
+    if not parts:
+        return {}
+    widths = {p[c].shape[1] if p[c].ndim == 2 else -1 for p in parts for c in CHANNEL_COLUMNS}
+    table: Table = {}
+    for k in parts[0]:
+        if k in CHANNEL_COLUMNS and len(widths) > 1:
+            table[k] = channel_column([row for p in parts for row in p[k]])
+        else:
+            table[k] = np.concatenate([p[k] for p in parts])
+    if by_step and len(parts) > 1:
+        order = np.argsort(table["step"], kind="stable")
+        table = {k: v[order] for k, v in table.items()}
+    return table
+
+
+def channel_column(rows: Sequence[np.ndarray]) -> np.ndarray:
+    """One per-channel column from its rows: (rows, C) if they have one width, else ragged."""
+    if len({len(r) for r in rows}) <= 1 and rows:
+        return np.stack(rows)
+    col = np.empty(len(rows), dtype=object)
+    col[:] = list(rows)
+    return col
+
+
+def channel_widths(table: Table) -> np.ndarray:
+    """The channel count of each row of a ``channels`` table (ragged or not)."""
+    col = table["pre_mean"]
+    if col.dtype != object:
+        return np.full(len(col), col.shape[1] if col.ndim == 2 else 0)
+    return np.asarray([len(r) for r in col], np.int64)
+
+
+def json_columns(table: Table) -> dict[str, Any]:
+    """A table's columns ready for orjson (with OPT_SERIALIZE_NUMPY): text columns as lists,
+    ragged per-channel columns as lists of arrays."""
+    out: dict[str, Any] = {}
+    for k, v in table.items():
+        if v.dtype == object and len(v) and isinstance(v[0], np.ndarray):
+            out[k] = list(v)
+        elif v.dtype.kind in "UO":
+            out[k] = v.tolist()
+        else:
+            out[k] = v
+    return out
 
 
 def bn_output_rows(
@@ -179,108 +230,3 @@ def channel_rows(raw: dict[str, np.ndarray]) -> Table:
     out = {k: raw[k] for k in CHANNEL_COLUMNS if k in raw}
     out["act_saturated"] = raw["act_lo"] + raw["act_hi"]
     return {k: out[k].astype(np.float32, copy=False) for k in CHANNEL_COLUMNS}
-
-
-class Sink(Protocol):
-    """Where a run's records go: memory, files, a server."""
-
-    def start(self, meta: dict[str, Any]) -> None: ...
-
-    def write(self, records: Records) -> None: ...
-
-    def finish(self, summary: dict[str, Any]) -> None: ...
-
-
-class MemorySink:
-    """Keeps everything; ``records`` concatenates what was written."""
-
-    def __init__(self) -> None:
-        self.parts: list[Records] = []
-        self.meta: dict[str, Any] = {}
-        self.summary: dict[str, Any] = {}
-
-    def start(self, meta: dict[str, Any]) -> None:
-        self.meta = meta
-
-    def write(self, records: Records) -> None:
-        self.parts.append(records)
-
-    def finish(self, summary: dict[str, Any]) -> None:
-        self.summary = summary
-
-    @property
-    def records(self) -> Records:
-        return Records.concat(self.parts)
-
-
-def to_arrow(table: Table):
-    """A pyarrow Table; 2-d columns become fixed-size lists (one row per array)."""
-    import pyarrow as pa
-
-    cols = {}
-    for k, v in table.items():
-        if v.ndim == 2:
-            cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
-        else:
-            cols[k] = pa.array(v)
-    return pa.table(cols)
-
-
-class ParquetSink:
-    """Writes ``DIR/{steps,layers,channels,evals}.parquet``, ``config.json`` and ``run.json``.
-
-    Each flush is appended as row groups; the files are complete once the run finishes (a
-    diverged or cancelled run finishes too, with what it recorded).
-    """
-
-    def __init__(self, out_dir: str | Path) -> None:
-        self.out = Path(out_dir)
-        self._writers: dict[str, Any] = {}
-
-    def start(self, meta: dict[str, Any]) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(meta.get("config", {}), indent=2))
-        self._write_run({**meta, "status": "running"})
-
-    def write(self, records: Records) -> None:
-        import pyarrow.parquet as pq
-
-        for name, table in records.tables().items():
-            if not table:
-                continue
-            t = to_arrow(table)
-            if name not in self._writers:
-                self._writers[name] = pq.ParquetWriter(self.out / f"{name}.parquet", t.schema)
-            self._writers[name].write_table(t)
-
-    def finish(self, summary: dict[str, Any]) -> None:
-        for w in self._writers.values():
-            w.close()
-        self._writers.clear()
-        self._write_run(summary)
-
-    def _write_run(self, data: dict[str, Any]) -> None:
-        tmp = self.out / "run.json.tmp"
-        tmp.write_text(json.dumps(data, indent=2, default=str))
-        tmp.replace(self.out / "run.json")
-
-
-def read_parquet(out_dir: str | Path) -> Records:
-    """Read back what ParquetSink wrote, as numpy columns."""
-    import pyarrow.parquet as pq
-
-    rec = Records()
-    for name in TABLES:
-        path = Path(out_dir) / f"{name}.parquet"
-        if not path.exists():
-            continue
-        t = pq.read_table(path)
-        cols = {}
-        for k in t.column_names:
-            col = t.column(k).combine_chunks()
-            if hasattr(col, "flatten") and hasattr(col.type, "list_size"):
-                cols[k] = col.flatten().to_numpy().reshape(len(col), col.type.list_size)
-            else:
-                cols[k] = col.to_numpy(zero_copy_only=False)
-        setattr(rec, name, cols)
-    return rec

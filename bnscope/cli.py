@@ -41,7 +41,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from bncore.data import DatasetError
     from bncore.engine import Trainer
-    from bncore.records import ParquetSink
+    from bncore.sinks import ParquetSink
 
     try:
         config = load_config(args.config, args.set)
@@ -99,6 +99,7 @@ def _serve(args: argparse.Namespace) -> int:
             ("max_runs", args.max_runs),
             ("database_url", args.database_url),
             ("cors_origins", args.cors_origin or None),
+            ("client_timeout", args.client_timeout),
         )
         if v is not None
     }
@@ -161,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--database-url", help="SQLAlchemy URL instead of SQLite in --data-dir")
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on changes")
     serve.add_argument("--max-runs", type=int, help="runs training at once (default: cores/2)")
+    serve.add_argument(
+        "--client-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="a script's run (bnscope.client) silent this long is marked failed (default 30)",
+    )
     serve.add_argument("--cors-origin", action="append", help="allow this origin (repeatable)")
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]

@@ -4,24 +4,28 @@
 
     client = bnscope.client.Client("http://127.0.0.1:8000")    # token=... if the server has one
     with client.create_run(name="my resnet") as run:
-        model = run.watch(model)             # its torch.nn.BatchNorm layers become bncore's
+        run.watch(model)                       # before or after making the optimizer
         for step, (x, y) in enumerate(loader, 1):
             loss = loss_fn(model(x), y)
             opt.zero_grad(); loss.backward(); opt.step()
             run.log(step, loss, lr=opt.param_groups[0]["lr"])
-    # leaving the block reports the run completed (or failed, with the exception)
+    # leaving the block reports the run completed (or failed, with the exception), and unwatches
 
-``watch`` swaps each ``torch.nn.BatchNorm{1,2,3}d`` for the bncore layer with the same arguments
-and state, so the script trains exactly as before while every BN layer records its batch
-statistics, running statistics, gamma, beta and gradient sums; ``log`` takes them (on the
-device, no sync) and sends them in batches to the server's ingest endpoint. What a plain BN
-layer cannot see (the activation after it, the weight before it) is recorded as NaN.
+``watch`` leaves the model as it is (same modules, Parameters, buffers and state_dict keys; its
+training is bit for bit the same) and records every batch norm in it, whatever its form: see
+:mod:`bncore.watch`. ``log`` keeps the step's statistics on the device and sends them in batches
+from a background thread. While the server is unreachable, batches wait (bounded) and are sent
+when it is back; a heartbeat tells the server the script is alive, so a script that dies or hangs
+leaves its run ``failed`` instead of ``running``.
 
-The client can also launch runs that the server trains: ``client.launch(config)``.
+``bnscope.client.watch(model, name=...)`` does the first two lines in one; ``BNScopeCallback``
+(:mod:`bnscope.lightning`) does it all for a PyTorch Lightning Trainer. The client can also
+launch runs that the server trains: ``client.launch(config)``.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from typing import Any
@@ -32,16 +36,13 @@ import torch
 from torch import Tensor, nn
 
 import bncore
-from bncore.records import Records, bn_output_rows, channel_rows, summarize
-from server.worker import HttpSink
+from bncore.records import Records
+from bncore.sinks import HttpSink
+from bncore.watch import Watcher
 
-__all__ = ["Client", "ClientRun"]
+__all__ = ["Client", "ClientRun", "watch"]
 
-_SWAPS = {
-    nn.BatchNorm1d: bncore.BatchNorm1d,
-    nn.BatchNorm2d: bncore.BatchNorm2d,
-    nn.BatchNorm3d: bncore.BatchNorm3d,
-}
+log = logging.getLogger(__name__)
 
 
 class Client:
@@ -80,12 +81,32 @@ class Client:
         flush_every: int = 50,
         flush_seconds: float = 0.5,
         channel_interval: int = 10,
+        weight_interval: int = 10,
+        patience: float = 120.0,
+        heartbeat: float = 5.0,
+        hang_timeout: float = 900.0,
     ) -> ClientRun:
-        """Register a run that this process trains and reports."""
+        """Register a run that this process trains and reports.
+
+        ``channel_interval``/``weight_interval``: per-channel arrays, and the norms of the
+        weights feeding BN, every that many logged steps. ``patience``: seconds to keep
+        retrying while the server is unreachable. ``hang_timeout``: seconds without a ``log``
+        after which the heartbeat stops and the server marks the run failed.
+        """
         run = self._json(
             self.http.post("/api/runs/client", json={"name": name, "steps_total": steps_total})
         )
-        return ClientRun(self, run["id"], flush_every, flush_seconds, channel_interval)
+        return ClientRun(
+            self,
+            run["id"],
+            flush_every=flush_every,
+            flush_seconds=flush_seconds,
+            channel_interval=channel_interval,
+            weight_interval=weight_interval,
+            patience=patience,
+            heartbeat=heartbeat,
+            hang_timeout=hang_timeout,
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -98,168 +119,114 @@ class ClientRun:
         self,
         client: Client,
         run_id: str,
-        flush_every: int,
-        flush_seconds: float,
-        channel_interval: int,
+        *,
+        flush_every: int = 50,
+        flush_seconds: float = 0.5,
+        channel_interval: int = 10,
+        weight_interval: int = 10,
+        patience: float = 120.0,
+        heartbeat: float | None = 5.0,
+        hang_timeout: float = 900.0,
     ) -> None:
         self.client, self.id = client, run_id
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
-        self.channel_interval = channel_interval
-        self.sink = HttpSink(client.http, run_id)
-        self.layers: dict[str, bncore.batchnorm._BatchNorm] = {}
-        self._rows: list[Tensor] = []
-        self._steps: list[dict[str, float]] = []
-        self._logged = 0
-        self._last_flush = self._last_log = time.time()
+        self.channel_interval, self.weight_interval = channel_interval, weight_interval
+        self.hang_timeout = hang_timeout
+        self._last_log = self._last_flush = time.time()
+        self.sink = HttpSink(
+            client.http, run_id, patience=patience, heartbeat=heartbeat, alive=self._alive
+        )
+        self.watcher: Watcher | None = None
+        self._steps: list[tuple[int, float | Tensor, float, float, float]] = []
+        self._meta_sent: dict[str, Any] | None = None
         self._finished = False
 
+    @property
+    def layers(self) -> list[str]:
+        """The watched BN layers' names (module paths), in order of execution."""
+        return list(self.watcher.layers) if self.watcher is not None else []
+
+    def _alive(self) -> bool:
+        return time.time() - self._last_log < self.hang_timeout
+
     def watch(self, model: nn.Module) -> nn.Module:
-        """Swap the model's torch.nn BN layers for bncore's (same state), in place; also
-        watches bncore layers already there. Call before creating the optimizer."""
-        for name, module in list(model.named_modules()):
-            for child_name, child in list(module.named_children()):
-                full = f"{name}.{child_name}" if name else child_name
-                swap = _SWAPS.get(type(child))
-                if swap is not None:
-                    new = swap(
-                        child.num_features,
-                        child.eps,
-                        child.momentum,
-                        child.affine,
-                        child.track_running_stats,
-                        bias=child.bias is not None,
-                    )
-                    new.load_state_dict(child.state_dict())
-                    ref = next(iter([*child.parameters(), *child.buffers()]), None)
-                    if ref is not None:
-                        new = new.to(ref.device, ref.dtype)
-                    new.train(child.training)
-                    setattr(module, child_name, new)
-                    self.layers[full] = new
-                elif isinstance(child, bncore.batchnorm._BatchNorm):
-                    self.layers[full] = child
-        if not self.layers:
-            raise ValueError("the model has no BatchNorm layers to watch")
-        channels = [layer.num_features for layer in self.layers.values()]
-        self.sink.start(
-            {
-                "layers": list(self.layers),
-                "channels": channels,
-                "tracked_units": [[] for _ in channels],
-                "source": "bnscope.client",
-            }
+        """Record every batch norm of ``model`` from its next forward on; returns ``model``
+        itself, unchanged (see bncore.watch)."""
+        if self.watcher is not None:
+            raise RuntimeError("this run already watches a model; unwatch() it first")
+        self.watcher = Watcher(
+            model, channel_interval=self.channel_interval, weight_interval=self.weight_interval
         )
         return model
 
+    def unwatch(self) -> None:
+        """Detach from the model: no hook or patch is left behind."""
+        if self.watcher is not None:
+            self.watcher.close()
+
     @torch.no_grad()
     def log(self, step: int, loss: float | Tensor, lr: float | None = None) -> None:
-        """After the backward of ``step``: record every watched layer; sends now and then."""
-        if not self.layers:
+        """After the backward of ``step`` (before or after the optimizer's step): record the
+        BN layers' statistics since the last log, and the loss; sends now and then."""
+        if self.watcher is None:
             raise RuntimeError("call watch(model) before log()")
+        if self._finished:
+            raise RuntimeError(f"run {self.id} has finished; create a new run to log more")
         now = time.time()
-        parts = []
-        for layer in self.layers.values():
-            s, c = layer.stats, layer.num_features
-            nan = torch.full((c,), math.nan, device=_device(layer))
-            grad = s.grad.reshape(-1) if s.grad is not None else nan.repeat(4)
-            parts += [
-                s.mean if s.mean is not None else nan,
-                s.var if s.var is not None else nan,
-                *(
-                    t.detach() if t is not None else nan
-                    for t in (layer.running_mean, layer.running_var, layer.weight, layer.bias)
-                ),
-                grad,
-            ]
-        loss_t = (
-            loss.detach().float().reshape(1)
-            if isinstance(loss, Tensor)
-            else torch.tensor([float(loss)])
-        )
-        self._rows.append(
-            torch.cat([p.float().reshape(-1).to(loss_t.device) for p in parts] + [loss_t])
-        )
-        self._steps.append(
-            {
-                "step": step,
-                "lr": math.nan if lr is None else lr,
-                "step_time": now - self._last_log,
-                "time": now,
-            }
-        )
+        self.watcher.log(step)
+        loss_value = loss.detach().reshape(()) if isinstance(loss, Tensor) else float(loss)
+        lr_value = math.nan if lr is None else float(lr)
+        self._steps.append((step, loss_value, lr_value, now - self._last_log, now))
         self._last_log = now
-        if len(self._rows) >= self.flush_every or now - self._last_flush >= self.flush_seconds:
+        if len(self._steps) >= self.flush_every or now - self._last_flush >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
         """Send what was logged since the last flush (one transfer from the device)."""
-        if not self._rows:
+        if not self._steps or self.watcher is None:
             return
-        raw = torch.stack(self._rows).cpu().numpy().astype(np.float64)
-        steps = np.asarray([r["step"] for r in self._steps], np.int64)
+        rec = self.watcher.flush()
+        step, loss, lr, step_time, wall = zip(*self._steps, strict=True)
+        losses = [v for v in loss if isinstance(v, Tensor)]
+        loss_np = np.asarray([float(v) for v in loss], np.float32)
+        if losses and len(losses) == len(loss):  # one transfer for all of them
+            loss_np = torch.stack(losses).float().cpu().numpy()
         rec = Records(
             steps={
-                "step": steps,
-                "loss": raw[:, -1].astype(np.float32),
-                **{k: np.asarray([r[k] for r in self._steps]) for k in ("lr", "step_time", "time")},
-            }
+                "step": np.asarray(step, np.int64),
+                "loss": loss_np,
+                "lr": np.asarray(lr),
+                "step_time": np.asarray(step_time),
+                "time": np.asarray(wall),
+            },
+            layers=rec.layers,
+            channels=rec.channels,
         )
-        keep = (self._logged + np.arange(len(steps))) % self.channel_interval == 0
-        layers, chans, offset = [], [], 0
-        for name, layer in self.layers.items():
-            c = layer.num_features
-            block = raw[:, offset : offset + 10 * c].reshape(len(steps), 10, c)
-            offset += 10 * c
-            rows = dict(
-                zip(
-                    (
-                        "pre_mean",
-                        "pre_var",
-                        "running_mean",
-                        "running_var",
-                        "gamma",
-                        "beta",
-                        "gamma_grad",
-                        "beta_grad",
-                        "grad_out_sq",
-                        "grad_in_sq",
-                    ),
-                    block.transpose(1, 0, 2),
-                    strict=True,
-                )
-            )
-            rows["post_mean"], rows["post_var"] = bn_output_rows(
-                rows["pre_var"],
-                rows["gamma"] if layer.weight is not None else None,
-                rows["beta"] if layer.bias is not None else None,
-                layer.eps,
-            )
-            for k in ("act_mean", "act_var", "act_lo", "act_hi"):
-                rows[k] = np.full_like(rows["pre_mean"], np.nan)
-            nan = np.full(len(steps), np.nan)
-            cols = summarize(rows, np.empty((len(steps), 3, 0)), nan, nan)
-            layers.append({"step": steps, "layer": np.full(len(steps), name), **cols})
-            if keep.any():
-                chans.append(
-                    {
-                        "step": steps[keep],
-                        "layer": np.full(int(keep.sum()), name),
-                        **channel_rows({k: v[keep] for k, v in rows.items()}),
-                    }
-                )
-        rec.layers = {k: np.stack([t[k] for t in layers], 1).reshape(-1) for k in layers[0]}
-        if chans:
-            rec.channels = {k: np.concatenate([t[k] for t in chans]) for k in chans[0]}
-        self._logged += len(steps)
-        self._rows, self._steps, self._last_flush = [], [], time.time()
+        self._steps, self._last_flush = [], time.time()
+        meta = {**self.watcher.meta(), "source": "bnscope.client"}
+        if meta != self._meta_sent:  # the first flush, or layers that first ran since
+            self.sink.update_meta(meta)
+            self._meta_sent = meta
         self.sink.write(rec)
 
     def finish(self, status: str = "completed", message: str | None = None) -> None:
+        """Send what is left and report how the run ended; unwatches the model."""
         if self._finished:
             return
-        self.flush()
-        self.sink.finish({"status": status, "message": message, "steps_done": None, "final": None})
         self._finished = True
+        self.unwatch()
+        try:
+            self.flush()
+        finally:
+            if self.sink.dropped:
+                note = (
+                    f"{self.sink.dropped} batches of records were dropped while the server "
+                    "could not be reached"
+                )
+                message = f"{message}; {note}" if message else note
+            self.sink.finish(
+                {"status": status, "message": message, "steps_done": None, "final": None}
+            )
 
     def __enter__(self) -> ClientRun:
         return self
@@ -267,11 +234,29 @@ class ClientRun:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc is None:
             self.finish()
-        else:
+            return
+        try:
             self.finish("failed", f"{type(exc).__name__}: {exc}")
+        except Exception as report_error:  # never hide the script's own exception
+            log.warning("bnscope: could not report run %s as failed: %s", self.id, report_error)
 
 
-def _device(layer: nn.Module) -> torch.device:
-    for t in (*layer.parameters(), *layer.buffers()):
-        return t.device
-    return torch.device("cpu")
+def watch(
+    model: nn.Module,
+    name: str | None = None,
+    url: str = "http://127.0.0.1:8000",
+    token: str | None = None,
+    **options: Any,
+) -> ClientRun:
+    """One line for a plain loop: a new run on the server at ``url``, watching ``model``.
+
+        with bnscope.client.watch(model, name="resnet18") as run:
+            for step, (x, y) in enumerate(loader, 1):
+                ...
+                run.log(step, loss)
+
+    ``options`` go to :meth:`Client.create_run`.
+    """
+    run = Client(url, token).create_run(name=name, **options)
+    run.watch(model)
+    return run

@@ -16,7 +16,7 @@ LINE_POINTS = 1000  # points per line
 HEAT_STATS = ("pre_mean", "pre_var", "grad_in_norm", "act_saturated")
 LAYER_STATS = ("pre_mean", "running_mean", "pre_var", "running_var", "running_mean_gap",
                "running_var_gap", "gamma", "beta", "gamma_grad_norm", "beta_grad_norm",
-               "weight_grad_norm", "act_dead", "act_saturated")  # fmt: skip
+               "weight_grad_norm", "weight_norm", "act_dead", "act_saturated")  # fmt: skip
 EVAL_STATS = ("train_loss", "train_acc", "test_loss", "test_acc", "mode_gap")
 
 

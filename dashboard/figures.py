@@ -59,6 +59,12 @@ def figure(
         lay["yaxis"]["domain"] = [0.55, 1.0]
         lay["yaxis2"] = {**_AXIS, "domain": [0.0, 0.45], "anchor": "x"}
         lay["xaxis"]["anchor"] = "y2"
+    for trace in traces:  # layer names ("1", "4", "layer1.0.bn1") are names, never numbers
+        for axis in ("x", "y"):
+            values = trace.get(axis)
+            if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+                key = trace.get(f"{axis}axis", axis).replace(axis, f"{axis}axis", 1)
+                lay.setdefault(key, dict(_AXIS))["type"] = "category"
     for key, value in layout.items():
         if isinstance(value, dict) and isinstance(lay.get(key), dict):
             lay[key] = {**lay[key], **value}
@@ -72,6 +78,7 @@ def line(x: Any, y: Any, name: str, color: str | None = None, **kw: Any) -> dict
         "type": "scatter",
         "mode": "lines",
         "line": {"color": color, "width": 1.5},
+        "connectgaps": True,  # statistics recorded every k steps still draw as lines
     }
     style["line"].update(kw.pop("line", {}))
     return {**style, "x": plain(x), "y": plain(np.asarray(y, dtype=float)), "name": name, **kw}
@@ -220,9 +227,11 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
         figs["fig-grads"] = figure(
             [
                 line(*d[s], s.replace("_", " "), COLORS[i])
-                for i, s in enumerate(("weight_grad_norm", "gamma_grad_norm", "beta_grad_norm"))
+                for i, s in enumerate(
+                    ("weight_grad_norm", "gamma_grad_norm", "beta_grad_norm", "weight_norm")
+                )
             ],
-            f"{layer}: gradient norms",
+            f"{layer}: gradient norms, and the norm of the weight feeding BN",
             yaxis={"type": "log"},
         )
         units = sorted({int(k.split("_")[1]) for k in d if k.startswith("p50_")})
@@ -249,14 +258,41 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
         for gid, cols in (
             ("fig-layer", ["pre_mean", "running_mean", "pre_var", "running_var"]),
             ("fig-affine", ["running_mean_gap", "running_var_gap", "gamma", "beta"]),
-            ("fig-grads", ["weight_grad_norm", "gamma_grad_norm", "beta_grad_norm"]),
+            ("fig-grads", ["weight_grad_norm", "gamma_grad_norm", "beta_grad_norm", "weight_norm"]),
             ("fig-pct", [f"p{q}_{j}" for j in units for q in (15, 85, 50)]),
         ):
             live(gid, "layers", cols, list(range(len(cols))), layer=layer)
 
     figs["fig-channels"] = channel_figure(view["channels"], layers)
     specs.append({"graph": "fig-channels", "kind": "channels", "table": "channels"})
+    if view["last_step"]:  # records came, but none for these: say so instead of empty axes
+        notes = (view["run"].get("meta") or {}).get("not_recorded") or {}
+        for gid, fig in figs.items():
+            if not _has_data(fig):
+                reason = notes.get(_NOTE_FOR.get(gid, ""), "")
+                mark_empty(fig, "not recorded for this run" + (f": {reason}" if reason else ""))
     return figs, specs
+
+
+#: Which of a run's "not recorded" notes (bncore.watch) explains an empty figure.
+_NOTE_FOR = {"fig-heat-sat": "act", "fig-grads": "weight"}
+
+
+def _has_data(fig: Figure) -> bool:
+    for trace in fig["data"]:
+        for key in ("y", "z"):
+            values = np.asarray(trace.get(key) or [], dtype=object).ravel()
+            if any(v is not None and v == v for v in values):  # v == v: not NaN
+                return True
+    return False
+
+
+def mark_empty(fig: Figure, text: str) -> None:
+    """An empty figure says why it is empty, in the middle of its plot."""
+    fig["layout"]["annotations"] = [
+        {"text": text, "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5,
+         "showarrow": False, "font": {"size": 13, "color": "#6b7280"}}
+    ]  # fmt: skip
 
 
 def channel_figure(rows: list[dict[str, Any]], layers: list[str]) -> Figure:

@@ -80,13 +80,29 @@ class _TooLarge(Exception):
     pass
 
 
+async def _reap(svc: Services) -> None:
+    """Marks script-reported runs that went silent as failed, every second or so."""
+    from fastapi.concurrency import run_in_threadpool
+
+    period = min(1.0, svc.settings.client_timeout / 4)
+    while True:
+        await asyncio.sleep(period)
+        try:
+            for run_id in await run_in_threadpool(svc.reap_silent_clients):
+                svc.publish_status(run_id)
+        except Exception:  # a busy database: try again next time
+            log.exception("reaping silent client runs failed")
+
+
 def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         svc: Services = app.state.services
         svc.hub.loop = asyncio.get_running_loop()
         svc.scheduler.start(app.state.api_url)
+        reaper = asyncio.create_task(_reap(svc))
         yield
+        reaper.cancel()
         await svc.scheduler.stop()
         svc.store.close()
 

@@ -4,7 +4,8 @@ two things every route needs of them (a run by id, the token check)."""
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -23,6 +24,30 @@ class Services:
     store: Store
     hub: Hub
     scheduler: Scheduler
+    #: when each script-reported run (bnscope.client) last said anything (time.monotonic())
+    last_seen: dict[str, float] = field(default_factory=dict)
+
+    def seen(self, run_id: str) -> None:
+        self.last_seen[run_id] = time.monotonic()
+
+    def reap_silent_clients(self) -> list[str]:
+        """Script-reported runs silent for longer than ``client_timeout`` become failed (the
+        script died or hung); returns their ids."""
+        now, limit = time.monotonic(), self.settings.client_timeout
+        ended = []
+        for run in self.store.list_runs(status="running", limit=10_000)[0]:
+            if run["source"] != "client":
+                continue
+            last = self.last_seen.setdefault(run["id"], now)  # runs from before a restart
+            if now - last > limit:
+                message = (
+                    f"the script stopped reporting: no records, status or heartbeat for "
+                    f"{now - last:.0f} s (it died, hung, or lost the server)"
+                )
+                if self.store.finish_run(run["id"], "failed", message=message):
+                    ended.append(run["id"])
+                self.last_seen.pop(run["id"], None)
+        return ended
 
     def run_or_404(self, run_id: str) -> dict[str, Any]:
         run = self.store.get_run(run_id)

@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(32 * 2**20, ge=1024, description="largest request body")
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins (none)")
+    client_timeout: float = Field(
+        30.0,
+        gt=0,
+        description="seconds without a record, status or heartbeat after which a script's run "
+        "(bnscope.client) is marked failed",
+    )
     public_url: str | None = Field(
         None, description="how workers reach the API; default: http://127.0.0.1:<port>"
     )

@@ -24,7 +24,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
-from bncore.records import CHANNEL_COLUMNS
+from bncore.records import CHANNEL_COLUMNS, channel_column, channel_table
 
 CHUNK = 4096  # steps per stored chunk of a series
 COARSE = 64  # steps per bin of a chunk's coarse copy (CHUNK // COARSE bins)
@@ -316,10 +316,10 @@ class Store:
             # runs of tables with the same columns, in order: a column stays absent where absent
             for _, same in itertools.groupby(tables, key=tuple):
                 parts = list(same)
-                table = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
-                if name == "channels":
-                    chan += _channel_rows(run_id, table)
+                if name == "channels":  # layers of several widths: ragged rows
+                    chan += _channel_rows(run_id, channel_table(parts))
                     continue
+                table = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
                 for c in self._chunks(run_id, {name: table}, conn):
                     chunks[c["layer"], c["stat"], c["chunk"]] = c
         if chunks:
@@ -610,6 +610,13 @@ def _pack(batch: dict[str, dict[str, np.ndarray]]) -> bytes:
     offset = 0
     for table, cols in batch.items():
         for col, arr in cols.items():
+            if arr.dtype == object and len(arr) and isinstance(arr[0], np.ndarray):
+                lengths = [len(r) for r in arr]  # ragged per-channel rows: flat, with lengths
+                a = np.concatenate(arr).astype(np.float32)
+                index.append([table, col, "ragged", lengths, offset])
+                blobs.append(a.tobytes())
+                offset += a.nbytes
+                continue
             if arr.dtype.kind in "UO":
                 index.append([table, col, "text", arr.tolist()])
                 continue
@@ -628,6 +635,10 @@ def _unpack(data: bytes) -> dict[str, dict[str, np.ndarray]]:
     for table, col, dtype, *rest in orjson.loads(data[4 : 4 + n]):
         if dtype == "text":
             arr = np.asarray(rest[0], dtype=str)
+        elif dtype == "ragged":
+            lengths, offset = rest
+            flat = np.frombuffer(body, np.float32, int(sum(lengths)), offset)
+            arr = channel_column(np.split(flat, np.cumsum(lengths)[:-1]))
         else:
             shape, offset = rest
             arr = np.frombuffer(body, np.dtype(dtype), int(np.prod(shape)), offset).reshape(shape)
@@ -638,9 +649,8 @@ def _unpack(data: bytes) -> dict[str, dict[str, np.ndarray]]:
 def _channel_rows(run_id: str, table: dict[str, np.ndarray]) -> Iterable[dict[str, Any]]:
     if not len(table.get("step", ())):
         return
-    stacked = np.stack([np.asarray(table[c], np.float32) for c in CHANNEL_COLUMNS], axis=1)
     for i, (step, layer) in enumerate(zip(table["step"], table["layer"], strict=True)):
-        arr = np.ascontiguousarray(stacked[i])
+        arr = np.stack([np.asarray(table[c][i], np.float32) for c in CHANNEL_COLUMNS])
         yield {
             "run_id": run_id,
             "layer": str(layer),

@@ -6,15 +6,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from bncore.records import CHANNEL_COLUMNS, EVAL_COLUMNS, OPTIONAL_EVAL_COLUMNS, STEP_COLUMNS
+from bncore.records import (
+    CHANNEL_COLUMNS,
+    EVAL_COLUMNS,
+    OPTIONAL_EVAL_COLUMNS,
+    STEP_COLUMNS,
+    channel_column,
+)
 
 if TYPE_CHECKING:
     from server.services import Services
-
-
-def json_columns(table: dict[str, np.ndarray]) -> dict[str, Any]:
-    """A table's columns ready for orjson (with OPT_SERIALIZE_NUMPY): text columns as lists."""
-    return {k: v.tolist() if v.dtype.kind in "UO" else v for k, v in table.items()}
 
 
 def run_out(run: dict[str, Any], svc: Services) -> dict[str, Any]:
@@ -64,8 +65,8 @@ def table(svc: Services, run_id: str, name: str) -> dict[str, np.ndarray]:
             "step": np.array([r["step"] for r in rows], np.int64),
             "layer": np.array([r["layer"] for r in rows]),
         }
-        for col in CHANNEL_COLUMNS:
-            out[col] = np.stack([r[col] for r in rows]) if rows else np.empty((0, 0), np.float32)
+        for col in CHANNEL_COLUMNS:  # ragged where layers differ in width
+            out[col] = channel_column([r[col] for r in rows]) if rows else np.empty((0, 0))
         return out
     names = store.series_names(run_id)
     if name in ("steps", "evals"):

@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from bncore.records import read_parquet
+from bncore.sinks import read_parquet
 
 
 def _bnscope(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,7 @@ import bncore
 from bncore.config import parse_config
 from bncore.engine import Trainer, train
 from bncore.probes import QUANTILES
-from bncore.records import MemorySink
+from bncore.sinks import MemorySink
 from tests.helpers import channel_dims
 
 SMALL = {

@@ -10,6 +10,7 @@ atomically before it is acknowledged, then streamed to live listeners.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 import uuid
@@ -20,12 +21,12 @@ import orjson
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
-from bncore.records import CHANNEL_COLUMNS
+from bncore.records import CHANNEL_COLUMNS, channel_column, channel_widths, json_columns
 from server.hub import Event
 from server.schemas import ClientRunCreate, IngestAck, RunOut, StatusUpdate
 from server.services import Services, require_token, services
 from server.store import ACTIVE
-from server.views import json_columns, run_out
+from server.views import run_out
 
 router = APIRouter(prefix="/api/runs", tags=["ingest"], dependencies=[Depends(require_token)])
 Svc = Annotated[Services, Depends(services)]
@@ -73,6 +74,8 @@ def parse_batch(body: bytes) -> tuple[dict[str, dict[str, np.ndarray]], int | No
                     arr = np.asarray(values, dtype=np.int64)
                     if (arr < 0).any():
                         raise ValueError("steps are non-negative")
+                elif name == "channels" and col in CHANNEL_COLUMNS:
+                    arr = _channel_column(values)
                 else:
                     arr = np.asarray(values, dtype=np.float64)
             except (TypeError, ValueError) as exc:
@@ -82,16 +85,32 @@ def parse_batch(body: bytes) -> tuple[dict[str, dict[str, np.ndarray]], int | No
             raise HTTPException(422, f"{name} needs a 'layer' column")
         if name == "channels":
             missing = [c for c in CHANNEL_COLUMNS if c not in cols]
-            if missing or any(cols[c].ndim != 2 for c in CHANNEL_COLUMNS):
+            if missing:
                 raise HTTPException(
-                    422,
-                    f"channels needs 2-d (rows x C) columns "
-                    f"{list(CHANNEL_COLUMNS)}; missing {missing}",
-                )
+                    422, f"channels needs per-channel columns {list(CHANNEL_COLUMNS)}; "
+                    f"missing {missing}",
+                )  # fmt: skip
+            widths = {c: channel_widths({"pre_mean": cols[c]}).tolist() for c in CHANNEL_COLUMNS}
+            if len({tuple(w) for w in widths.values()}) > 1:
+                raise HTTPException(
+                    422, "channels: each row's per-channel columns must all have the layer's "
+                    "channel count",
+                )  # fmt: skip
         elif any(v.ndim != 1 for v in cols.values()):
             raise HTTPException(422, f"{name}: columns are flat lists of numbers")
         batch[name] = cols
     return batch, seq
+
+
+def _channel_column(values: list[Any]) -> np.ndarray:
+    """Rows of one per-channel column, each a list of the layer's C numbers (null: NaN);
+    layers of different widths may share a batch."""
+    if any(not isinstance(v, list) or not v for v in values):
+        raise ValueError("each row is a non-empty list of per-channel numbers")
+    rows = [np.asarray([math.nan if x is None else x for x in v], dtype=np.float64) for v in values]
+    if any(r.ndim != 1 for r in rows):
+        raise ValueError("each row is a flat list of per-channel numbers")
+    return channel_column(rows)
 
 
 def live_view(batch: dict[str, dict[str, np.ndarray]]) -> dict[str, Any]:
@@ -129,11 +148,22 @@ async def ingest(run_id: str, request: Request, svc: Svc) -> dict[str, Any]:
         raise HTTPException(
             409, f"run {run_id} is {run['status']}: it takes records only while running"
         )
+    svc.seen(run_id)
     batch, client_seq = parse_batch(await request.body())
     seq, stored = await run_in_threadpool(svc.store.append, run_id, batch, client_seq)
     if stored:
         svc.hub.publish(run_id, Event("records", seq, {"seq": seq, **live_view(batch)}))
     return {"seq": seq, "stored": stored}
+
+
+@router.post("/{run_id}/heartbeat", status_code=204)
+def heartbeat(run_id: str, svc: Svc) -> None:
+    """A script's run is alive (bnscope.client sends one every few seconds while idle); a
+    script-reported run silent for ``client_timeout`` seconds is marked failed."""
+    run = svc.run_or_404(run_id)
+    if run["status"] not in ACTIVE:
+        raise HTTPException(409, f"run {run_id} has already ended ({run['status']})")
+    svc.seen(run_id)
 
 
 @router.post("/{run_id}/status", response_model=RunOut)
@@ -142,6 +172,7 @@ def report_status(run_id: str, update: StatusUpdate, svc: Svc) -> dict[str, Any]
     run = svc.run_or_404(run_id)
     if run["status"] not in ACTIVE:
         raise HTTPException(409, f"run {run_id} has already ended ({run['status']})")
+    svc.seen(run_id)
     fields = {
         k: v
         for k, v in (
