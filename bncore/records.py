@@ -137,6 +137,17 @@ def channel_column(rows: Sequence[np.ndarray]) -> np.ndarray:
     return col
 
 
+def padded(col: np.ndarray) -> np.ndarray:
+    """A per-channel column as (rows, max C), NaN past each row's own channels."""
+    if col.dtype != object:
+        return col
+    width = max((len(r) for r in col), default=0)
+    out = np.full((len(col), width), np.nan, np.float32)
+    for i, r in enumerate(col):
+        out[i, : len(r)] = r
+    return out
+
+
 def channel_widths(table: Table) -> np.ndarray:
     """The channel count of each row of a ``channels`` table (ragged or not)."""
     col = table["pre_mean"]

@@ -24,7 +24,9 @@ from bncore.records import (
     OPTIONAL_LAYER_COLUMNS,
     PERCENTILE_COLUMN,
     STEP_COLUMNS,
+    padded,
 )
+from bncore.sinks import to_arrow
 from server.downsample import minmax
 from server.hub import Event
 from server.schemas import MetricsOut, RunList, RunOut
@@ -198,8 +200,11 @@ def channel_arrays(
     run_id: str, svc: Svc, step: Annotated[int | None, Query(ge=0)] = None
 ) -> JSONResponse:
     """Per-channel arrays of every layer at ``step`` (default: the latest kept)."""
-    svc.run_or_404(run_id)
+    run = svc.run_or_404(run_id)
     rows = svc.store.read_channels(run_id, step)
+    order = {name: i for i, name in enumerate((run.get("meta") or {}).get("layers") or [])}
+    if order:  # the run's own order (execution order for a watched model)
+        rows.sort(key=lambda r: order.get(r["layer"], len(order)))
     if step is not None and not rows:
         raise HTTPException(
             404,
@@ -271,23 +276,25 @@ def export(
         Literal["steps", "layers", "evals", "channels"], Query(alias="table")
     ] = "layers",
 ) -> Response:
-    """One records table as a file: CSV (per-channel arrays as one column per channel) or
-    Parquet (per-channel arrays as lists)."""
+    """One records table as a file: CSV (per-channel arrays as one column per channel, empty
+    past a narrower layer's last channel) or Parquet (per-channel arrays as lists)."""
     import pyarrow as pa
     import pyarrow.csv
     import pyarrow.parquet
 
     svc.run_or_404(run_id)
     data = table(svc, run_id, table_name)
-    cols: dict[str, Any] = {}
-    for k, v in data.items():
-        if v.ndim == 2 and format == "csv":
-            cols.update({f"{k}[{i}]": v[:, i] for i in range(v.shape[1])})
-        elif v.ndim == 2:
-            cols[k] = pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
-        else:
-            cols[k] = v
-    t = pa.table(cols) if cols else pa.table({"step": pa.array([], pa.int64())})
+    if format == "csv":
+        cols: dict[str, Any] = {}
+        for k, v in data.items():
+            if v.ndim == 2 or v.dtype == object:
+                grid = padded(v)
+                cols.update({f"{k}[{i}]": grid[:, i] for i in range(grid.shape[1])})
+            else:
+                cols[k] = v
+        t = pa.table(cols) if cols else pa.table({"step": pa.array([], pa.int64())})
+    else:
+        t = to_arrow(data) if data else pa.table({"step": pa.array([], pa.int64())})
     buf = io.BytesIO()
     if format == "csv":
         pyarrow.csv.write_csv(t, buf)
