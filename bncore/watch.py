@@ -13,17 +13,19 @@ own probe. A hook on its backward node takes the squared norms of the gradient t
 torch.func transforms torch's batch norm runs unrecorded; under torch.compile each BN is a graph
 break, run (and recorded) eagerly. bncore's own BatchNorm layers record themselves.
 
-Per BN layer and logged step (several forwards between two logs, as in gradient accumulation,
-are averaged; gamma and beta gradients are their ``.grad``, what the optimizer steps on):
+Per BN layer, at every logged step, what the layer computed anyway (several forwards between
+two logs, as in gradient accumulation, are averaged; gamma and beta gradients are their
+``.grad``, what the optimizer steps on): the batch mean and biased variance it normalized with,
+the running statistics, gamma, beta, dL/dgamma and dL/dbeta. Every ``measure_interval`` logged
+steps (default 10; 1 for every step), what takes an extra pass over data (on a 6 x 256 MLP on a
+CPU, about 25% of a step when taken at every step):
 
-- the batch mean and biased variance it normalized with, the running statistics, gamma, beta;
-- dL/dgamma and dL/dbeta, and the squared norms of the activation gradient through it;
+- the squared norms of the activation gradient reaching BN's output and leaving its input;
 - the activation module that consumes its output (found on the first forward, in execution order):
   its mean, variance and share at rest or saturated (dead ReLUs); NaN, with a reason in
   :attr:`Watcher.notes`, where no activation module takes BN's output directly;
 - the weight of the Linear/Conv module that feeds it: the norm of that weight and of its
-  gradient, every ``weight_interval`` logged steps (a pass over every weight costs about 5% of a
-  ResNet-18 step on a CPU).
+  gradient.
 
 Layers are named by module path (``layer1.0.bn1``), in order of first execution.
 :meth:`Watcher.log` keeps one step's row on the device; :meth:`Watcher.flush` moves the pending
@@ -47,7 +49,7 @@ from torch import Tensor, nn
 from bncore.batchnorm import _BatchNorm as _BncoreBatchNorm
 from bncore.kernels import channel_moments
 from bncore.records import Records, bn_output_rows, channel_rows, channel_table, summarize
-from bncore.stats import RECORD_ROWS, BNStats
+from bncore.stats import RECORD_ROWS
 
 __all__ = ["ACTIVATIONS", "Watcher"]
 
@@ -69,8 +71,6 @@ ACTIVATIONS: dict[type[nn.Module], tuple[float, float] | None] = {
 }
 #: Modules whose weight can feed a BN layer.
 WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
-_ROW = {name: i for i, name in enumerate(RECORD_ROWS)}
-_SCALARS = ("weight_grad_norm", "weight_norm")
 
 
 def _functorch(*tensors: Tensor | None) -> bool:
@@ -78,19 +78,29 @@ def _functorch(*tensors: Tensor | None) -> bool:
     return any(t is not None and is_wrapped(t) for t in tensors)
 
 
+#: A gradient's per-channel moments (rows mean and biased variance, over ``m`` values each);
+#: its squared norm is m * (var + mean^2), taken on the host at flush.
+_Moments = tuple[Tensor, int]
+
+
 @dataclass
 class _Layer:
-    """One watched BN layer: what its forwards since the last log left, and its neighbours."""
+    """One watched BN layer: what its forwards since the last log left, and its neighbours.
+
+    A forward leaves the batch mean and 1/sqrt(var + eps) (what torch's kernel returns; the
+    variance is recovered on the host), its backward the moments of the gradient reaching and
+    leaving the layer (one fused reduction each), the activation after it its moments.
+    """
 
     name: str
     module: nn.Module
     channels: int
     eps: float
     affine: tuple[bool, bool]  # has gamma, has beta
-    stats: BNStats = field(default_factory=BNStats)
     means: list[Tensor] = field(default_factory=list)
-    variances: list[Tensor] = field(default_factory=list)
-    grads: list[Tensor] = field(default_factory=list)  # (4, C) each, filled by the backward
+    invstds: list[Tensor] = field(default_factory=list)
+    dy: list[_Moments] = field(default_factory=list)
+    dx: list[_Moments] = field(default_factory=list)
     acts: list[Tensor] = field(default_factory=list)  # (4, C) each
     tensors: tuple[Tensor | None, ...] = (None, None, None, None)  # running mean/var, gamma, beta
     activation: nn.Module | None = None
@@ -98,61 +108,85 @@ class _Layer:
     weight: nn.Parameter | None = None  # of the layer feeding it
     last_output: Any = None  # (weakref to the last output, its version then)
     nan: Tensor | None = None
+    counts: Any = (math.nan, math.nan)  # values per channel behind dy's and dx's moments
 
-    def forwarded(self, mean: Tensor, var: Tensor, grad: Tensor, act: Tensor | None) -> None:
-        self.means.append(mean)
-        self.variances.append(var)
-        self.grads.append(grad)
-        if act is not None:
-            self.acts.append(act)
-
-    def row(self, weight_norms: bool) -> list[Tensor]:
-        """This layer's part of a logged step: RECORD_ROWS (C each), then the two scalars."""
+    def take(self) -> list[Tensor]:
+        """What the forwards and backwards since the last log left, in :data:`FRESH` order:
+        tensors made for this step, so kept by reference (copied once, at flush)."""
         nan = self.nan
         assert nan is not None
         count = len(self.means)
         if count == 0:  # not run since the last log
-            mean = var = nan
-            grad = nan.expand(4, -1)
+            mean = invstd = nan
         elif count == 1:
-            mean, var, grad = self.means[0], self.variances[0], self.grads[0]
-        else:
+            mean, invstd = self.means[0], self.invstds[0]
+        else:  # micro-batches: the average of what each normalized with
             mean = torch.stack(self.means).mean(0)
-            var = torch.stack(self.variances).mean(0)
-            grad = torch.stack(self.grads).sum(0)
+            var = torch.stack(self.invstds).double().pow(-2).mean(0)
+            invstd = var.rsqrt()
         if self.acts:
             act = self.acts[0] if len(self.acts) == 1 else torch.stack(self.acts).mean(0)
         else:
-            act = nan.expand(4, -1)
+            act = self.nan4
+        dy, m_dy = _combine(self.dy, self.nan2)
+        dx, m_dx = _combine(self.dx, self.nan2)
+        self.counts = (m_dy, m_dx)
+        self.means, self.invstds, self.dy, self.dx, self.acts = [], [], [], [], []
+        return [mean, invstd, act, dy, dx]
+
+    def live(self, weight_norms: bool) -> list[Tensor]:
+        """What changes in place (running buffers, gamma, beta, their ``.grad``), to copy now,
+        in :data:`LIVE` order; with ``weight_norms``, the feeding weight's norms."""
+        nan = self.nan
+        assert nan is not None
         rm, rv, gamma, beta = self.tensors
-        module = self.module
-        params = module._parameters
-        g_grad = _grad(params.get("weight"))
-        b_grad = _grad(params.get("bias"))
-        parts = [
-            mean,
-            var,
-            act.reshape(-1),
-            *(t.detach() if t is not None else nan for t in (rm, rv, gamma, beta)),
-            g_grad if g_grad is not None else nan,
-            b_grad if b_grad is not None else nan,
-            grad[2:].reshape(-1),
-        ]
+        params = self.module._parameters
+        g, b = params.get("weight"), params.get("bias")
+        parts = [t if t is not None else nan for t in (rm, rv, gamma, beta)]
+        parts += [t.grad if t is not None and t.grad is not None else nan for t in (g, b)]
         w = self.weight
         if weight_norms and w is not None:
             wg = w.grad
-            norms = [
+            parts += [
                 torch.linalg.vector_norm(wg).reshape(1) if wg is not None else nan[:1],
-                torch.linalg.vector_norm(w.detach()).reshape(1),
+                torch.linalg.vector_norm(w).reshape(1),
             ]
         else:
-            norms = [nan[:1], nan[:1]]
-        self.means, self.variances, self.grads, self.acts = [], [], [], []
-        return [p.reshape(-1) for p in parts] + norms
+            parts += [nan[:1], nan[:1]]
+        return parts
+
+    def placeholder(self) -> list[Tensor]:
+        """take()'s answer for a step logged before this layer first ran."""
+        assert self.nan is not None
+        return [self.nan, self.nan, self.nan4, self.nan2, self.nan2]
 
     @property
-    def width(self) -> int:
-        return len(RECORD_ROWS) * self.channels + len(_SCALARS)
+    def nan4(self) -> Tensor:
+        assert self.nan is not None
+        return self.nan.expand(4, -1)
+
+    @property
+    def nan2(self) -> Tensor:
+        assert self.nan is not None
+        return self.nan.expand(2, -1)
+
+
+#: A layer's per-step values kept by reference (C values each), and those copied at log.
+FRESH = ("pre_mean", "invstd", "act_mean", "act_var", "act_lo", "act_hi", "dy_mean", "dy_var",
+         "dx_mean", "dx_var")  # fmt: skip
+LIVE = ("running_mean", "running_var", "gamma", "beta", "gamma_grad", "beta_grad")
+SCALARS = ("weight_grad_norm", "weight_norm")
+
+
+def _combine(moments: list[_Moments], nan2: Tensor) -> tuple[Tensor, float]:
+    """One (2, C) mean/variance and value count for all the micro-batches' gradients."""
+    if not moments:
+        return nan2, math.nan
+    if len(moments) == 1:
+        return moments[0][0][:2], float(moments[0][1])
+    total = sum(m for _, m in moments)
+    sq = sum(m * (t[1].double() + t[0].double().square()) for t, m in moments)
+    return torch.stack([torch.zeros_like(sq), sq / total]), float(total)
 
 
 def _grad(p: nn.Parameter | None) -> Tensor | None:
@@ -163,16 +197,17 @@ class Watcher:
     """Records every BN layer of ``model`` on each :meth:`log`; see the module docstring."""
 
     def __init__(
-        self, model: nn.Module, channel_interval: int = 10, weight_interval: int = 10
+        self, model: nn.Module, channel_interval: int = 10, measure_interval: int = 10
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch() takes a torch.nn.Module, got {type(model).__name__}")
         for name, value in (("channel_interval", channel_interval),
-                            ("weight_interval", weight_interval)):  # fmt: skip
+                            ("measure_interval", measure_interval)):  # fmt: skip
             if value < 1:
                 raise ValueError(f"{name} must be at least 1, got {value}")
         self.model = model
-        self.channel_interval, self.weight_interval = channel_interval, weight_interval
+        self.channel_interval, self.measure_interval = channel_interval, measure_interval
+        self.measuring = True  # whether the step being trained is one of the measured ones
         self.layers: dict[str, _Layer] = {}
         self.notes: dict[str, str] = {}  # what is not recorded, and why
         self._owners: dict[int, tuple[Tensor, str, nn.Module]] = {}
@@ -183,7 +218,9 @@ class Watcher:
         self._discovering = True
         self._discovery_hooks: list[Any] = []
         self._weight_outputs: dict[int, tuple[Any, int, nn.Module]] = {}
-        self._rows: list[Tensor] = []
+        self._fresh: list[list[list[Tensor]]] = []  # per logged step, per layer: take()
+        self._live: list[Tensor] = []  # per logged step: the copied values
+        self._counts: list[list[tuple[float, float]]] = []
         self.pending_steps: list[int] = []
         self.logged = 0
         self._index()
@@ -285,13 +322,11 @@ class Watcher:
             input, weight, bias, running_mean, running_var, True, momentum, eps,
             torch.backends.cudnn.enabled,
         )  # fmt: skip
-        grad = torch.full((4, input.shape[1]), math.nan, device=input.device)
-        with torch.no_grad():
-            var = invstd.detach().float().pow(-2).sub_(eps)
-        layer.forwarded(mean.detach(), var, grad, None)
+        layer.means.append(mean.detach())
+        layer.invstds.append(invstd.detach())
         node = y.grad_fn
-        if node is not None:
-            node.register_hook(_gradient_sums(grad, input.dim()))
+        if node is not None and self.measuring:
+            node.register_hook(_gradient_moments(layer, input.numel() // input.shape[1]))
         layer.last_output = (weakref.ref(y), y._version)
         return y
 
@@ -308,7 +343,13 @@ class Watcher:
         buffers, params = module._buffers, module._parameters
         layer.tensors = (buffers["running_mean"], buffers["running_var"], params["weight"],
                          params["bias"])  # fmt: skip
-        layer.forwarded(s.mean, s.var, s.grad, None)
+        layer.means.append(s.mean)
+        layer.invstds.append((s.var + module.eps).rsqrt())
+        if self.measuring:  # its backward fills in sums of squares: mean 0, var = sum / m
+            m = args[0].numel() // module.num_features
+            zero = torch.zeros_like(s.mean)
+            layer.dy.append((_Deferred(zero, s.grad, 2, m), m))  # type: ignore[arg-type]
+            layer.dx.append((_Deferred(zero, s.grad, 3, m), m))  # type: ignore[arg-type]
         if self._discovering:
             self._note_input(layer, args[0])
         layer.last_output = (weakref.ref(output), output._version)
@@ -378,14 +419,13 @@ class Watcher:
                 + (f" and {len(unfed) - 8} more" if len(unfed) > 8 else "")
             )  # fmt: skip
 
-    @staticmethod
-    def _activation_hook(layers: list[_Layer]) -> Callable[..., None]:
+    def _activation_hook(self, layers: list[_Layer]) -> Callable[..., None]:
         """Measures the activation's output when its input is one of ``layers``' output."""
         bounds = layers[0].act_bounds
         lo, hi = bounds if bounds is not None else (-math.inf, math.inf)
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not args or torch.compiler.is_compiling():
+            if not (self.measuring and args) or torch.compiler.is_compiling():
                 return
             for layer in layers:
                 out = layer.last_output
@@ -403,52 +443,76 @@ class Watcher:
     @torch.no_grad()
     def log(self, step: int) -> None:
         """After the backward of ``step`` (before or after the optimizer's step): keep the
-        statistics of every forward since the last log as one row, on the device."""
+        statistics of every forward since the last log, on the device: references to what
+        was made for this step, one copy of what changes in place."""
         if not self.layers:
             return
-        norms = self.logged % self.weight_interval == 0
-        parts: list[Tensor] = []
+        norms = self.measuring
+        fresh: list[list[Tensor]] = []
+        live: list[Tensor] = []
+        counts: list[tuple[float, float]] = []
         for layer in self.layers.values():
-            parts += layer.row(norms)
-        device = parts[0].device
-        self._rows.append(torch.cat([p.to(device, torch.float32) for p in parts]))
+            fresh.append(layer.take())
+            live += layer.live(norms)
+            counts.append(layer.counts)
+        self._fresh.append(fresh)
+        self._live.append(torch.cat([t.reshape(-1) for t in live]))
+        self._counts.append(counts)
         self.pending_steps.append(step)
         self.logged += 1
+        self.measuring = self.logged % self.measure_interval == 0
 
     def flush(self) -> Records:
-        """The pending rows, in one transfer, as ``layers`` and ``channels`` tables."""
-        if not self._rows:
+        """The pending steps, in one transfer, as ``layers`` and ``channels`` tables."""
+        if not self.pending_steps:
             return Records()
-        if len({r.numel() for r in self._rows}) > 1:  # a layer first ran after some logs
-            width = max(r.numel() for r in self._rows)
-            self._rows = [torch.nn.functional.pad(r, (0, width - r.numel()), value=math.nan)
-                          for r in self._rows]  # fmt: skip
-        raw = torch.stack(self._rows).cpu().numpy().astype(np.float64)
+        layers_now = list(self.layers.values())
+        live_width = max(r.numel() for r in self._live)
+        pieces: list[Tensor] = []
+        for fresh, live in zip(self._fresh, self._live, strict=True):
+            for i, layer in enumerate(layers_now):  # layers that first ran later: NaN before
+                pieces += fresh[i] if i < len(fresh) else layer.placeholder()
+            pieces.append(live)
+            if live.numel() < live_width:
+                pieces.append(torch.full((live_width - live.numel(),), math.nan))
+        flat = torch.cat([p.reshape(-1) for p in pieces]).to(torch.float64)  # promotes
         steps = np.asarray(self.pending_steps, np.int64)
-        first = self.logged - len(steps)
-        keep = (first + np.arange(len(steps))) % self.channel_interval == 0
-        self._rows, self.pending_steps = [], []
-        n, k = len(steps), len(RECORD_ROWS)
-        layers, chans, offset = [], [], 0
-        for name, layer in self.layers.items():
+        n = len(steps)
+        first = self.logged - n
+        keep = (first + np.arange(n)) % self.channel_interval == 0
+        fresh_width = sum(len(FRESH) * la.channels for la in layers_now)
+        raw = flat.cpu().numpy().reshape(n, fresh_width + live_width)
+        pad = [(math.nan, math.nan)] * len(layers_now)
+        count = np.asarray([c + pad[len(c) :] for c in self._counts], np.float64)
+        self._fresh, self._live, self._counts, self.pending_steps = [], [], [], []
+        layers, chans = [], []
+        at_fresh, at_live = 0, fresh_width
+        for j, layer in enumerate(layers_now):
             c = layer.channels
-            block = raw[:, offset : offset + layer.width]
-            offset += layer.width
-            if block.shape[1] < layer.width:  # joined after these steps
-                block = np.full((n, layer.width), np.nan)
-            rows = dict(zip(RECORD_ROWS, block[:, : k * c].reshape(n, k, c).transpose(1, 0, 2),
-                            strict=True))  # fmt: skip
+            got = raw[:, at_fresh : at_fresh + len(FRESH) * c].reshape(n, len(FRESH), c)
+            at_fresh += len(FRESH) * c
+            live = raw[:, at_live : at_live + len(LIVE) * c + len(SCALARS)]
+            at_live += len(LIVE) * c + len(SCALARS)
+            named = dict(zip(FRESH, got.transpose(1, 0, 2), strict=True))
+            copied = live[:, : len(LIVE) * c].reshape(n, len(LIVE), c).transpose(1, 0, 2)
+            named |= dict(zip(LIVE, copied, strict=True))
+            rows = {r: named[r] for r in RECORD_ROWS if r in named}
+            with np.errstate(divide="ignore", invalid="ignore"):
+                rows["pre_var"] = 1.0 / np.square(named["invstd"]) - layer.eps
+                for side, row, k in (("dy", "grad_out_sq", 0), ("dx", "grad_in_sq", 1)):
+                    m = count[:, j, k][:, None]
+                    rows[row] = m * (named[f"{side}_var"] + np.square(named[f"{side}_mean"]))
             gamma, beta = layer.affine
             rows["post_mean"], rows["post_var"] = bn_output_rows(
                 rows["pre_var"], rows["gamma"] if gamma else None,
                 rows["beta"] if beta else None, layer.eps,
             )  # fmt: skip
-            scalars = block[:, k * c :]
+            scalars = live[:, len(LIVE) * c :]
             cols = summarize(rows, np.empty((n, 3, 0)), scalars[:, 0], np.full(n, np.nan))
             cols["weight_norm"] = scalars[:, 1].astype(np.float32)
-            layers.append({"step": steps, "layer": np.full(n, name), **cols})
+            layers.append({"step": steps, "layer": np.full(n, layer.name), **cols})
             if keep.any():
-                chans.append({"step": steps[keep], "layer": np.full(int(keep.sum()), name),
+                chans.append({"step": steps[keep], "layer": np.full(int(keep.sum()), layer.name),
                               **channel_rows({r: v[keep] for r, v in rows.items()})})  # fmt: skip
         table = {key: np.stack([t[key] for t in layers], 1).reshape(-1) for key in layers[0]}
         return Records(layers=table, channels=channel_table(chans, by_step=True))
@@ -464,18 +528,27 @@ class Watcher:
         }
 
 
-def _gradient_sums(grad: Tensor, ndim: int) -> Callable[..., None]:
-    """A hook on BN's backward node: per-channel sums of dy^2 and dx^2 into rows 2 and 3."""
-    dims = [d for d in range(ndim) if d != 1]
+def _gradient_moments(layer: _Layer, m: int) -> Callable[..., None]:
+    """A hook on BN's backward node: the moments of dy (reaching its output) and dx (leaving
+    through its input), one fused reduction each."""
 
     def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]):
-        with torch.no_grad():
-            for row, g in ((2, grad_outputs[0]), (3, grad_inputs[0])):
-                if g is not None:
-                    g = g if g.dtype in (torch.float32, torch.float64) else g.float()
-                    grad[row].copy_(torch.linalg.vector_norm(g, 2, dims).square())
+        for found, g in ((layer.dy, grad_outputs[0]), (layer.dx, grad_inputs[0])):
+            if g is not None:
+                found.append((channel_moments(g.detach(), -math.inf, math.inf), m))
 
     return hook
+
+
+class _Deferred:
+    """bncore's own layers: their backward writes sums of squares into ``grad[row]`` after the
+    forward; read as (mean 0, var = sum / m) when the step is logged."""
+
+    def __init__(self, zero: Tensor, grad: Tensor, row: int, m: int) -> None:
+        self.zero, self.grad, self.row, self.m = zero, grad, row, m
+
+    def __getitem__(self, index: slice) -> Tensor:
+        return torch.stack([self.zero, self.grad[self.row] / self.m])[index]
 
 
 # -- the one patch: torch.nn.functional.batch_norm, while any watcher is attached --------------

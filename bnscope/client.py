@@ -81,15 +81,17 @@ class Client:
         flush_every: int = 50,
         flush_seconds: float = 0.5,
         channel_interval: int = 10,
-        weight_interval: int = 10,
+        measure_interval: int = 10,
         patience: float = 120.0,
         heartbeat: float = 5.0,
         hang_timeout: float = 900.0,
     ) -> ClientRun:
         """Register a run that this process trains and reports.
 
-        ``channel_interval``/``weight_interval``: per-channel arrays, and the norms of the
-        weights feeding BN, every that many logged steps. ``patience``: seconds to keep
+        ``channel_interval``: per-channel arrays every that many logged steps;
+        ``measure_interval``: what costs an extra pass over data (gradient norms through BN,
+        the activation after it, the norms of the weight feeding it), every that many logged
+        steps (see bncore.watch). ``patience``: seconds to keep
         retrying while the server is unreachable. ``hang_timeout``: seconds without a ``log``
         after which the heartbeat stops and the server marks the run failed.
         """
@@ -102,7 +104,7 @@ class Client:
             flush_every=flush_every,
             flush_seconds=flush_seconds,
             channel_interval=channel_interval,
-            weight_interval=weight_interval,
+            measure_interval=measure_interval,
             patience=patience,
             heartbeat=heartbeat,
             hang_timeout=hang_timeout,
@@ -123,14 +125,14 @@ class ClientRun:
         flush_every: int = 50,
         flush_seconds: float = 0.5,
         channel_interval: int = 10,
-        weight_interval: int = 10,
+        measure_interval: int = 10,
         patience: float = 120.0,
         heartbeat: float | None = 5.0,
         hang_timeout: float = 900.0,
     ) -> None:
         self.client, self.id = client, run_id
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
-        self.channel_interval, self.weight_interval = channel_interval, weight_interval
+        self.channel_interval, self.measure_interval = channel_interval, measure_interval
         self.hang_timeout = hang_timeout
         self._last_log = self._last_flush = time.time()
         self.sink = HttpSink(
@@ -155,7 +157,7 @@ class ClientRun:
         if self.watcher is not None:
             raise RuntimeError("this run already watches a model; unwatch() it first")
         self.watcher = Watcher(
-            model, channel_interval=self.channel_interval, weight_interval=self.weight_interval
+            model, channel_interval=self.channel_interval, measure_interval=self.measure_interval
         )
         return model
 

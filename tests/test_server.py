@@ -416,7 +416,7 @@ def test_client_streams_a_script_of_its_own(server):
 
     model[1].register_forward_hook(keep)
     client = Client(server.url)
-    with client.create_run(name="my script", flush_every=7) as run:
+    with client.create_run(name="my script", flush_every=7, measure_interval=1) as run:
         assert run.watch(model) is model and type(model[1]) is torch.nn.BatchNorm1d
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for step in range(1, 21):

@@ -208,7 +208,7 @@ def test_every_form_of_bn_is_recorded_with_its_neighbours():
     watched = copy.deepcopy(plain)
     data = batches(6, n=8, shape=(3, 8, 8))
     expected, _ = train(plain, data, watch=False)
-    got, w = train(watched, data, watch=True, channel_interval=1, weight_interval=1)
+    got, w = train(watched, data, watch=True, channel_interval=1, measure_interval=1)
     assert got == pytest.approx(expected, rel=1e-6)  # bncore's own layer: its own kernel
     assert list(w.layers) == ["1", "3", "6", "9", "11"]  # execution order, module paths
     assert "sync_batch_norm" in w.notes
@@ -405,3 +405,19 @@ def test_watch_refuses_what_is_not_a_model():
         Watcher(lambda x: x)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="channel_interval"):
         Watcher(nn.BatchNorm1d(3), channel_interval=0)
+
+
+def test_measured_statistics_follow_their_interval_and_the_free_ones_every_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Linear(6, 2))
+    w = Watcher(model, measure_interval=3)
+    for step, (x, _) in enumerate(batches(7, n=8, shape=(4,)), 1):
+        model(x).sum().backward()
+        w.log(step)
+    rec = w.flush()
+    measured = [i % 3 == 0 for i in range(7)]
+    for col in ("act_var", "grad_out_norm", "grad_in_norm", "weight_norm", "weight_grad_norm"):
+        assert np.isfinite(rec.layers[col]).tolist() == measured, col
+    for col in ("pre_var", "running_var", "gamma", "gamma_grad_norm", "beta_grad_norm"):
+        assert np.isfinite(rec.layers[col]).all(), col
+    w.close()
