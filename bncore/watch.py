@@ -110,9 +110,10 @@ class _Layer:
     nan: Tensor | None = None
     counts: Any = (math.nan, math.nan)  # values per channel behind dy's and dx's moments
 
-    def take(self) -> list[Tensor]:
-        """What the forwards and backwards since the last log left, in :data:`FRESH` order:
-        tensors made for this step, so kept by reference (copied once, at flush)."""
+    def take(self, measured: bool) -> tuple[list[Tensor], list[Tensor] | None]:
+        """What the forwards and backwards since the last log left, in :data:`FREE` and (on a
+        measured step) :data:`MEASURED` order: tensors made for this step, so kept by reference
+        (copied once, at flush)."""
         nan = self.nan
         assert nan is not None
         count = len(self.means)
@@ -124,15 +125,18 @@ class _Layer:
             mean = torch.stack(self.means).mean(0)
             var = torch.stack(self.invstds).double().pow(-2).mean(0)
             invstd = var.rsqrt()
-        if self.acts:
-            act = self.acts[0] if len(self.acts) == 1 else torch.stack(self.acts).mean(0)
-        else:
-            act = self.nan4
-        dy, m_dy = _combine(self.dy, self.nan2)
-        dx, m_dx = _combine(self.dx, self.nan2)
-        self.counts = (m_dy, m_dx)
+        more = None
+        if measured:
+            if self.acts:
+                act = self.acts[0] if len(self.acts) == 1 else torch.stack(self.acts).mean(0)
+            else:
+                act = self.nan4
+            dy, m_dy = _combine(self.dy, self.nan2)
+            dx, m_dx = _combine(self.dx, self.nan2)
+            self.counts = (m_dy, m_dx)
+            more = [act, dy, dx]
         self.means, self.invstds, self.dy, self.dx, self.acts = [], [], [], [], []
-        return [mean, invstd, act, dy, dx]
+        return [mean, invstd], more
 
     def live(self, weight_norms: bool) -> list[Tensor]:
         """What changes in place (running buffers, gamma, beta, their ``.grad``), to copy now,
@@ -156,9 +160,9 @@ class _Layer:
         return parts
 
     def placeholder(self) -> list[Tensor]:
-        """take()'s answer for a step logged before this layer first ran."""
+        """take()'s measured part for a step logged before this layer first ran."""
         assert self.nan is not None
-        return [self.nan, self.nan, self.nan4, self.nan2, self.nan2]
+        return [self.nan4, self.nan2, self.nan2]
 
     @property
     def nan4(self) -> Tensor:
@@ -171,9 +175,10 @@ class _Layer:
         return self.nan.expand(2, -1)
 
 
-#: A layer's per-step values kept by reference (C values each), and those copied at log.
-FRESH = ("pre_mean", "invstd", "act_mean", "act_var", "act_lo", "act_hi", "dy_mean", "dy_var",
-         "dx_mean", "dx_var")  # fmt: skip
+#: A layer's per-step values kept by reference (C values each): at every logged step, and at
+#: measured ones; then those copied at log.
+FREE = ("pre_mean", "invstd")
+MEASURED = ("act_mean", "act_var", "act_lo", "act_hi", "dy_mean", "dy_var", "dx_mean", "dx_var")
 LIVE = ("running_mean", "running_var", "gamma", "beta", "gamma_grad", "beta_grad")
 SCALARS = ("weight_grad_norm", "weight_norm")
 
@@ -218,8 +223,8 @@ class Watcher:
         self._discovering = True
         self._discovery_hooks: list[Any] = []
         self._weight_outputs: dict[int, tuple[Any, int, nn.Module]] = {}
-        self._fresh: list[list[list[Tensor]]] = []  # per logged step, per layer: take()
-        self._live: list[Tensor] = []  # per logged step: the copied values
+        self._rows: list[Tensor] = []  # per logged step: what every step has, copied
+        self._more: list[list[list[Tensor] | None] | None] = []  # measured steps: references
         self._counts: list[list[tuple[float, float]]] = []
         self.pending_steps: list[int] = []
         self.logged = 0
@@ -443,78 +448,108 @@ class Watcher:
     @torch.no_grad()
     def log(self, step: int) -> None:
         """After the backward of ``step`` (before or after the optimizer's step): keep the
-        statistics of every forward since the last log, on the device: references to what
-        was made for this step, one copy of what changes in place."""
+        statistics of every forward since the last log, on the device, as one row per step
+        (what every step has: per layer, FREE, LIVE and SCALARS) and, on a measured step,
+        references to what was measured (copied once, at flush)."""
         if not self.layers:
             return
-        norms = self.measuring
-        fresh: list[list[Tensor]] = []
-        live: list[Tensor] = []
+        measured = self.measuring
+        row: list[Tensor] = []
+        more: list[list[Tensor] | None] = []
         counts: list[tuple[float, float]] = []
         for layer in self.layers.values():
-            fresh.append(layer.take())
-            live += layer.live(norms)
-            counts.append(layer.counts)
-        self._fresh.append(fresh)
-        self._live.append(torch.cat([t.reshape(-1) for t in live]))
+            free, extra = layer.take(measured)
+            row += free
+            row += layer.live(measured)
+            more.append(extra)
+            counts.append(layer.counts if measured else (math.nan, math.nan))
+        self._rows.append(torch.cat([t.reshape(-1) for t in row]))
+        self._more.append(more if measured else None)
         self._counts.append(counts)
         self.pending_steps.append(step)
         self.logged += 1
         self.measuring = self.logged % self.measure_interval == 0
 
+    def _gather(self, layers: list[_Layer]) -> tuple[np.ndarray, np.ndarray]:
+        """The pending steps on the host, in one transfer: (steps, every step's values) and
+        (steps, measured values; NaN on the steps between). A layer that first ran after some
+        steps is NaN on them."""
+        width = max(r.numel() for r in self._rows)
+        pieces: list[Tensor] = []
+        for r in self._rows:
+            pieces.append(r)
+            if r.numel() < width:
+                pieces.append(torch.full((width - r.numel(),), math.nan, device=r.device))
+        is_measured = np.asarray([m is not None for m in self._more])
+        for more in self._more:
+            if more is not None:
+                for i, layer in enumerate(layers):
+                    have = more[i] if i < len(more) else None
+                    pieces += have if have is not None else layer.placeholder()
+        host = torch.cat([p.reshape(-1) for p in pieces]).to(torch.float32).cpu().numpy()
+        n = len(self._rows)
+        more_width = sum(len(MEASURED) * la.channels for la in layers)
+        extra = np.full((n, more_width), np.nan, np.float32)
+        extra[is_measured] = host[n * width :].reshape(-1, more_width)
+        return host[: n * width].reshape(n, width), extra
+
     def flush(self) -> Records:
-        """The pending steps, in one transfer, as ``layers`` and ``channels`` tables."""
+        """The pending steps, in one transfer, as ``layers`` and ``channels`` tables. Layers of
+        one width (and eps and affine) are summarized together, as (steps, layers, C) arrays."""
         if not self.pending_steps:
             return Records()
         layers_now = list(self.layers.values())
-        live_width = max(r.numel() for r in self._live)
-        pieces: list[Tensor] = []
-        for fresh, live in zip(self._fresh, self._live, strict=True):
-            for i, layer in enumerate(layers_now):  # layers that first ran later: NaN before
-                pieces += fresh[i] if i < len(fresh) else layer.placeholder()
-            pieces.append(live)
-            if live.numel() < live_width:
-                pieces.append(torch.full((live_width - live.numel(),), math.nan))
-        flat = torch.cat([p.reshape(-1) for p in pieces]).to(torch.float64)  # promotes
+        raw, extra = self._gather(layers_now)
         steps = np.asarray(self.pending_steps, np.int64)
-        n = len(steps)
+        n, nl = len(steps), len(layers_now)
         first = self.logged - n
         keep = (first + np.arange(n)) % self.channel_interval == 0
-        fresh_width = sum(len(FRESH) * la.channels for la in layers_now)
-        raw = flat.cpu().numpy().reshape(n, fresh_width + live_width)
-        pad = [(math.nan, math.nan)] * len(layers_now)
+        pad = [(math.nan, math.nan)] * nl
         count = np.asarray([c + pad[len(c) :] for c in self._counts], np.float64)
-        self._fresh, self._live, self._counts, self.pending_steps = [], [], [], []
-        layers, chans = [], []
-        at_fresh, at_live = 0, fresh_width
-        for j, layer in enumerate(layers_now):
-            c = layer.channels
-            got = raw[:, at_fresh : at_fresh + len(FRESH) * c].reshape(n, len(FRESH), c)
-            at_fresh += len(FRESH) * c
-            live = raw[:, at_live : at_live + len(LIVE) * c + len(SCALARS)]
-            at_live += len(LIVE) * c + len(SCALARS)
-            named = dict(zip(FRESH, got.transpose(1, 0, 2), strict=True))
-            copied = live[:, : len(LIVE) * c].reshape(n, len(LIVE), c).transpose(1, 0, 2)
-            named |= dict(zip(LIVE, copied, strict=True))
+        self._rows, self._more, self._counts, self.pending_steps = [], [], [], []
+        # where each layer's values lie in raw (free, live, scalars) and extra (measured)
+        at_free, at_more, at_live = [], [], []
+        f = m = 0
+        for la in layers_now:
+            at_free.append(f)
+            at_live.append(f + len(FREE) * la.channels)
+            at_more.append(m)
+            f += (len(FREE) + len(LIVE)) * la.channels + len(SCALARS)
+            m += len(MEASURED) * la.channels
+        groups: dict[tuple, list[int]] = {}
+        for j, la in enumerate(layers_now):
+            groups.setdefault((la.channels, la.eps, la.affine), []).append(j)
+        columns: dict[str, np.ndarray] = {}
+        chans = []
+        for (c, eps, (gamma, beta)), idx in groups.items():
+            named = _rows(raw, at_free, FREE, idx, c) | _rows(extra, at_more, MEASURED, idx, c)
+            named |= _rows(raw, at_live, LIVE, idx, c)
+            scalars = np.stack([raw[:, at_live[j] + len(LIVE) * c :][:, :2] for j in idx], 1)
             rows = {r: named[r] for r in RECORD_ROWS if r in named}
             with np.errstate(divide="ignore", invalid="ignore"):
-                rows["pre_var"] = 1.0 / np.square(named["invstd"]) - layer.eps
+                invstd = named["invstd"].astype(np.float64)  # var + eps - eps: keep digits
+                rows["pre_var"] = (1.0 / np.square(invstd) - eps).astype(np.float32)
                 for side, row, k in (("dy", "grad_out_sq", 0), ("dx", "grad_in_sq", 1)):
-                    m = count[:, j, k][:, None]
-                    rows[row] = m * (named[f"{side}_var"] + np.square(named[f"{side}_mean"]))
-            gamma, beta = layer.affine
+                    counts = count[:, idx, k][..., None].astype(np.float32)
+                    rows[row] = counts * (named[f"{side}_var"] + np.square(named[f"{side}_mean"]))
             rows["post_mean"], rows["post_var"] = bn_output_rows(
                 rows["pre_var"], rows["gamma"] if gamma else None,
-                rows["beta"] if beta else None, layer.eps,
+                rows["beta"] if beta else None, eps,
             )  # fmt: skip
-            scalars = live[:, len(LIVE) * c :]
-            cols = summarize(rows, np.empty((n, 3, 0)), scalars[:, 0], np.full(n, np.nan))
-            cols["weight_norm"] = scalars[:, 1].astype(np.float32)
-            layers.append({"step": steps, "layer": np.full(n, layer.name), **cols})
+            cols = summarize(rows, np.empty((n, len(idx), 3, 0)), scalars[..., 0],
+                             np.full((n, len(idx)), np.nan))  # fmt: skip
+            cols["weight_norm"] = scalars[..., 1].astype(np.float32)
+            for key, v in cols.items():
+                columns.setdefault(key, np.full((n, nl), np.nan, np.float32))[:, idx] = v
             if keep.any():
-                chans.append({"step": steps[keep], "layer": np.full(int(keep.sum()), layer.name),
-                              **channel_rows({r: v[keep] for r, v in rows.items()})})  # fmt: skip
-        table = {key: np.stack([t[key] for t in layers], 1).reshape(-1) for key in layers[0]}
+                names = np.array([layers_now[j].name for j in idx])
+                kept = {r: v[keep].reshape(-1, c) for r, v in rows.items()}
+                chans.append({"step": np.repeat(steps[keep], len(idx)),
+                              "layer": np.tile(names, int(keep.sum())),
+                              **channel_rows(kept)})  # fmt: skip
+        names = np.array([la.name for la in layers_now])
+        table = {"step": np.repeat(steps, nl), "layer": np.tile(names, n)}
+        table |= {k: v.reshape(-1) for k, v in columns.items()}
         return Records(layers=table, channels=channel_table(chans, by_step=True))
 
     def meta(self) -> dict[str, Any]:
@@ -526,6 +561,15 @@ class Watcher:
             "layer_kinds": [type(la.module).__name__ for la in self.layers.values()],
             "not_recorded": dict(self.notes),
         }
+
+
+def _rows(
+    src: np.ndarray, at: list[int], names: tuple[str, ...], idx: list[int], c: int
+) -> dict[str, np.ndarray]:
+    """Named (steps, layers, C) arrays of layers ``idx``, whose ``names`` rows start at ``at``."""
+    block = np.stack([src[:, at[j] : at[j] + len(names) * c] for j in idx], 1)
+    block = block.reshape(len(src), len(idx), len(names), c)
+    return dict(zip(names, np.moveaxis(block, 2, 0), strict=True))
 
 
 def _gradient_moments(layer: _Layer, m: int) -> Callable[..., None]:
