@@ -4,14 +4,14 @@ unwatched; beside it, the same loop under ``wandb.watch(log="all", log_freq=1)``
 under TensorBoard histograms of every BN's batch mean and variance from forward hooks, where
 those packages are installed (benchmark-only: never the project's dependencies).
 
-Every variant trains its own copy of the same model on the same batches, side by side in one
-process: each round times one step of each variant, in alternating order. The watched loop runs
-the client's own code (bnscope.client.ClientRun with its defaults: every step logged with what
-BN computed anyway; per-channel arrays, and the statistics that cost an extra pass, every 10
-logged steps; a flush every 50 steps encoded as it would be sent) with the network left out; a
-second watched loop takes everything at every step. wandb and TensorBoard write from background
-threads and processes, so each is timed in a phase of its own against its own plain loop. The
-ratio is the plain loop's mean step time over the variant's, after
+Each variant trains its own copy of the same model on the same batches, side by side with a
+plain loop of its own in one process (a phase per variant: wandb and TensorBoard write from
+background threads and processes, which would land in their neighbours' timings): each round
+times one step of each, in alternating order. The watched loop runs the client's own code
+(bnscope.client.ClientRun with its defaults: every step logged with what BN computed anyway;
+per-channel arrays, and what costs an extra pass, every 10 logged steps; a flush every 2 s or
+100 steps, encoded as it would be sent) with the network left out; a second variant takes
+everything at every step. The ratio is the plain loop's mean step time over the variant's, after
 dropping steps slower than five times the variant's median (preemptions). Targets (issue #14):
 >= 0.97 on ResNet-18 (batch 32, CPU), >= 0.90 on the 6 x 256 MLP (batch 128).
 
@@ -24,9 +24,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import queue
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -46,19 +48,28 @@ TARGETS = {"resnet18": 0.97, "mlp": 0.90}
 
 
 class EncodingSink:
-    """Where the client's batches go in this benchmark: encoded exactly as for the server."""
+    """Where the client's batches go here: built and encoded exactly as for the server, on a
+    thread of their own as bnscope.client's HttpSink does, but sent nowhere."""
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.queue: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._work, daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while (records := self.queue.get()) is not None:
+            self.bytes += len(encode(records() if callable(records) else records, 1))
 
     def update_meta(self, meta: dict[str, Any]) -> None:
         pass
 
-    def write(self, records: Records) -> None:
-        self.bytes += len(encode(records, 1))
+    def write(self, records: Records | Callable[[], Records]) -> None:
+        self.queue.put(records)
 
     def finish(self, summary: dict[str, Any]) -> None:
-        pass
+        self.queue.put(None)
+        self.thread.join()
 
 
 def mlp() -> nn.Module:
@@ -115,12 +126,12 @@ class Loop:
 
 
 def phases(model: nn.Module, data) -> Iterator[tuple[dict[str, Loop], list[Callable[[], None]]]]:
-    """Groups of loops timed together, each with a plain loop of its own."""
-    loops = {"plain": Loop(copy.deepcopy(model), data)}
-    closers: list[Callable[[], None]] = []
+    """Pairs of loops timed together: a plain loop and one instrumented variant."""
+    closers: list[Callable[[], None]]
 
     everything = {"channel_interval": 1, "measure_interval": 1}
     for label, every in (("bnscope watch", {}), ("bnscope watch, all at every step", everything)):
+        loops, closers = {"plain": Loop(copy.deepcopy(model), data)}, []
         watched = Loop(copy.deepcopy(model), data)
         run = ClientRun(Client("http://127.0.0.1:9"), "bench", heartbeat=None, **every)
         run.sink.abandon()
@@ -128,8 +139,8 @@ def phases(model: nn.Module, data) -> Iterator[tuple[dict[str, Loop], list[Calla
         run.watch(watched.model)
         watched.after, watched.unwatched = run.log, False
         loops[label] = watched
-        closers.append(run.unwatch)
-    yield loops, closers
+        closers += [run.unwatch, lambda run=run: run.sink.finish({})]
+        yield loops, closers
 
     try:
         import wandb

@@ -35,6 +35,7 @@ rows to the host in one transfer and returns ``layers`` and ``channels`` tables
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable
@@ -109,55 +110,62 @@ class _Layer:
     last_output: Any = None  # (weakref to the last output, its version then)
     nan: Tensor | None = None
     counts: Any = (math.nan, math.nan)  # values per channel behind dy's and dx's moments
+    _nan1x2: Any = None
 
-    def take(self, measured: bool) -> tuple[list[Tensor], list[Tensor] | None]:
-        """What the forwards and backwards since the last log left, in :data:`FREE` and (on a
-        measured step) :data:`MEASURED` order: tensors made for this step, so kept by reference
-        (copied once, at flush)."""
+    def take(self, measured: bool, row: list[Tensor]) -> list[Tensor] | None:
+        """Append this layer's part of a logged step to ``row`` (:data:`FREE`, :data:`LIVE`,
+        :data:`SCALARS`: one value tensor each, copied at once) and return, on a measured step,
+        the :data:`MEASURED` tensors (made for this step, so kept by reference until flush)."""
         nan = self.nan
         assert nan is not None
         count = len(self.means)
-        if count == 0:  # not run since the last log
-            mean = invstd = nan
-        elif count == 1:
-            mean, invstd = self.means[0], self.invstds[0]
+        if count == 1:
+            row += (self.means[0], self.invstds[0])
+        elif count == 0:  # not run since the last log
+            row += (nan, nan)
         else:  # micro-batches: the average of what each normalized with
-            mean = torch.stack(self.means).mean(0)
             var = torch.stack(self.invstds).double().pow(-2).mean(0)
-            invstd = var.rsqrt()
-        more = None
-        if measured:
-            if self.acts:
-                act = self.acts[0] if len(self.acts) == 1 else torch.stack(self.acts).mean(0)
-            else:
-                act = self.nan4
-            dy, m_dy = _combine(self.dy, self.nan2)
-            dx, m_dx = _combine(self.dx, self.nan2)
-            self.counts = (m_dy, m_dx)
-            more = [act, dy, dx]
-        self.means, self.invstds, self.dy, self.dx, self.acts = [], [], [], [], []
-        return [mean, invstd], more
-
-    def live(self, weight_norms: bool) -> list[Tensor]:
-        """What changes in place (running buffers, gamma, beta, their ``.grad``), to copy now,
-        in :data:`LIVE` order; with ``weight_norms``, the feeding weight's norms."""
-        nan = self.nan
-        assert nan is not None
+            row += (torch.stack(self.means).mean(0), var.rsqrt())
         rm, rv, gamma, beta = self.tensors
+        row += (
+            nan if rm is None else rm,
+            nan if rv is None else rv,
+            nan if gamma is None else gamma,
+            nan if beta is None else beta,
+        )
         params = self.module._parameters
-        g, b = params.get("weight"), params.get("bias")
-        parts = [t if t is not None else nan for t in (rm, rv, gamma, beta)]
-        parts += [t.grad if t is not None and t.grad is not None else nan for t in (g, b)]
+        for p in (params.get("weight"), params.get("bias")):
+            g = None if p is None else p.grad
+            row.append(nan if g is None else g)
+        self.means, self.invstds = [], []
+        if not measured:
+            row += self.nan1x2
+            return None
         w = self.weight
-        if weight_norms and w is not None:
+        if w is not None:
             wg = w.grad
-            parts += [
-                torch.linalg.vector_norm(wg).reshape(1) if wg is not None else nan[:1],
-                torch.linalg.vector_norm(w).reshape(1),
-            ]
+            row.append(self.nan1 if wg is None else torch.linalg.vector_norm(wg).reshape(1))
+            row.append(torch.linalg.vector_norm(w).reshape(1))
         else:
-            parts += [nan[:1], nan[:1]]
-        return parts
+            row += self.nan1x2
+        if self.acts:
+            act = self.acts[0] if len(self.acts) == 1 else torch.stack(self.acts).mean(0)
+        else:
+            act = self.nan4
+        dy, m_dy = _combine(self.dy, self.nan2)
+        dx, m_dx = _combine(self.dx, self.nan2)
+        self.counts = (m_dy, m_dx)
+        self.dy, self.dx, self.acts = [], [], []
+        return [act, dy, dx]
+
+    @property
+    def nan1(self) -> Tensor:
+        assert self.nan is not None
+        return self.nan[:1]
+
+    @property
+    def nan1x2(self) -> tuple[Tensor, Tensor]:
+        return self._nan1x2
 
     def placeholder(self) -> list[Tensor]:
         """take()'s measured part for a step logged before this layer first ran."""
@@ -202,7 +210,7 @@ class Watcher:
     """Records every BN layer of ``model`` on each :meth:`log`; see the module docstring."""
 
     def __init__(
-        self, model: nn.Module, channel_interval: int = 10, measure_interval: int = 10
+        self, model: nn.Module, channel_interval: int = 20, measure_interval: int = 20
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch() takes a torch.nn.Module, got {type(model).__name__}")
@@ -287,6 +295,7 @@ class Watcher:
         if layer.nan is None or layer.channels != channels:
             layer.channels = channels
             layer.nan = torch.full((channels,), math.nan, device=self._device(module))
+            layer._nan1x2 = (layer.nan[:1], layer.nan[:1])
         return layer
 
     @staticmethod
@@ -458,12 +467,9 @@ class Watcher:
         more: list[list[Tensor] | None] = []
         counts: list[tuple[float, float]] = []
         for layer in self.layers.values():
-            free, extra = layer.take(measured)
-            row += free
-            row += layer.live(measured)
-            more.append(extra)
+            more.append(layer.take(measured, row))
             counts.append(layer.counts if measured else (math.nan, math.nan))
-        self._rows.append(torch.cat([t.reshape(-1) for t in row]))
+        self._rows.append(torch.cat(row))
         self._more.append(more if measured else None)
         self._counts.append(counts)
         self.pending_steps.append(step)
@@ -494,63 +500,24 @@ class Watcher:
         return host[: n * width].reshape(n, width), extra
 
     def flush(self) -> Records:
-        """The pending steps, in one transfer, as ``layers`` and ``channels`` tables. Layers of
-        one width (and eps and affine) are summarized together, as (steps, layers, C) arrays."""
+        """The pending steps, in one transfer, as ``layers`` and ``channels`` tables."""
+        return self.take_pending()()
+
+    def take_pending(self) -> Callable[[], Records]:
+        """Move the pending steps to the host (one transfer) and hand back what turns them into
+        tables: host-only work, which a sink may do on its own thread, off the training loop."""
         if not self.pending_steps:
-            return Records()
+            return Records
         layers_now = list(self.layers.values())
         raw, extra = self._gather(layers_now)
         steps = np.asarray(self.pending_steps, np.int64)
-        n, nl = len(steps), len(layers_now)
-        first = self.logged - n
-        keep = (first + np.arange(n)) % self.channel_interval == 0
-        pad = [(math.nan, math.nan)] * nl
+        first = self.logged - len(steps)
+        pad = [(math.nan, math.nan)] * len(layers_now)
         count = np.asarray([c + pad[len(c) :] for c in self._counts], np.float64)
         self._rows, self._more, self._counts, self.pending_steps = [], [], [], []
-        # where each layer's values lie in raw (free, live, scalars) and extra (measured)
-        at_free, at_more, at_live = [], [], []
-        f = m = 0
-        for la in layers_now:
-            at_free.append(f)
-            at_live.append(f + len(FREE) * la.channels)
-            at_more.append(m)
-            f += (len(FREE) + len(LIVE)) * la.channels + len(SCALARS)
-            m += len(MEASURED) * la.channels
-        groups: dict[tuple, list[int]] = {}
-        for j, la in enumerate(layers_now):
-            groups.setdefault((la.channels, la.eps, la.affine), []).append(j)
-        columns: dict[str, np.ndarray] = {}
-        chans = []
-        for (c, eps, (gamma, beta)), idx in groups.items():
-            named = _rows(raw, at_free, FREE, idx, c) | _rows(extra, at_more, MEASURED, idx, c)
-            named |= _rows(raw, at_live, LIVE, idx, c)
-            scalars = np.stack([raw[:, at_live[j] + len(LIVE) * c :][:, :2] for j in idx], 1)
-            rows = {r: named[r] for r in RECORD_ROWS if r in named}
-            with np.errstate(divide="ignore", invalid="ignore"):
-                invstd = named["invstd"].astype(np.float64)  # var + eps - eps: keep digits
-                rows["pre_var"] = (1.0 / np.square(invstd) - eps).astype(np.float32)
-                for side, row, k in (("dy", "grad_out_sq", 0), ("dx", "grad_in_sq", 1)):
-                    counts = count[:, idx, k][..., None].astype(np.float32)
-                    rows[row] = counts * (named[f"{side}_var"] + np.square(named[f"{side}_mean"]))
-            rows["post_mean"], rows["post_var"] = bn_output_rows(
-                rows["pre_var"], rows["gamma"] if gamma else None,
-                rows["beta"] if beta else None, eps,
-            )  # fmt: skip
-            cols = summarize(rows, np.empty((n, len(idx), 3, 0)), scalars[..., 0],
-                             np.full((n, len(idx)), np.nan))  # fmt: skip
-            cols["weight_norm"] = scalars[..., 1].astype(np.float32)
-            for key, v in cols.items():
-                columns.setdefault(key, np.full((n, nl), np.nan, np.float32))[:, idx] = v
-            if keep.any():
-                names = np.array([layers_now[j].name for j in idx])
-                kept = {r: v[keep].reshape(-1, c) for r, v in rows.items()}
-                chans.append({"step": np.repeat(steps[keep], len(idx)),
-                              "layer": np.tile(names, int(keep.sum())),
-                              **channel_rows(kept)})  # fmt: skip
-        names = np.array([la.name for la in layers_now])
-        table = {"step": np.repeat(steps, nl), "layer": np.tile(names, n)}
-        table |= {k: v.reshape(-1) for k, v in columns.items()}
-        return Records(layers=table, channels=channel_table(chans, by_step=True))
+        layout = [(la.name, la.channels, la.eps, la.affine) for la in layers_now]
+        keep = (first + np.arange(len(steps))) % self.channel_interval == 0
+        return functools.partial(_tables, layout, raw, extra, count, steps, keep)
 
     def meta(self) -> dict[str, Any]:
         """What the run's layers are (for a sink's ``start``)."""
@@ -561,6 +528,63 @@ class Watcher:
             "layer_kinds": [type(la.module).__name__ for la in self.layers.values()],
             "not_recorded": dict(self.notes),
         }
+
+
+def _tables(
+    layout: list[tuple[str, int, float, tuple[bool, bool]]],
+    raw: np.ndarray,
+    extra: np.ndarray,
+    count: np.ndarray,
+    steps: np.ndarray,
+    keep: np.ndarray,
+) -> Records:
+    """``layers`` and ``channels`` tables of gathered steps. Layers of one width (and eps and
+    affine) are summarized together, as (steps, layers, C) arrays."""
+    n, nl = len(steps), len(layout)
+    # where each layer's values lie in raw (free, live, scalars) and extra (measured)
+    at_free, at_more, at_live = [], [], []
+    f = m = 0
+    for _, c, _, _ in layout:
+        at_free.append(f)
+        at_live.append(f + len(FREE) * c)
+        at_more.append(m)
+        f += (len(FREE) + len(LIVE)) * c + len(SCALARS)
+        m += len(MEASURED) * c
+    groups: dict[tuple, list[int]] = {}
+    for j, (_, c, eps, affine) in enumerate(layout):
+        groups.setdefault((c, eps, affine), []).append(j)
+    columns: dict[str, np.ndarray] = {}
+    chans = []
+    for (c, eps, (gamma, beta)), idx in groups.items():
+        named = _rows(raw, at_free, FREE, idx, c) | _rows(extra, at_more, MEASURED, idx, c)
+        named |= _rows(raw, at_live, LIVE, idx, c)
+        scalars = np.stack([raw[:, at_live[j] + len(LIVE) * c :][:, :2] for j in idx], 1)
+        rows = {r: named[r] for r in RECORD_ROWS if r in named}
+        with np.errstate(divide="ignore", invalid="ignore"):
+            invstd = named["invstd"].astype(np.float64)  # var + eps - eps: keep digits
+            rows["pre_var"] = (1.0 / np.square(invstd) - eps).astype(np.float32)
+            for side, row, k in (("dy", "grad_out_sq", 0), ("dx", "grad_in_sq", 1)):
+                counts = count[:, idx, k][..., None].astype(np.float32)
+                rows[row] = counts * (named[f"{side}_var"] + np.square(named[f"{side}_mean"]))
+        rows["post_mean"], rows["post_var"] = bn_output_rows(
+            rows["pre_var"], rows["gamma"] if gamma else None,
+            rows["beta"] if beta else None, eps,
+        )  # fmt: skip
+        cols = summarize(rows, np.empty((n, len(idx), 3, 0)), scalars[..., 0],
+                         np.full((n, len(idx)), np.nan))  # fmt: skip
+        cols["weight_norm"] = scalars[..., 1].astype(np.float32)
+        for key, v in cols.items():
+            columns.setdefault(key, np.full((n, nl), np.nan, np.float32))[:, idx] = v
+        if keep.any():
+            names = np.array([layout[j][0] for j in idx])
+            kept = {r: v[keep].reshape(-1, c) for r, v in rows.items()}
+            chans.append({"step": np.repeat(steps[keep], len(idx)),
+                          "layer": np.tile(names, int(keep.sum())),
+                          **channel_rows(kept)})  # fmt: skip
+    names = np.array([name for name, *_ in layout])
+    table = {"step": np.repeat(steps, nl), "layer": np.tile(names, n)}
+    table |= {k: v.reshape(-1) for k, v in columns.items()}
+    return Records(layers=table, channels=channel_table(chans, by_step=True))
 
 
 def _rows(

@@ -80,8 +80,8 @@ class Client:
         steps_total: int | None = None,
         flush_every: int = 100,
         flush_seconds: float = 2.0,
-        channel_interval: int = 10,
-        measure_interval: int = 10,
+        channel_interval: int = 20,
+        measure_interval: int = 20,
         patience: float = 120.0,
         heartbeat: float = 5.0,
         hang_timeout: float = 900.0,
@@ -124,8 +124,8 @@ class ClientRun:
         *,
         flush_every: int = 100,
         flush_seconds: float = 2.0,
-        channel_interval: int = 10,
-        measure_interval: int = 10,
+        channel_interval: int = 20,
+        measure_interval: int = 20,
         patience: float = 120.0,
         heartbeat: float | None = 5.0,
         hang_timeout: float = 900.0,
@@ -187,29 +187,30 @@ class ClientRun:
         """Send what was logged since the last flush (one transfer from the device)."""
         if not self._steps or self.watcher is None:
             return
-        rec = self.watcher.flush()
+        tables = self.watcher.take_pending()  # the host work is left to the sink's thread
         step, loss, lr, step_time, wall = zip(*self._steps, strict=True)
         losses = [v for v in loss if isinstance(v, Tensor)]
         loss_np = np.asarray([float(v) for v in loss], np.float32)
         if losses and len(losses) == len(loss):  # one transfer for all of them
             loss_np = torch.stack(losses).float().cpu().numpy()
-        rec = Records(
-            steps={
-                "step": np.asarray(step, np.int64),
-                "loss": loss_np,
-                "lr": np.asarray(lr),
-                "step_time": np.asarray(step_time),
-                "time": np.asarray(wall),
-            },
-            layers=rec.layers,
-            channels=rec.channels,
-        )
+        steps = {
+            "step": np.asarray(step, np.int64),
+            "loss": loss_np,
+            "lr": np.asarray(lr),
+            "step_time": np.asarray(step_time),
+            "time": np.asarray(wall),
+        }
+
+        def records() -> Records:
+            rec = tables()
+            return Records(steps=steps, layers=rec.layers, channels=rec.channels)
+
         self._steps, self._last_flush = [], time.time()
         meta = {**self.watcher.meta(), "source": "bnscope.client"}
         if meta != self._meta_sent:  # the first flush, or layers that first ran since
             self.sink.update_meta(meta)
             self._meta_sent = meta
-        self.sink.write(rec)
+        self.sink.write(records)
 
     def finish(self, status: str = "completed", message: str | None = None) -> None:
         """Send what is left and report how the run ended; unwatches the model."""
