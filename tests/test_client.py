@@ -287,3 +287,21 @@ def test_readme_start_command_takes_its_arguments(tmp_path):
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
     assert textwrap.dedent("/bnscope-data/") in (ROOT / ".gitignore").read_text()
+
+
+def test_one_line_helper_and_no_server_import(server):
+    import bnscope.client
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with bnscope.client.watch(model, name="one line", url=server.url) as run:
+        for step in range(1, 4):
+            model(torch.randn(5, 3)).sum().backward()
+            run.log(step, 0.0)
+    assert status(server, run.id)["status"] == "completed"
+    assert F.batch_norm is __import__("bncore.watch").watch._ORIGINAL  # unwatched at the end
+    probe = (
+        "import sys, bnscope.client; print(sorted(m for m in sys.modules"
+        " if m.split('.')[0] in ('server', 'dashboard', 'fastapi')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr  # bncore and the client alone

@@ -272,3 +272,46 @@ def test_bn_calculator_shows_each_step_and_corrects_the_seed(page):
     page.click("#calc-gamma")
     page.wait_for_selector("#calc-error")
     assert "line 1 is not a list of numbers" in page.inner_text("#calc-error")
+
+
+def test_a_scripts_run_draws_layer_names_as_names_and_says_what_it_did_not_record(page, server):
+    import torch
+    from torch import nn
+
+    from bnscope.client import Client
+
+    torch.manual_seed(0)  # a Sequential: its BN layers are called "1", "4" and "8"
+    model = nn.Sequential(
+        nn.Linear(8, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 16), nn.BatchNorm1d(16),
+        nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 64), nn.BatchNorm1d(64), nn.Tanh(),
+        nn.Linear(64, 3),
+    )  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    client = Client(server.url)
+    with client.create_run(name="script", channel_interval=5, measure_interval=1) as run:
+        run.watch(model)
+        for step in range(1, 41):
+            loss = nn.functional.cross_entropy(
+                model(torch.randn(32, 8)), torch.randint(0, 3, (32,))
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.log(step, loss)
+    client.close()
+    page.goto(f"{server.url}/dashboard/?run={run.id}")
+    axis = (
+        "([g, a]) => { const gd = document.querySelector('#' + g + ' .js-plotly-plot');"
+        " return gd && gd.layout && gd.layout[a] ? gd.layout[a].type : null; }"
+    )
+    wait_for(lambda: page.evaluate(axis, ["fig-heat-var", "yaxis"]) == "category", 30)
+    rows = page.evaluate("() => document.querySelector('#fig-heat-var .js-plotly-plot').data[0].y")
+    assert rows == ["1", "4", "8"]  # in order of execution, each its own row
+    assert page.evaluate(axis, ["fig-channels", "yaxis"]) == "category"
+    notes = (
+        "(g) => { const gd = document.querySelector('#' + g + ' .js-plotly-plot');"
+        " return (gd.layout.annotations || []).map(a => a.text).join(' '); }"
+    )
+    assert "not recorded for this run" in page.evaluate(notes, "fig-acc")  # no evaluations
+    assert "not recorded" not in page.evaluate(notes, "fig-heat-var")
+    shot(page, "dashboard-script-run.png")
