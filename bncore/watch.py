@@ -237,14 +237,16 @@ class Watcher:
         self.pending_steps: list[int] = []
         self.logged = 0
         self._index()
+        self._indexed = -1  # the first miss may look again at once (a .to() after watch())
         for m in model.modules():
             if isinstance(m, _BncoreBatchNorm):
                 self._hooks.append(m.register_forward_hook(self._bncore_forward))
             if isinstance(m, nn.SyncBatchNorm):
                 self.notes.setdefault(
                     "sync_batch_norm",
-                    "SyncBatchNorm layers: inside a process group their recorded statistics are "
-                    "this process's own batch; they normalize with the synchronized ones",
+                    "SyncBatchNorm layers: outside a process group they normalize with this "
+                    "process's batch and are recorded like BatchNorm; inside one they "
+                    "synchronize through their own autograd function, which is not recorded",
                 )
         _install(self)
         # until the first training forward: who consumes BN's output, who feeds its input
@@ -257,7 +259,9 @@ class Watcher:
     # -- attaching ----------------------------------------------------------------------------
 
     def _index(self) -> None:
-        """Which module owns each parameter and buffer (buffers are new tensors after .to())."""
+        """Which module owns each parameter and buffer (buffers are new tensors after .to());
+        looked at again at most once per logged step, on a miss."""
+        self._indexed = self.logged
         self._owners.clear()
         self._strangers.clear()
         self._modules = {id(m): name for name, m in self.model.named_modules()}
@@ -274,7 +278,7 @@ class Watcher:
             if hit is not None and hit[0] is t:
                 return hit[1], hit[2]
         keys = [id(t) for t in tensors if t is not None]
-        if not keys or all(k in self._strangers for k in keys):
+        if not keys or all(k in self._strangers for k in keys) or self._indexed == self.logged:
             return None
         self._index()  # moved or materialized since: look again, once per tensor
         for t in tensors:

@@ -423,3 +423,14 @@ def test_measured_statistics_follow_their_interval_and_the_free_ones_every_step(
     for col in ("pre_var", "running_var", "gamma", "gamma_grad_norm", "beta_grad_norm"):
         assert np.isfinite(rec.layers[col]).all(), col
     w.close()
+
+
+def test_a_model_moved_after_watch_is_still_recorded():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6))
+    w = Watcher(model)
+    model.to(torch.float64)  # new buffer tensors (and Parameter data) after watch()
+    model(torch.randn(8, 4, dtype=torch.float64)).sum().backward()
+    w.log(1)
+    assert list(w.layers) == ["1"] and np.isfinite(w.flush().layers["pre_var"]).all()
+    w.close()
