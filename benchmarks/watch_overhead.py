@@ -9,10 +9,11 @@ plain loop of its own in one process (a phase per variant: wandb and TensorBoard
 background threads and processes, which would land in their neighbours' timings): each round
 times one step of each, in alternating order. The watched loop runs the client's own code
 (bnscope.client.ClientRun with its defaults: every step logged with what BN computed anyway;
-per-channel arrays, and what costs an extra pass, every 10 logged steps; a flush every 2 s or
-100 steps, encoded as it would be sent) with the network left out; a second variant takes
-everything at every step. The ratio is the plain loop's mean step time over the variant's, after
-dropping steps slower than five times the variant's median (preemptions). Targets (issue #14):
+per-channel arrays, and what costs an extra pass, every 20 logged steps; a flush every 2 s or
+100 steps, encoded on a thread of its own as it would be sent) with the network left out; a
+second variant takes everything at every step. The ratio is the plain loop's mean step time
+over the variant's, after dropping steps slower than five times the variant's median
+(preemptions). Targets (issue #14):
 >= 0.97 on ResNet-18 (batch 32, CPU), >= 0.90 on the 6 x 256 MLP (batch 128).
 
     python benchmarks/watch_overhead.py
@@ -59,12 +60,12 @@ class EncodingSink:
 
     def _work(self) -> None:
         while (records := self.queue.get()) is not None:
-            self.bytes += len(encode(records() if callable(records) else records, 1))
+            self.bytes += len(encode(records, 1))
 
     def update_meta(self, meta: dict[str, Any]) -> None:
         pass
 
-    def write(self, records: Records | Callable[[], Records]) -> None:
+    def write(self, records: Records) -> None:
         self.queue.put(records)
 
     def finish(self, summary: dict[str, Any]) -> None:

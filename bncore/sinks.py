@@ -174,7 +174,7 @@ class HttpSink:
         self.patience, self.max_pending = patience, max_pending
         self.heartbeat, self.alive = heartbeat, alive
         self.dropped = 0  # batches dropped while the server was unreachable
-        self._pending: list[Records | Callable[[], Records]] = []
+        self._pending: list[Records] = []
         self._meta: bytes | None = None
         self._sending = False
         self._closed = False
@@ -219,9 +219,7 @@ class HttpSink:
             self._meta = orjson.dumps({"status": "running", "meta": meta})
             self._cond.notify_all()
 
-    def write(self, records: Records | Callable[[], Records]) -> None:
-        """Queue a batch; a callable is called on the sending thread (host work kept off the
-        training loop) and must return the batch."""
+    def write(self, records: Records) -> None:
         with self._cond:
             self._raise_if_failed()
             if self._closed:
@@ -297,8 +295,7 @@ class HttpSink:
                     self.post("status", meta)
                 if batch:
                     self.seq += 1
-                    ready = [b() if callable(b) else b for b in batch]
-                    self.post("records", encode(Records.concat(ready), self.seq))
+                    self.post("records", encode(Records.concat(batch), self.seq))
                 last = time.monotonic()
             except Exception as exc:  # kept for the training thread to raise
                 with self._cond:

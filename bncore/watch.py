@@ -509,7 +509,7 @@ class Watcher:
 
     def take_pending(self) -> Callable[[], Records]:
         """Move the pending steps to the host (one transfer) and hand back what turns them into
-        tables: host-only work, which a sink may do on its own thread, off the training loop."""
+        tables (host-only work, for the caller to do when it suits it)."""
         if not self.pending_steps:
             return Records
         layers_now = list(self.layers.values())

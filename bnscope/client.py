@@ -187,7 +187,9 @@ class ClientRun:
         """Send what was logged since the last flush (one transfer from the device)."""
         if not self._steps or self.watcher is None:
             return
-        tables = self.watcher.take_pending()  # the host work is left to the sink's thread
+        # the tables are built here: on a sink's thread, contention for the GIL cost the
+        # training loop more (3% of a ResNet-18 step against 0.5%)
+        rec = self.watcher.flush()
         step, loss, lr, step_time, wall = zip(*self._steps, strict=True)
         losses = [v for v in loss if isinstance(v, Tensor)]
         loss_np = np.asarray([float(v) for v in loss], np.float32)
@@ -200,11 +202,7 @@ class ClientRun:
             "step_time": np.asarray(step_time),
             "time": np.asarray(wall),
         }
-
-        def records() -> Records:
-            rec = tables()
-            return Records(steps=steps, layers=rec.layers, channels=rec.channels)
-
+        records = Records(steps=steps, layers=rec.layers, channels=rec.channels)
         self._steps, self._last_flush = [], time.time()
         meta = {**self.watcher.meta(), "source": "bnscope.client"}
         if meta != self._meta_sent:  # the first flush, or layers that first ran since
