@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
         print("torchvision is not installed: the ResNet-18 case is left out")
     else:
         cases.insert(0, ("resnet18", "ResNet-18, batch 32, 3x32x32", net, 32, (3, 32, 32),
-                         args.rounds or 150))  # fmt: skip
+                         args.rounds or 300))  # fmt: skip
     for key, name, model, batch, shape, rounds in cases:
         ratio = run_case(name, model, batch, shape, rounds)["bnscope watch"]
         verdict = "met" if ratio >= TARGETS[key] else "MISSED"
