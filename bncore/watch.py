@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -403,13 +404,18 @@ class Watcher:
             return
         if isinstance(module, WEIGHTED) and isinstance(output, Tensor):
             self._weight_outputs[id(output)] = (weakref.ref(output), output._version, module)
-        if module is self.model:
+        if module is self.model and (self.layers or module.training):
             self._end_discovery()
 
     def _end_discovery(self) -> None:
-        """After the first forward: measure the activations found, note what was not."""
+        """After the first training forward: measure the activations found, note what was not
+        (an eval-mode forward before it finds nothing, so discovery waits for training)."""
         if not self.layers:
-            return  # nothing batch-normalized in training mode yet (eval, or no BN): try again
+            self.notes["bn"] = "no batch norm ran in the model's first training forward"
+            warnings.warn(
+                f"bnscope: {type(self.model).__name__} ran a training forward without any batch "
+                "norm: nothing to record but the loss", stacklevel=2,
+            )  # fmt: skip
         self._discovering = False
         for h in self._discovery_hooks:
             h.remove()

@@ -434,3 +434,14 @@ def test_a_model_moved_after_watch_is_still_recorded():
     w.log(1)
     assert list(w.layers) == ["1"] and np.isfinite(w.flush().layers["pre_var"]).all()
     w.close()
+
+
+def test_a_model_without_batch_norm_says_so_and_trains_as_before():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    w = Watcher(model)
+    with pytest.warns(UserWarning, match="without any batch norm"):
+        model(torch.randn(3, 4)).sum().backward()
+    w.log(1)
+    assert not w.layers and "bn" in w.notes and not w.flush().layers
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    w.close()
