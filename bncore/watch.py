@@ -111,7 +111,7 @@ class _Layer:
     last_output: Any = None  # (weakref to the last output, its version then)
     nan: Tensor | None = None
     counts: Any = (math.nan, math.nan)  # values per channel behind dy's and dx's moments
-    _nan1x2: Any = None
+    _nan1x2: Any = None  # two one-value NaN views, for the scalars of an unmeasured step
 
     def take(self, measured: bool, row: list[Tensor]) -> list[Tensor] | None:
         """Append this layer's part of a logged step to ``row`` (:data:`FREE`, :data:`LIVE`,
@@ -140,15 +140,15 @@ class _Layer:
             row.append(nan if g is None else g)
         self.means, self.invstds = [], []
         if not measured:
-            row += self.nan1x2
+            row += self._nan1x2
             return None
         w = self.weight
         if w is not None:
             wg = w.grad
-            row.append(self.nan1 if wg is None else torch.linalg.vector_norm(wg).reshape(1))
+            row.append(self._nan1x2[0] if wg is None else torch.linalg.vector_norm(wg).reshape(1))
             row.append(torch.linalg.vector_norm(w).reshape(1))
         else:
-            row += self.nan1x2
+            row += self._nan1x2
         if self.acts:
             act = self.acts[0] if len(self.acts) == 1 else torch.stack(self.acts).mean(0)
         else:
@@ -158,15 +158,6 @@ class _Layer:
         self.counts = (m_dy, m_dx)
         self.dy, self.dx, self.acts = [], [], []
         return [act, dy, dx]
-
-    @property
-    def nan1(self) -> Tensor:
-        assert self.nan is not None
-        return self.nan[:1]
-
-    @property
-    def nan1x2(self) -> tuple[Tensor, Tensor]:
-        return self._nan1x2
 
     def placeholder(self) -> list[Tensor]:
         """take()'s measured part for a step logged before this layer first ran."""
@@ -184,8 +175,8 @@ class _Layer:
         return self.nan.expand(2, -1)
 
 
-#: A layer's per-step values kept by reference (C values each): at every logged step, and at
-#: measured ones; then those copied at log.
+#: A layer's values in a logged step (C each, but SCALARS): FREE, LIVE and SCALARS are copied
+#: into the step's row at log; MEASURED, on measured steps, are kept by reference until flush.
 FREE = ("pre_mean", "invstd")
 MEASURED = ("act_mean", "act_var", "act_lo", "act_hi", "dy_mean", "dy_var", "dx_mean", "dx_var")
 LIVE = ("running_mean", "running_var", "gamma", "beta", "gamma_grad", "beta_grad")
@@ -201,10 +192,6 @@ def _combine(moments: list[_Moments], nan2: Tensor) -> tuple[Tensor, float]:
     total = sum(m for _, m in moments)
     sq = sum(m * (t[1].double() + t[0].double().square()) for t, m in moments)
     return torch.stack([torch.zeros_like(sq), sq / total]), float(total)
-
-
-def _grad(p: nn.Parameter | None) -> Tensor | None:
-    return None if p is None else p.grad
 
 
 class Watcher:
