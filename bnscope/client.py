@@ -93,11 +93,13 @@ class Client:
         the activation after it, the norms of the weight feeding it), every that many logged
         steps (see bncore.watch). ``patience``: seconds to keep
         retrying while the server is unreachable. ``hang_timeout``: seconds without a ``log``
-        after which the heartbeat stops and the server marks the run failed.
+        after which the heartbeat stops and the server marks the run failed. ``heartbeat``: seconds
+        between heartbeats while nothing else is sent (shorter if the server asks for it).
         """
         run = self._json(
             self.http.post("/api/runs/client", json={"name": name, "steps_total": steps_total})
         )
+        told = run.get("heartbeat_s")  # the server's own timeout decides how often to beat
         return ClientRun(
             self,
             run["id"],
@@ -106,7 +108,7 @@ class Client:
             channel_interval=channel_interval,
             measure_interval=measure_interval,
             patience=patience,
-            heartbeat=heartbeat,
+            heartbeat=min(heartbeat, told) if told else heartbeat,
             hang_timeout=hang_timeout,
         )
 

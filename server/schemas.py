@@ -35,6 +35,11 @@ class RunOut(BaseModel):
     steps_total: int | None
     queue_position: int | None = None
     pid: int | None = Field(None, description="the worker process, while training")
+    heartbeat_s: float | None = Field(
+        None,
+        description="for a script's new run: send POST .../heartbeat at least this often; a "
+        "run silent for the server's client_timeout is marked failed",
+    )
     created_at: float
     started_at: float | None
     finished_at: float | None

@@ -305,3 +305,18 @@ def test_one_line_helper_and_no_server_import(server):
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr  # bncore and the client alone
+
+
+def test_a_slow_script_stays_running_on_its_heartbeat(server):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    client = Client(server.url)
+    with client.create_run(name="slow") as run:  # heartbeat 5 s asked, the server says 0.75
+        run.watch(model)
+        model(torch.randn(5, 3)).sum().backward()
+        run.log(1, 0.0)
+        time.sleep(4.5)  # longer than the server's client timeout (3 s), between two logs
+        assert status(server, run.id)["status"] == "running"
+        model(torch.randn(5, 3)).sum().backward()
+        run.log(2, 0.0)
+    assert status(server, run.id)["status"] == "completed"
+    client.close()

@@ -137,7 +137,8 @@ def create_client_run(body: ClientRunCreate, svc: Svc) -> dict[str, Any]:
         meta=meta,
         started_at=time.time(),
     )
-    return run_out(run, svc)
+    svc.seen(run["id"])
+    return {**run_out(run, svc), "heartbeat_s": svc.settings.client_timeout / 4}
 
 
 @router.post("/{run_id}/records", response_model=IngestAck)
