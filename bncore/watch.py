@@ -35,7 +35,6 @@ rows to the host in one transfer and returns ``layers`` and ``channels`` tables
 
 from __future__ import annotations
 
-import functools
 import math
 import warnings
 import weakref
@@ -498,13 +497,8 @@ class Watcher:
 
     def flush(self) -> Records:
         """The pending steps, in one transfer, as ``layers`` and ``channels`` tables."""
-        return self.take_pending()()
-
-    def take_pending(self) -> Callable[[], Records]:
-        """Move the pending steps to the host (one transfer) and hand back what turns them into
-        tables (host-only work, for the caller to do when it suits it)."""
         if not self.pending_steps:
-            return Records
+            return Records()
         layers_now = list(self.layers.values())
         raw, extra = self._gather(layers_now)
         steps = np.asarray(self.pending_steps, np.int64)
@@ -514,7 +508,7 @@ class Watcher:
         self._rows, self._more, self._counts, self.pending_steps = [], [], [], []
         layout = [(la.name, la.channels, la.eps, la.affine) for la in layers_now]
         keep = (first + np.arange(len(steps))) % self.channel_interval == 0
-        return functools.partial(_tables, layout, raw, extra, count, steps, keep)
+        return _tables(layout, raw, extra, count, steps, keep)
 
     def meta(self) -> dict[str, Any]:
         """What the run's layers are (for a sink's ``start``)."""

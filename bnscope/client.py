@@ -194,9 +194,10 @@ class ClientRun:
         rec = self.watcher.flush()
         step, loss, lr, step_time, wall = zip(*self._steps, strict=True)
         losses = [v for v in loss if isinstance(v, Tensor)]
-        loss_np = np.asarray([float(v) for v in loss], np.float32)
         if losses and len(losses) == len(loss):  # one transfer for all of them
             loss_np = torch.stack(losses).float().cpu().numpy()
+        else:
+            loss_np = np.asarray([float(v) for v in loss], np.float32)
         steps = {
             "step": np.asarray(step, np.int64),
             "loss": loss_np,
