@@ -628,38 +628,13 @@ def _watched(
 ) -> Tensor:
     """torch.nn.functional.batch_norm, recorded where the layer is watched."""
     if training and _ACTIVE and isinstance(input, Tensor):
-        if torch.compiler.is_compiling():
-            return _watched_eager(input, running_mean, running_var, weight, bias, momentum, eps)
-        y = _record(input, running_mean, running_var, weight, bias, momentum, eps)
-        if y is not None:
-            return y
+        # under torch.compile: a graph break, and the layer runs (recorded) outside the graph
+        train = _train_outside_graph if torch.compiler.is_compiling() else _train
+        return train(input, running_mean, running_var, weight, bias, momentum, eps)
     return _ORIGINAL(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
-def _record(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    momentum: float,
-    eps: float,
-) -> Tensor | None:
-    if _functorch(input, weight, bias, running_mean):
-        return None  # torch.func transforms: torch's own batch norm, as unwatched
-    for watcher in _ACTIVE:
-        owner = watcher._owner(running_mean, weight, bias, running_var)
-        if owner is not None and owner[1].training:
-            if input.numel() == input.shape[1] or eps <= 0:
-                return None  # torch's own error message
-            return watcher.batch_norm(
-                owner, input, running_mean, running_var, weight, bias, momentum, eps
-            )
-    return None
-
-
-@torch.compiler.disable
-def _watched_eager(
+def _train(
     input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -668,11 +643,22 @@ def _watched_eager(
     momentum: float,
     eps: float,
 ) -> Tensor:
-    """Under torch.compile: a graph break, and the layer runs (recorded) outside the graph."""
-    y = _record(input, running_mean, running_var, weight, bias, momentum, eps)
-    if y is None:
-        y = _ORIGINAL(input, running_mean, running_var, weight, bias, True, momentum, eps)
-    return y
+    """A training-mode batch norm: recorded by the watcher whose model owns its tensors, else
+    (another model, torch.func transforms, an input torch refuses) torch's own."""
+    if not _functorch(input, weight, bias, running_mean):
+        for watcher in _ACTIVE:
+            owner = watcher._owner(running_mean, weight, bias, running_var)
+            if owner is None or not owner[1].training:
+                continue
+            if input.numel() == input.shape[1] or eps <= 0:
+                break  # torch's own error message
+            return watcher.batch_norm(
+                owner, input, running_mean, running_var, weight, bias, momentum, eps
+            )
+    return _ORIGINAL(input, running_mean, running_var, weight, bias, True, momentum, eps)
+
+
+_train_outside_graph = torch.compiler.disable(_train)
 
 
 def _install(watcher: Watcher) -> None:

@@ -9,7 +9,6 @@ import signal
 import socket
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -286,7 +285,7 @@ def test_readme_start_command_takes_its_arguments(tmp_path):
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(20)
-    assert textwrap.dedent("/bnscope-data/") in (ROOT / ".gitignore").read_text()
+    assert "/bnscope-data/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
 def test_one_line_helper_and_no_server_import(server):
