@@ -60,6 +60,10 @@ class _NormBase(nn.modules.batchnorm._BatchNorm):
     momentum: float | None
     affine: bool
     track_running_stats: bool
+    # None without gamma/beta (affine=False, Keras' scale/center=False); torch leaves them
+    # undeclared, so mypy infers Parameter from its _NormBase.__init__
+    weight: nn.Parameter | None  # type: ignore[assignment]  # torch's inferred type: Parameter
+    bias: nn.Parameter | None  # type: ignore[assignment]  # torch's inferred type: Parameter
     running_mean: Tensor | None
     running_var: Tensor | None
     num_batches_tracked: Tensor | None
@@ -142,7 +146,9 @@ class _NormBase(nn.modules.batchnorm._BatchNorm):
         if count is not None:
             count.add_(1)
             if self.momentum is None:
-                factor = count.to(self._buffers["running_mean"].dtype).reciprocal()
+                running_mean = self._buffers["running_mean"]
+                assert running_mean is not None  # registered alongside num_batches_tracked
+                factor = count.to(running_mean.dtype).reciprocal()
         return factor
 
     def extra_repr(self) -> str:
@@ -270,7 +276,9 @@ class _BatchNorm(_NormBase):
         running = running_mean is not None and self.track_running_stats
         factor = self._running_factor() if running else 0.0
         if isinstance(factor, Tensor):  # the cumulative average, as torch.nn computes it
-            factor = 1.0 / float(self._buffers["num_batches_tracked"])
+            count = self._buffers["num_batches_tracked"]
+            assert count is not None  # a tensor factor comes from counting batches
+            factor = 1.0 / float(count)
         if self.unbiased_running_var or not running:
             return torch.batch_norm(
                 input, weight, bias, running_mean if running else None,

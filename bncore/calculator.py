@@ -75,11 +75,16 @@ def explain(
         raise ValueError(f"eps must be non-negative, got {eps}")
     n, c = x.shape
     layer = BatchNorm1d(c, eps=eps, momentum=momentum, dtype=torch.float64)
+    weight, bias = layer.weight, layer.bias
+    mean_buf, var_buf = layer.running_mean, layer.running_var
+    # affine, tracking running statistics: none of them is None
+    assert weight is not None and bias is not None
+    assert mean_buf is not None and var_buf is not None
     with torch.no_grad():
-        layer.weight.fill_(gamma)
-        layer.bias.fill_(beta)
-        layer.running_mean.fill_(running_mean)
-        layer.running_var.fill_(running_var)
+        weight.fill_(gamma)
+        bias.fill_(beta)
+        mean_buf.fill_(running_mean)
+        var_buf.fill_(running_var)
         y = layer(torch.as_tensor(x, dtype=torch.float64)).numpy()
     mean = x.mean(0)
     var = x.var(0)
@@ -102,6 +107,6 @@ def explain(
         "momentum": momentum,
         "running_mean_before": running_mean,
         "running_var_before": running_var,
-        "running_mean": layer.running_mean.tolist(),
-        "running_var": layer.running_var.tolist(),
+        "running_mean": mean_buf.tolist(),
+        "running_var": var_buf.tolist(),
     }

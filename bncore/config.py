@@ -28,6 +28,8 @@ __all__ = [
     "set_field",
 ]
 
+#: What DataConfig.name accepts.
+DatasetName = Literal["mnist1d", "digits", "blobs", "spirals", "mnist", "fashion_mnist", "cifar10"]
 SPATIAL_DATASETS = ("mnist1d", "digits", "mnist", "fashion_mnist", "cifar10")
 FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 MAX_PARAMETERS = 50_000_000
@@ -45,16 +47,18 @@ class ModelConfig(_Strict):
     """The network: a stack of blocks (linear or conv, normalization, activation), then a
     linear classifier. Blocks are named block0, block1, ... with or without normalization."""
 
-    kind: Literal["mlp", "cnn"] = Field("mlp", description="fully connected, or convolutional")
-    depth: int = Field(4, ge=1, le=100, description="number of hidden blocks")
+    kind: Literal["mlp", "cnn"] = Field(
+        default="mlp", description="fully connected, or convolutional"
+    )
+    depth: int = Field(default=4, ge=1, le=100, description="number of hidden blocks")
     width: int = Field(
-        128, ge=1, le=4096, description="units per hidden layer (MLP) or channels (CNN)"
+        default=128, ge=1, le=4096, description="units per hidden layer (MLP) or channels (CNN)"
     )
     activation: Literal["relu", "tanh", "sigmoid", "linear"] = Field(
-        "relu", description="nonlinearity after each block's normalization (or before it)"
+        default="relu", description="nonlinearity after each block's normalization (or before it)"
     )
     bias: bool | None = Field(
-        None,
+        default=None,
         description="bias in each linear/conv layer; default: off where a normalization "
         "directly follows it (its mean subtraction cancels the bias), on otherwise",
     )
@@ -65,47 +69,57 @@ class NormConfig(_Strict):
     it); the fields after ``eps`` belong to one kind each."""
 
     kind: Literal["none", "batch", "ghost", "renorm", "noisy", "group", "layer"] = Field(
-        "batch",
+        default="batch",
         description="batch (BN); ghost (BN over virtual batches); renorm (batch renormalization);"
         " noisy (BN, then a per-channel shift and scale redrawn every step); group (GroupNorm);"
         " layer (LayerNorm: GroupNorm with one group); none",
     )
     placement: Literal["before_activation", "after_activation"] = Field(
-        "before_activation",
+        default="before_activation",
         description="BN between the linear/conv layer and the activation (Ioffe & Szegedy), "
         "or after the activation",
     )
     convention: Literal["pytorch", "keras"] = Field(
-        "pytorch",
+        default="pytorch",
         description="meaning and defaults of momentum and eps: pytorch (momentum 0.1 weighs the "
         "new batch, eps 1e-5, unbiased running variance) or keras (momentum 0.99 weighs the old "
         "value, eps 1e-3, biased running variance)",
     )
     momentum: float | Literal["cumulative"] | None = Field(
-        None,
+        default=None,
         description="running-statistics momentum in the chosen convention; 'cumulative' for "
         "the cumulative average (pytorch only); default: the convention's",
     )
     eps: float | None = Field(
-        None, gt=0, le=1, description="added to the variance; default: the convention's"
+        default=None, gt=0, le=1, description="added to the variance; default: the convention's"
     )
     virtual_batch: int | None = Field(
-        None,
+        default=None,
         ge=2,
         le=8192,
         description="kind 'ghost': examples per virtual batch; must divide batch_size; default: "
         "the largest divisor of batch_size up to 32",
     )
-    r_max: float = Field(3.0, ge=1, le=100, description="kind 'renorm': bound of the scale r")
-    d_max: float = Field(5.0, ge=0, le=100, description="kind 'renorm': bound of the shift d")
+    r_max: float = Field(
+        default=3.0, ge=1, le=100, description="kind 'renorm': bound of the scale r"
+    )
+    d_max: float = Field(
+        default=5.0, ge=0, le=100, description="kind 'renorm': bound of the shift d"
+    )
     noise_shift: float = Field(
-        0.5, ge=0, le=100, description="kind 'noisy': shifts are drawn from U(-noise_shift, +)"
+        default=0.5,
+        ge=0,
+        le=100,
+        description="kind 'noisy': shifts are drawn from U(-noise_shift, +)",
     )
     noise_scale: float = Field(
-        1.5, ge=1, le=100, description="kind 'noisy': scales are drawn from U(1, noise_scale)"
+        default=1.5,
+        ge=1,
+        le=100,
+        description="kind 'noisy': scales are drawn from U(1, noise_scale)",
     )
     groups: int | None = Field(
-        None,
+        default=None,
         ge=1,
         le=4096,
         description="kind 'group': channel groups; must divide model.width; default: the largest"
@@ -152,32 +166,35 @@ def largest_divisor(n: int, at_most: int) -> int:
 class DataConfig(_Strict):
     """The dataset, made or read locally: nothing is downloaded."""
 
-    name: Literal["mnist1d", "digits", "blobs", "spirals", "mnist", "fashion_mnist", "cifar10"] = (
-        Field(
-            "mnist1d",
-            description="mnist1d (Greydanus 2020, made offline), digits (scikit-learn, 8x8), "
-            "blobs and spirals (synthetic, 2-d), or mnist/fashion_mnist (IDX files) and cifar10 "
-            "(python batches) read from 'path'",
-        )
+    name: DatasetName = Field(
+        default="mnist1d",
+        description="mnist1d (Greydanus 2020, made offline), digits (scikit-learn, 8x8), "
+        "blobs and spirals (synthetic, 2-d), or mnist/fashion_mnist (IDX files) and cifar10 "
+        "(python batches) read from 'path'",
     )
     path: str | None = Field(
-        None, description="directory holding the files of mnist, fashion_mnist or cifar10"
+        default=None, description="directory holding the files of mnist, fashion_mnist or cifar10"
     )
     samples: int = Field(
-        4000, ge=20, le=200_000, description="number of examples to make (blobs, spirals)"
+        default=4000, ge=20, le=200_000, description="number of examples to make (blobs, spirals)"
     )
-    classes: int = Field(4, ge=2, le=20, description="number of classes (blobs, spirals)")
-    noise: float = Field(0.2, ge=0, le=10, description="noise level (blobs, spirals)")
+    classes: int = Field(default=4, ge=2, le=20, description="number of classes (blobs, spirals)")
+    noise: float = Field(default=0.2, ge=0, le=10, description="noise level (blobs, spirals)")
     test_fraction: float = Field(
-        0.2, gt=0, lt=1, description="share held out for testing where the data has no split"
+        default=0.2,
+        gt=0,
+        lt=1,
+        description="share held out for testing where the data has no split",
     )
     split_seed: int = Field(
-        0,
+        default=0,
         ge=0,
         description="seed of the train/test split and of synthetic data (fixed, so "
         "runs with different training seeds see the same data)",
     )
-    max_train: int | None = Field(None, ge=2, description="use at most this many training examples")
+    max_train: int | None = Field(
+        default=None, ge=2, description="use at most this many training examples"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -189,51 +206,56 @@ class DataConfig(_Strict):
 class OptimConfig(_Strict):
     """The optimizer."""
 
-    name: Literal["sgd", "adam"] = Field("sgd", description="SGD with momentum, or Adam")
-    lr: float = Field(0.05, gt=0, le=100, description="learning rate")
-    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam)")
-    weight_decay: float = Field(0.0, ge=0, le=1, description="L2 weight decay")
+    name: Literal["sgd", "adam"] = Field(default="sgd", description="SGD with momentum, or Adam")
+    lr: float = Field(default=0.05, gt=0, le=100, description="learning rate")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam)")
+    weight_decay: float = Field(default=0.0, ge=0, le=1, description="L2 weight decay")
 
 
 class RunConfig(_Strict):
     """One training run."""
 
-    name: str | None = Field(None, max_length=200, description="a label for the run")
+    name: str | None = Field(default=None, max_length=200, description="a label for the run")
     model: ModelConfig = Field(default_factory=ModelConfig)
     norm: NormConfig = Field(default_factory=NormConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    batch_size: int = Field(64, ge=2, le=8192, description="examples per training step")
-    steps: int = Field(1000, ge=1, le=1_000_000, description="training steps")
+    batch_size: int = Field(default=64, ge=2, le=8192, description="examples per training step")
+    steps: int = Field(default=1000, ge=1, le=1_000_000, description="training steps")
     eval_interval: int = Field(
-        100, ge=1, description="steps between evaluations (train/test loss and accuracy)"
+        default=100, ge=1, description="steps between evaluations (train/test loss and accuracy)"
     )
     stats_interval: int = Field(
-        1, ge=1, description="steps between recorded statistics (every layer, every statistic)"
+        default=1,
+        ge=1,
+        description="steps between recorded statistics (every layer, every statistic)",
     )
     channel_interval: int = Field(
-        10,
+        default=10,
         ge=1,
         description="keep per-channel arrays every this many recorded steps (summaries are "
         "kept at every recorded step)",
     )
     tracked_units: int = Field(
-        3, ge=1, le=16, description="units per layer whose 15/50/85th percentiles are recorded"
+        default=3,
+        ge=1,
+        le=16,
+        description="units per layer whose 15/50/85th percentiles are recorded",
     )
     ics_interval: int = Field(
-        0,
+        default=0,
         ge=0,
         description="steps between measurements of internal covariate shift (Santurkar et al."
         "): one extra forward and backward per block; a multiple of stats_interval; 0: off",
     )
     landscape: bool = Field(
-        False,
+        default=False,
         description="at every evaluation, the loss and gradient along the gradient direction "
         "at 0.5-4 learning rates (Santurkar et al.'s landscape and beta-smoothness)",
     )
-    seed: int = Field(0, ge=0, description="seed of initialization and batch order")
+    seed: int = Field(default=0, ge=0, description="seed of initialization and batch order")
     device: Literal["auto", "cpu", "cuda"] = Field(
-        "auto", description="where to train: auto picks cuda when available"
+        default="auto", description="where to train: auto picks cuda when available"
     )
 
     @model_validator(mode="after")

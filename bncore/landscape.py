@@ -25,6 +25,8 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from bncore.models import Block
+
 __all__ = ["internal_covariate_shift", "landscape", "preserved"]
 
 Loss = Callable[[Tensor, Tensor], Tensor]
@@ -58,7 +60,7 @@ def internal_covariate_shift(
     loss_fn: Loss,
     x: Tensor,
     y: Tensor,
-    blocks: Sequence[nn.Module],
+    blocks: Sequence[Block],
     before: Sequence[Tensor],
     step: Callable[[], None],
 ) -> tuple[Tensor, Tensor]:

@@ -21,7 +21,10 @@ from bncore.batchnorm import BatchNorm1d, BatchNorm2d
 from bncore.config import ModelConfig, NormConfig, RunConfig
 from bncore.norms import BatchRenorm, GhostBatchNorm, NoisyBatchNorm
 
-__all__ = ["ACTIVATIONS", "NORMS", "Block", "Net", "Probe", "build_model"]
+__all__ = ["ACTIVATIONS", "NORMS", "Block", "Layer", "Net", "Probe", "build_model"]
+
+#: A block's linear or convolutional layer.
+Layer = nn.Linear | nn.Conv1d | nn.Conv2d
 
 
 class Probe(Protocol):
@@ -35,7 +38,7 @@ class Probe(Protocol):
 NormBuilder = Callable[[RunConfig, int, int], nn.Module]
 
 
-def _batch_norm(cfg: NormConfig, channels: int, spatial_dims: int) -> nn.Module:
+def _batch_norm(cfg: NormConfig, channels: int, spatial_dims: int) -> BatchNorm1d | BatchNorm2d:
     cls = BatchNorm2d if spatial_dims == 2 else BatchNorm1d
     momentum, eps = cfg.resolved()
     if cfg.convention == "keras":
@@ -80,7 +83,7 @@ ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 class Block(nn.Module):
     """layer -> norm -> activation (``before_activation``) or layer -> activation -> norm."""
 
-    def __init__(self, layer: nn.Module, norm: nn.Module, act: nn.Module, norm_first: bool):
+    def __init__(self, layer: Layer, norm: nn.Module, act: nn.Module, norm_first: bool):
         super().__init__()
         self.layer, self.norm, self.act = layer, norm, act
         self.norm_first = norm_first

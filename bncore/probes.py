@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from bncore import kernels
+from bncore.batchnorm import _BatchNorm
 from bncore.kernels import cpu
 from bncore.kernels.reference import (
     COPY,
@@ -346,6 +347,7 @@ class Recorder:
         means = dict(zip(s.rows, np.einsum("sbrc->rsb", stacked) / np.float32(c), strict=True))
         if s.is_bn:  # BN's output statistics are exact functions of what it recorded
             norm = s.block.norm
+            assert isinstance(norm, _BatchNorm)  # is_bn: a layer with BNStats, bncore's BN
             rows["post_mean"], rows["post_var"] = bn_output_rows(
                 rows["pre_var"],
                 rows["gamma"] if norm.weight is not None else None,  # else recorded as NaN

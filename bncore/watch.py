@@ -190,6 +190,7 @@ def _combine(moments: list[_Moments], nan2: Tensor) -> tuple[Tensor, float]:
         return moments[0][0][:2], float(moments[0][1])
     total = sum(m for _, m in moments)
     sq = sum(m * (t[1].double() + t[0].double().square()) for t, m in moments)
+    assert isinstance(sq, Tensor)  # two or more terms: not sum()'s start, 0
     return torch.stack([torch.zeros_like(sq), sq / total]), float(total)
 
 

@@ -21,7 +21,7 @@ class TrainingBatchNorm(torch.autograd.Function):
     """y = BN(x) with batch statistics, differentiable twice (through the reference)."""
 
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: torch.autograd.function.FunctionCtx,
         x: Tensor,
         weight: Tensor | None,
@@ -43,7 +43,8 @@ class TrainingBatchNorm(torch.autograd.Function):
             act_stats = None if act is None else record.act
         else:
             grad = torch.full((4, x.shape[1]), float("nan"), dtype=out.mean.dtype, device=x.device)
-        ctx.save_for_backward(x, weight, out.mean, out.invstd)
+        # torch saves None too; its stub types the arguments Tensor
+        ctx.save_for_backward(x, weight, out.mean, out.invstd)  # type: ignore[arg-type]
         ctx.kernel, ctx.eps, ctx.grad = kernel, eps, grad  # type: ignore[attr-defined]
         ctx.bias_dtype = None if bias is None else bias.dtype  # type: ignore[attr-defined]
         if stats is not None:
@@ -51,9 +52,7 @@ class TrainingBatchNorm(torch.autograd.Function):
         return out.y
 
     @staticmethod
-    def backward(  # type: ignore[override]
-        ctx: torch.autograd.function.FunctionCtx, dy: Tensor
-    ) -> tuple[Tensor | None, ...]:
+    def backward(ctx: torch.autograd.function.FunctionCtx, dy: Tensor) -> tuple[Tensor | None, ...]:
         x, weight, mean, invstd = ctx.saved_tensors  # type: ignore[attr-defined]
         need_dx, need_w, need_b = ctx.needs_input_grad[:3]  # type: ignore[attr-defined]
         kernel = ctx.kernel  # type: ignore[attr-defined]
