@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 from bncore.experiments import EXPERIMENTS
+from bncore.status import FINISHED
 from server.process import ServerProcess, wait_for
 
-FINAL = {"completed", "diverged", "failed", "cancelled", "interrupted"}
+FINAL = set(FINISHED)
 
 
 def _short(values: list) -> str:

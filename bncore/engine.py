@@ -30,6 +30,7 @@ from bncore.models import Net, build_model
 from bncore.probes import Recorder
 from bncore.records import Records
 from bncore.sinks import MemorySink, Sink
+from bncore.status import RunStatus
 
 __all__ = ["RunResult", "Trainer", "resolve_device", "train"]
 
@@ -52,7 +53,7 @@ def resolve_device(name: str) -> torch.device:
 class RunResult:
     """How a run ended, and (with the default in-memory sink) what it recorded."""
 
-    status: str  # completed | diverged | cancelled
+    status: str  # a RunStatus value: completed | diverged | cancelled
     steps_done: int
     message: str = ""
     seconds: float = 0.0
@@ -124,7 +125,11 @@ class Trainer:
         if cfg.ics_interval and (self.step_count - 1) % cfg.ics_interval == 0:
             self.recorder.arm(False)
             blocks = [b for _, b in self.model.blocks()]
-            before = [b.layer.weight.grad.detach().clone() for b in blocks]
+            before = []
+            for b in blocks:
+                grad = b.layer.weight.grad
+                assert grad is not None  # the backward above reached every block's weight
+                before.append(grad.detach().clone())
             self._ics[self.step_count] = internal_covariate_shift(
                 self.model, self.loss_fn, x, y, blocks, before, self.optimizer.step
             )
@@ -228,13 +233,14 @@ class Trainer:
         cfg = self.config
         started = time.perf_counter()
         sink.start(self.meta())
-        status, message, final = "completed", "", {}
+        status, message, final = RunStatus.COMPLETED.value, "", {}
         last_flush = time.perf_counter()
         evals: list[dict[str, float]] = [self.evaluate()]
         try:
             while self.step_count < cfg.steps:
                 if should_stop is not None and should_stop():
-                    status, message = "cancelled", f"cancelled at step {self.step_count}"
+                    status = RunStatus.CANCELLED.value
+                    message = f"cancelled at step {self.step_count}"
                     break
                 self.step()
                 due_eval = self.step_count % cfg.eval_interval == 0 or self.step_count == cfg.steps
@@ -255,7 +261,7 @@ class Trainer:
                 if on_flush is not None:
                     on_flush(self, rec)
                 if bad is not None:
-                    status = "diverged"
+                    status = RunStatus.DIVERGED.value
                     message = f"loss became {bad[1]} at step {bad[0]}; stopped, records kept"
                     break
         finally:
@@ -264,7 +270,7 @@ class Trainer:
             if any(rec.tables().values()):
                 sink.write(rec)
             self.recorder.close()
-        if status == "completed":
+        if status == RunStatus.COMPLETED.value:
             final = {k: v for k, v in self.evaluate().items() if k != "step"}
         summary = {
             **self.meta(),
@@ -324,8 +330,10 @@ def train(
     on_flush: Callable[[Trainer, Records], None] | None = None,
 ) -> RunResult:
     """Run ``config`` to the end; with no ``sink`` the records come back in ``result.records``."""
-    memory = MemorySink() if sink is None else None
-    result = Trainer(config).run(sink or memory, should_stop, on_flush)
+    memory: MemorySink | None = None
+    if sink is None:
+        sink = memory = MemorySink()
+    result = Trainer(config).run(sink, should_stop, on_flush)
     if memory is not None:
         result.records = memory.records
     return result

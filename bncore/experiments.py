@@ -20,8 +20,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bncore.config import DataConfig, get_field, set_field
+from bncore.config import DataConfig, DatasetName, get_field, set_field
 from bncore.data import load_dataset
+from bncore.downsample import measured
 from bncore.theory import gradient_explosion_rate, gradient_growth_rate
 
 __all__ = ["EXPERIMENTS", "Experiment", "Panel", "Point", "needs", "result"]
@@ -137,13 +138,10 @@ def _reduce(p: Panel, point: Point) -> float | None:
 
 
 def _thin(steps: np.ndarray, vals: np.ndarray) -> tuple[list, list]:
-    """At most MAX_POINTS of the measured points (steps without a measurement, NaN, dropped)."""
-    ok = np.isfinite(vals)
-    steps, vals = steps[ok], vals[ok]
-    if not len(steps):
-        return [], []
-    idx = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), MAX_POINTS)).astype(int))
-    return steps[idx].tolist(), [float(v) for v in vals[idx]]
+    """At most MAX_POINTS of the measured points (steps without a measurement, NaN, dropped),
+    each bucket's extremes kept (bncore.downsample)."""
+    steps, vals = measured(steps, vals, MAX_POINTS)
+    return steps.tolist(), [float(v) for v in vals]
 
 
 def result(exp: Experiment, points: Sequence[Point]) -> dict[str, Any]:
@@ -161,13 +159,14 @@ def result(exp: Experiment, points: Sequence[Point]) -> dict[str, Any]:
                     name = _label(point.values) + (f" {stat}" if len(p.stats) > 1 else "")
                     series.append({"name": name, "x": x, "y": y, "theory": False})
         else:
-            assert p.x is not None
+            x_key = p.x
+            assert x_key is not None
             groups: dict[str, list[Point]] = {}
             for point in points:
-                groups.setdefault(_label(point.values, skip=p.x), []).append(point)
+                groups.setdefault(_label(point.values, skip=x_key), []).append(point)
             for name, members in groups.items():
-                members = sorted(members, key=lambda m: m.values[p.x])
-                xs = [m.values[p.x] for m in members]
+                members = sorted(members, key=lambda m: m.values[x_key])
+                xs = [m.values[x_key] for m in members]
                 series.append(
                     {"name": name, "x": xs, "y": [_reduce(p, m) for m in members], "theory": False}
                 )
@@ -204,7 +203,7 @@ EPOCHS = 3
 
 
 @functools.cache
-def _train_size(name: str) -> int:
+def _train_size(name: DatasetName) -> int:
     return len(load_dataset(DataConfig(name=name)).x_train)
 
 

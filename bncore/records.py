@@ -1,87 +1,39 @@
 """What a run records, in columns: the format every sink writes and every reader gets.
 
 Four tables, each a dict of equal-length numpy columns (Parquet files in ``bnscope train --out``):
-
-``steps`` (one row per training step)
-    step, loss, lr, step_time (seconds, as seen by the host), time (wall clock at the step's end,
-    Unix seconds)
-
-``layers`` (one row per recorded step and block; ``layer`` is the block's name)
-    pre_mean, pre_mean_abs, pre_var, pre_var_min, pre_var_max
-        channel-average of the batch mean (and of its magnitude) and variance of what enters the
-        normalization (for BN: the statistics it normalized with); extremes over channels
-    post_mean, post_var          the same of what leaves the normalization
-    act_mean, act_var            the same of the activation's output
-    act_saturated                share of activation outputs at rest or saturated: ReLU = 0,
-                                 sigmoid <= 0.01 or >= 0.99, tanh |y| >= 0.99 (0 for linear)
-    act_dead                     share of units at rest or saturated for the whole batch
-                                 (dead ReLUs)
-    running_mean, running_var    channel-averages of the running statistics (NaN without)
-    running_mean_gap, running_var_gap
-                                 RMS over channels of running statistic minus batch statistic
-                                 (NaN without running statistics)
-    gamma, beta                  channel-averages of the BN scale and shift (NaN without)
-    gamma_grad_norm, beta_grad_norm
-                                 L2 norms of dL/dgamma (= sum dy*xhat) and dL/dbeta (= sum dy);
-                                 without BN, beta_grad_norm is the norm a bias there would get
-    grad_out_norm, grad_in_norm  L2 norms of the activation gradient reaching the normalization's
-                                 output and leaving through its input
-    weight_grad_norm             L2 norm of the linear/conv weight's gradient
-    layer_bias_grad_norm         L2 norm of the linear/conv layer's own bias gradient (NaN
-                                 without one); BN right after the layer makes it zero
-    p15_j, p50_j, p85_j          15th/50th/85th percentiles over the batch of tracked unit j's
-                                 activation input (Ioffe & Szegedy, Figure 1)
-    ics, ics_cos                 with ``ics_interval``: internal covariate shift, ||G - G'||, and
-                                 cos(G, G') of the weight gradient before and after the blocks
-                                 below took their step (Santurkar et al.; bncore.landscape); NaN
-                                 on steps without a measurement
-
-``channels`` (one row per kept step and block, every ``channel_interval`` recorded steps)
-    per-channel arrays, each of shape (rows, C): pre_mean, pre_var, post_mean, post_var,
-    act_mean, act_var, act_saturated, running_mean, running_var, gamma, beta, gamma_grad,
-    beta_grad, grad_out_sq, grad_in_sq
-
-``evals`` (one row per evaluation, in eval mode)
-    step, train_loss, train_acc, test_loss, test_acc, mode_gap (relative L2 distance between
-    the logits of a fixed probe batch in train mode and in eval mode); with ``landscape``:
-    landscape_loss_min, landscape_loss_max, landscape_loss_range, grad_change,
-    beta_smoothness (the loss and gradient
-    along the gradient direction; bncore.landscape)
+``steps`` (one row per training step), ``layers`` (one row per recorded step and block;
+``layer`` is the block's name), ``channels`` (per-channel arrays of shape (rows, C), one row per
+kept step and block) and ``evals`` (one row per evaluation, in eval mode). Every table has a
+``step`` column. What each other column means, its unit and how it is drawn: the registry in
+bncore.statistics (docs/statistics.md); the column lists below are read from it.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from bncore.statistics import PERCENTILE, columns
+
 TABLES = ("steps", "layers", "channels", "evals")
 
-CHANNEL_COLUMNS = (
-    "pre_mean", "pre_var", "post_mean", "post_var", "act_mean", "act_var", "act_saturated",
-    "running_mean", "running_var", "gamma", "beta", "gamma_grad", "beta_grad",
-    "grad_out_sq", "grad_in_sq",
-)  # fmt: skip
+CHANNEL_COLUMNS = columns("channels")
 
 Table = dict[str, np.ndarray]
+#: Tables by name: a batch of records as the server takes and stores it.
+Batch = dict[str, Table]
 
-STEP_COLUMNS = ("loss", "lr", "step_time", "time")
-EVAL_COLUMNS = ("train_loss", "train_acc", "test_loss", "test_acc", "mode_gap")
+STEP_COLUMNS = columns("steps")
+EVAL_COLUMNS = columns("evals")
 #: Only in runs that ask for them (RunConfig.landscape, RunConfig.ics_interval).
-OPTIONAL_EVAL_COLUMNS = ("landscape_loss_min", "landscape_loss_max", "landscape_loss_range",
-                         "grad_change", "beta_smoothness")  # fmt: skip
-OPTIONAL_LAYER_COLUMNS = ("ics", "ics_cos")
-LAYER_COLUMNS = (
-    "pre_mean", "pre_mean_abs", "pre_var", "pre_var_min", "pre_var_max", "post_mean", "post_var",
-    "act_mean", "act_var", "act_saturated", "act_dead", "running_mean", "running_var",
-    "running_mean_gap", "running_var_gap",
-    "gamma", "beta", "gamma_grad_norm", "beta_grad_norm", "grad_out_norm", "grad_in_norm",
-    "weight_grad_norm", "layer_bias_grad_norm",
-)  # fmt: skip
-PERCENTILE_COLUMN = re.compile(r"p(15|50|85)_\d+")
+OPTIONAL_EVAL_COLUMNS = columns("evals", optional=True)
+#: Only where measured (ics_interval; weight_norm for watched models).
+OPTIONAL_LAYER_COLUMNS = columns("layers", optional=True)
+LAYER_COLUMNS = columns("layers")
+PERCENTILE_COLUMN = PERCENTILE
 
 
 @dataclass

@@ -86,7 +86,7 @@ def _serve(args: argparse.Namespace) -> int:
     """Start the server: REST API, live stream and dashboard, on one port."""
     from pydantic import ValidationError
 
-    from server.app import serve
+    from bnscope.app import serve
     from server.settings import Settings
 
     given = {
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help=_train.__doc__,
-        description=_train.__doc__
+        description=(_train.__doc__ or "")
         + " Output: DIR/{steps,layers,channels,evals}.parquet, config.json and run.json "
         "(the columns are documented in bncore/records.py). Exit status: 0 completed, "
         "3 diverged, 2 bad config or data.",
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser(
         "serve",
         help=_serve.__doc__,
-        description=_serve.__doc__ + " Every flag can also be set "
+        description=(_serve.__doc__ or "") + " Every flag can also be set "
         "as an environment variable BNSCOPE_<NAME> (BNSCOPE_TOKEN, BNSCOPE_DATA_DIR, ...).",
     )
     serve.add_argument("--host", help="interface (default 127.0.0.1; 0.0.0.0 for all)")

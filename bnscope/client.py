@@ -38,6 +38,7 @@ from torch import Tensor, nn
 import bncore
 from bncore.records import Records
 from bncore.sinks import HttpSink
+from bncore.status import RunStatus
 from bncore.watch import Watcher
 
 __all__ = ["Client", "ClientRun", "watch"]
@@ -213,7 +214,7 @@ class ClientRun:
             self._meta_sent = meta
         self.sink.write(records)
 
-    def finish(self, status: str = "completed", message: str | None = None) -> None:
+    def finish(self, status: str = RunStatus.COMPLETED.value, message: str | None = None) -> None:
         """Send what is left and report how the run ended; unwatches the model."""
         if self._finished:
             return

@@ -8,18 +8,18 @@ assets/live.js listens to the run's Server-Sent Events and extends the figures i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
 
 import plotly.io as pio
 from a2wsgi import WSGIMiddleware
 from dash import Dash, dash_table, dcc, html
+from fastapi import FastAPI
 
+from bncore.status import ACTIVE, FINISHED
 from dashboard import calculator, callbacks, experiments
 from dashboard.figures import STAT_LABELS
 from dashboard.form import PRESETS, build_form
-
-if TYPE_CHECKING:
-    from fastapi import FastAPI
+from server.service import Service
 
 # The run view's sections: only the open one is drawn (and fed live), so opening a run or
 # streaming into it costs a handful of figures, however many there are in all.
@@ -52,7 +52,7 @@ def layout(has_token: bool) -> html.Div:
                 ],
                 className="toolbar",
             ),
-            dash_table.DataTable(
+            dash_table.DataTable(  # type: ignore[attr-defined]  # generated at import
                 id="runs-table",
                 columns=[{"name": c, "id": c} for c in STATUS_COLUMNS],
                 data=[],
@@ -189,9 +189,12 @@ def layout(has_token: bool) -> html.Div:
     )
 
 
-def mount(app: FastAPI) -> None:
-    """Build the Dash app on the server's services and mount it at /dashboard."""
-    svc = app.state.services
+#: What the page's script (assets/live.js) shares with the server: the run-status vocabulary.
+PAGE_VOCABULARY = {"active": list(ACTIVE), "finished": list(FINISHED)}
+
+
+def mount(app: FastAPI, svc: Service) -> None:
+    """Build the Dash app on the service and mount it at /dashboard of the API's app."""
     pio.json.config.default_engine = "orjson"  # Dash encodes figures through plotly.io
     dash_app = Dash(
         __name__,
@@ -199,10 +202,13 @@ def mount(app: FastAPI) -> None:
         routes_pathname_prefix="/",
         title="BN Scope",
         suppress_callback_exceptions=True,
-        update_title=None,
+        update_title=None,  # type: ignore[arg-type]  # None: no 'Updating...' title
     )
+    vocabulary = f"<script>window.bnscopeVocabulary = {json.dumps(PAGE_VOCABULARY)};</script>"
+    dash_app.index_string = dash_app.index_string.replace("{%scripts%}", vocabulary + "{%scripts%}")
     dash_app.layout = layout(bool(svc.settings.token))
     callbacks.register(dash_app, svc, SECTIONS)
     experiments.register(dash_app, svc)
     calculator.register(dash_app)
-    app.mount("/dashboard", WSGIMiddleware(dash_app.server))
+    # a2wsgi types its ASGI callable apart from Starlette's; they are the same protocol
+    app.mount("/dashboard", WSGIMiddleware(dash_app.server))  # type: ignore[arg-type]

@@ -92,12 +92,13 @@ def register(app: Dash) -> None:
         *(Input(f"calc-{name}", "value") for name, _ in PARAMS),
     )
     def compute(text: str | None, *params: float | None) -> Any:
-        if any(p is None for p in params):
+        given = [p for p in params if p is not None]
+        if len(given) < len(params):
             missing = [name for (name, _), p in zip(PARAMS, params, strict=True) if p is None]
             return html.P(f"set {', '.join(missing)} to a number", className="field-error")
         try:
             x = parse_batch(text or "")
-            r = explain(x, *params)
+            r = explain(x, *given)
         except ValueError as exc:
             return html.P(str(exc), className="field-error", id="calc-error")
         return [_seed_note(x), *(_channel(r, j) for j in range(r["channels"]))]

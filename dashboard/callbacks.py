@@ -6,22 +6,18 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import time
 from typing import Any
 from urllib.parse import parse_qs
 
 from dash import ALL, ClientsideFunction, Dash, Input, Output, State, ctx, html, no_update
-from fastapi import HTTPException
 
 from bncore.config import ConfigError, parse_config
 from dashboard import data, figures
 from dashboard.form import PRESETS, build_form, collect
-from server.routes import runs as run_routes
-from server.routes import sweeps as sweep_routes
+from server.errors import DomainError, Unauthorized
 from server.schemas import SweepCreate
-from server.services import Services
-from server.views import run_out
+from server.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +43,7 @@ def banner(run: dict[str, Any] | None, error: str | None = None) -> list[Any]:
     return parts
 
 
-def register(app: Dash, svc: Services, sections: dict[str, tuple[str, ...]]) -> None:
+def register(app: Dash, svc: Service, sections: dict[str, tuple[str, ...]]) -> None:
     graphs = [g for section in sections.values() for g in section]
 
     @app.callback(
@@ -123,7 +119,7 @@ def register(app: Dash, svc: Services, sections: dict[str, tuple[str, ...]]) -> 
             "specs": [s for s in specs if s["graph"] in shown],
             "layers": view["layers"],
         }
-        return (*out, spec, view["layers"], view["layer"], banner(run_out(view["run"], svc)))
+        return (*out, spec, view["layers"], view["layer"], banner(svc.runs.out(view["run"])))
 
     @app.callback(
         Output("run-banner", "children", allow_duplicate=True),
@@ -207,7 +203,9 @@ def register(app: Dash, svc: Services, sections: dict[str, tuple[str, ...]]) -> 
                 errors[f] for f in fields
             ]
 
-        if svc.settings.token and not secrets.compare_digest(token or "", svc.settings.token):
+        try:
+            svc.runs.authorize(token)
+        except Unauthorized:
             return fail("this server needs its token to launch runs")
         body = collect(ids, values)
         try:
@@ -218,23 +216,20 @@ def register(app: Dash, svc: Services, sections: dict[str, tuple[str, ...]]) -> 
             return fail("fix the fields marked in red")
         try:
             if grid and grid.strip():
-                sweep = sweep_routes.create_sweep(
-                    SweepCreate(base=body, grid=json.loads(grid), name=None), svc
-                )
+                sweep = svc.sweeps.create(SweepCreate(base=body, grid=json.loads(grid), name=None))
                 msg = f"sweep {sweep['id']}: {len(sweep['runs'])} runs queued"
             else:
-                run = run_routes.create_run(config, svc)
+                run = svc.runs.create(config)
                 msg = f"run {run['id']} queued"
         except json.JSONDecodeError as exc:
             return fail(f"the sweep grid is not JSON: {exc}")
-        except HTTPException as exc:
-            detail = exc.detail
-            if isinstance(detail, dict):
-                for e in detail.get("errors", []):
+        except DomainError as exc:
+            if isinstance(exc.detail, dict):
+                for e in exc.detail.get("errors", []):
                     if e["field"] in errors:
                         errors[e["field"]] = e["message"]
-                detail = f"grid point {detail.get('point')}: fix the fields marked in red"
-            return fail(str(detail))
+                return fail(f"grid point {exc.detail.get('point')}: fix the fields marked in red")
+            return fail(exc.message)
         except Exception as exc:
             return fail(f"{type(exc).__name__}: {exc}")
         return [html.Span("launched", className="status status-running"), msg], [

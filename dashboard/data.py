@@ -1,5 +1,5 @@
-"""What the dashboard shows, read from the server's store: plain dicts of numpy arrays, sized for
-a browser (downsampled or binned), with no plotting in here."""
+"""What the dashboard shows, read through the service's store: plain dicts of numpy arrays, sized
+for a browser (downsampled or binned by bncore.downsample), with no plotting in here."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 
-from server.downsample import minmax
-from server.services import Services
-from server.store import COARSE
+from bncore.downsample import bin_means, minmax
+from server.service import Service
+from server.store.schema import COARSE
 
 HEAT_COLUMNS = 400  # step bins of a layer x step heatmap
 LINE_POINTS = 1000  # points per line
@@ -20,9 +20,9 @@ LAYER_STATS = ("pre_mean", "running_mean", "pre_var", "running_var", "running_me
 EVAL_STATS = ("train_loss", "train_acc", "test_loss", "test_acc", "mode_gap")
 
 
-def runs(svc: Services, limit: int = 200) -> list[dict[str, Any]]:
+def runs(svc: Service, limit: int = 200) -> list[dict[str, Any]]:
     """Rows for the runs table, newest first."""
-    items, _ = svc.store.list_runs(limit=limit)
+    items, _ = svc.store.runs.search(limit=limit)
     rows = []
     for r in items:
         config = r.get("config") or {}
@@ -57,57 +57,37 @@ def _describe(config: dict[str, Any]) -> str:
     )
 
 
-def layer_names(svc: Services, run: dict[str, Any]) -> list[str]:
-    meta = run.get("meta") or {}
-    if meta.get("layers"):
-        return list(meta["layers"])
-    return sorted(
-        {lay for lay, _ in svc.store.series_names(run["id"]) if lay}, key=lambda n: (len(n), n)
-    )
-
-
-def binned(steps: np.ndarray, values: np.ndarray, edges: np.ndarray) -> np.ndarray:
-    """Mean of the values in each step bin (NaN where a bin is empty)."""
-    if len(steps) == 0:
-        return np.full(len(edges) - 1, np.nan)
-    idx = np.clip(np.searchsorted(edges, steps, side="right") - 1, 0, len(edges) - 2)
-    ok = np.isfinite(values)
-    total = np.bincount(idx[ok], values[ok].astype(np.float64), minlength=len(edges) - 1)
-    count = np.bincount(idx[ok], minlength=len(edges) - 1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
-
-
-def run_view(svc: Services, run_id: str, layer: str | None) -> dict[str, Any]:
+def run_view(svc: Service, run_id: str, layer: str | None) -> dict[str, Any]:
     """Everything the run view draws, in one read of the store."""
-    run = svc.store.get_run(run_id)
+    run = svc.store.runs.get(run_id)
     if run is None:
         raise KeyError(run_id)
-    layers = layer_names(svc, run)
+    layers = svc.records.layer_names(run)
     layer = layer if layer in layers else (layers[-1] if layers else None)
     keys = [("", "loss"), *[("", s) for s in EVAL_STATS]]
     if layer:
         units = len((run.get("meta") or {}).get("tracked_units", [[0, 0, 0]])[0] or [0])
         keys += [(layer, s) for s in LAYER_STATS]
         keys += [(layer, f"p{q}_{j}") for q in (15, 50, 85) for j in range(units)]
-    data = svc.store.read_many(run_id, keys)
+    data = svc.store.reads.many(run_id, keys)
     loss_steps, loss = data[("", "loss")]
     last = int(loss_steps[-1]) if len(loss_steps) else 0
     edges = np.unique(np.linspace(0, max(last, 1), HEAT_COLUMNS + 1).round().astype(np.int64))
     # layer x step overviews: every step of a short run, the stored bin means of a long one
     heat_keys = [(lay, s) for lay in layers for s in HEAT_STATS]
     fine = last <= COARSE * HEAT_COLUMNS
-    source = (svc.store.read_many if fine else svc.store.read_coarse)(run_id, heat_keys)
+    reads = svc.store.reads
+    source = (reads.many if fine else reads.coarse)(run_id, heat_keys)
     heat = {}
     for stat in HEAT_STATS:
         heat[stat] = (
-            np.stack([binned(*source[(lay, stat)], edges) for lay in layers], axis=1)
+            np.stack([bin_means(*source[(lay, stat)], edges) for lay in layers], axis=1)
             if layers
             else np.empty((len(edges) - 1, 0))
         )
     centers = (edges[:-1] + edges[1:]) / 2
     filled = ~np.all(np.isnan(heat["pre_var"]), axis=1) if layers else np.zeros(0, bool)
-    latest = svc.store.read_last(
+    latest = svc.store.reads.last(
         run_id, [(lay, s) for lay in layers for s in ("grad_in_norm", "grad_out_norm")]
     )
     depth = {
@@ -119,7 +99,7 @@ def run_view(svc: Services, run_id: str, layer: str | None) -> dict[str, Any]:
     detail = {}
     if layer:
         detail = {key[1]: minmax(*data[key], LINE_POINTS) for key in keys if key[0] == layer}
-    channels = svc.store.read_channels(run_id)
+    channels = svc.store.reads.channels(run_id)
     return {
         "run": run,
         "layers": layers,
@@ -140,18 +120,18 @@ def _finite(v: float) -> float | None:
 
 
 def compare_view(
-    svc: Services, run_ids: list[str], stat: str, layer: str | None
+    svc: Service, run_ids: list[str], stat: str, layer: str | None
 ) -> list[dict[str, Any]]:
     """Per run: its name, loss, test accuracy, and one statistic of one layer position."""
     out = []
     for run_id in run_ids:
-        run = svc.store.get_run(run_id)
+        run = svc.store.runs.get(run_id)
         if run is None:
             continue
-        layers = layer_names(svc, run)
+        layers = svc.records.layer_names(run)
         lay = layer if layer in layers else (layers[-1] if layers else "")
         keys = [("", "loss"), ("", "test_acc"), (lay, stat)]
-        data = svc.store.read_many(run_id, keys)
+        data = svc.store.reads.many(run_id, keys)
         out.append(
             {
                 "id": run_id,

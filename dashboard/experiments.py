@@ -4,20 +4,17 @@ the theory). The view refreshes every 2 s until the sweep's last run finishes.""
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
-from fastapi import HTTPException
 
 from bncore.experiments import EXPERIMENTS
 from dashboard.figures import experiment_figure
-from server.routes import experiments as exp_routes
-from server.services import Services
+from server.errors import DomainError, Unauthorized
+from server.service import Service
 
 
 def tab() -> html.Div:
-    runs = {e["key"]: e["runs"] for e in exp_routes.list_experiments()}
     cards = [
         html.Div(
             [
@@ -25,7 +22,7 @@ def tab() -> html.Div:
                 html.P(e.claim),
                 html.P(e.note, className="note") if e.note else None,
                 html.Button(
-                    f"Run it ({runs[e.key]} runs)",
+                    f"Run it ({e.runs()} runs)",
                     id={"type": "exp-run", "key": e.key},
                     n_clicks=0,
                     className="primary",
@@ -54,7 +51,7 @@ def tab() -> html.Div:
     )
 
 
-def register(app: Dash, svc: Services) -> None:
+def register(app: Dash, svc: Service) -> None:
     @app.callback(
         Output("exp-pick", "options"),
         Output("exp-pick", "value"),
@@ -66,23 +63,22 @@ def register(app: Dash, svc: Services) -> None:
     )
     def start(clicks: list[int], tab_name: str, token: str | None) -> Any:
         """Starts an experiment on a click; lists the experiments run so far."""
-        picked, head = no_update, no_update
+        picked: Any = no_update
+        head: Any = no_update
         if isinstance(ctx.triggered_id, dict) and any(clicks):
-            key = ctx.triggered_id["key"]
-            if svc.settings.token and not secrets.compare_digest(token or "", svc.settings.token):
+            try:
+                svc.runs.authorize(token)
+                picked = svc.sweeps.start_experiment(ctx.triggered_id["key"])["id"]
+            except Unauthorized:
                 head = [html.Span("not started", className="status status-failed"),
                         "this server needs its token: type it in the Launch tab"]  # fmt: skip
-            else:
-                try:
-                    picked = exp_routes.start_experiment(key, svc, None)["id"]
-                except HTTPException as exc:
-                    head = [html.Span("not started", className="status status-failed"),
-                            str(exc.detail)]  # fmt: skip
+            except DomainError as exc:
+                head = [html.Span("not started", className="status status-failed"), exc.message]
         elif tab_name != "experiments":
             return no_update, no_update, no_update
         options = [
             {"label": f"{s['name']} · {s['id']}", "value": s["id"]}
-            for s in svc.store.list_sweeps(experiments_only=True)
+            for s in svc.sweeps.experiment_sweeps()
         ]
         return options, picked, head
 
@@ -97,9 +93,9 @@ def register(app: Dash, svc: Services) -> None:
         if not sweep_id:
             return "Run an experiment below, or pick one you ran.", [], True
         try:
-            res = exp_routes.sweep_result(sweep_id, svc)
-        except HTTPException as exc:
-            return [html.Span("error", className="status status-failed"), str(exc.detail)], [], True
+            res = svc.sweeps.result(sweep_id)
+        except DomainError as exc:
+            return [html.Span("error", className="status status-failed"), exc.message], [], True
         done = res["runs_finished"] == res["runs_total"]
         head = [
             html.Span("finished" if done else "running",

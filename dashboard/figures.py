@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from bncore.statistics import STATISTICS
+
 Figure = dict[str, Any]  # plotly's JSON figure: plain dicts are far cheaper than Figure
 
 MAX_LIVE_POINTS = 5_000  # per line trace while a run streams
@@ -19,25 +21,8 @@ MAX_LIVE_COLUMNS = 1_000  # per heatmap while a run streams
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
           "#e377c2", "#7f7f7f", "#bcbd22")  # fmt: skip
 _AXIS = {"gridcolor": "#eef2f7", "zeroline": False, "automargin": True}
-# Per-layer statistics a user can pick to compare runs by (records.LAYER_COLUMNS).
-STAT_LABELS = {
-    "pre_var": "BN input variance (batch)",
-    "pre_mean": "BN input mean (batch)",
-    "post_var": "BN output variance",
-    "post_mean": "BN output mean",
-    "act_var": "activation variance",
-    "act_dead": "dead-unit fraction",
-    "act_saturated": "saturated-unit fraction",
-    "running_mean_gap": "running-mean gap (RMS)",
-    "running_var_gap": "running-variance gap (RMS)",
-    "gamma": "gamma (mean)",
-    "beta": "beta (mean)",
-    "grad_in_norm": "gradient norm into the layer",
-    "weight_grad_norm": "weight gradient norm",
-    "gamma_grad_norm": "gamma gradient norm",
-    "ics": "internal covariate shift ||G - G'|| (runs with ics_interval)",
-    "ics_cos": "internal covariate shift: cos(G, G')",
-}
+#: Per-layer statistics a user can pick to compare runs by (bncore.statistics).
+STAT_LABELS = {s.name: s.label for s in STATISTICS.values() if s.compare}
 
 
 def figure(
@@ -84,6 +69,11 @@ def line(x: Any, y: Any, name: str, color: str | None = None, **kw: Any) -> dict
     return {**style, "x": plain(x), "y": plain(np.asarray(y, dtype=float)), "name": name, **kw}
 
 
+def trace(xy: tuple[Any, Any], name: str, color: str | None = None, **kw: Any) -> dict[str, Any]:
+    """:func:`line` of a (steps, values) pair."""
+    return line(xy[0], xy[1], name, color, **kw)
+
+
 def heatmap(z: np.ndarray, y: list[str], x: Any = None, **kw: Any) -> dict[str, Any]:
     trace = {"type": "heatmap", "z": plain(z), "y": list(y), "colorbar": {"thickness": 10}, **kw}
     if x is not None:
@@ -91,13 +81,16 @@ def heatmap(z: np.ndarray, y: list[str], x: Any = None, **kw: Any) -> dict[str, 
     return trace
 
 
-def plain(a: Any) -> list:
+def plain(a: Any) -> list[Any]:
     """Lists, not numpy arrays: plotly sends arrays as typed binary blocks, which the browser
     cannot extend in place (extendData). NaN becomes None (a gap)."""
     arr = np.asarray(a)
     if arr.dtype.kind == "f":
-        return np.where(np.isfinite(arr), arr.round(6), None).tolist()
-    return arr.tolist()
+        finite = np.isfinite(arr)
+        arr = arr.round(6).astype(object)
+        arr[~finite] = None
+    out: list[Any] = arr.tolist()
+    return out
 
 
 def _log10(a: np.ndarray) -> np.ndarray:
@@ -124,12 +117,12 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
             }
         )
 
-    marked = {"mode": "lines+markers"}
+    marked: dict[str, Any] = {"mode": "lines+markers"}
     figs["fig-loss"] = figure(
         [
-            line(*view["lines"]["loss"], "train loss (batch)", COLORS[0]),
-            line(*ev["train_loss"], "train loss (eval)", COLORS[2], **marked),
-            line(*ev["test_loss"], "test loss (eval)", COLORS[1], **marked),
+            trace(view["lines"]["loss"], "train loss (batch)", COLORS[0]),
+            trace(ev["train_loss"], "train loss (eval)", COLORS[2], **marked),
+            trace(ev["test_loss"], "test loss (eval)", COLORS[1], **marked),
         ],
         "Loss",
         yaxis={"type": "log"},
@@ -138,9 +131,9 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
     live("fig-loss", "evals", ["train_loss", "test_loss"], [1, 2])
     figs["fig-acc"] = figure(
         [
-            line(*ev["train_acc"], "train accuracy", COLORS[2], **marked),
-            line(*ev["test_acc"], "test accuracy", COLORS[1], **marked),
-            line(*ev["mode_gap"], "train-vs-eval mode gap", COLORS[4], yaxis="y2", **marked),
+            trace(ev["train_acc"], "train accuracy", COLORS[2], **marked),
+            trace(ev["test_acc"], "test accuracy", COLORS[1], **marked),
+            trace(ev["mode_gap"], "train-vs-eval mode gap", COLORS[4], yaxis="y2", **marked),
         ],
         "Accuracy (eval mode) and train/eval gap",
         yaxis2={**_AXIS, "overlaying": "y", "side": "right", "showgrid": False, "title": "gap"},
@@ -204,10 +197,10 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
         low = {"yaxis": "y2"}
         figs["fig-layer"] = figure(
             [
-                line(*d["pre_mean"], "batch mean", COLORS[0]),
-                line(*d["running_mean"], "running mean", COLORS[1]),
-                line(*d["pre_var"], "batch variance", COLORS[0], **low),
-                line(*d["running_var"], "running variance", COLORS[1], **low),
+                trace(d["pre_mean"], "batch mean", COLORS[0]),
+                trace(d["running_mean"], "running mean", COLORS[1]),
+                trace(d["pre_var"], "batch variance", COLORS[0], **low),
+                trace(d["running_var"], "running variance", COLORS[1], **low),
             ],
             f"{layer}: batch against running statistics (channel averages)",
             height=380,
@@ -215,10 +208,10 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
         )
         figs["fig-affine"] = figure(
             [
-                line(*d["running_mean_gap"], "running-mean gap (RMS)", COLORS[0]),
-                line(*d["running_var_gap"], "running-variance gap (RMS)", COLORS[1]),
-                line(*d["gamma"], "gamma", COLORS[2], **low),
-                line(*d["beta"], "beta", COLORS[3], **low),
+                trace(d["running_mean_gap"], "running-mean gap (RMS)", COLORS[0]),
+                trace(d["running_var_gap"], "running-variance gap (RMS)", COLORS[1]),
+                trace(d["gamma"], "gamma", COLORS[2], **low),
+                trace(d["beta"], "beta", COLORS[3], **low),
             ],
             f"{layer}: running-statistics gap; gamma and beta (channel averages)",
             height=380,
@@ -226,7 +219,7 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
         )
         figs["fig-grads"] = figure(
             [
-                line(*d[s], s.replace("_", " "), COLORS[i])
+                trace(d[s], s.replace("_", " "), COLORS[i])
                 for i, s in enumerate(
                     ("weight_grad_norm", "gamma_grad_norm", "beta_grad_norm", "weight_norm")
                 )
@@ -239,16 +232,16 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
         for j in units:
             c = COLORS[j % len(COLORS)]
             traces += [
-                line(*d[f"p15_{j}"], f"unit {j} 15%", c, showlegend=False, line={"width": 0}),
-                line(
-                    *d[f"p85_{j}"],
+                trace(d[f"p15_{j}"], f"unit {j} 15%", c, showlegend=False, line={"width": 0}),
+                trace(
+                    d[f"p85_{j}"],
                     f"unit {j} 15-85%",
                     c,
                     fill="tonexty",
                     line={"width": 0},
                     opacity=0.3,
                 ),
-                line(*d[f"p50_{j}"], f"unit {j} median", c),
+                trace(d[f"p50_{j}"], f"unit {j} median", c),
             ]
         figs["fig-pct"] = figure(
             traces,
@@ -342,9 +335,9 @@ def compare_figures(runs: list[dict[str, Any]], stat: str) -> dict[str, Figure]:
     loss, acc, st = [], [], []
     for i, r in enumerate(runs):
         c, name = COLORS[i % len(COLORS)], f"{r['name']} ({r['status']})"
-        loss.append(line(*r["loss"], name, c))
-        acc.append(line(*r["test_acc"], name, c, mode="lines+markers"))
-        st.append(line(*r["stat"], f"{name} {r['layer']}", c))
+        loss.append(trace(r["loss"], name, c))
+        acc.append(trace(r["test_acc"], name, c, mode="lines+markers"))
+        st.append(trace(r["stat"], f"{name} {r['layer']}", c))
     return {
         "cmp-loss": figure(loss, "Training loss", yaxis={"type": "log"}),
         "cmp-acc": figure(acc, "Test accuracy"),
@@ -355,7 +348,8 @@ def compare_figures(runs: list[dict[str, Any]], stat: str) -> dict[str, Figure]:
 def experiment_figure(panel: dict[str, Any]) -> Figure:
     """One panel of an experiment's result (bncore.experiments.result): measured lines solid,
     theory dashed in the colour of the measurement it belongs to; None is a gap."""
-    traces, colors = [], {}
+    traces: list[dict[str, Any]] = []
+    colors: dict[str, str] = {}
     for s in panel["series"]:
         base = s["name"].split(": ")[0] if s["theory"] else s["name"]
         color = colors.setdefault(base, COLORS[len(colors) % len(COLORS)])

@@ -58,6 +58,7 @@ def field_input(path: str, field: Any, value: Any) -> html.Div:
     ann = field.annotation
     literals, optional, numeric = _choices(ann)
     ident = {"type": "cfg", "field": path}
+    control: dcc.Dropdown | dcc.Input
     if ann is bool or (literals == [] and bool in typing.get_args(ann)):
         options = [{"label": "default", "value": "default"}] * optional + [
             {"label": "on", "value": "true"},

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from bncore.status import RunStatus
 from server import worker
 from server.settings import Settings
 from server.store import Store
@@ -39,12 +40,12 @@ class Scheduler:
         self.queue: deque[str] = deque()
         self.running: dict[str, _Worker] = {}
         self._ctx = mp.get_context("spawn")
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Task[None] | None = None
         self.api_url = settings.public_url
 
     def start(self, api_url: str) -> None:
         self.api_url = self.settings.public_url or api_url
-        self.queue.extend(self.store.recover())
+        self.queue.extend(self.store.runs.recover())
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
@@ -53,7 +54,7 @@ class Scheduler:
         for run_id, w in list(self.running.items()):
             if self.store.finish_run(
                 run_id,
-                "interrupted",
+                RunStatus.INTERRUPTED.value,
                 message="the server shut down while this run was training; its records are kept",
             ):
                 self.on_status(run_id)
@@ -79,7 +80,8 @@ class Scheduler:
         """Cancel a queued or running run; False if it is neither."""
         if run_id in self.queue:
             self.queue.remove(run_id)
-            if self.store.finish_run(run_id, "cancelled", message="cancelled before it started"):
+            message = "cancelled before it started"
+            if self.store.finish_run(run_id, RunStatus.CANCELLED.value, message=message):
                 self.on_status(run_id)
             return True
         w = self.running.get(run_id)
@@ -111,8 +113,8 @@ class Scheduler:
             self._launch(self.queue.popleft())
 
     def _launch(self, run_id: str) -> None:
-        run = self.store.get_run(run_id)
-        if run is None or run["status"] != "queued":
+        run = self.store.runs.get(run_id)
+        if run is None or run["status"] != RunStatus.QUEUED.value:
             return
         cancel = self._ctx.Event()
         config_json = json.dumps(run["config"])
@@ -131,15 +133,15 @@ class Scheduler:
         )
         process.start()
         self.running[run_id] = _Worker(process, cancel)
-        self.store.update_run(run_id, pid=process.pid)
+        self.store.runs.update(run_id, pid=process.pid)
 
     def _reap(self, run_id: str, w: _Worker) -> None:
         self.running.pop(run_id, None)
         code = w.process.exitcode
         if w.cancelled_at is not None:
-            status, message = "cancelled", "cancelled while training"
+            status, message = RunStatus.CANCELLED.value, "cancelled while training"
         else:
-            status = "failed"
+            status = RunStatus.FAILED.value
             message = f"the worker process ended with exit code {code} before reporting a result"
             if code is not None and code < 0:
                 message = f"the worker process was killed (signal {-code})"

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-Status = Literal["queued", "running", "completed", "diverged", "failed", "cancelled", "interrupted"]
+from bncore.status import REPORTED, RunStatus
 
 
 class Links(BaseModel):
@@ -24,7 +24,7 @@ class RunOut(BaseModel):
 
     id: str
     name: str | None
-    status: Status
+    status: RunStatus
     source: Literal["server", "client"]
     sweep_id: str | None
     config: dict[str, Any] | None
@@ -68,12 +68,21 @@ class StatusUpdate(BaseModel):
     """How a run is doing, as its worker (or client) reports it."""
 
     model_config = ConfigDict(extra="forbid")
-    status: Literal["running", "completed", "diverged", "failed", "cancelled"]
+    status: RunStatus = Field(description=f"one of {', '.join(REPORTED)}")
     message: str | None = Field(None, max_length=10_000)
     final: dict[str, Any] | None = None
     meta: dict[str, Any] | None = None
     steps_done: int | None = Field(None, ge=0)
     traceback: str | None = Field(None, max_length=10_000)
+
+    @field_validator("status")
+    @classmethod
+    def _reported(cls, status: RunStatus) -> RunStatus:
+        if status.value not in REPORTED:
+            raise ValueError(
+                f"a run reports one of {', '.join(REPORTED)}; {status.value!r} is the server's"
+            )
+        return status
 
 
 class SweepCreate(BaseModel):

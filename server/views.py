@@ -1,107 +1,57 @@
-"""How runs, series and tables look from the outside (the routes' shared presentation)."""
+"""How a run and a records table look from the outside: the API's answers and its export files
+(presentation only: no store, no service)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import io
+from typing import Any
 
 import numpy as np
 
-from bncore.records import (
-    CHANNEL_COLUMNS,
-    EVAL_COLUMNS,
-    OPTIONAL_EVAL_COLUMNS,
-    STEP_COLUMNS,
-    channel_column,
-)
+from bncore.records import padded
+from bncore.sinks import to_arrow
 
-if TYPE_CHECKING:
-    from server.services import Services
+RUN_FIELDS = ("id", "name", "status", "source", "sweep_id", "config", "meta", "final", "message",
+              "steps_done", "created_at", "started_at", "finished_at", "pid")  # fmt: skip
 
 
-def run_out(run: dict[str, Any], svc: Services) -> dict[str, Any]:
+def run_out(run: dict[str, Any], queue_position: int | None) -> dict[str, Any]:
+    """A stored run as the API shows it (server.schemas.RunOut)."""
     base = f"/api/runs/{run['id']}"
     config = run.get("config") or {}
     meta = run.get("meta") or {}
     return {
-        **{
-            k: run[k]
-            for k in (
-                "id",
-                "name",
-                "status",
-                "source",
-                "sweep_id",
-                "config",
-                "meta",
-                "final",
-                "message",
-                "steps_done",
-                "created_at",
-                "started_at",
-                "finished_at",
-                "pid",
-            )
-        },
+        **{k: run[k] for k in RUN_FIELDS},
         "steps_total": config.get("steps") or meta.get("steps_total"),
-        "queue_position": svc.scheduler.position(run["id"]),
+        "queue_position": queue_position,
         "links": {
             "self": base,
-            "layers": f"{base}/layers",
-            "metrics": f"{base}/metrics",
-            "channels": f"{base}/channels",
-            "stream": f"{base}/stream",
-            "export": f"{base}/export",
-            "cancel": f"{base}/cancel",
+            **{
+                name: f"{base}/{name}"
+                for name in ("layers", "metrics", "channels", "stream", "export", "cancel")
+            },
         },
     }
 
 
-def table(svc: Services, run_id: str, name: str) -> dict[str, np.ndarray]:
-    """One records table (bncore.records) rebuilt from the stored series."""
-    store = svc.store
-    if name == "channels":
-        rows = [r for s in store.channel_steps(run_id) for r in store.read_channels(run_id, s)]
-        out: dict[str, Any] = {
-            "step": np.array([r["step"] for r in rows], np.int64),
-            "layer": np.array([r["layer"] for r in rows]),
-        }
-        for col in CHANNEL_COLUMNS:  # ragged where layers differ in width
-            out[col] = channel_column([r[col] for r in rows]) if rows else np.empty((0, 0))
-        return out
-    names = store.series_names(run_id)
-    if name in ("steps", "evals"):
-        wanted = STEP_COLUMNS if name == "steps" else (*EVAL_COLUMNS, *OPTIONAL_EVAL_COLUMNS)
-        return _aligned(store, run_id, [("", s) for s in wanted if ("", s) in names])
-    parts = []
-    for layer in dict.fromkeys(layer for layer, _ in names if layer):
-        cols = _aligned(store, run_id, [(lay, s) for lay, s in names if lay == layer])
-        parts.append({"layer": np.full(len(cols.get("step", ())), layer), **cols})
-    if not parts:
-        return {}
-    keys = list(parts[0])
-    merged = {
-        k: np.concatenate([p.get(k, np.full(len(p["step"]), np.nan)) for p in parts]) for k in keys
-    }
-    order = np.lexsort((np.arange(len(merged["step"])), merged["step"]))
-    return {
-        "step": merged["step"][order],
-        "layer": merged["layer"][order],
-        **{k: v[order] for k, v in merged.items() if k not in ("step", "layer")},
-    }
+def export_file(data: dict[str, np.ndarray], format: str) -> tuple[bytes, str]:
+    """One records table as a file and its media type: CSV (per-channel arrays as one column
+    per channel, empty past a narrower layer's last channel) or Parquet (arrays as lists)."""
+    import pyarrow as pa
+    import pyarrow.csv
+    import pyarrow.parquet
 
-
-def _aligned(store, run_id: str, keys: list[tuple[str, str]]) -> dict[str, np.ndarray]:
-    if not keys:
-        return {}
-    first_steps, _ = store.read_series(run_id, *keys[0])
-    out: dict[str, np.ndarray] = {"step": first_steps}
-    for layer, stat in keys:
-        steps, vals = store.read_series(run_id, layer, stat)
-        col = np.full(len(first_steps), np.nan, np.float32)
-        pos = np.searchsorted(first_steps, steps)
-        ok = (pos < len(first_steps)) & (
-            first_steps[np.minimum(pos, len(first_steps) - 1)] == steps
-        )
-        col[pos[ok]] = vals[ok]
-        out[stat] = col
-    return out
+    empty = pa.table({"step": pa.array([], pa.int64())})
+    buf = io.BytesIO()
+    if format == "csv":
+        cols: dict[str, Any] = {}
+        for k, v in data.items():
+            if v.ndim == 2 or v.dtype == object:
+                grid = padded(v)
+                cols.update({f"{k}[{i}]": grid[:, i] for i in range(grid.shape[1])})
+            else:
+                cols[k] = v
+        pyarrow.csv.write_csv(pa.table(cols) if cols else empty, buf)
+        return buf.getvalue(), "text/csv"
+    pyarrow.parquet.write_table(to_arrow(data) if data else empty, buf)
+    return buf.getvalue(), "application/vnd.apache.parquet"

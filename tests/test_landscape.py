@@ -84,11 +84,10 @@ def test_ics_interval_must_be_a_multiple_of_stats_interval():
 
 
 def test_the_metrics_api_knows_the_new_statistics():
-    from fastapi import HTTPException
-
-    from server.routes.runs import _check_stat
+    from server.errors import BadRequest
+    from server.service.records import per_layer as _check_stat
 
     assert _check_stat("ics") and _check_stat("ics_cos") and _check_stat("layer_bias_grad_norm")
     assert not _check_stat("beta_smoothness") and not _check_stat("landscape_loss_range")
-    with pytest.raises(HTTPException, match="beta_smoothness"):  # the error lists them
+    with pytest.raises(BadRequest, match="beta_smoothness"):  # the error lists them
         _check_stat("nope")

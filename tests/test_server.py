@@ -15,11 +15,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from bncore.status import FINISHED
 from server.process import ServerProcess, wait_for
 from tests.helpers import free_port
 
 pytestmark = pytest.mark.timeout(240)
-FINAL = {"completed", "diverged", "failed", "cancelled", "interrupted"}
+FINAL = set(FINISHED)
 
 
 def tiny_run(**over: Any) -> dict[str, Any]:

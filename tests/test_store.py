@@ -1,16 +1,20 @@
 """The SQLite store on a real file: batches wait in ``pending`` and are folded into series
-chunks; whatever the folding schedule, and across a restart, reads give every record once."""
+chunks; whatever the folding schedule, and across a restart, reads give every record once, and
+never wait for the writer."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from bncore.records import CHANNEL_COLUMNS
-from server import store as store_module
-from server.store import Store, _pack, _unpack
+from server.store import Store
+from server.store import series as store_module
+from server.store.packing import pack as _pack
+from server.store.packing import unpack as _unpack
 
 
 def batch(step0: int, steps: int, layers=("block0", "block1"), extra: bool = False) -> dict:
@@ -35,12 +39,12 @@ def batch(step0: int, steps: int, layers=("block0", "block1"), extra: bool = Fal
 
 
 def fill(store: Store, run_id: str, batches: int = 30) -> None:
-    store.create_run(id=run_id, name=run_id, status="running", source="client")
+    store.runs.create(id=run_id, name=run_id, status="running", source="client")
     for i in range(batches):
-        seq, stored = store.append(run_id, batch(1 + 5 * i, 5, extra=i % 2 == 1), i + 1)
+        seq, stored = store.series.append(run_id, batch(1 + 5 * i, 5, extra=i % 2 == 1), i + 1)
         assert stored and seq == i + 1
     # a retried send is acknowledged and not stored twice
-    assert store.append(run_id, batch(1, 5), 1) == (batches, False)
+    assert store.series.append(run_id, batch(1, 5), 1) == (batches, False)
 
 
 def test_pack_round_trips_numbers_nan_text_and_2d_columns():
@@ -61,21 +65,24 @@ def test_reads_see_every_record_once_whatever_the_folding(tmp_path, monkeypatch,
     monkeypatch.setattr(store_module, "FOLD_SECONDS", 1e9)
     st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
     fill(st, "r1")
-    assert st.get_run("r1")["steps_done"] == 150
-    steps, vals = st.read_series("r1", "block1", "pre_var")
+    assert st.runs.get("r1")["steps_done"] == 150
+    steps, vals = st.reads.one("r1", "block1", "pre_var")
     np.testing.assert_array_equal(steps, np.arange(1, 151))
     np.testing.assert_allclose(vals, steps * 10.0 + 1)
-    steps, gamma = st.read_series("r1", "block0", "gamma")  # only where a batch carried it
+    steps, gamma = st.reads.one("r1", "block0", "gamma")  # only where a batch carried it
     np.testing.assert_array_equal(steps, [s for s in range(1, 151) if (s - 1) // 5 % 2 == 1])
     assert (gamma == 2.0).all()
-    loss = st.read_many("r1", [("", "loss")])[("", "loss")]
+    loss = st.reads.many("r1", [("", "loss")])[("", "loss")]
     np.testing.assert_allclose(loss[1], 1.0 / np.arange(1, 151), rtol=1e-6)
-    assert st.read_last("r1", [("block0", "pre_var")])[("block0", "pre_var")] == 1500.0
-    assert st.channel_steps("r1") == list(range(1, 151, 5))
-    assert st.read_channels("r1")[0]["step"] == 146
+    assert st.reads.last("r1", [("block0", "pre_var")])[("block0", "pre_var")] == 1500.0
+    assert st.reads.channel_steps("r1") == list(range(1, 151, 5))
+    assert st.reads.channels("r1")[0]["step"] == 146
+    assert ("block0", "gamma") in st.reads.names("r1")
+    coarse = st.reads.coarse("r1", [("block1", "pre_var")])[("block1", "pre_var")]
+    assert len(coarse[0]) == 3 and np.all(np.diff(coarse[0]) > 0)  # bins 0-63, 64-127, 128-
 
 
-def test_pending_batches_survive_a_restart_and_fold_on_first_read(tmp_path, monkeypatch):
+def test_pending_batches_survive_a_restart_and_reads_see_them_unfolded(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "FOLD_BATCHES", 10_000)
     monkeypatch.setattr(store_module, "FOLD_SECONDS", 1e9)
     url = f"sqlite:///{tmp_path / 'runs.db'}"
@@ -83,22 +90,63 @@ def test_pending_batches_survive_a_restart_and_fold_on_first_read(tmp_path, monk
     fill(st, "r1", batches=4)
     st.close()  # the server stops before anything folded them
     again = Store(url)
-    assert "r1" in again._pending
-    steps, _ = again.read_series("r1", "block0", "pre_var")
+    assert "r1" in again.series._pending
+    steps, _ = again.reads.one("r1", "block0", "pre_var")
     np.testing.assert_array_equal(steps, np.arange(1, 21))
-    assert "r1" not in again._pending
+    assert "r1" in again.series._pending  # reads never write
+    again.finish_run("r1", "completed")
+    assert "r1" not in again.series._pending
+    steps, _ = again.reads.one("r1", "block0", "pre_var")
+    np.testing.assert_array_equal(steps, np.arange(1, 21))
+
+
+def test_reads_do_not_wait_for_the_writer(tmp_path):
+    st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    fill(st, "r1", batches=3)
+    held, release = threading.Event(), threading.Event()
+
+    def writer_busy() -> None:
+        with st.series._write:
+            held.set()
+            release.wait(10)
+
+    t = threading.Thread(target=writer_busy)
+    t.start()
+    held.wait(5)
+    try:
+        started = time.monotonic()
+        steps, _ = st.reads.one("r1", "block0", "pre_var")
+        st.reads.channels("r1")
+        assert time.monotonic() - started < 5  # the writer holds its lock for 10 s
+        np.testing.assert_array_equal(steps, np.arange(1, 16))
+    finally:
+        release.set()
+        t.join()
 
 
 def test_batches_fold_after_a_second_and_when_the_run_ends(tmp_path, monkeypatch):
     monkeypatch.setattr(store_module, "FOLD_SECONDS", 0.2)
     st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
     fill(st, "r1", batches=2)
-    assert "r1" in st._pending
+    assert "r1" in st.series._pending
     time.sleep(0.25)
-    st.append("r1", batch(11, 5), None)
-    assert "r1" not in st._pending  # folded by the append that came after the second
-    st.append("r1", batch(16, 5), None)
+    st.series.append("r1", batch(11, 5), None)
+    assert "r1" not in st.series._pending  # folded by the append that came after the second
+    st.series.append("r1", batch(16, 5), None)
     st.finish_run("r1", "completed")
-    assert "r1" not in st._pending
+    assert "r1" not in st.series._pending
     st.delete_run("r1")
-    assert st.get_run("r1") is None
+    assert st.runs.get("r1") is None
+
+
+def test_the_migrations_build_exactly_the_schema(tmp_path):
+    """The tables are defined once (server.store.schema); the migrations must arrive at them."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.migration import MigrationContext
+
+    from server.store.schema import metadata
+
+    st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    with st.engine.connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
+    assert diff == [], f"the migrations and server/store/schema.py differ: {diff}"

@@ -6,6 +6,8 @@
 // dashboard/figures.py sends with it.
 (function () {
   const B = (window.bnscope = window.bnscope || {});
+  // the run statuses still in progress: the server's own list (dashboard/app.py writes it)
+  B.active = (window.bnscopeVocabulary || {}).active || [];
   // Heatmaps and rebuilt figures cost a full redraw each: at most one per HEAVY_EVERY ms, so
   // line figures (the step's loss first) keep up with the stream on a slow machine.
   const HEAVY_EVERY = 400;
@@ -43,7 +45,7 @@
     es.addEventListener("status", (e) => {
       const run = JSON.parse(e.data);
       set("live-status", {data: run});
-      if (!["queued", "running"].includes(run.status)) { es.close(); say("finished"); }
+      if (!B.active.includes(run.status)) { es.close(); say("finished"); }
     });
     es.addEventListener("reset", () => set("live-reset", {data: Date.now()}));
   };

@@ -1,0 +1,222 @@
+"""Every statistic BN Scope records, in one registry: its name, what it means, its unit, which
+records table holds it, and how a chart shows it.
+
+The records' column lists (bncore.records), the API's check of a statistic's name, the
+dashboard's labels and axes, and docs/statistics.md (:func:`markdown`; a test keeps it current)
+are all read from here. A statistic is added here, and computed where it is recorded.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+Table = Literal["steps", "evals", "layers", "channels"]
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One recorded quantity.
+
+    ``table``: the records table of its rows (``steps``: one per training step, ``evals``: one
+    per evaluation, ``layers``: one per recorded step and block, ``channels``: per-channel arrays
+    every ``channel_interval`` steps). ``optional``: only in runs that ask for it. ``label``: the
+    short name a chart uses. ``log``: drawn on a log axis. ``compare``: offered when comparing
+    runs.
+    """
+
+    name: str
+    table: Table
+    meaning: str
+    label: str
+    unit: str = ""
+    optional: bool = False
+    log: bool = False
+    compare: bool = False
+
+    @property
+    def per_layer(self) -> bool:
+        return self.table in ("layers", "channels")
+
+
+def _s(name: str, table: Table, meaning: str, label: str, **kw: object) -> Statistic:
+    return Statistic(name, table, meaning, label, **kw)  # type: ignore[arg-type]
+
+
+_PRE = "what enters the normalization (for BN: the statistics it normalized with)"
+_ALL: tuple[Statistic, ...] = (
+        # -- steps ------------------------------------------------------------------------
+        _s("loss", "steps", "training loss of the step's batch", "train loss (batch)", log=True),
+        _s("lr", "steps", "learning rate of the step", "learning rate"),
+        _s("step_time", "steps", "seconds the step took, as seen by the host", "step time",
+           unit="s"),
+        _s("time", "steps", "wall clock at the step's end", "time", unit="Unix s"),
+        # -- evals ------------------------------------------------------------------------
+        _s("train_loss", "evals", "loss on training examples, in eval mode", "train loss (eval)",
+           log=True),
+        _s("train_acc", "evals", "accuracy on training examples, in eval mode",
+           "train accuracy", unit="share"),
+        _s("test_loss", "evals", "loss on the test set, in eval mode", "test loss (eval)",
+           log=True),
+        _s("test_acc", "evals", "accuracy on the test set, in eval mode", "test accuracy",
+           unit="share"),
+        _s("mode_gap", "evals", "relative L2 distance between the logits of a fixed probe batch "
+           "in train mode and in eval mode", "train-vs-eval mode gap"),
+        _s("landscape_loss_min", "evals", "least loss along the gradient direction "
+           "(bncore.landscape)", "landscape: least loss", optional=True),
+        _s("landscape_loss_max", "evals", "largest loss along the gradient direction",
+           "landscape: largest loss", optional=True),
+        _s("landscape_loss_range", "evals", "spread of the loss along the gradient direction "
+           "(Santurkar et al., Fig. 4)", "landscape: loss range", optional=True),
+        _s("grad_change", "evals", "largest change of the gradient along the gradient "
+           "direction", "landscape: gradient change", optional=True),
+        _s("beta_smoothness", "evals", "effective beta-smoothness: gradient change over "
+           "distance along the gradient direction", "effective beta-smoothness", optional=True),
+        # -- layers -----------------------------------------------------------------------
+        _s("pre_mean", "layers", f"channel average of the batch mean of {_PRE}",
+           "BN input mean (batch)", compare=True),
+        _s("pre_mean_abs", "layers", "channel average of the batch mean's magnitude of what "
+           "enters the normalization", "BN input |mean| (batch)"),
+        _s("pre_var", "layers", f"channel average of the batch variance of {_PRE}",
+           "BN input variance (batch)", log=True, compare=True),
+        _s("pre_var_min", "layers", "least channel batch variance of what enters the "
+           "normalization", "BN input variance, least channel", log=True),
+        _s("pre_var_max", "layers", "largest channel batch variance of what enters the "
+           "normalization", "BN input variance, largest channel", log=True),
+        _s("post_mean", "layers", "channel average of the batch mean of what leaves the "
+           "normalization", "BN output mean", compare=True),
+        _s("post_var", "layers", "channel average of the batch variance of what leaves the "
+           "normalization", "BN output variance", compare=True),
+        _s("act_mean", "layers", "channel average of the batch mean of the activation's output",
+           "activation mean"),
+        _s("act_var", "layers", "channel average of the batch variance of the activation's "
+           "output", "activation variance", compare=True),
+        _s("act_saturated", "layers", "share of activation outputs at rest or saturated: ReLU = "
+           "0, sigmoid <= 0.01 or >= 0.99, tanh |y| >= 0.99 (0 for linear)",
+           "saturated-unit fraction", unit="share", compare=True),
+        _s("act_dead", "layers", "share of units at rest or saturated for the whole batch "
+           "(dead ReLUs)", "dead-unit fraction", unit="share", compare=True),
+        _s("running_mean", "layers", "channel average of the running mean (NaN without)",
+           "running mean"),
+        _s("running_var", "layers", "channel average of the running variance (NaN without)",
+           "running variance", log=True),
+        _s("running_mean_gap", "layers", "RMS over channels of running mean minus batch mean",
+           "running-mean gap (RMS)", compare=True),
+        _s("running_var_gap", "layers", "RMS over channels of running variance minus batch "
+           "variance", "running-variance gap (RMS)", compare=True),
+        _s("gamma", "layers", "channel average of the BN scale (NaN without)", "gamma (mean)",
+           compare=True),
+        _s("beta", "layers", "channel average of the BN shift (NaN without)", "beta (mean)",
+           compare=True),
+        _s("gamma_grad_norm", "layers", "L2 norm of dL/dgamma (= sum dy*xhat)",
+           "gamma gradient norm", log=True, compare=True),
+        _s("beta_grad_norm", "layers", "L2 norm of dL/dbeta (= sum dy); without BN, the norm a "
+           "bias there would get", "beta gradient norm", log=True),
+        _s("grad_out_norm", "layers", "L2 norm of the activation gradient reaching the "
+           "normalization's output", "gradient norm reaching the layer's output", log=True),
+        _s("grad_in_norm", "layers", "L2 norm of the activation gradient leaving through the "
+           "normalization's input", "gradient norm into the layer", log=True, compare=True),
+        _s("weight_grad_norm", "layers", "L2 norm of the gradient of the linear/conv weight "
+           "feeding the block", "weight gradient norm", log=True, compare=True),
+        _s("weight_norm", "layers", "L2 norm of the linear/conv weight feeding the block "
+           "(watched models)", "weight norm", optional=True, log=True),
+        _s("layer_bias_grad_norm", "layers", "L2 norm of the linear/conv layer's own bias "
+           "gradient (NaN without one); BN right after the layer makes it zero",
+           "layer bias gradient norm", log=True),
+        _s("ics", "layers", "internal covariate shift ||G - G'||: the weight gradient before and "
+           "after the blocks below took their step (Santurkar et al.; runs with ics_interval)",
+           "internal covariate shift ||G - G'|| (runs with ics_interval)", optional=True,
+           compare=True),
+        _s("ics_cos", "layers", "cos(G, G') of the same two gradients", "internal covariate "
+           "shift: cos(G, G')", optional=True, compare=True),
+        # -- channels (per-channel arrays, one row of C values per layer and kept step) ----
+        *(
+            _s(name, "channels", meaning, name.replace("_", " "))
+            for name, meaning in (
+                ("pre_mean", "batch mean of each channel entering the normalization"),
+                ("pre_var", "batch variance of each channel entering the normalization"),
+                ("post_mean", "batch mean of each channel leaving the normalization"),
+                ("post_var", "batch variance of each channel leaving the normalization"),
+                ("act_mean", "batch mean of each channel of the activation's output"),
+                ("act_var", "batch variance of each channel of the activation's output"),
+                ("act_saturated", "share of each channel's activation outputs at rest or "
+                 "saturated"),
+                ("running_mean", "running mean of each channel"),
+                ("running_var", "running variance of each channel"),
+                ("gamma", "BN scale of each channel"),
+                ("beta", "BN shift of each channel"),
+                ("gamma_grad", "dL/dgamma of each channel"),
+                ("beta_grad", "dL/dbeta of each channel"),
+                ("grad_out_sq", "sum of squared gradients reaching each channel's output"),
+                ("grad_in_sq", "sum of squared gradients leaving through each channel's input"),
+            )
+        ),
+)  # fmt: skip
+#: Every statistic with one value per row: of steps, evaluations or layers.
+STATISTICS: dict[str, Statistic] = {s.name: s for s in _ALL if s.table != "channels"}
+#: The per-channel arrays of the ``channels`` table (names shared with their layer averages).
+CHANNEL_STATISTICS: dict[str, Statistic] = {s.name: s for s in _ALL if s.table == "channels"}
+#: Percentiles of tracked unit j's activation input: p15_j, p50_j, p85_j.
+PERCENTILE = re.compile(r"p(15|50|85)_(\d+)")
+
+
+def columns(table: Table, optional: bool = False) -> tuple[str, ...]:
+    """The names of a table's statistics, in registry order (``optional``: only those)."""
+    reg = CHANNEL_STATISTICS if table == "channels" else STATISTICS
+    return tuple(s.name for s in reg.values() if s.table == table and s.optional == optional)
+
+
+def lookup(name: str) -> Statistic | None:
+    """A statistic with one value per row, by name (the percentiles p15_j/p50_j/p85_j too)."""
+    if name in STATISTICS:
+        return STATISTICS[name]
+    m = PERCENTILE.fullmatch(name)
+    if m is None:
+        return None
+    return Statistic(
+        name,
+        "layers",
+        f"{m[1]}th percentile over the batch of tracked unit {m[2]}'s activation input "
+        "(Ioffe & Szegedy, Fig. 1)",
+        f"unit {m[2]} {m[1]}%",
+    )
+
+
+def unknown(name: str) -> str:
+    """What to say about a statistic that is not recorded: the name, and every known one."""
+    groups = {
+        "per step": [*columns("steps")],
+        "per evaluation": [*columns("evals"), *columns("evals", optional=True)],
+        "per layer": [*columns("layers"), *columns("layers", optional=True), "p15_j/p50_j/p85_j"],
+    }
+    return f"unknown stat {name!r}; " + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items())
+
+
+def markdown() -> str:
+    """docs/statistics.md: every statistic, by table."""
+    heads = {
+        "steps": "Per training step (`steps`)",
+        "evals": "Per evaluation, in eval mode (`evals`)",
+        "layers": "Per recorded step and block (`layers`)",
+        "channels": "Per channel, every `channel_interval` steps (`channels`)",
+    }
+    out = [
+        "# What BN Scope records",
+        "",
+        "Generated from `bncore/statistics.py` (`markdown()`); tests/test_statistics.py keeps "
+        "it current.",
+    ]
+    for table, head in heads.items():
+        out += ["", f"## {head}", "", "| name | meaning | unit | shown as |", "|---|---|---|---|"]
+        for s in _ALL:
+            if s.table == table:
+                extra = " (only in runs that ask for it)" if s.optional else ""
+                shown = s.label + (", log axis" if s.log else "")
+                out.append(f"| `{s.name}` | {s.meaning}{extra} | {s.unit} | {shown} |")
+        if table == "layers":
+            out.append(
+                "| `p15_j`, `p50_j`, `p85_j` | 15th/50th/85th percentiles over the batch of "
+                "tracked unit j's activation input (Ioffe & Szegedy, Fig. 1) |  | unit j |"
+            )
+    return "\n".join(out) + "\n"

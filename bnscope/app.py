@@ -1,0 +1,46 @@
+"""The composition root: BN Scope as one process. It builds the service from the settings,
+puts the HTTP API (server.app) on it, mounts the dashboard (dashboard.app) beside it, and serves
+both with uvicorn on one port. Nothing below this module knows what it is assembled into."""
+
+from __future__ import annotations
+
+import socket
+
+import uvicorn
+from fastapi import FastAPI
+
+from server.app import create_api
+from server.service import build
+from server.settings import Settings
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The API with the dashboard mounted at /dashboard (when the dashboard's dependencies are
+    installed)."""
+    svc = build(settings)
+    app = create_api(svc, settings.public_url or f"http://127.0.0.1:{settings.port}")
+    try:
+        from dashboard.app import mount
+    except ImportError:
+        return app
+    mount(app, svc)
+    app.state.dashboard = True
+    return app
+
+
+def serve(settings: Settings, log_level: str = "info") -> None:
+    """Run the server until interrupted; port 0 picks a free one (printed)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.host, settings.port))
+    port = sock.getsockname()[1]
+    settings = settings.model_copy(update={"port": port})
+    app = create_app(settings)
+    print(
+        f"BN Scope on http://{settings.host}:{port}/ (API docs: /docs, data: "
+        f"{settings.data_dir.resolve()})",
+        flush=True,
+    )
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])

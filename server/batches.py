@@ -1,0 +1,118 @@
+"""The wire format of a batch of records (``POST /api/runs/{id}/records``): a JSON object of
+bncore.records tables, each a mapping of equal-length columns: ``{"seq": 7, "steps": {"step":
+[...], "loss": [...]}, "layers": {"step": [...], "layer": [...], "pre_var": [...]}, "channels":
+{...}, "evals": {...}}``; null stands for NaN. ``seq`` (optional, increasing per run) makes a
+retried send harmless. Checked here into numpy columns, and cut down for live listeners.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+import numpy as np
+import orjson
+
+from bncore.records import (
+    CHANNEL_COLUMNS,
+    TABLES,
+    Batch,
+    channel_column,
+    channel_widths,
+    json_columns,
+)
+from server.errors import Invalid
+
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,63}")
+
+
+def parse_batch(body: bytes) -> tuple[Batch, int | None]:
+    """Checked, as numpy columns; a 422 that says what is wrong otherwise."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise Invalid(f"the body is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise Invalid("the body must be a JSON object of tables")
+    unknown = set(data) - {*TABLES, "seq"}
+    if unknown:
+        raise Invalid(f"unknown keys {sorted(unknown)}; tables are {TABLES} (+ seq)")
+    seq = data.get("seq")
+    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
+        raise Invalid("seq must be a positive integer")
+    batch = {}
+    for name in TABLES:
+        t = data.get(name)
+        if t is None or t == {}:
+            continue
+        if not isinstance(t, dict) or "step" not in t:
+            raise Invalid(f"{name} must be an object of columns with a 'step' column")
+        n = len(t["step"]) if isinstance(t["step"], list) else -1
+        if n == 0:
+            continue  # an empty table: nothing to store
+        cols: dict[str, np.ndarray] = {}
+        for col, values in t.items():
+            where = f"{name}.{col}"
+            if not NAME.fullmatch(col):
+                raise Invalid(f"{where}: column names are letters, digits, _ and .")
+            if not isinstance(values, list) or len(values) != n:
+                raise Invalid(f"{where}: every column is a list as long as 'step'")
+            try:
+                if col == "layer":
+                    arr = np.asarray([str(v) for v in values])
+                    if any(not NAME.fullmatch(v) for v in arr.tolist()):
+                        raise ValueError("layer names are letters, digits, _ and .")
+                elif col == "step":
+                    arr = np.asarray(values, dtype=np.int64)
+                    if (arr < 0).any():
+                        raise ValueError("steps are non-negative")
+                elif name == "channels" and col in CHANNEL_COLUMNS:
+                    arr = _channel_column(values)
+                else:
+                    arr = np.asarray(values, dtype=np.float64)
+            except (TypeError, ValueError) as exc:
+                raise Invalid(f"{where}: {exc}") from None
+            cols[col] = arr
+        if name in ("layers", "channels") and "layer" not in cols:
+            raise Invalid(f"{name} needs a 'layer' column")
+        if name == "channels":
+            missing = [c for c in CHANNEL_COLUMNS if c not in cols]
+            if missing:
+                raise Invalid(
+                    f"channels needs per-channel columns {list(CHANNEL_COLUMNS)}; "
+                    f"missing {missing}",
+                )  # fmt: skip
+            widths = {c: channel_widths({"pre_mean": cols[c]}).tolist() for c in CHANNEL_COLUMNS}
+            if len({tuple(w) for w in widths.values()}) > 1:
+                raise Invalid(
+                    "channels: each row's per-channel columns must all have the layer's "
+                    "channel count",
+                )  # fmt: skip
+        elif any(v.ndim != 1 for v in cols.values()):
+            raise Invalid(f"{name}: columns are flat lists of numbers")
+        batch[name] = cols
+    return batch, seq
+
+
+def _channel_column(values: list[Any]) -> np.ndarray:
+    """Rows of one per-channel column, each a list of the layer's C numbers (null: NaN);
+    layers of different widths may share a batch."""
+    if any(not isinstance(v, list) or not v for v in values):
+        raise ValueError("each row is a non-empty list of per-channel numbers")
+    rows = [np.asarray([math.nan if x is None else x for x in v], dtype=np.float64) for v in values]
+    if any(r.ndim != 1 for r in rows):
+        raise ValueError("each row is a flat list of per-channel numbers")
+    return channel_column(rows)
+
+
+def live_view(batch: Batch) -> dict[str, Any]:
+    """What a live listener gets of a batch: everything but per-channel arrays, of which only
+    each layer's latest row."""
+    out: dict[str, Any] = {k: json_columns(v) for k, v in batch.items() if k != "channels"}
+    ch = batch.get("channels")
+    if ch:
+        last = {str(lay): i for i, lay in enumerate(ch["layer"])}
+        idx = np.asarray(sorted(last.values()))
+        out["channels"] = json_columns({k: v[idx] for k, v in ch.items()})
+    return out

@@ -1,0 +1,161 @@
+"""A run's records read back for the outside: which layers and statistics it has, series
+downsampled for a chart, per-channel arrays, whole tables for export."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from bncore import statistics
+from bncore.downsample import minmax
+from bncore.records import (
+    CHANNEL_COLUMNS,
+    EVAL_COLUMNS,
+    OPTIONAL_EVAL_COLUMNS,
+    STEP_COLUMNS,
+    channel_column,
+)
+from server.errors import BadRequest, NotFound
+from server.service.runs import Runs
+from server.store.reads import Key
+
+
+def per_layer(stat: str) -> bool:
+    """True for a per-layer statistic, False for a global one; BadRequest for an unknown
+    name."""
+    found = statistics.lookup(stat)
+    if found is None:
+        raise BadRequest(statistics.unknown(stat))
+    return found.per_layer
+
+
+class Records:
+    def __init__(self, runs: Runs) -> None:
+        self.runs, self.reads = runs, runs.store.reads
+
+    def layer_names(self, run: dict[str, Any]) -> list[str]:
+        """The run's layers: in its own order (execution order for a watched model), or as
+        found in its records."""
+        meta = run.get("meta") or {}
+        if meta.get("layers"):
+            return list(meta["layers"])
+        found = {lay for lay, _ in self.reads.names(run["id"]) if lay}
+        return sorted(found, key=lambda n: (len(n), n))
+
+    def layers(self, run_id: str) -> dict[str, Any]:
+        """The run's layers, channels and tracked units, and the statistics it has records of."""
+        run = self.runs.get(run_id)
+        meta = run.get("meta") or {}
+        names = self.reads.names(run_id)
+        return {
+            "layers": meta.get("layers", sorted({lay for lay, _ in names if lay})),
+            "channels": meta.get("channels"),
+            "tracked_units": meta.get("tracked_units"),
+            "stats": {
+                "global": sorted({s for lay, s in names if not lay}),
+                "layer": sorted({s for lay, s in names if lay}),
+            },
+            "channel_steps": self.reads.channel_steps(run_id),
+        }
+
+    def metrics(
+        self,
+        run_id: str,
+        stats: list[str],
+        layers: list[str] | None,
+        step_min: int | None,
+        step_max: int | None,
+        max_points: int,
+    ) -> dict[str, Any]:
+        """Series of statistics over steps, at most ``max_points`` per series (each bucket's
+        minimum and maximum kept)."""
+        run = self.runs.get(run_id)
+        if step_min is not None and step_max is not None and step_min > step_max:
+            raise BadRequest(f"step_min={step_min} is after step_max={step_max}")
+        known = (run.get("meta") or {}).get("layers") or sorted(
+            {lay for lay, _ in self.reads.names(run_id) if lay}
+        )
+        for name in layers or []:
+            if name not in known:
+                raise BadRequest(f"unknown layer {name!r}; this run has: {', '.join(known)}")
+        keys: list[Key] = [
+            (lay, s) for s in stats for lay in ((layers or known) if per_layer(s) else [""])
+        ]
+        data = self.reads.many(run_id, keys, step_min, step_max)
+        series = []
+        for lay, s in keys:
+            steps, vals = data[lay, s]
+            ds, dv = minmax(steps, vals, max_points)
+            series.append(
+                {"layer": lay, "stat": s, "steps": ds, "values": dv, "points_total": len(steps)}
+            )
+        return {"run_id": run_id, "max_points": max_points, "series": series}
+
+    def channels(self, run_id: str, step: int | None) -> dict[str, Any]:
+        """Per-channel arrays of every layer at ``step`` (default: the latest kept)."""
+        run = self.runs.get(run_id)
+        rows = self.reads.channels(run_id, step)
+        order = {name: i for i, name in enumerate((run.get("meta") or {}).get("layers") or [])}
+        if order:
+            rows.sort(key=lambda r: order.get(r["layer"], len(order)))
+        if step is not None and not rows:
+            raise NotFound(
+                f"no per-channel arrays at step {step}; kept steps: "
+                f"{self.reads.channel_steps(run_id)[-20:]} (last 20)"
+            )
+        return {"run_id": run_id, "layers": rows}
+
+    def table(self, run_id: str, name: str) -> dict[str, np.ndarray]:
+        """One records table (bncore.records) rebuilt from the stored series."""
+        self.runs.get(run_id)
+        if name == "channels":
+            rows = [
+                r for s in self.reads.channel_steps(run_id) for r in self.reads.channels(run_id, s)
+            ]
+            out: dict[str, Any] = {
+                "step": np.array([r["step"] for r in rows], np.int64),
+                "layer": np.array([r["layer"] for r in rows]),
+            }
+            for col in CHANNEL_COLUMNS:  # ragged where layers differ in width
+                out[col] = channel_column([r[col] for r in rows]) if rows else np.empty((0, 0))
+            return out
+        names = self.reads.names(run_id)
+        if name in ("steps", "evals"):
+            wanted = STEP_COLUMNS if name == "steps" else (*EVAL_COLUMNS, *OPTIONAL_EVAL_COLUMNS)
+            return self._aligned(run_id, [("", s) for s in wanted if ("", s) in names])
+        parts = []
+        for layer in dict.fromkeys(layer for layer, _ in names if layer):
+            cols = self._aligned(run_id, [(lay, s) for lay, s in names if lay == layer])
+            parts.append({"layer": np.full(len(cols.get("step", ())), layer), **cols})
+        if not parts:
+            return {}
+        keys = list(parts[0])
+        merged = {
+            k: np.concatenate([p.get(k, np.full(len(p["step"]), np.nan)) for p in parts])
+            for k in keys
+        }
+        order = np.lexsort((np.arange(len(merged["step"])), merged["step"]))
+        return {
+            "step": merged["step"][order],
+            "layer": merged["layer"][order],
+            **{k: v[order] for k, v in merged.items() if k not in ("step", "layer")},
+        }
+
+    def _aligned(self, run_id: str, keys: list[Key]) -> dict[str, np.ndarray]:
+        """Series as columns on the steps of the first (NaN where one has no value)."""
+        if not keys:
+            return {}
+        data = self.reads.many(run_id, keys)
+        first_steps = data[keys[0]][0]
+        out: dict[str, np.ndarray] = {"step": first_steps}
+        for key in keys:
+            steps, vals = data[key]
+            col = np.full(len(first_steps), np.nan, np.float32)
+            pos = np.searchsorted(first_steps, steps)
+            ok = (pos < len(first_steps)) & (
+                first_steps[np.minimum(pos, len(first_steps) - 1)] == steps
+            )
+            col[pos[ok]] = vals[ok]
+            out[key[1]] = col
+        return out

@@ -1,0 +1,264 @@
+"""Runs: launching one here, registering one a script trains, taking its records and status,
+cancelling, deleting, and telling live listeners. The API's routes and the dashboard both call
+this; it raises server.errors, never HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bncore.config import FILE_DATASETS, RunConfig
+from bncore.status import ACTIVE, FINISHED, RunStatus
+from server.batches import live_view, parse_batch
+from server.errors import Conflict, NotFound, NotRunnable, Unauthorized
+from server.hub import Event, Hub
+from server.scheduler import Scheduler
+from server.schemas import ClientRunCreate, StatusUpdate
+from server.settings import Settings
+from server.store import Store
+from server.views import run_out
+
+log = logging.getLogger("bnscope.server")
+
+
+class Runs:
+    def __init__(self, settings: Settings, store: Store, hub: Hub, scheduler: Scheduler) -> None:
+        self.settings, self.store, self.hub, self.scheduler = settings, store, hub, scheduler
+        #: when each script-reported run (bnscope.client) last said anything (time.monotonic())
+        self.last_seen: dict[str, float] = {}
+
+    # -- who may change things ----------------------------------------------------------------
+
+    def authorize(self, token: str | None) -> None:
+        """Calls that change anything carry the server's token, when it has one."""
+        expected = self.settings.token
+        given = (token or "").strip().encode()
+        if expected and not secrets.compare_digest(given, expected.encode()):
+            raise Unauthorized(
+                "this server requires 'Authorization: Bearer <token>' on calls that change anything"
+            )
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> dict[str, Any]:
+        """The stored run; NotFound if there is none."""
+        run = self.store.runs.get(run_id)
+        if run is None:
+            raise NotFound(f"no run with id {run_id!r}")
+        return run
+
+    def out(self, run: dict[str, Any]) -> dict[str, Any]:
+        """A stored run as the API shows it."""
+        return run_out(run, self.scheduler.position(run["id"]))
+
+    def page(
+        self, status: str | None, sweep_id: str | None, limit: int, offset: int
+    ) -> dict[str, Any]:
+        items, total = self.store.runs.search(status, sweep_id, limit, offset)
+        return {"items": [self.out(r) for r in items], "total": total,
+                "limit": limit, "offset": offset}  # fmt: skip
+
+    # -- runs trained here --------------------------------------------------------------------
+
+    def check_runnable(self, config: RunConfig) -> None:
+        """What validation cannot know: this server's devices and files."""
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise NotRunnable(
+                "device='cuda' was asked for, but this server has no CUDA "
+                "device; use device='cpu' or 'auto'"
+            )
+        if config.data.name in FILE_DATASETS and not Path(config.data.path or "").is_dir():
+            raise NotRunnable(
+                f"data.path={config.data.path!r} is not a directory on this "
+                f"server (data.name={config.data.name!r} is read from files)"
+            )
+
+    def launch(
+        self, config: RunConfig, sweep_id: str | None = None, name: str | None = None
+    ) -> dict[str, Any]:
+        """Store a run as queued and hand it to the scheduler (checked beforehand)."""
+        run = self.store.runs.create(
+            id=uuid.uuid4().hex[:12],
+            name=name or config.name,
+            status=RunStatus.QUEUED.value,
+            source="server",
+            sweep_id=sweep_id,
+            config=config.model_dump(mode="json"),
+        )
+        self.scheduler.submit(run["id"])
+        return run
+
+    def create(self, config: RunConfig) -> dict[str, Any]:
+        """Queue a training run; it starts as soon as a slot is free."""
+        self.check_runnable(config)
+        return self.out(self.launch(config))
+
+    def cancel(self, run_id: str) -> None:
+        """Stop a queued or running run; its records are kept."""
+        run = self.get(run_id)
+        if run["status"] not in ACTIVE:
+            raise Conflict(f"run {run_id} has already ended ({run['status']})")
+        if run["source"] == "client":
+            self.finish(run_id, RunStatus.CANCELLED, message="cancelled through the API")
+        elif not self.scheduler.cancel(run_id):
+            raise Conflict(f"run {run_id} is not queued or training here")
+
+    async def settled(self, run_id: str, within: float) -> dict[str, Any]:
+        """The run once it has a final status, or as it is after ``within`` seconds."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline and self.get(run_id)["status"] in ACTIVE:
+            await asyncio.sleep(0.05)
+        return self.out(self.get(run_id))
+
+    def delete(self, run_id: str) -> None:
+        """Delete a run and its records; refused while it is queued or training."""
+        run = self.get(run_id)
+        if run["status"] in ACTIVE:
+            raise Conflict(f"run {run_id} is {run['status']}: cancel it before deleting")
+        self.store.delete_run(run_id)
+        self.hub.forget(run_id)
+
+    # -- runs reported by a worker or a script ------------------------------------------------
+
+    def create_client_run(self, body: ClientRunCreate) -> dict[str, Any]:
+        """Register a run that a script of its own trains and reports (bnscope.client)."""
+        run = self.store.runs.create(
+            id=uuid.uuid4().hex[:12],
+            name=body.name,
+            status=RunStatus.RUNNING.value,
+            source="client",
+            meta={**body.meta, "steps_total": body.steps_total},
+            started_at=time.time(),
+        )
+        self.seen(run["id"])
+        return {**self.out(run), "heartbeat_s": self.settings.client_timeout / 4}
+
+    def _reporting(self, run_id: str, running_only: bool = False) -> dict[str, Any]:
+        run = self.get(run_id)
+        if running_only and run["status"] != RunStatus.RUNNING.value:
+            raise Conflict(f"run {run_id} is {run['status']}: it takes records only while running")
+        if run["status"] not in ACTIVE:
+            raise Conflict(f"run {run_id} has already ended ({run['status']})")
+        self.seen(run_id)
+        return run
+
+    def ingest(self, run_id: str, body: bytes) -> dict[str, Any]:
+        """Check a batch of records (server.batches), store it (atomically, before it is
+        acknowledged), then stream it."""
+        self._reporting(run_id, running_only=True)
+        batch, client_seq = parse_batch(body)
+        seq, stored = self.store.series.append(run_id, batch, client_seq)
+        if stored:
+            self.hub.publish(run_id, Event("records", seq, {"seq": seq, **live_view(batch)}))
+        return {"seq": seq, "stored": stored}
+
+    def heartbeat(self, run_id: str) -> None:
+        """A script's run is alive; one silent for ``client_timeout`` seconds is failed."""
+        self._reporting(run_id)
+
+    def report_status(self, run_id: str, update: StatusUpdate) -> dict[str, Any]:
+        """A run's worker (or script) says it started (with its metadata) or how it ended."""
+        run = self._reporting(run_id)
+        fields = {
+            k: v
+            for k, v in (
+                ("meta", update.meta),
+                ("final", update.final),
+                ("message", update.message),
+                ("steps_done", update.steps_done),
+            )
+            if v is not None
+        }
+        if update.traceback:
+            fields["message"] = f"{update.message or ''}\n{update.traceback}".strip()
+        if update.status == RunStatus.RUNNING:
+            self.store.runs.update(
+                run_id,
+                status=RunStatus.RUNNING.value,
+                started_at=run["started_at"] or time.time(),
+                **fields,
+            )
+            self.publish_status(run_id)
+        else:
+            self.finish(run_id, RunStatus(update.status), **fields)
+        return self.out(self.get(run_id))
+
+    def finish(self, run_id: str, status: RunStatus, **fields: Any) -> bool:
+        """Give a run its final status (unless it has one) and tell its listeners."""
+        done = self.store.finish_run(run_id, status.value, **fields)
+        self.last_seen.pop(run_id, None)
+        self.publish_status(run_id)
+        return done
+
+    def seen(self, run_id: str) -> None:
+        self.last_seen[run_id] = time.monotonic()
+
+    def reap_silent_clients(self) -> list[str]:
+        """Script-reported runs silent for longer than ``client_timeout`` become failed (the
+        script died or hung); returns their ids."""
+        now, limit = time.monotonic(), self.settings.client_timeout
+        ended = []
+        for run in self.store.runs.search(status=RunStatus.RUNNING.value, limit=10_000)[0]:
+            if run["source"] != "client":
+                continue
+            last = self.last_seen.setdefault(run["id"], now)  # runs from before a restart
+            if now - last > limit:
+                message = (
+                    f"the script stopped reporting: no records, status or heartbeat for "
+                    f"{now - last:.0f} s (it died, hung, or lost the server)"
+                )
+                if self.finish(run["id"], RunStatus.FAILED, message=message):
+                    ended.append(run["id"])
+        return ended
+
+    async def watch_clients(self) -> None:
+        """Reap silent script runs every second or so, for as long as the server runs."""
+        from fastapi.concurrency import run_in_threadpool
+
+        period = min(1.0, self.settings.client_timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await run_in_threadpool(self.reap_silent_clients)
+            except Exception:  # a busy database: try again next time
+                log.exception("reaping silent client runs failed")
+
+    # -- live listeners -----------------------------------------------------------------------
+
+    async def follow(self, run_id: str, after: int | None) -> AsyncGenerator[Event, None]:
+        """A run's live events: ``reset`` when the listener missed more than the hub kept, the
+        kept batches after sequence number ``after``, the current status, then every batch
+        and status change until the run ends."""
+        run = self.get(run_id)
+        queue, missed = self.hub.subscribe(run_id, after)
+        seq = run["seq"]
+        try:
+            if after is not None and after < seq and not (missed and missed[0].seq == after + 1):
+                reason = "missed records are no longer kept for streaming"
+                yield Event("reset", seq, {"seq": seq, "reason": reason})
+            for event in missed:
+                yield event
+            yield Event("status", seq, self.out(run))
+            if run["status"] in FINISHED:
+                return
+            while True:
+                event = await queue.get()
+                yield event
+                if event.kind == "status" and event.data["status"] in FINISHED:
+                    return
+        finally:
+            self.hub.unsubscribe(run_id, queue)
+
+    def publish_status(self, run_id: str) -> None:
+        """Tell live listeners the run's status (from any thread)."""
+        run = self.store.runs.get(run_id)
+        if run is not None:
+            self.hub.publish(run_id, Event("status", run["seq"], self.out(run)))

@@ -1,0 +1,296 @@
+"""The reads: series, their coarse copies and latest values, per-channel arrays. They take no
+lock and never write: what is still pending (server.store.series) is read beside what is folded,
+and merged by step, so a reader sees every acknowledged batch without waiting for the writer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import sqlalchemy as sa
+
+from bncore.records import CHANNEL_COLUMNS, channel_table
+from server.store.packing import Batch, coarse_bins, series_of, unpack
+from server.store.schema import CHUNK, COARSE, channels, pending, series
+from server.store.series import read_chunk as _read_chunk
+
+Key = tuple[str, str]  # (layer, stat); layer "" for a global series
+Series = tuple[np.ndarray, np.ndarray]  # (steps int64, values float32)
+
+
+def _empty() -> Series:
+    return np.empty(0, np.int64), np.empty(0, np.float32)
+
+
+class SeriesReader:
+    def __init__(self, engine: sa.Engine) -> None:
+        self.engine = engine
+        # pending batches already decoded, by (row id, run, time): SQLite may reuse a row id
+        self._decoded: dict[tuple[int, str, float], Batch] = {}
+
+    # -- pending batches ----------------------------------------------------------------------
+
+    def _pending(self, conn: sa.Connection, run_id: str) -> list[Batch]:
+        """The run's pending batches, oldest first (read before the folded rows: a fold in
+        between leaves a batch in both places, never in neither)."""
+        keys = [
+            (i, run_id, t)
+            for i, t in conn.execute(
+                sa.select(pending.c.id, pending.c.created_at)
+                .where(pending.c.run_id == run_id)
+                .order_by(pending.c.id)
+            )
+        ]
+        new = [k[0] for k in keys if k not in self._decoded]
+        if new:
+            rows = conn.execute(
+                sa.select(pending.c.id, pending.c.created_at, pending.c.body).where(
+                    pending.c.id.in_(new)
+                )
+            )
+            for i, t, body in rows:
+                self._decoded[i, run_id, t] = unpack(body)
+        out = [self._decoded[k] for k in keys if k in self._decoded]
+        if len(self._decoded) > 4096:  # folded batches: forget them
+            live = set(keys)
+            self._decoded = {k: b for k, b in self._decoded.items() if k in live}
+        return out
+
+    def _pending_series(self, conn: sa.Connection, run_id: str) -> dict[Key, Series]:
+        parts: dict[Key, list[Series]] = {}
+        for batch in self._pending(conn, run_id):
+            for layer, stat, steps, vals in series_of(batch):
+                parts.setdefault((layer, stat), []).append((steps, vals))
+        return {
+            k: (np.concatenate([s for s, _ in v]), np.concatenate([x for _, x in v]))
+            for k, v in parts.items()
+        }
+
+    def _pending_channels(self, conn: sa.Connection, run_id: str) -> list[dict[str, Any]]:
+        tables = [b["channels"] for b in self._pending(conn, run_id) if b.get("channels")]
+        table = channel_table(tables)
+        if not table:
+            return []
+        return [
+            {
+                "layer": str(layer),
+                "step": int(step),
+                **{c: np.asarray(table[c][i], np.float32) for c in CHANNEL_COLUMNS},
+            }
+            for i, (step, layer) in enumerate(zip(table["step"], table["layer"], strict=True))
+        ]
+
+    # -- series -------------------------------------------------------------------------------
+
+    def many(
+        self,
+        run_id: str,
+        keys: Iterable[Key],
+        step_min: int | None = None,
+        step_max: int | None = None,
+    ) -> dict[Key, Series]:
+        """Whole series (or their part within [step_min, step_max]), in step order."""
+        keys = list(keys)
+        q = sa.select(series.c.layer, series.c.stat, series.c.steps, series.c.vals).where(
+            series.c.run_id == run_id,
+            series.c.layer.in_(sorted({lay for lay, _ in keys})),
+            series.c.stat.in_(sorted({s for _, s in keys})),
+        )
+        if step_min is not None:
+            q = q.where(series.c.chunk >= step_min // CHUNK)
+        if step_max is not None:
+            q = q.where(series.c.chunk <= step_max // CHUNK)
+        parts: dict[Key, list[tuple[bytes, bytes]]] = {k: [] for k in keys}
+        with self.engine.connect() as conn:
+            waiting = self._pending_series(conn, run_id)
+            for layer, stat, steps, vals in conn.execute(
+                q.order_by(series.c.layer, series.c.stat, series.c.chunk)
+            ):
+                if (layer, stat) in parts:
+                    parts[layer, stat].append((steps, vals))
+        out = {}
+        for key, chunks in parts.items():
+            stored = (
+                (
+                    np.concatenate([np.frombuffer(s, np.int64) for s, _ in chunks]),
+                    np.concatenate([np.frombuffer(v, np.float32) for _, v in chunks]),
+                )
+                if chunks
+                else _empty()
+            )
+            steps, vals = _merge(stored, waiting.get(key))
+            keep = np.ones(len(steps), bool)
+            if step_min is not None:
+                keep &= steps >= step_min
+            if step_max is not None:
+                keep &= steps <= step_max
+            out[key] = (steps[keep], vals[keep])
+        return out
+
+    def one(
+        self,
+        run_id: str,
+        layer: str,
+        stat: str,
+        step_min: int | None = None,
+        step_max: int | None = None,
+    ) -> Series:
+        """(steps, values) of one series, in step order, within [step_min, step_max]."""
+        return self.many(run_id, [(layer, stat)], step_min, step_max)[layer, stat]
+
+    def coarse(self, run_id: str, keys: Iterable[Key]) -> dict[Key, tuple[np.ndarray, np.ndarray]]:
+        """Several series at COARSE-step resolution: {(layer, stat): (bin centres, means)}."""
+        keys = list(keys)
+        q = (
+            sa.select(series.c.layer, series.c.stat, series.c.chunk, series.c.coarse)
+            .where(
+                series.c.run_id == run_id,
+                series.c.layer.in_(sorted({lay for lay, _ in keys})),
+                series.c.stat.in_(sorted({s for _, s in keys})),
+            )
+            .order_by(series.c.layer, series.c.stat, series.c.chunk)
+        )
+        centres = np.arange(CHUNK // COARSE) * COARSE + COARSE / 2
+        parts: dict[Key, dict[int, np.ndarray]] = {k: {} for k in keys}
+        with self.engine.connect() as conn:
+            waiting = self._pending_series(conn, run_id)
+            for layer, stat, chunk, means in conn.execute(q):
+                if (layer, stat) not in parts:
+                    continue
+                if means is None:  # a chunk written before migration 0002
+                    means = coarse_bins(*_read_chunk(conn, (run_id, layer, stat, chunk)), chunk)
+                parts[layer, stat][chunk] = np.frombuffer(means, np.float32)
+            for key, (steps, vals) in waiting.items():  # chunks still growing: from every value
+                if key not in parts:
+                    continue
+                for chunk in np.unique(steps // CHUNK).tolist():
+                    sel = steps // CHUNK == chunk
+                    stored = _read_chunk(conn, (run_id, *key, chunk))
+                    merged = _merge(stored, (steps[sel], vals[sel]))
+                    parts[key][chunk] = coarse_bins(*merged, chunk)
+        out = {}
+        for key, chunks in parts.items():
+            if chunks:
+                order = sorted(chunks)
+                x = np.concatenate([c * CHUNK + centres for c in order])
+                y = np.concatenate([chunks[c] for c in order])
+                keep = np.isfinite(y)
+                out[key] = (x[keep], y[keep])
+            else:
+                out[key] = (np.empty(0), np.empty(0, np.float32))
+        return out
+
+    def last(self, run_id: str, keys: Iterable[Key]) -> dict[Key, float]:
+        """The latest value of several series (NaN where there is none)."""
+        keys = list(keys)
+        latest = (
+            sa.select(series.c.layer, series.c.stat, sa.func.max(series.c.chunk).label("chunk"))
+            .where(series.c.run_id == run_id)
+            .group_by(series.c.layer, series.c.stat)
+            .subquery()
+        )
+        q = (
+            sa.select(series.c.layer, series.c.stat, series.c.vals)
+            .join(
+                latest,
+                sa.and_(
+                    series.c.layer == latest.c.layer,
+                    series.c.stat == latest.c.stat,
+                    series.c.chunk == latest.c.chunk,
+                ),
+            )
+            .where(series.c.run_id == run_id)
+        )
+        out = dict.fromkeys(keys, float("nan"))
+        with self.engine.connect() as conn:
+            waiting = self._pending_series(conn, run_id)
+            for layer, stat, vals in conn.execute(q):
+                v = np.frombuffer(vals, np.float32)
+                if (layer, stat) in out and len(v):
+                    out[layer, stat] = float(v[-1])
+        for key, (steps, vals) in waiting.items():  # pending batches are the newest
+            if key in out and len(steps):
+                out[key] = float(vals[np.argmax(steps)])
+        return out
+
+    def names(self, run_id: str) -> list[Key]:
+        """The (layer, stat) pairs a run has records of."""
+        with self.engine.connect() as conn:
+            waiting = self._pending_series(conn, run_id)
+            rows = conn.execute(
+                sa.select(series.c.layer, series.c.stat).where(series.c.run_id == run_id).distinct()
+            ).all()
+        return sorted({(r[0], r[1]) for r in rows} | set(waiting))
+
+    # -- per-channel arrays -------------------------------------------------------------------
+
+    def channels(self, run_id: str, step: int | None = None) -> list[dict[str, Any]]:
+        """Per-channel arrays of every layer at ``step`` (default: each layer's latest)."""
+        with self.engine.connect() as conn:
+            waiting = self._pending_channels(conn, run_id)
+            if step is None:
+                latest = (
+                    sa.select(channels.c.layer, sa.func.max(channels.c.step).label("step"))
+                    .where(channels.c.run_id == run_id)
+                    .group_by(channels.c.layer)
+                    .subquery()
+                )
+                q = (
+                    channels.select()
+                    .join(
+                        latest,
+                        sa.and_(
+                            channels.c.layer == latest.c.layer, channels.c.step == latest.c.step
+                        ),
+                    )
+                    .where(channels.c.run_id == run_id)
+                )
+            else:
+                q = channels.select().where(channels.c.run_id == run_id, channels.c.step == step)
+            rows = conn.execute(q).mappings().all()
+        found: dict[tuple[str, int], dict[str, Any]] = {}
+        for r in rows:
+            arr = np.frombuffer(r["vals"], np.float32).reshape(len(CHANNEL_COLUMNS), r["c"])
+            found[r["layer"], r["step"]] = {
+                "layer": r["layer"],
+                "step": r["step"],
+                **{col: arr[i] for i, col in enumerate(CHANNEL_COLUMNS)},
+            }
+        for row in waiting:
+            if step is None or row["step"] == step:
+                found[row["layer"], row["step"]] = row
+        if step is None:  # each layer's latest of both
+            best: dict[str, dict[str, Any]] = {}
+            for row in found.values():
+                if row["layer"] not in best or row["step"] > best[row["layer"]]["step"]:
+                    best[row["layer"]] = row
+            out = list(best.values())
+        else:
+            out = list(found.values())
+        return sorted(out, key=lambda d: _layer_order(d["layer"]))
+
+    def channel_steps(self, run_id: str) -> list[int]:
+        """The steps with per-channel arrays kept, in order."""
+        with self.engine.connect() as conn:
+            waiting = self._pending_channels(conn, run_id)
+            stored = conn.execute(
+                sa.select(channels.c.step).where(channels.c.run_id == run_id).distinct()
+            ).scalars()
+            return sorted(set(stored) | {r["step"] for r in waiting})
+
+
+def _merge(stored: Series, waiting: Series | None) -> Series:
+    """Folded and pending values of one series, by step (a step in both: the folded one)."""
+    if waiting is None or not len(waiting[0]):
+        return stored
+    steps = np.concatenate([stored[0], waiting[0]])
+    vals = np.concatenate([stored[1], waiting[1].astype(np.float32, copy=False)])
+    steps, first = np.unique(steps, return_index=True)
+    return steps, vals[first]
+
+
+def _layer_order(name: str) -> tuple[int, str]:
+    digits = "".join(ch for ch in name if ch.isdigit())
+    return (int(digits) if digits else -1, name)

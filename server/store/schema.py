@@ -1,0 +1,76 @@
+"""The database schema, defined once: the Alembic migrations (server/migrations) create it and
+Alembic compares against it (its env.py's target_metadata; a test checks that the migrations
+build exactly these tables).
+
+Records are kept by series, one per (run, layer, stat), in chunks of ``CHUNK`` steps: each chunk
+is a row holding its steps (int64) and values (float32) as bytes, plus the means of its
+``COARSE``-step bins, so a 100k-step series is a few dozen rows to read. Global series (loss,
+learning rate, evaluations) have the layer ``""``. Per-channel arrays are kept per (run, layer,
+step). A batch of records lands in ``pending`` first (server.store.series).
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+CHUNK = 4096  # steps per stored chunk of a series
+COARSE = 64  # steps per bin of a chunk's coarse copy (CHUNK // COARSE bins)
+
+metadata = sa.MetaData()
+runs = sa.Table(
+    "runs", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(200)),
+    sa.Column("status", sa.String(16), nullable=False, index=True),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("sweep_id", sa.String(32), index=True),
+    sa.Column("config", sa.Text),
+    sa.Column("meta", sa.Text),
+    sa.Column("final", sa.Text),
+    sa.Column("message", sa.Text),
+    sa.Column("steps_done", sa.Integer, nullable=False, default=0),
+    sa.Column("pid", sa.Integer),
+    sa.Column("seq", sa.Integer, nullable=False, default=0),
+    sa.Column("client_seq", sa.Integer, nullable=False, default=0),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("started_at", sa.Float),
+    sa.Column("finished_at", sa.Float),
+)  # fmt: skip
+sweeps = sa.Table(
+    "sweeps", metadata,
+    sa.Column("id", sa.String(32), primary_key=True),
+    sa.Column("name", sa.String(200)),
+    sa.Column("base", sa.Text, nullable=False),
+    sa.Column("grid", sa.Text, nullable=False),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("experiment", sa.String(64)),
+)  # fmt: skip
+series = sa.Table(
+    "series", metadata,
+    sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("layer", sa.String(64), primary_key=True),
+    sa.Column("stat", sa.String(64), primary_key=True),
+    sa.Column("chunk", sa.Integer, primary_key=True),
+    sa.Column("n", sa.Integer, nullable=False),
+    sa.Column("steps", sa.LargeBinary, nullable=False),
+    sa.Column("vals", sa.LargeBinary, nullable=False),
+    sa.Column("coarse", sa.LargeBinary),  # float32 means of COARSE-step bins
+)  # fmt: skip
+channels = sa.Table(
+    "channels", metadata,
+    sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("layer", sa.String(64), primary_key=True),
+    sa.Column("step", sa.Integer, primary_key=True),
+    sa.Column("c", sa.Integer, nullable=False),
+    sa.Column("vals", sa.LargeBinary, nullable=False),
+)  # fmt: skip
+pending = sa.Table(
+    "pending", metadata,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id", ondelete="CASCADE"),
+              nullable=False, index=True),
+    sa.Column("body", sa.LargeBinary, nullable=False),  # a batch, as server.store.packing writes it
+    sa.Column("created_at", sa.Float, nullable=False),
+)  # fmt: skip
