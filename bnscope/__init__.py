@@ -1,3 +1,4 @@
-"""bnscope: the entry points of BN Scope — the ``bnscope`` command line (:mod:`bnscope.cli`) and
-the Python client that streams a training script's BN statistics to a server
-(:mod:`bnscope.client`)."""
+"""bnscope: the entry points of BN Scope: the composition root that assembles the service, the
+API and the dashboard into one server (:mod:`bnscope.app`), the ``bnscope`` command line
+(:mod:`bnscope.cli`), and the Python client that streams a training script's BN statistics to
+a server (:mod:`bnscope.client`, :mod:`bnscope.lightning`)."""
