@@ -341,7 +341,11 @@ def compare_figures(runs: list[dict[str, Any]], stat: str) -> dict[str, Figure]:
     return {
         "cmp-loss": figure(loss, "Training loss", yaxis={"type": "log"}),
         "cmp-acc": figure(acc, "Test accuracy"),
-        "cmp-stat-fig": figure(st, f"{STAT_LABELS.get(stat, stat)} at the chosen layer"),
+        "cmp-stat-fig": figure(
+            st,
+            f"{STAT_LABELS.get(stat, stat)} at the chosen layer",
+            yaxis={"type": "log" if stat in STATISTICS and STATISTICS[stat].log else "linear"},
+        ),
     }
 
 

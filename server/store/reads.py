@@ -93,11 +93,7 @@ class SeriesReader:
     ) -> dict[Key, Series]:
         """Whole series (or their part within [step_min, step_max]), in step order."""
         keys = list(keys)
-        q = sa.select(series.c.layer, series.c.stat, series.c.steps, series.c.vals).where(
-            series.c.run_id == run_id,
-            series.c.layer.in_(sorted({lay for lay, _ in keys})),
-            series.c.stat.in_(sorted({s for _, s in keys})),
-        )
+        q = _chunks(run_id, keys, series.c.steps, series.c.vals)
         if step_min is not None:
             q = q.where(series.c.chunk >= step_min // CHUNK)
         if step_max is not None:
@@ -143,14 +139,8 @@ class SeriesReader:
     def coarse(self, run_id: str, keys: Iterable[Key]) -> dict[Key, tuple[np.ndarray, np.ndarray]]:
         """Several series at COARSE-step resolution: {(layer, stat): (bin centres, means)}."""
         keys = list(keys)
-        q = (
-            sa.select(series.c.layer, series.c.stat, series.c.chunk, series.c.coarse)
-            .where(
-                series.c.run_id == run_id,
-                series.c.layer.in_(sorted({lay for lay, _ in keys})),
-                series.c.stat.in_(sorted({s for _, s in keys})),
-            )
-            .order_by(series.c.layer, series.c.stat, series.c.chunk)
+        q = _chunks(run_id, keys, series.c.chunk, series.c.coarse).order_by(
+            series.c.layer, series.c.stat, series.c.chunk
         )
         centres = np.arange(CHUNK // COARSE) * COARSE + COARSE / 2
         parts: dict[Key, dict[int, np.ndarray]] = {k: {} for k in keys}
@@ -279,6 +269,15 @@ class SeriesReader:
                 sa.select(channels.c.step).where(channels.c.run_id == run_id).distinct()
             ).scalars()
             return sorted(set(stored) | {r["step"] for r in waiting})
+
+
+def _chunks(run_id: str, keys: list[Key], *columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
+    """The chunk rows of these series: (layer, stat, *columns)."""
+    return sa.select(series.c.layer, series.c.stat, *columns).where(
+        series.c.run_id == run_id,
+        series.c.layer.in_(sorted({lay for lay, _ in keys})),
+        series.c.stat.in_(sorted({s for _, s in keys})),
+    )
 
 
 def _merge(stored: Series, waiting: Series | None) -> Series:
