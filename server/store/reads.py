@@ -6,13 +6,14 @@ and merged by step, so a reader sees every acknowledged batch without waiting fo
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
 
 from bncore.records import CHANNEL_COLUMNS, channel_table
-from server.store.packing import Batch, coarse_bins, series_of, unpack
+from server.store.packing import coarse_bins, series_of, unpack
 from server.store.schema import CHUNK, COARSE, channels, pending, series
 from server.store.series import read_chunk as _read_chunk
 
@@ -24,15 +25,29 @@ def _empty() -> Series:
     return np.empty(0, np.int64), np.empty(0, np.float32)
 
 
+@dataclass
+class _Pending:
+    """One pending batch, decoded once and split by series."""
+
+    series: dict[Key, Series]
+    channels: dict[str, np.ndarray] | None
+
+    @staticmethod
+    def of(body: bytes) -> _Pending:
+        batch = unpack(body)
+        split = {(layer, stat): (st, v) for layer, stat, st, v in series_of(batch)}
+        return _Pending(split, batch.get("channels") or None)
+
+
 class SeriesReader:
     def __init__(self, engine: sa.Engine) -> None:
         self.engine = engine
         # pending batches already decoded, by (row id, run, time): SQLite may reuse a row id
-        self._decoded: dict[tuple[int, str, float], Batch] = {}
+        self._decoded: dict[tuple[int, str, float], _Pending] = {}
 
     # -- pending batches ----------------------------------------------------------------------
 
-    def _pending(self, conn: sa.Connection, run_id: str) -> list[Batch]:
+    def _pending(self, conn: sa.Connection, run_id: str) -> list[_Pending]:
         """The run's pending batches, oldest first (read before the folded rows: a fold in
         between leaves a batch in both places, never in neither)."""
         keys = [
@@ -51,25 +66,28 @@ class SeriesReader:
                 )
             )
             for i, t, body in rows:
-                self._decoded[i, run_id, t] = unpack(body)
+                self._decoded[i, run_id, t] = _Pending.of(body)
         out = [self._decoded[k] for k in keys if k in self._decoded]
         if len(self._decoded) > 4096:  # folded batches: forget them
             live = set(keys)
             self._decoded = {k: b for k, b in self._decoded.items() if k in live}
         return out
 
-    def _pending_series(self, conn: sa.Connection, run_id: str) -> dict[Key, Series]:
+    def _pending_series(
+        self, conn: sa.Connection, run_id: str, wanted: set[Key] | None = None
+    ) -> dict[Key, Series]:
+        """The pending values of the ``wanted`` series (default: all), by series."""
         parts: dict[Key, list[Series]] = {}
         for batch in self._pending(conn, run_id):
-            for layer, stat, steps, vals in series_of(batch):
-                parts.setdefault((layer, stat), []).append((steps, vals))
+            for key in batch.series.keys() if wanted is None else wanted & batch.series.keys():
+                parts.setdefault(key, []).append(batch.series[key])
         return {
             k: (np.concatenate([s for s, _ in v]), np.concatenate([x for _, x in v]))
             for k, v in parts.items()
         }
 
     def _pending_channels(self, conn: sa.Connection, run_id: str) -> list[dict[str, Any]]:
-        tables = [b["channels"] for b in self._pending(conn, run_id) if b.get("channels")]
+        tables = [b.channels for b in self._pending(conn, run_id) if b.channels]
         table = channel_table(tables)
         if not table:
             return []
@@ -100,7 +118,7 @@ class SeriesReader:
             q = q.where(series.c.chunk <= step_max // CHUNK)
         parts: dict[Key, list[tuple[bytes, bytes]]] = {k: [] for k in keys}
         with self.engine.connect() as conn:
-            waiting = self._pending_series(conn, run_id)
+            waiting = self._pending_series(conn, run_id, set(keys))
             for layer, stat, steps, vals in conn.execute(
                 q.order_by(series.c.layer, series.c.stat, series.c.chunk)
             ):
@@ -145,7 +163,7 @@ class SeriesReader:
         centres = np.arange(CHUNK // COARSE) * COARSE + COARSE / 2
         parts: dict[Key, dict[int, np.ndarray]] = {k: {} for k in keys}
         with self.engine.connect() as conn:
-            waiting = self._pending_series(conn, run_id)
+            waiting = self._pending_series(conn, run_id, set(keys))
             for layer, stat, chunk, means in conn.execute(q):
                 if (layer, stat) not in parts:
                     continue
@@ -195,7 +213,7 @@ class SeriesReader:
         )
         out = dict.fromkeys(keys, float("nan"))
         with self.engine.connect() as conn:
-            waiting = self._pending_series(conn, run_id)
+            waiting = self._pending_series(conn, run_id, set(keys))
             for layer, stat, vals in conn.execute(q):
                 v = np.frombuffer(vals, np.float32)
                 if (layer, stat) in out and len(v):
@@ -208,11 +226,11 @@ class SeriesReader:
     def names(self, run_id: str) -> list[Key]:
         """The (layer, stat) pairs a run has records of."""
         with self.engine.connect() as conn:
-            waiting = self._pending_series(conn, run_id)
+            waiting = {k for batch in self._pending(conn, run_id) for k in batch.series}
             rows = conn.execute(
                 sa.select(series.c.layer, series.c.stat).where(series.c.run_id == run_id).distinct()
             ).all()
-        return sorted({(r[0], r[1]) for r in rows} | set(waiting))
+        return sorted({(r[0], r[1]) for r in rows} | waiting)
 
     # -- per-channel arrays -------------------------------------------------------------------
 
