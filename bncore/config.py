@@ -9,6 +9,7 @@ run within what one machine can train and store.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -16,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 __all__ = [
+    "UNKNOWN_FIELD",
     "ConfigError",
     "DataConfig",
     "ModelConfig",
@@ -23,9 +25,12 @@ __all__ = [
     "OptimConfig",
     "RunConfig",
     "describe_fields",
+    "field_errors",
     "get_field",
+    "grouped",
     "load_config",
     "set_field",
+    "summarize",
 ]
 
 #: What DataConfig.name accepts.
@@ -39,8 +44,24 @@ KERAS_DEFAULTS = {"momentum": 0.99, "eps": 1e-3}
 PYTORCH_DEFAULTS = {"momentum": 0.1, "eps": 1e-5}
 
 
+#: What the CLI, the API and the dashboard say of a field that a config does not have.
+UNKNOWN_FIELD = "unknown field (check the spelling)"
+
+
+class FieldsError(ValueError):
+    """A rule over several fields broken (a model validator's): ``fields`` names each field
+    involved, dotted and relative to the model that checks it, so that the error can be shown
+    beside each of them (see :func:`field_errors`)."""
+
+    def __init__(self, message: str, *fields: str) -> None:
+        super().__init__(message)
+        self.fields = fields
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a JSON "64" is not silently the number 64 (ints are still floats); files and
+    # --set overrides, which are text, are read leniently (load_config)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelConfig(_Strict):
@@ -129,9 +150,13 @@ class NormConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> NormConfig:
         if isinstance(self.momentum, float) and not 0.0 <= self.momentum <= 1.0:
-            raise ValueError(f"momentum must lie in [0, 1], got {self.momentum}")
+            raise FieldsError(f"momentum must lie in [0, 1], got {self.momentum}", "momentum")
         if self.momentum == "cumulative" and self.convention == "keras":
-            raise ValueError("momentum 'cumulative' exists only in the pytorch convention")
+            raise FieldsError(
+                "momentum 'cumulative' exists only in the pytorch convention",
+                "momentum",
+                "convention",
+            )
         return self
 
     def resolved(self) -> tuple[float | None, float]:
@@ -199,7 +224,9 @@ class DataConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.name in FILE_DATASETS and not self.path:
-            raise ValueError(f"data.name={self.name!r} is read from files: set data.path")
+            raise FieldsError(
+                f"data.name={self.name!r} is read from files: set data.path", "path", "name"
+            )
         return self
 
 
@@ -261,74 +288,130 @@ class RunConfig(_Strict):
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.model.kind == "cnn" and self.data.name not in SPATIAL_DATASETS:
-            raise ValueError(
+            raise FieldsError(
                 f"model.kind='cnn' needs data with spatial structure "
-                f"({', '.join(SPATIAL_DATASETS)}), not data.name={self.data.name!r}"
+                f"({', '.join(SPATIAL_DATASETS)}), not data.name={self.data.name!r}",
+                "model.kind",
+                "data.name",
             )
         if self.ics_interval % self.stats_interval:
-            raise ValueError(
+            raise FieldsError(
                 f"ics_interval={self.ics_interval} must be a multiple of stats_interval="
                 f"{self.stats_interval} (internal covariate shift is recorded with the step's "
-                "statistics)"
+                "statistics)",
+                "ics_interval",
+                "stats_interval",
             )
         width, depth = self.model.width, self.model.depth
         norm = self.norm
         if norm.kind == "group" and width % norm.resolved_groups(width):
-            raise ValueError(
+            raise FieldsError(
                 f"norm.groups={norm.groups} must divide model.width={width} (GroupNorm splits "
-                "the channels into equal groups)"
+                "the channels into equal groups)",
+                "norm.groups",
+                "model.width",
             )
         if norm.kind == "group" and self.model.kind == "mlp" and norm.groups == width:
-            raise ValueError(
+            raise FieldsError(
                 f"norm.groups={norm.groups} leaves one channel per group: in an MLP each group "
-                "would be a single value, normalized to zero; use fewer groups"
+                "would be a single value, normalized to zero; use fewer groups",
+                "norm.groups",
+                "model.width",
             )
         if norm.kind == "ghost" and self.batch_size % norm.resolved_virtual_batch(self.batch_size):
-            raise ValueError(
-                f"norm.virtual_batch={norm.virtual_batch} must divide batch_size={self.batch_size}"
+            raise FieldsError(
+                f"norm.virtual_batch={norm.virtual_batch} must divide batch_size={self.batch_size}",
+                "norm.virtual_batch",
+                "batch_size",
             )
         per_block = width * width * (9 if self.model.kind == "cnn" else 1)
         if per_block * depth > MAX_PARAMETERS:
-            raise ValueError(
+            raise FieldsError(
                 f"model.width={width} x model.depth={depth} gives about "
-                f"{per_block * depth:,} parameters; the limit is {MAX_PARAMETERS:,}"
+                f"{per_block * depth:,} parameters; the limit is {MAX_PARAMETERS:,}",
+                "model.width",
+                "model.depth",
             )
         recorded = self.steps // self.stats_interval // self.channel_interval
         values = recorded * depth * width * 16
         if values > MAX_RECORDED_VALUES:
-            raise ValueError(
+            raise FieldsError(
                 f"stats_interval={self.stats_interval} and channel_interval="
                 f"{self.channel_interval} would keep about {values:,} per-channel values over "
-                f"{self.steps} steps; raise one of them (limit {MAX_RECORDED_VALUES:,})"
+                f"{self.steps} steps; raise one of them (limit {MAX_RECORDED_VALUES:,})",
+                "stats_interval",
+                "channel_interval",
             )
         return self
 
 
 class ConfigError(ValueError):
-    """A config that does not validate; ``errors`` lists (field path, message)."""
+    """A config that does not validate; ``errors`` lists (field path, message), one entry per
+    field involved (a rule over two fields gives two entries with the same message)."""
 
     def __init__(self, errors: list[tuple[str, str]]) -> None:
         self.errors = errors
-        super().__init__("; ".join(f"{loc}: {msg}" for loc, msg in errors))
+        super().__init__(summarize(errors))
 
 
-def _flatten_errors(exc: ValidationError) -> list[tuple[str, str]]:
-    out = []
-    for e in exc.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not str(p).startswith("function-after"))
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field (check the spelling; bnscope train --help lists the fields)"
-        out.append((loc or "config", msg))
+def field_errors(
+    errors: Iterable[Mapping[str, Any]], strip: tuple[str, ...] = ()
+) -> list[tuple[str, str]]:
+    """(dotted field, message) for each of pydantic's errors (``ValidationError.errors()``, or
+    FastAPI's), worded alike for the CLI, the API and the dashboard: an unknown field says
+    :data:`UNKNOWN_FIELD`; a rule over several fields (:class:`FieldsError`) gives one entry per
+    field; a number sent as a string says so. ``strip``: a leading location to drop (the API's
+    ``"body"``); the field is "" for the whole input."""
+    out: list[tuple[str, str]] = []
+    for e in errors:
+        loc = tuple(e.get("loc") or ())
+        if strip and loc[: len(strip)] == strip:
+            loc = loc[len(strip) :]
+        field = ".".join(str(p) for p in loc if not str(p).startswith("function-"))
+        kind, given = e.get("type"), e.get("input")
+        cause = (e.get("ctx") or {}).get("error")
+        message = str(e.get("msg", "")).removeprefix("Value error, ")
+        if kind == "extra_forbidden":
+            message = UNKNOWN_FIELD
+        elif kind in ("int_type", "float_type") and isinstance(given, str):  # strict
+            message = f"expected a number, not the string {given!r} (write numbers without quotes)"
+        elif kind in ("int_parsing", "float_parsing"):  # text that is no number
+            message = f"expected a number, not {given!r}"
+        elif kind == "bool_type" and isinstance(given, str):
+            message = f"expected true or false, not the string {given!r}"
+        if isinstance(cause, FieldsError) and cause.fields:
+            out.extend((".".join(filter(None, (field, f))), message) for f in cause.fields)
+        else:
+            out.append((field, message))
     return out
 
 
-def parse_config(data: dict[str, Any]) -> RunConfig:
-    """A RunConfig from plain data; raises ConfigError naming each bad field."""
+def grouped(errors: Iterable[tuple[str, str]]) -> list[tuple[list[str], str]]:
+    """(fields, message) per distinct message, in order: a rule over two fields is one entry."""
+    fields: dict[str, list[str]] = {}
+    for field, message in errors:
+        names = fields.setdefault(message, [])
+        if field not in names:
+            names.append(field)
+    return [(names, message) for message, names in fields.items()]
+
+
+def summarize(errors: Iterable[tuple[str, str]]) -> str:
+    """The errors in one line, ``field: message; ...``; a message shared by several fields is
+    said once, after all of them."""
+    return "; ".join(
+        f"{', '.join(names)}: {message}" if any(names) else message
+        for names, message in ((list(filter(None, n)), m) for n, m in grouped(errors))
+    )
+
+
+def parse_config(data: dict[str, Any], strict: bool = True) -> RunConfig:
+    """A RunConfig from plain data; raises ConfigError naming each bad field. ``strict=False``
+    reads numbers written as strings (text input: files, ``--set``) as numbers."""
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, strict=None if strict else False)
     except ValidationError as exc:
-        raise ConfigError(_flatten_errors(exc)) from None
+        raise ConfigError([(f or "config", m) for f, m in field_errors(exc.errors())]) from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
@@ -348,7 +431,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError([("config", f"{path} must hold a mapping of fields")])
     for item in overrides or []:
         apply_override(data, item)
-    return parse_config(data)
+    return parse_config(data, strict=False)
 
 
 def apply_override(data: dict[str, Any], item: str) -> None:

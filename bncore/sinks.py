@@ -22,7 +22,26 @@ import orjson
 
 from bncore.records import TABLES, Records, Table, channel_column, json_columns
 
-__all__ = ["HttpSink", "MemorySink", "ParquetSink", "Sink", "encode", "read_parquet"]
+__all__ = [
+    "HttpSink",
+    "MemorySink",
+    "ParquetSink",
+    "Sink",
+    "encode",
+    "error_message",
+    "read_parquet",
+]
+
+
+def error_message(response: httpx.Response) -> str:
+    """What a BN Scope server says when it refuses a request: its one-line ``message`` (every
+    4xx is ``{"message": ..., "detail": [{"field", "message"}]}``), else the body's text."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text[:500]
+    message = body.get("message") or body.get("detail") if isinstance(body, dict) else None
+    return str(message)[:500] if message else response.text[:500]
 
 
 class Sink(Protocol):
@@ -200,7 +219,7 @@ class HttpSink:
             if r is not None and r.status_code < 400:
                 return
             if r is not None and r.status_code < 500:  # our mistake: retrying will not help
-                raise RuntimeError(f"POST {path}: {r.status_code} {r.text[:500]}")
+                raise RuntimeError(f"POST {path}: {r.status_code} {error_message(r)}")
             attempt += 1
             if attempt >= self.retries and time.monotonic() >= deadline:
                 if r is None:

@@ -13,7 +13,7 @@ import torch
 
 import bncore
 from bncore import kernels
-from bncore.config import ConfigError, describe_fields, load_config
+from bncore.config import UNKNOWN_FIELD, ConfigError, describe_fields, grouped, load_config
 from bncore.kernels import cpu
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
@@ -47,12 +47,18 @@ def _train(args: argparse.Namespace) -> int:
         config = load_config(args.config, args.set)
         trainer = Trainer(config)
     except ConfigError as exc:
-        for field, message in exc.errors:
-            print(f"bnscope train: {field}: {message}", file=sys.stderr)
+        for fields, message in grouped(exc.errors):
+            print(f"bnscope train: {', '.join(fields)}: {message}", file=sys.stderr)
+        if any(message == UNKNOWN_FIELD for _, message in exc.errors):
+            print("bnscope train: `bnscope train --help` lists the fields", file=sys.stderr)
         return EXIT_USAGE
     except (DatasetError, ValueError) as exc:
         print(f"bnscope train: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if trainer.device.type == "cpu":
+        # builds the fused kernel now, if this is its first use, so that its progress lines
+        # come before the progress bar rather than inside it
+        kernels.select(torch.zeros(2, 2), None, None)
     bar = tqdm(total=config.steps, unit="step", disable=args.quiet, dynamic_ncols=True)
 
     def progress(t: Trainer, rec) -> None:

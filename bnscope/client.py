@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 import bncore
 from bncore.records import Records
-from bncore.sinks import HttpSink
+from bncore.sinks import HttpSink, error_message
 from bncore.status import RunStatus
 from bncore.watch import Watcher
 
@@ -57,13 +57,9 @@ class Client:
 
     def _json(self, response: httpx.Response) -> Any:
         if response.is_error:
-            try:
-                detail = response.json().get("message") or response.json().get("detail")
-            except ValueError:
-                detail = response.text
             raise RuntimeError(
                 f"{response.request.method} {response.request.url.path}: "
-                f"{response.status_code} {detail}"
+                f"{response.status_code} {error_message(response)}"
             )
         return response.json()
 

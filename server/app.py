@@ -1,7 +1,11 @@
 """The BN Scope HTTP API: one FastAPI app on the service (server.service).
 
-- ``/api/...``: runs, sweeps, records (see server/routes), documented at ``/docs``;
+- ``/api/...``: runs, sweeps, records (see server/routes), documented at ``/docs`` and
+  ``/redoc`` (their scripts served from here: no CDN, the docs work offline);
 - ``/healthz``: liveness.
+
+Every refused request (4xx) is answered in one shape (server.errors.error_body):
+``{"message": "<what to fix>", "detail": [{"field": "optim.lr", "message": "..."}, ...]}``.
 
 Runs train in worker processes (server.scheduler) that report through the same API. The
 product (API + dashboard on one uvicorn) is assembled by bnscope.app.
@@ -10,20 +14,30 @@ product (API + dashboard on one uvicorn) is assembled by bnscope.app.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi_offline import FastAPIOffline
+from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import bncore
-from server.errors import DomainError, Unauthorized
+from bncore.config import field_errors
+from server.errors import BODY_NOT_OBJECT, DomainError, Unauthorized, error_body
 from server.routes import experiments, ingest, runs, sweeps
+from server.schemas import ErrorOut
 from server.service import Service
+
+#: How the body's validator says the body is not a JSON object (absent, another content type,
+#: a list, a number...).
+_NOT_AN_OBJECT = {"missing", "model_type", "model_attributes_type", "dict_type"}
 
 
 class BodyLimit:
@@ -54,7 +68,8 @@ class BodyLimit:
             await self._reject(send)
 
     async def _reject(self, send: Send) -> None:
-        body = b'{"detail":"request body larger than %d bytes"}' % self.limit
+        error = {"field": "", "message": f"request body larger than {self.limit} bytes"}
+        body = json.dumps(error_body([error])).encode()
         await send(
             {
                 "type": "http.response.start",
@@ -84,17 +99,22 @@ def create_api(svc: Service, api_url: str) -> FastAPI:
         reaper.cancel()
         await svc.stop()
 
-    app = FastAPI(
+    app = FastAPIOffline(
         title="BN Scope",
         version=bncore.__version__,
         lifespan=lifespan,
         description="Launch training runs and watch what batch normalization does "
         "inside them, live.",
+        # no badge from validator.swagger.io: the page loads nothing from elsewhere
+        swagger_ui_parameters={"validatorUrl": None},
     )
     app.state.service = svc
     app.state.dashboard = False
+    errors: dict[int | str, dict[str, Any]] = {
+        "4XX": {"model": ErrorOut, "description": "refused: `message` says what to fix"}
+    }
     for module in (runs, ingest, sweeps, experiments):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=errors)
 
     @app.get("/healthz", tags=["system"])
     def healthz() -> dict[str, Any]:
@@ -112,19 +132,27 @@ def create_api(svc: Service, api_url: str) -> FastAPI:
     @app.exception_handler(DomainError)
     async def refused(request: Request, exc: DomainError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
-        return JSONResponse({"detail": exc.detail}, status_code=exc.status, headers=headers)
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {
-                "field": ".".join(str(p) for p in e["loc"] if p != "body"),
-                "message": e["msg"].removeprefix("Value error, "),
-            }
-            for e in exc.errors()
-        ]
-        summary = "; ".join(f"{e['field'] or 'body'}: {e['message']}" for e in errors)
-        return JSONResponse({"detail": errors, "message": summary}, status_code=422)
+        return JSONResponse(validation_body(exc.errors()), status_code=422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        message = str(exc.detail)
+        if message == HTTPStatus(exc.status_code).phrase:  # starlette's own: say more
+            where = f"{request.method} {request.url.path}"
+            if exc.status_code == 404:
+                message = f"nothing at {where} (the API's routes are listed at /docs)"
+            elif exc.status_code == 405:
+                allowed = (exc.headers or {}).get("Allow") or "another method"
+                message = f"{where} is not allowed; this path takes {allowed}"
+        return JSONResponse(
+            error_body([{"field": "", "message": message}]),
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
 
     app.add_middleware(BodyLimit, limit=svc.settings.max_body_bytes)
     if svc.settings.cors_origins:
@@ -135,3 +163,19 @@ def create_api(svc: Service, api_url: str) -> FastAPI:
             allow_headers=["*"],
         )
     return app
+
+
+def validation_body(errors: Any) -> dict[str, Any]:
+    """The answer to a request that does not validate: each field with what is wrong with it, in
+    the words the CLI uses too (bncore.config.field_errors)."""
+    detail = []
+    for e in errors:
+        loc = tuple(e.get("loc") or ())
+        if loc == ("body",) and e.get("type") in _NOT_AN_OBJECT:
+            detail.append({"field": "", "message": BODY_NOT_OBJECT})
+        elif loc[:1] == ("body",) and e.get("type") == "json_invalid":
+            why = (e.get("ctx") or {}).get("error") or e.get("msg")
+            detail.append({"field": "", "message": f"the body is not valid JSON ({why})"})
+        else:
+            detail.extend({"field": f, "message": m} for f, m in field_errors([e], strip=("body",)))
+    return error_body(detail)

@@ -2,30 +2,63 @@
 turns them into HTTP answers (server.app) and the dashboard into messages.
 
 ``detail`` is what the caller is told: a sentence that says what to fix, or, for a sweep point
-that fails validation, ``{"point": ..., "errors": [{"field", "message"}]}``.
+that fails validation, ``{"point": ..., "errors": [{"field", "message"}]}``; ``message`` is that
+in one line. Over HTTP every 4xx has one shape (:func:`error_body`)::
+
+    {"message": "<one line: what to fix>", "detail": [{"field": "<dotted field or ''>",
+                                                       "message": "..."}, ...]}
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
+
+from bncore.config import summarize
+
+#: What a request whose body is not a JSON object is told (no body, another content type, a list).
+BODY_NOT_OBJECT = "send the body as a JSON object with Content-Type: application/json"
+
+
+def error_body(errors: Iterable[dict[str, Any]], message: str | None = None) -> dict[str, Any]:
+    """The API's answer to a refused request: ``errors`` (each with ``field`` and ``message``,
+    perhaps more) and one line for a person (by default, the errors in one line)."""
+    detail = [{**e, "field": e.get("field") or "", "message": str(e["message"])} for e in errors]
+    if message is None:
+        message = summarize((e["field"], e["message"]) for e in detail)
+    return {"message": message, "detail": detail}
 
 
 class DomainError(Exception):
-    """A request the service refuses; ``status`` is the HTTP status it maps to."""
+    """A request the service refuses; ``status`` is the HTTP status it maps to; ``field``, the
+    dotted config field or parameter it is about, where there is one."""
 
     status = 400
 
-    def __init__(self, detail: Any) -> None:
+    def __init__(self, detail: Any, field: str = "") -> None:
         super().__init__(detail if isinstance(detail, str) else repr(detail))
         self.detail = detail
+        self.field = field
 
     @property
     def message(self) -> str:
-        """One line for a person (the dashboard's banner)."""
+        """One line for a person (the dashboard's banner, the API's ``message``)."""
         if isinstance(self.detail, dict) and "point" in self.detail:
-            fields = "; ".join(f"{e['field']}: {e['message']}" for e in self.detail["errors"])
+            fields = summarize((e["field"], e["message"]) for e in self.detail["errors"])
             return f"grid point {self.detail['point']}: {fields}"
         return str(self.detail)
+
+    def errors(self) -> list[dict[str, Any]]:
+        """One entry per field it is about (``field``, ``message``; a sweep point's with
+        ``point``)."""
+        if isinstance(self.detail, dict) and "point" in self.detail:
+            point = self.detail["point"]
+            return [{**e, "point": point} for e in self.detail["errors"]]
+        return [{"field": self.field, "message": self.message}]
+
+    def body(self) -> dict[str, Any]:
+        """The API's answer (:func:`error_body`)."""
+        return error_body(self.errors(), self.message)
 
 
 class BadRequest(DomainError):

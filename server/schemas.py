@@ -61,7 +61,7 @@ class ClientRunCreate(BaseModel):
     meta: dict[str, Any] = Field(
         default_factory=dict, description="layers, channels and anything to show with it"
     )
-    steps_total: int | None = Field(None, ge=1, le=100_000_000)
+    steps_total: int | None = Field(None, ge=1, le=100_000_000, strict=True)
 
 
 class StatusUpdate(BaseModel):
@@ -72,7 +72,7 @@ class StatusUpdate(BaseModel):
     message: str | None = Field(None, max_length=10_000)
     final: dict[str, Any] | None = None
     meta: dict[str, Any] | None = None
-    steps_done: int | None = Field(None, ge=0)
+    steps_done: int | None = Field(None, ge=0, strict=True)
     traceback: str | None = Field(None, max_length=10_000)
 
     @field_validator("status")
@@ -172,3 +172,18 @@ class MetricsOut(BaseModel):
 class IngestAck(BaseModel):
     seq: int
     stored: bool
+
+
+class ErrorField(BaseModel):
+    field: str = Field(
+        description="the dotted field (optim.lr) or parameter it is about; '' for the request"
+    )
+    message: str
+    point: str | None = Field(None, description="for a sweep: the grid point it is about")
+
+
+class ErrorOut(BaseModel):
+    """Every refused request (4xx): one line to show, and the fields to fix."""
+
+    message: str = Field(description="one line: what to fix")
+    detail: list[ErrorField]

@@ -49,8 +49,36 @@ def test_bad_config_names_the_field(tmp_path):
     result = _bnscope("train", str(cfg), "--out", str(tmp_path / "o"))
     assert result.returncode == 2
     assert "optim.lr: Input should be greater than 0" in result.stderr
-    assert "model.depht: unknown field" in result.stderr
+    assert "model.depht: unknown field (check the spelling)" in result.stderr
+    assert "`bnscope train --help` lists the fields" in result.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_a_rule_over_two_fields_names_both_once(tmp_path):
+    cfg = tmp_path / "ghost.yaml"
+    cfg.write_text("norm: {kind: ghost, virtual_batch: 12}\n")
+    result = _bnscope("train", str(cfg), "--out", str(tmp_path / "o"), "--set", "batch_size=64")
+    assert result.returncode == 2
+    line = "bnscope train: norm.virtual_batch, batch_size: norm.virtual_batch=12 must divide"
+    assert result.stderr.count(line) == 1, result.stderr
+
+
+def test_info_says_while_it_builds_the_kernel(tmp_path):
+    """A first use compiles the fused kernel (about a minute): bnscope info says so before and
+    after. A stand-in compiler that 'builds' at once keeps this fast."""
+    fake = tmp_path / "quick-c++"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    result = subprocess.run(
+        [sys.executable, "-m", "bnscope.cli", "info"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CXX": str(fake), "BNCORE_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "bnscope: building the fused CPU batch-norm kernel (first use" in result.stderr
+    assert "bnscope: built the fused CPU batch-norm kernel in" in result.stderr
 
 
 def test_missing_config_file_and_missing_data(tmp_path):

@@ -319,3 +319,32 @@ def test_a_slow_script_stays_running_on_its_heartbeat(server):
         run.log(2, 0.0)
     assert status(server, run.id)["status"] == "completed"
     client.close()
+
+
+def test_errors_read_the_servers_message(server):
+    """The client and the sink raise what the server says to fix (its ``message``), not a dump
+    of the body."""
+    from bncore.sinks import HttpSink, error_message
+
+    client = Client(server.url)
+    try:
+        with pytest.raises(RuntimeError) as info:
+            client.launch({"norm": {"kind": "ghost", "virtual_batch": 12}, "batch_size": 64})
+        said = str(info.value)
+        assert said.startswith("POST /api/runs: 422 norm.virtual_batch, batch_size: ")
+        assert "detail" not in said and "{" not in said
+    finally:
+        client.close()
+    with httpx.Client(base_url=server.url) as http:
+        run_id = http.post("/api/runs/client", json={"name": "bad sink"}).json()["id"]
+        sink = HttpSink(http, run_id)
+        with pytest.raises(RuntimeError, match=r"POST records: 422 unknown keys \['weights'\]"):
+            sink.post("records", b'{"weights": {}}')
+        sink.post("status", b'{"status": "completed"}')
+    for body, said in [
+        (b'{"message": "fix this", "detail": []}', "fix this"),
+        (b'{"detail": "older servers"}', "older servers"),
+        (b"<html>a proxy</html>", "<html>a proxy</html>"),
+        (b"[1]", "[1]"),
+    ]:
+        assert error_message(httpx.Response(400, content=body)) == said

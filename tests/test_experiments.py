@@ -112,7 +112,7 @@ def test_gradient_explosion_experiment_through_the_server_matches_yang_et_al(tmp
             # bad inputs: clear 4xx, nothing queued
             before = api.get("/api/runs").json()["total"]
             missing = api.post("/api/experiments/nope")
-            assert missing.status_code == 404 and "gradient-explosion" in missing.json()["detail"]
+            assert missing.status_code == 404 and "gradient-explosion" in missing.json()["message"]
             bad = api.post("/api/experiments/placement", json={"size": "huge"})
             assert bad.status_code == 422
             plain = api.post("/api/sweeps", json={"base": {"steps": 5, "model": {"depth": 1,

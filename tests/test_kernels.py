@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,6 +153,38 @@ def test_falls_back_when_the_build_fails(tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert "kernel available: False | error: this compiler is broken" in result.stdout
+    assert cpu.building_message() in result.stderr and "did not build" in result.stderr
+
+
+def test_a_build_says_so_while_it_works_and_a_cached_one_says_nothing(tmp_path):
+    """The first use prints a line before building and one with the seconds when it is done
+    (bnscope info and a first run show them); a build found in the cache prints nothing. A
+    stand-in compiler that 'builds' at once (an empty file, which then fails to load) keeps
+    this fast."""
+    fake = tmp_path / "quick-c++"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    env = {"CXX": str(fake), "BNCORE_CACHE_DIR": str(tmp_path / "cache")}
+    first = _run_isolated(CHECK_AGAINST_TORCH, **env)
+    assert first.returncode == 0, first.stderr
+    lines = first.stderr.splitlines()
+    start = lines.index(cpu.building_message())
+    done = next(i for i, ln in enumerate(lines) if "built the fused CPU batch-norm kernel in" in ln)
+    assert start < done and str(tmp_path / "cache") in lines[done]
+    again = _run_isolated(CHECK_AGAINST_TORCH, **env)
+    assert again.returncode == 0, again.stderr
+    assert "batch-norm kernel" not in again.stderr  # cached: not a word of building
+
+
+def test_build_messages():
+    assert cpu.building_message() == (
+        "bnscope: building the fused CPU batch-norm kernel (first use on this machine; "
+        "usually about a minute)…"
+    )
+    done = cpu.built_message(48.4, Path("/cache/bncore/bn_cpu-1.so"))
+    assert done.startswith("bnscope: built the fused CPU batch-norm kernel in 48 s")
+    assert "/cache/bncore" in done
+    assert "did not build (3 s)" in cpu.built_message(3.2, None)
 
 
 def test_build_is_cached_and_shared(tmp_path, fused):

@@ -4,7 +4,8 @@ The extension is compiled with the system's C++ compiler against the installed t
 and cached per source, compiler, torch and CPU (it is built with -march=native) in
 ``$BNCORE_CACHE_DIR`` or ``~/.cache/bncore``. Its ``batch_norm_train`` operator carries its own
 backward in C++, so a training step runs no Python inside the layer. Where no compiler is found,
-or the build fails, :func:`available` is False and the reference kernel runs instead.
+or the build fails, :func:`available` is False and the reference kernel runs instead. A build
+(about a minute) says so on stderr when it starts and when it ends; a cached one says nothing.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import torch
@@ -77,6 +80,28 @@ def _cpu_fingerprint() -> str:
     return platform.machine() + "|" + "|".join(lines)
 
 
+def building_message() -> str:
+    """What stderr says when a build starts."""
+    return (
+        "bnscope: building the fused CPU batch-norm kernel (first use on this machine; "
+        "usually about a minute)…"
+    )
+
+
+def built_message(seconds: float, path: Path | None) -> str:
+    """What stderr says when a build ends: built (into ``path``) or not (None)."""
+    if path is None:
+        return f"bnscope: the fused CPU batch-norm kernel did not build ({seconds:.0f} s)"
+    return (
+        f"bnscope: built the fused CPU batch-norm kernel in {seconds:.0f} s (cached in "
+        f"{path.parent}: later runs load it at once)"
+    )
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _build(cxx: str) -> Path:
     src = SOURCE.read_bytes()
     flags = _flags()
@@ -93,6 +118,8 @@ def _build(cxx: str) -> Path:
         except OSError:
             continue
         os.close(fd)
+        _say(building_message())
+        started, built = time.monotonic(), folder / name
         # Build beside the target and rename: concurrent workers never load a half-built file.
         try:
             subprocess.run(
@@ -102,11 +129,12 @@ def _build(cxx: str) -> Path:
                 text=True,
                 timeout=600,
             )
-            os.replace(tmp, folder / name)
+            os.replace(tmp, built)
         finally:
+            _say(built_message(time.monotonic() - started, None if os.path.exists(tmp) else built))
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        return folder / name
+        return built
     raise RuntimeError(f"no writable cache directory among {[str(d) for d in cache_dirs()]}")
 
 

@@ -73,12 +73,14 @@ class Runs:
         if config.device == "cuda" and not torch.cuda.is_available():
             raise NotRunnable(
                 "device='cuda' was asked for, but this server has no CUDA "
-                "device; use device='cpu' or 'auto'"
+                "device; use device='cpu' or 'auto'",
+                field="device",
             )
         if config.data.name in FILE_DATASETS and not Path(config.data.path or "").is_dir():
             raise NotRunnable(
                 f"data.path={config.data.path!r} is not a directory on this "
-                f"server (data.name={config.data.name!r} is read from files)"
+                f"server (data.name={config.data.name!r} is read from files)",
+                field="data.path",
             )
 
     def launch(
