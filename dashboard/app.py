@@ -16,7 +16,7 @@ from dash import Dash, dash_table, dcc, html
 from fastapi import FastAPI
 
 from bncore.status import ACTIVE, FINISHED
-from dashboard import calculator, callbacks, experiments
+from dashboard import calculator, callbacks, experiments, report
 from dashboard.figures import STAT_LABELS
 from dashboard.form import PRESETS, build_form
 from server.service import Service
@@ -34,11 +34,32 @@ SECTION_LABELS = {
     "layer": "One layer",
     "gradients": "Gradients and saturation",
 }
-STATUS_COLUMNS = ("id", "name", "status", "progress", "model", "norm", "test_acc", "message")
+STATUS_COLUMNS = {"id": "id", "name": "name", "status": "status", "progress": "progress",
+                  "created": "created", "duration": "duration", "eta": "queue / ETA",
+                  "model": "model", "norm": "norm", "test_acc": "test acc",
+                  "message": "message"}  # fmt: skip
+
+
+#: Figures of two stacked panels: drawn taller.
+TALL = ("fig-layer", "fig-affine", "fig-channels")
 
 
 def _graph(gid: str) -> dcc.Graph:
-    return dcc.Graph(id=gid, config={"displaylogo": False, "responsive": True}, className="graph")
+    """A figure that fills its cell's width (the height comes from the stylesheet)."""
+    cls = "graph tall" if gid in TALL else "graph"
+    return dcc.Graph(id=gid, config={"displaylogo": False, "responsive": True}, className=cls)
+
+
+def _tabs(tab_id: str, value: str, children: list[dcc.Tab]) -> dcc.Tabs:
+    """Tabs that stay one compact, scrollable row on a phone (no stacked menu)."""
+    return dcc.Tabs(
+        id=tab_id,
+        value=value,
+        children=children,
+        mobile_breakpoint=0,
+        className="tabs",
+        parent_className="tabs-row",
+    )
 
 
 def layout(has_token: bool) -> html.Div:
@@ -46,26 +67,30 @@ def layout(has_token: bool) -> html.Div:
         [
             html.Div(
                 [
-                    html.Button("Open selected run", id="open-run", n_clicks=0),
-                    html.Button("Compare selected runs", id="open-compare", n_clicks=0),
-                    html.Span(id="runs-note", className="note"),
+                    html.Button("Open", id="open-run", n_clicks=0, className="primary"),
+                    html.Button("Compare", id="open-compare", n_clicks=0),
+                    html.Button("Cancel", id="cancel-runs", n_clicks=0),
+                    html.Button("Delete", id="delete-runs", n_clicks=0, className="danger"),
+                    html.Span("tick runs, then act on them", className="note"),
+                    html.Span(id="runs-note", className="note action-note"),
                 ],
                 className="toolbar",
             ),
             dash_table.DataTable(  # type: ignore[attr-defined]  # generated at import
                 id="runs-table",
-                columns=[{"name": c, "id": c} for c in STATUS_COLUMNS],
+                columns=[{"name": v, "id": k} for k, v in STATUS_COLUMNS.items()],
                 data=[],
                 row_selectable="multi",
                 selected_rows=[],
                 page_size=25,
                 sort_action="native",
+                style_table={"overflowX": "auto", "minWidth": "100%"},
                 style_cell={
                     "textAlign": "left",
                     "fontSize": 13,
-                    "maxWidth": 320,
-                    "overflow": "hidden",
-                    "textOverflow": "ellipsis",
+                    "maxWidth": 360,
+                    "whiteSpace": "normal",
+                    "height": "auto",
                 },
                 style_data_conditional=[
                     {"if": {"filter_query": f'{{status}} = "{s}"'}, "color": c}
@@ -85,18 +110,47 @@ def layout(has_token: bool) -> html.Div:
             html.Div(id="run-banner", className="banner"),
             html.Div(
                 [
-                    html.Label("Layer"),
-                    dcc.Dropdown(id="layer-select", clearable=False, style={"width": "220px"}),
+                    html.Button("Cancel run", id="run-cancel", n_clicks=0),
+                    html.Button("Delete run", id="run-delete", n_clicks=0, className="danger"),
+                    html.A(
+                        "Report (HTML)",
+                        id="run-report",
+                        href="",
+                        target="_blank",
+                        className="button-link",
+                    ),
                     html.Span(id="live-indicator", className="note"),
+                    html.Span(id="run-note", className="note action-note"),
                 ],
                 className="toolbar",
             ),
-            dcc.Tabs(
-                id="section",
-                value="overview",
-                children=[
+            _tabs(
+                "section",
+                "overview",
+                [
                     dcc.Tab(
-                        html.Div([_graph(g) for g in graphs], className="grid"),
+                        html.Div(
+                            [
+                                *(
+                                    [
+                                        html.Div(
+                                            [
+                                                html.Label("Layer"),
+                                                dcc.Dropdown(
+                                                    id="layer-select",
+                                                    clearable=False,
+                                                    style={"width": "260px"},
+                                                ),
+                                            ],
+                                            className="toolbar",
+                                        )
+                                    ]
+                                    if name == "layer"
+                                    else []
+                                ),
+                                html.Div([_graph(g) for g in graphs], className="grid"),
+                            ]
+                        ),
                         label=SECTION_LABELS[name],
                         value=name,
                     )
@@ -124,7 +178,15 @@ def layout(has_token: bool) -> html.Div:
                 className="toolbar",
             ),
             html.Div(
-                [_graph(g) for g in ("cmp-loss", "cmp-acc", "cmp-stat-fig")], className="grid"
+                "Tick two or more runs in the Runs tab and press Compare.",
+                id="cmp-note",
+                className="banner",
+            ),
+            html.Div(
+                [_graph(g) for g in ("cmp-loss", "cmp-acc", "cmp-stat-fig")],
+                id="cmp-figures",
+                className="grid",
+                style={"display": "none"},
             ),
         ]
     )
@@ -139,8 +201,13 @@ def layout(has_token: bool) -> html.Div:
                         placeholder="a single run",
                         style={"width": "320px"},
                     ),
-                    html.Label("Sweep over (JSON: field -> values)"),
-                    dcc.Textarea(id="grid", value="", style={"width": "420px", "height": "38px"}),
+                    html.Div(
+                        [
+                            html.Label("Sweep over (JSON: field -> values)"),
+                            dcc.Textarea(id="grid", value="", className="grid-box"),
+                            html.Div(id="grid-err", className="field-error"),
+                        ]
+                    ),
                     *(
                         [dcc.Input(id="token", type="password", placeholder="server token")]
                         if has_token
@@ -164,10 +231,11 @@ def layout(has_token: bool) -> html.Div:
                     ),
                 ]
             ),
-            dcc.Tabs(
-                id="tabs",
-                value="runs",
-                children=[
+            html.Div(id="conn-banner", className="conn-banner", role="status"),
+            _tabs(
+                "tabs",
+                "runs",
+                [
                     dcc.Tab(runs_tab, label="Runs", value="runs"),
                     dcc.Tab(run_tab, label="Run", value="run"),
                     dcc.Tab(compare_tab, label="Compare", value="compare"),
@@ -176,15 +244,25 @@ def layout(has_token: bool) -> html.Div:
                     dcc.Tab(calculator.tab(), label="BN calculator", value="calculator"),
                 ],
             ),
+            dcc.ConfirmDialog(id="confirm-delete"),
             dcc.Location(id="url", refresh=False),
-            dcc.Store(id="view-run"),
-            dcc.Store(id="compare-runs"),
-            dcc.Store(id="live-spec"),
-            dcc.Store(id="following"),
-            dcc.Store(id="live-status"),
-            dcc.Store(id="live-reset"),
-            dcc.Store(id="live-conn"),
-            dcc.Store(id="watching"),
+            *(
+                dcc.Store(id=i)
+                for i in (
+                    "view-run",
+                    "compare-runs",
+                    "live-spec",
+                    "following",
+                    "live-status",
+                    "live-reset",
+                    "live-conn",
+                    "watching",
+                    "want-layer",
+                    "delete-ids",
+                    "runs-changed",
+                    "server-back",
+                )
+            ),
         ]
     )
 
@@ -210,5 +288,6 @@ def mount(app: FastAPI, svc: Service) -> None:
     callbacks.register(dash_app, svc, SECTIONS)
     experiments.register(dash_app, svc)
     calculator.register(dash_app)
+    report.register(app, svc)
     # a2wsgi types its ASGI callable apart from Starlette's; they are the same protocol
     app.mount("/dashboard", WSGIMiddleware(dash_app.server))  # type: ignore[arg-type]

@@ -76,10 +76,10 @@ def _seed_note(x: np.ndarray) -> html.P | None:
     mu = x[:, 0].mean()
     seed_hat = (x[:, 0] - 6) / 3
     return html.P(
-        f"Seed 001 works this example with mean 6 and variance 9. The mean is 38/6 = "
-        f"{_fmt(mu)} and the variance {_fmt(x[:, 0].var())}; with its numbers x_hat has mean "
-        f"{_fmt(seed_hat.mean())} and variance {_fmt(seed_hat.var())} instead of 0 and 1. "
-        "Done right, below.",
+        f"A common mistake with this batch: normalizing with a guessed mean 6 and variance 9. "
+        f"Its mean is 38/6 = {_fmt(mu)} and its variance {_fmt(x[:, 0].var())}; with the "
+        f"guessed numbers x_hat would have mean {_fmt(seed_hat.mean())} and variance "
+        f"{_fmt(seed_hat.var())} instead of 0 and 1. Each step done right, below.",
         className="claim",
         id="calc-seed-note",
     )

@@ -3,11 +3,13 @@ for a browser (downsampled or binned by bncore.downsample), with no plotting in 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import numpy as np
 
 from bncore.downsample import bin_means, minmax
+from bncore.status import RunStatus
 from server.service import Service
 from server.store.schema import COARSE
 
@@ -21,20 +23,34 @@ EVAL_STATS = ("train_loss", "train_acc", "test_loss", "test_acc", "mode_gap")
 
 
 def runs(svc: Service, limit: int = 200) -> list[dict[str, Any]]:
-    """Rows for the runs table, newest first."""
+    """Rows for the runs table, newest first: what each is, how far it got, when it ends."""
     items, _ = svc.store.runs.search(limit=limit)
+    now = time.time()
     rows = []
     for r in items:
         config = r.get("config") or {}
         total = config.get("steps") or (r.get("meta") or {}).get("steps_total")
         final = r.get("final") or {}
         norm = (config.get("norm") or {}).get("kind", "")
+        done = r["steps_done"]
+        started, ended = r.get("started_at"), r.get("finished_at")
+        elapsed = ((ended or now) - started) if started else None
+        if r["status"] == RunStatus.QUEUED.value:
+            position = svc.scheduler.position(r["id"])
+            when = f"queued, #{position + 1}" if position is not None else "queued"
+        elif r["status"] == RunStatus.RUNNING.value and total and done and elapsed:
+            when = f"about {_duration(elapsed * (total - done) / done)} left"
+        else:
+            when = ""
         rows.append(
             {
                 "id": r["id"],
                 "name": r["name"] or "",
                 "status": r["status"],
-                "progress": f"{r['steps_done']}/{total}" if total else str(r["steps_done"]),
+                "progress": f"{done}/{total}" if total else f"{done} steps",
+                "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
+                "duration": _duration(elapsed) if elapsed is not None else "",
+                "eta": when,
                 "model": _describe(config),
                 "norm": norm,
                 "test_acc": round(final["test_acc"], 4) if "test_acc" in final else None,
@@ -44,6 +60,15 @@ def runs(svc: Service, limit: int = 200) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def _duration(elapsed: float) -> str:
+    seconds = max(0, round(elapsed))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 def _describe(config: dict[str, Any]) -> str:
@@ -63,7 +88,7 @@ def run_view(svc: Service, run_id: str, layer: str | None) -> dict[str, Any]:
     if run is None:
         raise KeyError(run_id)
     layers = svc.records.layer_names(run)
-    layer = layer if layer in layers else (layers[-1] if layers else None)
+    layer = layer if layer in layers else (layers[0] if layers else None)
     keys = [("", "loss"), *[("", s) for s in EVAL_STATS]]
     if layer:
         units = len((run.get("meta") or {}).get("tracked_units", [[0, 0, 0]])[0] or [0])
@@ -121,12 +146,14 @@ def _finite(v: float) -> float | None:
 
 def compare_view(
     svc: Service, run_ids: list[str], stat: str, layer: str | None
-) -> list[dict[str, Any]]:
-    """Per run: its name, loss, test accuracy, and one statistic of one layer position."""
-    out = []
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """Per run: its name, loss, test accuracy, and one statistic of one layer position; and
+    the ids that name no run."""
+    out, missing = [], []
     for run_id in run_ids:
         run = svc.store.runs.get(run_id)
         if run is None:
+            missing.append(run_id)
             continue
         layers = svc.records.layer_names(run)
         lay = layer if layer in layers else (layers[-1] if layers else "")
@@ -144,4 +171,4 @@ def compare_view(
                 "stat": minmax(*data[keys[2]], LINE_POINTS),
             }
         )
-    return out
+    return out, missing

@@ -44,7 +44,7 @@ def tab() -> html.Div:
                 className="toolbar",
             ),
             html.Div(id="exp-head", className="banner"),
-            html.Div(id="exp-figures", className="grid"),
+            html.Div(id="exp-figures", className="panels"),
             html.Div(cards, className="cards"),
             dcc.Interval(id="exp-refresh", interval=2000, disabled=True),
         ]
@@ -97,11 +97,14 @@ def register(app: Dash, svc: Service) -> None:
         except DomainError as exc:
             return [html.Span("error", className="status status-failed"), exc.message], [], True
         done = res["runs_finished"] == res["runs_total"]
+        statuses = [r["status"] for r in svc.sweeps.get(sweep_id)["runs"]]
+        queued, running = statuses.count("queued"), statuses.count("running")
+        state = "finished" if done else "running" if running else "queued"
         head = [
-            html.Span("finished" if done else "running",
-                      className=f"status status-{'completed' if done else 'running'}"),
+            html.Span(state, className=f"status status-{'completed' if done else state}"),
             html.B(res["title"]),
-            f"  ·  {res['runs_finished']} of {res['runs_total']} runs finished",
+            f"  ·  {queued} queued · {running} running · "
+            f"{res['runs_finished']} of {res['runs_total']} runs finished",
             html.P(res["claim"], className="claim"),
             html.P(res["note"], className="note") if res["note"] else None,
         ]  # fmt: skip

@@ -26,19 +26,28 @@ STAT_LABELS = {s.name: s.label for s in STATISTICS.values() if s.compare}
 
 
 def figure(
-    traces: list[dict[str, Any]], title: str, height: int = 280, rows: int = 1, **layout: Any
+    traces: list[dict[str, Any]],
+    title: str,
+    x_title: str,
+    y_title: str,
+    height: int = 300,
+    rows: int = 1,
+    **layout: Any,
 ) -> Figure:
-    """A figure; with rows=2, traces carrying yaxis 'y2' go to a lower panel sharing x."""
+    """A figure whose axes say what they show (``x_title``, ``y_title``, with units); with
+    rows=2, traces carrying yaxis 'y2' go to a lower panel sharing x (name it in ``yaxis2``).
+    Log axes get few, readable tick labels (powers of ten)."""
     lay: dict[str, Any] = {
         "title": {"text": title, "font": {"size": 14}, "x": 0.01},
-        "margin": {"l": 50, "r": 10, "t": 36, "b": 30},
+        "margin": {"l": 60, "r": 16, "t": 36, "b": 40},
         "height": height,
         "paper_bgcolor": "white",
         "plot_bgcolor": "white",
         "uirevision": "keep",
-        "legend": {"orientation": "h", "y": -0.2},
-        "xaxis": dict(_AXIS),
-        "yaxis": dict(_AXIS),
+        # below the x axis's title, at the bottom of the figure, whatever its height
+        "legend": {"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom"},
+        "xaxis": {**_AXIS, "title": {"text": x_title}},
+        "yaxis": {**_AXIS, "title": {"text": y_title}},
     }
     if rows == 2:
         lay["yaxis"]["domain"] = [0.55, 1.0]
@@ -55,6 +64,13 @@ def figure(
             lay[key] = {**lay[key], **value}
         else:
             lay[key] = value
+    for key, axis in lay.items():
+        if key[1:5] == "axis" and isinstance(axis, dict) and axis.get("type") == "log":
+            axis.setdefault("nticks", 6)  # a few labels, not every digit of every decade
+            axis.setdefault("exponentformat", "power")
+    shown = [t for t in traces if t.get("showlegend", True) is not False and t.get("name")]
+    if shown and lay.get("showlegend", True) and not all(t["type"] == "heatmap" for t in shown):
+        lay["margin"]["b"] = 52 + 20 * min(5, 1 + len(shown) // 3)  # room for the legend
     return {"data": traces, "layout": lay}
 
 
@@ -93,6 +109,12 @@ def plain(a: Any) -> list[Any]:
     return out
 
 
+def _tint(color: str, alpha: float = 0.18) -> str:
+    """A see-through fill of a #rrggbb colour, so that overlapping bands stay apart."""
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
 def _log10(a: np.ndarray) -> np.ndarray:
     with np.errstate(divide="ignore", invalid="ignore"):
         return np.where(a > 0, np.log10(a), np.nan)
@@ -125,6 +147,8 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
             trace(ev["test_loss"], "test loss (eval)", COLORS[1], **marked),
         ],
         "Loss",
+        "step",
+        "cross-entropy loss (log)",
         yaxis={"type": "log"},
     )
     live("fig-loss", "steps", ["loss"], [0])
@@ -136,30 +160,36 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
             trace(ev["mode_gap"], "train-vs-eval mode gap", COLORS[4], yaxis="y2", **marked),
         ],
         "Accuracy (eval mode) and train/eval gap",
-        yaxis2={**_AXIS, "overlaying": "y", "side": "right", "showgrid": False, "title": "gap"},
-    )
+        "step",
+        "accuracy (share of examples)",
+        yaxis={"range": [0, 1.02]},
+        yaxis2={**_AXIS, "overlaying": "y", "side": "right", "showgrid": False, "type": "log",
+                "title": {"text": "mode gap: relative L2 of logits (log)"}},
+        margin={"r": 70},
+    )  # fmt: skip
     live("fig-acc", "evals", ["train_acc", "test_acc", "mode_gap"], [0, 1, 2])
 
-    for gid, stat, title, log, scale in (
-        ("fig-heat-mean", "pre_mean", "Pre-BN batch mean (channel average)", False, "RdBu"),
-        ("fig-heat-var", "pre_var", "Pre-BN batch variance (log10)", True, "Viridis"),
-        ("fig-heat-grad", "grad_in_norm", "Gradient entering each layer (log10 norm)", True, "Hot"),
-        (
-            "fig-heat-sat",
-            "act_saturated",
-            "Activations at rest or saturated (share)",
-            False,
-            "Greys",
-        ),
-    ):
+    for gid, stat, title, log, scale, unit in (
+        ("fig-heat-mean", "pre_mean", "Pre-BN batch mean (channel average)", False, "RdBu",
+         "mean"),
+        ("fig-heat-var", "pre_var", "Pre-BN batch variance (log10)", True, "Viridis",
+         "log10 variance"),
+        ("fig-heat-grad", "grad_in_norm", "Gradient entering each layer (log10 norm)", True,
+         "Hot", "log10 L2 norm"),
+        ("fig-heat-sat", "act_saturated", "Activations at rest or saturated (share)", False,
+         "Greys", "share"),
+    ):  # fmt: skip
         z = _log10(view["heat"][stat]) if log else view["heat"][stat]
         extra = {"zmid": 0, "reversescale": True} if scale == "RdBu" else {}
         figs[gid] = figure(
-            [heatmap(z, layers, view["heat_steps"], transpose=True, colorscale=scale, **extra)],
+            [heatmap(z, layers, view["heat_steps"], transpose=True, colorscale=scale,
+                     colorbar={"thickness": 10, "title": {"text": unit, "side": "right"}},
+                     name=unit, **extra)],
             title,
-            height=max(220, 60 + 18 * len(layers)),
-            xaxis={"title": "step"},
-        )
+            "step",
+            "layer",
+            height=max(240, 80 + 18 * len(layers)),
+        )  # fmt: skip
         specs.append(
             {
                 "graph": gid,
@@ -179,6 +209,8 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
             line(layers, depth["grad_in_norm"], "leaving through BN's input", COLORS[0], **marked),
         ],
         "Activation gradient through depth (latest step)",
+        "layer (input side first)",
+        "L2 norm of the gradient (log)",
         yaxis={"type": "log"},
     )
     specs.append(
@@ -198,14 +230,18 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
         figs["fig-layer"] = figure(
             [
                 trace(d["pre_mean"], "batch mean", COLORS[0]),
-                trace(d["running_mean"], "running mean", COLORS[1]),
-                trace(d["pre_var"], "batch variance", COLORS[0], **low),
-                trace(d["running_var"], "running variance", COLORS[1], **low),
+                trace(d["running_mean"], "running mean", COLORS[1], line={"dash": "dot"}),
+                trace(d["pre_var"], "batch variance", COLORS[2], **low),
+                trace(d["running_var"], "running variance", COLORS[3], line={"dash": "dot"},
+                      **low),
             ],
             f"{layer}: batch against running statistics (channel averages)",
-            height=380,
+            "step",
+            "mean",
+            height=400,
             rows=2,
-        )
+            yaxis2={"title": {"text": "variance"}},
+        )  # fmt: skip
         figs["fig-affine"] = figure(
             [
                 trace(d["running_mean_gap"], "running-mean gap (RMS)", COLORS[0]),
@@ -214,8 +250,11 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
                 trace(d["beta"], "beta", COLORS[3], **low),
             ],
             f"{layer}: running-statistics gap; gamma and beta (channel averages)",
-            height=380,
+            "step",
+            "RMS gap (running - batch)",
+            height=400,
             rows=2,
+            yaxis2={"title": {"text": "gamma, beta"}},
         )
         figs["fig-grads"] = figure(
             [
@@ -225,28 +264,30 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
                 )
             ],
             f"{layer}: gradient norms, and the norm of the weight feeding BN",
+            "step",
+            "L2 norm (log)",
             yaxis={"type": "log"},
         )
         units = sorted({int(k.split("_")[1]) for k in d if k.startswith("p50_")})
         traces = []
-        for j in units:
+        for j in units:  # one unit shown (as in the paper); the others a legend click away
             c = COLORS[j % len(COLORS)]
+            seen: dict[str, Any] = {
+                "legendgroup": f"u{j}",
+                "visible": True if j == 0 else "legendonly",
+            }
             traces += [
-                trace(d[f"p15_{j}"], f"unit {j} 15%", c, showlegend=False, line={"width": 0}),
-                trace(
-                    d[f"p85_{j}"],
-                    f"unit {j} 15-85%",
-                    c,
-                    fill="tonexty",
-                    line={"width": 0},
-                    opacity=0.3,
-                ),
-                trace(d[f"p50_{j}"], f"unit {j} median", c),
-            ]
+                trace(d[f"p15_{j}"], f"unit {j} 15%", c, showlegend=False, line={"width": 0.5},
+                      **seen),
+                trace(d[f"p85_{j}"], f"unit {j}: 15-85% of the batch", c, fill="tonexty",
+                      fillcolor=_tint(c), line={"width": 0.5}, **seen),
+                trace(d[f"p50_{j}"], f"unit {j}: median", c, line={"width": 2}, **seen),
+            ]  # fmt: skip
         figs["fig-pct"] = figure(
             traces,
-            f"{layer}: activation input of tracked units, "
-            "15/50/85th percentiles (Ioffe & Szegedy, Fig. 1)",
+            f"{layer}: a unit's input to the activation (Ioffe & Szegedy, Fig. 1)",
+            "step",
+            "value (15th, 50th, 85th pct)",
         )
         for gid, cols in (
             ("fig-layer", ["pre_mean", "running_mean", "pre_var", "running_var"]),
@@ -257,7 +298,10 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
             live(gid, "layers", cols, list(range(len(cols))), layer=layer)
 
     figs["fig-channels"] = channel_figure(view["channels"], layers)
-    specs.append({"graph": "fig-channels", "kind": "channels", "table": "channels"})
+    specs.append(
+        {"graph": "fig-channels", "kind": "channels", "table": "channels",
+         "title": channel_title(None)}
+    )  # fmt: skip
     if view["last_step"]:  # records came, but none for these: say so instead of empty axes
         notes = (view["run"].get("meta") or {}).get("not_recorded") or {}
         for gid, fig in figs.items():
@@ -278,6 +322,14 @@ def _has_data(fig: Figure) -> bool:
             if any(v is not None and v == v for v in values):  # v == v: not NaN
                 return True
     return False
+
+
+def nothing(text: str) -> Figure:
+    """An empty figure that says why (no axes to read)."""
+    fig = figure([], "", "", "", height=220)
+    fig["layout"]["xaxis"]["visible"] = fig["layout"]["yaxis"]["visible"] = False
+    mark_empty(fig, text)
+    return fig
 
 
 def mark_empty(fig: Figure, text: str) -> None:
@@ -311,7 +363,8 @@ def channel_figure(rows: list[dict[str, Any]], layers: list[str]) -> Figure:
                 colorscale="RdBu",
                 reversescale=True,
                 zmid=0,
-                colorbar={"x": 0.45, "thickness": 10},
+                colorbar={"thickness": 10, "y": 0.78, "len": 0.45,
+                          "title": {"text": "mean", "side": "right"}},
                 name="batch mean",
             ),
             heatmap(
@@ -319,15 +372,29 @@ def channel_figure(rows: list[dict[str, Any]], layers: list[str]) -> Figure:
                 names,
                 colorscale="Viridis",
                 xaxis="x2",
+                yaxis="y2",
+                colorbar={"thickness": 10, "y": 0.22, "len": 0.45,
+                          "title": {"text": "log10 var", "side": "right"}},
                 name="batch variance (log10)",
             ),
         ],
-        "Per-channel batch mean (left) and log10 variance (right), layer x channel"
-        + (f", step {step}" if step is not None else ""),
-        height=max(240, 80 + 18 * len(names)),
-        xaxis={"domain": [0, 0.42], "title": "channel"},
-        xaxis2={**_AXIS, "domain": [0.55, 1.0], "title": "channel", "anchor": "y"},
-    )
+        channel_title(step),
+        "channel",
+        "layer: batch mean",
+        height=max(320, 120 + 36 * len(names)),
+        yaxis={"domain": [0.56, 1.0]},
+        xaxis={"anchor": "y", "side": "top"},
+        margin={"t": 84},
+        xaxis2={**_AXIS, "title": {"text": "channel"}, "anchor": "y2", "matches": "x"},
+        yaxis2={**_AXIS, "domain": [0.0, 0.44], "title": {"text": "layer: log10 variance"},
+                "anchor": "x2", "type": "category"},
+    )  # fmt: skip
+
+
+def channel_title(step: int | None) -> str:
+    """The per-channel figure's title (assets/live.js writes the same as the step moves)."""
+    where = f", step {step}" if step is not None else ""
+    return f"Per-channel batch mean (top) and log10 variance (bottom){where}"
 
 
 def compare_figures(runs: list[dict[str, Any]], stat: str) -> dict[str, Figure]:
@@ -339,14 +406,27 @@ def compare_figures(runs: list[dict[str, Any]], stat: str) -> dict[str, Figure]:
         acc.append(trace(r["test_acc"], name, c, mode="lines+markers"))
         st.append(trace(r["stat"], f"{name} {r['layer']}", c))
     return {
-        "cmp-loss": figure(loss, "Training loss", yaxis={"type": "log"}),
-        "cmp-acc": figure(acc, "Test accuracy"),
+        "cmp-loss": figure(
+            loss, "Training loss", "step", "cross-entropy loss (log)", yaxis={"type": "log"}
+        ),
+        "cmp-acc": figure(acc, "Test accuracy (eval mode)", "step", "accuracy (share of examples)"),
         "cmp-stat-fig": figure(
             st,
             f"{STAT_LABELS.get(stat, stat)} at the chosen layer",
+            "step",
+            _stat_axis(stat),
             yaxis={"type": "log" if stat in STATISTICS and STATISTICS[stat].log else "linear"},
         ),
     }
+
+
+def _stat_axis(name: str) -> str:
+    """A statistic's axis title: its label, its unit, and (log) where drawn so."""
+    stat = STATISTICS.get(name)
+    if stat is None:
+        return name
+    unit = f" ({stat.unit})" if stat.unit else ""
+    return stat.label + unit + (" (log)" if stat.log else "")
 
 
 def experiment_figure(panel: dict[str, Any]) -> Figure:
@@ -362,11 +442,16 @@ def experiment_figure(panel: dict[str, Any]) -> Figure:
         if s["theory"]:
             kw["line"] = {"dash": "dash"}
         traces.append(line(s["x"], y, s["name"], color, **kw))
+    xaxis: dict[str, Any] = {"type": "log" if panel["log_x"] else "linear"}
+    if panel["kind"] == "by_value":  # label every value tried (16, 32, 64 on a log axis)
+        values = sorted({v for s in panel["series"] for v in s["x"] if isinstance(v, int | float)})
+        if values and len(values) <= 12:
+            xaxis.update(tickmode="array", tickvals=values, ticktext=[f"{v:g}" for v in values])
     return figure(
         traces,
         panel["title"],
-        height=360,
-        legend={"y": -0.32},
-        xaxis={"title": {"text": panel["x_label"]}, "type": "log" if panel["log_x"] else "linear"},
-        yaxis={"title": {"text": panel["y_label"]}},
+        panel["x_label"],
+        panel["y_label"],
+        height=440,
+        xaxis=xaxis,
     )

@@ -130,8 +130,30 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def required_numbers() -> dict[str, Any]:
+    """The fields drawn as plain number boxes (no "default" choice), with their defaults: a
+    blank one is an error, not a silent default."""
+    out = {}
+    for path, field in leaves():
+        literals, optional, numeric = _choices(field.annotation)
+        if numeric and not literals and not optional:
+            out[path] = field.default
+    return out
+
+
+def blanks(ids: list[dict[str, str]], values: list[Any]) -> dict[str, str]:
+    """An error for each number box left blank, naming its default."""
+    required = required_numbers()
+    return {
+        i["field"]: f"required: type a number (the default is {required[i['field']]})"
+        for i, v in zip(ids, values, strict=True)
+        if i["field"] in required and (v is None or v == "")
+    }
+
+
 def collect(ids: list[dict[str, str]], values: list[Any]) -> dict[str, Any]:
-    """The form's values as nested config data; blank means the default."""
+    """The form's values as nested config data; "default" (and a blank optional field) means
+    the default."""
     data: dict[str, Any] = {}
     for ident, value in zip(ids, values, strict=True):
         if value is None or value == "" or value == "default":

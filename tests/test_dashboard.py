@@ -315,3 +315,214 @@ def test_a_scripts_run_draws_layer_names_as_names_and_says_what_it_did_not_recor
     assert "not recorded for this run" in page.evaluate(notes, "fig-acc")  # no evaluations
     assert "not recorded" not in page.evaluate(notes, "fig-heat-var")
     shot(page, "dashboard-script-run.png")
+
+
+# -- issue 16: charts that label themselves, state that shows, a page that acts -------------
+
+AXES = """() => [...document.querySelectorAll('.js-plotly-plot')]
+  .filter((gd) => gd.offsetParent !== null && gd.layout)
+  .map((gd) => {
+    const axes = Object.entries(gd.layout)
+      .filter(([k, a]) => /^[xy]axis\\d*$/.test(k) && a && a.visible !== false
+              && !(a.overlaying))
+      .map(([k, a]) => [k, ((a.title || {}).text || '')]);
+    return [gd.parentElement.id || gd.id, gd.layout.title ? gd.layout.title.text : '', axes];
+  })"""
+
+
+def here(page) -> str:
+    """The address bar as the page has it (history.pushState included)."""
+    return page.evaluate("() => location.href")
+
+
+def finished_run(api, **config) -> str:
+    run_id = api.post("/api/runs", json={**SMALL, "steps": 120, **config}).json()["id"]
+    wait_for(lambda: api.get(f"/api/runs/{run_id}").json()["status"] == "completed", 120)
+    return run_id
+
+
+def test_every_chart_names_its_axes_and_the_address_bar_follows_the_view(page, server, browser):
+    with server.client() as api:
+        run_id = finished_run(api, name="axes")
+    page.click("#tabs >> text=Runs")
+    row = page.locator("#runs-table tr", has_text=run_id)
+    row.wait_for()
+    assert row.inner_text().count(":") >= 2  # created time, and a duration
+    row.locator("input").check()
+    page.click("#open-run")
+    wait_for(lambda: points(page, "fig-loss") > 0, 30)
+    wait_for(lambda: f"run={run_id}" in here(page) and "tab=run" in here(page), 10)
+    for section in ("Overview", "One layer", "Gradients and saturation"):
+        page.click(f"#section >> text={section}")
+        time.sleep(1.5)
+        drawn = page.evaluate(AXES)
+        assert drawn, section
+        for graph, title, axes in drawn:
+            assert title and not title.endswith("Fig"), (graph, title)
+            for name, text in axes:
+                assert text, f"{graph}: {name} has no title ({section})"
+        shot(page, f"axes-{section.split()[0].lower()}.png")
+    assert "section=gradients" in here(page)
+    page.click("#section >> text=One layer")
+    wait_for(lambda: "layer=block" in here(page), 10)
+    shared = here(page)
+    other = browser.new_page()  # the link opens the same view
+    try:
+        other.goto(shared)
+        other.locator("#run-banner").get_by_text(run_id).wait_for(timeout=15_000)
+        wait_for(lambda: points(other, "fig-layer") > 0, 30)
+    finally:
+        other.close()
+
+
+def test_cancel_and_delete_from_the_page(page, server):
+    page.on("dialog", lambda d: d.accept())
+    with server.client() as api:
+        run_id = api.post("/api/runs", json={**SMALL, "steps": 1_000_000, "name": "doomed"}).json()[
+            "id"
+        ]
+        page.click("#tabs >> text=Runs")
+        row = page.locator("#runs-table tr", has_text=run_id)
+        row.wait_for()
+        row.locator("input").check()
+        page.click("#cancel-runs")
+        page.locator("#runs-note").get_by_text("cancelled").wait_for()
+        wait_for(lambda: api.get(f"/api/runs/{run_id}").json()["status"] == "cancelled", 30)
+        page.click("#delete-runs")
+        page.locator("#runs-note").get_by_text("deleted").wait_for()
+        assert api.get(f"/api/runs/{run_id}").status_code == 404
+        wait_for(lambda: page.locator("#runs-table tr", has_text=run_id).count() == 0, 10)
+        # and from the run view: the view says so, and goes back to the list
+        second = finished_run(api, name="doomed too")
+    page.goto(f"{here(page).split('?')[0]}?run={second}")
+    page.locator("#run-banner").get_by_text(second).wait_for()
+    page.click("#run-delete")
+    wait_for(lambda: "tab=runs" in here(page), 10)
+    with server.client() as api:
+        assert api.get(f"/api/runs/{second}").status_code == 404
+
+
+def test_launch_links_to_its_run_and_the_form_names_every_error(page):
+    page.click("#tabs >> text=Launch")
+    fill(page, "steps", "")
+    page.click("#launch")
+    page.locator("#launch-result").get_by_text("fix the fields").wait_for()
+    steps_error = page.locator("[id*='\"field\":\"steps\"'][id*='cfg-err']")
+    assert "required" in steps_error.inner_text() and "1000" in steps_error.inner_text()
+    fill(page, "steps", "40")
+    page.fill("#grid", '{"optim.lrr": [0.1, 0.2]}')
+    page.click("#launch")
+    page.locator("#grid-err").get_by_text("optim.lrr").wait_for()
+    shot(page, "dashboard-form-grid-error.png")
+    page.fill("#grid", "")
+    fill(page, "batch_size", "30")
+    fill(page, "norm.virtual_batch", "8")
+    page.locator("#form-box").get_by_role("button", name="batch").first.click()
+    page.get_by_role("option", name="ghost").click()
+    page.click("#launch")
+    err_of = "[id*='\"field\":\"{}\"'][id*='cfg-err']"
+    page.locator(err_of.format("batch_size")).get_by_text("must divide").wait_for()
+    for field in ("batch_size", "norm.virtual_batch"):  # a rule of two fields, beside both
+        err = page.locator(f"[id*='\"field\":\"{field}\"'][id*='cfg-err']").inner_text()
+        assert "must divide" in err, (field, err)
+    fill(page, "batch_size", "32")
+    page.click("#launch")
+    link = page.locator("#launch-result a")
+    link.wait_for()
+    run_id = link.inner_text().split()[-1]
+    link.click()
+    page.locator("#run-banner").get_by_text(run_id).wait_for(timeout=30_000)
+    assert f"run={run_id}" in here(page)
+
+
+def test_wrong_ids_say_what_is_wrong(page, server):
+    base = here(page).split("?")[0]
+    page.goto(f"{base}?run=doesnotexist")
+    banner = page.locator("#run-banner")
+    banner.get_by_text("no run with id").wait_for()
+    assert "no longer" not in banner.inner_text() and "Runs tab" in banner.inner_text()
+    page.goto(f"{base}?tab=compare")
+    assert "Tick two or more runs" in page.inner_text("#cmp-note")
+    with server.client() as api:
+        good = finished_run(api, name="real")
+    page.goto(f"{base}?compare={good},nosuchrun")
+    page.locator("#cmp-note").get_by_text("nosuchrun").wait_for()
+    shot(page, "dashboard-compare-missing.png")
+
+
+def test_a_banner_says_when_the_server_is_gone_and_goes_on_its_return(browser, tmp_path):
+    port = str(free_port())
+    srv = ServerProcess(tmp_path, "--port", port).start()
+    page = browser.new_page()
+    try:
+        page.goto(f"{srv.url}/dashboard/")
+        page.wait_for_selector("#runs-table")
+        time.sleep(1.5)
+        assert not page.locator("#conn-banner.down").count()
+        srv.kill()
+        started = time.monotonic()
+        page.wait_for_selector("#conn-banner.down", timeout=3000)
+        assert time.monotonic() - started < 3.5
+        assert "unreachable" in page.inner_text("#conn-banner")
+        page.click("#tabs >> text=Compare")  # over every tab
+        assert page.locator("#conn-banner.down").is_visible()
+        shot(page, "dashboard-server-gone.png")
+        srv = ServerProcess(tmp_path, "--port", port).start()
+        page.wait_for_selector("#conn-banner.down", state="detached", timeout=15_000)
+    finally:
+        page.close()
+        srv.stop()
+
+
+def test_a_phone_sees_every_figure_within_its_screen(browser, server):
+    with server.client() as api:
+        run_id = finished_run(api, name="phone")
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    try:
+        page.goto(f"{server.url}/dashboard/?run={run_id}")
+        try:
+            wait_for(lambda: points(page, "fig-loss") > 0, 30)
+        except AssertionError:  # what the page showed, to look at
+            shot(page, "dashboard-phone-not-drawn.png")
+            raise AssertionError(f"the run view did not draw at {here(page)}") from None
+        time.sleep(1)
+        wide = page.evaluate(
+            "() => [...document.querySelectorAll('.js-plotly-plot')]"
+            ".filter((gd) => gd.offsetParent !== null)"
+            ".map((gd) => gd.getBoundingClientRect().right)"
+        )
+        assert wide and max(wide) <= 391, wide
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 391
+        tabs = page.evaluate("() => document.querySelector('#tabs').getBoundingClientRect().height")
+        assert tabs < 120, "the tabs stay one compact row"
+        shot(page, "dashboard-phone.png")
+        page.click("#tabs >> text=Runs")
+        page.wait_for_selector("#runs-table")
+        shot(page, "dashboard-phone-runs.png")
+    finally:
+        page.close()
+
+
+def test_the_report_is_one_page_that_opens_offline(browser, server):
+    import re
+
+    with server.client() as api:
+        run_id = finished_run(api, name="reported")
+        r = api.get(f"/api/runs/{run_id}/report")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert api.get("/api/runs/nosuchrun/report").status_code == 404
+    html = r.text
+    assert not re.search(r"<(script|link)[^>]+(src|href)=", html), "nothing is fetched"
+    assert "reported" in html and "&quot;steps&quot;: 120" in html  # the config, escaped
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "report.html").write_text(html)
+    page = browser.new_page()
+    try:
+        page.route("**/*", lambda route: route.abort())  # offline
+        page.set_content(html, wait_until="load")
+        page.wait_for_function(
+            "() => document.querySelectorAll('.js-plotly-plot .main-svg').length >= 10"
+        )
+        shot(page, "report.png")
+    finally:
+        page.close()

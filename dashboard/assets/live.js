@@ -37,7 +37,10 @@
     const es = new EventSource("/api/runs/" + runId + "/stream");  // reconnects by itself
     B.source = es;
     es.onopen = () => say("live");
-    es.onerror = () => say(es.readyState === EventSource.CLOSED ? "" : "reconnecting…");
+    es.onerror = () => {
+      say(es.readyState === EventSource.CLOSED ? "" : "reconnecting…");
+      B.health();  // say at once whether the server itself is gone
+    };
     es.addEventListener("records", (e) => {
       B.pending.push(JSON.parse(e.data));
       B.schedule();
@@ -45,7 +48,7 @@
     es.addEventListener("status", (e) => {
       const run = JSON.parse(e.data);
       set("live-status", {data: run});
-      if (!B.active.includes(run.status)) { es.close(); say("finished"); }
+      if (!B.active.includes(run.status)) { es.close(); say("ended: " + run.status); }
     });
     es.addEventListener("reset", () => set("live-reset", {data: Date.now()}));
   };
@@ -152,6 +155,9 @@
           const row = table[k === 0 ? "pre_mean" : "pre_var"][i];
           return k === 0 ? row : row.map(log10);
         })}));
+        const step = Math.max(...table.step);  // the title says which step it shows
+        const title = Object.assign({}, gd.layout.title, {text: spec.title + ", step " + step});
+        return {data: data, layout: Object.assign({}, gd.layout, {title: title})};
       }
       return {data: data, layout: gd.layout};
     }];
@@ -214,6 +220,34 @@
     });
     B.schedule();
   };
+
+  // The connection: /healthz every second, and a banner over every tab while the server is
+  // out of reach (what the page shows is then as of that moment); gone on its return.
+  B.down = null;
+  B.health = function () {
+    if (!window.dash_clientside || !window.dash_clientside.set_props) return;
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), 1500);
+    fetch("/healthz", {signal: ctl.signal, cache: "no-store"})
+      .then((r) => {
+        if (!r.ok) throw new Error("status " + r.status);
+        if (B.down === null) return;
+        B.down = null;
+        set("conn-banner", {children: "", className: "conn-banner"});
+        set("server-back", {data: Date.now()});
+      })
+      .catch(() => {
+        if (B.down === null) B.down = new Date();
+        const since = B.down.toLocaleTimeString();
+        set("conn-banner", {
+          className: "conn-banner down",
+          children: "The server is unreachable since " + since + ": what you see is as of " +
+            "then. Retrying every second; the page catches up by itself when it is back.",
+        });
+      })
+      .finally(() => clearTimeout(timer));
+  };
+  setInterval(B.health, 1000);
 
   window.dash_clientside = Object.assign({}, window.dash_clientside, {
     bnscope: {

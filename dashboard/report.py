@@ -1,0 +1,130 @@
+"""A run's report: one self-contained HTML page (plotly.js and every figure inside it, no link
+out) with the run's status, summary and config, to attach to a paper or a pull request.
+
+Served at ``GET /api/runs/{id}/report`` (registered on the API's app when the dashboard is
+mounted) and linked from the run view.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import time
+from typing import Any
+
+import plotly.io as pio
+from fastapi import FastAPI
+from fastapi.responses import HTMLResponse
+from plotly.offline import get_plotlyjs
+
+from dashboard import data, figures
+from server.errors import NotFound
+from server.service import Service
+
+#: The figures of the report, in order, with the heading each sits under.
+SECTIONS = {
+    "Training": ("fig-loss", "fig-acc"),
+    "Batch statistics through depth and time": ("fig-heat-var", "fig-heat-mean", "fig-channels"),
+    "Gradients": ("fig-depth", "fig-heat-grad", "fig-heat-sat"),
+    "One layer": ("fig-layer", "fig-affine", "fig-grads", "fig-pct"),
+}
+STYLE = """
+body { font-family: system-ui, -apple-system, "Segoe UI", sans-serif; margin: 24px auto;
+       max-width: 1100px; color: #1f2937; padding: 0 12px; }
+h1 { font-size: 22px; } h2 { font-size: 17px; margin-top: 28px; }
+table { border-collapse: collapse; font-size: 13px; }
+td, th { border: 1px solid #e2e8f0; padding: 3px 8px; text-align: left; vertical-align: top; }
+pre { background: #f8fafc; padding: 8px; font-size: 12px; white-space: pre-wrap; }
+.status { font-weight: 600; padding: 2px 8px; border-radius: 10px; background: #e0e7ff; }
+.figure { border: 1px solid #e2e8f0; border-radius: 4px; margin: 8px 0; }
+"""
+
+
+def render(svc: Service, run_id: str) -> str:
+    """The report page of one run (NotFound if there is none)."""
+    run = svc.runs.get(run_id)
+    view = data.run_view(svc, run_id, None)
+    figs, _ = figures.run_figures(view)
+    out = svc.runs.out(run)
+    facts = {
+        "id": run["id"],
+        "status": run["status"],
+        "steps": f"{run['steps_done']}"
+        + (f" of {out['steps_total']}" if out["steps_total"] else ""),
+        "created": when(run["created_at"]),
+        "started": when(run.get("started_at")),
+        "finished": when(run.get("finished_at")),
+        "layers": ", ".join(view["layers"]),
+        "layer shown in 'One layer'": view["layer"] or "",
+    }
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>BN Scope report: {html.escape(run.get('name') or run['id'])}</title>",
+        f"<style>{STYLE}</style>",
+        f"<script>{get_plotlyjs()}</script>",  # inline: the page opens offline
+        "</head><body>",
+        f"<h1>{html.escape(run.get('name') or run['id'])} "
+        f"<span class='status'>{html.escape(run['status'])}</span></h1>",
+        _table(facts),
+    ]
+    if run.get("message"):
+        parts.append(f"<pre>{html.escape(run['message'])}</pre>")
+    if run.get("final"):
+        parts += ["<h2>Summary (final evaluation)</h2>", _table(run["final"])]
+    for heading, ids in SECTIONS.items():
+        shown = [figs[g] for g in ids if g in figs]
+        if not shown:
+            continue
+        parts.append(f"<h2>{html.escape(heading)}</h2>")
+        for fig in shown:
+            body = pio.to_html(
+                fig, include_plotlyjs=False, full_html=False, config={"displaylogo": False}
+            )
+            parts.append(f"<div class='figure'>{body}</div>")
+    config = run.get("config") or run.get("meta") or {}
+    parts += [
+        "<h2>Config</h2>",
+        f"<pre>{html.escape(json.dumps(config, indent=2))}</pre>",
+        f"<p style='font-size:12px;color:#64748b'>BN Scope, {when(time.time())}</p>",
+        "</body></html>",
+    ]
+    return "\n".join(parts)
+
+
+def when(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else ""
+
+
+def _table(rows: dict[str, Any]) -> str:
+    cells = "".join(
+        f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_fmt(v))}</td></tr>"
+        for k, v in rows.items()
+    )
+    return f"<table>{cells}</table>"
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def register(app: FastAPI, svc: Service) -> None:
+    """``GET /api/runs/{id}/report`` on the API's app."""
+
+    def report(run_id: str) -> HTMLResponse:
+        """The run as one self-contained HTML page: status, summary, figures, config."""
+        if svc.store.runs.get(run_id) is None:
+            raise NotFound(f"no run with id {run_id!r}")
+        page = render(svc, run_id)
+        name = f"bnscope-{run_id}.html"
+        headers = {"content-disposition": f'inline; filename="{name}"'}
+        return HTMLResponse(page, headers=headers)
+
+    app.add_api_route(
+        "/api/runs/{run_id}/report",
+        report,
+        methods=["GET"],
+        response_class=HTMLResponse,
+        tags=["runs"],
+        summary="A self-contained HTML report of the run",
+    )
