@@ -5,8 +5,12 @@
 - ``digits``: scikit-learn's 8x8 digits (1797 images, shipped with the package).
 - ``blobs``, ``spirals``: synthetic 2-d classification, made from ``data.split_seed``.
 - ``mnist``, ``fashion_mnist``: IDX files (``train-images-idx3-ubyte`` etc., optionally gzipped)
-  and ``cifar10``: the python batches (``data_batch_1..5``, ``test_batch``) read from
-  ``data.path``.
+  and ``cifar10``: the python batches (``data_batch_1..5``, ``test_batch``) or the binary
+  version (``data_batch_1..5.bin``, ``test_batch.bin``) read from ``data.path``. The python
+  batches are pickles, but they are never unpickled as such: a restricted reader rebuilds only
+  what the format holds (dicts, lists, bytes, numbers and plain numeric numpy arrays) and refuses
+  anything else a file names, so a crafted file cannot run code. A server reads ``data.path``
+  only under its data root (:func:`dataset_folder`).
 
 Features are standardized with the training set's statistics. Where a dataset has no split of its
 own, a fixed share is held out, chosen by ``data.split_seed``.
@@ -19,6 +23,7 @@ import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -27,7 +32,7 @@ from torch import Tensor
 from bncore.cache import cache_dirs
 from bncore.config import DataConfig
 
-__all__ = ["Dataset", "DatasetError", "load_dataset"]
+__all__ = ["Dataset", "DatasetError", "dataset_folder", "load_dataset", "read_cifar_batch"]
 
 
 class DatasetError(ValueError):
@@ -159,27 +164,207 @@ def _mnist_files(folder: Path):
     )
 
 
-def _cifar_batch(path: Path):
+class _DType:
+    """``numpy.dtype`` as a pickle names it: only recorded, then built as a plain numeric dtype."""
+
+    def __init__(self, spec: Any, align: Any = False, copy: Any = False) -> None:
+        self.spec, self.order = _text(spec), "|"
+
+    def __setstate__(self, state: Any) -> None:
+        # (version, byteorder, subarray, names, fields, elsize, alignment, flags[, metadata])
+        if not isinstance(state, tuple) or len(state) < 5 or any(v is not None for v in state[2:5]):
+            raise pickle.UnpicklingError("refused a structured or sub-array dtype")
+        self.order = _text(state[1])
+
+    def build(self) -> np.dtype:
+        try:
+            dtype = np.dtype(self.spec)
+        except TypeError as exc:
+            raise pickle.UnpicklingError(f"refused dtype {self.spec!r}") from exc
+        if dtype.kind not in "buif" or dtype.fields is not None or dtype.subdtype is not None:
+            raise pickle.UnpicklingError(f"refused dtype {self.spec!r}: not a plain number")
+        if self.order == "<":
+            return dtype.newbyteorder("<")
+        return dtype.newbyteorder(">") if self.order == ">" else dtype
+
+
+class _Ndarray:
+    """``numpy.ndarray`` as a pickle names it: a marker for ``_reconstruct``, never called."""
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Ndarray:
+        raise pickle.UnpicklingError("refused calling numpy.ndarray")
+
+
+class _Array:
+    """What ``numpy.core.multiarray._reconstruct`` makes; its state is read with frombuffer."""
+
+    array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise pickle.UnpicklingError("refused an array state of unknown shape")
+        shape, dtype, fortran, data = state[-4:]
+        self.array = _from_bytes(data, dtype, shape, "F" if fortran else "C")
+
+
+def _text(v: Any) -> str:
+    return v.decode("latin1") if isinstance(v, bytes) else str(v)
+
+
+def _from_bytes(data: Any, dtype: Any, shape: Any, order: Any) -> np.ndarray:
+    if not isinstance(dtype, _DType) or not isinstance(data, (bytes, bytearray)):
+        raise pickle.UnpicklingError("refused an array that is not plain bytes of numbers")
+    if not isinstance(shape, tuple) or not all(type(n) is int and n >= 0 for n in shape):
+        raise pickle.UnpicklingError(f"refused array shape {shape!r}")
+    if _text(order) not in ("C", "F"):
+        raise pickle.UnpicklingError(f"refused array order {order!r}")
+    flat = np.frombuffer(bytes(data), dtype=dtype.build())
+    return flat.reshape(shape, order=_text(order))  # type: ignore[call-overload]
+
+
+def _reconstruct(cls: Any, shape: Any, typecode: Any) -> _Array:
+    if cls is not _Ndarray:
+        raise pickle.UnpicklingError("refused to reconstruct anything but a numpy array")
+    return _Array()
+
+
+def _latin1(text: Any, encoding: Any = "utf-8") -> bytes:
+    """``_codecs.encode``, which protocol-2 pickles use for bytes: latin-1 of a str only."""
+    if not isinstance(text, str) or _text(encoding).lower() not in ("latin1", "latin-1"):
+        raise pickle.UnpicklingError("refused _codecs.encode other than latin-1 of a string")
+    return text.encode("latin1")
+
+
+_CIFAR_GLOBALS: dict[tuple[str, str], Any] = {
+    ("numpy", "dtype"): _DType,
+    ("numpy", "ndarray"): _Ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy.core.numeric", "_frombuffer"): _from_bytes,
+    ("numpy._core.numeric", "_frombuffer"): _from_bytes,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Dicts, lists, bytes, strings, numbers, and numpy arrays of plain numbers: what a CIFAR-10
+    python batch holds. Every other class or function a file names is refused (plain
+    ``pickle.load`` would call it: code execution), and the names it does allow are stand-ins
+    that rebuild arrays with ``numpy.frombuffer``, not numpy's own unpickling code."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        try:
+            return _CIFAR_GLOBALS[(module, name)]
+        except KeyError:
+            raise pickle.UnpicklingError(
+                f"refused {module}.{name}: a CIFAR-10 batch holds only arrays, lists and numbers"
+            ) from None
+
+    def persistent_load(self, pid: Any) -> Any:
+        raise pickle.UnpicklingError("refused a persistent id")
+
+
+def _arrays(obj: Any) -> Any:
+    """The loaded object with each reconstructed array in place of its stand-in."""
+    if isinstance(obj, _Array):
+        if obj.array is None:
+            raise pickle.UnpicklingError("an array without its data")
+        return obj.array
+    if isinstance(obj, dict):
+        return {k: _arrays(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_arrays(v) for v in obj]
+    if isinstance(obj, (_DType, _Ndarray)) or callable(obj):
+        raise pickle.UnpicklingError("refused a dtype, class or function as a value")
+    return obj
+
+
+def _cifar_arrays(path: Path, data: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(data), np.asarray(labels)
+    if x.dtype.kind not in "ui" or x.ndim != 2 or x.shape[1] != 3072:
+        raise DatasetError(f"{path}: data must be integer pixels of shape (N, 3072), not "
+                           f"{x.dtype} {x.shape}")  # fmt: skip
+    if (
+        y.dtype.kind not in "ui"
+        or y.shape != (len(x),)
+        or (y.size and not 0 <= y.min() <= y.max() < 10)
+    ):
+        raise DatasetError(f"{path}: labels must be {len(x)} integers in 0..9")
+    return x.astype(np.float64).reshape(-1, 3, 32, 32), y.astype(np.int64)
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """Images (N, 3, 32, 32) and labels of one CIFAR-10 batch file: the python version (a
+    pickle, read by a restricted unpickler that refuses anything but the format's arrays and
+    lists) or, for a ``.bin`` file, the binary version (a label byte, then 3072 pixel bytes)."""
     try:
+        if path.suffix == ".bin":
+            raw = np.fromfile(path, dtype=np.uint8)
+            if raw.size == 0 or raw.size % 3073:
+                raise DatasetError(f"{path} is not a CIFAR-10 binary batch: {raw.size} bytes "
+                                   "is not a whole number of 3073-byte records")  # fmt: skip
+            rec = raw.reshape(-1, 3073)
+            return _cifar_arrays(path, rec[:, 1:], rec[:, 0])
         with path.open("rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        x = np.asarray(d[b"data"], dtype=np.float64).reshape(-1, 3, 32, 32)
-        return x, np.asarray(d[b"labels"], dtype=np.int64)
-    except (OSError, KeyError, ValueError, pickle.UnpicklingError) as exc:
-        raise DatasetError(f"{path} is not a CIFAR-10 python batch: {exc}") from None
+            d = _arrays(_CifarUnpickler(f, encoding="bytes").load())
+        if not isinstance(d, dict):
+            raise DatasetError(f"{path} is not a CIFAR-10 python batch: not a dict")
+        return _cifar_arrays(path, d[b"data"], d[b"labels"])
+    except DatasetError:
+        raise
+    except (OSError, KeyError, ValueError, TypeError, EOFError, RecursionError,
+            pickle.UnpicklingError) as exc:  # fmt: skip
+        kind = "binary" if path.suffix == ".bin" else "python"
+        raise DatasetError(f"{path} is not a CIFAR-10 {kind} batch: {exc}") from None
 
 
 def _cifar10(folder: Path):
-    train = [p for i in range(1, 6) if (p := folder / f"data_batch_{i}").exists()]
-    if not train or not (folder / "test_batch").exists():
-        raise DatasetError(f"{folder} must hold data_batch_1..5 and test_batch (CIFAR-10 python)")
-    parts = [_cifar_batch(p) for p in train]
-    xt, yt = _cifar_batch(folder / "test_batch")
+    for ext in ("", ".bin"):
+        train = [p for i in range(1, 6) if (p := folder / f"data_batch_{i}{ext}").exists()]
+        if train and (folder / f"test_batch{ext}").exists():
+            break
+    else:
+        raise DatasetError(
+            f"{folder} must hold data_batch_1..5 and test_batch (CIFAR-10 python version) "
+            "or data_batch_1..5.bin and test_batch.bin (binary version)"
+        )
+    parts = [read_cifar_batch(p) for p in train]
+    xt, yt = read_cifar_batch(folder / f"test_batch{ext}")
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), xt, yt
 
 
-def load_dataset(cfg: DataConfig) -> Dataset:
-    """Make or read the dataset ``cfg`` names, standardized, as float32 tensors on the CPU."""
+def dataset_folder(path: str | None, root: str | Path | None = None) -> Path:
+    """The directory ``data.path`` names, with symlinks and ``..`` resolved.
+
+    With a ``root`` (a server's data root) only a directory under it is accepted, a relative path
+    being taken from the root; a missing directory and one outside the root get the same error,
+    so the answer tells nothing about what exists elsewhere. Without one (``bnscope train``, the
+    user's own machine) any directory is.
+    """
+    try:
+        if root is None:
+            folder = Path(path or "").expanduser().resolve()
+            if path and folder.is_dir():
+                return folder
+        else:
+            base = Path(root).expanduser().resolve()
+            folder = (base / (path or "")).resolve()
+            if path and folder.is_relative_to(base) and folder.is_dir():
+                return folder
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL in the name
+        pass
+    if root is None:
+        raise DatasetError(f"data.path={path!r} is not a directory")
+    raise DatasetError(
+        f"data.path={path!r} is not a dataset directory under this server's data root: "
+        f"put each dataset in its own directory under {root} and give its name, e.g. "
+        "data.path='cifar10'"
+    )
+
+
+def load_dataset(cfg: DataConfig, root: str | Path | None = None) -> Dataset:
+    """Make or read the dataset ``cfg`` names, standardized, as float32 tensors on the CPU.
+    ``root``: read ``data.path`` only under this directory (a server's data root)."""
     if cfg.name in ("blobs", "spirals", "digits"):
         x, y = {"blobs": lambda: _blobs(cfg), "spirals": lambda: _spirals(cfg), "digits": _digits}[
             cfg.name
@@ -189,9 +374,7 @@ def load_dataset(cfg: DataConfig) -> Dataset:
         xs, ys, xt, yt = _mnist1d(cfg)
         xs, xt = xs[:, None, :], xt[:, None, :]  # one channel, 40 positions
     else:
-        folder = Path(cfg.path or "")
-        if not folder.is_dir():
-            raise DatasetError(f"data.path={cfg.path!r} is not a directory")
+        folder = dataset_folder(cfg.path, root)
         xs, ys, xt, yt = _cifar10(folder) if cfg.name == "cifar10" else _mnist_files(folder)
     if cfg.max_train is not None:
         xs, ys = xs[: cfg.max_train], ys[: cfg.max_train]

@@ -101,6 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
             ("host", args.host),
             ("port", args.port),
             ("data_dir", args.data_dir),
+            ("data_root", args.data_root),
             ("token", args.token),
             ("max_runs", args.max_runs),
             ("database_url", args.database_url),
@@ -165,6 +166,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="interface (default 127.0.0.1; 0.0.0.0 for all)")
     serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
     serve.add_argument("--data-dir", help="where runs are stored (default ./bnscope-data)")
+    serve.add_argument(
+        "--data-root",
+        help="runs read datasets (data.path) only from directories under this one "
+        "(default: DATA_DIR/datasets)",
+    )
     serve.add_argument("--database-url", help="SQLAlchemy URL instead of SQLite in --data-dir")
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on changes")
     serve.add_argument("--max-runs", type=int, help="runs training at once (default: cores/2)")

@@ -129,6 +129,7 @@ class Scheduler:
                 self.settings.token,
                 self.settings.threads_per_run(),
                 cancel,
+                str(self.settings.dataset_root),
             ),
         )
         process.start()

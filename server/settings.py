@@ -23,6 +23,11 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="interface to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port (0: any free port)")
     data_dir: Path = Field(Path("bnscope-data"), description="where the database lives")
+    data_root: Path | None = Field(
+        None,
+        description="the only directory runs may read datasets from (data.path: a directory "
+        "under it); default: data_dir/datasets",
+    )
     database_url: str | None = Field(
         None, description="SQLAlchemy URL; default: SQLite in data_dir (PostgreSQL: a URL)"
     )
@@ -51,6 +56,11 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'bnscope.db').resolve()}"
+
+    @property
+    def dataset_root(self) -> Path:
+        """Where runs' ``data.path`` must lead: ``data_root``, or ``data_dir/datasets``."""
+        return self.data_root if self.data_root is not None else self.data_dir / "datasets"
 
     def threads_per_run(self) -> int:
         return self.worker_threads or max(1, (os.cpu_count() or 2) // self.max_runs)

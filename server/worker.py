@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import time
 import traceback
 from typing import Any
 
@@ -18,31 +20,62 @@ import orjson
 
 from bncore.sinks import HttpSink
 
+PARENT_POLL = 0.2  # seconds between looks at whether the server is still there
+PARENT_GRACE = 0.5  # seconds a worker whose server died gets to stop by itself, then it exits
+
+
+def watch_parent(parent: int) -> threading.Event:
+    """Notice within PARENT_POLL + PARENT_GRACE seconds that the server (``parent``) is gone,
+    even while training is blocked in a send that the sink retries: a watchdog thread sets the
+    returned event (the training loop stops at its next step), then ends the process. (Not
+    PR_SET_PDEATHSIG: it follows the thread that spawned the worker, not the server.)"""
+    orphaned = threading.Event()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL)
+        orphaned.set()
+        time.sleep(PARENT_GRACE)
+        os._exit(3)  # nobody is left to report to; what it acknowledged is stored
+
+    threading.Thread(target=watch, name="bnscope-parent-watch", daemon=True).start()
+    return orphaned
+
 
 def main(
-    run_id: str, config_json: str, api_url: str, token: str | None, threads: int, cancel: Any
+    run_id: str,
+    config_json: str,
+    api_url: str,
+    token: str | None,
+    threads: int,
+    cancel: Any,
+    data_root: str | None = None,
 ) -> None:
-    """Process entry point (spawned by server.scheduler)."""
+    """Process entry point (spawned by server.scheduler). ``data_root``: datasets are read only
+    under it (checked by the service too; here again, before any file is opened)."""
+    parent = os.getppid()
+    orphaned = watch_parent(parent)
     import torch
 
     from bncore.config import RunConfig
+    from bncore.data import load_dataset
     from bncore.engine import Trainer
 
     torch.set_num_threads(threads)
     headers = {"authorization": f"Bearer {token}"} if token else {}
-    parent = os.getppid()
     with httpx.Client(base_url=api_url, headers=headers, timeout=30.0) as client:
         sink = HttpSink(client, run_id)
         try:
-            trainer = Trainer(RunConfig.model_validate_json(config_json))
+            config = RunConfig.model_validate_json(config_json)
+            trainer = Trainer(config, load_dataset(config.data, data_root))
             trainer.run(
                 sink,
-                should_stop=lambda: cancel.is_set() or os.getppid() != parent,
+                should_stop=lambda: cancel.is_set() or orphaned.is_set(),
                 flush_every=200,
                 flush_seconds=0.05,
             )
         except Exception as exc:
-            if os.getppid() != parent:
+            if orphaned.is_set() or os.getppid() != parent:
                 return  # the server is gone: nobody to tell
             message = f"{type(exc).__name__}: {exc}"
             with contextlib.suppress(httpx.HTTPError, OSError):

@@ -10,12 +10,12 @@ import secrets
 import time
 import uuid
 from collections.abc import AsyncGenerator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from bncore.config import FILE_DATASETS, RunConfig
+from bncore.data import DatasetError, dataset_folder
 from bncore.status import ACTIVE, FINISHED, RunStatus
 from server.batches import live_view, parse_batch
 from server.errors import Conflict, NotFound, NotRunnable, Unauthorized
@@ -76,12 +76,12 @@ class Runs:
                 "device; use device='cpu' or 'auto'",
                 field="device",
             )
-        if config.data.name in FILE_DATASETS and not Path(config.data.path or "").is_dir():
-            raise NotRunnable(
-                f"data.path={config.data.path!r} is not a directory on this "
-                f"server (data.name={config.data.name!r} is read from files)",
-                field="data.path",
-            )
+        if config.data.name in FILE_DATASETS:
+            # only under the data root, and the same answer for a missing and a forbidden path
+            try:
+                dataset_folder(config.data.path, self.settings.dataset_root)
+            except DatasetError as exc:
+                raise NotRunnable(str(exc), field="data.path") from None
 
     def launch(
         self, config: RunConfig, sweep_id: str | None = None, name: str | None = None
