@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from bncore import statistics
 from bncore.records import (
     CHANNEL_COLUMNS,
     TABLES,
@@ -23,8 +24,21 @@ from bncore.records import (
     json_columns,
 )
 from server.errors import Invalid
+from server.store.schema import MAX_INT
 
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,63}")
+MAX_COLUMNS = 128  # columns of one table in a batch (a run's own: about 80 at most)
+MAX_LAYERS = 512  # distinct layers in one batch's tables
+
+
+def _known(table: str, col: str) -> bool:
+    """A column the table holds: its step (and layer), or one of its statistics."""
+    if col == "step" or (col == "layer" and table in ("layers", "channels")):
+        return True
+    if table == "channels":
+        return col in CHANNEL_COLUMNS
+    found = statistics.lookup(col)
+    return found is not None and found.table == table
 
 
 def parse_batch(body: bytes) -> tuple[Batch, int | None]:
@@ -39,8 +53,10 @@ def parse_batch(body: bytes) -> tuple[Batch, int | None]:
     if unknown:
         raise Invalid(f"unknown keys {sorted(unknown)}; tables are {TABLES} (+ seq)")
     seq = data.get("seq")
-    if seq is not None and (not isinstance(seq, int) or isinstance(seq, bool) or seq < 1):
-        raise Invalid("seq must be a positive integer")
+    if seq is not None and (
+        not isinstance(seq, int) or isinstance(seq, bool) or not 1 <= seq <= MAX_INT
+    ):
+        raise Invalid(f"seq must be a positive integer, at most 2**62 = {MAX_INT}", field="seq")
     batch = {}
     for name in TABLES:
         t = data.get(name)
@@ -51,28 +67,43 @@ def parse_batch(body: bytes) -> tuple[Batch, int | None]:
         n = len(t["step"]) if isinstance(t["step"], list) else -1
         if n == 0:
             continue  # an empty table: nothing to store
+        if len(t) > MAX_COLUMNS:
+            raise Invalid(
+                f"{name} has {len(t)} columns; a table of a batch has at most {MAX_COLUMNS}",
+                field=name,
+            )
         cols: dict[str, np.ndarray] = {}
         for col, values in t.items():
             where = f"{name}.{col}"
             if not NAME.fullmatch(col):
-                raise Invalid(f"{where}: column names are letters, digits, _ and .")
+                raise Invalid(
+                    f"{where[:80]}: column names are 1 to 64 letters, digits, _ and .",
+                    field=name,
+                )
+            if not _known(name, col):
+                raise Invalid(
+                    f"{where}: unknown column; the statistics are listed in "
+                    "docs/statistics.md (bncore.statistics)",
+                    field=where,
+                )
             if not isinstance(values, list) or len(values) != n:
                 raise Invalid(f"{where}: every column is a list as long as 'step'")
             try:
                 if col == "layer":
                     arr = np.asarray([str(v) for v in values])
-                    if any(not NAME.fullmatch(v) for v in arr.tolist()):
-                        raise ValueError("layer names are letters, digits, _ and .")
+                    names = set(arr.tolist())
+                    if len(names) > MAX_LAYERS:
+                        raise ValueError(f"{len(names)} layers; a batch has at most {MAX_LAYERS}")
+                    if any(not NAME.fullmatch(v) for v in names):
+                        raise ValueError("layer names are 1 to 64 letters, digits, _ and .")
                 elif col == "step":
-                    arr = np.asarray(values, dtype=np.int64)
-                    if (arr < 0).any():
-                        raise ValueError("steps are non-negative")
+                    arr = _steps(values)
                 elif name == "channels" and col in CHANNEL_COLUMNS:
                     arr = _channel_column(values)
                 else:
                     arr = np.asarray(values, dtype=np.float64)
-            except (TypeError, ValueError) as exc:
-                raise Invalid(f"{where}: {exc}") from None
+            except (TypeError, ValueError, OverflowError) as exc:
+                raise Invalid(f"{where}: {exc}", field=where) from None
             cols[col] = arr
         if name in ("layers", "channels") and "layer" not in cols:
             raise Invalid(f"{name} needs a 'layer' column")
@@ -93,6 +124,18 @@ def parse_batch(body: bytes) -> tuple[Batch, int | None]:
             raise Invalid(f"{name}: columns are flat lists of numbers")
         batch[name] = cols
     return batch, seq
+
+
+def _steps(values: list[Any]) -> np.ndarray:
+    """A step column: integers from 0 to MAX_INT (whole floats pass too)."""
+    arr = np.asarray(values)
+    if arr.dtype.kind == "f" and np.isfinite(arr).all() and (arr == np.round(arr)).all():
+        arr = arr.astype(np.float64)
+    elif arr.dtype.kind not in "iu" or arr.ndim != 1:
+        raise ValueError(f"steps are integers from 0 to 2**62 = {MAX_INT}")
+    if len(arr) and (arr.min() < 0 or arr.max() > MAX_INT):
+        raise ValueError(f"steps are integers from 0 to 2**62 = {MAX_INT}")
+    return arr.astype(np.int64)
 
 
 def _channel_column(values: list[Any]) -> np.ndarray:

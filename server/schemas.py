@@ -4,9 +4,38 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bncore.status import REPORTED, RunStatus
+from server.store.schema import MAX_INT
+
+MAX_META_DEPTH = 32  # levels of objects and lists in a run's meta (or final)
+MAX_META_BYTES = 100_000  # its size as JSON
+
+
+def bounded_json(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A run's meta or final as it may be kept: at most MAX_META_DEPTH levels deep and
+    MAX_META_BYTES as JSON (it rides along with every listing of the run), numbers in 64 bits;
+    ValueError (a 422 that names the limit) otherwise."""
+    if value is None:
+        return value
+    todo: list[tuple[Any, int]] = [(value, 1)]
+    while todo:
+        item, depth = todo.pop()
+        if depth > MAX_META_DEPTH:
+            raise ValueError(f"nests deeper than {MAX_META_DEPTH} levels of objects and lists")
+        if isinstance(item, dict):
+            todo.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            todo.extend((v, depth + 1) for v in item)
+    try:
+        size = len(orjson.dumps(value))
+    except TypeError as exc:  # an integer beyond 64 bits
+        raise ValueError(f"cannot be kept: {exc}") from None
+    if size > MAX_META_BYTES:
+        raise ValueError(f"is {size} bytes as JSON; at most {MAX_META_BYTES} are kept")
+    return value
 
 
 class Links(BaseModel):
@@ -63,6 +92,11 @@ class ClientRunCreate(BaseModel):
     )
     steps_total: int | None = Field(None, ge=1, le=100_000_000, strict=True)
 
+    @field_validator("meta")
+    @classmethod
+    def _bounded(cls, meta: dict[str, Any]) -> dict[str, Any]:
+        return bounded_json(meta) or {}
+
 
 class StatusUpdate(BaseModel):
     """How a run is doing, as its worker (or client) reports it."""
@@ -72,8 +106,13 @@ class StatusUpdate(BaseModel):
     message: str | None = Field(None, max_length=10_000)
     final: dict[str, Any] | None = None
     meta: dict[str, Any] | None = None
-    steps_done: int | None = Field(None, ge=0, strict=True)
+    steps_done: int | None = Field(None, ge=0, le=MAX_INT, strict=True)
     traceback: str | None = Field(None, max_length=10_000)
+
+    @field_validator("meta", "final")
+    @classmethod
+    def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return bounded_json(value)
 
     @field_validator("status")
     @classmethod

@@ -3,9 +3,11 @@ records, live streaming, cancellation, crashes, restarts, tokens, the queue and 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
+import pickle
 import signal
 import time
 from typing import Any
@@ -17,7 +19,7 @@ import torch
 
 from bncore.status import FINISHED
 from server.process import ServerProcess, wait_for
-from tests.helpers import free_port
+from tests.helpers import Touch, free_port, write_cifar
 
 pytestmark = pytest.mark.timeout(240)
 FINAL = set(FINISHED)
@@ -172,17 +174,72 @@ def test_cancel_stops_within_a_second(api):
     [
         ({"optim": {"lr": 0}}, 422, "optim.lr: Input should be greater than 0"),
         ({"model": {"depht": 3}}, 422, "model.depht: unknown field (check the spelling)"),
-        ({"data": {"name": "mnist", "path": "/nonexistent"}}, 400, "is not a directory"),
+        ({"data": {"name": "mnist", "path": "/nonexistent"}}, 400, "not a dataset directory"),
         ({"steps": "many"}, 422, "steps: expected a number, not the string 'many'"),
         ({"batch_size": "64"}, 422, "batch_size: expected a number, not the string '64'"),
         # an int where a float goes is fine: validation passes, the data path is what fails
-        ({"optim": {"lr": 1}, "data": {"name": "mnist", "path": "/no"}}, 400, "not a directory"),
+        ({"optim": {"lr": 1}, "data": {"name": "mnist", "path": "/no"}}, 400, "not a dataset"),
     ],
 )
 def test_bad_run_configs(api, body, status, words):
     r = api.post("/api/runs", json=body)
     assert r.status_code == status, r.text
     assert words in r.json()["message"]
+
+
+def test_datasets_only_from_under_the_data_root(api, server, tmp_path):
+    root = server.data_dir / "datasets"  # the default: --data-dir's datasets/
+    write_cifar(root / "tiny")
+    outside = write_cifar(tmp_path / "outside")  # a real dataset, but outside the root
+    (root / "escape").symlink_to(outside)
+
+    def refusal(path: str) -> str:
+        r = api.post("/api/runs", json=tiny_run(data={"name": "cifar10", "path": path}))
+        assert r.status_code == 400, (path, r.text)
+        assert r.json()["detail"][0]["field"] == "data.path"
+        return r.json()["message"].replace(repr(path), "PATH")
+
+    refused = [str(outside), str(tmp_path), "../", "tiny/../..", "escape", "missing",
+               str(root / "missing"), "/etc"]  # fmt: skip
+    answers = {refusal(p) for p in refused}
+    assert len(answers) == 1, answers  # existing-but-forbidden and missing answer alike
+    assert str(root) in answers.pop()  # and say where datasets go
+    # a dataset under the root trains, by its name or its full path
+    for path in ("tiny", str(root / "tiny")):
+        r = api.post("/api/runs", json=tiny_run(steps=10, data={"name": "cifar10", "path": path}))
+        assert r.status_code == 201, r.text
+        assert finished(api, r.json()["id"])["status"] == "completed"
+
+
+def test_a_crafted_dataset_under_the_root_runs_no_code(api, server, tmp_path):
+    marker = tmp_path / "pwned"
+    folder = write_cifar(server.data_dir / "datasets" / "evil")
+    (folder / "data_batch_1").write_bytes(pickle.dumps(Touch(marker)))
+    r = api.post("/api/runs", json=tiny_run(data={"name": "cifar10", "path": "evil"}))
+    assert r.status_code == 201, r.text
+    done = finished(api, r.json()["id"])
+    assert done["status"] == "failed" and "refused io.open" in done["message"], done
+    assert not marker.exists()
+
+
+def test_the_worker_refuses_a_path_outside_its_root_too(server, tmp_path):
+    """Defence in depth: a worker told its data root checks data.path itself."""
+    import threading
+
+    from server import worker
+
+    outside = write_cifar(tmp_path / "outside")
+    with server.client() as c:
+        run = c.post("/api/runs/client", json={"name": "w", "steps_total": 5}).json()
+    config = json.dumps(tiny_run(data={"name": "cifar10", "path": str(outside)}))
+    threads = torch.get_num_threads()
+    with pytest.raises(SystemExit):
+        worker.main(run["id"], config, server.url, None, threads, threading.Event(),
+                    str(tmp_path / "root"))  # fmt: skip
+    torch.set_num_threads(threads)
+    with server.client() as c:
+        done = c.get(f"/api/runs/{run['id']}").json()
+    assert done["status"] == "failed" and "not a dataset directory under" in done["message"]
 
 
 def test_cuda_where_there_is_none(api):
@@ -265,7 +322,7 @@ def test_every_refusal_has_one_shape(api):
             lambda: api.post("/api/runs", json={"data": {"name": "mnist", "path": "/nope"}}),
             400,
             ["data.path"],
-            "is not a directory",
+            "is not a dataset directory under this server's data root",
         ),
         (
             lambda: api.post("/api/sweeps", json={"grid": {"optim.lr": [-1]}, "nme": "x"}),
@@ -535,3 +592,136 @@ def test_client_streams_a_script_of_its_own(server):
     with pytest.raises(RuntimeError, match=r"optim\.lr"):
         client.launch({"optim": {"lr": -1}})
     client.close()
+
+
+def test_records_of_a_bad_shape_are_refused_whole_and_the_run_stays_whole(api):
+    from bncore.records import CHANNEL_COLUMNS
+
+    run = api.post("/api/runs/client", json={"name": "shapes", "meta": {"layers": ["bn"]}}).json()
+    url = f"/api/runs/{run['id']}/records"
+
+    def channels(step: int, c: int) -> dict[str, Any]:
+        cols = {k: [[1.0] * c] for k in CHANNEL_COLUMNS}
+        ch = {"step": [step], "layer": ["bn"], **cols}
+        return {"steps": {"step": [step], "loss": [1.0]}, "channels": ch}
+
+    assert api.post(url, json={"seq": 1, **channels(1, 3)}).status_code == 200
+    r = api.post(url, json={"seq": 2, **channels(2, 4)})  # the layer's channel count changes
+    assert r.status_code == 422, r.text
+    assert "'bn' has 3 channels in this run, this batch gives it 4" in r.json()["message"]
+    too_many = {"step": [1], **{f"p15_{j}": [1.0] for j in range(200)}}
+    for body, words in [
+        ({"seq": 2**63, "steps": {"step": [2], "loss": [1.0]}}, "at most 2**62"),
+        ({"seq": 2, "steps": {"step": [2**63], "loss": [1.0]}}, "integers from 0 to 2**62"),
+        ({"seq": 2, "steps": {"step": [2**80], "loss": [1.0]}}, "integers from 0 to 2**62"),
+        ({"seq": 2, "steps": {"step": [2.5], "loss": [1.0]}}, "integers from 0 to 2**62"),
+        ({"seq": 2, "steps": {"step": [2], "made_up": [1.0]}}, "steps.made_up: unknown column"),
+        ({"seq": 2, "steps": {"step": [2], "pre_var": [1.0]}}, "steps.pre_var: unknown column"),
+        ({"seq": 2, "layers": too_many}, "layers has 201 columns; a table of a batch has at most"),
+        ({"seq": 2, "steps": {"step": [2], "x" * 70: [1.0]}}, "1 to 64 letters"),
+    ]:
+        r = api.post(url, json=body)
+        assert r.status_code == 422 and words in r.json()["message"], (body, r.text[:300])
+    plain = api.post(
+        url,
+        content=json.dumps({"seq": 2, "steps": {"step": [2], "loss": [1.0]}}),
+        headers={"content-type": "text/plain"},
+    )
+    assert plain.status_code == 422 and "Content-Type: application/json" in plain.json()["message"]
+    assert api.post(url, json={"seq": 2, "steps": {"step": [2], "loss": [2.0]}}).status_code == 200
+    # nothing refused was stored, and the run reads, ends and is deleted as any other
+    got = api.get(f"/api/runs/{run['id']}")
+    assert got.status_code == 200 and got.json()["steps_done"] == 2
+    s = api.get(f"/api/runs/{run['id']}/metrics", params={"stat": "loss"}).json()["series"][0]
+    assert s["steps"] == [1, 2] and s["values"] == [1.0, 2.0]
+    ch = api.get(f"/api/runs/{run['id']}/channels").json()["layers"]
+    assert [len(c["pre_var"]) for c in ch] == [3]
+    assert api.get(f"/api/runs/{run['id']}/layers").status_code == 200
+    done = api.post(f"/api/runs/{run['id']}/status", json={"status": "completed"})
+    assert done.status_code == 200 and done.json()["status"] == "completed"
+    assert api.delete(f"/api/runs/{run['id']}").status_code == 204
+
+
+def test_meta_too_deep_or_too_large_is_refused_before_anything_is_stored(api):
+    def nested(levels: int) -> dict[str, Any]:
+        meta: dict[str, Any] = {}
+        for _ in range(levels - 1):
+            meta = {"a": meta}
+        return meta
+
+    before = api.get("/api/runs").json()["total"]
+    for meta, words in [
+        (nested(300), "nests deeper than 32 levels"),
+        ({"blob": "x" * 150_000}, "at most 100000 are kept"),
+        ({"n": 2**80}, "cannot be kept"),
+    ]:
+        r = api.post("/api/runs/client", json={"name": "meta", "meta": meta})
+        assert r.status_code == 422, r.text[:300]
+        body = r.json()
+        assert words in body["message"] and body["detail"][0]["field"] == "meta", body
+    assert api.post("/api/runs/client", json={"meta": nested(32)}).status_code == 201
+    assert api.get("/api/runs").json()["total"] == before + 1  # none of the refused
+    run = api.post("/api/runs/client", json={"name": "status meta"}).json()
+    for field in ("meta", "final"):
+        r = api.post(f"/api/runs/{run['id']}/status", json={"status": "running", field: nested(40)})
+        assert r.status_code == 422 and r.json()["detail"][0]["field"] == field, r.text[:300]
+    assert api.get(f"/api/runs/{run['id']}").json()["meta"] == {"steps_total": None}
+    page = api.get("/api/runs", params={"limit": 500})
+    assert page.status_code == 200  # every listing still answers
+
+
+def test_integers_beyond_what_the_database_holds_are_422(api):
+    run = api.post("/api/runs/client", json={"name": "ints"}).json()
+    rid = run["id"]
+    limit = str(2**62)
+    for send in [
+        lambda: api.get("/api/runs", params={"offset": 2**63}),
+        lambda: api.get(f"/api/runs/{rid}/channels", params={"step": 2**63}),
+        lambda: api.get(f"/api/runs/{rid}/metrics", params={"stat": "loss", "step_min": 2**80}),
+        lambda: api.get(f"/api/runs/{rid}/metrics", params={"stat": "loss", "step_max": 2**80}),
+        lambda: api.post(
+            f"/api/runs/{rid}/status", json={"status": "running", "steps_done": 2**63}
+        ),
+    ]:
+        r = send()
+        assert r.status_code == 422 and limit in r.json()["message"], r.text[:300]
+    assert api.get("/api/runs", params={"offset": 2**62}).json()["items"] == []
+    assert api.get(f"/api/runs/{rid}").json()["status"] == "running"
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaps counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
+def test_a_worker_stops_within_2s_of_its_server_dying(tmp_path, record_property):
+    srv = ServerProcess(tmp_path).start()
+    try:
+        with srv.client() as api:
+            run = api.post(
+                "/api/runs", json=tiny_run(steps=1_000_000, stats_interval=5, channel_interval=100)
+            ).json()
+
+            def training_pid() -> int | None:
+                r = api.get(f"/api/runs/{run['id']}").json()
+                return r["pid"] if r["steps_done"] > 20 else None
+
+            pid = wait_for(training_pid, 60)
+        srv.kill()  # kill -9: the worker is left training, its sends failing
+        killed = time.monotonic()
+        wait_for(lambda: _gone(pid), 15, every=0.05)
+        took = time.monotonic() - killed
+    finally:
+        srv.kill()
+        with contextlib.suppress(ProcessLookupError, UnboundLocalError):
+            os.kill(pid, signal.SIGKILL)
+    record_property("worker_stop_seconds", round(took, 2))
+    print(f"the worker stopped {took:.2f} s after its server was killed")
+    assert took < 4.0, f"the worker took {took:.2f} s to notice its server died"

@@ -150,3 +150,96 @@ def test_the_migrations_build_exactly_the_schema(tmp_path):
     with st.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == [], f"the migrations and server/store/schema.py differ: {diff}"
+
+
+def test_a_write_that_fails_at_commit_leaves_the_caches_as_the_database(tmp_path, monkeypatch):
+    """A batch whose transaction fails (a full disk, a busy database: here a trigger) is not
+    stored, and the open-chunk cache must not keep it: the next fold writes from the cache."""
+    import sqlalchemy as sa
+
+    monkeypatch.setattr(store_module, "FOLD_BATCHES", 1)  # every batch folds in its transaction
+    st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    st.runs.create(id="r1", name="r1", status="running", source="client")
+    with st.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TRIGGER full_disk BEFORE UPDATE OF seq ON runs WHEN NEW.seq = 3 "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+            )
+        )
+    for i in range(2):
+        assert st.series.append("r1", batch(1 + 5 * i, 5), i + 1) == (i + 1, True)
+    with pytest.raises(sa.exc.DatabaseError, match="disk is full"):
+        st.series.append("r1", batch(11, 5), 3)  # refused: steps 11-15 are not stored
+    with st.engine.begin() as conn:
+        conn.execute(sa.text("DROP TRIGGER full_disk"))
+    st.series.append("r1", batch(16, 5), 4)
+    st.finish_run("r1", "completed")
+    want = [*range(1, 11), *range(16, 21)]
+    steps, vals = st.reads.one("r1", "block0", "pre_var")
+    np.testing.assert_array_equal(steps, want)  # each acknowledged step once, the refused none
+    np.testing.assert_allclose(vals, np.asarray(want) * 10.0)
+    assert st.reads.many("r1", [("", "loss")])[("", "loss")][0].tolist() == want
+    assert st.runs.get("r1")["seq"] == 3 and st.runs.get("r1")["steps_done"] == 20
+    afresh = Store(f"sqlite:///{tmp_path / 'runs.db'}")  # a server started again reads the same
+    assert afresh.reads.one("r1", "block0", "pre_var")[0].tolist() == want
+
+
+def test_a_failed_write_does_not_count_as_pending(tmp_path, monkeypatch):
+    import sqlalchemy as sa
+
+    monkeypatch.setattr(store_module, "FOLD_BATCHES", 10_000)
+    monkeypatch.setattr(store_module, "FOLD_SECONDS", 1e9)
+    st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    st.runs.create(id="r1", name="r1", status="running", source="client")
+    with st.engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                "CREATE TRIGGER busy BEFORE UPDATE OF seq ON runs "
+                "BEGIN SELECT RAISE(ABORT, 'database is locked'); END"
+            )
+        )
+    with pytest.raises(sa.exc.DatabaseError):
+        st.series.append("r1", batch(1, 5), 1)
+    assert "r1" not in st.series._pending  # nothing is waiting to be folded
+
+
+def test_a_layer_keeps_its_channel_count(tmp_path, monkeypatch):
+    """Per-channel rows of 3 channels, then of 4, for one layer: the second batch is refused
+    before anything is written, whether the first is pending, folded, or from before a
+    restart; the run stays readable, finishable and deletable."""
+    from server.errors import Invalid
+
+    url = f"sqlite:///{tmp_path / 'runs.db'}"
+
+    def channels_batch(step: int, c: int, layer: str = "block0") -> dict:
+        cols = {k: np.full((1, c), 1.0) for k in CHANNEL_COLUMNS}
+        return {"channels": {"step": np.asarray([step]), "layer": np.asarray([layer]), **cols}}
+
+    st = Store(url)
+    st.runs.create(id="r1", name="r1", status="running", source="client")
+    assert st.series.append("r1", channels_batch(1, 3), 1) == (1, True)
+    with pytest.raises(Invalid, match="has 3 channels in this run, this batch gives it 4"):
+        st.series.append("r1", channels_batch(2, 4), 2)  # the first still pending
+    st.series.fold("r1")
+    with pytest.raises(Invalid, match="has 3 channels"):
+        st.series.append("r1", channels_batch(2, 4), 2)  # the first folded
+    assert st.series.append("r1", channels_batch(2, 5, "block1"), 2) == (2, True)  # another
+    st.close()
+    again = Store(url)
+    with pytest.raises(Invalid, match="layer 'block1' has 5 channels"):
+        again.series.append("r1", channels_batch(3, 3, "block1"), 3)  # pending, read afresh
+    ok, bad = channels_batch(3, 3)["channels"], channels_batch(3, 3, "block1")["channels"]
+    mixed = {"channels": {k: np.concatenate([ok[k], bad[k]]) for k in ok}}
+    with pytest.raises(Invalid, match="block1"):
+        again.series.append("r1", mixed, 3)  # a batch in part wrong is refused whole
+    assert again.runs.get("r1")["seq"] == 2
+    assert [(r["layer"], len(r["pre_var"])) for r in again.reads.channels("r1")] == [
+        ("block0", 3),
+        ("block1", 5),
+    ]
+    assert again.reads.channel_steps("r1") == [1, 2]
+    again.finish_run("r1", "completed")
+    assert [len(r["pre_var"]) for r in again.reads.channels("r1", 1)] == [3]
+    again.delete_run("r1")
+    assert again.runs.get("r1") is None

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.concurrency import run_in_threadpool
 
+from server.errors import Invalid
 from server.routes.deps import Authorized, Svc
 from server.schemas import ClientRunCreate, IngestAck, RunOut, StatusUpdate
 
@@ -22,7 +23,12 @@ def create_client_run(body: ClientRunCreate, svc: Svc) -> dict[str, Any]:
 
 @router.post("/{run_id}/records", response_model=IngestAck)
 async def ingest(run_id: str, request: Request, svc: Svc) -> dict[str, Any]:
-    """Store a batch of records, acknowledge it, stream it."""
+    """Store a batch of records, acknowledge it, stream it (sent as application/json)."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        raise Invalid(
+            f"records are sent with Content-Type: application/json, not {media or 'none'!r}"
+        )
     return await run_in_threadpool(svc.runs.ingest, run_id, await request.body())
 
 

@@ -18,6 +18,7 @@ from server.errors import BadRequest
 from server.hub import Event
 from server.routes.deps import Authorized, JSONResponse, Svc
 from server.schemas import MetricsOut, RunList, RunOut
+from server.store.schema import MAX_INT
 from server.views import export_file
 
 router = APIRouter(prefix="/api/runs", tags=["runs"])
@@ -35,7 +36,7 @@ def list_runs(
     status: RunStatus | None = None,
     sweep_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=MAX_INT)] = 0,
 ) -> dict[str, Any]:
     """Runs, newest first, optionally of one status or one sweep."""
     return svc.runs.page(status.value if status else None, sweep_id, limit, offset)
@@ -75,8 +76,8 @@ def metrics(
     svc: Svc,
     stat: Annotated[list[str], Query(min_length=1, description="statistics to read")],
     layer: Annotated[list[str] | None, Query(description="layers (default: all)")] = None,
-    step_min: Annotated[int | None, Query(ge=0)] = None,
-    step_max: Annotated[int | None, Query(ge=0)] = None,
+    step_min: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
+    step_max: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
     max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000,
 ) -> JSONResponse:
     """Series of statistics over steps (names: docs/statistics.md), downsampled on the server
@@ -87,7 +88,7 @@ def metrics(
 
 @router.get("/{run_id}/channels", response_class=JSONResponse)
 def channel_arrays(
-    run_id: str, svc: Svc, step: Annotated[int | None, Query(ge=0)] = None
+    run_id: str, svc: Svc, step: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None
 ) -> JSONResponse:
     """Per-channel arrays of every layer at ``step`` (default: the latest kept)."""
     return JSONResponse(svc.records.channels(run_id, step))
@@ -103,7 +104,7 @@ async def stream(
     run_id: str,
     svc: Svc,
     last_event_id: Annotated[str | None, Header()] = None,
-    after: Annotated[int | None, Query(ge=0, description="as Last-Event-ID")] = None,
+    after: Annotated[int | None, Query(ge=0, le=MAX_INT, description="as Last-Event-ID")] = None,
 ) -> EventSourceResponse:
     """Server-sent events: ``records`` (each batch as it is stored, id = its sequence number),
     ``status`` changes, and ``reset`` when a reconnecting client missed more than the server

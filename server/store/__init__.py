@@ -53,18 +53,21 @@ class Store:
     def finish_run(self, run_id: str, status: str, **fields: Any) -> bool:
         """Give the run its final status unless it has one, and fold its pending records;
         True if this call set the status."""
-        with self._write, self.engine.begin() as conn:
-            done = self.runs.finish(conn, run_id, status, **fields)
-            self.series.fold_in(conn, run_id)
-        self.series.forget(run_id)
+        with self._write:
+            with self.engine.begin() as conn:
+                done = self.runs.finish(conn, run_id, status, **fields)
+                folded = self.series.fold_in(conn, run_id)
+            folded()  # committed: now the caches
+            self.series.forget(run_id)
         return done
 
     def delete_run(self, run_id: str) -> None:
         """The run and every record of it."""
-        with self._write, self.engine.begin() as conn:
-            self.series.delete_in(conn, run_id)
-            conn.execute(runs.delete().where(runs.c.id == run_id))
-        self.series.forget(run_id)
+        with self._write:
+            with self.engine.begin() as conn:
+                self.series.delete_in(conn, run_id)
+                conn.execute(runs.delete().where(runs.c.id == run_id))
+            self.series.forget(run_id)
 
     def close(self) -> None:
         self.engine.dispose()

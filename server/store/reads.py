@@ -260,7 +260,10 @@ class SeriesReader:
             rows = conn.execute(q).mappings().all()
         found: dict[tuple[str, int], dict[str, Any]] = {}
         for r in rows:
-            arr = np.frombuffer(r["vals"], np.float32).reshape(len(CHANNEL_COLUMNS), r["c"])
+            flat = np.frombuffer(r["vals"], np.float32)
+            if r["c"] < 1 or flat.size != len(CHANNEL_COLUMNS) * r["c"]:
+                continue  # a row not as written (never by this store): left out, not a 500
+            arr = flat.reshape(len(CHANNEL_COLUMNS), r["c"])
             found[r["layer"], r["step"]] = {
                 "layer": r["layer"],
                 "step": r["step"],

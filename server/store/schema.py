@@ -15,6 +15,9 @@ import sqlalchemy as sa
 
 CHUNK = 4096  # steps per stored chunk of a series
 COARSE = 64  # steps per bin of a chunk's coarse copy (CHUNK // COARSE bins)
+#: The largest integer a request may give (a step, a batch's seq, steps_done, an offset): the
+#: database keeps 64-bit integers, and 2**62 leaves room for the arithmetic done on them.
+MAX_INT = 2**62
 
 metadata = sa.MetaData()
 runs = sa.Table(

@@ -10,13 +10,14 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
 
-from bncore.records import channel_table
+from bncore.records import channel_table, channel_widths
+from server.errors import Invalid
 from server.store.packing import Batch, channel_rows, coarse_bins, pack, series_of, unpack
 from server.store.schema import CHUNK, channels, pending, runs, series
 
@@ -25,12 +26,18 @@ FOLD_SECONDS = 1.0  # ...or once the oldest waited this long (and when the run e
 
 
 class SeriesWriter:
-    """Appends batches and folds them; one writer at a time (``lock``, shared with RunTable)."""
+    """Appends batches and folds them; one writer at a time (``lock``, shared with RunTable).
+
+    A write is all or nothing: the caches in memory (open chunks, pending counts, channel
+    counts) learn of a write only once its transaction has committed, so a write that fails
+    (a full disk, a busy database) leaves them as the database is."""
 
     def __init__(self, engine: sa.Engine, lock: threading.Lock) -> None:
         self.engine, self._write = engine, lock
         # the open (last) chunk of each series, as written: (run, layer, stat, chunk) -> arrays
         self._open: dict[tuple[str, str, str, int], tuple[np.ndarray, np.ndarray]] = {}
+        # run id -> {layer: its channel count}, as stored (read from the database when needed)
+        self._widths: dict[str, dict[str, int]] = {}
         # run id -> [time of its oldest pending batch, pending batches]
         with engine.connect() as conn:
             self._pending: dict[str, list[float]] = {
@@ -46,52 +53,74 @@ class SeriesWriter:
         """Write one batch of records (bncore.records tables) atomically.
 
         Returns (seq, written): the run's batch sequence number after this call, and False if
-        ``client_seq`` showed the batch was already stored (a retried send)."""
+        ``client_seq`` showed the batch was already stored (a retried send). Raises Invalid
+        (nothing written) for a layer whose channel count is not the one the run has."""
         now = time.time()
-        with self._write, self.engine.begin() as conn:
-            row = conn.execute(
-                sa.select(runs.c.seq, runs.c.client_seq, runs.c.steps_done).where(
-                    runs.c.id == run_id
+        with self._write:
+            with self.engine.begin() as conn:
+                row = conn.execute(
+                    sa.select(runs.c.seq, runs.c.client_seq, runs.c.steps_done).where(
+                        runs.c.id == run_id
+                    )
+                ).first()
+                if row is None:
+                    raise KeyError(run_id)
+                seq, last_client, steps_done = row
+                if client_seq is not None and client_seq <= last_client:
+                    return seq, False
+                widths = self._checked_widths(conn, run_id, batch)
+                conn.execute(
+                    pending.insert().values(run_id=run_id, body=pack(batch), created_at=now)
                 )
-            ).first()
-            if row is None:
-                raise KeyError(run_id)
-            seq, last_client, steps_done = row
-            if client_seq is not None and client_seq <= last_client:
-                return seq, False
-            conn.execute(pending.insert().values(run_id=run_id, body=pack(batch), created_at=now))
-            waiting = self._pending.setdefault(run_id, [now, 0])
-            waiting[1] += 1
-            if waiting[1] >= FOLD_BATCHES or now - waiting[0] >= FOLD_SECONDS:
-                self.fold_in(conn, run_id)
-            steps = batch.get("steps") or {}
-            if len(steps.get("step", ())):
-                steps_done = max(steps_done, int(np.max(steps["step"])))
-            values = {"seq": seq + 1, "steps_done": steps_done}
-            if client_seq is not None:
-                values["client_seq"] = client_seq
-            conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
+                oldest, count = self._pending.get(run_id, (now, 0))
+                folded = None
+                if count + 1 >= FOLD_BATCHES or now - oldest >= FOLD_SECONDS:
+                    folded = self._fold(conn, run_id)
+                steps = batch.get("steps") or {}
+                if len(steps.get("step", ())):
+                    steps_done = max(steps_done, int(np.max(steps["step"])))
+                values = {"seq": seq + 1, "steps_done": steps_done}
+                if client_seq is not None:
+                    values["client_seq"] = client_seq
+                conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
+            # committed: only now do the caches learn of it
+            if widths is not None:
+                self._widths[run_id] = widths
+            if folded is not None:
+                folded()
+            else:
+                self._pending[run_id] = [oldest, count + 1]
         return seq + 1, True
 
     def fold(self, run_id: str) -> None:
         """Fold the run's pending batches into its series and channels now."""
         if run_id in self._pending:
-            with self._write, self.engine.begin() as conn:
-                self.fold_in(conn, run_id)
+            with self._write:
+                with self.engine.begin() as conn:
+                    folded = self._fold(conn, run_id)
+                folded()
 
-    def fold_in(self, conn: sa.Connection, run_id: str) -> None:
-        """:meth:`fold`, in the caller's transaction (which holds the lock)."""
+    def fold_in(self, conn: sa.Connection, run_id: str) -> Callable[[], None]:
+        """:meth:`fold`, in the caller's transaction (which holds the lock); what it returns is
+        to be called once that transaction has committed (it updates the caches)."""
         if run_id not in self._pending:
-            return
+            return lambda: None
+        return self._fold(conn, run_id)
+
+    def _fold(self, conn: sa.Connection, run_id: str) -> Callable[[], None]:
         rows = conn.execute(
             sa.select(pending.c.id, pending.c.body)
             .where(pending.c.run_id == run_id)
             .order_by(pending.c.id)
         ).all()
         if not rows:
-            self._pending.pop(run_id, None)
-            return
+
+            def nothing_pending() -> None:
+                self._pending.pop(run_id, None)
+
+            return nothing_pending
         chunks: dict[tuple[str, str, int], dict[str, Any]] = {}  # the latest of each chunk
+        written: dict[tuple[str, str, str, int], tuple[np.ndarray, np.ndarray]] = {}
         chan: list[dict[str, Any]] = []
         batches = [unpack(r[1]) for r in rows]
         for name in dict.fromkeys(t for b in batches for t in b):
@@ -103,7 +132,7 @@ class SeriesWriter:
                     chan += channel_rows(run_id, channel_table(parts))
                     continue
                 table = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
-                for c in self._chunks(run_id, {name: table}, conn):
+                for c in self._chunks(run_id, {name: table}, conn, written):
                     chunks[c["layer"], c["stat"], c["chunk"]] = c
         if chunks:
             upsert = _upsert(self.engine, series, ("n", "steps", "vals", "coarse"))
@@ -113,34 +142,79 @@ class SeriesWriter:
         conn.execute(
             pending.delete().where(pending.c.run_id == run_id, pending.c.id <= rows[-1][0])
         )
-        self._pending.pop(run_id, None)
+
+        def committed() -> None:
+            self._pending.pop(run_id, None)
+            newest: dict[tuple[str, str, str], int] = {}
+            for run, layer, stat, chunk in written:
+                newest[run, layer, stat] = max(newest.get((run, layer, stat), chunk), chunk)
+            for key, arrays in written.items():  # keep each series' newest chunk open
+                if key[3] == newest[key[:3]]:
+                    self._open[key] = arrays
+                    self._open.pop((*key[:3], key[3] - 1), None)
+                else:
+                    self._open.pop(key, None)
+
+        return committed
 
     def delete_in(self, conn: sa.Connection, run_id: str) -> None:
-        """Every record of the run, in the caller's transaction."""
+        """Every record of the run, in the caller's transaction (then :meth:`forget` it)."""
         conn.execute(pending.delete().where(pending.c.run_id == run_id))
-        self._pending.pop(run_id, None)
         conn.execute(series.delete().where(series.c.run_id == run_id))
         conn.execute(channels.delete().where(channels.c.run_id == run_id))
 
     def forget(self, run_id: str) -> None:
-        """Drop the run's open chunks from memory (it ended, or is gone)."""
+        """Drop what memory holds of the run (it ended and is folded, or is gone)."""
         for key in [k for k in self._open if k[0] == run_id]:
             del self._open[key]
+        self._pending.pop(run_id, None)
+        self._widths.pop(run_id, None)
 
-    def _chunks(self, run_id: str, batch: Batch, conn: sa.Connection) -> Iterator[dict[str, Any]]:
-        """Series chunk rows with this batch appended (the open chunks are kept in memory)."""
+    def _checked_widths(
+        self, conn: sa.Connection, run_id: str, batch: Batch
+    ) -> dict[str, int] | None:
+        """The run's channel count of each layer with this batch's (None if it has no
+        per-channel arrays); Invalid if the batch gives a layer another count than the run has
+        (its stored rows and pending batches)."""
+        ch = batch.get("channels") or {}
+        if not len(ch.get("step", ())):
+            return None
+        known = self._widths.get(run_id)
+        if known is None:  # the first since the server started: from the database
+            known = self._widths[run_id] = _stored_widths(conn, run_id)
+        out = dict(known)
+        for layer, c in zip(ch["layer"].tolist(), channel_widths(ch).tolist(), strict=True):
+            was = out.setdefault(str(layer), int(c))
+            if was != c:
+                raise Invalid(
+                    f"channels: layer {layer!r} has {was} channels in this run, this batch "
+                    f"gives it {c}; a layer's channel count cannot change",
+                    field="channels",
+                )
+        return out
+
+    def _chunks(
+        self,
+        run_id: str,
+        batch: Batch,
+        conn: sa.Connection,
+        written: dict[tuple[str, str, str, int], tuple[np.ndarray, np.ndarray]],
+    ) -> Iterator[dict[str, Any]]:
+        """Series chunk rows with this batch appended; the chunks' new contents go into
+        ``written`` (the open chunks are kept in memory once committed)."""
         for layer, stat, steps, vals in series_of(batch):
             chunk_of = steps // CHUNK
             for chunk in np.unique(chunk_of):
                 sel = chunk_of == chunk
                 key = (run_id, layer, stat, int(chunk))
-                old = self._open.get(key)
+                old = written.get(key)
+                if old is None:
+                    old = self._open.get(key)
                 if old is None:
                     old = read_chunk(conn, key)
                 new_steps = np.concatenate([old[0], steps[sel]])
                 new_vals = np.concatenate([old[1], vals[sel]])
-                self._open[key] = (new_steps, new_vals)
-                self._open.pop((run_id, layer, stat, int(chunk) - 1), None)
+                written[key] = (new_steps, new_vals)
                 yield {
                     "run_id": run_id,
                     "layer": layer,
@@ -151,6 +225,23 @@ class SeriesWriter:
                     "vals": new_vals.tobytes(),
                     "coarse": coarse_bins(new_steps, new_vals, int(chunk)).tobytes(),
                 }
+
+
+def _stored_widths(conn: sa.Connection, run_id: str) -> dict[str, int]:
+    """Each layer's channel count, from the run's stored rows and pending batches."""
+    out: dict[str, int] = {}
+    for layer, c in conn.execute(
+        sa.select(channels.c.layer, channels.c.c).where(channels.c.run_id == run_id).distinct()
+    ):
+        out.setdefault(layer, c)
+    for (body,) in conn.execute(
+        sa.select(pending.c.body).where(pending.c.run_id == run_id).order_by(pending.c.id)
+    ):
+        ch = unpack(body).get("channels") or {}
+        if len(ch.get("step", ())):
+            for layer, c in zip(ch["layer"].tolist(), channel_widths(ch).tolist(), strict=True):
+                out.setdefault(str(layer), int(c))
+    return out
 
 
 def read_chunk(
