@@ -9,7 +9,9 @@ assets/live.js listens to the run's Server-Sent Events and extends the figures i
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 
+import flask
 import plotly.io as pio
 from a2wsgi import WSGIMiddleware
 from dash import Dash, dash_table, dcc, html
@@ -62,7 +64,10 @@ def _tabs(tab_id: str, value: str, children: list[dcc.Tab]) -> dcc.Tabs:
     )
 
 
-def layout(has_token: bool) -> html.Div:
+def layout(has_token: bool, query: Mapping[str, str] | None = None) -> html.Div:
+    """The page, opened on the view its link names (``query``: the address's parameters), so
+    the first drawing is already the right one."""
+    view = callbacks.view_of(dict(query or {}), tuple(SECTIONS))
     runs_tab = html.Div(
         [
             html.Div(
@@ -126,7 +131,7 @@ def layout(has_token: bool) -> html.Div:
             ),
             _tabs(
                 "section",
-                "overview",
+                view.section or "overview",
                 [
                     dcc.Tab(
                         html.Div(
@@ -221,6 +226,7 @@ def layout(has_token: bool) -> html.Div:
             html.Div(build_form(), id="form-box"),
         ]
     )
+    initial = {"view-run": view.run, "compare-runs": view.compare, "want-layer": view.layer}
     return html.Div(
         [
             html.Header(
@@ -234,7 +240,7 @@ def layout(has_token: bool) -> html.Div:
             html.Div(id="conn-banner", className="conn-banner", role="status"),
             _tabs(
                 "tabs",
-                "runs",
+                view.tab or "runs",
                 [
                     dcc.Tab(runs_tab, label="Runs", value="runs"),
                     dcc.Tab(run_tab, label="Run", value="run"),
@@ -247,7 +253,7 @@ def layout(has_token: bool) -> html.Div:
             dcc.ConfirmDialog(id="confirm-delete"),
             dcc.Location(id="url", refresh=False),
             *(
-                dcc.Store(id=i)
+                dcc.Store(id=i, data=initial.get(i))
                 for i in (
                     "view-run",
                     "compare-runs",
@@ -284,7 +290,10 @@ def mount(app: FastAPI, svc: Service) -> None:
     )
     vocabulary = f"<script>window.bnscopeVocabulary = {json.dumps(PAGE_VOCABULARY)};</script>"
     dash_app.index_string = dash_app.index_string.replace("{%scripts%}", vocabulary + "{%scripts%}")
-    dash_app.layout = layout(bool(svc.settings.token))
+    has_token = bool(svc.settings.token)
+    dash_app.layout = lambda: layout(
+        has_token, flask.request.args if flask.has_request_context() else None
+    )
     callbacks.register(dash_app, svc, SECTIONS)
     experiments.register(dash_app, svc)
     calculator.register(dash_app)

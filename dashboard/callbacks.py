@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlencode
 
 from dash import ALL, ClientsideFunction, Dash, Input, Output, State, ctx, dcc, html, no_update
@@ -55,6 +55,36 @@ def banner(run: dict[str, Any] | None, error: str | None = None) -> list[Any]:
     if run.get("message"):
         parts.append(html.Pre(run["message"], id="run-message"))
     return parts
+
+
+class View(NamedTuple):
+    """What a link asks to see (None: not said)."""
+
+    run: str | None
+    compare: list[str] | None
+    tab: str | None
+    section: str | None
+    layer: str | None
+
+
+def view_of(query: dict[str, str], sections: tuple[str, ...]) -> View:
+    """The view a link's parameters name (``?run=ID`` alone means its run view)."""
+    run = query.get("run") or None
+    compare = [i for i in query.get("compare", "").split(",") if i] or None
+    tab = query.get("tab") or ("run" if run else "compare" if compare else None)
+    section = query.get("section")
+    return View(
+        run,
+        compare,
+        tab if tab in TABS else None,
+        section if section in sections else None,
+        query.get("layer") or None,
+    )
+
+
+def chosen(rows: list[dict] | None, selected: list[int] | None) -> list[str]:
+    """The ids of the ticked rows of the runs table."""
+    return [rows[i]["id"] for i in selected or [] if rows and i < len(rows)]
 
 
 def run_link(run_id: str) -> dcc.Link:
@@ -111,19 +141,16 @@ def register(app: Dash, svc: Service, sections: dict[str, tuple[str, ...]]) -> N
         keep = no_update
         if ctx.triggered_id in (None, "url"):  # a link, or the address bar following the view
             query = {k: v[0] for k, v in parse_qs((search or "").lstrip("?")).items()}
-            run = query.get("run") or None
-            compare = [i for i in query.get("compare", "").split(",") if i] or None
-            tab = query.get("tab") or ("run" if run else "compare" if compare else None)
-            section = query.get("section")
+            view = view_of(query, tuple(sections))
             return (
-                run if run and run != run_now else keep,
-                compare if compare and compare != compare_now else keep,
-                tab if tab in TABS and tab != tab_now else keep,
-                section if section in sections and section != section_now else keep,
-                query.get("layer") or keep,
+                view.run if view.run and view.run != run_now else keep,
+                view.compare if view.compare and view.compare != compare_now else keep,
+                view.tab if view.tab and view.tab != tab_now else keep,
+                view.section if view.section and view.section != section_now else keep,
+                view.layer or keep,
                 "",
             )
-        ids = [rows[i]["id"] for i in selected or [] if i < len(rows)]
+        ids = chosen(rows, selected)
         if not ids:
             return keep, keep, keep, keep, keep, "select a run first (tick its box)"
         if ctx.triggered_id == "open-run":
@@ -247,9 +274,6 @@ def register(app: Dash, svc: Service, sections: dict[str, tuple[str, ...]]) -> N
     )
 
     # -- acting on runs: cancel, delete (after a confirmation) --------------------------------
-
-    def chosen(rows: list[dict] | None, selected: list[int] | None) -> list[str]:
-        return [rows[i]["id"] for i in selected or [] if rows and i < len(rows)]
 
     @app.callback(
         Output("runs-note", "children", allow_duplicate=True),

@@ -3,11 +3,13 @@ need a server they can also kill."""
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ class ServerProcess:
         self.data_dir, self.args, self.env = data_dir, args, env or {}
         self.proc: subprocess.Popen[str] | None = None
         self.url = ""
+        self.lines: collections.deque[str] = collections.deque(maxlen=2000)  # its last output
 
     def start(self) -> ServerProcess:
         cmd = [
@@ -56,6 +59,8 @@ class ServerProcess:
                 raise RuntimeError(f"server exited with {self.proc.returncode}")
         else:
             raise RuntimeError("server did not start in time")
+        # read what it prints from now on: a full pipe would block the server's next write
+        threading.Thread(target=self._drain, daemon=True).start()
         while time.monotonic() < deadline:
             try:
                 if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
@@ -63,6 +68,15 @@ class ServerProcess:
             except httpx.TransportError:
                 time.sleep(0.1)
         raise RuntimeError("server not healthy in time")
+
+    def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def output(self) -> str:
+        """What the server printed lately (its log)."""
+        return "".join(self.lines)
 
     def client(self, **kw: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=30.0, **kw)

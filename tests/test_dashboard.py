@@ -47,6 +47,8 @@ def server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("dash"), "--max-runs", "2").start()
     yield srv
     srv.stop()
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "dashboard-server.log").write_text(srv.output())  # to read when a test fails
 
 
 @pytest.fixture(scope="module")

@@ -51,6 +51,17 @@
       if (!B.active.includes(run.status)) { es.close(); say("ended: " + run.status); }
     });
     es.addEventListener("reset", () => set("live-reset", {data: Date.now()}));
+    B.ensureDrawn(runId, 0);
+  };
+
+  // A run view whose drawing never came back (a lost or dropped callback answer) is asked for
+  // again, a few times, instead of leaving empty axes.
+  B.ensureDrawn = function (runId, tries) {
+    setTimeout(() => {
+      if (B.runId !== runId || (B.spec && B.spec.run === runId) || tries >= 4) return;
+      set("live-reset", {data: Date.now()});
+      B.ensureDrawn(runId, tries + 1);
+    }, 4000);
   };
 
   // A task of its own, queued ahead of timers: Chromium lets timers wait behind rendering
