@@ -51,18 +51,25 @@
       if (!B.active.includes(run.status)) { es.close(); say("ended: " + run.status); }
     });
     es.addEventListener("reset", () => set("live-reset", {data: Date.now()}));
-    B.ensureDrawn(runId, 0);
   };
 
-  // A run view whose drawing never came back (a lost or dropped callback answer) is asked for
-  // again, a few times, instead of leaving empty axes.
-  B.ensureDrawn = function (runId, tries) {
-    setTimeout(() => {
-      if (B.runId !== runId || (B.spec && B.spec.run === runId) || tries >= 4) return;
-      set("live-reset", {data: Date.now()});
-      B.ensureDrawn(runId, tries + 1);
-    }, 4000);
+  // A run view whose drawing never came back (a lost or dropped callback answer: seen under
+  // load) is asked for again: every 3 s, while a shown figure of the run tab is still the
+  // empty placeholder, at most 5 times per run and section.
+  B.retries = {key: null, n: 0};
+  B.ensureDrawn = function () {
+    const tab = document.querySelector("#section");
+    if (!B.runId || !tab || tab.offsetParent === null) return;
+    const shown = [...document.querySelectorAll(".js-plotly-plot")]
+      .filter((gd) => gd.offsetParent !== null && tab.parentElement.contains(gd));
+    const selected = document.querySelector("#section .tab--selected");
+    const key = B.runId + "/" + (selected ? selected.innerText : "");
+    if (B.retries.key !== key) B.retries = {key: key, n: 0};
+    if (!shown.some((gd) => !gd.data || gd.data.length === 0) || B.retries.n >= 5) return;
+    B.retries.n += 1;
+    set("live-reset", {data: Date.now()});
   };
+  setInterval(B.ensureDrawn, 3000);
 
   // A task of its own, queued ahead of timers: Chromium lets timers wait behind rendering
   // for 100 ms and more while a page streams.
