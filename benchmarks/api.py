@@ -127,12 +127,16 @@ def ingest_rate(srv: ServerProcess, steps_total: int, batch_steps: int) -> tuple
             r = api.post(
                 f"/api/runs/{run['id']}/records",
                 content=body,
-                headers={"content-type": "application/json"},
+                headers={"content-type": "application/json", "X-Run-Token": run["write_token"]},
             )
             r.raise_for_status()
             sent += n
         rate = sent / (time.perf_counter() - t0)
-        api.post(f"/api/runs/{run['id']}/status", json={"status": "completed"})
+        api.post(
+            f"/api/runs/{run['id']}/status",
+            json={"status": "completed"},
+            headers={"X-Run-Token": run["write_token"]},
+        )
     return run["id"], rate
 
 

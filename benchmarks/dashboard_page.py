@@ -44,9 +44,13 @@ def big_run(srv: ServerProcess, steps: int) -> str:
             api.post(
                 f"/api/runs/{run['id']}/records",
                 content=body,
-                headers={"content-type": "application/json"},
+                headers={"content-type": "application/json", "X-Run-Token": run["write_token"]},
             ).raise_for_status()
-        api.post(f"/api/runs/{run['id']}/status", json={"status": "completed"})
+        api.post(
+            f"/api/runs/{run['id']}/status",
+            json={"status": "completed"},
+            headers={"X-Run-Token": run["write_token"]},
+        )
     return run["id"]
 
 

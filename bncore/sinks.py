@@ -163,6 +163,11 @@ def encode(records: Records, seq: int | None = None) -> bytes:
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+#: The header that carries a run's write token (server.keys): only whoever created a run may
+#: post its records, status and heartbeats.
+RUN_TOKEN_HEADER = "X-Run-Token"
+
+
 class HttpSink:
     """A :class:`Sink` that posts to a server's ``/api/runs/{id}``; retries while it is busy or
     unreachable.
@@ -176,7 +181,8 @@ class HttpSink:
     by the next ``write`` (or by ``finish``), so the run stops instead of training on with nobody
     listening. With ``heartbeat`` (seconds), an idle sink tells the server now and then that the
     run is alive, so that a script that dies leaves its run failed rather than running forever;
-    ``alive()`` returning False (a hung script) stops the heartbeat.
+    ``alive()`` returning False (a hung script) stops the heartbeat. ``token``: the run's write
+    token, which the server gave whoever created the run.
     """
 
     def __init__(
@@ -188,8 +194,10 @@ class HttpSink:
         max_pending: int = 1000,
         heartbeat: float | None = None,
         alive: Callable[[], bool] | None = None,
+        token: str | None = None,
     ) -> None:
         self.client, self.run_id, self.seq, self.retries = client, run_id, 0, retries
+        self._headers = {RUN_TOKEN_HEADER: token} if token else {}
         self.patience, self.max_pending = patience, max_pending
         self.heartbeat, self.alive = heartbeat, alive
         self.dropped = 0  # batches dropped while the server was unreachable
@@ -212,7 +220,7 @@ class HttpSink:
                 r = self.client.post(
                     f"/api/runs/{self.run_id}/{path}",
                     content=content,
-                    headers={"content-type": "application/json"},
+                    headers={"content-type": "application/json", **self._headers},
                 )
             except httpx.TransportError:
                 r = None
@@ -285,7 +293,9 @@ class HttpSink:
         if self.alive is not None and not self.alive():
             return
         with contextlib.suppress(httpx.HTTPError):  # the next records or heartbeat will tell
-            self.client.post(f"/api/runs/{self.run_id}/heartbeat", timeout=5.0)
+            self.client.post(
+                f"/api/runs/{self.run_id}/heartbeat", headers=self._headers, timeout=5.0
+            )
 
     def _send_loop(self) -> None:
         last = time.monotonic()

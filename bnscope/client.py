@@ -100,6 +100,7 @@ class Client:
         return ClientRun(
             self,
             run["id"],
+            token=run["write_token"],
             flush_every=flush_every,
             flush_seconds=flush_seconds,
             channel_interval=channel_interval,
@@ -128,6 +129,7 @@ class ClientRun:
         patience: float = 120.0,
         heartbeat: float | None = 5.0,
         hang_timeout: float = 900.0,
+        token: str | None = None,
     ) -> None:
         self.client, self.id = client, run_id
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
@@ -135,7 +137,12 @@ class ClientRun:
         self.hang_timeout = hang_timeout
         self._last_log = self._last_flush = time.time()
         self.sink = HttpSink(
-            client.http, run_id, patience=patience, heartbeat=heartbeat, alive=self._alive
+            client.http,
+            run_id,
+            patience=patience,
+            heartbeat=heartbeat,
+            alive=self._alive,
+            token=token,
         )
         self.watcher: Watcher | None = None
         self._steps: list[tuple[int, float | Tensor, float, float, float]] = []

@@ -77,6 +77,12 @@ class Unauthorized(DomainError):
     status = 401
 
 
+class Forbidden(DomainError):
+    """The caller is not the one who may do this (another run's records or status)."""
+
+    status = 403
+
+
 class NotFound(DomainError):
     status = 404
 

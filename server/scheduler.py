@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bncore.status import RunStatus
-from server import worker
+from server import keys, worker
 from server.settings import Settings
 from server.store import Store
 
@@ -118,6 +118,7 @@ class Scheduler:
             return
         cancel = self._ctx.Event()
         config_json = json.dumps(run["config"])
+        token, key = keys.mint()  # for this worker only: a worker of before a restart is locked out
         process = self._ctx.Process(
             target=worker.main,
             name=f"bnscope-run-{run_id}",
@@ -130,8 +131,10 @@ class Scheduler:
                 self.settings.threads_per_run(),
                 cancel,
                 str(self.settings.dataset_root),
+                token,
             ),
         )
+        self.store.runs.update(run_id, write_key=key)
         process.start()
         self.running[run_id] = _Worker(process, cancel)
         self.store.runs.update(run_id, pid=process.pid)

@@ -69,6 +69,11 @@ class RunOut(BaseModel):
         description="for a script's new run: send POST .../heartbeat at least this often; a "
         "run silent for the server's client_timeout is marked failed",
     )
+    write_token: str | None = Field(
+        None,
+        description="for a script's new run, and only in that answer: the secret its records, "
+        "status and heartbeats must carry (header X-Run-Token)",
+    )
     created_at: float
     started_at: float | None
     finished_at: float | None

@@ -50,9 +50,11 @@ def main(
     threads: int,
     cancel: Any,
     data_root: str | None = None,
+    write_token: str | None = None,
 ) -> None:
     """Process entry point (spawned by server.scheduler). ``data_root``: datasets are read only
-    under it (checked by the service too; here again, before any file is opened)."""
+    under it (checked by the service too; here again, before any file is opened);
+    ``write_token``: the run's (server.keys), minted for this worker."""
     parent = os.getppid()
     orphaned = watch_parent(parent)
     import torch
@@ -64,7 +66,7 @@ def main(
     torch.set_num_threads(threads)
     headers = {"authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(base_url=api_url, headers=headers, timeout=30.0) as client:
-        sink = HttpSink(client, run_id)
+        sink = HttpSink(client, run_id, token=write_token)
         try:
             config = RunConfig.model_validate_json(config_json)
             trainer = Trainer(config, load_dataset(config.data, data_root))

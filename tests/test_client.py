@@ -336,8 +336,8 @@ def test_errors_read_the_servers_message(server):
     finally:
         client.close()
     with httpx.Client(base_url=server.url) as http:
-        run_id = http.post("/api/runs/client", json={"name": "bad sink"}).json()["id"]
-        sink = HttpSink(http, run_id)
+        run = http.post("/api/runs/client", json={"name": "bad sink"}).json()
+        sink = HttpSink(http, run["id"], token=run["write_token"])
         with pytest.raises(RuntimeError, match=r"POST records: 422 unknown keys \['weights'\]"):
             sink.post("records", b'{"weights": {}}')
         sink.post("status", b'{"status": "completed"}')

@@ -1,5 +1,6 @@
-"""The server against a real uvicorn on 127.0.0.1 and a real SQLite file: runs from POST to
-records, live streaming, cancellation, crashes, restarts, tokens, the queue and sweeps."""
+"""The server against a real uvicorn on 127.0.0.1 and a real database: runs from POST to
+records, live streaming, cancellation, crashes, restarts, tokens, the queue and sweeps; every
+test runs twice, on a SQLite file and on a real PostgreSQL (tests/postgres.py)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ import pytest
 import torch
 
 from bncore.status import FINISHED
+from server import keys
 from server.process import ServerProcess, wait_for
+from tests.conftest import database_url
 from tests.helpers import Touch, free_port, write_cifar
 
 pytestmark = pytest.mark.timeout(240)
@@ -38,12 +41,23 @@ def tiny_run(**over: Any) -> dict[str, Any]:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    srv = ServerProcess(
-        tmp_path_factory.mktemp("srv"), "--max-runs", "2", env={"BNSCOPE_MAX_BODY_BYTES": "300000"}
-    ).start()
+def server(tmp_path_factory, request, backend):
+    here = tmp_path_factory.mktemp("srv")
+    env = {"BNSCOPE_MAX_BODY_BYTES": "300000", **on(database_url(request, backend, here))}
+    srv = ServerProcess(here, "--max-runs", "2", env=env).start()
     yield srv
     srv.stop()
+
+
+def on(url: str) -> dict[str, str]:
+    """The environment that points a server at the database ``url``."""
+    return {"BNSCOPE_DATABASE_URL": url}
+
+
+@pytest.fixture
+def db(db_url) -> dict[str, str]:
+    """This test's fresh database (of the module's kind), as a server's environment."""
+    return on(db_url)
 
 
 @pytest.fixture
@@ -235,7 +249,7 @@ def test_the_worker_refuses_a_path_outside_its_root_too(server, tmp_path):
     threads = torch.get_num_threads()
     with pytest.raises(SystemExit):
         worker.main(run["id"], config, server.url, None, threads, threading.Event(),
-                    str(tmp_path / "root"))  # fmt: skip
+                    str(tmp_path / "root"), run["write_token"])  # fmt: skip
     torch.set_num_threads(threads)
     with server.client() as c:
         done = c.get(f"/api/runs/{run['id']}").json()
@@ -275,7 +289,7 @@ def test_bad_requests(api):
     assert api.get(f"/api/runs/{rid}/export", params={"format": "xls"}).status_code == 422
     assert api.get(f"/api/runs/{rid}/channels", params={"step": 7}).status_code == 404
     r = api.post(f"/api/runs/{rid}/records", json={"steps": {"step": [1], "loss": [1.0]}})
-    assert r.status_code == 409 and "only while running" in r.text
+    assert r.status_code == 403 and keys.HEADER in r.text  # not its worker
     assert api.post(f"/api/runs/{rid}/cancel").status_code == 409
     big = api.post(
         "/api/runs", content=b" " * 400_000, headers={"content-type": "application/json"}
@@ -380,6 +394,7 @@ def test_delete_is_refused_while_training(api):
 
 def test_ingest_checks_batches(api):
     run = api.post("/api/runs/client", json={"name": "mine", "meta": {"layers": ["bn1"]}}).json()
+    w = {keys.HEADER: run["write_token"]}  # the run's write token
     assert run["status"] == "running" and run["source"] == "client"
     url = f"/api/runs/{run['id']}/records"
     for body, words in [
@@ -390,15 +405,17 @@ def test_ingest_checks_batches(api):
         ({"weights": {}}, "unknown keys"),
         ({"seq": -1}, "seq must be a positive integer"),
     ]:
-        r = api.post(url, json=body)
+        r = api.post(url, json=body, headers=w)
         assert r.status_code == 422 and words in r.json()["message"], (body, r.text)
-    ok = api.post(url, json={"seq": 1, "steps": {"step": [1, 2], "loss": [2.0, None]}})
+    ok = api.post(url, json={"seq": 1, "steps": {"step": [1, 2], "loss": [2.0, None]}}, headers=w)
     assert ok.json() == {"seq": 1, "stored": True}
-    again = api.post(url, json={"seq": 1, "steps": {"step": [1, 2], "loss": [2.0, None]}})
+    again = api.post(
+        url, json={"seq": 1, "steps": {"step": [1, 2], "loss": [2.0, None]}}, headers=w
+    )
     assert again.json() == {"seq": 1, "stored": False}  # a retried send is not stored twice
     s = api.get(f"/api/runs/{run['id']}/metrics", params={"stat": "loss"}).json()["series"][0]
     assert s["steps"] == [1, 2] and s["values"] == [2.0, None]
-    done = api.post(f"/api/runs/{run['id']}/status", json={"status": "completed"}).json()
+    done = api.post(f"/api/runs/{run['id']}/status", json={"status": "completed"}, headers=w).json()
     assert done["status"] == "completed"
 
 
@@ -422,8 +439,8 @@ def test_a_killed_worker_fails_its_run_only(api):
     assert finished(api, other["id"])["status"] == "completed"
 
 
-def test_runs_beyond_the_limit_queue_then_run(tmp_path):
-    srv = ServerProcess(tmp_path, "--max-runs", "1").start()
+def test_runs_beyond_the_limit_queue_then_run(tmp_path, db):
+    srv = ServerProcess(tmp_path, "--max-runs", "1", env=db).start()
     try:
         with srv.client() as api:
             first = api.post("/api/runs", json=tiny_run(steps=300)).json()
@@ -437,8 +454,8 @@ def test_runs_beyond_the_limit_queue_then_run(tmp_path):
         srv.stop()
 
 
-def test_token_guards_changes(tmp_path):
-    srv = ServerProcess(tmp_path, "--token", "s3cret").start()
+def test_token_guards_changes(tmp_path, db):
+    srv = ServerProcess(tmp_path, "--token", "s3cret", env=db).start()
     try:
         with srv.client() as api:
             r = api.post("/api/runs", json=tiny_run(steps=10))
@@ -459,8 +476,8 @@ def test_token_guards_changes(tmp_path):
         srv.stop()
 
 
-def test_server_killed_mid_run_then_restarted(tmp_path):
-    srv = ServerProcess(tmp_path).start()
+def test_server_killed_mid_run_then_restarted(tmp_path, db):
+    srv = ServerProcess(tmp_path, env=db).start()
     with srv.client() as api:
         run = api.post(
             "/api/runs", json=tiny_run(steps=1_000_000, stats_interval=5, channel_interval=1000)
@@ -470,7 +487,7 @@ def test_server_killed_mid_run_then_restarted(tmp_path):
             0
         ]["points_total"]
     srv.kill()
-    srv = ServerProcess(tmp_path).start()
+    srv = ServerProcess(tmp_path, env=db).start()
     try:
         with srv.client() as api:
             back = api.get(f"/api/runs/{run['id']}").json()
@@ -526,9 +543,10 @@ def test_worker_sink_sends_in_the_background_in_order_and_reports_a_lost_server(
             }
         )
 
-    run_id = api.post("/api/runs/client", json={"name": "sink"}).json()["id"]
+    run = api.post("/api/runs/client", json={"name": "sink"}).json()
+    run_id = run["id"]
     with httpx.Client(base_url=server.url) as http:
-        sink = HttpSink(http, run_id)
+        sink = HttpSink(http, run_id, token=run["write_token"])
         for step in range(1, 201):  # far faster than one post each: batches coalesce
             sink.write(rec(step))
         sink.finish({"status": "completed", "steps_done": 200})
@@ -598,6 +616,7 @@ def test_records_of_a_bad_shape_are_refused_whole_and_the_run_stays_whole(api):
     from bncore.records import CHANNEL_COLUMNS
 
     run = api.post("/api/runs/client", json={"name": "shapes", "meta": {"layers": ["bn"]}}).json()
+    w = {keys.HEADER: run["write_token"]}  # the run's write token
     url = f"/api/runs/{run['id']}/records"
 
     def channels(step: int, c: int) -> dict[str, Any]:
@@ -605,8 +624,10 @@ def test_records_of_a_bad_shape_are_refused_whole_and_the_run_stays_whole(api):
         ch = {"step": [step], "layer": ["bn"], **cols}
         return {"steps": {"step": [step], "loss": [1.0]}, "channels": ch}
 
-    assert api.post(url, json={"seq": 1, **channels(1, 3)}).status_code == 200
-    r = api.post(url, json={"seq": 2, **channels(2, 4)})  # the layer's channel count changes
+    assert api.post(url, json={"seq": 1, **channels(1, 3)}, headers=w).status_code == 200
+    r = api.post(
+        url, json={"seq": 2, **channels(2, 4)}, headers=w
+    )  # the layer's channel count changes
     assert r.status_code == 422, r.text
     assert "'bn' has 3 channels in this run, this batch gives it 4" in r.json()["message"]
     too_many = {"step": [1], **{f"p15_{j}": [1.0] for j in range(200)}}
@@ -620,15 +641,18 @@ def test_records_of_a_bad_shape_are_refused_whole_and_the_run_stays_whole(api):
         ({"seq": 2, "layers": too_many}, "layers has 201 columns; a table of a batch has at most"),
         ({"seq": 2, "steps": {"step": [2], "x" * 70: [1.0]}}, "1 to 64 letters"),
     ]:
-        r = api.post(url, json=body)
+        r = api.post(url, json=body, headers=w)
         assert r.status_code == 422 and words in r.json()["message"], (body, r.text[:300])
     plain = api.post(
         url,
         content=json.dumps({"seq": 2, "steps": {"step": [2], "loss": [1.0]}}),
-        headers={"content-type": "text/plain"},
+        headers={"content-type": "text/plain", **w},
     )
     assert plain.status_code == 422 and "Content-Type: application/json" in plain.json()["message"]
-    assert api.post(url, json={"seq": 2, "steps": {"step": [2], "loss": [2.0]}}).status_code == 200
+    assert (
+        api.post(url, json={"seq": 2, "steps": {"step": [2], "loss": [2.0]}}, headers=w).status_code
+        == 200
+    )
     # nothing refused was stored, and the run reads, ends and is deleted as any other
     got = api.get(f"/api/runs/{run['id']}")
     assert got.status_code == 200 and got.json()["steps_done"] == 2
@@ -637,7 +661,7 @@ def test_records_of_a_bad_shape_are_refused_whole_and_the_run_stays_whole(api):
     ch = api.get(f"/api/runs/{run['id']}/channels").json()["layers"]
     assert [len(c["pre_var"]) for c in ch] == [3]
     assert api.get(f"/api/runs/{run['id']}/layers").status_code == 200
-    done = api.post(f"/api/runs/{run['id']}/status", json={"status": "completed"})
+    done = api.post(f"/api/runs/{run['id']}/status", json={"status": "completed"}, headers=w)
     assert done.status_code == 200 and done.json()["status"] == "completed"
     assert api.delete(f"/api/runs/{run['id']}").status_code == 204
 
@@ -662,8 +686,13 @@ def test_meta_too_deep_or_too_large_is_refused_before_anything_is_stored(api):
     assert api.post("/api/runs/client", json={"meta": nested(32)}).status_code == 201
     assert api.get("/api/runs").json()["total"] == before + 1  # none of the refused
     run = api.post("/api/runs/client", json={"name": "status meta"}).json()
+    w = {keys.HEADER: run["write_token"]}  # the run's write token
     for field in ("meta", "final"):
-        r = api.post(f"/api/runs/{run['id']}/status", json={"status": "running", field: nested(40)})
+        r = api.post(
+            f"/api/runs/{run['id']}/status",
+            json={"status": "running", field: nested(40)},
+            headers=w,
+        )
         assert r.status_code == 422 and r.json()["detail"][0]["field"] == field, r.text[:300]
     assert api.get(f"/api/runs/{run['id']}").json()["meta"] == {"steps_total": None}
     page = api.get("/api/runs", params={"limit": 500})
@@ -672,6 +701,7 @@ def test_meta_too_deep_or_too_large_is_refused_before_anything_is_stored(api):
 
 def test_integers_beyond_what_the_database_holds_are_422(api):
     run = api.post("/api/runs/client", json={"name": "ints"}).json()
+    w = {keys.HEADER: run["write_token"]}  # the run's write token
     rid = run["id"]
     limit = str(2**62)
     for send in [
@@ -680,7 +710,7 @@ def test_integers_beyond_what_the_database_holds_are_422(api):
         lambda: api.get(f"/api/runs/{rid}/metrics", params={"stat": "loss", "step_min": 2**80}),
         lambda: api.get(f"/api/runs/{rid}/metrics", params={"stat": "loss", "step_max": 2**80}),
         lambda: api.post(
-            f"/api/runs/{rid}/status", json={"status": "running", "steps_done": 2**63}
+            f"/api/runs/{rid}/status", json={"status": "running", "steps_done": 2**63}, headers=w
         ),
     ]:
         r = send()
@@ -701,8 +731,8 @@ def _gone(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
-def test_a_worker_stops_within_2s_of_its_server_dying(tmp_path, record_property):
-    srv = ServerProcess(tmp_path).start()
+def test_a_worker_stops_within_2s_of_its_server_dying(tmp_path, record_property, db):
+    srv = ServerProcess(tmp_path, env=db).start()
     try:
         with srv.client() as api:
             run = api.post(
@@ -725,3 +755,37 @@ def test_a_worker_stops_within_2s_of_its_server_dying(tmp_path, record_property)
     record_property("worker_stop_seconds", round(took, 2))
     print(f"the worker stopped {took:.2f} s after its server was killed")
     assert took < 4.0, f"the worker took {took:.2f} s to notice its server died"
+
+
+def test_only_whoever_created_a_run_writes_its_records_and_status(api):
+    """Each run has a write token (its worker's, or the script's that registered it): without
+    it nobody else can end it, fill it or stall it."""
+    mine = api.post("/api/runs/client", json={"name": "mine"}).json()
+    other = api.post("/api/runs/client", json={"name": "other"}).json()
+    assert mine["write_token"] and mine["write_token"] != other["write_token"]
+    assert api.get(f"/api/runs/{mine['id']}").json().get("write_token") is None  # given once
+    url = f"/api/runs/{mine['id']}"
+    batch = {"seq": 10**9, "steps": {"step": [1], "loss": [1.0]}}
+    for headers in ({}, {keys.HEADER: other["write_token"]}, {keys.HEADER: "guess"}):
+        for path, body in (("records", batch), ("status", {"status": "completed"})):
+            r = api.post(f"{url}/{path}", json=body, headers=headers)
+            assert r.status_code == 403, r.text
+            assert keys.HEADER in r.json()["message"]
+        assert api.post(f"{url}/heartbeat", headers=headers).status_code == 403
+    assert api.get(url).json()["status"] == "running"
+    assert api.get(url).json()["steps_done"] == 0  # nothing of theirs was stored
+    w = {keys.HEADER: mine["write_token"]}
+    ok = api.post(
+        f"{url}/records", json={"seq": 1, "steps": {"step": [1], "loss": [1.0]}}, headers=w
+    )
+    assert ok.json() == {"seq": 1, "stored": True}
+
+    # a queued run cannot be made to look started, and stays cancellable
+    run = api.post("/api/runs", json=tiny_run(steps=100_000, stats_interval=50)).json()
+    r = api.post(f"/api/runs/{run['id']}/status", json={"status": "running"})
+    assert r.status_code == 403
+    cancelled = api.post(f"/api/runs/{run['id']}/cancel").json()
+    finished(api, run["id"], 30)
+    assert cancelled["status"] in ("cancelled", "running", "queued")
+    assert api.get(f"/api/runs/{run['id']}").json()["status"] == "cancelled"
+    assert api.delete(f"/api/runs/{run['id']}").status_code == 204

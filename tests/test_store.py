@@ -1,6 +1,6 @@
-"""The SQLite store on a real file: batches wait in ``pending`` and are folded into series
-chunks; whatever the folding schedule, and across a restart, reads give every record once, and
-never wait for the writer."""
+"""The store on a real SQLite file and a real PostgreSQL (each test runs on both): batches wait
+in ``pending`` and are folded into series chunks; whatever the folding schedule, and across a
+restart, reads give every record once, and never wait for the writer."""
 
 from __future__ import annotations
 
@@ -38,6 +38,35 @@ def batch(step0: int, steps: int, layers=("block0", "block1"), extra: bool = Fal
     return out
 
 
+def refuse_seq(st: Store, message: str | None, only: int | None = None) -> None:
+    """Make the database refuse to commit a run's new seq (``only`` that value) with
+    ``message``, as a full disk or a busy database would; None lifts it."""
+    import sqlalchemy as sa
+
+    pg = st.engine.dialect.name == "postgresql"
+    with st.engine.begin() as conn:
+        if message is None:
+            conn.execute(sa.text("DROP TRIGGER refuse ON runs" if pg else "DROP TRIGGER refuse"))
+            return
+        if pg:
+            when = f"NEW.seq = {only}" if only is not None else "true"
+            conn.execute(sa.text(
+                "CREATE OR REPLACE FUNCTION refuse() RETURNS trigger AS $$ BEGIN "
+                f"IF {when} THEN RAISE EXCEPTION '{message}'; END IF; RETURN NEW; END "
+                "$$ LANGUAGE plpgsql"
+            ))  # fmt: skip
+            conn.execute(sa.text(
+                "CREATE TRIGGER refuse BEFORE UPDATE OF seq ON runs FOR EACH ROW "
+                "EXECUTE FUNCTION refuse()"
+            ))  # fmt: skip
+        else:
+            when = f"WHEN NEW.seq = {only} " if only is not None else ""
+            conn.execute(sa.text(
+                f"CREATE TRIGGER refuse BEFORE UPDATE OF seq ON runs {when}"
+                f"BEGIN SELECT RAISE(ABORT, '{message}'); END"
+            ))  # fmt: skip
+
+
 def fill(store: Store, run_id: str, batches: int = 30) -> None:
     store.runs.create(id=run_id, name=run_id, status="running", source="client")
     for i in range(batches):
@@ -60,10 +89,10 @@ def test_pack_round_trips_numbers_nan_text_and_2d_columns():
 
 
 @pytest.mark.parametrize("fold_every", [1, 7, 10_000])
-def test_reads_see_every_record_once_whatever_the_folding(tmp_path, monkeypatch, fold_every):
+def test_reads_see_every_record_once_whatever_the_folding(db_url, monkeypatch, fold_every):
     monkeypatch.setattr(store_module, "FOLD_BATCHES", fold_every)
     monkeypatch.setattr(store_module, "FOLD_SECONDS", 1e9)
-    st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    st = Store(db_url)
     fill(st, "r1")
     assert st.runs.get("r1")["steps_done"] == 150
     steps, vals = st.reads.one("r1", "block1", "pre_var")
@@ -82,10 +111,10 @@ def test_reads_see_every_record_once_whatever_the_folding(tmp_path, monkeypatch,
     assert len(coarse[0]) == 3 and np.all(np.diff(coarse[0]) > 0)  # bins 0-63, 64-127, 128-
 
 
-def test_pending_batches_survive_a_restart_and_reads_see_them_unfolded(tmp_path, monkeypatch):
+def test_pending_batches_survive_a_restart_and_reads_see_them_unfolded(db_url, monkeypatch):
     monkeypatch.setattr(store_module, "FOLD_BATCHES", 10_000)
     monkeypatch.setattr(store_module, "FOLD_SECONDS", 1e9)
-    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    url = db_url
     st = Store(url)
     fill(st, "r1", batches=4)
     st.close()  # the server stops before anything folded them
@@ -100,8 +129,8 @@ def test_pending_batches_survive_a_restart_and_reads_see_them_unfolded(tmp_path,
     np.testing.assert_array_equal(steps, np.arange(1, 21))
 
 
-def test_reads_do_not_wait_for_the_writer(tmp_path):
-    st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+def test_reads_do_not_wait_for_the_writer(db_url):
+    st = Store(db_url)
     fill(st, "r1", batches=3)
     held, release = threading.Event(), threading.Event()
 
@@ -124,9 +153,9 @@ def test_reads_do_not_wait_for_the_writer(tmp_path):
         t.join()
 
 
-def test_batches_fold_after_a_second_and_when_the_run_ends(tmp_path, monkeypatch):
+def test_batches_fold_after_a_second_and_when_the_run_ends(db_url, monkeypatch):
     monkeypatch.setattr(store_module, "FOLD_SECONDS", 0.2)
-    st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    st = Store(db_url)
     fill(st, "r1", batches=2)
     assert "r1" in st.series._pending
     time.sleep(0.25)
@@ -139,40 +168,33 @@ def test_batches_fold_after_a_second_and_when_the_run_ends(tmp_path, monkeypatch
     assert st.runs.get("r1") is None
 
 
-def test_the_migrations_build_exactly_the_schema(tmp_path):
+def test_the_migrations_build_exactly_the_schema(db_url):
     """The tables are defined once (server.store.schema); the migrations must arrive at them."""
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
     from server.store.schema import metadata
 
-    st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    st = Store(db_url)
     with st.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == [], f"the migrations and server/store/schema.py differ: {diff}"
 
 
-def test_a_write_that_fails_at_commit_leaves_the_caches_as_the_database(tmp_path, monkeypatch):
+def test_a_write_that_fails_at_commit_leaves_the_caches_as_the_database(db_url, monkeypatch):
     """A batch whose transaction fails (a full disk, a busy database: here a trigger) is not
     stored, and the open-chunk cache must not keep it: the next fold writes from the cache."""
     import sqlalchemy as sa
 
     monkeypatch.setattr(store_module, "FOLD_BATCHES", 1)  # every batch folds in its transaction
-    st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    st = Store(db_url)
     st.runs.create(id="r1", name="r1", status="running", source="client")
-    with st.engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "CREATE TRIGGER full_disk BEFORE UPDATE OF seq ON runs WHEN NEW.seq = 3 "
-                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
-            )
-        )
+    refuse_seq(st, "database or disk is full", only=3)
     for i in range(2):
         assert st.series.append("r1", batch(1 + 5 * i, 5), i + 1) == (i + 1, True)
     with pytest.raises(sa.exc.DatabaseError, match="disk is full"):
         st.series.append("r1", batch(11, 5), 3)  # refused: steps 11-15 are not stored
-    with st.engine.begin() as conn:
-        conn.execute(sa.text("DROP TRIGGER full_disk"))
+    refuse_seq(st, None)
     st.series.append("r1", batch(16, 5), 4)
     st.finish_run("r1", "completed")
     want = [*range(1, 11), *range(16, 21)]
@@ -181,36 +203,30 @@ def test_a_write_that_fails_at_commit_leaves_the_caches_as_the_database(tmp_path
     np.testing.assert_allclose(vals, np.asarray(want) * 10.0)
     assert st.reads.many("r1", [("", "loss")])[("", "loss")][0].tolist() == want
     assert st.runs.get("r1")["seq"] == 3 and st.runs.get("r1")["steps_done"] == 20
-    afresh = Store(f"sqlite:///{tmp_path / 'runs.db'}")  # a server started again reads the same
+    afresh = Store(db_url)  # a server started again reads the same
     assert afresh.reads.one("r1", "block0", "pre_var")[0].tolist() == want
 
 
-def test_a_failed_write_does_not_count_as_pending(tmp_path, monkeypatch):
+def test_a_failed_write_does_not_count_as_pending(db_url, monkeypatch):
     import sqlalchemy as sa
 
     monkeypatch.setattr(store_module, "FOLD_BATCHES", 10_000)
     monkeypatch.setattr(store_module, "FOLD_SECONDS", 1e9)
-    st = Store(f"sqlite:///{tmp_path / 'runs.db'}")
+    st = Store(db_url)
     st.runs.create(id="r1", name="r1", status="running", source="client")
-    with st.engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                "CREATE TRIGGER busy BEFORE UPDATE OF seq ON runs "
-                "BEGIN SELECT RAISE(ABORT, 'database is locked'); END"
-            )
-        )
+    refuse_seq(st, "database is locked")
     with pytest.raises(sa.exc.DatabaseError):
         st.series.append("r1", batch(1, 5), 1)
     assert "r1" not in st.series._pending  # nothing is waiting to be folded
 
 
-def test_a_layer_keeps_its_channel_count(tmp_path, monkeypatch):
+def test_a_layer_keeps_its_channel_count(db_url, monkeypatch):
     """Per-channel rows of 3 channels, then of 4, for one layer: the second batch is refused
     before anything is written, whether the first is pending, folded, or from before a
     restart; the run stays readable, finishable and deletable."""
     from server.errors import Invalid
 
-    url = f"sqlite:///{tmp_path / 'runs.db'}"
+    url = db_url
 
     def channels_batch(step: int, c: int, layer: str = "block0") -> dict:
         cols = {k: np.full((1, c), 1.0) for k in CHANNEL_COLUMNS}
@@ -243,3 +259,20 @@ def test_a_layer_keeps_its_channel_count(tmp_path, monkeypatch):
     assert [len(r["pre_var"]) for r in again.reads.channels("r1", 1)] == [3]
     again.delete_run("r1")
     assert again.runs.get("r1") is None
+
+
+def test_steps_and_sequence_numbers_are_64_bit(db_url):
+    """The largest values the API accepts (server.store.schema.MAX_INT) are kept exactly: on
+    PostgreSQL an INTEGER column would refuse anything past 2**31."""
+    from server.store.schema import MAX_INT
+
+    st = Store(db_url)
+    st.runs.create(id="r1", name="r1", status="running", source="client")
+    top = MAX_INT - 10
+    assert st.series.append("r1", batch(top, 5), MAX_INT) == (1, True)
+    assert st.series.append("r1", batch(top, 5), MAX_INT) == (1, False)  # seen: not again
+    st.finish_run("r1", "completed")
+    run = st.runs.get("r1")
+    assert (run["steps_done"], run["client_seq"]) == (top + 4, MAX_INT)
+    assert st.reads.one("r1", "block0", "pre_var")[0].tolist() == list(range(top, top + 5))
+    assert st.reads.channel_steps("r1") == [top]

@@ -17,8 +17,9 @@ import torch
 from bncore.config import FILE_DATASETS, RunConfig
 from bncore.data import DatasetError, dataset_folder
 from bncore.status import ACTIVE, FINISHED, RunStatus
+from server import keys
 from server.batches import live_view, parse_batch
-from server.errors import Conflict, NotFound, NotRunnable, Unauthorized
+from server.errors import Conflict, Forbidden, NotFound, NotRunnable, Unauthorized
 from server.hub import Event, Hub
 from server.scheduler import Scheduler
 from server.schemas import ClientRunCreate, StatusUpdate
@@ -131,7 +132,10 @@ class Runs:
     # -- runs reported by a worker or a script ------------------------------------------------
 
     def create_client_run(self, body: ClientRunCreate) -> dict[str, Any]:
-        """Register a run that a script of its own trains and reports (bnscope.client)."""
+        """Register a run that a script of its own trains and reports (bnscope.client). The
+        answer carries the run's write token, given only here: its records, status and
+        heartbeats must carry it."""
+        token, key = keys.mint()
         run = self.store.runs.create(
             id=uuid.uuid4().hex[:12],
             name=body.name,
@@ -139,12 +143,26 @@ class Runs:
             source="client",
             meta={**body.meta, "steps_total": body.steps_total},
             started_at=time.time(),
+            write_key=key,
         )
         self.seen(run["id"])
-        return {**self.out(run), "heartbeat_s": self.settings.client_timeout / 4}
+        return {
+            **self.out(run),
+            "heartbeat_s": self.settings.client_timeout / 4,
+            "write_token": token,
+        }
 
-    def _reporting(self, run_id: str, running_only: bool = False) -> dict[str, Any]:
+    def _reporting(
+        self, run_id: str, token: str | None, running_only: bool = False
+    ) -> dict[str, Any]:
+        """The run, if ``token`` is its write token and it still takes reports."""
         run = self.get(run_id)
+        if not keys.matches(run.get("write_key"), token):
+            raise Forbidden(
+                f"only whoever created run {run_id} may write its records and status: send the "
+                f"write token it was given, in the {keys.HEADER} header"
+                + ("" if token else f" (this request has no {keys.HEADER})")
+            )
         if running_only and run["status"] != RunStatus.RUNNING.value:
             raise Conflict(f"run {run_id} is {run['status']}: it takes records only while running")
         if run["status"] not in ACTIVE:
@@ -152,23 +170,23 @@ class Runs:
         self.seen(run_id)
         return run
 
-    def ingest(self, run_id: str, body: bytes) -> dict[str, Any]:
+    def ingest(self, run_id: str, body: bytes, token: str | None) -> dict[str, Any]:
         """Check a batch of records (server.batches), store it (atomically, before it is
         acknowledged), then stream it."""
-        self._reporting(run_id, running_only=True)
+        self._reporting(run_id, token, running_only=True)
         batch, client_seq = parse_batch(body)
         seq, stored = self.store.series.append(run_id, batch, client_seq)
         if stored:
             self.hub.publish(run_id, Event("records", seq, {"seq": seq, **live_view(batch)}))
         return {"seq": seq, "stored": stored}
 
-    def heartbeat(self, run_id: str) -> None:
+    def heartbeat(self, run_id: str, token: str | None) -> None:
         """A script's run is alive; one silent for ``client_timeout`` seconds is failed."""
-        self._reporting(run_id)
+        self._reporting(run_id, token)
 
-    def report_status(self, run_id: str, update: StatusUpdate) -> dict[str, Any]:
+    def report_status(self, run_id: str, update: StatusUpdate, token: str | None) -> dict[str, Any]:
         """A run's worker (or script) says it started (with its metadata) or how it ended."""
-        run = self._reporting(run_id)
+        run = self._reporting(run_id, token)
         fields = {
             k: v
             for k, v in (

@@ -19,6 +19,9 @@ COARSE = 64  # steps per bin of a chunk's coarse copy (CHUNK // COARSE bins)
 #: database keeps 64-bit integers, and 2**62 leaves room for the arithmetic done on them.
 MAX_INT = 2**62
 
+#: 64-bit integers: BIGINT on PostgreSQL, whose INTEGER is 32-bit; SQLite's INTEGER is 64-bit.
+INT64 = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
 metadata = sa.MetaData()
 runs = sa.Table(
     "runs", metadata,
@@ -31,12 +34,14 @@ runs = sa.Table(
     sa.Column("meta", sa.Text),
     sa.Column("final", sa.Text),
     sa.Column("message", sa.Text),
-    sa.Column("steps_done", sa.Integer, nullable=False, default=0),
+    sa.Column("steps_done", INT64, nullable=False, default=0),
     sa.Column("pid", sa.Integer),
-    sa.Column("seq", sa.Integer, nullable=False, default=0),
-    sa.Column("client_seq", sa.Integer, nullable=False, default=0),
+    sa.Column("seq", INT64, nullable=False, default=0),
+    sa.Column("client_seq", INT64, nullable=False, default=0),
     sa.Column("created_at", sa.Float, nullable=False),
     sa.Column("started_at", sa.Float),
+    # SHA-256 of the run's write token (server.keys): who may post its records and status
+    sa.Column("write_key", sa.String(64)),
     sa.Column("finished_at", sa.Float),
 )  # fmt: skip
 sweeps = sa.Table(
@@ -54,7 +59,7 @@ series = sa.Table(
               primary_key=True),
     sa.Column("layer", sa.String(64), primary_key=True),
     sa.Column("stat", sa.String(64), primary_key=True),
-    sa.Column("chunk", sa.Integer, primary_key=True),
+    sa.Column("chunk", INT64, primary_key=True),
     sa.Column("n", sa.Integer, nullable=False),
     sa.Column("steps", sa.LargeBinary, nullable=False),
     sa.Column("vals", sa.LargeBinary, nullable=False),
@@ -65,7 +70,7 @@ channels = sa.Table(
     sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id", ondelete="CASCADE"),
               primary_key=True),
     sa.Column("layer", sa.String(64), primary_key=True),
-    sa.Column("step", sa.Integer, primary_key=True),
+    sa.Column("step", INT64, primary_key=True),
     sa.Column("c", sa.Integer, nullable=False),
     sa.Column("vals", sa.LargeBinary, nullable=False),
 )  # fmt: skip
