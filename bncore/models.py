@@ -11,10 +11,10 @@ normalization the ``norm`` slot is an identity, so runs compare block by block. 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, Protocol
 
-import torch
 from torch import Tensor, nn
 
 from bncore.batchnorm import BatchNorm1d, BatchNorm2d
@@ -144,7 +144,7 @@ def build_model(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int) 
     bias, norm_first = _bias(m, norm), norm.placement == "before_activation"
     blocks: list[Block] = []
     if m.kind == "mlp":
-        fan_in = int(torch.tensor(input_shape).prod())
+        fan_in = math.prod(input_shape)
         for _ in range(m.depth):
             blocks.append(
                 Block(

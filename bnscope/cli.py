@@ -107,6 +107,11 @@ def _serve(args: argparse.Namespace) -> int:
             ("database_url", args.database_url),
             ("cors_origins", args.cors_origin or None),
             ("client_timeout", args.client_timeout),
+            ("protect_reads", args.protect_reads or None),
+            ("durability", args.durability),
+            ("max_queued", args.max_queued),
+            ("max_run_memory", args.max_run_memory),
+            ("max_run_disk", args.max_run_disk),
         )
         if v is not None
     }
@@ -114,7 +119,9 @@ def _serve(args: argparse.Namespace) -> int:
         settings = Settings(**given)
     except ValidationError as exc:
         for e in exc.errors():
-            print(f"bnscope serve: --{'-'.join(map(str, e['loc']))}: {e['msg']}", file=sys.stderr)
+            flag = "-".join(str(part).replace("_", "-") for part in e["loc"])
+            where = f"--{flag}: " if flag else ""
+            print(f"bnscope serve: {where}{e['msg']}", file=sys.stderr)
         return EXIT_USAGE
     try:
         serve(settings, log_level=args.log_level)
@@ -125,6 +132,20 @@ def _serve(args: argparse.Namespace) -> int:
         )
         return EXIT_FAILED
     return EXIT_OK
+
+
+def _size(text: str) -> int:
+    """A size: bytes, or with a unit (KB, MB, GB, KiB, MiB, GiB)."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
+    number = text.strip().lower().rstrip("ibkmgt ")
+    unit = text.strip().lower()[len(number) :].strip()
+    try:
+        return int(float(number) * units[unit])
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size: give bytes or a number with KB, MB, GB, KiB, MiB or GiB"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +194,32 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--database-url", help="SQLAlchemy URL instead of SQLite in --data-dir")
     serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on changes")
+    serve.add_argument(
+        "--protect-reads",
+        action="store_true",
+        help="require the token on reads too (a browser: open the dashboard once with "
+        "?token=TOKEN)",
+    )
+    serve.add_argument(
+        "--durability",
+        choices=["normal", "full"],
+        help="SQLite: 'normal' (default) keeps acknowledged records through a killed server, "
+        "'full' through a power loss too (each batch synced to disk; slower)",
+    )
+    serve.add_argument("--max-queued", type=int, help="runs that may wait (default 1000)")
+    serve.add_argument(
+        "--max-run-memory",
+        type=_size,
+        metavar="BYTES",
+        help="memory one run may need, estimated from its config: 4GiB, 500MB, ... "
+        "(default: the machine's memory / max-runs, at most 16GiB)",
+    )
+    serve.add_argument(
+        "--max-run-disk",
+        type=_size,
+        metavar="BYTES",
+        help="records one run may keep (default 4GiB)",
+    )
     serve.add_argument("--max-runs", type=int, help="runs training at once (default: cores/2)")
     serve.add_argument(
         "--client-timeout",

@@ -14,7 +14,6 @@ product (API + dashboard on one uvicorn) is assembled by bnscope.app.
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -26,11 +25,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import bncore
 from bncore.config import field_errors
 from server.errors import BODY_NOT_OBJECT, DomainError, Unauthorized, error_body
+from server.middleware import BodyLimit, ReadGuard
 from server.routes import experiments, ingest, runs, sweeps
 from server.schemas import ErrorOut
 from server.service import Service
@@ -38,53 +37,6 @@ from server.service import Service
 #: How the body's validator says the body is not a JSON object (absent, another content type,
 #: a list, a number...).
 _NOT_AN_OBJECT = {"missing", "model_type", "model_attributes_type", "dict_type"}
-
-
-class BodyLimit:
-    """413 for request bodies over ``limit`` bytes, declared or streamed."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            return await self._reject(send)
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._reject(send)
-
-    async def _reject(self, send: Send) -> None:
-        error = {"field": "", "message": f"request body larger than {self.limit} bytes"}
-        body = json.dumps(error_body([error])).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 413,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def create_api(svc: Service, api_url: str) -> FastAPI:
@@ -155,6 +107,8 @@ def create_api(svc: Service, api_url: str) -> FastAPI:
         )
 
     app.add_middleware(BodyLimit, limit=svc.settings.max_body_bytes)
+    if svc.settings.protect_reads:
+        app.add_middleware(ReadGuard, accepts=svc.runs.has_token)
     if svc.settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

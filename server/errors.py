@@ -93,6 +93,18 @@ class Conflict(DomainError):
     status = 409
 
 
+class TooLarge(DomainError):
+    """More than this server lets one run keep (its records, over ``--max-run-disk``)."""
+
+    status = 413
+
+
+class Busy(DomainError):
+    """The server holds as much as it takes (the queue is full): try again later."""
+
+    status = 429
+
+
 class Invalid(DomainError):
     """The input is well-formed JSON but says something that cannot be (a sweep, a batch)."""
 

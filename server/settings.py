@@ -5,14 +5,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+GiB = 2**30
 
 
 def default_max_runs() -> int:
     """Concurrent runs that fit this machine: one per two cores, at least one."""
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+def machine_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 8 * GiB
 
 
 class Settings(BaseSettings):
@@ -32,6 +42,17 @@ class Settings(BaseSettings):
         None, description="SQLAlchemy URL; default: SQLite in data_dir (PostgreSQL: a URL)"
     )
     token: str | None = Field(None, description="bearer token every mutating call must carry")
+    protect_reads: bool = Field(
+        False,
+        description="with a token: every request but /healthz carries it too (the API as a "
+        "Bearer header; a browser opens the dashboard once with ?token=..., kept in a cookie)",
+    )
+    durability: Literal["normal", "full"] = Field(
+        "normal",
+        description="SQLite: 'normal' (WAL, synchronous=NORMAL) keeps every acknowledged batch "
+        "when the server is killed, not when the machine loses power; 'full' (synchronous="
+        "FULL) syncs each one to disk before acknowledging it, and survives that too",
+    )
     max_runs: int = Field(
         default_factory=default_max_runs,
         ge=1,
@@ -42,6 +63,21 @@ class Settings(BaseSettings):
         None, ge=1, description="torch threads per run; default: cores / max_runs"
     )
     max_body_bytes: int = Field(32 * 2**20, ge=1024, description="largest request body")
+    max_queued: int = Field(
+        1000, ge=1, description="runs that may wait in the queue; beyond, new runs are refused"
+    )
+    max_run_memory: int | None = Field(
+        None,
+        ge=2**20,
+        description="bytes of memory one run may be estimated to need (its model, optimizer, "
+        "activations and data); default: the machine's memory over max_runs, at most 16 GiB",
+    )
+    max_run_disk: int = Field(
+        4 * GiB,
+        ge=2**20,
+        description="bytes of records one run may keep (estimated from its config before it "
+        "is queued; counted as they come for a script's run)",
+    )
     cors_origins: list[str] = Field(default_factory=list, description="CORS origins (none)")
     client_timeout: float = Field(
         30.0,
@@ -53,6 +89,12 @@ class Settings(BaseSettings):
         None, description="how workers reach the API; default: http://127.0.0.1:<port>"
     )
 
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.protect_reads and not self.token:
+            raise ValueError("protect_reads needs a token (--token): reads are protected by it")
+        return self
+
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{(self.data_dir / 'bnscope.db').resolve()}"
@@ -61,6 +103,14 @@ class Settings(BaseSettings):
     def dataset_root(self) -> Path:
         """Where runs' ``data.path`` must lead: ``data_root``, or ``data_dir/datasets``."""
         return self.data_root if self.data_root is not None else self.data_dir / "datasets"
+
+    @property
+    def run_memory(self) -> int:
+        """What one run may use: ``max_run_memory``, or the machine's memory shared by the runs
+        that train at once (1 to 16 GiB)."""
+        if self.max_run_memory is not None:
+            return self.max_run_memory
+        return int(min(16 * GiB, max(GiB, machine_memory() // self.max_runs)))
 
     def threads_per_run(self) -> int:
         return self.worker_threads or max(1, (os.cpu_count() or 2) // self.max_runs)

@@ -117,3 +117,15 @@ def test_help_documents_every_field():
     ):
         assert field in result.stdout
     assert "Exit status" in result.stdout
+
+
+def test_serve_refuses_settings_that_cannot_work(tmp_path):
+    """Each bad server setting: a message naming the flag, exit 2, nothing started."""
+    for args, words in [
+        (["--protect-reads"], "protect_reads needs a token (--token)"),
+        (["--max-run-memory", "lots"], "is not a size"),
+        (["--durability", "paranoid"], "invalid choice: 'paranoid'"),
+        (["--max-queued", "0"], "--max-queued: Input should be greater than or equal to 1"),
+    ]:
+        r = _bnscope("serve", "--data-dir", str(tmp_path), "--port", "0", *args, timeout=60)
+        assert r.returncode == 2 and words in r.stderr, (args, r.stderr)

@@ -69,3 +69,18 @@ def test_the_image_builds_starts_and_trains_a_run():
     r = subprocess.run(["bash", str(CHECK)], capture_output=True, text=True, timeout=1700)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "completed inside the image" in r.stderr
+
+
+def test_the_image_installs_the_postgresql_driver(tmp_path):
+    """The requirements the Dockerfile writes (its own command, run on pyproject.toml) hold the
+    postgres extra: ``--database-url postgresql+psycopg://...`` works in the image as is."""
+    line = next(
+        ln for ln in (ROOT / "Dockerfile").read_text().splitlines() if "import tomllib" in ln
+    )
+    code = line.split('python3 -c "', 1)[1].split('" >', 1)[0]
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    assert any(req.startswith("psycopg[binary]") for req in out), out
+    assert "fastapi-offline>=1.7,<2" in out  # and the dependencies, as before

@@ -476,6 +476,29 @@ def test_token_guards_changes(tmp_path, db):
         srv.stop()
 
 
+def test_protected_reads_need_the_token_the_browser_keeps_it_in_a_cookie(tmp_path):
+    srv = ServerProcess(tmp_path, "--token", "s3cret", "--protect-reads").start()
+    bearer = {"authorization": "Bearer s3cret"}
+    try:
+        with srv.client() as api:
+            for path in ("/api/runs", "/api/experiments", "/openapi.json", "/dashboard/"):
+                r = api.get(path)
+                assert r.status_code == 401, (path, r.text)
+                assert "protects reads" in r.json()["message"] and r.headers["www-authenticate"]
+                assert api.get(path, headers=bearer).status_code == 200, path
+            assert api.get("/healthz").status_code == 200  # liveness stays open
+            assert api.get("/api/runs", headers={"authorization": "Bearer nope"}).status_code == 401
+        with srv.client() as browser:
+            opened = browser.get("/dashboard/", params={"token": "s3cret"})
+            assert opened.status_code == 200 and "HttpOnly" in opened.headers["set-cookie"]
+            assert browser.get("/api/runs").status_code == 200  # the cookie, from now on
+            assert browser.get("/dashboard/").status_code == 200
+            r = browser.post("/api/runs", json=tiny_run(steps=5))
+            assert r.status_code == 401  # a cookie never authorizes a change
+    finally:
+        srv.stop()
+
+
 def test_server_killed_mid_run_then_restarted(tmp_path, db):
     srv = ServerProcess(tmp_path, env=db).start()
     with srv.client() as api:
@@ -789,3 +812,68 @@ def test_only_whoever_created_a_run_writes_its_records_and_status(api):
     assert cancelled["status"] in ("cancelled", "running", "queued")
     assert api.get(f"/api/runs/{run['id']}").json()["status"] == "cancelled"
     assert api.delete(f"/api/runs/{run['id']}").status_code == 204
+
+
+def test_limits_on_what_one_request_can_make_the_server_do(tmp_path, db):
+    """Each bound answers a 4xx naming it, before anything is queued or stored."""
+    srv = ServerProcess(
+        tmp_path, "--max-runs", "1", "--max-queued", "2", "--max-run-memory", "700MB",
+        "--max-run-disk", "1MiB", env=db,
+    ).start()  # fmt: skip
+    try:
+        with srv.client() as api:
+            wide = tiny_run(model={"kind": "cnn", "width": 1024}, data={"name": "digits"})
+            r = api.post("/api/runs", json=wide)
+            assert r.status_code == 400, r.text
+            said = r.json()["message"]
+            assert "--max-run-memory" in said and "of memory" in said and "model.width" in said
+            assert r.json()["detail"][0]["field"] == "model.width"
+            r = api.post("/api/runs", json=tiny_run(steps=100_000, model={"depth": 8}))
+            assert r.status_code == 400 and "--max-run-disk" in r.json()["message"], r.text
+            assert r.json()["detail"][0]["field"] == "stats_interval"
+            assert api.get("/api/runs").json()["total"] == 0  # none of them was stored
+
+            # the queue: one training, two waiting, then 429 until there is room
+            long = tiny_run(steps=100_000, stats_interval=100, channel_interval=100)
+            ids = [api.post("/api/runs", json=long).json()["id"]]
+            wait_for(lambda: api.get(f"/api/runs/{ids[0]}").json()["status"] == "running")
+            ids += [api.post("/api/runs", json=long).json()["id"] for _ in range(2)]
+            r = api.post("/api/runs", json=long)
+            assert r.status_code == 429 and "--max-queued" in r.json()["message"], r.text
+            sweep = {"base": long, "grid": {"optim.lr": [0.1, 0.2, 0.3]}}
+            r = api.post("/api/sweeps", json=sweep)
+            assert r.status_code == 429 and "3 more do not fit" in r.json()["message"], r.text
+            for rid in ids:
+                api.post(f"/api/runs/{rid}/cancel")
+
+            # a script's run may keep at most --max-run-disk of records
+            run = api.post("/api/runs/client", json={"name": "big"}).json()
+            w = {keys.HEADER: run["write_token"]}
+            steps = list(range(1, 20_001))
+            first = {"seq": 1, "steps": {"step": steps, "loss": [0.5] * len(steps)}}
+            assert api.post(f"/api/runs/{run['id']}/records", json=first, headers=w).is_success
+            over = []
+            for seq in range(2, 12):
+                more = [s + 20_000 * (seq - 1) for s in steps]
+                body = {"seq": seq, "steps": {"step": more, "loss": [0.5] * len(more)}}
+                r = api.post(f"/api/runs/{run['id']}/records", json=body, headers=w)
+                if r.status_code != 200:
+                    over.append(r)
+                    break
+            assert over and over[0].status_code == 413, [r.status_code for r in over]
+            assert "--max-run-disk" in over[0].json()["message"]
+            kept = api.get(f"/api/runs/{run['id']}/metrics", params={"stat": "loss"}).json()
+            assert kept["series"][0]["points_total"] == 20_000 * (seq - 1)  # whole batches
+
+            # a read's fan-out: repeated names count once, and the series it reads are bounded
+            r = api.get(f"/api/runs/{run['id']}/metrics", params={"stat": ["loss"] * 2000})
+            assert r.status_code == 422 and "64" in r.json()["message"], r.text[:300]
+            r = api.get(f"/api/runs/{run['id']}/metrics", params={"stat": ["loss"] * 50})
+            assert r.status_code == 200 and len(r.json()["series"]) == 1
+            layers = [f"bn{i}" for i in range(600)]
+            many = api.post("/api/runs/client", json={"meta": {"layers": layers}}).json()
+            stats = ["pre_mean", "pre_var"]
+            r = api.get(f"/api/runs/{many['id']}/metrics", params={"stat": stats})
+            assert r.status_code == 400 and "at most 1024" in r.json()["message"], r.text[:300]
+    finally:
+        srv.stop()

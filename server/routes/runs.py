@@ -74,8 +74,12 @@ def layers(run_id: str, svc: Svc) -> dict[str, Any]:
 def metrics(
     run_id: str,
     svc: Svc,
-    stat: Annotated[list[str], Query(min_length=1, description="statistics to read")],
-    layer: Annotated[list[str] | None, Query(description="layers (default: all)")] = None,
+    stat: Annotated[
+        list[str], Query(min_length=1, max_length=64, description="statistics to read")
+    ],
+    layer: Annotated[
+        list[str] | None, Query(max_length=1024, description="layers (default: all)")
+    ] = None,
     step_min: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
     step_max: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None,
     max_points: Annotated[int, Query(ge=2, le=100_000)] = 2000,

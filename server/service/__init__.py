@@ -48,7 +48,7 @@ class Service:
 
 def build(settings: Settings) -> Service:
     """The service on the database and scheduler the settings name."""
-    store = Store(settings.db_url)
+    store = Store(settings.db_url, settings.durability)
     hub = Hub()
     scheduler = Scheduler(store, settings, on_status=lambda run_id: runs.publish_status(run_id))
     runs = Runs(settings, store, hub, scheduler)

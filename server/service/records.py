@@ -30,6 +30,10 @@ def per_layer(stat: str) -> bool:
     return found.per_layer
 
 
+#: Series (statistic x layer) one /metrics request may read.
+MAX_SERIES = 1024
+
+
 class Records:
     def __init__(self, runs: Runs) -> None:
         self.runs, self.reads = runs, runs.store.reads
@@ -71,6 +75,7 @@ class Records:
         """Series of statistics over steps, at most ``max_points`` per series (each bucket's
         minimum and maximum kept)."""
         run = self.runs.get(run_id)
+        stats, layers = list(dict.fromkeys(stats)), list(dict.fromkeys(layers or [])) or None
         if step_min is not None and step_max is not None and step_min > step_max:
             raise BadRequest(f"step_min={step_min} is after step_max={step_max}")
         known = (run.get("meta") or {}).get("layers") or sorted(
@@ -82,6 +87,11 @@ class Records:
         keys: list[Key] = [
             (lay, s) for s in stats for lay in ((layers or known) if per_layer(s) else [""])
         ]
+        if len(keys) > MAX_SERIES:
+            raise BadRequest(
+                f"{len(stats)} statistics over {len(layers or known)} layers are {len(keys)} "
+                f"series; one request reads at most {MAX_SERIES}: ask for fewer stat or layer"
+            )
         data = self.reads.many(run_id, keys, step_min, step_max)
         series = []
         for lay, s in keys:

@@ -14,12 +14,21 @@ from typing import Any
 
 import torch
 
+from bncore.budget import estimate, gigabytes
 from bncore.config import FILE_DATASETS, RunConfig
 from bncore.data import DatasetError, dataset_folder
 from bncore.status import ACTIVE, FINISHED, RunStatus
 from server import keys
 from server.batches import live_view, parse_batch
-from server.errors import Conflict, Forbidden, NotFound, NotRunnable, Unauthorized
+from server.errors import (
+    Busy,
+    Conflict,
+    Forbidden,
+    NotFound,
+    NotRunnable,
+    TooLarge,
+    Unauthorized,
+)
 from server.hub import Event, Hub
 from server.scheduler import Scheduler
 from server.schemas import ClientRunCreate, StatusUpdate
@@ -38,11 +47,15 @@ class Runs:
 
     # -- who may change things ----------------------------------------------------------------
 
-    def authorize(self, token: str | None) -> None:
-        """Calls that change anything carry the server's token, when it has one."""
+    def has_token(self, token: str | None) -> bool:
+        """Whether ``token`` is the server's (always, for a server without one)."""
         expected = self.settings.token
         given = (token or "").strip().encode()
-        if expected and not secrets.compare_digest(given, expected.encode()):
+        return not expected or secrets.compare_digest(given, expected.encode())
+
+    def authorize(self, token: str | None) -> None:
+        """Calls that change anything carry the server's token, when it has one."""
+        if not self.has_token(token):
             raise Unauthorized(
                 "this server requires 'Authorization: Bearer <token>' on calls that change anything"
             )
@@ -83,6 +96,38 @@ class Runs:
                 dataset_folder(config.data.path, self.settings.dataset_root)
             except DatasetError as exc:
                 raise NotRunnable(str(exc), field="data.path") from None
+        self._check_budget(config)
+
+    def _check_budget(self, config: RunConfig) -> None:
+        """The run's estimated peak memory and records (bncore.budget) fit this server's limits
+        for one run."""
+        need, limits = estimate(config), self.settings
+        if need.memory > limits.run_memory:
+            raise NotRunnable(
+                f"this run would need about {gigabytes(need.memory)} of memory "
+                f"({need.memory_parts()}); a run on this server may use "
+                f"{gigabytes(limits.run_memory)} (--max-run-memory): make model.width, "
+                "model.depth or batch_size smaller",
+                field="model.width",
+            )
+        if need.disk > limits.max_run_disk:
+            raise NotRunnable(
+                f"this run would keep about {gigabytes(need.disk)} of records over "
+                f"{config.steps} steps; a run on this server may keep "
+                f"{gigabytes(limits.max_run_disk)} (--max-run-disk): raise stats_interval "
+                "or channel_interval, or train fewer steps",
+                field="stats_interval",
+            )
+
+    def check_room(self, runs: int = 1) -> None:
+        """The queue can take ``runs`` more (Busy otherwise: nothing is queued)."""
+        waiting, limit = len(self.scheduler.queue), self.settings.max_queued
+        if waiting + runs > limit:
+            raise Busy(
+                f"{waiting} runs are waiting and this server queues at most {limit} "
+                f"(--max-queued); {runs} more do not fit: try again when some have started, "
+                "or cancel some"
+            )
 
     def launch(
         self, config: RunConfig, sweep_id: str | None = None, name: str | None = None
@@ -102,6 +147,7 @@ class Runs:
     def create(self, config: RunConfig) -> dict[str, Any]:
         """Queue a training run; it starts as soon as a slot is free."""
         self.check_runnable(config)
+        self.check_room()
         return self.out(self.launch(config))
 
     def cancel(self, run_id: str) -> None:
@@ -175,6 +221,14 @@ class Runs:
         acknowledged), then stream it."""
         self._reporting(run_id, token, running_only=True)
         batch, client_seq = parse_batch(body)
+        limit = self.settings.max_run_disk
+        if self.store.series.kept_bytes(run_id) + len(body) > limit:
+            raise TooLarge(
+                f"run {run_id} keeps {gigabytes(self.store.series.kept_bytes(run_id))} of "
+                f"records, and a run on this server may keep {gigabytes(limit)} "
+                "(--max-run-disk): record less often (bnscope.client's intervals), or start "
+                "a new run"
+            )
         seq, stored = self.store.series.append(run_id, batch, client_seq)
         if stored:
             self.hub.publish(run_id, Event("records", seq, {"seq": seq, **live_view(batch)}))

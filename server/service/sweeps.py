@@ -51,6 +51,7 @@ class Sweeps:
                 raise Invalid({"point": label, "errors": errors}) from None
             self.runs.check_runnable(config)
             configs.append((label, config))
+        self.runs.check_room(len(configs))
         sweep_id = uuid.uuid4().hex[:12]
         grid = body.grid or {k: list(dict.fromkeys(p.get(k) for p in points)) for k in points[0]}
         self.store.runs.create_sweep(sweep_id, body.name, body.base, grid, experiment)

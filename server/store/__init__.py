@@ -10,6 +10,7 @@ migrations in server/migrations.
 from __future__ import annotations
 
 import threading
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +30,16 @@ class Store:
     """The database, opened and migrated: ``runs`` (RunTable), ``series`` (SeriesWriter),
     ``reads`` (SeriesReader), and the two operations that span them."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, durability: str = "normal") -> None:
+        """``durability`` (SQLite): "normal" keeps every committed batch through a killed
+        process; "full" also through a power loss or an OS crash (a sync per commit).
+        PostgreSQL syncs each commit by its own default (synchronous_commit=on)."""
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
         self.engine = sa.create_engine(url)
         if self.engine.dialect.name == "sqlite":
-            sa.event.listen(self.engine, "connect", _sqlite_pragmas)
+            sync = {"normal": "NORMAL", "full": "FULL"}[durability]
+            sa.event.listen(self.engine, "connect", partial(_sqlite_pragmas, sync=sync))
         lock = threading.Lock()  # one writer at a time (SQLite has one); readers alongside
         self._write = lock
         self.migrate()
@@ -73,10 +78,11 @@ class Store:
         self.engine.dispose()
 
 
-def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any, sync: str) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
-    cur.execute("PRAGMA synchronous=NORMAL")  # in WAL: durable when the process dies
+    # in WAL, NORMAL is durable when the process dies; FULL also when the machine does
+    cur.execute(f"PRAGMA synchronous={sync}")
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.close()

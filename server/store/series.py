@@ -38,6 +38,8 @@ class SeriesWriter:
         self._open: dict[tuple[str, str, str, int], tuple[np.ndarray, np.ndarray]] = {}
         # run id -> {layer: its channel count}, as stored (read from the database when needed)
         self._widths: dict[str, dict[str, int]] = {}
+        # run id -> bytes of records kept (read from the database when first needed)
+        self._kept: dict[str, int] = {}
         # run id -> [time of its oldest pending batch, pending batches]
         with engine.connect() as conn:
             self._pending: dict[str, list[float]] = {
@@ -69,9 +71,8 @@ class SeriesWriter:
                 if client_seq is not None and client_seq <= last_client:
                     return seq, False
                 widths = self._checked_widths(conn, run_id, batch)
-                conn.execute(
-                    pending.insert().values(run_id=run_id, body=pack(batch), created_at=now)
-                )
+                body = pack(batch)
+                conn.execute(pending.insert().values(run_id=run_id, body=body, created_at=now))
                 oldest, count = self._pending.get(run_id, (now, 0))
                 folded = None
                 if count + 1 >= FOLD_BATCHES or now - oldest >= FOLD_SECONDS:
@@ -84,6 +85,8 @@ class SeriesWriter:
                     values["client_seq"] = client_seq
                 conn.execute(runs.update().where(runs.c.id == run_id).values(**values))
             # committed: only now do the caches learn of it
+            if run_id in self._kept:
+                self._kept[run_id] += len(body)
             if widths is not None:
                 self._widths[run_id] = widths
             if folded is not None:
@@ -163,11 +166,32 @@ class SeriesWriter:
         conn.execute(series.delete().where(series.c.run_id == run_id))
         conn.execute(channels.delete().where(channels.c.run_id == run_id))
 
+    def kept_bytes(self, run_id: str) -> int:
+        """Bytes of records the run keeps (pending batches, series chunks, channel arrays)."""
+        if run_id not in self._kept:
+            length = sa.func.length
+            parts = [
+                sa.select(sa.func.coalesce(sa.func.sum(length(pending.c.body)), 0)).where(
+                    pending.c.run_id == run_id
+                ),
+                sa.select(
+                    sa.func.coalesce(sa.func.sum(length(series.c.steps) + length(series.c.vals)), 0)
+                ).where(series.c.run_id == run_id),
+                sa.select(sa.func.coalesce(sa.func.sum(length(channels.c.vals)), 0)).where(
+                    channels.c.run_id == run_id
+                ),
+            ]
+            with self.engine.connect() as conn:
+                total = sum(int(conn.execute(q).scalar() or 0) for q in parts)
+            self._kept.setdefault(run_id, total)
+        return self._kept[run_id]
+
     def forget(self, run_id: str) -> None:
         """Drop what memory holds of the run (it ended and is folded, or is gone)."""
         for key in [k for k in self._open if k[0] == run_id]:
             del self._open[key]
         self._pending.pop(run_id, None)
+        self._kept.pop(run_id, None)
         self._widths.pop(run_id, None)
 
     def _checked_widths(

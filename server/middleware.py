@@ -1,0 +1,107 @@
+"""ASGI middleware of the API: what every request passes before any route sees it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from urllib.parse import parse_qs
+
+from starlette.datastructures import Headers
+from starlette.requests import cookie_parser
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.errors import error_body
+
+#: The cookie a browser keeps the token in, once it opened a page with ``?token=...``.
+COOKIE = "bnscope_token"
+
+
+class BodyLimit:
+    """413 for request bodies over ``limit`` bytes, declared or streamed."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            return await self._reject(send)
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        await _refuse(send, 413, f"request body larger than {self.limit} bytes")
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class ReadGuard:
+    """``--protect-reads``: every request but ``/healthz`` carries the server's token, as
+    ``Authorization: Bearer <token>`` (the API), or in the cookie a browser is given when it
+    opens a page once with ``?token=<token>`` (the dashboard, its callbacks and live stream).
+    The cookie never counts for changes: those still need the header (no cross-site writes)."""
+
+    def __init__(self, app: ASGIApp, accepts: Callable[[str | None], bool]) -> None:
+        self.app, self.accepts = app, accepts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] == "/healthz":
+            return await self.app(scope, receive, send)
+        headers = Headers(scope=scope)
+        scheme, _, bearer = headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and self.accepts(bearer):
+            return await self.app(scope, receive, send)
+        if self.accepts(cookie_parser(headers.get("cookie", "")).get(COOKIE)):
+            return await self.app(scope, receive, send)
+        given = parse_qs(scope.get("query_string", b"").decode("latin-1")).get("token", [None])[0]
+        if not self.accepts(given):
+            return await _refuse(
+                send,
+                401,
+                "this server protects reads: send 'Authorization: Bearer <token>', or open the "
+                "dashboard once as /dashboard/?token=<token>",
+                [(b"www-authenticate", b"Bearer")],
+            )
+        cookie = f"{COOKIE}={given}; Path=/; HttpOnly; SameSite=Strict".encode()
+
+        async def with_cookie(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message["headers"], (b"set-cookie", cookie)]}
+            await send(message)
+
+        await self.app(scope, receive, with_cookie)
+
+
+async def _refuse(
+    send: Send, status: int, message: str, extra: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    """Answer in the API's one shape of a refusal (server.errors.error_body)."""
+    body = json.dumps(error_body([{"field": "", "message": message}])).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(extra or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
