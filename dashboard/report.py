@@ -19,6 +19,7 @@ from plotly.offline import get_plotlyjs
 
 from dashboard import data, figures
 from server.errors import NotFound
+from server.schemas import ERROR_RESPONSES
 from server.service import Service
 
 #: The figures of the report, in order, with the heading each sits under.
@@ -125,6 +126,14 @@ def register(app: FastAPI, svc: Service) -> None:
         report,
         methods=["GET"],
         response_class=HTMLResponse,
+        responses={  # its refusals are JSON (ErrorOut), as every other operation's
+            "4XX": {
+                "description": ERROR_RESPONSES["4XX"]["description"],
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorOut"}}
+                },
+            }
+        },
         tags=["runs"],
         summary="A self-contained HTML report of the run",
     )

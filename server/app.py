@@ -31,7 +31,7 @@ from bncore.config import field_errors
 from server.errors import BODY_NOT_OBJECT, DomainError, Unauthorized, error_body
 from server.middleware import BodyLimit, ReadGuard
 from server.routes import experiments, ingest, runs, sweeps
-from server.schemas import ErrorOut
+from server.schemas import ERROR_RESPONSES
 from server.service import Service
 
 #: How the body's validator says the body is not a JSON object (absent, another content type,
@@ -62,11 +62,8 @@ def create_api(svc: Service, api_url: str) -> FastAPI:
     )
     app.state.service = svc
     app.state.dashboard = False
-    errors: dict[int | str, dict[str, Any]] = {
-        "4XX": {"model": ErrorOut, "description": "refused: `message` says what to fix"}
-    }
     for module in (runs, ingest, sweeps, experiments):
-        app.include_router(module.router, responses=errors)
+        app.include_router(module.router, responses=ERROR_RESPONSES)
 
     @app.get("/healthz", tags=["system"])
     def healthz() -> dict[str, Any]:
@@ -93,17 +90,19 @@ def create_api(svc: Service, api_url: str) -> FastAPI:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         message = str(exc.detail)
-        if message == HTTPStatus(exc.status_code).phrase:  # starlette's own: say more
-            where = f"{request.method} {request.url.path}"
-            if exc.status_code == 404:
-                message = f"nothing at {where} (the API's routes are listed at /docs)"
-            elif exc.status_code == 405:
-                allowed = (exc.headers or {}).get("Allow") or "another method"
+        where = f"{request.method} {request.url.path}"
+        if message == HTTPStatus(404).phrase and exc.status_code == 404:  # starlette's own
+            message = f"nothing at {where} (the API's routes are listed at /docs)"
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # starlette names the first matching route's methods only
+            headers["Allow"] = ", ".join(allowed_methods(app, request)) or headers.get("Allow", "")
+            if message == HTTPStatus(405).phrase:
+                allowed = headers["Allow"] or "another method"
                 message = f"{where} is not allowed; this path takes {allowed}"
         return JSONResponse(
             error_body([{"field": "", "message": message}]),
             status_code=exc.status_code,
-            headers=exc.headers,
+            headers=headers,
         )
 
     app.add_middleware(BodyLimit, limit=svc.settings.max_body_bytes)
@@ -117,6 +116,21 @@ def create_api(svc: Service, api_url: str) -> FastAPI:
             allow_headers=["*"],
         )
     return app
+
+
+def allowed_methods(app: FastAPI, request: Request) -> list[str]:
+    """Every method the API's schema documents at the request's path (a path without
+    parameters first, as OpenAPI matches them)."""
+    from starlette.routing import compile_path
+
+    paths, path = app.openapi()["paths"], request.url.path
+    if path in paths:
+        return sorted(m.upper() for m in paths[path])
+    methods: set[str] = set()
+    for template, operations in paths.items():
+        if compile_path(template)[0].match(path):
+            methods |= {m.upper() for m in operations}
+    return sorted(methods)
 
 
 def validation_body(errors: Any) -> dict[str, Any]:

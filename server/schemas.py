@@ -213,6 +213,19 @@ class MetricsOut(BaseModel):
     series: list[Series]
 
 
+class LayerChannels(BaseModel):
+    """One layer's per-channel arrays at one step (columns: docs/statistics.md)."""
+
+    model_config = ConfigDict(extra="allow")
+    layer: str
+    step: int
+
+
+class ChannelsOut(BaseModel):
+    run_id: str
+    layers: list[LayerChannels]
+
+
 class IngestAck(BaseModel):
     seq: int
     stored: bool
@@ -231,3 +244,9 @@ class ErrorOut(BaseModel):
 
     message: str = Field(description="one line: what to fix")
     detail: list[ErrorField]
+
+
+#: What every operation documents besides its success: a 4xx in one shape.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorOut, "description": "refused: `message` says what to fix"}
+}

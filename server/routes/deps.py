@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse as FastAPIJSONResponse
 
 from server.service import Service
 
@@ -28,10 +28,8 @@ def require_token(request: Request, svc: Svc) -> None:
 Authorized = [Depends(require_token)]
 
 
-class JSONResponse(Response):
+class JSONResponse(FastAPIJSONResponse):
     """orjson, with numpy arrays and NaN as null: fast for long series."""
-
-    media_type = "application/json"
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY | orjson.OPT_NON_STR_KEYS)

@@ -10,6 +10,7 @@ import orjson
 from fastapi import APIRouter, Header, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
+from fastapi.sse import _SSE_EVENT_SCHEMA
 from sse_starlette.sse import EventSourceResponse
 
 from bncore.config import RunConfig
@@ -17,7 +18,7 @@ from bncore.status import RunStatus
 from server.errors import BadRequest
 from server.hub import Event
 from server.routes.deps import Authorized, JSONResponse, Svc
-from server.schemas import MetricsOut, RunList, RunOut
+from server.schemas import ChannelsOut, MetricsOut, RunList, RunOut
 from server.store.schema import MAX_INT
 from server.views import export_file
 
@@ -90,7 +91,9 @@ def metrics(
     return JSONResponse(data)
 
 
-@router.get("/{run_id}/channels", response_class=JSONResponse)
+@router.get(
+    "/{run_id}/channels", response_class=JSONResponse, responses={200: {"model": ChannelsOut}}
+)
 def channel_arrays(
     run_id: str, svc: Svc, step: Annotated[int | None, Query(ge=0, le=MAX_INT)] = None
 ) -> JSONResponse:
@@ -103,7 +106,16 @@ def _sse(event: Event) -> dict[str, Any]:
     return {"event": event.kind, "id": str(event.seq), "data": data}
 
 
-@router.get("/{run_id}/stream")
+@router.get(
+    "/{run_id}/stream",
+    response_class=EventSourceResponse,
+    responses={
+        200: {
+            "content": {"text/event-stream": {"itemSchema": _SSE_EVENT_SCHEMA}},
+            "description": "events: records, status, reset (data: JSON)",
+        }
+    },
+)
 async def stream(
     run_id: str,
     svc: Svc,
@@ -132,7 +144,19 @@ async def stream(
     return EventSourceResponse(send(), ping=15)
 
 
-@router.get("/{run_id}/export")
+@router.get(
+    "/{run_id}/export",
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                "text/csv": {"schema": {"type": "string"}},
+                "application/vnd.apache.parquet": {"schema": {"format": "binary"}},
+            },
+            "description": "the table as a file (Content-Disposition: attachment)",
+        }
+    },
+)
 def export(
     run_id: str,
     svc: Svc,
