@@ -15,18 +15,20 @@ def minmax(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[np.n
     n = len(values)
     if n <= max_points:
         return steps, values
-    buckets = max(1, max_points // 2)
-    edges = np.linspace(0, n, buckets + 1).astype(np.int64)
-    width = int(np.max(np.diff(edges)))
-    # pad each bucket to the same width, so argmin/argmax run on one (buckets, width) array
-    idx = edges[:-1, None] + np.arange(width)[None, :]
-    valid = idx < edges[1:, None]
-    idx = np.where(valid, idx, edges[:-1, None])
-    v = values[idx].astype(np.float64)
-    lo = np.where(valid & ~np.isnan(v), v, np.inf).argmin(1)
-    hi = np.where(valid & ~np.isnan(v), v, -np.inf).argmax(1)
-    rows = np.arange(buckets)
-    keep = np.unique(np.concatenate([idx[rows, lo], idx[rows, hi]]))
+    width = -(-n // max(1, max_points // 2))  # points per bucket, rounded up
+    buckets = -(-n // width)
+    # one (buckets, width) view; the last bucket padded with NaN, which never wins
+    v = np.full(buckets * width, np.nan, dtype=values.dtype)
+    v[:n] = values
+    v = v.reshape(buckets, width)
+    missing = np.isnan(v)
+    lo = np.where(missing, np.inf, v).argmin(1)
+    hi = np.where(missing, -np.inf, v).argmax(1)
+    base = np.arange(buckets) * width
+    first, second = base + np.minimum(lo, hi), base + np.maximum(lo, hi)
+    keep = np.stack([first, second], 1).ravel()
+    keep = keep[np.r_[True, keep[1:] != keep[:-1]]]  # in step order; once where min is max
+    keep = np.minimum(keep, n - 1)  # an all-NaN last bucket: its first real point
     return steps[keep], values[keep]
 
 

@@ -42,6 +42,11 @@ def watch_parent(parent: int) -> threading.Event:
     return orphaned
 
 
+#: How much lower a worker's CPU priority is than the server's (os.nice): on a machine whose
+#: cores all train, API reads and live streams still answer in time (benchmarks/load.py).
+NICE = 10
+
+
 def main(
     run_id: str,
     config_json: str,
@@ -64,6 +69,8 @@ def main(
     from bncore.engine import Trainer
 
     torch.set_num_threads(threads)
+    with contextlib.suppress(OSError):
+        os.nice(NICE)  # training is batch work: the server's answers come first
     headers = {"authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(base_url=api_url, headers=headers, timeout=30.0) as client:
         sink = HttpSink(client, run_id, token=write_token)

@@ -288,3 +288,17 @@ def test_durability_sets_how_sqlite_syncs(tmp_path, durability, level):
     with st.engine.connect() as conn:
         assert conn.execute(sa.text("PRAGMA synchronous")).scalar() == level
         assert conn.execute(sa.text("PRAGMA journal_mode")).scalar() == "wal"
+
+
+def test_a_read_between_folds_of_one_chunk_sees_every_point(db_url, monkeypatch):
+    """Decoded chunks are kept for the next read; a chunk that grew since must be read anew."""
+    monkeypatch.setattr(store_module, "FOLD_BATCHES", 1)  # each batch folds into the chunk
+    st = Store(db_url)
+    st.runs.create(id="r1", name="r1", status="running", source="client")
+    for i in range(12):
+        st.series.append("r1", batch(1 + 5 * i, 5), i + 1)
+        steps, vals = st.reads.one("r1", "block0", "pre_var")
+        np.testing.assert_array_equal(steps, np.arange(1, 6 + 5 * i))
+        np.testing.assert_allclose(vals, steps * 10.0)
+    again = st.reads.many("r1", [("block0", "pre_var"), ("", "loss")], step_min=20, step_max=40)
+    assert again[("block0", "pre_var")][0].tolist() == list(range(20, 41))

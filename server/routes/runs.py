@@ -6,7 +6,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
-import orjson
 from fastapi import APIRouter, Header, Query
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
@@ -16,7 +15,6 @@ from sse_starlette.sse import EventSourceResponse
 from bncore.config import RunConfig
 from bncore.status import RunStatus
 from server.errors import BadRequest
-from server.hub import Event
 from server.routes.deps import Authorized, JSONResponse, Svc
 from server.schemas import ChannelsOut, MetricsOut, RunList, RunOut
 from server.store.schema import MAX_INT
@@ -101,11 +99,6 @@ def channel_arrays(
     return JSONResponse(svc.records.channels(run_id, step))
 
 
-def _sse(event: Event) -> dict[str, Any]:
-    data = orjson.dumps(event.data, option=orjson.OPT_SERIALIZE_NUMPY).decode()
-    return {"event": event.kind, "id": str(event.seq), "data": data}
-
-
 @router.get(
     "/{run_id}/stream",
     response_class=EventSourceResponse,
@@ -133,11 +126,11 @@ async def stream(
     events = svc.runs.follow(run_id, after)
     first = await anext(events)  # a missing run fails here, before the stream opens
 
-    async def send() -> AsyncIterator[dict[str, Any]]:
+    async def send() -> AsyncIterator[bytes]:
         try:
-            yield _sse(first)
+            yield first.wire
             async for event in events:
-                yield _sse(event)
+                yield event.wire
         finally:
             await events.aclose()  # the listener leaves the hub when the client goes
 

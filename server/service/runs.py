@@ -29,7 +29,7 @@ from server.errors import (
     TooLarge,
     Unauthorized,
 )
-from server.hub import Event, Hub
+from server.hub import GONE, Event, Hub
 from server.scheduler import Scheduler
 from server.schemas import ClientRunCreate, StatusUpdate
 from server.settings import Settings
@@ -325,6 +325,8 @@ class Runs:
                 return
             while True:
                 event = await queue.get()
+                if event is GONE:  # too far behind: the client reconnects with Last-Event-ID
+                    return
                 yield event
                 if event.kind == "status" and event.data["status"] in FINISHED:
                     return
@@ -336,3 +338,5 @@ class Runs:
         run = self.store.runs.get(run_id)
         if run is not None:
             self.hub.publish(run_id, Event("status", run["seq"], self.out(run)))
+            if run["status"] in FINISHED:
+                self.hub.publish_ended(run_id)

@@ -5,6 +5,8 @@ and merged by step, so a reader sees every acknowledged batch without waiting fo
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,9 @@ from server.store.series import read_chunk as _read_chunk
 
 Key = tuple[str, str]  # (layer, stat); layer "" for a global series
 Series = tuple[np.ndarray, np.ndarray]  # (steps int64, values float32)
+#: Bytes of decoded chunks kept for the next read (a chunk's content is fixed by its count of
+#: points: a fold only appends to it); a read of a finished run's series then fetches no blob.
+CHUNK_CACHE_BYTES = 64 * 2**20
 
 
 def _empty() -> Series:
@@ -44,6 +49,73 @@ class SeriesReader:
         self.engine = engine
         # pending batches already decoded, by (row id, run, time): SQLite may reuse a row id
         self._decoded: dict[tuple[int, str, float], _Pending] = {}
+        # (run, layer, stat, chunk) -> (points, steps, values), least recently used first
+        self._chunks: OrderedDict[tuple[str, str, str, int], tuple[int, np.ndarray, np.ndarray]]
+        self._chunks = OrderedDict()
+        self._chunk_bytes = 0
+        self._cache_lock = threading.Lock()  # reads run on several threads at once
+
+    def _series_chunks(
+        self, conn: sa.Connection, run_id: str, keys: list[Key], chunk_min: int | None,
+        chunk_max: int | None,
+    ) -> dict[Key, list[tuple[np.ndarray, np.ndarray]]]:  # fmt: skip
+        """The folded chunks of these series in chunk order, decoded; blobs are fetched only
+        for chunks not already decoded with the same count of points."""
+        wanted = set(keys)
+        where = [series.c.run_id == run_id,
+                 series.c.layer.in_(sorted({lay for lay, _ in keys})),
+                 series.c.stat.in_(sorted({st for _, st in keys}))]  # fmt: skip
+        if chunk_min is not None:
+            where.append(series.c.chunk >= chunk_min)
+        if chunk_max is not None:
+            where.append(series.c.chunk <= chunk_max)
+        rows = [
+            r
+            for r in conn.execute(
+                sa.select(series.c.layer, series.c.stat, series.c.chunk, series.c.n)
+                .where(*where)
+                .order_by(series.c.layer, series.c.stat, series.c.chunk)
+            )
+            if (r[0], r[1]) in wanted
+        ]
+        with self._cache_lock:
+            cached = {tuple(r[:3]): self._chunks.get((run_id, *r[:3])) for r in rows}
+        missing = [r for r in rows if (c := cached[tuple(r[:3])]) is None or c[0] != r[3]]
+        if missing:
+            fetch = sa.select(series.c.layer, series.c.stat, series.c.chunk, series.c.n,
+                              series.c.steps, series.c.vals).where(*where)  # fmt: skip
+            if len(missing) < len(rows):  # only those
+                fetch = fetch.where(
+                    sa.tuple_(series.c.layer, series.c.stat, series.c.chunk).in_(
+                        [tuple(r[:3]) for r in missing]
+                    )
+                )
+            for layer, stat, chunk, n, steps, vals in conn.execute(fetch):
+                steps_, vals_ = np.frombuffer(steps, np.int64), np.frombuffer(vals, np.float32)
+                self._keep((run_id, layer, stat, chunk), n, steps_, vals_)
+        out: dict[Key, list[tuple[np.ndarray, np.ndarray]]] = {k: [] for k in keys}
+        for layer, stat, chunk, n in rows:
+            key = (run_id, layer, stat, chunk)
+            with self._cache_lock:
+                got = self._chunks.get(key)
+                if got is not None:
+                    self._chunks.move_to_end(key)
+            if got is None:  # evicted meanwhile (a read of more than the cache holds)
+                got = (n, *_read_chunk(conn, key))
+            out[layer, stat].append((got[1], got[2]))
+        return out
+
+    def _keep(self, key: tuple[str, str, str, int], n: int, steps: np.ndarray,
+              vals: np.ndarray) -> None:  # fmt: skip
+        with self._cache_lock:
+            old = self._chunks.pop(key, None)
+            if old is not None:
+                self._chunk_bytes -= old[1].nbytes + old[2].nbytes
+            self._chunks[key] = (n, steps, vals)
+            self._chunk_bytes += steps.nbytes + vals.nbytes
+            while self._chunk_bytes > CHUNK_CACHE_BYTES and len(self._chunks) > 1:
+                _, (_, s, v) = self._chunks.popitem(last=False)
+                self._chunk_bytes -= s.nbytes + v.nbytes
 
     # -- pending batches ----------------------------------------------------------------------
 
@@ -111,25 +183,17 @@ class SeriesReader:
     ) -> dict[Key, Series]:
         """Whole series (or their part within [step_min, step_max]), in step order."""
         keys = list(keys)
-        q = _chunks(run_id, keys, series.c.steps, series.c.vals)
-        if step_min is not None:
-            q = q.where(series.c.chunk >= step_min // CHUNK)
-        if step_max is not None:
-            q = q.where(series.c.chunk <= step_max // CHUNK)
-        parts: dict[Key, list[tuple[bytes, bytes]]] = {k: [] for k in keys}
+        lo = None if step_min is None else step_min // CHUNK
+        hi = None if step_max is None else step_max // CHUNK
         with self.engine.connect() as conn:
             waiting = self._pending_series(conn, run_id, set(keys))
-            for layer, stat, steps, vals in conn.execute(
-                q.order_by(series.c.layer, series.c.stat, series.c.chunk)
-            ):
-                if (layer, stat) in parts:
-                    parts[layer, stat].append((steps, vals))
+            parts = self._series_chunks(conn, run_id, keys, lo, hi)
         out = {}
         for key, chunks in parts.items():
             stored = (
                 (
-                    np.concatenate([np.frombuffer(s, np.int64) for s, _ in chunks]),
-                    np.concatenate([np.frombuffer(v, np.float32) for _, v in chunks]),
+                    np.concatenate([s for s, _ in chunks]),
+                    np.concatenate([v for _, v in chunks]),
                 )
                 if chunks
                 else _empty()
