@@ -798,6 +798,9 @@ def test_only_whoever_created_a_run_writes_its_records_and_status(api):
     assert api.get(url).json()["status"] == "running"
     assert api.get(url).json()["steps_done"] == 0  # nothing of theirs was stored
     w = {keys.HEADER: mine["write_token"]}
+    plain = {"content-type": "text/plain", **w}  # as a cross-site form would send it
+    r = api.post(f"{url}/status", content=b'{"status": "completed"}', headers=plain)
+    assert r.status_code == 422 and "application/json" in r.json()["message"]
     ok = api.post(
         f"{url}/records", json={"seq": 1, "steps": {"step": [1], "loss": [1.0]}}, headers=w
     )
