@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from bncore.records import TABLES
 from bncore.status import REPORTED, RunStatus
 from server.store.schema import MAX_INT
 
@@ -224,6 +225,39 @@ class LayerChannels(BaseModel):
 class ChannelsOut(BaseModel):
     run_id: str
     layers: list[LayerChannels]
+
+
+class RecordTable(BaseModel):
+    """One table of a batch: equal-length columns, ``step`` among them (``layer`` too in
+    layers and channels); the other columns are statistics (docs/statistics.md), numbers or
+    null (NaN), a row of per-channel numbers each in channels."""
+
+    model_config = ConfigDict(
+        extra="allow", json_schema_extra={"additionalProperties": {"type": "array"}}
+    )
+    step: list[Annotated[int, Field(ge=0, le=MAX_INT)]]
+
+
+#: The body of ``POST /api/runs/{id}/records`` (read by server.batches, which the route hands the
+#: raw bytes to: this is what the schema documents).
+RECORDS_BODY: dict[str, Any] = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "seq": {
+                        "type": "integer", "minimum": 1, "maximum": MAX_INT,
+                        "description": "increasing per run: a batch sent again is stored once",
+                    },
+                    **{t: RecordTable.model_json_schema() for t in TABLES},
+                },
+            }
+        }
+    },
+}  # fmt: skip
 
 
 class IngestAck(BaseModel):

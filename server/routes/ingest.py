@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from server import keys
 from server.errors import Invalid
 from server.routes.deps import Authorized, Svc
-from server.schemas import ClientRunCreate, IngestAck, RunOut, StatusUpdate
+from server.schemas import RECORDS_BODY, ClientRunCreate, IngestAck, RunOut, StatusUpdate
 
 router = APIRouter(prefix="/api/runs", tags=["ingest"], dependencies=Authorized)
 #: The run's write token: given to whoever created the run, required on all that it writes.
@@ -26,7 +26,9 @@ def create_client_run(body: ClientRunCreate, svc: Svc) -> dict[str, Any]:
     return svc.runs.create_client_run(body)
 
 
-@router.post("/{run_id}/records", response_model=IngestAck)
+@router.post(
+    "/{run_id}/records", response_model=IngestAck, openapi_extra={"requestBody": RECORDS_BODY}
+)
 async def ingest(run_id: str, request: Request, svc: Svc, token: RunToken = None) -> dict[str, Any]:
     """Store a batch of records, acknowledge it, stream it (sent as application/json)."""
     media = request.headers.get("content-type", "").split(";")[0].strip().lower()
