@@ -201,12 +201,15 @@ class _BatchNorm(_NormBase):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> B:
-        r"""A layer with ``keras.layers.BatchNormalization``'s arguments and behaviour.
+        r"""A layer with Keras 3's ``keras.layers.BatchNormalization`` arguments and behaviour.
 
         Keras' ``momentum`` is the weight of the old running value
         (``moving = moving * momentum + batch * (1 - momentum)``), so torch's momentum is
-        ``1 - momentum``; Keras feeds the *biased* batch variance to the moving variance, and
-        defaults to ``epsilon=1e-3``. ``center``/``scale`` switch beta/gamma off separately.
+        ``1 - momentum``; Keras 3 (and tf.keras' non-fused path) feeds the *biased* batch
+        variance to the moving variance, and defaults to ``epsilon=1e-3``. tf.keras 2.x's fused
+        path applies Bessel's correction there, as torch does: for it, build the torch
+        convention with ``momentum=keras_momentum_to_torch(m)`` and ``eps=1e-3``.
+        ``center``/``scale`` switch beta/gamma off separately.
         Parameter and buffer names stay torch's (gamma is ``weight``, moving_mean is
         ``running_mean``).
         """

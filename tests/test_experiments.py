@@ -132,3 +132,23 @@ def test_gradient_explosion_experiment_through_the_server_matches_yang_et_al(tmp
             assert api.get("/api/runs").json()["total"] == before + 3
     finally:
         srv.stop()
+
+
+def test_ioffe_szegedy_with_plain_sgd_keeps_the_sigmoid_input_stable_only_with_bn():
+    """The paper's plain SGD (reduced): the last layer's tracked sigmoid input drifts much less
+    with BN than without (with momentum 0.9 it drifted with BN too)."""
+    from bncore.data import load_dataset
+    from bncore.engine import Trainer
+    from bncore.sinks import MemorySink
+
+    exp = EXPERIMENTS["ioffe-szegedy-figure-1"]
+    assert exp.base["optim"]["momentum"] == 0.0
+    drift = {}
+    for kind in ("batch", "none"):
+        cfg = parse_config({**exp.base, "steps": 1200, "norm": {"kind": kind}})
+        sink = MemorySink()
+        Trainer(cfg, load_dataset(cfg.data)).run(sink)
+        layers = sink.records.layers
+        p50 = layers["p50_0"][layers["layer"] == "block2"]
+        drift[kind] = abs(float(p50[-1] - p50[0]))
+    assert drift["batch"] < drift["none"] / 2, drift
