@@ -27,6 +27,7 @@ from bncore.config import RunConfig
 from bncore.data import Dataset, load_dataset
 from bncore.landscape import internal_covariate_shift, landscape
 from bncore.models import Net, build_model
+from bncore.norms import new_noise
 from bncore.probes import Recorder
 from bncore.records import Records
 from bncore.sinks import MemorySink, Sink
@@ -116,6 +117,7 @@ class Trainer:
         self.step_count += 1
         record = (self.step_count - 1) % cfg.stats_interval == 0
         x, y = self.next_batch()
+        new_noise(self.model)  # noisy BN: this step's noise, the same for every pass over x
         self.recorder.arm(record)
         loss = self.loss_fn(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)

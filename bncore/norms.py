@@ -10,9 +10,10 @@ r"""Normalization variants that the BN literature compares against plain batch n
       d = \mathrm{clip}_{[-d_{max}, d_{max}]}\left(\frac{\mu_B - \mu}{\sigma}\right)
 
   with r and d treated as constants by the gradient. ``r_max=1, d_max=0`` is plain BN.
-- :class:`NoisyBatchNorm` (Santurkar et al. 2018, section 2.1): BN, then a shift and scale of
-  each channel drawn anew at every training step, so that the distribution each layer sees moves
-  all the time ("internal covariate shift" injected on purpose).
+- :class:`NoisyBatchNorm` (Santurkar et al. 2018, section 2.1): BN, then noise on each activation
+  of each sample from a distribution of non-zero mean and non-unit variance that changes at
+  every training step, so that the distribution each layer sees moves all the time ("internal
+  covariate shift" injected on purpose); within a step it stays the same.
 - GroupNorm and LayerNorm (Wu & He 2018) are torch.nn's :class:`~torch.nn.GroupNorm` (LayerNorm
   of a block is GroupNorm with one group: over channels and positions, one gamma/beta per channel).
 
@@ -31,7 +32,7 @@ from torch import Tensor
 from bncore.batchnorm import _NormBase
 from bncore.functional import eval_batch_norm
 
-__all__ = ["BatchRenorm", "GhostBatchNorm", "NoisyBatchNorm"]
+__all__ = ["BatchRenorm", "GhostBatchNorm", "NoisyBatchNorm", "new_noise"]
 
 
 def _check(layer: _NormBase, x: Tensor) -> None:
@@ -150,10 +151,19 @@ class BatchRenorm(_BatchStatsNorm):
 
 
 class NoisyBatchNorm(torch.nn.Module):
-    """``bn`` (a batch-norm layer), then in training a per-channel scale drawn from
-    U(1, ``noise_scale``) and shift from U(-``noise_shift``, ``noise_shift``), new at every
-    step and shared by the batch. Evaluation is ``bn`` alone. The running buffers and gamma/beta
-    are ``bn``'s, visible under the usual names."""
+    r"""``bn`` (a batch-norm layer), then in training noise on every activation of every sample:
+
+    .. math::
+        y'_{n,c} = \sigma_c \, y_{n,c} + \mu_c + e_{n,c}, \qquad
+        \mu_c \sim U(-s, s),\; \sigma_c \sim U(1, k),\; e_{n,c} \sim N(0, s^2)
+
+    with ``s = noise_shift`` and ``k = noise_scale``: the noise has a non-zero mean and a
+    non-unit variance, and its distribution (:math:`\mu_c, \sigma_c`) is drawn anew at every
+    training step (:meth:`new_step`, called by the trainer; :func:`new_noise` for a model), so the
+    channel's distribution moves from step to step. Within a step the same noise serves every
+    forward pass over the same batch: a second pass (internal covariate shift's G', the
+    landscape) sees the network the first one did. Evaluation is ``bn`` alone. The running
+    buffers and gamma/beta are ``bn``'s, visible under the usual names."""
 
     def __init__(self, bn: _NormBase, noise_shift: float, noise_scale: float) -> None:
         if noise_shift < 0 or noise_scale < 1:
@@ -163,6 +173,7 @@ class NoisyBatchNorm(torch.nn.Module):
         super().__init__()
         self.bn = bn
         self.noise_shift, self.noise_scale = noise_shift, noise_scale
+        self._noise: tuple[Tensor, Tensor, Tensor] | None = None  # (sigma, mu, e) of this step
 
     def extra_repr(self) -> str:
         return f"noise_shift={self.noise_shift}, noise_scale={self.noise_scale}"
@@ -172,13 +183,30 @@ class NoisyBatchNorm(torch.nn.Module):
             return getattr(self._modules["bn"], name)
         return super().__getattr__(name)
 
+    def new_step(self) -> None:
+        """The next training forward draws this step's noise."""
+        self._noise = None
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.bn(x)
         if not self.training:
             return y
+        noise = self._noise
+        if noise is None or noise[2].shape != y.shape or noise[2].device != y.device:
+            noise = self._noise = self._draw(y)
+        sigma, mu, e = noise
+        return y * _per_channel(sigma, y) + _per_channel(mu, y) + e
+
+    def _draw(self, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         c = y.shape[1]
-        scale = torch.empty(c, device=y.device, dtype=y.dtype).uniform_(1.0, self.noise_scale)
-        shift = torch.empty(c, device=y.device, dtype=y.dtype).uniform_(
-            -self.noise_shift, self.noise_shift
-        )
-        return y * _per_channel(scale, y) + _per_channel(shift, y)
+        sigma = y.new_empty(c).uniform_(1.0, self.noise_scale)
+        mu = y.new_empty(c).uniform_(-self.noise_shift, self.noise_shift)
+        e = torch.randn_like(y) * self.noise_shift
+        return sigma, mu, e
+
+
+def new_noise(model: torch.nn.Module) -> None:
+    """A new training step: every :class:`NoisyBatchNorm` of ``model`` draws new noise."""
+    for m in model.modules():
+        if isinstance(m, NoisyBatchNorm):
+            m.new_step()

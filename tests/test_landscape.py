@@ -91,3 +91,22 @@ def test_the_metrics_api_knows_the_new_statistics():
     assert not _check_stat("beta_smoothness") and not _check_stat("landscape_loss_range")
     with pytest.raises(BadRequest, match="beta_smoothness"):  # the error lists them
         _check_stat("nope")
+
+
+def test_noisy_bn_ics_without_a_parameter_update_is_zero():
+    """ICS compares G and G' on the same batch under the same noise (one step's draw): with no
+    update in between there is no shift at all, however noisy the BN."""
+    from bncore.landscape import internal_covariate_shift
+    from bncore.norms import new_noise
+
+    t = Trainer(_cfg(steps=1, norm={"kind": "noisy", "noise_shift": 0.5, "noise_scale": 1.5}))
+    x, y = t.next_batch()
+    new_noise(t.model)
+    t.loss_fn(t.model(x), y).backward()
+    blocks = [b for _, b in t.model.blocks()]
+    before = [b.layer.weight.grad.detach().clone() for b in blocks]
+    dist, cos = internal_covariate_shift(t.model, t.loss_fn, x, y, blocks, before, lambda: None)
+    assert dist.abs().max() == 0 and torch.allclose(cos, torch.ones_like(cos))
+    new_noise(t.model)  # the next step's noise: now the same weights give another gradient
+    dist, _ = internal_covariate_shift(t.model, t.loss_fn, x, y, blocks, before, lambda: None)
+    assert dist[1:].min() > 0
