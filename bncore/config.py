@@ -131,13 +131,14 @@ class NormConfig(_Strict):
         default=0.5,
         ge=0,
         le=100,
-        description="kind 'noisy': shifts are drawn from U(-noise_shift, +)",
+        description="kind 'noisy': each step's per-channel mean of the noise is drawn from "
+        "U(-noise_shift, +); each activation's own noise has this standard deviation",
     )
     noise_scale: float = Field(
         default=1.5,
         ge=1,
         le=100,
-        description="kind 'noisy': scales are drawn from U(1, noise_scale)",
+        description="kind 'noisy': each step's per-channel scale is drawn from U(1, noise_scale)",
     )
     groups: int | None = Field(
         default=None,
