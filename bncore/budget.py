@@ -63,6 +63,8 @@ def gigabytes(n: float) -> str:
 def example_shape(cfg: RunConfig) -> tuple[tuple[int, ...], int, int]:
     """(one example's shape, classes, examples in all) of the run's data."""
     d = cfg.data
+    if d.name == "gaussian":
+        return (d.features,), d.classes, d.samples
     return DATASETS.get(d.name, ((2,), d.classes, d.samples))  # blobs, spirals: 2-d points
 
 

@@ -34,7 +34,9 @@ __all__ = [
 ]
 
 #: What DataConfig.name accepts.
-DatasetName = Literal["mnist1d", "digits", "blobs", "spirals", "mnist", "fashion_mnist", "cifar10"]
+DatasetName = Literal[
+    "mnist1d", "digits", "blobs", "spirals", "gaussian", "mnist", "fashion_mnist", "cifar10"
+]
 SPATIAL_DATASETS = ("mnist1d", "digits", "mnist", "fashion_mnist", "cifar10")
 FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
 MAX_PARAMETERS = 50_000_000
@@ -195,16 +197,24 @@ class DataConfig(_Strict):
     name: DatasetName = Field(
         default="mnist1d",
         description="mnist1d (Greydanus 2020, made offline), digits (scikit-learn, 8x8), "
-        "blobs and spirals (synthetic, 2-d), or mnist/fashion_mnist (IDX files) and cifar10 "
-        "(python batches) read from 'path'",
+        "blobs and spirals (synthetic, 2-d), gaussian (N(0, I) inputs of 'features' "
+        "dimensions, labelled by a random linear teacher: full-rank batches, as mean field "
+        "theory assumes), or mnist/fashion_mnist (IDX files) and cifar10 (python batches) "
+        "read from 'path'",
     )
     path: str | None = Field(
         default=None, description="directory holding the files of mnist, fashion_mnist or cifar10"
     )
     samples: int = Field(
-        default=4000, ge=20, le=200_000, description="number of examples to make (blobs, spirals)"
+        default=4000,
+        ge=20,
+        le=200_000,
+        description="number of examples to make (blobs, spirals, gaussian)",
     )
-    classes: int = Field(default=4, ge=2, le=20, description="number of classes (blobs, spirals)")
+    classes: int = Field(
+        default=4, ge=2, le=20, description="number of classes (blobs, spirals, gaussian)"
+    )
+    features: int = Field(default=256, ge=1, le=4096, description="input dimensions (gaussian)")
     noise: float = Field(default=0.2, ge=0, le=10, description="noise level (blobs, spirals)")
     test_fraction: float = Field(
         default=0.2,

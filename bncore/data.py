@@ -4,6 +4,9 @@
   the ``mnist1d`` package and cached in ``~/.cache/bncore/datasets``.
 - ``digits``: scikit-learn's 8x8 digits (1797 images, shipped with the package).
 - ``blobs``, ``spirals``: synthetic 2-d classification, made from ``data.split_seed``.
+- ``gaussian``: N(0, I) inputs of ``data.features`` dimensions, labelled by a random linear
+  teacher; its batches are full-rank, as mean field theory's are (digits' 64 features are not,
+  for batches or widths beyond 64).
 - ``mnist``, ``fashion_mnist``: IDX files (``train-images-idx3-ubyte`` etc., optionally gzipped)
   and ``cifar10``: the python batches (``data_batch_1..5``, ``test_batch``) or the binary
   version (``data_batch_1..5.bin``, ``test_batch.bin``) read from ``data.path``. The python
@@ -78,6 +81,13 @@ def _blobs(cfg: DataConfig):
     y = rng.integers(0, cfg.classes, cfg.samples)
     x = centers[y] + rng.normal(0, 1 + 4 * cfg.noise, size=(cfg.samples, 2))
     return x, y
+
+
+def _gaussian(cfg: DataConfig):
+    rng = np.random.default_rng(cfg.split_seed)
+    x = rng.standard_normal((cfg.samples, cfg.features))
+    teacher = rng.standard_normal((cfg.features, cfg.classes))
+    return x, np.argmax(x @ teacher, 1)
 
 
 def _spirals(cfg: DataConfig):
@@ -365,10 +375,14 @@ def dataset_folder(path: str | None, root: str | Path | None = None) -> Path:
 def load_dataset(cfg: DataConfig, root: str | Path | None = None) -> Dataset:
     """Make or read the dataset ``cfg`` names, standardized, as float32 tensors on the CPU.
     ``root``: read ``data.path`` only under this directory (a server's data root)."""
-    if cfg.name in ("blobs", "spirals", "digits"):
-        x, y = {"blobs": lambda: _blobs(cfg), "spirals": lambda: _spirals(cfg), "digits": _digits}[
-            cfg.name
-        ]()
+    made = {
+        "blobs": lambda: _blobs(cfg),
+        "spirals": lambda: _spirals(cfg),
+        "gaussian": lambda: _gaussian(cfg),
+        "digits": _digits,
+    }
+    if cfg.name in made:
+        x, y = made[cfg.name]()
         xs, ys, xt, yt = _split(x, y, cfg.test_fraction, cfg.split_seed)
     elif cfg.name == "mnist1d":
         xs, ys, xt, yt = _mnist1d(cfg)

@@ -250,7 +250,7 @@ def test_an_experiment_runs_from_its_button_and_shows_theory_beside_measurement(
     )
     names = {name: (dash, n) for name, dash, n in traces}
     assert names["activation=linear"] == ("solid", 5)
-    assert names["activation=linear: Yang et al. closed form"] == ("dash", 5)
+    assert names["activation=linear: Yang et al. mean field"] == ("dash", 5)
     assert "activation=relu" in names
     # the sweep is listed for later, and the view refreshes no more once it is finished
     options = page.locator("#exp-pick").inner_text()

@@ -20,6 +20,7 @@ from tests.helpers import Touch, write_cifar
     [
         ("blobs", (2,), 4),
         ("spirals", (2,), 4),
+        ("gaussian", (256,), 4),
         ("digits", (1, 8, 8), 10),
     ],
 )

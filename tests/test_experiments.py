@@ -102,11 +102,13 @@ def test_gradient_explosion_experiment_through_the_server_matches_yang_et_al(tmp
             assert res["claim"] == EXPERIMENTS["gradient-explosion"].claim
             series = {s["name"]: s for s in res["panels"][0]["series"]}
             linear, theory = series["activation=linear"], series["activation=linear: Yang et al. "
-                                                                 "closed form"]  # fmt: skip
+                                                                 "mean field"]  # fmt: skip
             assert linear["x"] == [8, 16, 32, 64, 128]
             np.testing.assert_allclose(linear["y"], theory["y"], rtol=0.1)
             relu = series["activation=relu"]
-            assert relu["y"][-1] == pytest.approx(np.pi / (np.pi - 1), rel=0.1)  # large batch
+            relu_theory = series["activation=relu: Yang et al. mean field"]["y"]
+            assert relu_theory[0] == pytest.approx(1.789, rel=0.02)  # finite B, not the limit
+            np.testing.assert_allclose(relu["y"], relu_theory, rtol=0.12)
             assert all(y > 1.2 for y in relu["y"])  # explodes at every batch size
 
             # bad inputs: clear 4xx, nothing queued
