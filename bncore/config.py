@@ -9,6 +9,7 @@ run within what one machine can train and store.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -248,6 +249,54 @@ class OptimConfig(_Strict):
     lr: float = Field(default=0.05, gt=0, le=100, description="learning rate")
     momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum (ignored by Adam)")
     weight_decay: float = Field(default=0.0, ge=0, le=1, description="L2 weight decay")
+    norm_weight_decay: bool = Field(
+        default=True,
+        description="apply weight_decay to the normalization layers' gamma and beta too "
+        "(false: as is common, they are left out)",
+    )
+    schedule: Literal["constant", "cosine", "step"] = Field(
+        default="constant",
+        description="the learning rate after warmup: constant, cosine decay to 0 at the last "
+        "step (Loshchilov & Hutter 2017), or step decay by gamma at the milestones",
+    )
+    warmup_steps: int = Field(
+        default=0,
+        ge=0,
+        description="steps over which the learning rate rises linearly from lr/warmup_steps "
+        "to lr (Goyal et al. 2017); 0: none",
+    )
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75],
+        max_length=16,
+        description="schedule 'step': the shares of the run's steps after which the learning "
+        "rate is multiplied by gamma (He et al. 2016: 0.5, 0.75)",
+    )
+    gamma: float = Field(
+        default=0.1, gt=0, le=1, description="schedule 'step': the factor at each milestone"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> OptimConfig:
+        if any(not 0 < m < 1 for m in self.milestones) or list(self.milestones) != sorted(
+            set(self.milestones)
+        ):
+            raise FieldsError(
+                f"optim.milestones={list(self.milestones)} must be increasing shares of the "
+                "run's steps, each between 0 and 1",
+                "milestones",
+            )
+        return self
+
+    def lr_factor(self, step: int, steps: int) -> float:
+        """The learning rate of (1-based) ``step`` of ``steps``, as a multiple of ``lr``."""
+        if self.warmup_steps and step <= self.warmup_steps:
+            return step / self.warmup_steps
+        if self.schedule == "cosine":
+            done = (step - 1 - self.warmup_steps) / max(1, steps - self.warmup_steps)
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+        if self.schedule == "step":
+            return self.gamma ** sum(step > m * steps for m in self.milestones)
+        return 1.0
 
 
 class RunConfig(_Strict):

@@ -74,6 +74,10 @@ class Trainer:
         self.model: Net = build_model(config, data.input_shape, data.num_classes).to(self.device)
         self.model.train()
         self.optimizer = _optimizer(config, self.model)
+        o = config.optim  # the schedule: lr_factor of the step about to be taken
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda taken: o.lr_factor(taken + 1, config.steps)
+        )
         self.loss_fn = nn.CrossEntropyLoss()
         batch = min(len(self.data.x_train), config.batch_size)
         self.recorder = Recorder(
@@ -139,7 +143,8 @@ class Trainer:
             self.optimizer.step()
         self._losses.append(loss.detach())
         self._step_rows["step"].append(self.step_count)
-        self._step_rows["lr"].append(self.optimizer.param_groups[0]["lr"])
+        self._step_rows["lr"].append(self.optimizer.param_groups[0]["lr"])  # this step's
+        self.schedule.step()
         self._step_rows["step_time"].append(time.perf_counter() - t0)
         self._step_rows["time"].append(time.time())
 
@@ -298,13 +303,18 @@ class Trainer:
         }
 
 
-def _optimizer(cfg: RunConfig, model: nn.Module) -> torch.optim.Optimizer:
+def _optimizer(cfg: RunConfig, model: Net) -> torch.optim.Optimizer:
     o = cfg.optim
+    groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
+    if not o.norm_weight_decay:  # gamma and beta of every block's normalization: no decay
+        norm = {id(p) for _, b in model.blocks() for p in b.norm.parameters()}
+        groups = [
+            {"params": [p for p in model.parameters() if id(p) not in norm]},
+            {"params": [p for p in model.parameters() if id(p) in norm], "weight_decay": 0.0},
+        ]
     if o.name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(
-        model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay
-    )
+        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
 
 
 def _first_nonfinite(rec: Records) -> tuple[int, str] | None:

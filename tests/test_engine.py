@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -330,3 +331,40 @@ def test_a_recorded_batch_of_another_size_is_a_clear_error(activation):
     x, _ = trainer.next_batch()
     with pytest.raises(RuntimeError, match="batch"):
         trainer.model(x[:16])
+
+
+@pytest.mark.parametrize(
+    ("optim", "expected"),
+    [
+        (
+            {"schedule": "cosine", "warmup_steps": 4},  # linear warmup, then cosine towards 0
+            [0.25, 0.5, 0.75, 1.0] + [0.5 * (1 + math.cos(math.pi * k / 16)) for k in range(16)],
+        ),
+        (
+            {"schedule": "step", "milestones": [0.25, 0.5], "gamma": 0.5},
+            [1.0] * 5 + [0.5] * 5 + [0.25] * 10,
+        ),
+        ({}, [1.0] * 20),
+    ],
+)
+def test_the_learning_rate_follows_its_schedule_and_is_recorded_per_step(optim, expected):
+    cfg = _cfg(steps=20, optim={"lr": 0.2, **optim})
+    lr = train(cfg).records.steps["lr"]
+    np.testing.assert_allclose(lr, 0.2 * np.asarray(expected), rtol=1e-6)
+
+
+def test_norm_parameters_can_be_left_out_of_weight_decay():
+    from bncore.engine import Trainer
+
+    for decay_norm in (True, False):
+        t = Trainer(_cfg(steps=1, optim={"weight_decay": 0.01, "norm_weight_decay": decay_norm}))
+        norm = {id(p) for _, b in t.model.blocks() for p in b.norm.parameters()}
+        assert norm  # gamma and beta of every block
+        for group in t.optimizer.param_groups:
+            ids = {id(p) for p in group["params"]}
+            if group["weight_decay"] == 0.0:
+                assert not decay_norm and ids == norm
+            else:
+                assert group["weight_decay"] == 0.01 and (decay_norm or not ids & norm)
+        seen = sum(len(g["params"]) for g in t.optimizer.param_groups)
+        assert seen == len(list(t.model.parameters()))
