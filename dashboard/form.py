@@ -36,6 +36,11 @@ def leaves(model: type[BaseModel] = RunConfig, prefix: str = ""):
             yield f"{prefix}{name}", field
 
 
+def _is_list(ann: Any) -> bool:
+    """A field of several values (optim.milestones): typed as numbers separated by commas."""
+    return typing.get_origin(ann) in (list, tuple)
+
+
 def _choices(ann: Any) -> tuple[list[Any], bool, bool]:
     """Literal values, and whether None / free numbers are allowed too."""
     args = (
@@ -59,7 +64,16 @@ def field_input(path: str, field: Any, value: Any) -> html.Div:
     literals, optional, numeric = _choices(ann)
     ident = {"type": "cfg", "field": path}
     control: dcc.Dropdown | dcc.Input
-    if ann is bool or (literals == [] and bool in typing.get_args(ann)):
+    if _is_list(ann):
+        control = dcc.Input(
+            id=ident,
+            type="text",
+            value=", ".join(map(str, value or [])),
+            placeholder="numbers separated by commas",
+            debounce=True,
+            style={"width": "100%"},
+        )
+    elif ann is bool or (literals == [] and bool in typing.get_args(ann)):
         options = [{"label": "default", "value": "default"}] * optional + [
             {"label": "on", "value": "true"},
             {"label": "off", "value": "false"},
@@ -155,10 +169,13 @@ def collect(ids: list[dict[str, str]], values: list[Any]) -> dict[str, Any]:
     """The form's values as nested config data; "default" (and a blank optional field) means
     the default."""
     data: dict[str, Any] = {}
+    lists = {path for path, field in leaves() if _is_list(field.annotation)}
     for ident, value in zip(ids, values, strict=True):
-        if value is None or value == "" or value == "default":
+        if ident["field"] in lists and isinstance(value, str):
+            value = [_number(v.strip()) for v in value.split(",") if v.strip()]
+        elif value is None or value == "" or value == "default":
             continue
-        if isinstance(value, str):
+        elif isinstance(value, str):
             value = {"true": True, "false": False}.get(value, _number(value))
         node = data
         *parents, leaf = ident["field"].split(".")
