@@ -10,6 +10,7 @@ meta batch, so the count is the real network's, whatever its kind; the constants
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -70,34 +71,55 @@ def example_shape(cfg: RunConfig) -> tuple[tuple[int, ...], int, int]:
 
 def estimate(cfg: RunConfig) -> Estimate:
     """The run's peak memory and stored records (see the module docstring)."""
-    shape, classes, examples = example_shape(cfg)
-    from bncore.models import build_model  # the models import the norms, which import config
-
-    with torch.device("meta"):
-        model = build_model(cfg, shape, classes)
-    params = sum(p.numel() for p in model.parameters())
-    conv = sum(
-        p.numel()
-        for m in model.modules()
-        if isinstance(m, nn.modules.conv._ConvNd)
-        for p in m.parameters(recurse=False)
-    )
+    shape, _, examples = example_shape(cfg)
+    net = _network(cfg.model_dump_json(exclude={"optim", "name", "seed"}))  # lr: not the net
     states = 2 if cfg.optim.name == "adam" else (1 if cfg.optim.momentum else 0)
-    copies = params * (2 + states + EXTRA_COPIES["linear"]) + conv * (
+    copies = net.params * (2 + states + EXTRA_COPIES["linear"]) + net.conv * (
         EXTRA_COPIES["conv"] - EXTRA_COPIES["linear"]
     )
-    outputs = _module_outputs(model, (cfg.batch_size, *shape))
     per_example = math.prod(shape)
     data_bytes = examples * per_example * FLOAT
     if cfg.data.path is not None:  # read from files: a float64 copy while loading
         data_bytes += examples * per_example * 8
     parts = {
         "parameters, gradients and optimizer state": copies * FLOAT,
-        "activations": int(outputs * FLOAT * KEPT_PER_OUTPUT),
+        "activations": int(net.outputs * FLOAT * KEPT_PER_OUTPUT),
         "data": data_bytes,
         "the process": BASE_MEMORY,
     }
-    return Estimate(sum(parts.values()), _records(cfg, model), params, parts)
+    return Estimate(sum(parts.values()), _records(cfg, net.channels), net.params, parts)
+
+
+@dataclass(frozen=True)
+class _Net:
+    params: int  # parameters in all
+    conv: int  # of them, in convolutions
+    outputs: int  # values the leaf modules output in one training forward
+    channels: tuple[int, ...]  # of each block
+
+
+@functools.lru_cache(maxsize=256)
+def _network(key: str) -> _Net:
+    """The network of a config without its optimizer (``key``, as JSON), counted on the meta
+    device once: a sweep's points mostly share it."""
+    from bncore.models import build_model  # the models import the norms, which import config
+
+    cfg = RunConfig.model_validate_json(key)
+    shape, classes, _ = example_shape(cfg)
+    with torch.device("meta"):
+        model = build_model(cfg, shape, classes)
+    conv = sum(
+        p.numel()
+        for m in model.modules()
+        if isinstance(m, nn.modules.conv._ConvNd)
+        for p in m.parameters(recurse=False)
+    )
+    return _Net(
+        params=sum(p.numel() for p in model.parameters()),
+        conv=conv,
+        outputs=_module_outputs(model, (cfg.batch_size, *shape)),
+        channels=tuple(b.channels for _, b in model.blocks()),
+    )
 
 
 def _module_outputs(model: nn.Module, batch: tuple[int, ...]) -> int:
@@ -120,11 +142,9 @@ def _module_outputs(model: nn.Module, batch: tuple[int, ...]) -> int:
     return total
 
 
-def _records(cfg: RunConfig, model: nn.Module) -> int:
+def _records(cfg: RunConfig, channels: tuple[int, ...]) -> int:
     """Bytes of records the run stores: every layer's statistics at every recorded step, and
     per-channel arrays every ``channel_interval`` recorded steps."""
-    blocks = getattr(model, "blocks", None)
-    channels = [b.channels for _, b in blocks()] if callable(blocks) else []
     recorded = cfg.steps // cfg.stats_interval
     per_step = (len(columns("steps")) + len(channels) * len(columns("layers"))) * SERIES_VALUE
     kept = recorded // cfg.channel_interval

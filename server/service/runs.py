@@ -221,10 +221,10 @@ class Runs:
         acknowledged), then stream it."""
         self._reporting(run_id, token, running_only=True)
         batch, client_seq = parse_batch(body)
-        limit = self.settings.max_run_disk
-        if self.store.series.kept_bytes(run_id) + len(body) > limit:
+        limit, kept = self.settings.max_run_disk, self.store.series.kept_bytes(run_id)
+        if kept + len(body) > limit:
             raise TooLarge(
-                f"run {run_id} keeps {gigabytes(self.store.series.kept_bytes(run_id))} of "
+                f"run {run_id} keeps {gigabytes(kept)} of "
                 f"records, and a run on this server may keep {gigabytes(limit)} "
                 "(--max-run-disk): record less often (bnscope.client's intervals), or start "
                 "a new run"

@@ -62,28 +62,25 @@ class SeriesReader:
         """The folded chunks of these series in chunk order, decoded; blobs are fetched only
         for chunks not already decoded with the same count of points."""
         wanted = set(keys)
-        where = [series.c.run_id == run_id,
-                 series.c.layer.in_(sorted({lay for lay, _ in keys})),
-                 series.c.stat.in_(sorted({st for _, st in keys}))]  # fmt: skip
-        if chunk_min is not None:
-            where.append(series.c.chunk >= chunk_min)
-        if chunk_max is not None:
-            where.append(series.c.chunk <= chunk_max)
+
+        def query(*columns: sa.ColumnElement[Any]) -> sa.Select[Any]:
+            q = _chunks(run_id, keys, series.c.chunk, series.c.n, *columns)
+            if chunk_min is not None:
+                q = q.where(series.c.chunk >= chunk_min)
+            if chunk_max is not None:
+                q = q.where(series.c.chunk <= chunk_max)
+            return q
+
         rows = [
             r
-            for r in conn.execute(
-                sa.select(series.c.layer, series.c.stat, series.c.chunk, series.c.n)
-                .where(*where)
-                .order_by(series.c.layer, series.c.stat, series.c.chunk)
-            )
+            for r in conn.execute(query().order_by(series.c.layer, series.c.stat, series.c.chunk))
             if (r[0], r[1]) in wanted
         ]
         with self._cache_lock:
             cached = {tuple(r[:3]): self._chunks.get((run_id, *r[:3])) for r in rows}
         missing = [r for r in rows if (c := cached[tuple(r[:3])]) is None or c[0] != r[3]]
         if missing:
-            fetch = sa.select(series.c.layer, series.c.stat, series.c.chunk, series.c.n,
-                              series.c.steps, series.c.vals).where(*where)  # fmt: skip
+            fetch = query(series.c.steps, series.c.vals)
             if len(missing) < len(rows):  # only those
                 fetch = fetch.where(
                     sa.tuple_(series.c.layer, series.c.stat, series.c.chunk).in_(
