@@ -189,6 +189,9 @@ class _BatchNorm(_NormBase):
         # write the recorded step's values straight into its row
         self.record_activation: ActivationStats | None = None
         self.record_into: RecordTarget | None = None
+        # FrozenBN (Wu & Johnson 2021): in training too, normalize with the running statistics
+        # and leave them as they are; the gradient flows through gamma and beta
+        self.frozen = False
 
     @classmethod
     def from_keras(
@@ -242,7 +245,8 @@ class _BatchNorm(_NormBase):
         params, buffers = self._parameters, self._buffers
         weight, bias = params["weight"], params["bias"]
         running_mean, running_var = buffers["running_mean"], buffers["running_var"]
-        if not self.training and running_mean is not None and running_var is not None:
+        frozen = not self.training or self.frozen
+        if frozen and running_mean is not None and running_var is not None:
             return batch_norm_with_stats(
                 input, running_mean, running_var, weight, bias, False, 0.0, self.eps
             )

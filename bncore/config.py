@@ -71,12 +71,41 @@ class ModelConfig(_Strict):
     """The network: a stack of blocks (linear or conv, normalization, activation), then a
     linear classifier. Blocks are named block0, block1, ... with or without normalization."""
 
-    kind: Literal["mlp", "cnn"] = Field(
-        default="mlp", description="fully connected, or convolutional"
+    kind: Literal["mlp", "cnn", "resnet"] = Field(
+        default="mlp",
+        description="fully connected, convolutional, or residual: He et al.'s CIFAR "
+        "ResNet-(6n+2), n = depth (a stem, three stages of n residual blocks at width, "
+        "2 width and 4 width channels, pooling, a linear classifier)",
     )
-    depth: int = Field(default=4, ge=1, le=100, description="number of hidden blocks")
+    depth: int = Field(
+        default=4,
+        ge=1,
+        le=100,
+        description="number of hidden blocks; resnet: residual blocks per stage (n of "
+        "ResNet-(6n+2): 3 gives ResNet-20)",
+    )
     width: int = Field(
-        default=128, ge=1, le=4096, description="units per hidden layer (MLP) or channels (CNN)"
+        default=128,
+        ge=1,
+        le=4096,
+        description="units per hidden layer (MLP), channels (CNN), channels of the first "
+        "stage (resnet; He et al.: 16)",
+    )
+    residual: Literal["post", "pre"] = Field(
+        default="post",
+        description="resnet: post-activation blocks (He et al. 2016a: conv-norm-ReLU-conv-norm,"
+        " ReLU after the sum) or pre-activation (He et al. 2016b: norm-ReLU-conv twice, "
+        "nothing after the sum)",
+    )
+    zero_init_residual: bool = Field(
+        default=False,
+        description="resnet: the last normalization of each residual branch starts with gamma"
+        " = 0, so every block starts as the identity (Goyal et al. 2017)",
+    )
+    skip_init: bool = Field(
+        default=False,
+        description="resnet: each residual branch is scaled by a learnable scalar that starts "
+        "at 0 (SkipInit, De & Smith 2020; trains deep networks without normalization)",
     )
     activation: Literal["relu", "tanh", "sigmoid", "linear"] = Field(
         default="relu", description="nonlinearity after each block's normalization (or before it)"
@@ -143,6 +172,16 @@ class NormConfig(_Strict):
         le=100,
         description="kind 'noisy': each step's per-channel scale is drawn from U(1, noise_scale)",
     )
+    freeze_after: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="kind 'batch': FrozenBN (Wu & Johnson 2021) after this share of the steps: "
+        "BN normalizes with its population statistics (recomputed by PreciseBN where "
+        "precise_bn is set, else the running ones) and stops updating them; the per-layer "
+        "statistics are not recorded from then on (BN computes no batch statistics); "
+        "default: never",
+    )
     groups: int | None = Field(
         default=None,
         ge=1,
@@ -155,6 +194,12 @@ class NormConfig(_Strict):
     def _check(self) -> NormConfig:
         if isinstance(self.momentum, float) and not 0.0 <= self.momentum <= 1.0:
             raise FieldsError(f"momentum must lie in [0, 1], got {self.momentum}", "momentum")
+        if self.freeze_after is not None and self.kind != "batch":
+            raise FieldsError(
+                f"freeze_after (FrozenBN) applies to kind 'batch', not {self.kind!r}",
+                "freeze_after",
+                "kind",
+            )
         if self.momentum == "cumulative" and self.convention == "keras":
             raise FieldsError(
                 "momentum 'cumulative' exists only in the pytorch convention",
@@ -340,6 +385,14 @@ class RunConfig(_Strict):
         description="at every evaluation, the loss and gradient along the gradient direction "
         "at 0.5-4 learning rates (Santurkar et al.'s landscape and beta-smoothness)",
     )
+    precise_bn: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="at every evaluation, recompute each BN's population statistics from this "
+        "many training batches, the model frozen (PreciseBN, Wu & Johnson 2021): their gap to "
+        "the EMA running statistics, and test accuracy with them and in training mode; 0: off",
+    )
     seed: int = Field(default=0, ge=0, description="seed of initialization and batch order")
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="where to train: auto picks cuda when available"
@@ -347,9 +400,9 @@ class RunConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
-        if self.model.kind == "cnn" and self.data.name not in SPATIAL_DATASETS:
+        if self.model.kind in ("cnn", "resnet") and self.data.name not in SPATIAL_DATASETS:
             raise FieldsError(
-                f"model.kind='cnn' needs data with spatial structure "
+                f"model.kind={self.model.kind!r} needs data with spatial structure "
                 f"({', '.join(SPATIAL_DATASETS)}), not data.name={self.data.name!r}",
                 "model.kind",
                 "data.name",
@@ -384,7 +437,8 @@ class RunConfig(_Strict):
                 "norm.virtual_batch",
                 "batch_size",
             )
-        per_block = width * width * (9 if self.model.kind == "cnn" else 1)
+        # a resnet stage: depth blocks of two 3x3 convs; three stages at w, 2w, 4w channels
+        per_block = width * width * {"mlp": 1, "cnn": 9, "resnet": 18 * 21}[self.model.kind]
         if per_block * depth > MAX_PARAMETERS:
             raise FieldsError(
                 f"model.width={width} x model.depth={depth} gives about "
@@ -393,7 +447,10 @@ class RunConfig(_Strict):
                 "model.depth",
             )
         recorded = self.steps // self.stats_interval // self.channel_interval
-        values = recorded * depth * width * 16
+        recorded_channels = (
+            width * (1 + 14 * depth + 4) if self.model.kind == "resnet" else (width * depth)
+        )
+        values = recorded * recorded_channels * 16
         if values > MAX_RECORDED_VALUES:
             raise FieldsError(
                 f"stats_interval={self.stats_interval} and channel_interval="

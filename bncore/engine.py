@@ -25,10 +25,18 @@ from torch import Tensor, nn
 import bncore
 from bncore.config import RunConfig
 from bncore.data import Dataset, load_dataset
-from bncore.landscape import internal_covariate_shift, landscape
+from bncore.landscape import internal_covariate_shift, landscape, preserved
 from bncore.models import Net, build_model
 from bncore.norms import new_noise
+from bncore.population import (
+    ema_gaps,
+    population_statistics,
+    running_buffers,
+    set_running,
+    tracked_norms,
+)
 from bncore.probes import Recorder
+from bncore.propagation import signal_propagation
 from bncore.records import Records
 from bncore.sinks import MemorySink, Sink
 from bncore.status import RunStatus
@@ -80,9 +88,7 @@ class Trainer:
         )
         self.loss_fn = nn.CrossEntropyLoss()
         batch = min(len(self.data.x_train), config.batch_size)
-        self.recorder = Recorder(
-            self.model, config.model.activation, config.tracked_units, self.device, batch
-        )
+        self.recorder = Recorder(self.model, config.tracked_units, self.device, batch)
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self._order = torch.empty(0, dtype=torch.long)
         self._cursor = 0
@@ -98,6 +104,12 @@ class Trainer:
         self.probe_batch = self.data.x_train[:n]
         self.probe_labels = self.data.y_train[:n]
         self._ics: dict[int, tuple[Tensor, Tensor]] = {}  # step -> (ICS, cosine) per block
+        self.norms = tracked_norms(self.model.blocks())  # those with running statistics
+        # PreciseBN's batches: drawn apart from the training order, which they leave alone
+        self._precise_generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
+        self._layer_evals: list[tuple[int, dict[str, dict[str, float]]]] = []
+        self._last_eval: dict[str, float] = {}
+        self.frozen = False  # FrozenBN from norm.freeze_after on
 
     # -- batches ------------------------------------------------------------------------------
 
@@ -119,15 +131,19 @@ class Trainer:
         cfg = self.config
         t0 = time.perf_counter()
         self.step_count += 1
-        record = (self.step_count - 1) % cfg.stats_interval == 0
+        freeze = cfg.norm.freeze_after
+        if freeze is not None and not self.frozen and self.step_count > freeze * cfg.steps:
+            self.freeze()
+        record = (self.step_count - 1) % cfg.stats_interval == 0 and not self.frozen
         x, y = self.next_batch()
         new_noise(self.model)  # noisy BN: this step's noise, the same for every pass over x
         self.recorder.arm(record)
         loss = self.loss_fn(self.model(x), y)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        lr = self.optimizer.param_groups[0]["lr"]  # this step's
         if record:
-            self.recorder.snapshot(self.step_count)
+            self.recorder.snapshot(self.step_count, lr)
         if cfg.ics_interval and (self.step_count - 1) % cfg.ics_interval == 0:
             self.recorder.arm(False)
             blocks = [b for _, b in self.model.blocks()]
@@ -141,12 +157,26 @@ class Trainer:
             )
         else:
             self.optimizer.step()
+        if record:
+            self.recorder.updated()
         self._losses.append(loss.detach())
         self._step_rows["step"].append(self.step_count)
-        self._step_rows["lr"].append(self.optimizer.param_groups[0]["lr"])  # this step's
+        self._step_rows["lr"].append(lr)
         self.schedule.step()
         self._step_rows["step_time"].append(time.perf_counter() - t0)
         self._step_rows["time"].append(time.time())
+
+    def freeze(self) -> None:
+        """FrozenBN from now on: the population statistics (PreciseBN's where the run
+        recomputes them, else the running ones) normalize in training too, fixed."""
+        self.recorder.arm(False)
+        if self.config.precise_bn and self.norms:
+            set_running(
+                self.norms, population_statistics(self.model, self.norms, self._precise_batches())
+            )
+        for norm in self.norms.values():
+            norm.frozen = True  # type: ignore[assignment]  # kind 'batch': bncore's BatchNorm
+        self.frozen = True
 
     def flush(self) -> Records:
         """Pending records to the host: one transfer for the losses, one for the statistics."""
@@ -163,7 +193,24 @@ class Trainer:
             }
             self._losses = []
             self._step_rows = {k: [] for k in self._step_rows}
+        rec.layer_evals = self._layer_eval_table()
         return rec
+
+    def _layer_eval_table(self) -> dict[str, np.ndarray]:
+        """The pending per-block evaluation rows as a ``layer_evals`` table (NaN where a block
+        has no value of a statistic)."""
+        rows = [(step, layer, vals) for step, by in self._layer_evals for layer, vals in by.items()]
+        self._layer_evals = []
+        if not rows:
+            return {}
+        stats = list(dict.fromkeys(k for _, _, vals in rows for k in vals))
+        table = {
+            "step": np.asarray([r[0] for r in rows], np.int64),
+            "layer": np.asarray([r[1] for r in rows]),
+        }
+        for k in stats:
+            table[k] = np.asarray([r[2].get(k, math.nan) for r in rows], np.float32)
+        return table
 
     def _add_ics(self, layers: dict[str, np.ndarray]) -> None:
         """ICS columns for the flushed ``layers`` rows (NaN on steps without a measurement)."""
@@ -202,8 +249,48 @@ class Trainer:
         denom = eval_logits.norm().clamp_min(1e-12)
         return float((train_logits - eval_logits).norm() / denom)
 
+    def _precise_batches(self) -> list[Tensor]:
+        """``precise_bn`` random training batches of ``batch_size``."""
+        n, bs = len(self.data.x_train), min(self.config.batch_size, len(self.data.x_train))
+        out = []
+        for _ in range(self.config.precise_bn):
+            idx = torch.randperm(n, generator=self._precise_generator)[:bs]
+            out.append(self.data.x_train[idx.to(self.device)])
+        return out
+
+    @torch.no_grad()
+    def _batch_mode_acc(self) -> float:
+        """Test accuracy in training mode, each batch of ``batch_size`` test examples
+        normalized with its own statistics (a tail too short for that left out)."""
+        x, y = self.data.x_test, self.data.y_test
+        bs, correct, seen = self.config.batch_size, 0, 0
+        with preserved(self.model):
+            self.model.train()
+            for i in range(0, len(x) - 1, bs):
+                xb = x[i : i + bs]
+                if len(xb) < 2:
+                    break
+                correct += int((self.model(xb).argmax(1) == y[i : i + bs]).sum())
+                seen += len(xb)
+        return correct / seen if seen else math.nan
+
+    def _population(self, out: dict[str, float], rows: dict[str, dict[str, float]]) -> None:
+        """PreciseBN: population statistics, their gap to the EMA ones, and the test accuracy
+        with them and with batch statistics, into ``out`` and ``rows``."""
+        stats = population_statistics(self.model, self.norms, self._precise_batches())
+        for name, (mean_gap, var_gap) in ema_gaps(self.norms, stats).items():
+            rows.setdefault(name, {}).update(ema_mean_gap=mean_gap, ema_var_gap=var_gap)
+        with running_buffers(self.norms, stats):
+            self.model.eval()
+            out["test_loss_precise"], out["test_acc_precise"] = self._loss_acc(
+                self.data.x_test, self.data.y_test
+            )
+        out["test_acc_batch"] = self._batch_mode_acc()
+
     def evaluate(self) -> dict[str, float]:
-        """Train (a fixed subset) and test loss and accuracy in eval mode, and the mode gap."""
+        """Train (a fixed subset) and test loss and accuracy in eval mode, and the mode gap;
+        what the run asks to measure at evaluations besides (PreciseBN, the landscape), and a
+        residual network's signal propagation."""
         self.recorder.arm(False)
         self.model.eval()
         d = self.data
@@ -225,6 +312,21 @@ class Trainer:
             etas = [f * lr for f in LANDSCAPE_STEPS]
             out.update(landscape(self.model, self.loss_fn, self.probe_batch, self.probe_labels,
                                  etas))  # fmt: skip
+        rows: dict[str, dict[str, float]] = {}
+        if self.config.precise_bn and self.norms:
+            self._population(out, rows)
+        if len(self.probe_batch) > 1:
+            last = dict(self.model.blocks())  # a residual block's values at its last unit
+            for name, (sq, var, branch) in signal_propagation(self.model, self.probe_batch).items():
+                unit = f"{name}.b"
+                assert unit in last
+                rows.setdefault(unit, {}).update(
+                    signal_sq_mean=sq, signal_var=var, branch_var=branch
+                )
+        self.model.train()
+        if rows:
+            self._layer_evals.append((self.step_count, rows))
+        self._last_eval = out
         return out
 
     # -- the whole run ------------------------------------------------------------------------
@@ -277,8 +379,12 @@ class Trainer:
             if any(rec.tables().values()):
                 sink.write(rec)
             self.recorder.close()
-        if status == RunStatus.COMPLETED.value:
-            final = {k: v for k, v in self.evaluate().items() if k != "step"}
+        if status == RunStatus.COMPLETED.value:  # the last evaluation was at the last step
+            last = self._last_eval
+            if last.get("step") != self.step_count:
+                last = self.evaluate()
+                self._layer_evals = []
+            final = {k: v for k, v in last.items() if k != "step"}
         summary = {
             **self.meta(),
             "status": status,

@@ -39,7 +39,7 @@ from bncore.kernels.reference import (
     ActivationStats,
 )
 from bncore.models import Block, Net
-from bncore.records import Records, bn_output_rows, channel_rows, summarize
+from bncore.records import Records, bn_output_rows, channel_rows, channel_table, summarize
 from bncore.stats import RECORD_ACT, RECORD_GRAD, RECORD_ROWS, BNStats, RecordTarget
 
 __all__ = ["QUANTILES", "SATURATION", "Recorder"]
@@ -69,6 +69,7 @@ class _BlockSlot:
         device = block.layer.weight.device
         self.units = torch.linspace(0, c - 1, min(units, c), device=device).round().long()
         self.is_bn = isinstance(getattr(block.norm, "stats", None), BNStats)
+        self.lo, self.hi = SATURATION[block.activation]
         self.act_spec: ActivationStats | None = None  # what BN measures of the activation
         self.rows = RECORD_ROWS if self.is_bn else MEASURED_ROWS
         self.batch = batch  # examples per recorded forward
@@ -111,19 +112,16 @@ class Recorder:
     ``batch``: the examples in each recorded forward (it fixes the row layout).
     """
 
-    def __init__(
-        self, model: Net, activation: str, tracked_units: int, device: torch.device, batch: int
-    ):
-        self.lo, self.hi = SATURATION[activation]
+    def __init__(self, model: Net, tracked_units: int, device: torch.device, batch: int):
         self.slots: list[_BlockSlot] = []
         offset = 0
         for name, block in model.blocks():
             self.slots.append(_BlockSlot(name, block, tracked_units, batch, offset))
             offset += self.slots[-1].width
-        fusable = {"relu": RELU, "linear": IDENTITY}.get(activation)
         for s in self.slots:
+            fusable = {"relu": RELU, "linear": IDENTITY}.get(s.block.activation)
             if s.is_bn and s.block.norm_first and fusable is not None:
-                s.act_spec = ActivationStats(fusable, self.lo, self.hi)
+                s.act_spec = ActivationStats(fusable, s.lo, s.hi)
             # BN before a ReLU or no nonlinearity writes all of its block's record itself
             s.observed = not (s.act_spec is not None and s.block.norm_first)
         self._bn = [s for s in self.slots if s.is_bn]
@@ -134,8 +132,12 @@ class Recorder:
         self.biases = [s.block.layer.bias for s in self.slots]
         if all(b is None for b in self.biases):
             self.biases = []
-        self._norms_at = offset  # weight-gradient norms, then the biases'
-        self.width = offset + len(self.slots) + len(self.biases)
+        k, kb = len(self.slots), len(self.biases)
+        self._norms_at = offset  # weight-gradient norms, then the biases'...
+        self._weights_at = offset + k + kb  # ...then the weights' norms and angular updates
+        self.width = self._weights_at + 2 * k
+        self._before: list[Tensor] = []  # the weights before this step's update
+        self._lrs: list[float] = []  # the learning rate of each pending step
         self.buffer = torch.empty(0, self.width, device=device)  # one row per recorded step
         self._row_views: list[Tensor] = []
         self._targets: list[list[RecordTarget]] = []  # per row: the BN blocks' stretches
@@ -195,7 +197,7 @@ class Recorder:
         if slot.is_bn and not slot.norm.training:
             raise RuntimeError("recording needs the BatchNorm layers in training mode")
         if slot.act_spec is None:  # BN did not measure the activation
-            self._add(post_act, MOMENTS, slot.at("act_mean"), self.lo, self.hi)
+            self._add(post_act, MOMENTS, slot.at("act_mean"), slot.lo, slot.hi)
         if not slot.is_bn:
             inf = math.inf
             self._add(pre_norm, MEAN_VAR, slot.at("pre_mean"), -inf, inf)
@@ -227,8 +229,9 @@ class Recorder:
 
         return hook
 
-    def snapshot(self, step: int) -> None:
-        """After the backward, before the optimizer step: write what is left of this step's row."""
+    def snapshot(self, step: int, lr: float = math.nan) -> None:
+        """After the backward, before the optimizer step (of learning rate ``lr``): write what
+        is left of this step's row; :meth:`updated` completes it after the step."""
         for slot in self._grad_slots:
             grad = slot.grad if slot.grad is not None else slot.nan4
             self._add(grad, COPY, slot.at("gamma_grad"))
@@ -251,7 +254,28 @@ class Recorder:
                     self._index,
                     self._offsets,
                 )
+        with torch.no_grad():
+            self._before = list(torch._foreach_mul(self.weights, 1.0))  # copies, in one call
         self.pending_steps.append(step)
+        self._lrs.append(lr)
+
+    @torch.no_grad()
+    def updated(self) -> None:
+        """After the optimizer step of a recorded step: each weight's norm before it and the
+        angle it turned by (the angular update; a scale-invariant weight's effective step)."""
+        if not self._before:
+            return
+        after = self.weights
+        a = torch.stack(torch._foreach_norm(self._before)).double()
+        b = torch.stack(torch._foreach_norm(after)).double()
+        d = torch.stack(torch._foreach_norm(torch._foreach_sub(after, self._before))).double()
+        # 4ab sin^2(theta/2) = d^2 - (a - b)^2: stable for the small angles of one step
+        half = ((d.square() - (a - b).square()).clamp_min(0) / (4 * a * b)).sqrt().clamp(max=1)
+        row = self._row_views[len(self.pending_steps) - 1]
+        k = len(self.weights)
+        row[self._weights_at : self._weights_at + k] = a.float()
+        row[self._weights_at + k : self._weights_at + 2 * k] = (2 * half.asin()).float()
+        self._before = []
 
     def close(self) -> None:
         """Detach the gradient hooks from the model."""
@@ -293,10 +317,20 @@ class Recorder:
         # a copy: passed through as a column, it would be a view on the buffer (when n == 1),
         # and the next step would overwrite records already handed to the sink
         k, kb = len(self.slots), len(self.biases)
-        grad_norms = raw[:, raw.shape[1] - k - kb : raw.shape[1] - kb].copy()
-        # NaN again where a hook may not write next time (a weight without a gradient)
+        grad_norms = raw[:, self._norms_at : self._norms_at + k].copy()
+        at = self._weights_at
+        weight_norms, angles = raw[:, at : at + k].copy(), raw[:, at + k : at + 2 * k].copy()
+        lrs = np.asarray(self._lrs, np.float64)[:, None]
+        self._lrs = []
+        with np.errstate(divide="ignore", invalid="ignore"):
+            eff_lr = (lrs / np.square(weight_norms.astype(np.float64))).astype(np.float32)
+        # NaN again where a hook may not write next time (a weight without a gradient), and
+        # where no optimizer step may follow (the last step of a cancelled run)
         self.buffer[:n, self._norms_at : self._norms_at + k].fill_(math.nan)
-        bias_norms = raw[:, -kb:].copy() if kb else np.full((n, k), np.nan, np.float32)
+        self.buffer[:n, at : at + 2 * k].fill_(math.nan)
+        bias_norms = (
+            raw[:, self._norms_at + k : at].copy() if kb else np.full((n, k), np.nan, np.float32)
+        )
         layers, channels = [], []
         offset = first = 0
         for group in _groups(self.slots):
@@ -315,6 +349,10 @@ class Recorder:
                 bias_norms[:, first : first + b],
                 means,
             )
+            part = slice(first, first + b)
+            cols["weight_norm"] = weight_norms[:, part]
+            cols["eff_lr"] = eff_lr[:, part]
+            cols["angular_update"] = angles[:, part]
             first += b
             layers.append(
                 {
@@ -333,7 +371,8 @@ class Recorder:
                         **kept,
                     }
                 )
-        return Records(layers=_by_step(layers), channels=_by_step(channels))
+        # channels: layers of several widths (a ResNet's stages) give ragged columns
+        return Records(layers=_by_step(layers), channels=channel_table(channels, by_step=True))
 
     @staticmethod
     def _rows(

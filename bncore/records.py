@@ -1,11 +1,12 @@
 """What a run records, in columns: the format every sink writes and every reader gets.
 
-Four tables, each a dict of equal-length numpy columns (Parquet files in ``bnscope train --out``):
+Five tables, each a dict of equal-length numpy columns (Parquet files in ``bnscope train --out``):
 ``steps`` (one row per training step), ``layers`` (one row per recorded step and block;
 ``layer`` is the block's name), ``channels`` (per-channel arrays of shape (rows, C), one row per
-kept step and block) and ``evals`` (one row per evaluation, in eval mode). Every table has a
-``step`` column. What each other column means, its unit and how it is drawn: the registry in
-bncore.statistics (docs/statistics.md); the column lists below are read from it.
+kept step and block), ``evals`` (one row per evaluation, in eval mode) and ``layer_evals`` (one
+row per evaluation and block, in runs that measure something per block when they evaluate).
+Every table has a ``step`` column. What each other column means, its unit and how it is drawn:
+the registry in bncore.statistics (docs/statistics.md); the column lists below are read from it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import numpy as np
 
 from bncore.statistics import PERCENTILE, columns
 
-TABLES = ("steps", "layers", "channels", "evals")
+TABLES = ("steps", "layers", "channels", "evals", "layer_evals")
 
 CHANNEL_COLUMNS = columns("channels")
 
@@ -32,6 +33,7 @@ EVAL_COLUMNS = columns("evals")
 OPTIONAL_EVAL_COLUMNS = columns("evals", optional=True)
 #: Only where measured (ics_interval; weight_norm for watched models).
 OPTIONAL_LAYER_COLUMNS = columns("layers", optional=True)
+LAYER_EVAL_COLUMNS = columns("layer_evals", optional=True)
 LAYER_COLUMNS = columns("layers")
 PERCENTILE_COLUMN = PERCENTILE
 
@@ -44,6 +46,7 @@ class Records:
     layers: Table = field(default_factory=dict)
     channels: Table = field(default_factory=dict)
     evals: Table = field(default_factory=dict)
+    layer_evals: Table = field(default_factory=dict)
 
     def tables(self) -> dict[str, Table]:
         return {name: getattr(self, name) for name in TABLES}

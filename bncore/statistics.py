@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-Table = Literal["steps", "evals", "layers", "channels"]
+Table = Literal["steps", "evals", "layers", "layer_evals", "channels"]
 
 
 @dataclass(frozen=True)
@@ -20,10 +20,10 @@ class Statistic:
     """One recorded quantity.
 
     ``table``: the records table of its rows (``steps``: one per training step, ``evals``: one
-    per evaluation, ``layers``: one per recorded step and block, ``channels``: per-channel arrays
-    every ``channel_interval`` steps). ``optional``: only in runs that ask for it. ``label``: the
-    short name a chart uses. ``log``: drawn on a log axis. ``compare``: offered when comparing
-    runs.
+    per evaluation, ``layers``: one per recorded step and block, ``layer_evals``: one per
+    evaluation and block, ``channels``: per-channel arrays every ``channel_interval`` steps).
+    ``optional``: only in runs that ask for it. ``label``: the short name a chart uses.
+    ``log``: drawn on a log axis. ``compare``: offered when comparing runs.
     """
 
     name: str
@@ -37,7 +37,7 @@ class Statistic:
 
     @property
     def per_layer(self) -> bool:
-        return self.table in ("layers", "channels")
+        return self.table in ("layers", "layer_evals", "channels")
 
 
 def _s(name: str, table: Table, meaning: str, label: str, **kw: object) -> Statistic:
@@ -73,6 +73,14 @@ _ALL: tuple[Statistic, ...] = (
            "direction", "landscape: gradient change", optional=True),
         _s("beta_smoothness", "evals", "effective beta-smoothness: gradient change over "
            "distance along the gradient direction", "effective beta-smoothness", optional=True),
+        _s("test_acc_precise", "evals", "test accuracy with the population statistics that "
+           "PreciseBN recomputes (bncore.population; runs with precise_bn)",
+           "test accuracy, PreciseBN statistics", unit="share", optional=True),
+        _s("test_loss_precise", "evals", "test loss with the PreciseBN population statistics",
+           "test loss, PreciseBN statistics", optional=True, log=True),
+        _s("test_acc_batch", "evals", "test accuracy in training mode: each batch of "
+           "batch_size test examples normalized with its own statistics (runs with "
+           "precise_bn)", "test accuracy, batch statistics", unit="share", optional=True),
         # -- layers -----------------------------------------------------------------------
         _s("pre_mean", "layers", f"channel average of the batch mean of {_PRE}",
            "BN input mean (batch)", compare=True),
@@ -119,8 +127,17 @@ _ALL: tuple[Statistic, ...] = (
            "normalization's input", "gradient norm into the layer", log=True, compare=True),
         _s("weight_grad_norm", "layers", "L2 norm of the gradient of the linear/conv weight "
            "feeding the block", "weight gradient norm", log=True, compare=True),
-        _s("weight_norm", "layers", "L2 norm of the linear/conv weight feeding the block "
-           "(watched models)", "weight norm", optional=True, log=True),
+        _s("weight_norm", "layers", "L2 norm ||w|| of the block's linear/conv weight, before "
+           "the step's update: a weight that a normalization follows is scale-invariant, and "
+           "its norm grows under SGD without weight decay (van Laarhoven 2017)", "weight norm",
+           log=True, compare=True),
+        _s("eff_lr", "layers", "effective learning rate lr/||w||^2 of the block's weight: "
+           "the step a scale-invariant weight takes on its sphere (Hoffer et al. 2018, Arora "
+           "et al. 2019; BN Scope's own networks)", "effective learning rate lr/||w||^2",
+           optional=True, log=True, compare=True),
+        _s("angular_update", "layers", "angle between the block's weight before and after the "
+           "step's update (BN Scope's own networks)", "angular update", unit="rad", optional=True,
+           log=True, compare=True),
         _s("layer_bias_grad_norm", "layers", "L2 norm of the linear/conv layer's own bias "
            "gradient (NaN without one); BN right after the layer makes it zero",
            "layer bias gradient norm", log=True),
@@ -130,6 +147,23 @@ _ALL: tuple[Statistic, ...] = (
            compare=True),
         _s("ics_cos", "layers", "cos(G, G') of the same two gradients", "internal covariate "
            "shift: cos(G, G')", optional=True, compare=True),
+        # -- layer_evals: per evaluation and block ---------------------------------------
+        _s("ema_mean_gap", "layer_evals", "RMS over channels of the EMA running mean minus the "
+           "PreciseBN population mean, in population standard deviations (Wu & Johnson 2021; "
+           "runs with precise_bn)", "EMA vs population: mean gap (in std)", optional=True,
+           log=True, compare=True),
+        _s("ema_var_gap", "layer_evals", "RMS over channels of the EMA running variance's "
+           "relative error against the population variance", "EMA vs population: relative "
+           "variance gap", optional=True, log=True, compare=True),
+        _s("signal_sq_mean", "layer_evals", "residual networks, at each residual block's last "
+           "unit: average channel squared mean of the block's output in training mode (Brock "
+           "et al. 2021's signal propagation)", "average channel squared mean",
+           optional=True, log=True, compare=True),
+        _s("signal_var", "layer_evals", "average channel variance of the residual block's "
+           "output", "average channel variance", optional=True, log=True, compare=True),
+        _s("branch_var", "layer_evals", "average channel variance of what the residual branch "
+           "added (after SkipInit's scalar)", "residual branch variance", optional=True,
+           log=True, compare=True),
         # -- channels (per-channel arrays, one row of C values per layer and kept step) ----
         *(
             _s(name, "channels", meaning, name.replace("_", " "))
@@ -189,6 +223,7 @@ def unknown(name: str) -> str:
         "per step": [*columns("steps")],
         "per evaluation": [*columns("evals"), *columns("evals", optional=True)],
         "per layer": [*columns("layers"), *columns("layers", optional=True), "p15_j/p50_j/p85_j"],
+        "per layer and evaluation": [*columns("layer_evals", optional=True)],
     }
     return f"unknown stat {name!r}; " + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items())
 
@@ -199,6 +234,7 @@ def markdown() -> str:
         "steps": "Per training step (`steps`)",
         "evals": "Per evaluation, in eval mode (`evals`)",
         "layers": "Per recorded step and block (`layers`)",
+        "layer_evals": "Per evaluation and block (`layer_evals`)",
         "channels": "Per channel, every `channel_interval` steps (`channels`)",
     }
     out = [

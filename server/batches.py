@@ -29,11 +29,12 @@ from server.store.schema import MAX_INT
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,63}")
 MAX_COLUMNS = 128  # columns of one table in a batch (a run's own: about 80 at most)
 MAX_LAYERS = 512  # distinct layers in one batch's tables
+PER_LAYER = ("layers", "layer_evals", "channels")  # tables with a 'layer' column
 
 
 def _known(table: str, col: str) -> bool:
     """A column the table holds: its step (and layer), or one of its statistics."""
-    if col == "step" or (col == "layer" and table in ("layers", "channels")):
+    if col == "step" or (col == "layer" and table in PER_LAYER):
         return True
     if table == "channels":
         return col in CHANNEL_COLUMNS
@@ -105,7 +106,7 @@ def parse_batch(body: bytes) -> tuple[Batch, int | None]:
             except (TypeError, ValueError, OverflowError) as exc:
                 raise Invalid(f"{where}: {exc}", field=where) from None
             cols[col] = arr
-        if name in ("layers", "channels") and "layer" not in cols:
+        if name in PER_LAYER and "layer" not in cols:
             raise Invalid(f"{name} needs a 'layer' column")
         if name == "channels":
             missing = [c for c in CHANNEL_COLUMNS if c not in cols]

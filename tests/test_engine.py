@@ -246,9 +246,11 @@ def test_columns_are_the_documented_ones():
     rec = train(_cfg(steps=5, eval_interval=5)).records
     assert set(rec.steps) == {"step", *STEP_COLUMNS}
     assert set(rec.evals) == {"step", *EVAL_COLUMNS}
-    extra = set(rec.layers) - {"step", "layer", *LAYER_COLUMNS}
+    own = {"eff_lr", "angular_update"}  # optional: BN Scope's own networks only
+    extra = set(rec.layers) - {"step", "layer", *LAYER_COLUMNS, *own}
     assert extra and all(PERCENTILE_COLUMN.fullmatch(c) for c in extra)
-    assert set(LAYER_COLUMNS) <= set(rec.layers)
+    assert set(LAYER_COLUMNS) | own <= set(rec.layers)
+    assert not rec.layer_evals  # a plain network without precise_bn measures none
 
 
 def test_flushed_records_do_not_change_when_training_goes_on():

@@ -33,7 +33,7 @@ def test_records_columns_are_the_registry_s():
 
 def test_the_api_accepts_every_registered_statistic_and_names_them_when_refusing():
     for stat in statistics.STATISTICS.values():
-        assert per_layer(stat.name) == (stat.table == "layers")
+        assert per_layer(stat.name) == (stat.table in ("layers", "layer_evals"))
     assert per_layer("p50_3") and per_layer("weight_norm")
     with pytest.raises(BadRequest) as refused:
         per_layer("pre_variance")

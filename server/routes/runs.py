@@ -155,7 +155,7 @@ def export(
     svc: Svc,
     format: Literal["csv", "parquet"] = "csv",
     table_name: Annotated[
-        Literal["steps", "layers", "evals", "channels"], Query(alias="table")
+        Literal["steps", "layers", "evals", "layer_evals", "channels"], Query(alias="table")
     ] = "layers",
 ) -> Response:
     """One records table as a file: CSV (per-channel arrays as one column per channel, empty

@@ -30,6 +30,12 @@ def per_layer(stat: str) -> bool:
     return found.per_layer
 
 
+def _table_of(stat: str) -> str:
+    """The records table a stored statistic belongs to."""
+    found = statistics.lookup(stat)
+    return found.table if found is not None else ""
+
+
 #: Series (statistic x layer) one /metrics request may read.
 MAX_SERIES = 1024
 
@@ -134,8 +140,9 @@ class Records:
         if name in ("steps", "evals"):
             wanted = STEP_COLUMNS if name == "steps" else (*EVAL_COLUMNS, *OPTIONAL_EVAL_COLUMNS)
             return self._aligned(run_id, [("", s) for s in wanted if ("", s) in names])
+        names = [(lay, s) for lay, s in names if lay and _table_of(s) == name]
         parts = []
-        for layer in dict.fromkeys(layer for layer, _ in names if layer):
+        for layer in dict.fromkeys(layer for layer, _ in names):
             cols = self._aligned(run_id, [(lay, s) for lay, s in names if lay == layer])
             parts.append({"layer": np.full(len(cols.get("step", ())), layer), **cols})
         if not parts:

@@ -4,8 +4,8 @@ coarse copy.
 
 The pending body is a JSON index (text columns inline) followed by the raw numeric arrays, so a
 batch of hundreds of columns is one INSERT, stored atomically, and decodes without copies.
-(Arrow IPC was weighed for it: a batch holds four tables of different lengths, one of them with
-ragged per-channel rows, which Arrow would keep as four framed streams of its own.)
+(Arrow IPC was weighed for it: a batch holds five tables of different lengths, one of them with
+ragged per-channel rows, which Arrow would keep as five framed streams of its own.)
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ def series_of(batch: Batch) -> Iterable[tuple[str, str, np.ndarray, np.ndarray]]
         for stat, vals in t.items():
             if stat != "step":
                 yield "", stat, steps, np.asarray(vals, np.float32)
-    t = batch.get("layers") or {}
-    if len(t.get("step", ())):
+    for table in ("layers", "layer_evals"):
+        t = batch.get(table) or {}
+        if not len(t.get("step", ())):
+            continue
         steps, names = np.asarray(t["step"], np.int64), np.asarray(t["layer"])
         for layer in dict.fromkeys(names.tolist()):
             sel = names == layer
