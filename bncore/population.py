@@ -132,13 +132,14 @@ def ema_gaps(norms: dict[str, nn.Module], stats: PopulationStats) -> dict[str, t
     r"""Per normalization, how far the EMA running statistics are from the population's, as
     RMS over channels: of :math:`(\mu_{EMA} - \mu_{pop}) / \sqrt{\sigma^2_{pop} + \epsilon}`
     (the mean's error in the population's standard deviations) and of
-    :math:`\sigma^2_{EMA} / (\sigma^2_{pop} + \epsilon) - 1` (the variance's relative error)."""
+    :math:`(\sigma^2_{EMA} - \sigma^2_{pop}) / (\sigma^2_{pop} + \epsilon)` (the variance's relative
+    error)."""
     out = {}
     for name, (mean, var) in stats.items():
         eps = float(getattr(norms[name], "eps", 1e-5))
         rm, rv = _running(norms[name])
         scale = (var.double() + eps).sqrt()
         dm = (rm.double() - mean.double()) / scale
-        dv = rv.double() / scale.square() - 1
+        dv = (rv.double() - var.double()) / scale.square()
         out[name] = (float(dm.square().mean().sqrt()), float(dv.square().mean().sqrt()))
     return out
