@@ -188,8 +188,8 @@ def test_angular_update_equals_the_angle_between_the_weights_before_and_after_th
     for _ in range(3):
         before = w.detach().clone()
         t.step()
-        cos = torch.nn.functional.cosine_similarity(before.flatten().double(),
-                                                    w.detach().flatten().double(), dim=0)  # fmt: skip
+        a, b = before.flatten().double(), w.detach().flatten().double()
+        cos = torch.nn.functional.cosine_similarity(a, b, dim=0)
         angles.append(math.acos(min(1.0, float(cos))))
         norm_before = float(before.norm())
     rec = t.flush().layers

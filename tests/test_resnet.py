@@ -36,7 +36,7 @@ def _resnet(norm: str = "batch", **model: object) -> ResNet:
 def _torch_nn(net: nn.Module) -> nn.Module:
     """A copy of ``net`` with torch.nn's BatchNorm2d in place of bncore's, same state."""
     ref = copy.deepcopy(net)
-    for name, module in list(ref.named_modules()):
+    for module in list(ref.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, bncore.BatchNorm2d):
                 swap = nn.BatchNorm2d(child.num_features, eps=child.eps, momentum=child.momentum)
@@ -138,7 +138,7 @@ def test_resnet_1d_on_mnist1d_and_config_errors():
     cfg = parse_config({**_cfg(), "data": {"name": "mnist1d", "samples": 400}})
     net = build_model(cfg, (1, 40), 10)
     assert net(torch.randn(3, 1, 40)).shape == (3, 10)
-    with pytest.raises(ConfigError, match="model.kind='resnet' needs data with spatial"):
+    with pytest.raises(ConfigError, match=r"model\.kind='resnet' needs data with spatial"):
         parse_config({**_cfg(), "data": {"name": "blobs"}})
     with pytest.raises(ConfigError, match="parameters"):
         parse_config({**_cfg(depth=100, width=256)})
