@@ -313,7 +313,7 @@ class Trainer:
             out.update(landscape(self.model, self.loss_fn, self.probe_batch, self.probe_labels,
                                  etas))  # fmt: skip
         rows: dict[str, dict[str, float]] = {}
-        if self.config.precise_bn and self.norms:
+        if self.config.precise_bn and self.norms and not self.frozen:  # frozen: they are fixed
             self._population(out, rows)
         if len(self.probe_batch) > 1:
             last = dict(self.model.blocks())  # a residual block's values at its last unit
@@ -436,7 +436,8 @@ def _first_nonfinite(rec: Records) -> tuple[int, str] | None:
 def _eval_table(rows: list[dict[str, float]]) -> dict[str, np.ndarray]:
     if not rows:
         return {}
-    out = {k: np.asarray([r[k] for r in rows], dtype=np.float32) for k in rows[0]}
+    keys = dict.fromkeys(k for r in rows for k in r)  # a measurement may stop (FrozenBN)
+    out = {k: np.asarray([r.get(k, math.nan) for r in rows], dtype=np.float32) for k in keys}
     out["step"] = out["step"].astype(np.int64)
     return out
 

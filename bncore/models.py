@@ -240,8 +240,9 @@ class ResidualBlock(nn.Module):
 class ResNet(Net):
     """The CIFAR ResNet-(6n+2) of He et al. (2016): a stem, three stages of ``n`` residual
     blocks at width w, 2w and 4w (each later stage halves the resolution), then pooling and a
-    linear classifier. Pre-activation networks end with a norm and ReLU before the pooling (the
-    ``final`` block, whose layer is the classifier)."""
+    linear classifier; the convolutions start from He et al.'s (2015) initialization.
+    Pre-activation networks end with a norm and ReLU before the pooling (the ``final`` block,
+    whose layer is the classifier)."""
 
     def __init__(self, stem: Block, res: list[ResidualBlock], head: nn.Module, final: Block | None):
         nn.Module.__init__(self)
@@ -336,7 +337,10 @@ def _resnet(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int) -> R
     act = m.activation
 
     def conv(cin: int, cout: int, stride: int = 1) -> nn.Conv1d | nn.Conv2d:
-        return conv_cls(cin, cout, 3, stride=stride, padding=1, bias=bias)
+        layer = conv_cls(cin, cout, 3, stride=stride, padding=1, bias=bias)
+        # He et al. (2015): a ReLU network keeps its signal's scale through each layer
+        nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
+        return layer
 
     def normed(c: int) -> nn.Module:
         return NORMS[norm.kind](cfg, c, spatial)

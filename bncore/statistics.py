@@ -74,7 +74,8 @@ _ALL: tuple[Statistic, ...] = (
         _s("beta_smoothness", "evals", "effective beta-smoothness: gradient change over "
            "distance along the gradient direction", "effective beta-smoothness", optional=True),
         _s("test_acc_precise", "evals", "test accuracy with the population statistics that "
-           "PreciseBN recomputes (bncore.population; runs with precise_bn)",
+           "PreciseBN recomputes (bncore.population; runs with precise_bn, until FrozenBN fixes "
+           "the statistics)",
            "test accuracy, PreciseBN statistics", unit="share", optional=True),
         _s("test_loss_precise", "evals", "test loss with the PreciseBN population statistics",
            "test loss, PreciseBN statistics", optional=True, log=True),

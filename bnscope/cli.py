@@ -1,4 +1,5 @@
-"""The ``bnscope`` command line: ``train`` a run from a config file, ``info`` about this machine."""
+"""The ``bnscope`` command line: ``train`` a run from a config file, run an ``experiment`` here,
+``serve`` the product, ``info`` about this machine."""
 
 from __future__ import annotations
 
@@ -134,6 +135,50 @@ def _serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _experiment(args: argparse.Namespace) -> int:
+    """Run one of the experiments here, without a server, and say whether this measurement
+    agrees with its paper."""
+    import yaml
+
+    from bncore.config import get_field
+    from bncore.engine import RunResult
+    from bncore.experiments import EXPERIMENTS
+    from bncore.experiments.local import run
+
+    exp = EXPERIMENTS.get(args.key)
+    if exp is None:
+        known = ", ".join(EXPERIMENTS)
+        print(
+            f"bnscope experiment: no experiment {args.key!r}; there are: {known}", file=sys.stderr
+        )
+        return EXIT_USAGE
+    overrides = {}
+    for item in args.set:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            print(f"bnscope experiment: --set expects FIELD=VALUE, got {item!r}", file=sys.stderr)
+            return EXIT_USAGE
+        overrides[key.strip()] = yaml.safe_load(raw)
+
+    def progress(config: dict, done: RunResult) -> None:
+        where = ", ".join(f"{k}={get_field(config, k)}" for k in exp.grid)
+        acc = done.final.get("test_acc", float("nan"))
+        print(f"  {where}: {done.status}, test accuracy {acc:.3f}", flush=True)
+
+    try:
+        res = run(exp, args.size, overrides, on_run=None if args.quiet or args.json else progress)
+    except ConfigError as exc:
+        print(f"bnscope experiment: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.json:
+        print(json.dumps(res))
+        return EXIT_OK
+    v = res["verdict"]
+    said = f"{'agrees' if v['agrees'] else 'DISAGREES'}: {v['text']}" if v else "not measured"
+    print(f"{res['title']}\nPaper: {res['claim']}\nThis measurement {said}")
+    return EXIT_OK
+
+
 def _size(text: str) -> int:
     """A size: bytes, or with a unit (KB, MB, GB, KiB, MiB, GiB)."""
     units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -160,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help=_train.__doc__,
         description=(_train.__doc__ or "")
-        + " Output: DIR/{steps,layers,channels,evals}.parquet, config.json and run.json "
+        + " Output: DIR/{steps,layers,channels,evals,layer_evals}.parquet, config.json and "
+        "run.json "
         "(the columns are documented in bncore/records.py). Exit status: 0 completed, "
         "3 diverged, 2 bad config or data.",
         epilog="Config fields (JSON or YAML; nested keys as in the dotted names):\n"
@@ -178,6 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
+    exp = sub.add_parser("experiment", help=_experiment.__doc__, description=_experiment.__doc__)
+    exp.add_argument("key", help="the experiment (the dashboard's Experiments tab lists them)")
+    exp.add_argument(
+        "--size",
+        choices=("quick", "full"),
+        default="quick",
+        help="quick: minutes on a CPU (default); full: the paper's sizes, for a GPU",
+    )
+    exp.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a field of every run, e.g. --set device=cuda (repeatable)",
+    )
+    exp.add_argument("--json", action="store_true", help="print the result (panels, verdict)")
+    exp.add_argument("--quiet", action="store_true", help="no line per finished run")
+    exp.set_defaults(func=_experiment)
     serve = sub.add_parser(
         "serve",
         help=_serve.__doc__,

@@ -28,13 +28,15 @@ from server.service import Service
 SECTIONS = {
     "overview": ("fig-loss", "fig-acc", "fig-heat-var", "fig-heat-mean", "fig-depth",
                  "fig-channels"),
-    "layer": ("fig-layer", "fig-affine", "fig-grads", "fig-pct"),
+    "layer": ("fig-layer", "fig-affine", "fig-grads", "fig-scale", "fig-pct"),
     "gradients": ("fig-heat-grad", "fig-heat-sat", "fig-depth-2"),
+    "population": ("fig-population", "fig-signal"),
 }  # fmt: skip
 SECTION_LABELS = {
     "overview": "Overview",
     "layer": "One layer",
     "gradients": "Gradients and saturation",
+    "population": "Population statistics and signal",
 }
 STATUS_COLUMNS = {"id": "id", "name": "name", "status": "status", "progress": "progress",
                   "created": "created", "duration": "duration", "eta": "queue / ETA",
@@ -43,7 +45,7 @@ STATUS_COLUMNS = {"id": "id", "name": "name", "status": "status", "progress": "p
 
 
 #: Figures of two stacked panels: drawn taller.
-TALL = ("fig-layer", "fig-affine", "fig-channels")
+TALL = ("fig-layer", "fig-affine", "fig-scale", "fig-channels")
 
 
 def _graph(gid: str) -> dcc.Graph:

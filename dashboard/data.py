@@ -18,8 +18,12 @@ LINE_POINTS = 1000  # points per line
 HEAT_STATS = ("pre_mean", "pre_var", "grad_in_norm", "act_saturated")
 LAYER_STATS = ("pre_mean", "running_mean", "pre_var", "running_var", "running_mean_gap",
                "running_var_gap", "gamma", "beta", "gamma_grad_norm", "beta_grad_norm",
-               "weight_grad_norm", "weight_norm", "act_dead", "act_saturated")  # fmt: skip
-EVAL_STATS = ("train_loss", "train_acc", "test_loss", "test_acc", "mode_gap")
+               "weight_grad_norm", "weight_norm", "eff_lr", "angular_update", "act_dead",
+               "act_saturated")  # fmt: skip
+EVAL_STATS = ("train_loss", "train_acc", "test_loss", "test_acc", "mode_gap", "test_acc_precise",
+              "test_acc_batch")  # fmt: skip
+#: Per-block values measured at evaluations (bncore.population, bncore.propagation).
+BLOCK_EVAL_STATS = ("ema_mean_gap", "ema_var_gap", "signal_sq_mean", "signal_var", "branch_var")
 
 
 def runs(svc: Service, limit: int = 200) -> list[dict[str, Any]]:
@@ -125,6 +129,7 @@ def run_view(svc: Service, run_id: str, layer: str | None) -> dict[str, Any]:
     if layer:
         detail = {key[1]: minmax(*data[key], LINE_POINTS) for key in keys if key[0] == layer}
     channels = svc.store.reads.channels(run_id)
+    by_block = _at_evaluations(svc, run_id, layers)
     return {
         "run": run,
         "layers": layers,
@@ -137,7 +142,37 @@ def run_view(svc: Service, run_id: str, layer: str | None) -> dict[str, Any]:
         "evals": evals,
         "detail": detail,
         "channels": channels,
+        "by_block": by_block,
     }
+
+
+def _at_evaluations(svc: Service, run_id: str, layers: list[str]) -> dict[str, Any]:
+    """Per statistic of BLOCK_EVAL_STATS: the layers that have it, and its values there at the
+    first and at the latest evaluation ({"layers", "first", "last", "first_step",
+    "last_step"})."""
+    data = svc.store.reads.many(run_id, [(lay, s) for lay in layers for s in BLOCK_EVAL_STATS])
+    out: dict[str, Any] = {}
+    for stat in BLOCK_EVAL_STATS:
+        names: list[str] = []
+        first: list[float] = []
+        last: list[float] = []
+        steps: set[int] = set()
+        for lay in layers:
+            st, vals = data[(lay, stat)]
+            ok = np.isfinite(vals)
+            if ok.any():
+                names.append(lay)
+                first.append(float(vals[ok][0]))
+                last.append(float(vals[ok][-1]))
+                steps.update((int(st[ok][0]), int(st[ok][-1])))
+        out[stat] = {
+            "layers": names,
+            "first": first,
+            "last": last,
+            "first_step": min(steps, default=0),
+            "last_step": max(steps, default=0),
+        }
+    return out
 
 
 def _finite(v: float) -> float | None:

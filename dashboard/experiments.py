@@ -1,6 +1,7 @@
 """The Experiments tab: one button per experiment of bncore.experiments, and the result view of
-the sweep it starts (the literature's sentence above the measurement and, where there is one,
-the theory). The view refreshes every 2 s until the sweep's last run finishes."""
+the sweep it starts (the literature's sentence, whether this measurement agrees with it and in
+what numbers, above the measurement and, where there is one, the theory). The view refreshes
+every 2 s until the sweep's last run finishes."""
 
 from __future__ import annotations
 
@@ -49,6 +50,18 @@ def tab() -> html.Div:
             dcc.Interval(id="exp-refresh", interval=2000, disabled=True),
         ]
     )
+
+
+def verdict(found: dict[str, Any] | None, done: bool) -> html.P:
+    """Whether this measurement agrees with the paper, and what it measured."""
+    if found is None:
+        text = "runs still to finish" if not done else "not measured: a run has no records"
+        return html.P([html.Span("pending", className="status status-queued"), text],
+                      className="verdict")  # fmt: skip
+    tag, cls = ("agrees", "verdict-yes") if found["agrees"] else ("disagrees", "verdict-no")
+    so_far = "" if done else " (so far: runs still to finish)"
+    return html.P([html.Span(tag, className=f"status {cls}"), "This measurement: ",
+                   found["text"] + so_far], className="verdict")  # fmt: skip
 
 
 def register(app: Dash, svc: Service) -> None:
@@ -105,7 +118,8 @@ def register(app: Dash, svc: Service) -> None:
             html.B(res["title"]),
             f"  ·  {queued} queued · {running} running · "
             f"{res['runs_finished']} of {res['runs_total']} runs finished",
-            html.P(res["claim"], className="claim"),
+            html.P(["Paper: ", res["claim"]], className="claim"),
+            verdict(res["verdict"], done),
             html.P(res["note"], className="note") if res["note"] else None,
         ]  # fmt: skip
         graphs = [

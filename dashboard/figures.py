@@ -158,6 +158,10 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
             trace(ev["train_acc"], "train accuracy", COLORS[2], **marked),
             trace(ev["test_acc"], "test accuracy", COLORS[1], **marked),
             trace(ev["mode_gap"], "train-vs-eval mode gap", COLORS[4], yaxis="y2", **marked),
+            trace(ev["test_acc_precise"], "test accuracy, PreciseBN statistics", COLORS[3],
+                  line={"dash": "dot"}, **marked),
+            trace(ev["test_acc_batch"], "test accuracy, batch statistics", COLORS[5],
+                  line={"dash": "dot"}, **marked),
         ],
         "Accuracy (eval mode) and train/eval gap",
         "step",
@@ -167,7 +171,9 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
                 "title": {"text": "mode gap: relative L2 of logits (log)"}},
         margin={"r": 70},
     )  # fmt: skip
-    live("fig-acc", "evals", ["train_acc", "test_acc", "mode_gap"], [0, 1, 2])
+    live("fig-acc", "evals", ["train_acc", "test_acc", "mode_gap", "test_acc_precise",
+                              "test_acc_batch"], [0, 1, 2, 3, 4])  # fmt: skip
+    figs.update(block_figures(view["by_block"]))
 
     for gid, stat, title, log, scale, unit in (
         ("fig-heat-mean", "pre_mean", "Pre-BN batch mean (channel average)", False, "RdBu",
@@ -256,6 +262,20 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
             rows=2,
             yaxis2={"title": {"text": "gamma, beta"}},
         )
+        figs["fig-scale"] = figure(
+            [
+                trace(d["weight_norm"], "weight norm ||w||", COLORS[0]),
+                trace(d["eff_lr"], "effective learning rate lr/||w||^2", COLORS[1], **low),
+                trace(d["angular_update"], "angular update (rad)", COLORS[2], **low),
+            ],
+            f"{layer}: its weight's norm, effective learning rate and angular update",
+            "step",
+            "weight norm (log)",
+            height=400,
+            rows=2,
+            yaxis={"type": "log"},
+            yaxis2={"type": "log", "title": {"text": "lr/||w||^2, radians (log)"}},
+        )
         figs["fig-grads"] = figure(
             [
                 trace(d[s], s.replace("_", " "), COLORS[i])
@@ -294,6 +314,7 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
             ("fig-affine", ["running_mean_gap", "running_var_gap", "gamma", "beta"]),
             ("fig-grads", ["weight_grad_norm", "gamma_grad_norm", "beta_grad_norm", "weight_norm"]),
             ("fig-pct", [f"p{q}_{j}" for j in units for q in (15, 85, 50)]),
+            ("fig-scale", ["weight_norm", "eff_lr", "angular_update"]),
         ):
             live(gid, "layers", cols, list(range(len(cols))), layer=layer)
 
@@ -313,6 +334,55 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
 
 #: Which of a run's "not recorded" notes (bncore.watch) explains an empty figure.
 _NOTE_FOR = {"fig-heat-sat": "act", "fig-grads": "weight"}
+#: Why a figure of per-block evaluations can be empty: what the run did not ask for.
+_NEEDS = {
+    "fig-population": "set precise_bn to recompute population statistics at each evaluation",
+    "fig-signal": "measured for residual networks (model.kind=resnet)",
+}
+
+
+def block_figures(by_block: dict[str, Any]) -> dict[str, Figure]:
+    """Per-block values measured at evaluations: the EMA statistics' gap to the population's
+    (PreciseBN), and signal propagation through a residual network (Brock et al. 2021), at the
+    first evaluation and the latest."""
+    figs = {}
+    gap_m, gap_v = by_block["ema_mean_gap"], by_block["ema_var_gap"]
+    figs["fig-population"] = figure(
+        [
+            line(gap_m["layers"], gap_m["last"], f"mean gap, step {gap_m['last_step']}",
+                 COLORS[0], mode="lines+markers"),
+            line(gap_v["layers"], gap_v["last"], f"variance gap, step {gap_v['last_step']}",
+                 COLORS[1], mode="lines+markers"),
+            line(gap_m["layers"], gap_m["first"], f"mean gap, step {gap_m['first_step']}",
+                 COLORS[0], mode="lines+markers", line={"dash": "dot"}),
+        ],
+        "EMA running statistics against PreciseBN's population statistics",
+        "layer (input side first)",
+        "RMS gap: mean in std, variance relative (log)",
+        yaxis={"type": "log"},
+    )  # fmt: skip
+    traces = []
+    for i, (stat, label) in enumerate((("signal_var", "average channel variance"),
+                                       ("signal_sq_mean", "average channel squared mean"),
+                                       ("branch_var", "residual branch variance"))):  # fmt: skip
+        v = by_block[stat]
+        names = [n.removesuffix(".b") for n in v["layers"]]
+        traces.append(line(names, v["first"], f"{label}, step {v['first_step']}", COLORS[i],
+                           mode="lines+markers"))  # fmt: skip
+        if v["last_step"] != v["first_step"]:
+            traces.append(line(names, v["last"], f"{label}, step {v['last_step']}", COLORS[i],
+                               mode="lines+markers", line={"dash": "dot"}))  # fmt: skip
+    figs["fig-signal"] = figure(
+        traces,
+        "Signal propagation through the residual blocks (Brock et al. 2021)",
+        "residual block (input side first)",
+        "value over channels (log)",
+        yaxis={"type": "log"},
+    )
+    for gid, why in _NEEDS.items():
+        if not _has_data(figs[gid]):
+            mark_empty(figs[gid], f"not recorded for this run: {why}")
+    return figs
 
 
 def _has_data(fig: Figure) -> bool:
@@ -438,7 +508,8 @@ def experiment_figure(panel: dict[str, Any]) -> Figure:
         base = s["name"].split(": ")[0] if s["theory"] else s["name"]
         color = colors.setdefault(base, COLORS[len(colors) % len(COLORS)])
         y = np.array([np.nan if v is None else v for v in s["y"]], dtype=float)
-        kw: dict[str, Any] = {"mode": "lines+markers"} if panel["kind"] == "by_value" else {}
+        marked = panel["kind"] in ("by_value", "by_layer")
+        kw: dict[str, Any] = {"mode": "lines+markers"} if marked else {}
         if s["theory"]:
             kw["line"] = {"dash": "dash"}
         traces.append(line(s["x"], y, s["name"], color, **kw))
@@ -454,4 +525,5 @@ def experiment_figure(panel: dict[str, Any]) -> Figure:
         panel["y_label"],
         height=440,
         xaxis=xaxis,
+        yaxis={"type": "log" if panel.get("log_y") else "linear"},
     )

@@ -154,3 +154,47 @@ def test_ioffe_szegedy_with_plain_sgd_keeps_the_sigmoid_input_stable_only_with_b
         p50 = layers["p50_0"][layers["layer"] == "block2"]
         drift[kind] = abs(float(p50[-1] - p50[0]))
     assert drift["batch"] < drift["none"] / 2, drift
+
+
+@pytest.mark.parametrize("key", list(EXPERIMENTS))
+def test_every_experiment_says_whether_it_agrees_once_its_runs_are_there(key):
+    exp = EXPERIMENTS[key]
+    assert exp.verdict is not None
+    assert result(exp, [])["verdict"] is None  # no runs yet: pending, not a guess
+
+
+def _series_point(values: dict, **series: list[float]) -> Point:
+    steps = np.arange(0, 50 * len(next(iter(series.values()))), 50)
+    table = {("", k): (steps, np.asarray(v, np.float32)) for k, v in series.items()}
+    return Point(config={}, values=values, layers=["block0"], series=table)
+
+
+def test_a_verdict_says_where_the_measurement_disagrees():
+    exp = EXPERIMENTS["noisy-bn"]
+    acc = {"batch": [0.1, 0.60, 0.66, 0.66], "noisy": [0.1, 0.6, 0.66, 0.66],
+           "none": [0.1, 0.6, 0.68, 0.69]}  # fmt: skip
+    points = [_series_point({"norm.kind": k}, test_acc=v) for k, v in acc.items()]
+    verdict = result(exp, points)["verdict"]
+    assert verdict["agrees"] is False
+    assert "not better than no BN" in verdict["text"] and "0.657" in verdict["text"]
+    acc["none"] = [0.1, 0.3, 0.4, 0.4]
+    points = [_series_point({"norm.kind": k}, test_acc=v) for k, v in acc.items()]
+    assert result(exp, points)["verdict"]["agrees"] is True
+    assert result(exp, points[:2])["verdict"] is None  # the run without BN is still to come
+
+
+def test_signal_propagation_experiment_runs_here_and_agrees_with_brock_et_al(capsys):
+    """The whole experiment (4 runs of one step, in this process): a BN ResNet's variance grows
+    linearly, an unnormalized one's exponentially, SkipInit's not at all."""
+    from bnscope.cli import main
+
+    assert main(["experiment", "signal-propagation", "--json"]) == 0
+    res = __import__("json").loads(capsys.readouterr().out)
+    assert res["verdict"]["agrees"], res["verdict"]
+    var = next(p for p in res["panels"] if p["kind"] == "by_layer")
+    assert len(var["series"]) == 4 and len(var["series"][0]["x"]) == 18  # ResNet-38's blocks
+    by = {s["name"]: s["y"] for s in var["series"]}
+    raw = by["kind=none, skip_init=False"]
+    assert raw[5] / raw[0] > 10  # doubling, roughly, through the first stage
+    assert main(["experiment", "signal-propagation", "--set", "model.widht=3"]) == 2
+    assert "model.widht: unknown field" in capsys.readouterr().err
