@@ -1,5 +1,6 @@
 """Every experiment at its quick size through a real ``bnscope serve``: how long each takes on
-this machine (the target: minutes on a 2-core CPU), and the numbers its result view shows.
+this machine (the target: minutes on a 2-core CPU), the numbers its result view shows, and
+whether the measurement agrees with the paper (its verdict).
 
     python benchmarks/experiments.py                 # all of them
     python benchmarks/experiments.py noisy-bn landscape
@@ -41,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
                     seconds = time.perf_counter() - t0
                     res = api.get(f"/api/sweeps/{sweep['id']}/result").json()
                     print(f"\n{key}: {len(sweep['runs'])} runs in {seconds:.0f} s")
+                    v = res["verdict"]
+                    said = ("agrees" if v["agrees"] else "DISAGREES") if v else "not measured"
+                    print(f"  verdict: {said}: {v['text'] if v else ''}")
                     for panel in res["panels"]:
                         print(f"  {panel['title']}")
                         for s in panel["series"]:

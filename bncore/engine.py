@@ -276,7 +276,14 @@ class Trainer:
 
     def _population(self, out: dict[str, float], rows: dict[str, dict[str, float]]) -> None:
         """PreciseBN: population statistics, their gap to the EMA ones, and the test accuracy
-        with them and with batch statistics, into ``out`` and ``rows``."""
+        with them and with batch statistics, into ``out`` and ``rows``; NaN once FrozenBN fixed
+        the statistics (the columns stay, as every table's columns do through a run)."""
+        if self.frozen:
+            for name in self.norms:
+                rows.setdefault(name, {}).update(ema_mean_gap=math.nan, ema_var_gap=math.nan)
+            out.update(test_loss_precise=math.nan, test_acc_precise=math.nan)
+            out["test_acc_batch"] = math.nan
+            return
         stats = population_statistics(self.model, self.norms, self._precise_batches())
         for name, (mean_gap, var_gap) in ema_gaps(self.norms, stats).items():
             rows.setdefault(name, {}).update(ema_mean_gap=mean_gap, ema_var_gap=var_gap)
@@ -313,7 +320,7 @@ class Trainer:
             out.update(landscape(self.model, self.loss_fn, self.probe_batch, self.probe_labels,
                                  etas))  # fmt: skip
         rows: dict[str, dict[str, float]] = {}
-        if self.config.precise_bn and self.norms and not self.frozen:  # frozen: they are fixed
+        if self.config.precise_bn and self.norms:
             self._population(out, rows)
         if len(self.probe_batch) > 1:
             last = dict(self.model.blocks())  # a residual block's values at its last unit

@@ -93,7 +93,8 @@ def to_arrow(table: Table):
 
 
 class ParquetSink:
-    """Writes ``DIR/{steps,layers,channels,evals}.parquet``, ``config.json`` and ``run.json``.
+    """Writes ``DIR/{steps,layers,channels,evals,layer_evals}.parquet``, ``config.json`` and
+    ``run.json``.
 
     Each flush is appended as row groups; the files are complete once the run finishes (a
     diverged or cancelled run finishes too, with what it recorded).

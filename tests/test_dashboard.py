@@ -247,6 +247,8 @@ def test_an_experiment_runs_from_its_button_and_shows_theory_beside_measurement(
     )
     head = page.inner_text("#exp-head")
     assert "mean field theory" in head and "Yang et al. 2019" in head
+    assert "This measurement: The measured growth per layer is within" in head
+    assert page.locator("#exp-head .verdict-yes").inner_text() == "agrees"
     traces = page.evaluate(
         "() => { const gd = document.querySelector('#exp-figures .js-plotly-plot');"
         " return gd.data.map((t) => [t.name, (t.line || {}).dash || 'solid', t.y.length]); }"
@@ -357,7 +359,12 @@ def test_every_chart_names_its_axes_and_the_address_bar_follows_the_view(page, s
     page.click("#open-run")
     wait_for(lambda: points(page, "fig-loss") > 0, 30)
     wait_for(lambda: f"run={run_id}" in here(page) and "tab=run" in here(page), 10)
-    for section in ("Overview", "One layer", "Gradients and saturation"):
+    for section in (
+        "Overview",
+        "One layer",
+        "Gradients and saturation",
+        "Population statistics and signal",
+    ):
         page.click(f"#section >> text={section}")
         time.sleep(1.5)
         drawn = page.evaluate(AXES)
@@ -367,7 +374,8 @@ def test_every_chart_names_its_axes_and_the_address_bar_follows_the_view(page, s
             for name, text in axes:
                 assert text, f"{graph}: {name} has no title ({section})"
         shot(page, f"axes-{section.split()[0].lower()}.png")
-    assert "section=gradients" in here(page)
+    assert "section=population" in here(page)
+    assert "not recorded for this run: set precise_bn" in page.inner_text("#fig-population")
     page.click("#section >> text=One layer")
     wait_for(lambda: "layer=block" in here(page), 10)
     shared = here(page)
@@ -378,6 +386,24 @@ def test_every_chart_names_its_axes_and_the_address_bar_follows_the_view(page, s
         wait_for(lambda: points(other, "fig-layer") > 0, 30)
     finally:
         other.close()
+
+
+def test_a_resnet_run_shows_population_statistics_and_signal_propagation(page, server):
+    with server.client() as api:
+        run_id = finished_run(
+            api,
+            name="resnet",
+            model={"kind": "resnet", "depth": 1, "width": 8},
+            eval_interval=40,
+            precise_bn=4,
+        )
+    page.goto(f"{server.url}/dashboard/?tab=run&run={run_id}&section=population")
+    wait_for(lambda: points(page, "fig-signal") == 3, 30)  # three residual blocks
+    wait_for(lambda: points(page, "fig-population") == 7, 30)  # stem and six units with BN
+    assert "not recorded" not in page.inner_text("#fig-population")
+    shot(page, "population-resnet.png")
+    page.goto(f"{server.url}/dashboard/?tab=run&run={run_id}&section=layer&layer=res1.a")
+    wait_for(lambda: points(page, "fig-scale") > 0, 30)  # weight norm, effective lr, angle
 
 
 def test_cancel_and_delete_from_the_page(page, server):

@@ -196,3 +196,20 @@ def test_angular_update_equals_the_angle_between_the_weights_before_and_after_th
     got = rec["angular_update"][rec["layer"] == "block0"]
     np.testing.assert_allclose(got, angles, rtol=1e-3)
     assert rec["weight_norm"][rec["layer"] == "block0"][-1] == pytest.approx(norm_before, rel=1e-6)
+
+
+def test_a_frozen_run_with_precise_bn_writes_the_same_columns_to_the_end(tmp_path):
+    """PreciseBN stops at the freeze; its columns stay (NaN), so Parquet's schema holds."""
+    from bncore.sinks import ParquetSink, read_parquet
+
+    cfg = _resnet_cfg(steps=12, eval_interval=3, precise_bn=2, norm={"freeze_after": 0.5})
+    Trainer(cfg).run(ParquetSink(tmp_path), flush_every=1)
+    rec = read_parquet(tmp_path)
+    ev = rec.evals
+    assert list(ev["step"]) == [0, 3, 6, 9, 12]
+    assert (
+        np.isfinite(ev["test_acc_precise"][:3]).all() and np.isnan(ev["test_acc_precise"][3:]).all()
+    )
+    le = rec.layer_evals
+    assert set(le["step"].tolist()) == {0, 3, 6, 9, 12}
+    assert np.isnan(le["ema_mean_gap"][le["step"] > 6]).all()

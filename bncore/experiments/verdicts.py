@@ -214,25 +214,36 @@ def noisy_bn(points: Sequence[Point]) -> Verdict:
 
 
 def landscape(points: Sequence[Point]) -> Verdict:
-    bn, none = _pick(points, norm__kind="batch"), _pick(points, norm__kind="none")
     names = {"landscape_loss_range": "loss range", "grad_change": "gradient change",
              "beta_smoothness": "beta-smoothness"}  # fmt: skip
-    # only where both networks learn: on a plateau the landscape is flat, trivially smooth
-    learning = None
-    for p in (bn, none):
-        steps, loss = _values(p, "train_loss")
-        moved = set(steps[loss < 0.9 * loss[0]].tolist())
-        learning = moved if learning is None else learning & moved
-    if not learning:
-        raise Missing("the networks have not both started to learn")
+    seeds = _grid(points, "seed")
+    per_seed: dict[str, list[tuple[float, float]]] = {s: [] for s in names}
+    for seed in seeds:
+        bn = _pick(points, norm__kind="batch", seed=seed)
+        none = _pick(points, norm__kind="none", seed=seed)
+        # only where both networks learn: on a plateau the landscape is flat, trivially smooth
+        learning: set[int] | None = None
+        for p in (bn, none):
+            steps, loss = _values(p, "train_loss")
+            moved = set(steps[loss < 0.9 * loss[0]].tolist())
+            learning = moved if learning is None else learning & moved
+        if not learning:
+            raise Missing("the networks have not both started to learn")
+        at = sorted(learning)
 
-    def mean(p: Point, stat: str) -> float:
-        steps, vals = _values(p, stat)
-        return float(np.mean(vals[np.isin(steps, sorted(learning))]))
+        def mean(p: Point, stat: str, at: list[int] = at) -> float:
+            steps, vals = _values(p, stat)
+            return float(np.mean(vals[np.isin(steps, at)]))
 
-    means = {s: (mean(bn, s), mean(none, s)) for s in names}
+        for stat in names:
+            per_seed[stat].append((mean(bn, stat), mean(none, stat)))
+    means = {s: tuple(np.mean(v, axis=0)) for s, v in per_seed.items()}
+    wins = {s: sum(a < b for a, b in v) for s, v in per_seed.items()}
+    parts = "; ".join(
+        f"{names[s]} {a:.3g} with BN, {b:.3g} without (BN smaller on {wins[s]} of {len(seeds)})"
+        for s, (a, b) in means.items()
+    )
     smaller = [s for s, (a, b) in means.items() if a < b]
-    parts = "; ".join(f"{names[s]} {a:.3g} with BN, {b:.3g} without" for s, (a, b) in means.items())
     ok = len(smaller) == len(names)
     where = (
         ""
@@ -245,8 +256,8 @@ def landscape(points: Sequence[Point]) -> Verdict:
     )
     return Verdict(
         ok,
-        f"Averaged over the {len(learning)} evaluations where both networks "
-        f"learn: {parts}: this {_yes(ok)} with the paper{where}.",
+        f"Averaged over the evaluations where both networks learn and over "
+        f"{len(seeds)} seeds: {parts}: this {_yes(ok)} with the paper{where}.",
     )
 
 
