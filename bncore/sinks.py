@@ -33,6 +33,14 @@ __all__ = [
 ]
 
 
+class Refused(RuntimeError):
+    """The server refused a request (a 4xx): retrying it as it is will not help."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 def error_message(response: httpx.Response) -> str:
     """What a BN Scope server says when it refuses a request: its one-line ``message`` (every
     4xx is ``{"message": ..., "detail": [{"field", "message"}]}``), else the body's text."""
@@ -183,7 +191,8 @@ class HttpSink:
     listening. With ``heartbeat`` (seconds), an idle sink tells the server now and then that the
     run is alive, so that a script that dies leaves its run failed rather than running forever;
     ``alive()`` returning False (a hung script) stops the heartbeat. ``token``: the run's write
-    token, which the server gave whoever created the run.
+    token, which the server gave whoever created the run. Batches go out together up to
+    ``max_body`` bytes per post; a server that takes less (a 413) gets them in smaller posts.
     """
 
     def __init__(
@@ -196,8 +205,10 @@ class HttpSink:
         heartbeat: float | None = None,
         alive: Callable[[], bool] | None = None,
         token: str | None = None,
+        max_body: int = 4 * 2**20,
     ) -> None:
         self.client, self.run_id, self.seq, self.retries = client, run_id, 0, retries
+        self.max_body = max_body
         self._headers = {RUN_TOKEN_HEADER: token} if token else {}
         self.patience, self.max_pending = patience, max_pending
         self.heartbeat, self.alive = heartbeat, alive
@@ -228,7 +239,7 @@ class HttpSink:
             if r is not None and r.status_code < 400:
                 return
             if r is not None and r.status_code < 500:  # our mistake: retrying will not help
-                raise RuntimeError(f"POST {path}: {r.status_code} {error_message(r)}")
+                raise Refused(f"POST {path}: {r.status_code} {error_message(r)}", r.status_code)
             attempt += 1
             if attempt >= self.retries and time.monotonic() >= deadline:
                 if r is None:
@@ -298,6 +309,25 @@ class HttpSink:
                 f"/api/runs/{self.run_id}/heartbeat", headers=self._headers, timeout=5.0
             )
 
+    def _send(self, batch: list[Records]) -> None:
+        """Post ``batch`` (flushes, in order) in as few posts as fit in ``max_body``."""
+        parts = [batch]
+        while parts:
+            part = parts.pop(0)
+            body = encode(Records.concat(part), self.seq + 1)
+            if len(body) > self.max_body and len(part) > 1:
+                parts[:0] = [part[: len(part) // 2], part[len(part) // 2 :]]
+                continue
+            try:
+                self.post("records", body)
+            except Refused as exc:
+                if exc.status != 413 or len(part) == 1:
+                    raise
+                self.max_body = min(self.max_body, len(body) // 2)  # the server takes less
+                parts[:0] = [part[: len(part) // 2], part[len(part) // 2 :]]
+                continue
+            self.seq += 1
+
     def _send_loop(self) -> None:
         last = time.monotonic()
         while True:
@@ -324,8 +354,7 @@ class HttpSink:
                 if meta is not None:
                     self.post("status", meta)
                 if batch:
-                    self.seq += 1
-                    self.post("records", encode(Records.concat(batch), self.seq))
+                    self._send(batch)
                 last = time.monotonic()
             except Exception as exc:  # kept for the training thread to raise
                 with self._cond:

@@ -327,7 +327,7 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
         notes = (view["run"].get("meta") or {}).get("not_recorded") or {}
         for gid, fig in figs.items():
             if not _has_data(fig):
-                reason = notes.get(_NOTE_FOR.get(gid, ""), "")
+                reason = notes.get(_NOTE_FOR.get(gid, ""), "") or _NEEDS.get(gid, "")
                 mark_empty(fig, "not recorded for this run" + (f": {reason}" if reason else ""))
     return figs, specs
 
@@ -358,7 +358,7 @@ def block_figures(by_block: dict[str, Any]) -> dict[str, Figure]:
         ],
         "EMA running statistics against PreciseBN's population statistics",
         "layer (input side first)",
-        "RMS gap: mean in std, variance relative (log)",
+        "RMS gap over channels (log)",
         yaxis={"type": "log"},
     )  # fmt: skip
     traces = []
@@ -379,9 +379,6 @@ def block_figures(by_block: dict[str, Any]) -> dict[str, Figure]:
         "value over channels (log)",
         yaxis={"type": "log"},
     )
-    for gid, why in _NEEDS.items():
-        if not _has_data(figs[gid]):
-            mark_empty(figs[gid], f"not recorded for this run: {why}")
     return figs
 
 

@@ -166,7 +166,8 @@ def test_stream_is_live_and_resumes(api, server):
             if kind == "status" and data["status"] in FINAL:
                 break
     assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "every batch, once, in order"
-    assert api.get(f"/api/runs/{run['id']}").json()["status"] == "completed"
+    ended = api.get(f"/api/runs/{run['id']}").json()
+    assert ended["status"] == "completed", ended["message"]
 
 
 def test_cancel_stops_within_a_second(api):
@@ -390,6 +391,31 @@ def test_delete_is_refused_while_training(api):
     # machine can be after cancel has answered
     finished(api, run["id"], timeout=30)
     assert api.delete(f"/api/runs/{run['id']}").status_code == 204
+
+
+def test_a_sink_splits_what_it_has_waiting_into_posts_the_server_takes(api, server):
+    """Flushes that pile up while a post is in flight go out together, but never in a body over
+    the server's limit (300 kB here): the sink learns it from the 413 and splits."""
+    import numpy as np
+
+    from bncore.records import Records
+    from bncore.sinks import HttpSink
+
+    run = api.post("/api/runs/client", json={"name": "big", "meta": {"layers": ["bn1"]}}).json()
+    flushes = [
+        Records(steps={"step": np.arange(i * 2000, (i + 1) * 2000),
+                       "loss": np.random.default_rng(i).random(2000)})
+        for i in range(12)
+    ]  # fmt: skip
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        sink = HttpSink(c, run["id"], token=run["write_token"], max_body=10 * 2**20)
+        for rec in flushes:  # about 45 kB each: all of them pile up behind the first post
+            sink.write(rec)
+        sink.drain()
+        assert sink.max_body <= 300_000
+        sink.abandon()
+    s = api.get(f"/api/runs/{run['id']}/metrics", params={"stat": "loss"}).json()["series"][0]
+    assert s["points_total"] == 24_000
 
 
 def test_ingest_checks_batches(api):
