@@ -60,11 +60,11 @@ class _Sync(torch.autograd.Function):
         channels = x3.shape[1]
         acc = reference.opmath_dtype(x.dtype)
         count = reference.values_per_channel(x)
-        if count:
-            mean_r, var_r = reference.batch_stats(x3)
+        if count:  # one pass (Welford), as torch's batch norm takes them
+            var_r, mean_r = torch.var_mean(x3.to(acc), dim=(0, 2), correction=0)
         else:  # an empty replica still takes part in the collective
             mean_r = var_r = x3.new_zeros(channels, dtype=acc)
-        mine = torch.cat([mean_r.to(acc), var_r.to(acc), mean_r.new_full((1,), count, dtype=acc)])
+        mine = torch.cat([mean_r, var_r, mean_r.new_full((1,), count)])
         world = _group_size(group)
         parts = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(parts, mine, group=group)
@@ -81,7 +81,10 @@ class _Sync(torch.autograd.Function):
             )
         if running is not None:
             reference.update_running(running, mean, var, n)
-        y = reference.normalize(x3, mean, invstd, weight, bias).view(x.shape)
+        # y = x * scale + shift per channel, in one pass
+        scale = invstd if weight is None else invstd * weight.to(acc)
+        shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
+        y = torch.addcmul(shift[:, None], x3.to(acc), scale[:, None]).to(x.dtype).view(x.shape)
         ctx.save_for_backward(x3, weight, mean, invstd)
         ctx.group, ctx.n, ctx.grad_rows = group, n, grad_rows
         out[:] = [mean.detach(), var.detach(), mean_r.detach(), var_r.detach()]
@@ -90,25 +93,30 @@ class _Sync(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, dy: Tensor) -> tuple[Tensor | None, ...]:
         x3, weight, mean, invstd = ctx.saved_tensors
-        dy3 = reference.ncl_view(dy.contiguous()).to(mean.dtype)
-        xhat = (x3.to(mean.dtype) - mean[:, None]) * invstd[:, None]
+        acc = mean.dtype
+        dy3 = reference.ncl_view(dy.contiguous()).to(acc)
+        xmu = x3.to(acc) - mean[:, None]  # centred first: no cancellation when |mean| >> std
         sum_dy = dy3.sum((0, 2))
-        sum_dy_xhat = (dy3 * xhat).sum((0, 2))
-        dx = None
+        sum_dy_xhat = torch.einsum("ncl,ncl->c", dy3, xmu) * invstd
+        dx3: Tensor | None = None
+        dx: Tensor | None = None
         if ctx.needs_input_grad[0]:
             both = torch.cat([sum_dy, sum_dy_xhat])
             dist.all_reduce(both, group=ctx.group)
             g_dy, g_dy_xhat = both.chunk(2)
-            scale = invstd if weight is None else invstd * weight.to(invstd.dtype)
+            scale = invstd if weight is None else invstd * weight.to(acc)
             n = ctx.n
-            dx3 = scale[:, None] * (dy3 - g_dy[:, None] / n - xhat * (g_dy_xhat[:, None] / n))
+            # dx = scale * (dy - g_dy/n - xhat * g_dy_xhat/n) = scale dy + b (x - mean) + c
+            b = -scale * invstd * g_dy_xhat / n
+            c = -scale * g_dy / n
+            dx3 = torch.addcmul(c[:, None], xmu, b[:, None]).addcmul_(dy3, scale[:, None])
             dx = dx3.to(dy.dtype).view(dy.shape)
         rows = ctx.grad_rows  # what this replica's backward saw (BNStats.GRAD_ROWS)
         if rows is not None:
-            dx_sq = (
-                dx3.square().sum((0, 2)) if dx is not None else torch.full_like(sum_dy, torch.nan)
-            )
-            rows.copy_(torch.stack([sum_dy_xhat, sum_dy, dy3.square().sum((0, 2)), dx_sq]))
+            nan = torch.full_like(sum_dy, torch.nan)
+            dx_sq = torch.einsum("ncl,ncl->c", dx3, dx3) if dx3 is not None else nan
+            dy_sq = torch.einsum("ncl,ncl->c", dy3, dy3)
+            rows.copy_(torch.stack([sum_dy_xhat, sum_dy, dy_sq, dx_sq]))
         dw = (
             sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         )
