@@ -72,7 +72,7 @@ def example_shape(cfg: RunConfig) -> tuple[tuple[int, ...], int, int]:
 def estimate(cfg: RunConfig) -> Estimate:
     """The run's peak memory and stored records (see the module docstring)."""
     shape, _, examples = example_shape(cfg)
-    net = _network(cfg.model_dump_json(exclude={"optim", "name", "seed"}))  # lr: not the net
+    net = _network(cfg.model_dump_json(exclude={"optim", "name", "seed", "distributed"}))
     states = 2 if cfg.optim.name == "adam" else (1 if cfg.optim.momentum else 0)
     copies = net.params * (2 + states + EXTRA_COPIES["linear"]) + net.conv * (
         EXTRA_COPIES["conv"] - EXTRA_COPIES["linear"]
@@ -81,11 +81,14 @@ def estimate(cfg: RunConfig) -> Estimate:
     data_bytes = examples * per_example * FLOAT
     if cfg.data.path is not None:  # read from files: a float64 copy while loading
         data_bytes += examples * per_example * 8
+    # a distributed run: every replica a process of its own, with the model, its share of
+    # the batch's activations and the data (the activations counted at the global batch)
+    r = cfg.distributed.replicas
     parts = {
-        "parameters, gradients and optimizer state": copies * FLOAT,
+        "parameters, gradients and optimizer state": copies * FLOAT * r,
         "activations": int(net.outputs * FLOAT * KEPT_PER_OUTPUT),
-        "data": data_bytes,
-        "the process": BASE_MEMORY,
+        "data": data_bytes * r,
+        "the process": BASE_MEMORY * r,
     }
     return Estimate(sum(parts.values()), _records(cfg, net.channels), net.params, parts)
 

@@ -21,6 +21,7 @@ __all__ = [
     "UNKNOWN_FIELD",
     "ConfigError",
     "DataConfig",
+    "DistributedConfig",
     "ModelConfig",
     "NormConfig",
     "OptimConfig",
@@ -344,6 +345,25 @@ class OptimConfig(_Strict):
         return 1.0
 
 
+class DistributedConfig(_Strict):
+    """One run over several processes: the model trained data-parallel (torch.distributed's
+    DistributedDataParallel; gloo on the CPU, NCCL with a GPU per process), ``batch_size``
+    being the global batch, split evenly."""
+
+    replicas: int = Field(
+        default=1,
+        ge=1,
+        le=8,
+        description="processes that train the one model, each on its share of every batch",
+    )
+    sync_bn: bool = Field(
+        default=False,
+        description="normalize with the global batch's statistics (bncore's synchronized BN: "
+        "one all-gather per BN layer and step) rather than each replica's own (the default of "
+        "DistributedDataParallel); norm.kind 'batch' only",
+    )
+
+
 class RunConfig(_Strict):
     """One training run."""
 
@@ -352,7 +372,13 @@ class RunConfig(_Strict):
     norm: NormConfig = Field(default_factory=NormConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
-    batch_size: int = Field(default=64, ge=2, le=8192, description="examples per training step")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    batch_size: int = Field(
+        default=64,
+        ge=2,
+        le=8192,
+        description="examples per training step (over all replicas: the global batch)",
+    )
     steps: int = Field(default=1000, ge=1, le=1_000_000, description="training steps")
     eval_interval: int = Field(
         default=100, ge=1, description="steps between evaluations (train/test loss and accuracy)"
@@ -406,6 +432,21 @@ class RunConfig(_Strict):
                 f"({', '.join(SPATIAL_DATASETS)}), not data.name={self.data.name!r}",
                 "model.kind",
                 "data.name",
+            )
+        replicas = self.distributed.replicas
+        if self.batch_size % replicas:
+            raise FieldsError(
+                f"batch_size={self.batch_size} must split evenly over distributed.replicas="
+                f"{replicas} (each replica trains on batch_size / replicas examples)",
+                "batch_size",
+                "distributed.replicas",
+            )
+        if self.distributed.sync_bn and self.norm.kind != "batch":
+            raise FieldsError(
+                f"distributed.sync_bn synchronizes batch normalization: norm.kind must be "
+                f"'batch', not {self.norm.kind!r}",
+                "distributed.sync_bn",
+                "norm.kind",
             )
         if self.ics_interval % self.stats_interval:
             raise FieldsError(

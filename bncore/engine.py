@@ -38,8 +38,10 @@ from bncore.population import (
 from bncore.probes import Recorder
 from bncore.propagation import signal_propagation
 from bncore.records import Records
+from bncore.replicas import Replicas
 from bncore.sinks import MemorySink, Sink
 from bncore.status import RunStatus
+from bncore.sync import convert_sync_batchnorm
 
 __all__ = ["RunResult", "Trainer", "resolve_device", "train"]
 
@@ -73,14 +75,31 @@ class RunResult:
 class Trainer:
     """Owns the data, model, optimizer and recorder of one run; :meth:`run` drives it."""
 
-    def __init__(self, config: RunConfig, dataset: Dataset | None = None) -> None:
+    def __init__(
+        self,
+        config: RunConfig,
+        dataset: Dataset | None = None,
+        replicas: Replicas | None = None,
+        device: torch.device | None = None,
+    ) -> None:
+        """``replicas``: this trainer's place in a distributed run (bncore.distributed, which
+        also picks each replica's ``device``); None: it trains alone."""
         self.config = config
-        self.device = resolve_device(config.device)
+        self.device = device if device is not None else resolve_device(config.device)
         torch.manual_seed(config.seed)
         data = dataset if dataset is not None else load_dataset(config.data)
         self.data = data.to(self.device)
-        self.model: Net = build_model(config, data.input_shape, data.num_classes).to(self.device)
+        model = build_model(config, data.input_shape, data.num_classes)
+        if replicas is not None and config.distributed.sync_bn:
+            convert_sync_batchnorm(model)  # in place: a Net's blocks are modules of its own
+        self.model: Net = model.to(self.device)
         self.model.train()
+        self.replicas = replicas
+        self.norms = tracked_norms(self.model.blocks())  # those with running statistics
+        # what the training forward goes through: DistributedDataParallel across replicas
+        self.net: nn.Module = (
+            replicas.wrap(self.model, self.norms, self.device) if replicas else self.model
+        )
         self.optimizer = _optimizer(config, self.model)
         o = config.optim  # the schedule: lr_factor of the step about to be taken
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -88,6 +107,8 @@ class Trainer:
         )
         self.loss_fn = nn.CrossEntropyLoss()
         batch = min(len(self.data.x_train), config.batch_size)
+        if replicas is not None:
+            batch //= replicas.world  # each replica's share
         self.recorder = Recorder(self.model, config.tracked_units, self.device, batch)
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self._order = torch.empty(0, dtype=torch.long)
@@ -104,7 +125,6 @@ class Trainer:
         self.probe_batch = self.data.x_train[:n]
         self.probe_labels = self.data.y_train[:n]
         self._ics: dict[int, tuple[Tensor, Tensor]] = {}  # step -> (ICS, cosine) per block
-        self.norms = tracked_norms(self.model.blocks())  # those with running statistics
         # PreciseBN's batches: drawn apart from the training order, which they leave alone
         self._precise_generator = torch.Generator(device="cpu").manual_seed(config.seed + 1)
         self._layer_evals: list[tuple[int, dict[str, dict[str, float]]]] = []
@@ -136,9 +156,13 @@ class Trainer:
             self.freeze()
         record = (self.step_count - 1) % cfg.stats_interval == 0 and not self.frozen
         x, y = self.next_batch()
+        if self.replicas is not None:
+            x, y = self.replicas.shard(x, y)
         new_noise(self.model)  # noisy BN: this step's noise, the same for every pass over x
         self.recorder.arm(record)
-        loss = self.loss_fn(self.model(x), y)
+        loss = self.loss_fn(self.net(x), y)
+        if record and self.replicas is not None:
+            self.replicas.recorded(self.step_count)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         lr = self.optimizer.param_groups[0]["lr"]  # this step's
@@ -183,10 +207,15 @@ class Trainer:
         rec = self.recorder.flush(self.config.channel_interval)
         if self.config.ics_interval and rec.layers:
             self._add_ics(rec.layers)
+        if self.replicas is not None:  # every replica takes part in these collectives
+            self.replicas.add_columns(rec.layers)
         if self._losses:
+            losses = torch.stack(self._losses)
+            if self.replicas is not None:
+                losses = self.replicas.mean_loss(losses)  # the global batch's
             rec.steps = {
                 "step": np.asarray(self._step_rows["step"], dtype=np.int64),
-                "loss": torch.stack(self._losses).float().cpu().numpy(),
+                "loss": losses.float().cpu().numpy(),
                 "lr": np.asarray(self._step_rows["lr"], dtype=np.float32),
                 "step_time": np.asarray(self._step_rows["step_time"], dtype=np.float32),
                 "time": np.asarray(self._step_rows["time"], dtype=np.float64),
@@ -352,17 +381,22 @@ class Trainer:
         status, message, final = RunStatus.COMPLETED.value, "", {}
         last_flush = time.perf_counter()
         evals: list[dict[str, float]] = [self.evaluate()]
+        together = self.replicas is not None  # replicas flush and stop at the same steps
+
+        def stopping() -> bool:
+            asked = should_stop is not None and should_stop()
+            return self.replicas.agree(asked) if self.replicas is not None else asked
+
         try:
             while self.step_count < cfg.steps:
-                if should_stop is not None and should_stop():
+                if not together and stopping():
                     status = RunStatus.CANCELLED.value
                     message = f"cancelled at step {self.step_count}"
                     break
                 self.step()
                 due_eval = self.step_count % cfg.eval_interval == 0 or self.step_count == cfg.steps
-                due_flush = (
-                    len(self._losses) >= flush_every
-                    or time.perf_counter() - last_flush >= flush_seconds
+                due_flush = len(self._losses) >= flush_every or (
+                    not together and time.perf_counter() - last_flush >= flush_seconds
                 )
                 if not (due_eval or due_flush):
                     continue
@@ -379,6 +413,10 @@ class Trainer:
                 if bad is not None:
                     status = RunStatus.DIVERGED.value
                     message = f"loss became {bad[1]} at step {bad[0]}; stopped, records kept"
+                    break
+                if together and self.step_count < cfg.steps and stopping():
+                    status = RunStatus.CANCELLED.value
+                    message = f"cancelled at step {self.step_count}"
                     break
         finally:
             rec = self.flush()
@@ -407,6 +445,7 @@ class Trainer:
         return {
             "config": self.config.model_dump(mode="json"),
             "device": str(self.device),
+            "replicas": self.replicas.world if self.replicas is not None else 1,
             "layers": [n for n, _ in self.model.blocks()],
             "channels": [b.channels for _, b in self.model.blocks()],
             "tracked_units": [s.units.tolist() for s in self.recorder.slots],

@@ -142,6 +142,18 @@ _ALL: tuple[Statistic, ...] = (
         _s("layer_bias_grad_norm", "layers", "L2 norm of the linear/conv layer's own bias "
            "gradient (NaN without one); BN right after the layer makes it zero",
            "layer bias gradient norm", log=True),
+        _s("replica_mean_spread", "layers", "distributed runs: RMS over replicas and channels "
+           "of each replica's batch mean minus the global batch's, in global standard "
+           "deviations (what synchronized BN removes)", "replicas' mean around the global "
+           "(RMS, in std)", optional=True, log=True, compare=True),
+        _s("replica_var_spread", "layers", "distributed runs: RMS over replicas and channels "
+           "of each replica's batch variance's relative difference from the global batch's",
+           "replicas' variance around the global (RMS, relative)", optional=True, log=True,
+           compare=True),
+        _s("global_pre_mean", "layers", "distributed runs: channel average of the global "
+           "batch's mean (all replicas' examples)", "global batch mean", optional=True),
+        _s("global_pre_var", "layers", "distributed runs: channel average of the global "
+           "batch's variance", "global batch variance", optional=True, log=True),
         _s("ics", "layers", "internal covariate shift ||G - G'||: the weight gradient before and "
            "after the blocks below took their step (Santurkar et al.; runs with ics_interval)",
            "internal covariate shift ||G - G'|| (runs with ics_interval)", optional=True,
@@ -194,6 +206,8 @@ STATISTICS: dict[str, Statistic] = {s.name: s for s in _ALL if s.table != "chann
 CHANNEL_STATISTICS: dict[str, Statistic] = {s.name: s for s in _ALL if s.table == "channels"}
 #: Percentiles of tracked unit j's activation input: p15_j, p50_j, p85_j.
 PERCENTILE = re.compile(r"p(15|50|85)_(\d+)")
+#: Replica k's own batch statistics in a distributed run: r{k}_pre_mean, r{k}_pre_var.
+REPLICA = re.compile(r"r(\d)_pre_(mean|var)")
 
 
 def columns(table: Table, optional: bool = False) -> tuple[str, ...]:
@@ -206,6 +220,14 @@ def lookup(name: str) -> Statistic | None:
     """A statistic with one value per row, by name (the percentiles p15_j/p50_j/p85_j too)."""
     if name in STATISTICS:
         return STATISTICS[name]
+    r = REPLICA.fullmatch(name)
+    if r is not None:
+        what = "mean" if r[2] == "mean" else "variance"
+        return Statistic(
+            name, "layers",
+            f"distributed runs: channel average of replica {r[1]}'s own batch {what}",
+            f"replica {r[1]} batch {what}", log=r[2] == "var",
+        )  # fmt: skip
     m = PERCENTILE.fullmatch(name)
     if m is None:
         return None
@@ -223,7 +245,12 @@ def unknown(name: str) -> str:
     groups = {
         "per step": [*columns("steps")],
         "per evaluation": [*columns("evals"), *columns("evals", optional=True)],
-        "per layer": [*columns("layers"), *columns("layers", optional=True), "p15_j/p50_j/p85_j"],
+        "per layer": [
+            *columns("layers"),
+            *columns("layers", optional=True),
+            "p15_j/p50_j/p85_j",
+            "r{k}_pre_mean/r{k}_pre_var",
+        ],
         "per layer and evaluation": [*columns("layer_evals", optional=True)],
     }
     return f"unknown stat {name!r}; " + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items())
@@ -255,5 +282,9 @@ def markdown() -> str:
             out.append(
                 "| `p15_j`, `p50_j`, `p85_j` | 15th/50th/85th percentiles over the batch of "
                 "tracked unit j's activation input (Ioffe & Szegedy, Fig. 1) |  | unit j |"
+            )
+            out.append(
+                "| `r{k}_pre_mean`, `r{k}_pre_var` | distributed runs: channel averages of "
+                "replica k's own batch mean and variance |  | replica k |"
             )
     return "\n".join(out) + "\n"

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from bncore.batchnorm import _BatchNorm
 from bncore.kernels import reference
-from bncore.kernels.reference import Running
+from bncore.kernels.reference import ActivationStats, Running
+from bncore.stats import RecordTarget
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm"]
 
@@ -53,8 +54,9 @@ class _Sync(torch.autograd.Function):
         eps: float,
         running: Running | None,
         group: Any,
-        out: list[Tensor],
-        grad_rows: Tensor | None,
+        out: list[Any],
+        act: ActivationStats | None,
+        record: RecordTarget | None,
     ) -> Tensor:
         x3 = reference.ncl_view(x)
         channels = x3.shape[1]
@@ -85,9 +87,16 @@ class _Sync(torch.autograd.Function):
         scale = invstd if weight is None else invstd * weight.to(acc)
         shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
         y = torch.addcmul(shift[:, None], x3.to(acc), scale[:, None]).to(x.dtype).view(x.shape)
+        act_stats = None if act is None else reference.activation_stats(y, act)
+        if record is not None:  # what bncore's BatchNorm writes into a recorder's row
+            reference.write_record(record, y, mean, var, running, weight, bias, act_stats)
+            grad = record.grad
+            act_stats = None if act is None else record.act
+        else:
+            grad = torch.full((4, channels), float("nan"), dtype=acc, device=x.device)
         ctx.save_for_backward(x3, weight, mean, invstd)
-        ctx.group, ctx.n, ctx.grad_rows = group, n, grad_rows
-        out[:] = [mean.detach(), var.detach(), mean_r.detach(), var_r.detach()]
+        ctx.group, ctx.n, ctx.grad_rows = group, n, grad
+        out[:] = [mean.detach(), var.detach(), mean_r.detach(), var_r.detach(), grad, act_stats]
         return y
 
     @staticmethod
@@ -111,17 +120,16 @@ class _Sync(torch.autograd.Function):
             c = -scale * g_dy / n
             dx3 = torch.addcmul(c[:, None], xmu, b[:, None]).addcmul_(dy3, scale[:, None])
             dx = dx3.to(dy.dtype).view(dy.shape)
-        rows = ctx.grad_rows  # what this replica's backward saw (BNStats.GRAD_ROWS)
-        if rows is not None:
+        with torch.no_grad():  # what this replica's backward saw (BNStats.GRAD_ROWS)
             nan = torch.full_like(sum_dy, torch.nan)
             dx_sq = torch.einsum("ncl,ncl->c", dx3, dx3) if dx3 is not None else nan
             dy_sq = torch.einsum("ncl,ncl->c", dy3, dy3)
-            rows.copy_(torch.stack([sum_dy_xhat, sum_dy, dy_sq, dx_sq]))
+            ctx.grad_rows.copy_(torch.stack([sum_dy_xhat, sum_dy, dy_sq, dx_sq]))
         dw = (
             sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
         )
         db = sum_dy.to(dy.dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None, None, None
+        return dx, dw, db, None, None, None, None, None, None
 
 
 def sync_batch_norm(
@@ -131,13 +139,15 @@ def sync_batch_norm(
     eps: float,
     running: Running | None = None,
     group: Any = None,
-    grad_rows: Tensor | None = None,
-) -> tuple[Tensor, list[Tensor]]:
+    act: ActivationStats | None = None,
+    record: RecordTarget | None = None,
+) -> tuple[Tensor, list[Any]]:
     """Training-mode batch norm over the global batch of ``group``'s replicas: the output, and
-    [global mean, global biased variance, this replica's mean, this replica's variance];
-    ``grad_rows`` (4, C), if given, gets this replica's gradient sums in the backward."""
-    found: list[Tensor] = []
-    y = _Sync.apply(x, weight, bias, eps, running, group, found, grad_rows)
+    [global mean, global biased variance, this replica's mean, this replica's variance, the
+    (4, C) gradient sums its backward fills (BNStats.GRAD_ROWS), the activation's statistics
+    or None]. ``act`` and ``record`` as for bncore's BatchNorm (a recorder's row)."""
+    found: list[Any] = []
+    y = _Sync.apply(x, weight, bias, eps, running, group, found, act, record)
     return y, found
 
 
@@ -178,11 +188,11 @@ class SyncBatchNorm(_BatchNorm):
         rm, rv = self._buffers["running_mean"], self._buffers["running_var"]
         if self.track_running_stats and rm is not None and rv is not None:
             running = Running(rm, rv, self._running_factor(), self.unbiased_running_var)
-        grad = torch.full((4, self.num_features), float("nan"), device=input.device)
-        y, (mean, var, mean_r, var_r) = sync_batch_norm(
-            input, self.weight, self.bias, self.eps, running, group, grad
-        )
-        self.stats.record(mean, var, grad)
+        y, (mean, var, mean_r, var_r, grad, act) = sync_batch_norm(
+            input, self.weight, self.bias, self.eps, running, group, self.record_activation,
+            self.record_into,
+        )  # fmt: skip
+        self.stats.record(mean, var, grad, act)
         self.replica = (mean_r, var_r)
         return y
 

@@ -28,7 +28,7 @@ from server.service import Service
 SECTIONS = {
     "overview": ("fig-loss", "fig-acc", "fig-heat-var", "fig-heat-mean", "fig-depth",
                  "fig-channels"),
-    "layer": ("fig-layer", "fig-affine", "fig-grads", "fig-scale", "fig-pct"),
+    "layer": ("fig-layer", "fig-affine", "fig-grads", "fig-scale", "fig-replicas", "fig-pct"),
     "gradients": ("fig-heat-grad", "fig-heat-sat", "fig-depth-2"),
     "population": ("fig-population", "fig-signal"),
 }  # fmt: skip
@@ -45,7 +45,7 @@ STATUS_COLUMNS = {"id": "id", "name": "name", "status": "status", "progress": "p
 
 
 #: Figures of two stacked panels: drawn taller.
-TALL = ("fig-layer", "fig-affine", "fig-scale", "fig-channels")
+TALL = ("fig-layer", "fig-affine", "fig-scale", "fig-replicas", "fig-channels")
 
 
 def _graph(gid: str) -> dcc.Graph:

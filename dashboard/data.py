@@ -22,6 +22,8 @@ LAYER_STATS = ("pre_mean", "running_mean", "pre_var", "running_var", "running_me
                "act_saturated")  # fmt: skip
 EVAL_STATS = ("train_loss", "train_acc", "test_loss", "test_acc", "mode_gap", "test_acc_precise",
               "test_acc_batch")  # fmt: skip
+#: A distributed run's view of its replicas (bncore.replicas).
+REPLICA_STATS = ("global_pre_var", "replica_mean_spread", "replica_var_spread")
 #: Per-block values measured at evaluations (bncore.population, bncore.propagation).
 BLOCK_EVAL_STATS = ("ema_mean_gap", "ema_var_gap", "signal_sq_mean", "signal_var", "branch_var")
 
@@ -98,6 +100,9 @@ def run_view(svc: Service, run_id: str, layer: str | None) -> dict[str, Any]:
         units = len((run.get("meta") or {}).get("tracked_units", [[0, 0, 0]])[0] or [0])
         keys += [(layer, s) for s in LAYER_STATS]
         keys += [(layer, f"p{q}_{j}") for q in (15, 50, 85) for j in range(units)]
+        replicas = int((run.get("meta") or {}).get("replicas") or 1)
+        keys += [(layer, s) for s in REPLICA_STATS if replicas > 1]
+        keys += [(layer, f"r{k}_pre_var") for k in range(replicas) if replicas > 1]
     data = svc.store.reads.many(run_id, keys)
     loss_steps, loss = data[("", "loss")]
     last = int(loss_steps[-1]) if len(loss_steps) else 0

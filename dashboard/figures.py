@@ -276,6 +276,29 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
             yaxis={"type": "log"},
             yaxis2={"type": "log", "title": {"text": "lr/||w||^2, radians (log)"}},
         )
+        replicas = sorted(int(k[1:].split("_")[0]) for k in d if k.startswith("r") and
+                          k.endswith("_pre_var") and k[1:].split("_")[0].isdigit())  # fmt: skip
+        rep_cols = ["global_pre_var", *[f"r{k}_pre_var" for k in replicas],
+                    "replica_mean_spread", "replica_var_spread"]  # fmt: skip
+        empty: tuple[list[int], list[float]] = ([], [])
+        figs["fig-replicas"] = figure(
+            [
+                trace(d.get("global_pre_var", empty), "global batch", COLORS[0],
+                      line={"width": 2.5}),
+                *[trace(d[f"r{k}_pre_var"], f"replica {k}", COLORS[(k + 1) % len(COLORS)])
+                  for k in replicas],
+                trace(d.get("replica_mean_spread", empty), "replicas' means around the global "
+                      "(RMS, in std)", COLORS[3], **low),
+                trace(d.get("replica_var_spread", empty), "replicas' variances around the "
+                      "global (RMS, relative)", COLORS[4], **low),
+            ],
+            f"{layer}: each replica's batch against the global batch (distributed runs)",
+            "step",
+            "batch variance",
+            height=400,
+            rows=2,
+            yaxis2={"type": "log", "title": {"text": "spread (log)"}},
+        )  # fmt: skip
         figs["fig-grads"] = figure(
             [
                 trace(d[s], s.replace("_", " "), COLORS[i])
@@ -315,6 +338,7 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
             ("fig-grads", ["weight_grad_norm", "gamma_grad_norm", "beta_grad_norm", "weight_norm"]),
             ("fig-pct", [f"p{q}_{j}" for j in units for q in (15, 85, 50)]),
             ("fig-scale", ["weight_norm", "eff_lr", "angular_update"]),
+            ("fig-replicas", rep_cols),
         ):
             live(gid, "layers", cols, list(range(len(cols))), layer=layer)
 
@@ -338,6 +362,7 @@ _NOTE_FOR = {"fig-heat-sat": "act", "fig-grads": "weight"}
 _NEEDS = {
     "fig-population": "set precise_bn to recompute population statistics at each evaluation",
     "fig-signal": "measured for residual networks (model.kind=resnet)",
+    "fig-replicas": "set distributed.replicas above 1 to train over several processes",
 }
 
 

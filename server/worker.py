@@ -66,6 +66,7 @@ def main(
 
     from bncore.config import RunConfig
     from bncore.data import load_dataset
+    from bncore.distributed import train_replicas
     from bncore.engine import Trainer
 
     torch.set_num_threads(threads)
@@ -76,13 +77,13 @@ def main(
         sink = HttpSink(client, run_id, token=write_token)
         try:
             config = RunConfig.model_validate_json(config_json)
-            trainer = Trainer(config, load_dataset(config.data, data_root))
-            trainer.run(
-                sink,
-                should_stop=lambda: cancel.is_set() or orphaned.is_set(),
-                flush_every=200,
-                flush_seconds=0.05,
-            )
+            stop = lambda: cancel.is_set() or orphaned.is_set()  # noqa: E731
+            if config.distributed.replicas > 1:  # this process is rank 0 of the replicas
+                # replicas flush together, every so many steps (no clock to agree on)
+                train_replicas(config, sink, data_root, stop, flush_every=25)
+            else:
+                trainer = Trainer(config, load_dataset(config.data, data_root))
+                trainer.run(sink, should_stop=stop, flush_every=200, flush_seconds=0.05)
         except Exception as exc:
             if orphaned.is_set() or os.getppid() != parent:
                 return  # the server is gone: nobody to tell

@@ -406,6 +406,18 @@ def test_a_resnet_run_shows_population_statistics_and_signal_propagation(page, s
     wait_for(lambda: points(page, "fig-scale") > 0, 30)  # weight norm, effective lr, angle
 
 
+def test_a_distributed_run_draws_each_replica_beside_the_global_batch(page, server):
+    with server.client() as api:
+        run_id = finished_run(api, name="two replicas", distributed={"replicas": 2})
+    page.goto(f"{server.url}/dashboard/?tab=run&run={run_id}&section=layer&layer=block1")
+    wait_for(lambda: points(page, "fig-replicas") == 120, 60)  # the global batch, every step
+    names = page.evaluate(
+        "() => document.querySelector('#fig-replicas .js-plotly-plot').data.map((t) => t.name)"
+    )
+    assert names[:3] == ["global batch", "replica 0", "replica 1"]
+    shot(page, "replicas.png")
+
+
 def test_cancel_and_delete_from_the_page(page, server):
     page.on("dialog", lambda d: d.accept())
     with server.client() as api:

@@ -1,0 +1,80 @@
+"""One run over two real torch.distributed processes (gloo, 127.0.0.1): per-replica BN against
+synchronized BN, each replica's statistics beside the global batch's, cancel, and the same run
+through the server with one REST call."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bncore.config import ConfigError, parse_config
+from bncore.distributed import train_replicas
+from bncore.sinks import MemorySink
+from server.process import ServerProcess, wait_for
+from tests.test_server import FINAL
+
+
+def _cfg(sync: bool, **over: object):
+    return parse_config({"model": {"kind": "cnn", "depth": 3, "width": 16},
+                         "data": {"name": "digits"}, "batch_size": 32, "steps": 40,
+                         "eval_interval": 20, "distributed": {"replicas": 2, "sync_bn": sync},
+                         **over})  # fmt: skip
+
+
+@pytest.mark.timeout(300)
+def test_per_replica_and_synchronized_bn_record_each_replica_beside_the_global_batch():
+    layers = {}
+    for sync in (False, True):
+        sink = MemorySink()
+        result = train_replicas(_cfg(sync), sink)
+        assert result.status == "completed" and result.final["test_acc"] > 0.3
+        rec = sink.records
+        assert rec.layers["step"].max() == 40 and sink.meta["replicas"] == 2
+        layers[sync] = t = {k: v[rec.layers["layer"] == "block1"] for k, v in rec.layers.items()}
+        r0, r1, glob = t["r0_pre_var"], t["r1_pre_var"], t["global_pre_var"]
+        assert np.isfinite(r0).all() and np.isfinite(r1).all()
+        assert (r0 != r1).any()  # two shards, two batches
+        assert (t["replica_mean_spread"] > 0).all() and (t["replica_var_spread"] > 0).all()
+        # the global batch's variance holds both replicas' and the spread of their means
+        assert (glob >= np.minimum(r0, r1) - 1e-6).all()
+    # per-replica BN normalizes with its own batch (rank 0 reports its own), synchronized BN
+    # with the global batch
+    np.testing.assert_allclose(layers[False]["pre_var"], layers[False]["r0_pre_var"], rtol=1e-5)
+    np.testing.assert_allclose(layers[True]["pre_var"], layers[True]["global_pre_var"], rtol=1e-4)
+    assert not np.allclose(layers[True]["pre_var"], layers[True]["r0_pre_var"], rtol=1e-4)
+
+
+@pytest.mark.timeout(300)
+def test_a_cancelled_distributed_run_stops_every_replica():
+    asked = iter(range(10**6))
+    sink = MemorySink()
+    result = train_replicas(_cfg(True, steps=2000), sink, should_stop=lambda: next(asked) > 2)
+    assert result.status == "cancelled" and result.steps_done < 2000
+
+
+def test_distributed_settings_are_checked_with_the_fields_named():
+    with pytest.raises(ConfigError, match=r"must split evenly over distributed\.replicas=3"):
+        parse_config({"batch_size": 32, "distributed": {"replicas": 3}})
+    with pytest.raises(ConfigError, match=r"norm\.kind must be 'batch', not 'group'"):
+        parse_config({"norm": {"kind": "group"}, "distributed": {"replicas": 2, "sync_bn": True}})
+
+
+@pytest.mark.timeout(300)
+def test_a_two_replica_run_is_one_rest_call_and_shows_both_statistics(tmp_path):
+    srv = ServerProcess(tmp_path, "--max-runs", "1").start()
+    try:
+        with srv.client() as api:
+            body = _cfg(True, steps=60).model_dump(mode="json")
+            run = api.post("/api/runs", json=body).json()
+            done = wait_for(lambda: (r := api.get(f"/api/runs/{run['id']}").json())["status"]
+                            in FINAL and r, 240)  # fmt: skip
+            assert done["status"] == "completed", done.get("message")
+            assert done["meta"]["replicas"] == 2
+            got = api.get(f"/api/runs/{run['id']}/metrics", params={
+                "stat": ["replica_mean_spread", "r1_pre_var", "global_pre_var"],
+                "layer": "block1"}).json()["series"]  # fmt: skip
+            assert {s["stat"] for s in got} == {"replica_mean_spread", "r1_pre_var",
+                                                 "global_pre_var"}  # fmt: skip
+            assert all(s["points_total"] == 60 for s in got)
+    finally:
+        srv.stop()
