@@ -44,6 +44,16 @@ def _group_size(group: Any) -> int:
     return dist.get_world_size(group)
 
 
+def _normalize(
+    x: Tensor, mean: Tensor, var: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float
+) -> Tensor:
+    """gamma (x - mean) / sqrt(var + eps) + beta, in one pass (torch's eval-mode batch norm)."""
+    if mean.dtype != x.dtype:  # half inputs: statistics in float32
+        return reference.normalize(reference.ncl_view(x), mean, torch.rsqrt(var + eps), weight,
+                                   bias).view(x.shape)  # fmt: skip
+    return nn.functional.batch_norm(x, mean, var, weight, bias, False, 0.0, eps)
+
+
 class _Sync(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -62,8 +72,8 @@ class _Sync(torch.autograd.Function):
         channels = x3.shape[1]
         acc = reference.opmath_dtype(x.dtype)
         count = reference.values_per_channel(x)
-        if count:  # one pass (Welford), as torch's batch norm takes them
-            var_r, mean_r = torch.var_mean(x3.to(acc), dim=(0, 2), correction=0)
+        if count:  # one pass, torch's own batch-norm statistics kernel
+            mean_r, var_r = (t.to(acc) for t in torch.batch_norm_update_stats(x, None, None, 0.0))
         else:  # an empty replica still takes part in the collective
             mean_r = var_r = x3.new_zeros(channels, dtype=acc)
         mine = torch.cat([mean_r, var_r, mean_r.new_full((1,), count)])
@@ -83,10 +93,7 @@ class _Sync(torch.autograd.Function):
             )
         if running is not None:
             reference.update_running(running, mean, var, n)
-        # y = x * scale + shift per channel, in one pass
-        scale = invstd if weight is None else invstd * weight.to(acc)
-        shift = -mean * scale if bias is None else bias.to(acc) - mean * scale
-        y = torch.addcmul(shift[:, None], x3.to(acc), scale[:, None]).to(x.dtype).view(x.shape)
+        y = _normalize(x, mean, var, weight, bias, eps)
         act_stats = None if act is None else reference.activation_stats(y, act)
         if record is not None:  # what bncore's BatchNorm writes into a recorder's row
             reference.write_record(record, y, mean, var, running, weight, bias, act_stats)
@@ -95,7 +102,8 @@ class _Sync(torch.autograd.Function):
         else:
             grad = torch.full((4, channels), float("nan"), dtype=acc, device=x.device)
         ctx.save_for_backward(x3, weight, mean, invstd)
-        ctx.group, ctx.n, ctx.grad_rows = group, n, grad
+        ctx.group, ctx.n, ctx.grad_rows, ctx.var, ctx.eps = group, n, grad, var, eps
+        ctx.recorded = record is not None
         out[:] = [mean.detach(), var.detach(), mean_r.detach(), var_r.detach(), grad, act_stats]
         return y
 
@@ -104,9 +112,10 @@ class _Sync(torch.autograd.Function):
         x3, weight, mean, invstd = ctx.saved_tensors
         acc = mean.dtype
         dy3 = reference.ncl_view(dy.contiguous()).to(acc)
-        xmu = x3.to(acc) - mean[:, None]  # centred first: no cancellation when |mean| >> std
+        # x_hat in one pass, centred before it is scaled: exact when |mean| >> std
+        xhat = reference.ncl_view(_normalize(x3, mean, ctx.var, None, None, ctx.eps)).to(acc)
         sum_dy = dy3.sum((0, 2))
-        sum_dy_xhat = torch.einsum("ncl,ncl->c", dy3, xmu) * invstd
+        sum_dy_xhat = (dy3 * xhat).sum((0, 2))
         dx3: Tensor | None = None
         dx: Tensor | None = None
         if ctx.needs_input_grad[0]:
@@ -115,15 +124,17 @@ class _Sync(torch.autograd.Function):
             g_dy, g_dy_xhat = both.chunk(2)
             scale = invstd if weight is None else invstd * weight.to(acc)
             n = ctx.n
-            # dx = scale * (dy - g_dy/n - xhat * g_dy_xhat/n) = scale dy + b (x - mean) + c
-            b = -scale * invstd * g_dy_xhat / n
+            # dx = scale * (dy - g_dy/n - xhat * g_dy_xhat/n)
+            b = -scale * g_dy_xhat / n
             c = -scale * g_dy / n
-            dx3 = torch.addcmul(c[:, None], xmu, b[:, None]).addcmul_(dy3, scale[:, None])
+            dx3 = torch.addcmul(c[:, None], dy3, scale[:, None]).addcmul_(xhat, b[:, None])
             dx = dx3.to(dy.dtype).view(dy.shape)
         with torch.no_grad():  # what this replica's backward saw (BNStats.GRAD_ROWS)
             nan = torch.full_like(sum_dy, torch.nan)
-            dx_sq = torch.einsum("ncl,ncl->c", dx3, dx3) if dx3 is not None else nan
-            dy_sq = torch.einsum("ncl,ncl->c", dy3, dy3)
+            dy_sq = dx_sq = nan  # two more passes: taken on the steps a recorder asked for
+            if ctx.recorded:
+                dy_sq = dy3.square().sum((0, 2))
+                dx_sq = dx3.square().sum((0, 2)) if dx3 is not None else nan
             ctx.grad_rows.copy_(torch.stack([sum_dy_xhat, sum_dy, dy_sq, dx_sq]))
         dw = (
             sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None

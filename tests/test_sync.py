@@ -71,7 +71,8 @@ def _check_against_the_global_batch(rank: int, shape: tuple, momentum: float | N
     var_g, mean_g = torch.var_mean(x, dims, correction=0)
     torch.testing.assert_close(sync.stats.mean, mean_g)
     torch.testing.assert_close(sync.stats.var, var_g)
-    assert torch.isfinite(sync.stats.grad).all()
+    assert torch.isfinite(sync.stats.grad[:2]).all()  # gamma's and beta's: this replica's
+    assert torch.isnan(sync.stats.grad[2:]).all()  # squared norms: only for a recorder
     sync.eval()
     ref.eval()
     torch.testing.assert_close(sync(mine.detach()), ref(full.detach())[start : start + sizes[rank]])
