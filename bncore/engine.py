@@ -494,7 +494,14 @@ def train(
     should_stop: Callable[[], bool] | None = None,
     on_flush: Callable[[Trainer, Records], None] | None = None,
 ) -> RunResult:
-    """Run ``config`` to the end; with no ``sink`` the records come back in ``result.records``."""
+    """Run ``config`` to the end; with no ``sink`` the records come back in ``result.records``.
+    A distributed run (``distributed.replicas`` > 1) is :func:`bncore.distributed.train_replicas`'s.
+    """
+    if config.distributed.replicas > 1:
+        raise ValueError(
+            f"distributed.replicas={config.distributed.replicas}: train it with "
+            "bncore.distributed.train_replicas, which starts the replicas"
+        )
     memory: MemorySink | None = None
     if sink is None:
         sink = memory = MemorySink()

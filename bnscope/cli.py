@@ -40,13 +40,17 @@ def _train(args: argparse.Namespace) -> int:
     """Train the run a config file describes, writing its records to --out."""
     from tqdm import tqdm
 
-    from bncore.data import DatasetError
+    from bncore.data import DatasetError, load_dataset
+    from bncore.distributed import train_replicas
     from bncore.engine import Trainer
     from bncore.sinks import ParquetSink
 
     try:
         config = load_config(args.config, args.set)
-        trainer = Trainer(config)
+        # a distributed run's replicas build their trainers; its data is checked here first
+        trainer = Trainer(config) if config.distributed.replicas == 1 else None
+        if trainer is None:
+            load_dataset(config.data)
     except ConfigError as exc:
         for fields, message in grouped(exc.errors):
             print(f"bnscope train: {', '.join(fields)}: {message}", file=sys.stderr)
@@ -56,7 +60,7 @@ def _train(args: argparse.Namespace) -> int:
     except (DatasetError, ValueError) as exc:
         print(f"bnscope train: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    if trainer.device.type == "cpu":
+    if trainer is None or trainer.device.type == "cpu":
         # builds the fused kernel now, if this is its first use, so that its progress lines
         # come before the progress bar rather than inside it
         kernels.select(torch.zeros(2, 2), None, None)
@@ -68,7 +72,11 @@ def _train(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{float(rec.steps['loss'][-1]):.4f}")
 
     try:
-        result = trainer.run(ParquetSink(args.out), on_flush=progress)
+        sink = ParquetSink(args.out)
+        if trainer is None:
+            result = train_replicas(config, sink, on_flush=progress)
+        else:
+            result = trainer.run(sink, on_flush=progress)
     except KeyboardInterrupt:
         print("\nbnscope train: interrupted", file=sys.stderr)
         return EXIT_FAILED

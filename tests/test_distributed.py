@@ -78,3 +78,22 @@ def test_a_two_replica_run_is_one_rest_call_and_shows_both_statistics(tmp_path):
             assert all(s["points_total"] == 60 for s in got)
     finally:
         srv.stop()
+
+
+@pytest.mark.timeout(300)
+def test_bnscope_train_runs_the_replicas_and_writes_their_records(tmp_path, capsys):
+    import json
+
+    from bncore.sinks import read_parquet
+    from bnscope.cli import main
+
+    cfg = tmp_path / "run.json"
+    cfg.write_text(json.dumps(_cfg(False, steps=30).model_dump(mode="json")))
+    assert main(["train", str(cfg), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "completed"
+    layers = read_parquet(tmp_path / "out").layers
+    assert np.isfinite(layers["r1_pre_var"][layers["layer"] == "block0"]).all()
+    with pytest.raises(ValueError, match="train_replicas"):
+        from bncore.engine import train
+
+        train(_cfg(False))

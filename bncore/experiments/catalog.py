@@ -376,5 +376,33 @@ EXPERIMENTS: dict[str, Experiment] = {
             note="Weight decay applies to the convolutions only (optim.norm_weight_decay=false)"
             "; the last block's convolution is followed by BN, so it is scale-invariant.",
         ),
+        Experiment(
+            key="per-replica-vs-sync-bn",
+            verdict=verdicts.CHECKS["per-replica-vs-sync-bn"],
+            title="Data-parallel: per-replica BN against synchronized BN",
+            claim="Under data-parallel training each replica's BN normalizes with its own share "
+            "of the batch, so what BN's accuracy depends on is the per-replica batch (Wu & He "
+            "2018; Wu & Johnson 2021); synchronizing the statistics over the replicas "
+            "normalizes with the global batch, which recovers the accuracy lost at small "
+            "per-replica batches, at the cost of communication in every BN layer.",
+            base={"model": {"kind": "mlp", "depth": 3, "width": 64}, "data": {"name": "digits"},
+                  "eval_interval": 100, "stats_interval": 10, "distributed": {"replicas": 2}},
+            grid={"batch_size": [4, 8, 32], "distributed.sync_bn": [False, True]},
+            derive=_same_epochs,
+            panels=(
+                Panel("Final test accuracy by global batch (2 replicas)", "by_value",
+                      ("test_acc",), "test accuracy", x="batch_size", log_x=True),
+                Panel("Replicas' batch means around the global batch's, last layer", "by_value",
+                      ("replica_mean_spread",), "RMS, in std", x="batch_size", log_x=True,
+                      layer="last", reduce="mean"),
+                Panel("Step time", "by_value", ("step_time",), "seconds per step",
+                      x="batch_size", log_x=True, reduce="mean"),
+            ),
+            full={"model.width": 256, "device": "cuda"},
+            note=f"2 processes over gloo on the CPU (NCCL with a GPU each at full size), equal "
+            f"epochs ({EPOCHS} of digits) at every batch size with the learning rate scaled "
+            "with it; an MLP, whose BN takes each channel's statistics over the per-replica "
+            "examples only.",
+        ),
     )
 }  # fmt: skip

@@ -35,7 +35,7 @@ class Panel:
 
     ``over_steps``: each run's ``stats`` (at ``layer``; "" for step/eval statistics, "last" for
     the last block) over training steps. ``by_value``: one number per run (``reduce`` of its
-    first stat: ``final``, ``best``, ``steps_to`` reaching ``target``, or ``growth``, the
+    first stat: ``final``, ``best``, ``mean``, ``steps_to`` reaching ``target``, or ``growth``, the
     measured per-layer gradient growth) against the grid field ``x``; ``theory`` gives the
     closed form for a run's config, drawn dashed beside it. ``by_layer``: each run's ``stats``
     at its first evaluation, through the layers that have them (input side first).
@@ -48,7 +48,7 @@ class Panel:
     layer: str = ""
     x: str | None = None
     log_x: bool = False
-    reduce: Literal["final", "best", "steps_to", "growth"] = "final"
+    reduce: Literal["final", "best", "mean", "steps_to", "growth"] = "final"
     target: float | None = None
     theory: Callable[[dict[str, Any]], float] | None = None
     theory_label: str = ""
@@ -149,6 +149,8 @@ def reduce_point(p: Panel, point: Point) -> float | None:
         return float(vals[ok][-1])
     if p.reduce == "best":
         return float(vals[ok].max())
+    if p.reduce == "mean":
+        return float(vals[ok].mean())
     hit = np.nonzero(vals >= (p.target or 0.0))[0]  # steps_to
     return float(steps[hit[0]]) if len(hit) else None
 

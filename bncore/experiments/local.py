@@ -11,9 +11,11 @@ from typing import Any, Literal
 import numpy as np
 
 from bncore.config import get_field, parse_config, set_field
+from bncore.distributed import train_replicas
 from bncore.engine import RunResult, train
 from bncore.experiments.framework import Experiment, Point, result
 from bncore.records import Records
+from bncore.sinks import MemorySink
 
 __all__ = ["configs", "point", "run"]
 
@@ -69,9 +71,16 @@ def run(
     """Every run of the sweep, then the result (panels and verdict) as the server gives it."""
     points = []
     for config in configs(exp, size, overrides):
-        done = train(parse_config(config))
-        assert done.records is not None  # the in-memory sink keeps them
-        points.append(point(exp, config, done.records))
+        cfg = parse_config(config)
+        if cfg.distributed.replicas > 1:
+            sink = MemorySink()
+            done = train_replicas(cfg, sink)
+            records = sink.records
+        else:
+            done = train(cfg)
+            assert done.records is not None  # the in-memory sink keeps them
+            records = done.records
+        points.append(point(exp, config, records))
         if on_run is not None:
             on_run(config, done)
     return result(exp, points)

@@ -354,6 +354,30 @@ def scale_invariance(points: Sequence[Point]) -> Verdict:
     )
 
 
+def sync_bn(points: Sequence[Point]) -> Verdict:
+    sizes = _grid(points, "batch_size")
+    small, large = sizes[0], sizes[-1]
+    acc = {(b, s): _final(_pick(points, batch_size=b, distributed__sync_bn=s), "test_acc", last=2)
+           for b in (small, large) for s in (False, True)}  # fmt: skip
+    cost = {}
+    for b in (small, large):
+        times = [float(np.median(_values(_pick(points, batch_size=b, distributed__sync_bn=s),
+                                         "step_time")[1])) for s in (False, True)]  # fmt: skip
+        cost[b] = times[1] / times[0]
+    gain_small = acc[small, True] - acc[small, False]
+    gain_large = acc[large, True] - acc[large, False]
+    ok = gain_small > 0.02 and gain_small > gain_large
+    return Verdict(
+        ok,
+        f"At a global batch of {small} ({small // 2} per replica) synchronized BN "
+        f"reaches {acc[small, True]:.2f} against {acc[small, False]:.2f} per replica "
+        f"({100 * gain_small:+.1f} points); at {large}, {100 * gain_large:+.1f}; a step "
+        f"takes {cost[small]:.2f}x and {cost[large]:.2f}x as long synchronized: this "
+        f"{_yes(ok)} with the finding that per-replica statistics are what small "
+        "batches cost.",
+    )
+
+
 #: Checks by experiment key (gradient-explosion's is made with its panel).
 CHECKS = {
     "bn-vs-learning-rate": bn_vs_learning_rate,
@@ -368,4 +392,5 @@ CHECKS = {
     "small-batch-frozen-bn": frozen_bn,
     "signal-propagation": signal_propagation,
     "scale-invariance": scale_invariance,
+    "per-replica-vs-sync-bn": sync_bn,
 }
