@@ -1,4 +1,5 @@
-"""Runs waiting, runs training: each in its own process, at most ``max_runs`` at once.
+"""Runs waiting, runs training: each in its own process (a distributed run in one per replica),
+at most ``max_runs`` processes at once.
 
 The scheduler starts queued runs as slots free up, cancels (a flag the worker checks every step,
 then a kill if it does not stop), and watches its workers: one that dies without reporting how
@@ -32,6 +33,7 @@ class _Worker:
     process: Any  # multiprocessing process (spawn context)
     cancel: Any  # multiprocessing Event
     cancelled_at: float | None = None
+    slots: int = 1  # processes it trains with (a distributed run's replicas)
 
 
 class Scheduler:
@@ -109,10 +111,20 @@ class Scheduler:
                 self._reap(run_id, w)
             elif w.cancelled_at and time.monotonic() - w.cancelled_at > KILL_AFTER:
                 w.process.kill()
-        while self.queue and len(self.running) < self.settings.max_runs:
-            self._launch(self.queue.popleft())
+        # a distributed run takes a slot per replica; one larger than max_runs runs alone
+        while self.queue:
+            need = self._slots(self.queue[0])
+            used = sum(w.slots for w in self.running.values())
+            if self.running and used + need > self.settings.max_runs:
+                break
+            self._launch(self.queue.popleft(), need)
 
-    def _launch(self, run_id: str) -> None:
+    def _slots(self, run_id: str) -> int:
+        run = self.store.runs.get(run_id)
+        replicas = ((run or {}).get("config") or {}).get("distributed", {}).get("replicas", 1)
+        return max(1, int(replicas or 1))
+
+    def _launch(self, run_id: str, slots: int = 1) -> None:
         run = self.store.runs.get(run_id)
         if run is None or run["status"] != RunStatus.QUEUED.value:
             return
@@ -136,7 +148,7 @@ class Scheduler:
         )
         self.store.runs.update(run_id, write_key=key)
         process.start()
-        self.running[run_id] = _Worker(process, cancel)
+        self.running[run_id] = _Worker(process, cancel, slots=slots)
         self.store.runs.update(run_id, pid=process.pid)
 
     def _reap(self, run_id: str, w: _Worker) -> None:
