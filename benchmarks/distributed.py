@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import bncore
+from bncore.distributed import free_port
 from bncore.sync import SyncBatchNorm
 
 WORLD = 2
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda" and torch.cuda.device_count() < WORLD:
         print("--device cuda needs 2 GPUs", file=sys.stderr)
         return 2
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     out = f"/tmp/bnscope-distributed-{os.getpid()}.txt"
     mp.spawn(_worker, args=(port, args, out), nprocs=WORLD, join=True)
     print(

@@ -31,7 +31,7 @@ from bncore.sinks import Sink
 if TYPE_CHECKING:
     from bncore.config import RunConfig
 
-__all__ = ["NullSink", "train_replicas"]
+__all__ = ["NullSink", "free_port", "train_replicas"]
 
 #: How long a replica waits on the others before the run fails (a replica that died).
 TIMEOUT = datetime.timedelta(seconds=120)
@@ -50,7 +50,8 @@ class NullSink:
         pass
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a process group's rendezvous."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -114,7 +115,7 @@ def train_replicas(
             f"distributed.replicas={world} on CUDA needs a GPU per replica; this machine has "
             f"{torch.cuda.device_count()}"
         )
-    port = _free_port()
+    port = free_port()
     threads = max(1, torch.get_num_threads() // world)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     helpers = []

@@ -121,6 +121,8 @@ def _serve(args: argparse.Namespace) -> int:
             ("max_queued", args.max_queued),
             ("max_run_memory", args.max_run_memory),
             ("max_run_disk", args.max_run_disk),
+            ("executor", args.executor),
+            ("ray_address", args.ray_address),
         )
         if v is not None
     }
@@ -132,8 +134,18 @@ def _serve(args: argparse.Namespace) -> int:
             where = f"--{flag}: " if flag else ""
             print(f"bnscope serve: {where}{e['msg']}", file=sys.stderr)
         return EXIT_USAGE
+    if settings.executor == "ray":
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            print("bnscope serve: --executor ray needs Ray: pip install 'bnscope[ray]'",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
     try:
         serve(settings, log_level=args.log_level)
+    except ConnectionError as exc:  # Ray's cluster not reachable at --ray-address
+        print(f"bnscope serve: cannot reach the Ray cluster: {exc}", file=sys.stderr)
+        return EXIT_FAILED
     except OSError as exc:
         print(
             f"bnscope serve: cannot listen on {settings.host}:{settings.port}: {exc}",
@@ -298,6 +310,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         metavar="SECONDS",
         help="a script's run (bnscope.client) silent this long is marked failed (default 30)",
+    )
+    serve.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="where runs train: local processes (default) or Ray tasks (pip install "
+        "'bnscope[ray]')",
+    )
+    serve.add_argument(
+        "--ray-address", help="the Ray cluster for --executor ray (default: one of this machine)"
     )
     serve.add_argument("--cors-origin", action="append", help="allow this origin (repeatable)")
     serve.add_argument(

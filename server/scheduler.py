@@ -1,5 +1,5 @@
 """Runs waiting, runs training: each in its own process (a distributed run in one per replica),
-at most ``max_runs`` processes at once.
+at most ``max_runs`` processes at once, on this machine or as Ray tasks (server.executors).
 
 The scheduler starts queued runs as slots free up, cancels (a flag the worker checks every step,
 then a kill if it does not stop), and watches its workers: one that dies without reporting how
@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import multiprocessing as mp
 import time
 from collections import deque
 from collections.abc import Callable
@@ -19,7 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bncore.status import RunStatus
-from server import keys, worker
+from server import keys
+from server.executors import executor_for
 from server.settings import Settings
 from server.store import Store
 
@@ -30,8 +30,8 @@ KILL_AFTER = 5.0  # seconds a cancelled worker gets to stop by itself
 
 @dataclass
 class _Worker:
-    process: Any  # multiprocessing process (spawn context)
-    cancel: Any  # multiprocessing Event
+    process: Any  # a process, or what stands for one (server.executors)
+    cancel: Any  # its cancel flag (set())
     cancelled_at: float | None = None
     slots: int = 1  # processes it trains with (a distributed run's replicas)
 
@@ -41,7 +41,7 @@ class Scheduler:
         self.store, self.settings, self.on_status = store, settings, on_status
         self.queue: deque[str] = deque()
         self.running: dict[str, _Worker] = {}
-        self._ctx = mp.get_context("spawn")
+        self.executor = executor_for(settings.executor, settings.ray_address)
         self._task: asyncio.Task[None] | None = None
         self.api_url = settings.public_url
 
@@ -67,6 +67,7 @@ class Scheduler:
             if w.process.is_alive():
                 w.process.kill()
             self._reap(run_id, w)
+        self.executor.close()
 
     def submit(self, run_id: str) -> None:
         self.queue.append(run_id)
@@ -128,26 +129,14 @@ class Scheduler:
         run = self.store.runs.get(run_id)
         if run is None or run["status"] != RunStatus.QUEUED.value:
             return
-        cancel = self._ctx.Event()
         config_json = json.dumps(run["config"])
         token, key = keys.mint()  # for this worker only: a worker of before a restart is locked out
-        process = self._ctx.Process(
-            target=worker.main,
-            name=f"bnscope-run-{run_id}",
-            daemon=True,
-            args=(
-                run_id,
-                config_json,
-                self.api_url,
-                self.settings.token,
-                self.settings.threads_per_run(),
-                cancel,
-                str(self.settings.dataset_root),
-                token,
-            ),
-        )
+        threads = self.settings.threads_per_run()
+        args = (run_id, config_json, self.api_url, self.settings.token, threads,
+                str(self.settings.dataset_root), token)  # fmt: skip
+        gpus = slots if (run["config"] or {}).get("device") == "cuda" else 0
         self.store.runs.update(run_id, write_key=key)
-        process.start()
+        process, cancel = self.executor.start(args, threads * slots, gpus, f"bnscope-run-{run_id}")
         self.running[run_id] = _Worker(process, cancel, slots=slots)
         self.store.runs.update(run_id, pid=process.pid)
 

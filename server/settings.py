@@ -88,6 +88,15 @@ class Settings(BaseSettings):
     public_url: str | None = Field(
         None, description="how workers reach the API; default: http://127.0.0.1:<port>"
     )
+    executor: Literal["local", "ray"] = Field(
+        "local",
+        description="where runs train: 'local' (a process each, on this machine) or 'ray' "
+        "(a task each on the Ray cluster at ray_address)",
+    )
+    ray_address: str | None = Field(
+        None,
+        description="the Ray cluster (host:port, or 'auto'); default: a cluster of this machine",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

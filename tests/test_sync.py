@@ -5,7 +5,6 @@ which it cannot run on the CPU); on CUDA, against torch.nn.SyncBatchNorm itself 
 from __future__ import annotations
 
 import os
-import socket
 import traceback
 from pathlib import Path
 
@@ -16,17 +15,12 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import bncore
+from bncore.distributed import free_port
 from bncore.sync import SyncBatchNorm, convert_sync_batchnorm
 
 WORLD = 2
 SHAPES = [(8, 3), (6, 4, 5), (4, 3, 5, 7), (2, 2, 3, 4, 5)]
 TORCH_BN = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _check_against_the_global_batch(rank: int, shape: tuple, momentum: float | None,
@@ -78,35 +72,56 @@ def _check_against_the_global_batch(rank: int, shape: tuple, momentum: float | N
     torch.testing.assert_close(sync(mine.detach()), ref(full.detach())[start : start + sizes[rank]])
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _gloo_checks(rank: int) -> None:
+    torch.set_num_threads(1)
+    for shape in SHAPES:
+        for momentum in (0.1, None):
+            for sizes in ((shape[0] // 2, shape[0] - shape[0] // 2), (1, shape[0])):
+                _check_against_the_global_batch(rank, shape, momentum, sizes)
+    # float32, a mean 10^4 standard deviations from zero: no cancellation in the gradient
+    torch.manual_seed(2)
+    x = (torch.randn(16, 4, 9) * 0.01 + 100).requires_grad_()
+    w = torch.randn(16, 4, 9)
+    ref = nn.BatchNorm1d(4).double()
+    full = x.detach().double().requires_grad_()
+    (ref(full) * w.double()).sum().backward()
+    mine = x.detach()[8 * rank : 8 * rank + 8].clone().requires_grad_()
+    sync = SyncBatchNorm(4)
+    (sync(mine) * w[8 * rank : 8 * rank + 8]).sum().backward()
+    want = full.grad[8 * rank : 8 * rank + 8].float()
+    torch.testing.assert_close(mine.grad, want, rtol=1e-3, atol=1e-3 * want.abs().max())
+    # a model converted: its BN layers become synchronized, with their state
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 3), bncore.BatchNorm1d(3), nn.ReLU())
+    model[1].running_mean.fill_(0.5)
+    converted = convert_sync_batchnorm(model)
+    assert isinstance(converted[1], SyncBatchNorm) and converted[1].running_mean[0] == 0.5
+    assert converted[1].weight is model[1].weight
+    dist.barrier()
+
+
+def _nccl_checks(rank: int) -> None:
+    torch.cuda.set_device(rank)
+    torch.manual_seed(0)
+    x = torch.randn(2 * WORLD, 8, 6, 6, device="cuda")
+    ours, theirs = SyncBatchNorm(8).cuda(), nn.SyncBatchNorm(8).cuda()
+    mine = x[2 * rank : 2 * rank + 2].clone().requires_grad_()
+    again = mine.detach().clone().requires_grad_()
+    ours(mine).square().sum().backward()
+    theirs(again).square().sum().backward()
+    torch.testing.assert_close(mine.grad, again.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ours.running_var, theirs.running_var)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+CHECKS = {"gloo": _gloo_checks, "nccl": _nccl_checks}
+
+
+def _worker(rank: int, port: int, out: str, backend: str) -> None:
     try:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-        torch.set_num_threads(1)
-        for shape in SHAPES:
-            for momentum in (0.1, None):
-                for sizes in ((shape[0] // 2, shape[0] - shape[0] // 2), (1, shape[0])):
-                    _check_against_the_global_batch(rank, shape, momentum, sizes)
-        # float32, a mean 10^4 standard deviations from zero: no cancellation in the gradient
-        torch.manual_seed(2)
-        x = (torch.randn(16, 4, 9) * 0.01 + 100).requires_grad_()
-        w = torch.randn(16, 4, 9)
-        ref = nn.BatchNorm1d(4).double()
-        full = x.detach().double().requires_grad_()
-        (ref(full) * w.double()).sum().backward()
-        mine = x.detach()[8 * rank : 8 * rank + 8].clone().requires_grad_()
-        sync = SyncBatchNorm(4)
-        (sync(mine) * w[8 * rank : 8 * rank + 8]).sum().backward()
-        want = full.grad[8 * rank : 8 * rank + 8].float()
-        torch.testing.assert_close(mine.grad, want, rtol=1e-3, atol=1e-3 * want.abs().max())
-        # a model converted: its BN layers become synchronized, with their state
-        torch.manual_seed(1)
-        model = nn.Sequential(nn.Linear(4, 3), bncore.BatchNorm1d(3), nn.ReLU())
-        model[1].running_mean.fill_(0.5)
-        converted = convert_sync_batchnorm(model)
-        assert isinstance(converted[1], SyncBatchNorm) and converted[1].running_mean[0] == 0.5
-        assert converted[1].weight is model[1].weight
-        dist.barrier()
+        dist.init_process_group(backend, rank=rank, world_size=WORLD)
+        CHECKS[backend](rank)
         Path(out, f"ok{rank}").write_text("ok")
     except Exception:
         Path(out, f"error{rank}").write_text(traceback.format_exc())
@@ -116,12 +131,16 @@ def _worker(rank: int, port: int, out: str) -> None:
             dist.destroy_process_group()
 
 
-@pytest.mark.timeout(300)
-def test_sync_bn_over_two_gloo_processes_is_bn_over_the_global_batch(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+def _on_two_processes(tmp_path: Path, backend: str) -> None:
+    mp.spawn(_worker, args=(free_port(), str(tmp_path), backend), nprocs=WORLD, join=True)
     errors = [p.read_text() for p in tmp_path.glob("error*")]
     assert not errors, errors[0]
     assert sorted(p.name for p in tmp_path.glob("ok*")) == ["ok0", "ok1"]
+
+
+@pytest.mark.timeout(300)
+def test_sync_bn_over_two_gloo_processes_is_bn_over_the_global_batch(tmp_path):
+    _on_two_processes(tmp_path, "gloo")
 
 
 def test_without_a_process_group_it_is_bncores_batch_norm():
@@ -135,32 +154,6 @@ def test_without_a_process_group_it_is_bncores_batch_norm():
         sync(torch.randn(3))
 
 
-def _nccl_worker(rank: int, port: int, out: str) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("nccl", rank=rank, world_size=WORLD)
-        torch.cuda.set_device(rank)
-        torch.manual_seed(0)
-        x = torch.randn(2 * WORLD, 8, 6, 6, device="cuda")
-        ours, theirs = SyncBatchNorm(8).cuda(), nn.SyncBatchNorm(8).cuda()
-        mine = x[2 * rank : 2 * rank + 2].clone().requires_grad_()
-        again = mine.detach().clone().requires_grad_()
-        ours(mine).square().sum().backward()
-        theirs(again).square().sum().backward()
-        torch.testing.assert_close(mine.grad, again.grad, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(ours.running_var, theirs.running_var)
-        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)
-        Path(out, f"ok{rank}").write_text("ok")
-    except Exception:
-        Path(out, f"error{rank}").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 @pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="NCCL needs a GPU per process")
 def test_sync_bn_equals_torch_sync_batch_norm_over_nccl(tmp_path):
-    mp.spawn(_nccl_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    errors = [p.read_text() for p in tmp_path.glob("error*")]
-    assert not errors, errors[0]
+    _on_two_processes(tmp_path, "nccl")
