@@ -13,6 +13,7 @@ stops at once and keeps what it sent); a task still running after the grace is k
 from __future__ import annotations
 
 import multiprocessing as mp
+import socket
 import time
 from typing import Any, Protocol
 
@@ -128,6 +129,8 @@ class RayExecutor:
                 "--executor ray needs Ray: pip install 'bnscope[ray]' (or ray) on the server "
                 "and on every machine of the cluster"
             ) from None
+        if address and address != "auto":
+            _reachable(address)  # ray.init would retry for minutes
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  ignore_reinit_error=True)  # fmt: skip
         from server import worker
@@ -145,6 +148,16 @@ class RayExecutor:
         import ray
 
         ray.shutdown()
+
+
+def _reachable(address: str, timeout: float = 5.0) -> None:
+    """ConnectionError unless something listens at ``host:port``."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            pass
+    except (OSError, ValueError) as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc})") from None
 
 
 def executor_for(kind: str, ray_address: str | None) -> LocalExecutor | RayExecutor:

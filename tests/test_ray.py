@@ -100,3 +100,12 @@ def test_a_worker_killed_mid_run_leaves_its_run_failed_with_its_records(server):
         # the server and the cluster go on: the next run trains
         again = api.post("/api/runs", json=tiny_run(steps=30)).json()
         assert _ended(api, again["id"])["status"] == "completed"
+
+
+def test_an_unreachable_cluster_is_a_clear_error_not_a_hang(tmp_path, capsys):
+    from bnscope.cli import main
+
+    code = main(["serve", "--executor", "ray", "--ray-address", "127.0.0.1:1", "--port", "0",
+                 "--data-dir", str(tmp_path)])  # fmt: skip
+    assert code == 1
+    assert "cannot reach the Ray cluster: nothing answers at 127.0.0.1:1" in capsys.readouterr().err
