@@ -193,6 +193,8 @@ class HttpSink:
     ``alive()`` returning False (a hung script) stops the heartbeat. ``token``: the run's write
     token, which the server gave whoever created the run. Batches go out together up to
     ``max_body`` bytes per post; a server that takes less (a 413) gets them in smaller posts.
+    ``sequenced``: number the batches, so that a retried post is stored once (False for a
+    second writer of a run, a data-parallel script's rank k > 0: the numbers are the first's).
     """
 
     def __init__(
@@ -206,9 +208,11 @@ class HttpSink:
         alive: Callable[[], bool] | None = None,
         token: str | None = None,
         max_body: int = 4 * 2**20,
+        sequenced: bool = True,
     ) -> None:
         self.client, self.run_id, self.seq, self.retries = client, run_id, 0, retries
         self.max_body = max_body
+        self.sequenced = sequenced
         self._headers = {RUN_TOKEN_HEADER: token} if token else {}
         self.patience, self.max_pending = patience, max_pending
         self.heartbeat, self.alive = heartbeat, alive
@@ -314,7 +318,7 @@ class HttpSink:
         parts = [batch]
         while parts:
             part = parts.pop(0)
-            body = encode(Records.concat(part), self.seq + 1)
+            body = encode(Records.concat(part), self.seq + 1 if self.sequenced else None)
             if len(body) > self.max_body and len(part) > 1:
                 parts[:0] = [part[: len(part) // 2], part[len(part) // 2 :]]
                 continue

@@ -21,6 +21,11 @@ leaves its run ``failed`` instead of ``running``.
 ``bnscope.client.watch(model, name=...)`` does the first two lines in one; ``BNScopeCallback``
 (:mod:`bnscope.lightning`) does it all for a PyTorch Lightning Trainer. The client can also
 launch runs that the server trains: ``client.launch(config)``.
+
+Data-parallel scripts (torch.distributed initialized, DistributedDataParallel or not): every rank
+calls ``create_run`` (rank 0 registers the run and hands its id to the others) and ``watch``;
+each rank reports its own BN statistics, rank k > 0 under layer names ``rank{k}.<layer>``; rank 0
+owns the run: the loss, the metadata, the heartbeat and how it ended.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any
 import httpx
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 import bncore
@@ -93,13 +99,22 @@ class Client:
         after which the heartbeat stops and the server marks the run failed. ``heartbeat``: seconds
         between heartbeats while nothing else is sent (shorter if the server asks for it).
         """
-        run = self._json(
-            self.http.post("/api/runs/client", json={"name": name, "steps_total": steps_total})
-        )
+        rank, world = _rank_world()
+        run: dict[str, Any] = {}
+        if rank == 0:
+            run = self._json(
+                self.http.post("/api/runs/client", json={"name": name, "steps_total": steps_total})
+            )
+        if world > 1:  # every rank reports to the run rank 0 registered
+            shared = [run]
+            dist.broadcast_object_list(shared, src=0)
+            run = shared[0]
         told = run.get("heartbeat_s")  # the server's own timeout decides how often to beat
         return ClientRun(
             self,
             run["id"],
+            rank=rank,
+            world=world,
             token=run["write_token"],
             flush_every=flush_every,
             flush_seconds=flush_seconds,
@@ -130,8 +145,11 @@ class ClientRun:
         heartbeat: float | None = 5.0,
         hang_timeout: float = 900.0,
         token: str | None = None,
+        rank: int = 0,
+        world: int = 1,
     ) -> None:
         self.client, self.id = client, run_id
+        self.rank, self.world = rank, world
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
         self.channel_interval, self.measure_interval = channel_interval, measure_interval
         self.hang_timeout = hang_timeout
@@ -140,9 +158,10 @@ class ClientRun:
             client.http,
             run_id,
             patience=patience,
-            heartbeat=heartbeat,
+            heartbeat=heartbeat if rank == 0 else None,  # rank 0 speaks for the run
             alive=self._alive,
             token=token,
+            sequenced=rank == 0,  # the run's batch numbers are rank 0's
         )
         self.watcher: Watcher | None = None
         self._steps: list[tuple[int, float | Tensor, float, float, float]] = []
@@ -209,9 +228,15 @@ class ClientRun:
             "step_time": np.asarray(step_time),
             "time": np.asarray(wall),
         }
-        records = Records(steps=steps, layers=rec.layers, channels=rec.channels)
         self._steps, self._last_flush = [], time.time()
-        meta = {**self.watcher.meta(), "source": "bnscope.client"}
+        if self.rank > 0:  # its own BN statistics, under its own names; the loss is rank 0's
+            for table in (rec.layers, rec.channels):
+                if table:
+                    table["layer"] = np.asarray([f"rank{self.rank}.{n}" for n in table["layer"]])
+            self.sink.write(Records(layers=rec.layers, channels=rec.channels))
+            return
+        records = Records(steps=steps, layers=rec.layers, channels=rec.channels)
+        meta = {**_every_rank(self.watcher.meta(), self.world), "source": "bnscope.client"}
         if meta != self._meta_sent:  # the first flush, or layers that first ran since
             self.sink.update_meta(meta)
             self._meta_sent = meta
@@ -223,6 +248,13 @@ class ClientRun:
             return
         self._finished = True
         self.unwatch()
+        if self.rank > 0:  # its records sent; how the run ended is rank 0's to say
+            try:
+                self.flush()
+                self.sink.drain()
+            finally:
+                self.sink.abandon()
+            return
         try:
             self.flush()
         finally:
@@ -247,6 +279,26 @@ class ClientRun:
             self.finish("failed", f"{type(exc).__name__}: {exc}")
         except Exception as report_error:  # never hide the script's own exception
             log.warning("bnscope: could not report run %s as failed: %s", self.id, report_error)
+
+
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 without torch.distributed)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _every_rank(meta: dict[str, Any], world: int) -> dict[str, Any]:
+    """Rank 0's layer metadata extended with every other rank's layers (the same model)."""
+    if world == 1:
+        return meta
+    out = {**meta, "replicas": world}
+    for key in ("channels", "tracked_units", "layer_kinds"):
+        out[key] = list(meta[key]) * world
+    out["layers"] = list(meta["layers"]) + [
+        f"rank{r}.{name}" for r in range(1, world) for name in meta["layers"]
+    ]
+    return out
 
 
 def watch(
