@@ -11,11 +11,13 @@ default. Only rank 0 writes records.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -118,35 +120,46 @@ def train_replicas(
     port = free_port()
     threads = max(1, torch.get_num_threads() // world)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    helpers = []
-    for r in range(1, world):
-        argv = [sys.executable, "-m", "bncore.distributed", str(r), str(world), str(port),
-                "cuda" if cuda else "cpu", str(flush_every), data_root or ""]  # fmt: skip
-        h = subprocess.Popen(argv, stdin=subprocess.PIPE, env=env)
-        assert h.stdin is not None
-        h.stdin.write(config.model_dump_json().encode())
-        h.stdin.close()
-        helpers.append(h)
-    torch.set_num_threads(threads)
-    try:
-        device = _init(0, world, port, cuda)
+    with contextlib.ExitStack() as stack:
+        # what a failing replica says goes into the run's message
+        logs = [stack.enter_context(tempfile.TemporaryFile()) for _ in range(1, world)]
+        helpers: list[subprocess.Popen] = []
+        for r, log in enumerate(logs, 1):
+            argv = [sys.executable, "-m", "bncore.distributed", str(r), str(world), str(port),
+                    "cuda" if cuda else "cpu", str(flush_every), data_root or ""]  # fmt: skip
+            h = subprocess.Popen(argv, stdin=subprocess.PIPE, stderr=log, env=env)
+            assert h.stdin is not None
+            h.stdin.write(config.model_dump_json().encode())
+            h.stdin.close()
+            helpers.append(h)
+        torch.set_num_threads(threads)
         try:
-            trainer = Trainer(config, load_dataset(config.data, data_root), Replicas(0, world),
-                              device=device)  # fmt: skip
-            result = trainer.run(sink, should_stop, flush_every=flush_every, **run)
-        finally:
-            dist.destroy_process_group()
-    finally:
-        for h in helpers:
+            device = _init(0, world, port, cuda)
             try:
-                h.wait(timeout=TIMEOUT.total_seconds())
-            except subprocess.TimeoutExpired:
+                trainer = Trainer(config, load_dataset(config.data, data_root),
+                                  Replicas(0, world), device=device)  # fmt: skip
+                result = trainer.run(sink, should_stop, flush_every=flush_every, **run)
+            finally:
+                dist.destroy_process_group()
+        except BaseException:  # rank 0 failed: the others would wait on it until TIMEOUT
+            for h in helpers:
                 h.kill()
-                h.wait()
-    failed = [h.returncode for h in helpers if h.returncode]
-    if failed:
-        raise RuntimeError(f"a replica ended with exit code {failed[0]}")
-    return result
+            raise
+        finally:
+            for h in helpers:
+                try:
+                    h.wait(timeout=TIMEOUT.total_seconds())
+                except subprocess.TimeoutExpired:
+                    h.kill()
+                    h.wait()
+        for h, log in zip(helpers, logs, strict=True):
+            if h.returncode:
+                log.seek(0)
+                said = log.read().decode(errors="replace").strip().splitlines()[-12:]
+                raise RuntimeError(
+                    f"a replica ended with exit code {h.returncode}: " + "\n".join(said)
+                )
+        return result
 
 
 if __name__ == "__main__":

@@ -2,20 +2,49 @@
 
 from __future__ import annotations
 
+import os
 import pickle
-import socket
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bncore.distributed import free_port
+
+__all__ = ["Touch", "channel_dims", "free_port", "on_ranks", "write_cifar"]
 
 
-def free_port() -> int:
-    """A loopback port nothing listens on (at the time of asking)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def on_ranks(
+    check: Callable[[int], None], out: Path, backend: str = "gloo", world: int = 2
+) -> None:
+    """``check(rank)`` in ``world`` processes of one torch.distributed group on 127.0.0.1
+    (``check`` picklable: a module's function, or a partial of one); fails with the first
+    failing rank's traceback."""
+    mp.spawn(_rank, args=(check, free_port(), str(out), backend, world), nprocs=world, join=True)
+    errors = [p.read_text() for p in out.glob("error*")]
+    assert not errors, errors[0]
+    assert sorted(p.name for p in out.glob("ok*")) == [f"ok{r}" for r in range(world)]
+
+
+def _rank(rank: int, check: Callable[[int], None], port: int, out: str, backend: str,
+          world: int) -> None:  # fmt: skip
+    try:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group(backend, rank=rank, world_size=world)
+        check(rank)
+        dist.barrier()
+        Path(out, f"ok{rank}").write_text("ok")
+    except Exception:
+        Path(out, f"error{rank}").write_text(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def channel_dims(x: torch.Tensor) -> list[int]:

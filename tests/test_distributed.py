@@ -4,6 +4,9 @@ through the server with one REST call."""
 
 from __future__ import annotations
 
+import functools
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -11,6 +14,7 @@ from bncore.config import ConfigError, parse_config
 from bncore.distributed import train_replicas
 from bncore.sinks import MemorySink
 from server.process import ServerProcess, wait_for
+from tests.helpers import on_ranks
 from tests.test_server import FINAL
 
 
@@ -99,59 +103,38 @@ def test_bnscope_train_runs_the_replicas_and_writes_their_records(tmp_path, caps
         train(_cfg(False))
 
 
-def _ddp_script(rank: int, port: int, url: str, out: str) -> None:
+def _ddp_script(rank: int, url: str, out: str) -> None:
     """A user's data-parallel script (its own model, torch.nn's BN, DDP), reporting to BN Scope:
     every rank creates the run and watches; rank 0 owns it."""
-    import os
-    import traceback
-    from pathlib import Path
-
     import torch
-    import torch.distributed as dist
     from torch import nn
 
     import bnscope.client
 
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=2)
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
-                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))  # fmt: skip
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-        client = bnscope.client.Client(url)
-        with client.create_run(name="ddp script", flush_every=5) as run:
-            run.watch(model)
-            for step in range(1, 21):
-                torch.manual_seed(step * 10 + rank)  # each rank its own shard
-                x, y = torch.randn(16, 3, 8, 8) + rank, torch.randint(0, 4, (16,))
-                loss = nn.functional.cross_entropy(ddp(x), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                run.log(step, loss)
-        Path(out, f"run{rank}").write_text(run.id)
-        dist.barrier()
-    except Exception:
-        Path(out, f"error{rank}").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))  # fmt: skip
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
+    client = bnscope.client.Client(url)
+    with client.create_run(name="ddp script", flush_every=5) as run:
+        run.watch(model)
+        for step in range(1, 21):
+            torch.manual_seed(step * 10 + rank)  # each rank its own shard
+            x, y = torch.randn(16, 3, 8, 8) + rank, torch.randint(0, 4, (16,))
+            loss = nn.functional.cross_entropy(ddp(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.log(step, loss)
+    Path(out, f"run{rank}").write_text(run.id)
 
 
 @pytest.mark.timeout(300)
 def test_a_data_parallel_script_reports_every_rank_to_one_run(tmp_path):
-    import torch.multiprocessing as mp
-
-    from bncore.distributed import free_port
-
     srv = ServerProcess(tmp_path / "srv").start()
     try:
-        mp.spawn(_ddp_script, args=(free_port(), srv.url, str(tmp_path)), nprocs=2, join=True)
-        errors = [p.read_text() for p in tmp_path.glob("error*")]
-        assert not errors, errors[0]
+        on_ranks(functools.partial(_ddp_script, url=srv.url, out=str(tmp_path)), tmp_path)
         ids = {p.read_text() for p in tmp_path.glob("run*")}
         assert len(ids) == 1  # one run, shared
         run_id = ids.pop()
@@ -170,3 +153,15 @@ def test_a_data_parallel_script_reports_every_rank_to_one_run(tmp_path):
             assert loss["series"][0]["points_total"] == 20  # rank 0's, once
     finally:
         srv.stop()
+
+
+@pytest.mark.timeout(120)
+def test_a_failing_replica_fails_the_run_soon_and_says_why(tmp_path):
+    """Data that cannot be read fails the run at once: no replica waits out the timeout."""
+    import time
+
+    cfg = _cfg(False, data={"name": "mnist", "path": str(tmp_path / "nowhere")})
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match=r"nowhere|mnist"):
+        train_replicas(cfg, MemorySink())
+    assert time.monotonic() - t0 < 60

@@ -4,19 +4,14 @@ which it cannot run on the CPU); on CUDA, against torch.nn.SyncBatchNorm itself 
 
 from __future__ import annotations
 
-import os
-import traceback
-from pathlib import Path
-
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import bncore
-from bncore.distributed import free_port
 from bncore.sync import SyncBatchNorm, convert_sync_batchnorm
+from tests.helpers import on_ranks
 
 WORLD = 2
 SHAPES = [(8, 3), (6, 4, 5), (4, 3, 5, 7), (2, 2, 3, 4, 5)]
@@ -97,7 +92,6 @@ def _gloo_checks(rank: int) -> None:
     converted = convert_sync_batchnorm(model)
     assert isinstance(converted[1], SyncBatchNorm) and converted[1].running_mean[0] == 0.5
     assert converted[1].weight is model[1].weight
-    dist.barrier()
 
 
 def _nccl_checks(rank: int) -> None:
@@ -114,33 +108,9 @@ def _nccl_checks(rank: int) -> None:
     torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, rtol=1e-4, atol=1e-4)
 
 
-CHECKS = {"gloo": _gloo_checks, "nccl": _nccl_checks}
-
-
-def _worker(rank: int, port: int, out: str, backend: str) -> None:
-    try:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group(backend, rank=rank, world_size=WORLD)
-        CHECKS[backend](rank)
-        Path(out, f"ok{rank}").write_text("ok")
-    except Exception:
-        Path(out, f"error{rank}").write_text(traceback.format_exc())
-        raise
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def _on_two_processes(tmp_path: Path, backend: str) -> None:
-    mp.spawn(_worker, args=(free_port(), str(tmp_path), backend), nprocs=WORLD, join=True)
-    errors = [p.read_text() for p in tmp_path.glob("error*")]
-    assert not errors, errors[0]
-    assert sorted(p.name for p in tmp_path.glob("ok*")) == ["ok0", "ok1"]
-
-
 @pytest.mark.timeout(300)
 def test_sync_bn_over_two_gloo_processes_is_bn_over_the_global_batch(tmp_path):
-    _on_two_processes(tmp_path, "gloo")
+    on_ranks(_gloo_checks, tmp_path, "gloo")
 
 
 def test_without_a_process_group_it_is_bncores_batch_norm():
@@ -156,4 +126,4 @@ def test_without_a_process_group_it_is_bncores_batch_norm():
 
 @pytest.mark.skipif(torch.cuda.device_count() < WORLD, reason="NCCL needs a GPU per process")
 def test_sync_bn_equals_torch_sync_batch_norm_over_nccl(tmp_path):
-    _on_two_processes(tmp_path, "nccl")
+    on_ranks(_nccl_checks, tmp_path, "nccl")
