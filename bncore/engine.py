@@ -109,7 +109,9 @@ class Trainer:
         batch = min(len(self.data.x_train), config.batch_size)
         if replicas is not None:
             batch //= replicas.world  # each replica's share
-        self.recorder = Recorder(self.model, config.tracked_units, self.device, batch)
+        self.recorder = Recorder(
+            self.model, config.tracked_units, self.device, batch, config.channel_interval
+        )
         self.generator = torch.Generator(device="cpu").manual_seed(config.seed)
         self._order = torch.empty(0, dtype=torch.long)
         self._cursor = 0

@@ -109,10 +109,20 @@ class _BlockSlot:
 class Recorder:
     """Collects per-block statistics on armed steps; see the module docstring.
 
-    ``batch``: the examples in each recorded forward (it fixes the row layout).
+    ``batch``: the examples in each recorded forward (it fixes the row layout). ``angle_every``:
+    each weight's norm and angular update are taken every this many recorded steps (they need a
+    copy of the weights before the update and four passes over them).
     """
 
-    def __init__(self, model: Net, tracked_units: int, device: torch.device, batch: int):
+    def __init__(
+        self,
+        model: Net,
+        tracked_units: int,
+        device: torch.device,
+        batch: int,
+        angle_every: int = 1,
+    ):
+        self.angle_every = angle_every
         self.slots: list[_BlockSlot] = []
         offset = 0
         for name, block in model.blocks():
@@ -254,27 +264,29 @@ class Recorder:
                     self._index,
                     self._offsets,
                 )
-        with torch.no_grad():
-            self._before = list(torch._foreach_mul(self.weights, 1.0))  # copies, in one call
+        if (self.recorded + len(self.pending_steps)) % self.angle_every == 0:
+            with torch.no_grad():
+                self._before = list(torch._foreach_mul(self.weights, 1.0))  # copies, in one call
         self.pending_steps.append(step)
         self._lrs.append(lr)
 
     @torch.no_grad()
     def updated(self) -> None:
-        """After the optimizer step of a recorded step: each weight's norm before it and the
-        angle it turned by (the angular update; a scale-invariant weight's effective step)."""
+        """After the optimizer step of a recorded step (one of every ``angle_every``): each
+        weight's norm before it and the angle it turned by (the angular update; a
+        scale-invariant weight's effective step)."""
         if not self._before:
             return
-        after = self.weights
-        a = torch.stack(torch._foreach_norm(self._before)).double()
-        b = torch.stack(torch._foreach_norm(after)).double()
-        d = torch.stack(torch._foreach_norm(torch._foreach_sub(after, self._before))).double()
-        # 4ab sin^2(theta/2) = d^2 - (a - b)^2: stable for the small angles of one step
-        half = ((d.square() - (a - b).square()).clamp_min(0) / (4 * a * b)).sqrt().clamp(max=1)
-        row = self._row_views[len(self.pending_steps) - 1]
         k = len(self.weights)
-        row[self._weights_at : self._weights_at + k] = a.float()
-        row[self._weights_at + k : self._weights_at + 2 * k] = (2 * half.asin()).float()
+        moved = torch._foreach_sub(self.weights, self._before)
+        # every norm in one call: before (a), after (b), and of the update (d)
+        a, b, d = torch.stack(torch._foreach_norm([*self._before, *self.weights, *moved])).view(
+            3, k
+        )
+        # 4ab sin^2(theta/2) = d^2 - (a - b)^2: stable for the small angles of one step
+        half = ((d * d - (a - b).square()).clamp_min(0) / (4 * a * b)).sqrt().clamp(max=1)
+        row = self._row_views[len(self.pending_steps) - 1]
+        row[self._weights_at : self._weights_at + 2 * k] = torch.cat([a, 2 * half.asin()])
         self._before = []
 
     def close(self) -> None:

@@ -130,14 +130,16 @@ _ALL: tuple[Statistic, ...] = (
            "feeding the block", "weight gradient norm", log=True, compare=True),
         _s("weight_norm", "layers", "L2 norm ||w|| of the block's linear/conv weight, before "
            "the step's update: a weight that a normalization follows is scale-invariant, and "
-           "its norm grows under SGD without weight decay (van Laarhoven 2017)", "weight norm",
+           "its norm grows under SGD without weight decay (van Laarhoven 2017); BN Scope's own "
+           "networks: every channel_interval recorded steps", "weight norm",
            log=True, compare=True),
         _s("eff_lr", "layers", "effective learning rate lr/||w||^2 of the block's weight: "
            "the step a scale-invariant weight takes on its sphere (Hoffer et al. 2018, Arora "
            "et al. 2019; BN Scope's own networks)", "effective learning rate lr/||w||^2",
            optional=True, log=True, compare=True),
         _s("angular_update", "layers", "angle between the block's weight before and after the "
-           "step's update (BN Scope's own networks)", "angular update", unit="rad", optional=True,
+           "step's update (BN Scope's own networks; every channel_interval recorded steps: it "
+           "needs a copy of the weights)", "angular update", unit="rad", optional=True,
            log=True, compare=True),
         _s("layer_bias_grad_norm", "layers", "L2 norm of the linear/conv layer's own bias "
            "gradient (NaN without one); BN right after the layer makes it zero",

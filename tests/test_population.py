@@ -161,13 +161,14 @@ def _scale_invariant_run(weight_decay: float):
 
 def test_weight_norm_of_a_scale_invariant_weight_grows_without_weight_decay():
     free, decayed = _scale_invariant_run(0.0), _scale_invariant_run(0.01)
-    for rec in (free, decayed):
-        assert np.isfinite(rec["weight_norm"]).all() and np.isfinite(rec["eff_lr"]).all()
-    sel = free["layer"] == "block1"
+    for rec in (free, decayed):  # every channel_interval (10) recorded steps
+        assert np.isfinite(rec["weight_norm"][rec["step"] % 10 == 1]).all()
+    sel = (free["layer"] == "block1") & np.isfinite(free["weight_norm"])
     norms, eff = free["weight_norm"][sel], free["eff_lr"][sel]
     assert norms[-1] > 1.5 * norms[0]  # SGD on a sphere only grows the radius
     assert eff[-1] < eff[0] / 2  # so the effective learning rate lr/||w||^2 falls
-    assert decayed["weight_norm"][decayed["layer"] == "block1"][-1] < norms[-1]
+    kept = (decayed["layer"] == "block1") & np.isfinite(decayed["weight_norm"])
+    assert decayed["weight_norm"][kept][-1] < norms[-1]
     np.testing.assert_allclose(eff, 0.2 / norms.astype(np.float64) ** 2, rtol=1e-5)
 
 
@@ -182,7 +183,8 @@ def test_output_is_unchanged_when_a_weight_before_bn_is_scaled():
 
 
 def test_angular_update_equals_the_angle_between_the_weights_before_and_after_the_step():
-    t = Trainer(parse_config({"model": {"depth": 2, "width": 32}, "steps": 3}))
+    t = Trainer(parse_config({"model": {"depth": 2, "width": 32}, "steps": 3,
+                              "channel_interval": 1}))  # fmt: skip
     w = t.model.block0.layer.weight
     angles = []
     for _ in range(3):
@@ -213,3 +215,17 @@ def test_a_frozen_run_with_precise_bn_writes_the_same_columns_to_the_end(tmp_pat
     le = rec.layer_evals
     assert set(le["step"].tolist()) == {0, 3, 6, 9, 12}
     assert np.isnan(le["ema_mean_gap"][le["step"] > 6]).all()
+
+
+def test_weight_norms_and_angles_are_taken_on_the_steps_whose_channels_are_kept():
+    """They need a copy of the weights: every channel_interval recorded steps, like the
+    per-channel arrays."""
+    t = Trainer(parse_config({"model": {"depth": 2, "width": 32}, "steps": 12,
+                              "channel_interval": 5}))  # fmt: skip
+    for _ in range(12):
+        t.step()
+    rec = t.flush()
+    sel = rec.layers["layer"] == "block0"
+    for stat in ("angular_update", "weight_norm", "eff_lr"):
+        measured = rec.layers["step"][sel][np.isfinite(rec.layers[stat][sel])]
+        assert measured.tolist() == sorted(set(rec.channels["step"].tolist())) == [1, 6, 11]
