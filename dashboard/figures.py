@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from bncore.statistics import STATISTICS
+from bncore.statistics import REPLICA, STATISTICS
 
 Figure = dict[str, Any]  # plotly's JSON figure: plain dicts are far cheaper than Figure
 
@@ -276,8 +276,7 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
             yaxis={"type": "log"},
             yaxis2={"type": "log", "title": {"text": "lr/||w||^2, radians (log)"}},
         )
-        replicas = sorted(int(k[1:].split("_")[0]) for k in d if k.startswith("r") and
-                          k.endswith("_pre_var") and k[1:].split("_")[0].isdigit())  # fmt: skip
+        replicas = sorted(int(m[1]) for k in d if (m := REPLICA.fullmatch(k)) and m[2] == "var")
         rep_cols = ["global_pre_var", *[f"r{k}_pre_var" for k in replicas],
                     "replica_mean_spread", "replica_var_spread"]  # fmt: skip
         empty: tuple[list[int], list[float]] = ([], [])
