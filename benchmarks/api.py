@@ -145,9 +145,9 @@ def worker_speed(srv: ServerProcess, steps: int) -> dict[str, float]:
     torch threads the server gives a run."""
     import torch
 
-    from bncore.config import parse_config
-    from bncore.engine import Trainer
-    from bncore.sinks import MemorySink
+    from bncore.record.sinks import MemorySink
+    from bncore.run.config import parse_config
+    from bncore.run.engine import Trainer
     from server.settings import Settings
 
     cfg = {**TRAIN, "steps": steps}

@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 
 import bncore
-from bncore import kernels
-from bncore.functional import batch_norm
+from bncore.nn import kernels
+from bncore.nn.functional import batch_norm
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""How close bncore.budget's estimate of a run's peak memory is to the real thing: each config
+"""How close bncore.run.budget's estimate of a run's peak memory is to the real thing: each config
 trains for a few steps in a fresh process, whose peak RSS is compared with the estimate.
 
     python benchmarks/budget.py
@@ -12,8 +12,8 @@ import json
 import subprocess
 import sys
 
-from bncore.budget import estimate, gigabytes
-from bncore.config import parse_config
+from bncore.run.budget import estimate, gigabytes
+from bncore.run.config import parse_config
 
 CONFIGS = [
     {"model": {"kind": "cnn", "width": 1100}, "data": {"name": "digits"}},
@@ -27,10 +27,10 @@ CONFIGS = [
 
 CHILD = """
 import json, resource, sys
-from bncore.config import parse_config
-from bncore.data import load_dataset
-from bncore.engine import Trainer
-from bncore.sinks import MemorySink
+from bncore.run.config import parse_config
+from bncore.run.data import load_dataset
+from bncore.run.engine import Trainer
+from bncore.record.sinks import MemorySink
 cfg = parse_config({**json.loads(sys.argv[1]), "steps": 4, "eval_interval": 4})
 Trainer(cfg, load_dataset(cfg.data)).run(MemorySink())
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)

@@ -30,8 +30,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import bncore
-from bncore.distributed import free_port
-from bncore.sync import SyncBatchNorm
+from bncore.nn.sync import SyncBatchNorm
+from bncore.run.distributed import free_port
 
 WORLD = 2
 

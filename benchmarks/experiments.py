@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bncore.experiments import EXPERIMENTS
+from bncore.science.experiments import EXPERIMENTS
 from bncore.status import FINISHED
 from server.process import ServerProcess, wait_for
 

@@ -22,8 +22,8 @@ import time
 import torch
 from torch import nn
 
-from bncore.config import RunConfig
-from bncore.engine import Trainer
+from bncore.run.config import RunConfig
+from bncore.run.engine import Trainer
 
 CASES = {
     "MLP 6x256, batch 128 (mnist1d)": {
@@ -72,7 +72,7 @@ class PlainLoop:
 
 def run_case(name: str, spec: dict, rounds: int) -> list[tuple[int, float]]:
     base_cfg = RunConfig.model_validate({**spec, "steps": 100_000, "optim": {"lr": 0.01}})
-    from bncore.data import load_dataset
+    from bncore.run.data import load_dataset
 
     data = load_dataset(base_cfg.data)
     engines = {

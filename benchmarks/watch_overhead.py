@@ -40,9 +40,9 @@ from torch import nn
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))  # tests/
 
-from bncore import watch as watch_module
-from bncore.records import Records
-from bncore.sinks import encode
+from bncore.record import watcher as watch_module
+from bncore.record.sinks import encode
+from bncore.record.tables import Records
 from bnscope.client import Client, ClientRun
 
 TARGETS = {"resnet18": 0.97, "mlp": 0.90}

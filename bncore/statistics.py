@@ -1,7 +1,7 @@
 """Every statistic BN Scope records, in one registry: its name, what it means, its unit, which
 records table holds it, and how a chart shows it.
 
-The records' column lists (bncore.records), the API's check of a statistic's name, the
+The records' column lists (bncore.record.tables), the API's check of a statistic's name, the
 dashboard's labels and axes, and docs/statistics.md (:func:`markdown`; a test keeps it current)
 are all read from here. A statistic is added here, and computed where it is recorded.
 """
@@ -64,7 +64,7 @@ _ALL: tuple[Statistic, ...] = (
         _s("mode_gap", "evals", "relative L2 distance between the logits of a fixed probe batch "
            "in train mode and in eval mode", "train-vs-eval mode gap"),
         _s("landscape_loss_min", "evals", "least loss along the gradient direction "
-           "(bncore.landscape)", "landscape: least loss", optional=True),
+           "(bncore.run.landscape)", "landscape: least loss", optional=True),
         _s("landscape_loss_max", "evals", "largest loss along the gradient direction",
            "landscape: largest loss", optional=True),
         _s("landscape_loss_range", "evals", "spread of the loss along the gradient direction "
@@ -74,8 +74,8 @@ _ALL: tuple[Statistic, ...] = (
         _s("beta_smoothness", "evals", "effective beta-smoothness: gradient change over "
            "distance along the gradient direction", "effective beta-smoothness", optional=True),
         _s("test_acc_precise", "evals", "test accuracy with the population statistics that "
-           "PreciseBN recomputes (bncore.population; runs with precise_bn, until FrozenBN fixes "
-           "the statistics)",
+           "PreciseBN recomputes (bncore.run.population; runs with precise_bn, until FrozenBN "
+           "fixes the statistics)",
            "test accuracy, PreciseBN statistics", unit="share", optional=True),
         _s("test_loss_precise", "evals", "test loss with the PreciseBN population statistics",
            "test loss, PreciseBN statistics", optional=True, log=True),
@@ -270,8 +270,8 @@ def markdown() -> str:
     out = [
         "# What BN Scope records",
         "",
-        "Generated from `bncore/statistics.py` (`markdown()`); tests/test_statistics.py keeps "
-        "it current.",
+        "Generated from `bncore/statistics.py` (`markdown()`); "
+        "tests/bncore/test_statistics.py keeps it current.",
     ]
     for table, head in heads.items():
         out += ["", f"## {head}", "", "| name | meaning | unit | shown as |", "|---|---|---|---|"]

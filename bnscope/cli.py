@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 import bncore
-from bncore import kernels
-from bncore.config import UNKNOWN_FIELD, ConfigError, describe_fields, grouped, load_config
-from bncore.kernels import cpu
+from bncore.nn import kernels
+from bncore.nn.kernels import cpu
+from bncore.run.config import UNKNOWN_FIELD, ConfigError, describe_fields, grouped, load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
 
@@ -40,10 +40,10 @@ def _train(args: argparse.Namespace) -> int:
     """Train the run a config file describes, writing its records to --out."""
     from tqdm import tqdm
 
-    from bncore.data import DatasetError, load_dataset
-    from bncore.distributed import train_replicas
-    from bncore.engine import Trainer
-    from bncore.sinks import ParquetSink
+    from bncore.record.sinks import ParquetSink
+    from bncore.run.data import DatasetError, load_dataset
+    from bncore.run.distributed import train_replicas
+    from bncore.run.engine import Trainer
 
     try:
         config = load_config(args.config, args.set)
@@ -160,10 +160,10 @@ def _experiment(args: argparse.Namespace) -> int:
     agrees with its paper."""
     import yaml
 
-    from bncore.config import get_field
-    from bncore.engine import RunResult
-    from bncore.experiments import EXPERIMENTS
-    from bncore.experiments.local import run
+    from bncore.run.config import get_field
+    from bncore.run.engine import RunResult
+    from bncore.science.experiments import EXPERIMENTS
+    from bncore.science.experiments.local import run
 
     exp = EXPERIMENTS.get(args.key)
     if exp is None:
@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=(_train.__doc__ or "")
         + " Output: DIR/{steps,layers,channels,evals,layer_evals}.parquet, config.json and "
         "run.json "
-        "(the columns are documented in bncore/records.py). Exit status: 0 completed, "
+        "(the columns are documented in bncore/record/tables.py). Exit status: 0 completed, "
         "3 diverged, 2 bad config or data.",
         epilog="Config fields (JSON or YAML; nested keys as in the dotted names):\n"
         + "\n".join(describe_fields()),

@@ -13,10 +13,10 @@
 
 ``watch`` leaves the model as it is (same modules, Parameters, buffers and state_dict keys; its
 training is bit for bit the same) and records every batch norm in it, whatever its form: see
-:mod:`bncore.watch`. ``log`` keeps the step's statistics on the device and sends them in batches
-from a background thread. While the server is unreachable, batches wait (bounded) and are sent
-when it is back; a heartbeat tells the server the script is alive, so a script that dies or hangs
-leaves its run ``failed`` instead of ``running``.
+:mod:`bncore.record.watcher`. ``log`` keeps the step's statistics on the device and sends them in
+batches from a background thread. While the server is unreachable, batches wait (bounded) and are
+sent when it is back; a heartbeat tells the server the script is alive, so a script that dies or
+hangs leaves its run ``failed`` instead of ``running``.
 
 ``bnscope.client.watch(model, name=...)`` does the first two lines in one; ``BNScopeCallback``
 (:mod:`bnscope.lightning`) does it all for a PyTorch Lightning Trainer. The client can also
@@ -42,10 +42,10 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import bncore
-from bncore.records import Records
-from bncore.sinks import HttpSink, error_message
+from bncore.record.sinks import HttpSink, error_message
+from bncore.record.tables import Records
+from bncore.record.watcher import Watcher
 from bncore.status import RunStatus
-from bncore.watch import Watcher
 
 __all__ = ["Client", "ClientRun", "watch"]
 
@@ -94,7 +94,7 @@ class Client:
         ``channel_interval``: per-channel arrays every that many logged steps;
         ``measure_interval``: what costs an extra pass over data (gradient norms through BN,
         the activation after it, the norms of the weight feeding it), every that many logged
-        steps (see bncore.watch). ``patience``: seconds to keep
+        steps (see bncore.record.watcher). ``patience``: seconds to keep
         retrying while the server is unreachable. ``hang_timeout``: seconds without a ``log``
         after which the heartbeat stops and the server marks the run failed. ``heartbeat``: seconds
         between heartbeats while nothing else is sent (shorter if the server asks for it).
@@ -178,7 +178,7 @@ class ClientRun:
 
     def watch(self, model: nn.Module) -> nn.Module:
         """Record every batch norm of ``model`` from its next forward on; returns ``model``
-        itself, unchanged (see bncore.watch)."""
+        itself, unchanged (see bncore.record.watcher)."""
         if self.watcher is not None:
             raise RuntimeError("this run already watches a model; unwatch() it first")
         self.watcher = Watcher(

@@ -1,8 +1,8 @@
 """One line for PyTorch Lightning: ``Trainer(callbacks=[BNScopeCallback(name="resnet18")])``.
 
 The callback opens a run on a BN Scope server when fitting starts (on rank 0), watches the
-LightningModule (bncore.watch: the module is left as it is), logs every optimizer step with its
-loss and learning rate (the micro-batches of ``accumulate_grad_batches`` are averaged into the
+LightningModule (bncore.record.watcher: the module is left as it is), logs every optimizer step with
+its loss and learning rate (the micro-batches of ``accumulate_grad_batches`` are averaged into the
 step they belong to), and reports the run completed, or failed with the exception. Needs
 ``lightning`` (or ``pytorch_lightning``) installed.
 """

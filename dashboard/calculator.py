@@ -1,5 +1,5 @@
 """The BN calculator tab: type a batch, see every step of batch normalization on it
-(bncore.calculator computes; this module only lays the numbers out)."""
+(bncore.science.calculator computes; this module only lays the numbers out)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from dash import Dash, Input, Output, dcc, html
 
-from bncore.calculator import SEED_EXAMPLE, explain, parse_batch
+from bncore.science.calculator import SEED_EXAMPLE, explain, parse_batch
 
 PARAMS = (("gamma", 1.0), ("beta", 0.0), ("eps", 1e-5), ("momentum", 0.1),
           ("running_mean", 0.0), ("running_var", 1.0))  # fmt: skip

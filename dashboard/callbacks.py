@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, urlencode
 
 from dash import ALL, ClientsideFunction, Dash, Input, Output, State, ctx, dcc, html, no_update
 
-from bncore.config import ConfigError, parse_config
+from bncore.run.config import ConfigError, parse_config
 from bncore.status import FINISHED
 from dashboard import data, figures
 from dashboard.form import PRESETS, blanks, build_form, collect

@@ -22,9 +22,9 @@ LAYER_STATS = ("pre_mean", "running_mean", "pre_var", "running_var", "running_me
                "act_saturated")  # fmt: skip
 EVAL_STATS = ("train_loss", "train_acc", "test_loss", "test_acc", "mode_gap", "test_acc_precise",
               "test_acc_batch")  # fmt: skip
-#: A distributed run's view of its replicas (bncore.replicas).
+#: A distributed run's view of its replicas (bncore.run.replicas).
 REPLICA_STATS = ("global_pre_var", "replica_mean_spread", "replica_var_spread")
-#: Per-block values measured at evaluations (bncore.population, bncore.propagation).
+#: Per-block values measured at evaluations (bncore.run.population, bncore.run.propagation).
 BLOCK_EVAL_STATS = ("ema_mean_gap", "ema_var_gap", "signal_sq_mean", "signal_var", "branch_var")
 
 

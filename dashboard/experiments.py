@@ -1,6 +1,6 @@
-"""The Experiments tab: one button per experiment of bncore.experiments, and the result view of
-the sweep it starts (the literature's sentence, whether this measurement agrees with it and in
-what numbers, above the measurement and, where there is one, the theory). The view refreshes
+"""The Experiments tab: one button per experiment of bncore.science.experiments, and the result
+view of the sweep it starts (the literature's sentence, whether this measurement agrees with it and
+in what numbers, above the measurement and, where there is one, the theory). The view refreshes
 every 2 s until the sweep's last run finishes."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Any
 
 from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
 
-from bncore.experiments import EXPERIMENTS
+from bncore.science.experiments import EXPERIMENTS
 from dashboard.figures import experiment_figure
 from server.errors import DomainError, Unauthorized
 from server.service import Service

@@ -355,7 +355,7 @@ def run_figures(view: dict[str, Any]) -> tuple[dict[str, Figure], list[dict[str,
     return figs, specs
 
 
-#: Which of a run's "not recorded" notes (bncore.watch) explains an empty figure.
+#: Which of a run's "not recorded" notes (bncore.record.watcher) explains an empty figure.
 _NOTE_FOR = {"fig-heat-sat": "act", "fig-grads": "weight"}
 #: Why a figure of per-block evaluations can be empty: what the run did not ask for.
 _NEEDS = {
@@ -521,8 +521,8 @@ def _stat_axis(name: str) -> str:
 
 
 def experiment_figure(panel: dict[str, Any]) -> Figure:
-    """One panel of an experiment's result (bncore.experiments.result): measured lines solid,
-    theory dashed in the colour of the measurement it belongs to; None is a gap."""
+    """One panel of an experiment's result (bncore.science.experiments.result): measured lines
+    solid, theory dashed in the colour of the measurement it belongs to; None is a gap."""
     traces: list[dict[str, Any]] = []
     colors: dict[str, str] = {}
     for s in panel["series"]:

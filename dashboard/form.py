@@ -10,7 +10,7 @@ from typing import Any, Literal
 from dash import dcc, html
 from pydantic import BaseModel
 
-from bncore.config import RunConfig
+from bncore.run.config import RunConfig
 
 PRESETS: dict[str, dict[str, Any]] = {
     "BN vs no BN": {"base": {"steps": 1000}, "grid": {"norm.kind": ["batch", "none"]}},

@@ -27,7 +27,7 @@ from fastapi_offline import FastAPIOffline
 from starlette.exceptions import HTTPException
 
 import bncore
-from bncore.config import field_errors
+from bncore.run.config import field_errors
 from server.errors import BODY_NOT_OBJECT, DomainError, Unauthorized, error_body
 from server.middleware import BodyLimit, ReadGuard
 from server.routes import experiments, ingest, runs, sweeps
@@ -135,7 +135,7 @@ def allowed_methods(app: FastAPI, request: Request) -> list[str]:
 
 def validation_body(errors: Any) -> dict[str, Any]:
     """The answer to a request that does not validate: each field with what is wrong with it, in
-    the words the CLI uses too (bncore.config.field_errors)."""
+    the words the CLI uses too (bncore.run.config.field_errors)."""
     detail = []
     for e in errors:
         loc = tuple(e.get("loc") or ())

@@ -1,5 +1,5 @@
 """The wire format of a batch of records (``POST /api/runs/{id}/records``): a JSON object of
-bncore.records tables, each a mapping of equal-length columns: ``{"seq": 7, "steps": {"step":
+bncore.record.tables tables, each a mapping of equal-length columns: ``{"seq": 7, "steps": {"step":
 [...], "loss": [...]}, "layers": {"step": [...], "layer": [...], "pre_var": [...]}, "channels":
 {...}, "evals": {...}}``; null stands for NaN. ``seq`` (optional, increasing per run) makes a
 retried send harmless. Checked here into numpy columns, and cut down for live listeners.
@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 
 from bncore import statistics
-from bncore.records import (
+from bncore.record.tables import (
     CHANNEL_COLUMNS,
     TABLES,
     Batch,

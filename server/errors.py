@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from bncore.config import summarize
+from bncore.run.config import summarize
 
 #: What a request whose body is not a JSON object is told (no body, another content type, a list).
 BODY_NOT_OBJECT = "send the body as a JSON object with Content-Type: application/json"

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 
-from bncore.sinks import RUN_TOKEN_HEADER as HEADER
+from bncore.record.sinks import RUN_TOKEN_HEADER as HEADER
 
 __all__ = ["HEADER", "digest", "matches", "mint"]
 

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from bncore.records import TABLES
+from bncore.record.tables import TABLES
 from bncore.status import REPORTED, RunStatus
 from server.store.schema import MAX_INT
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from bncore.records import padded
-from bncore.sinks import to_arrow
+from bncore.record.sinks import to_arrow
+from bncore.record.tables import padded
 
 RUN_FIELDS = ("id", "name", "status", "source", "sweep_id", "config", "meta", "final", "message",
               "steps_done", "created_at", "started_at", "finished_at", "pid")  # fmt: skip

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import orjson
 
-from bncore.sinks import HttpSink
+from bncore.record.sinks import HttpSink
 
 PARENT_POLL = 0.2  # seconds between looks at whether the server is still there
 PARENT_GRACE = 0.5  # seconds a worker whose server died gets to stop by itself, then it exits
@@ -64,10 +64,10 @@ def main(
     orphaned = watch_parent(parent)
     import torch
 
-    from bncore.config import RunConfig
-    from bncore.data import load_dataset
-    from bncore.distributed import train_replicas
-    from bncore.engine import Trainer
+    from bncore.run.config import RunConfig
+    from bncore.run.data import load_dataset
+    from bncore.run.distributed import train_replicas
+    from bncore.run.engine import Trainer
 
     torch.set_num_threads(threads)
     with contextlib.suppress(OSError):

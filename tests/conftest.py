@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bncore import kernels
-from bncore.kernels import cpu
+from bncore.nn import kernels
+from bncore.nn.kernels import cpu
 from tests.postgres import Cluster
 from tests.postgres import unavailable as postgres_unavailable
 

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bncore.distributed import free_port
+from bncore.run.distributed import free_port
 
 __all__ = ["Touch", "channel_dims", "free_port", "on_ranks", "write_cifar"]
 

@@ -53,7 +53,7 @@ def test_the_installed_package_carries_its_data_files(tmp_path):
     (wheel,) = tmp_path.glob("bnscope-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in (
-        "bncore/kernels/bn_cpu.cpp",
+        "bncore/nn/kernels/bn_cpu.cpp",
         "server/migrations/env.py",
         "server/migrations/versions/0003_pending.py",
         "dashboard/assets/live.js",

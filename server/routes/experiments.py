@@ -1,5 +1,5 @@
-"""/api/experiments: the BN literature's findings (bncore.experiments), each one POST away; the
-result of such a sweep: GET /api/sweeps/{id}/result."""
+"""/api/experiments: the BN literature's findings (bncore.science.experiments), each one POST
+away; the result of such a sweep: GET /api/sweeps/{id}/result."""
 
 from __future__ import annotations
 

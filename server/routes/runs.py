@@ -12,7 +12,7 @@ from fastapi.responses import Response
 from fastapi.sse import _SSE_EVENT_SCHEMA
 from sse_starlette.sse import EventSourceResponse
 
-from bncore.config import RunConfig
+from bncore.run.config import RunConfig
 from bncore.status import RunStatus
 from server.errors import BadRequest
 from server.routes.deps import Authorized, JSONResponse, Svc

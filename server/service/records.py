@@ -9,7 +9,7 @@ import numpy as np
 
 from bncore import statistics
 from bncore.downsample import minmax
-from bncore.records import (
+from bncore.record.tables import (
     CHANNEL_COLUMNS,
     EVAL_COLUMNS,
     OPTIONAL_EVAL_COLUMNS,
@@ -123,7 +123,7 @@ class Records:
         return {"run_id": run_id, "layers": rows}
 
     def table(self, run_id: str, name: str) -> dict[str, np.ndarray]:
-        """One records table (bncore.records) rebuilt from the stored series."""
+        """One records table (bncore.record.tables) rebuilt from the stored series."""
         self.runs.get(run_id)
         if name == "channels":
             rows = [

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from bncore.budget import estimate, gigabytes
-from bncore.config import FILE_DATASETS, RunConfig
-from bncore.data import DatasetError, dataset_folder
+from bncore.run.budget import estimate, gigabytes
+from bncore.run.config import FILE_DATASETS, RunConfig
+from bncore.run.data import DatasetError, dataset_folder
 from bncore.status import ACTIVE, FINISHED, RunStatus
 from server import keys
 from server.batches import live_view, parse_batch
@@ -99,7 +99,7 @@ class Runs:
         self._check_budget(config)
 
     def _check_budget(self, config: RunConfig) -> None:
-        """The run's estimated peak memory and records (bncore.budget) fit this server's limits
+        """The run's estimated peak memory and records (bncore.run.budget) fit this server's limits
         for one run."""
         need, limits = estimate(config), self.settings
         if need.memory > limits.run_memory:

@@ -1,5 +1,6 @@
 """Sweeps (one run per point of a grid over config fields) and the experiments of the BN
-literature (bncore.experiments) that run as sweeps, with their results beside the paper's."""
+literature (bncore.science.experiments) that run as sweeps, with their results beside the
+paper's."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import itertools
 import uuid
 from typing import Any
 
-from bncore.config import ConfigError, get_field, parse_config, set_field
-from bncore.experiments import EXPERIMENTS, Experiment, Point, needs, result
+from bncore.run.config import ConfigError, get_field, parse_config, set_field
+from bncore.science.experiments import EXPERIMENTS, Experiment, Point, needs, result
 from bncore.status import FINISHED
 from server.errors import Conflict, Invalid, NotFound
 from server.schemas import ExperimentStart, SweepCreate
@@ -24,7 +25,7 @@ class Sweeps:
 
     def create(self, body: SweepCreate, experiment: str | None = None) -> dict[str, Any]:
         """Validate every point first (nothing is queued if one is bad), then queue them all;
-        ``experiment``: the bncore.experiments key it reproduces."""
+        ``experiment``: the bncore.science.experiments key it reproduces."""
         if bool(body.grid) == bool(body.points):
             raise Invalid("give either grid (values per field) or points (one per run)")
         if body.grid and any(not v for v in body.grid.values()):

@@ -17,7 +17,7 @@ import numpy as np
 import orjson
 
 from bncore.downsample import bin_means
-from bncore.records import CHANNEL_COLUMNS, Batch, channel_column
+from bncore.record.tables import CHANNEL_COLUMNS, Batch, channel_column
 from server.store.schema import CHUNK, COARSE
 
 

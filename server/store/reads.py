@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from bncore.records import CHANNEL_COLUMNS, channel_table
+from bncore.record.tables import CHANNEL_COLUMNS, channel_table
 from server.store.packing import coarse_bins, series_of, unpack
 from server.store.schema import CHUNK, COARSE, channels, pending, series
 from server.store.series import read_chunk as _read_chunk

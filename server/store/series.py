@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from bncore.records import channel_table, channel_widths
+from bncore.record.tables import channel_table, channel_widths
 from server.errors import Invalid
 from server.store.packing import Batch, channel_rows, coarse_bins, pack, series_of, unpack
 from server.store.schema import CHUNK, channels, pending, runs, series
@@ -52,7 +52,7 @@ class SeriesWriter:
             }
 
     def append(self, run_id: str, batch: Batch, client_seq: int | None) -> tuple[int, bool]:
-        """Write one batch of records (bncore.records tables) atomically.
+        """Write one batch of records (bncore.record.tables tables) atomically.
 
         Returns (seq, written): the run's batch sequence number after this call, and False if
         ``client_seq`` showed the batch was already stored (a retried send). Raises Invalid

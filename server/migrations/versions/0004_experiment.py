@@ -1,5 +1,5 @@
-"""A sweep started from an experiment (bncore.experiments) remembers which, so that its result
-view can be drawn.
+"""A sweep started from an experiment (bncore.science.experiments) remembers which, so that its
+result view can be drawn.
 
 Revision ID: 0004
 Revises: 0003

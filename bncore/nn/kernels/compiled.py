@@ -1,0 +1,77 @@
+"""The reference math compiled by torch.compile: Triton kernels on CUDA, C++ on the CPU.
+
+The same functions as :mod:`bncore.nn.kernels.reference`, fused by the compiler; it is the default
+on CUDA. If compiling fails (no Triton, no compiler), it warns once and runs the reference instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor
+
+from bncore.nn.kernels import reference
+from bncore.nn.kernels.reference import Backward, Forward, Running
+
+log = logging.getLogger(__name__)
+
+NAME = "compiled"
+R = TypeVar("R")
+
+_failed: str | None = None
+_forward = torch.compile(reference.normalize_batch, fullgraph=True)
+_backward = torch.compile(reference.backward, fullgraph=True)
+
+
+def _guarded(compiled: Callable[..., R], fallback: Callable[..., R], *args: Any) -> R:
+    global _failed
+    if _failed is None:
+        try:
+            return compiled(*args)
+        except Exception as exc:  # any compiler failure: the reference still gives the answer
+            _failed = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
+            log.warning(
+                "bncore: torch.compile kernel unavailable, using the reference (%s)", _failed
+            )
+    return fallback(*args)
+
+
+def available() -> bool:
+    """False once compiling has failed in this process."""
+    return _failed is None
+
+
+def unavailable_reason() -> str | None:
+    return _failed
+
+
+def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
+    """Any floating input; chosen automatically on CUDA only (see kernels.select)."""
+    return x.is_floating_point()
+
+
+def forward(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running: Running | None = None,
+) -> Forward:
+    out = _guarded(_forward, reference.normalize_batch, x, weight, bias, eps)
+    if running is not None:
+        reference.update_running(running, out.mean, out.var, reference.values_per_channel(x))
+    return out
+
+
+def backward(
+    dy: Tensor,
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Tensor | None,
+    need_dx: bool = True,
+) -> Backward:
+    return _guarded(_backward, reference.backward, dy, x, mean, invstd, weight, need_dx)

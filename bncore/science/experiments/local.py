@@ -1,0 +1,87 @@
+"""An experiment run here, in this process, without a server: its sweep's runs one after the
+other, then its result and verdict (``bnscope experiment KEY``)."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from itertools import product
+from typing import Any, Literal
+
+import numpy as np
+
+from bncore.record.sinks import MemorySink
+from bncore.record.tables import Records
+from bncore.run.config import get_field, parse_config, set_field
+from bncore.run.distributed import train_replicas
+from bncore.run.engine import RunResult, train
+from bncore.science.experiments.framework import Experiment, Point, result
+
+__all__ = ["configs", "point", "run"]
+
+
+def configs(
+    exp: Experiment,
+    size: Literal["quick", "full"] = "quick",
+    overrides: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The run configs of the experiment's sweep, in grid order."""
+    sweep = exp.sweep(size, overrides)
+    grid = sweep.get("grid") or {}
+    points = sweep.get("points") or [
+        dict(zip(grid, v, strict=True)) for v in product(*grid.values())
+    ]
+    out = []
+    for values in points:
+        config = copy.deepcopy(sweep["base"])
+        for dotted, value in values.items():
+            set_field(config, dotted, value)
+        out.append(config)
+    return out
+
+
+def point(exp: Experiment, config: dict[str, Any], records: Records) -> Point:
+    """One run of the experiment, as :func:`~bncore.science.experiments.framework.result`
+    reads it."""
+    series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    for table in (records.steps, records.evals):
+        for stat, column in table.items():
+            if stat != "step":
+                series["", stat] = (table["step"], column)
+    layers: list[str] = []
+    for table in (records.layers, records.layer_evals):
+        if not table:
+            continue
+        names = table["layer"]
+        for layer in dict.fromkeys(names.tolist()):
+            layers += [] if layer in layers else [layer]
+            sel = names == layer
+            for stat, column in table.items():
+                if stat not in ("step", "layer"):
+                    series[layer, stat] = (table["step"][sel], column[sel])
+    values = {k: get_field(config, k) for k in exp.grid}
+    return Point(config=config, values=values, series=series, layers=layers)
+
+
+def run(
+    exp: Experiment,
+    size: Literal["quick", "full"] = "quick",
+    overrides: dict[str, Any] | None = None,
+    on_run: Callable[[dict[str, Any], RunResult], None] | None = None,
+) -> dict[str, Any]:
+    """Every run of the sweep, then the result (panels and verdict) as the server gives it."""
+    points = []
+    for config in configs(exp, size, overrides):
+        cfg = parse_config(config)
+        if cfg.distributed.replicas > 1:
+            sink = MemorySink()
+            done = train_replicas(cfg, sink)
+            records = sink.records
+        else:
+            done = train(cfg)
+            assert done.records is not None  # the in-memory sink keeps them
+            records = done.records
+        points.append(point(exp, config, records))
+        if on_run is not None:
+            on_run(config, done)
+    return result(exp, points)

@@ -1,0 +1,131 @@
+"""bnscope train: a config file in, documented Parquet records out, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from bncore.record.sinks import read_parquet
+
+
+def _bnscope(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bnscope.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_train_writes_records(tmp_path):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "steps: 60\neval_interval: 30\nmodel: {depth: 2, width: 16}\ndata: {name: digits}\n"
+    )
+    out = tmp_path / "out"
+    result = _bnscope("train", str(cfg), "--out", str(out), "--set", "optim.lr=0.1")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["status"] == "completed" and summary["steps"] == 60
+    assert "step/s" in result.stderr  # the progress bar
+    run = json.loads((out / "run.json").read_text())
+    assert run["status"] == "completed" and run["layers"] == ["block0", "block1"]
+    assert json.loads((out / "config.json").read_text())["optim"]["lr"] == 0.1
+    rec = read_parquet(out)
+    assert list(rec.steps["step"]) == list(range(1, 61))
+    assert len(rec.layers["step"]) == 120 and rec.channels["pre_var"].shape[1] == 16
+    assert list(rec.evals["step"]) == [0, 30, 60]
+    assert np.isfinite(rec.layers["grad_in_norm"]).all()
+
+
+def test_bad_config_names_the_field(tmp_path):
+    cfg = tmp_path / "bad.json"
+    cfg.write_text(json.dumps({"optim": {"lr": 0}, "model": {"depht": 3}}))
+    result = _bnscope("train", str(cfg), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2
+    assert "optim.lr: Input should be greater than 0" in result.stderr
+    assert "model.depht: unknown field (check the spelling)" in result.stderr
+    assert "`bnscope train --help` lists the fields" in result.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_rule_over_two_fields_names_both_once(tmp_path):
+    cfg = tmp_path / "ghost.yaml"
+    cfg.write_text("norm: {kind: ghost, virtual_batch: 12}\n")
+    result = _bnscope("train", str(cfg), "--out", str(tmp_path / "o"), "--set", "batch_size=64")
+    assert result.returncode == 2
+    line = "bnscope train: norm.virtual_batch, batch_size: norm.virtual_batch=12 must divide"
+    assert result.stderr.count(line) == 1, result.stderr
+
+
+def test_info_says_while_it_builds_the_kernel(tmp_path):
+    """A first use compiles the fused kernel (about a minute): bnscope info says so before and
+    after. A stand-in compiler that 'builds' at once keeps this fast."""
+    fake = tmp_path / "quick-c++"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(0o755)
+    result = subprocess.run(
+        [sys.executable, "-m", "bnscope.cli", "info"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "CXX": str(fake), "BNCORE_CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "bnscope: building the fused CPU batch-norm kernel (first use" in result.stderr
+    assert "bnscope: built the fused CPU batch-norm kernel in" in result.stderr
+
+
+def test_missing_config_file_and_missing_data(tmp_path):
+    result = _bnscope("train", str(tmp_path / "nope.yaml"), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "cannot read" in result.stderr
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{name: mnist, path: {tmp_path / 'empty'}}}\n")
+    result = _bnscope("train", str(cfg), "--out", str(tmp_path / "o"))
+    assert result.returncode == 2 and "is not a directory" in result.stderr
+
+
+def test_diverged_run_exits_3_with_its_records(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        "steps: 300\nmodel: {activation: linear, depth: 2, width: 16}\n"
+        "norm: {kind: none}\noptim: {lr: 50}\ndata: {name: digits}\n"
+    )
+    result = _bnscope("train", str(cfg), "--out", str(tmp_path / "o"), "--quiet")
+    assert result.returncode == 3, result.stderr
+    assert json.loads(result.stdout)["status"] == "diverged"
+    assert len(read_parquet(tmp_path / "o").steps["step"]) > 0
+
+
+def test_help_documents_every_field():
+    result = _bnscope("train", "--help")
+    assert result.returncode == 0
+    for field in (
+        "model.depth",
+        "norm.placement",
+        "norm.convention",
+        "data.path",
+        "optim.weight_decay",
+        "stats_interval",
+        "seed",
+        "device",
+    ):
+        assert field in result.stdout
+    assert "Exit status" in result.stdout
+
+
+def test_serve_refuses_settings_that_cannot_work(tmp_path):
+    """Each bad server setting: a message naming the flag, exit 2, nothing started."""
+    for args, words in [
+        (["--protect-reads"], "protect_reads needs a token (--token)"),
+        (["--max-run-memory", "lots"], "is not a size"),
+        (["--durability", "paranoid"], "invalid choice: 'paranoid'"),
+        (["--max-queued", "0"], "--max-queued: Input should be greater than or equal to 1"),
+    ]:
+        r = _bnscope("serve", "--data-dir", str(tmp_path), "--port", "0", *args, timeout=60)
+        assert r.returncode == 2 and words in r.stderr, (args, r.stderr)

@@ -1,0 +1,352 @@
+"""bnscope.client against a real server: a user's torchvision model, a server that goes away for a
+while, a script that dies or hangs, a Lightning Trainer, and README's start command."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bnscope.client import Client
+from server.process import ServerProcess, wait_for
+from tests.helpers import free_port
+from tests.third_party import lightning, torchvision_models
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ServerProcess(tmp_path_factory.mktemp("srv"), "--client-timeout", "3").start()
+    yield srv
+    srv.stop()
+
+
+def status(server: ServerProcess, run_id: str) -> dict:
+    return httpx.get(f"{server.url}/api/runs/{run_id}", timeout=10).json()
+
+
+def test_readme_example_on_resnet18_shows_every_bn_layer(server):
+    models = torchvision_models()
+    torch.manual_seed(0)
+    model = models.resnet18(num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)  # before watch()
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = args[0].detach().var((0, 2, 3), unbiased=False)
+
+        return hook
+
+    bn_names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    for name in bn_names:
+        model.get_submodule(name).register_forward_hook(keep(name))
+    client = Client(server.url)
+    with client.create_run(name="resnet18", channel_interval=1, flush_every=4) as run:
+        assert run.watch(model) is model
+        for step in range(1, 7):
+            x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.log(step, loss, lr=0.01)
+    assert status(server, run.id)["status"] == "completed"
+    with server.client() as api:
+        layers = api.get(f"/api/runs/{run.id}/layers").json()
+        assert layers["layers"] == bn_names  # module paths, in order of execution
+        assert layers["channels"][:2] == [64, 64] and layers["channels"][-1] == 512
+        assert {"pre_var", "act_dead", "weight_norm", "gamma_grad_norm"} <= set(
+            layers["stats"]["layer"]
+        )
+        rows = api.get(f"/api/runs/{run.id}/channels", params={"step": 6}).json()["layers"]
+        assert [r["layer"] for r in rows] == bn_names
+        for r in rows:  # every width, as the layer computed it
+            np.testing.assert_allclose(r["pre_var"], seen[r["layer"]].numpy(), rtol=1e-4,
+                                       atol=1e-6)  # fmt: skip
+        notes = status(server, run.id)["meta"]["not_recorded"]
+        assert "layer1.0.bn2" in notes["act"]  # a residual sum comes before its ReLU
+        export = api.get(f"/api/runs/{run.id}/export", params={"table": "channels"})
+        assert export.status_code == 200 and "layer4.1.bn2" in export.text
+    client.close()
+
+
+class Outage:
+    """A TCP relay on 127.0.0.1 in front of the server that can refuse connections for a while:
+    the server unreachable from the client's side, as a network blip makes it."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target, self.port, self._up = target_port, free_port(), True
+        self.refused = 0
+        self._open: list[socket.socket] = []
+        self._listener = self._listen()
+        self._stop = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def up(self) -> bool:
+        return self._up
+
+    @up.setter
+    def up(self, value: bool) -> None:
+        self._up = value
+        if not value:  # cut the kept-alive connections too
+            for s in self._open:
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            self._open = []
+
+    def _listen(self) -> socket.socket:
+        s = socket.socket()
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", self.port))
+        s.listen(64)
+        s.settimeout(0.2)
+        return s
+
+    def _accept(self) -> None:
+        while not self._stop:
+            try:
+                conn, _ = self._listener.accept()
+            except OSError:
+                continue
+            if not self._up:
+                self.refused += 1
+                conn.close()
+                continue
+            upstream = socket.create_connection(("127.0.0.1", self.target))
+            self._open += [conn, upstream]
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, a: socket.socket, b: socket.socket) -> None:
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (a, b):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._stop = True
+        self._listener.close()
+
+
+def test_records_wait_while_the_server_is_unreachable(server):
+    port = int(server.url.rsplit(":", 1)[1])
+    relay = Outage(port)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    client = Client(f"http://127.0.0.1:{relay.port}", timeout=2.0)
+    with client.create_run(name="blip", flush_every=2, flush_seconds=60) as run:
+        run.watch(model)
+        for step in range(1, 31):
+            if step == 10:
+                relay.up = False  # refused from here for about two seconds
+            if step == 20:
+                relay.up = True
+            loss = F.cross_entropy(model(torch.randn(16, 6)), torch.randint(0, 2, (16,)))
+            loss.backward()
+            run.log(step, loss)
+            time.sleep(0.1)
+    relay.close()
+    assert relay.refused > 0  # the client did meet the outage
+    with server.client() as api:
+        s = api.get(f"/api/runs/{run.id}/metrics", params={"stat": "loss"}).json()
+        assert s["series"][0]["steps"] == list(range(1, 31))
+    assert status(server, run.id)["status"] == "completed"
+
+
+SCRIPT = """
+import sys, time, torch
+from torch import nn
+import bnscope.client
+model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+run = bnscope.client.Client(sys.argv[1]).create_run(name=sys.argv[2], heartbeat=0.5,
+                                                    hang_timeout=float(sys.argv[3]))
+run.watch(model)
+for step in range(1, 4):
+    model(torch.randn(8, 4)).sum().backward()
+    run.log(step, 0.5)
+run.flush()
+print(run.id, flush=True)
+time.sleep(120)  # hangs here; or is killed
+"""
+
+
+@pytest.mark.parametrize("how", ["killed", "hung"])
+def test_a_script_that_dies_or_hangs_leaves_its_run_failed(server, tmp_path, how):
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    hang = "1.5" if how == "hung" else "600"
+    proc = subprocess.Popen(
+        [sys.executable, str(script), server.url, how, hang],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        run_id = proc.stdout.readline().strip()
+        time.sleep(1.0)
+        assert status(server, run_id)["status"] == "running"  # heartbeats keep it alive
+        if how == "killed":
+            proc.send_signal(signal.SIGKILL)
+        done = wait_for(lambda: (r := status(server, run_id))["status"] != "running" and r, 20)
+        assert done["status"] == "failed" and "stopped reporting" in done["message"]
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_lightning_callback_streams_a_real_trainer(server):
+    L = lightning()
+    from bnscope.lightning import BNScopeCallback
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                     nn.Flatten(), nn.Linear(4 * 36, 3))  # fmt: skip
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 1, 8, 8), torch.randint(0, 3, (64,)))
+    callback = BNScopeCallback(name="lightning", url=server.url, flush_every=2)
+    trainer = L.Trainer(
+        max_steps=6,
+        accumulate_grad_batches=2,
+        callbacks=[callback],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=4))
+    assert callback.run is not None
+    done = status(server, callback.run.id)
+    assert done["status"] == "completed" and done["steps_done"] == 6
+    assert done["meta"]["layers"] == ["net.1"]
+    with server.client() as api:
+        s = api.get(f"/api/runs/{callback.run.id}/metrics", params={"stat": "pre_var"}).json()
+        assert s["series"][0]["steps"] == list(range(1, 7))
+
+
+def test_readme_start_command_takes_its_arguments(tmp_path):
+    port = free_port()
+    env = {**os.environ, "BNSCOPE_VENV": sys.prefix, "BNSCOPE_DATA_DIR": str(tmp_path / "d")}
+    usage = subprocess.run(["bash", "scripts/serve", "--help"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert usage.returncode == 0 and "--token" in usage.stdout, usage.stderr
+    proc = subprocess.Popen(
+        ["bash", "scripts/serve", "--port", str(port), "--token", "s3cret"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+
+        def healthy():
+            try:
+                return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+            except httpx.TransportError:
+                return proc.poll() is not None and pytest.fail(proc.stderr.read())
+
+        wait_for(healthy, 90, 0.3)
+        assert httpx.post(f"{url}/api/runs", json={}).status_code == 401  # the token holds
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(20)
+    assert "/bnscope-data/" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_one_line_helper_and_no_server_import(server):
+    import bnscope.client
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with bnscope.client.watch(model, name="one line", url=server.url) as run:
+        for step in range(1, 4):
+            model(torch.randn(5, 3)).sum().backward()
+            run.log(step, 0.0)
+    assert status(server, run.id)["status"] == "completed"
+    assert (
+        F.batch_norm is __import__("bncore.record.watcher").record.watcher._ORIGINAL
+    )  # unwatched at the end
+    probe = (
+        "import sys, bnscope.client; print(sorted(m for m in sys.modules"
+        " if m.split('.')[0] in ('server', 'dashboard', 'fastapi')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr  # bncore and the client alone
+
+
+def test_a_slow_script_stays_running_on_its_heartbeat(server):
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    client = Client(server.url)
+    with client.create_run(name="slow") as run:  # heartbeat 5 s asked, the server says 0.75
+        run.watch(model)
+        model(torch.randn(5, 3)).sum().backward()
+        run.log(1, 0.0)
+        time.sleep(4.5)  # longer than the server's client timeout (3 s), between two logs
+        assert status(server, run.id)["status"] == "running"
+        model(torch.randn(5, 3)).sum().backward()
+        run.log(2, 0.0)
+    assert status(server, run.id)["status"] == "completed"
+    client.close()
+
+
+def test_errors_read_the_servers_message(server):
+    """The client and the sink raise what the server says to fix (its ``message``), not a dump
+    of the body."""
+    from bncore.record.sinks import HttpSink, error_message
+
+    client = Client(server.url)
+    try:
+        with pytest.raises(RuntimeError) as info:
+            client.launch({"norm": {"kind": "ghost", "virtual_batch": 12}, "batch_size": 64})
+        said = str(info.value)
+        assert said.startswith("POST /api/runs: 422 norm.virtual_batch, batch_size: ")
+        assert "detail" not in said and "{" not in said
+    finally:
+        client.close()
+    with httpx.Client(base_url=server.url) as http:
+        run = http.post("/api/runs/client", json={"name": "bad sink"}).json()
+        sink = HttpSink(http, run["id"], token=run["write_token"])
+        with pytest.raises(RuntimeError, match=r"POST records: 422 unknown keys \['weights'\]"):
+            sink.post("records", b'{"weights": {}}')
+        sink.post("status", b'{"status": "completed"}')
+    for body, said in [
+        (b'{"message": "fix this", "detail": []}', "fix this"),
+        (b'{"detail": "older servers"}', "older servers"),
+        (b"<html>a proxy</html>", "<html>a proxy</html>"),
+        (b"[1]", "[1]"),
+    ]:
+        assert error_message(httpx.Response(400, content=body)) == said
