@@ -20,7 +20,7 @@ from bncore.run.config import ConfigError, parse_config
 from bncore.status import FINISHED
 from dashboard import data, figures
 from dashboard.form import PRESETS, blanks, build_form, collect
-from server.errors import DomainError, Unauthorized
+from server.errors import DomainError, InvalidGridPoint, Unauthorized, UnknownSweepField
 from server.schemas import SweepCreate
 from server.service import Service
 
@@ -468,14 +468,14 @@ def register(app: Dash, svc: Service, sections: dict[str, tuple[str, ...]]) -> N
         except json.JSONDecodeError as exc:
             grid_errors.append(f"not JSON: {exc}")
             return fail("fix the sweep grid")
+        except InvalidGridPoint as exc:
+            for field, message in exc.field_errors:
+                mark(field, message)
+            return fail(f"grid point {exc.point}: fix the fields marked in red")
+        except UnknownSweepField as exc:
+            grid_errors.append(exc.message)
+            return fail("fix the sweep grid")
         except DomainError as exc:
-            if isinstance(exc.detail, dict):  # a grid point that does not validate
-                for e in exc.detail.get("errors", []):
-                    mark(e["field"], e["message"])
-                return fail(f"grid point {exc.detail.get('point')}: fix the fields marked in red")
-            if exc.message.startswith("sweep key"):  # no such field
-                grid_errors.append(exc.message)
-                return fail("fix the sweep grid")
             return fail(exc.message)
         except Exception as exc:
             return fail(f"{type(exc).__name__}: {exc}")

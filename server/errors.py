@@ -1,9 +1,9 @@
 """What can go wrong in a request, said in the domain's words: the service raises these, the API
 turns them into HTTP answers (server.app) and the dashboard into messages.
 
-``detail`` is what the caller is told: a sentence that says what to fix, or, for a sweep point
-that fails validation, ``{"point": ..., "errors": [{"field", "message"}]}``; ``message`` is that
-in one line. Over HTTP every 4xx has one shape (:func:`error_body`)::
+``detail`` is what the caller is told: a sentence that says what to fix; ``message`` is that in
+one line. A sweep's errors are typed (:class:`UnknownSweepField`, :class:`InvalidGridPoint`), so
+that a caller can put each beside what it is about without reading the sentence. Over HTTP every 4xx has one shape (:func:`error_body`)::
 
     {"message": "<one line: what to fix>", "detail": [{"field": "<dotted field or ''>",
                                                        "message": "..."}, ...]}
@@ -43,17 +43,10 @@ class DomainError(Exception):
     @property
     def message(self) -> str:
         """One line for a person (the dashboard's banner, the API's ``message``)."""
-        if isinstance(self.detail, dict) and "point" in self.detail:
-            fields = summarize((e["field"], e["message"]) for e in self.detail["errors"])
-            return f"grid point {self.detail['point']}: {fields}"
         return str(self.detail)
 
     def errors(self) -> list[dict[str, Any]]:
-        """One entry per field it is about (``field``, ``message``; a sweep point's with
-        ``point``)."""
-        if isinstance(self.detail, dict) and "point" in self.detail:
-            point = self.detail["point"]
-            return [{**e, "point": point} for e in self.detail["errors"]]
+        """One entry per field it is about (``field``, ``message``)."""
         return [{"field": self.field, "message": self.message}]
 
     def body(self) -> dict[str, Any]:
@@ -109,3 +102,22 @@ class Invalid(DomainError):
     """The input is well-formed JSON but says something that cannot be (a sweep, a batch)."""
 
     status = 422
+
+
+class UnknownSweepField(Invalid):
+    """A sweep varies a field that a run config cannot hold (``field``: the sweep's key)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"sweep key {reason}", field)
+
+
+class InvalidGridPoint(Invalid):
+    """One point of a sweep makes a config that does not validate: ``point`` (its values, as
+    ``a=1, b=2``) and ``field_errors`` ((dotted field, message) pairs)."""
+
+    def __init__(self, point: str, field_errors: list[tuple[str, str]]) -> None:
+        self.point, self.field_errors = point, field_errors
+        super().__init__(f"grid point {point}: {summarize(field_errors)}")
+
+    def errors(self) -> list[dict[str, Any]]:
+        return [{"field": f, "message": m, "point": self.point} for f, m in self.field_errors]

@@ -12,7 +12,7 @@ from typing import Any
 from bncore.run.config import ConfigError, get_field, parse_config, set_field
 from bncore.science.experiments import EXPERIMENTS, Experiment, Point, needs, result
 from bncore.status import FINISHED
-from server.errors import Conflict, Invalid, NotFound
+from server.errors import Conflict, Invalid, InvalidGridPoint, NotFound, UnknownSweepField
 from server.schemas import ExperimentStart, SweepCreate
 from server.service.runs import Runs
 
@@ -44,12 +44,11 @@ class Sweeps:
                 for key, value in point.items():
                     set_field(data, key, value)
             except ValueError as exc:
-                raise Invalid(f"sweep key {exc}") from None
+                raise UnknownSweepField(key, str(exc)) from None
             try:
                 config = parse_config(data)
             except ConfigError as exc:
-                errors = [{"field": f, "message": m} for f, m in exc.errors]
-                raise Invalid({"point": label, "errors": errors}) from None
+                raise InvalidGridPoint(label, exc.errors) from None
             self.runs.check_runnable(config)
             configs.append((label, config))
         self.runs.check_room(len(configs))
