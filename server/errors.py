@@ -3,7 +3,9 @@ turns them into HTTP answers (server.app) and the dashboard into messages.
 
 ``detail`` is what the caller is told: a sentence that says what to fix; ``message`` is that in
 one line. A sweep's errors are typed (:class:`UnknownSweepField`, :class:`InvalidGridPoint`), so
-that a caller can put each beside what it is about without reading the sentence. Over HTTP every 4xx has one shape (:func:`error_body`)::
+that a caller can put each beside what it is about without reading the sentence.
+
+Over HTTP every 4xx has one shape (:func:`error_body`)::
 
     {"message": "<one line: what to fix>", "detail": [{"field": "<dotted field or ''>",
                                                        "message": "..."}, ...]}
