@@ -54,6 +54,8 @@ def test_the_installed_package_carries_its_data_files(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for needed in (
         "bncore/nn/kernels/bn_cpu.cpp",
+        "bncore/nn/kernels/record_cpu.cpp",
+        "bncore/nn/kernels/bn_cpu.h",
         "server/migrations/env.py",
         "server/migrations/versions/0003_pending.py",
         "dashboard/assets/live.js",

@@ -16,7 +16,7 @@ After every training-mode forward and backward, ``layer.stats``
 the layer computed anyway.
 
 Keras users: ``BatchNorm2d.from_keras(C, momentum=0.99, epsilon=1e-3)`` builds a layer that
-behaves as ``keras.layers.BatchNormalization`` does (see :meth:`_BatchNorm.from_keras`).
+behaves as ``keras.layers.BatchNormalization`` does (see :meth:`BatchNorm.from_keras`).
 """
 
 from __future__ import annotations
@@ -28,14 +28,21 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
-from bncore.nn.byproducts import BNStats, RecordTarget
+from bncore.nn.byproducts import BNStats, Capture, Recording
 from bncore.nn.functional import batch_norm_with_stats, train_batch_norm
 from bncore.nn.kernels import reference
-from bncore.nn.kernels.reference import ActivationStats, Running
+from bncore.nn.kernels.reference import Running
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "keras_momentum_to_torch"]
+__all__ = [
+    "BatchNorm",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "BatchNorm3d",
+    "BatchNormBase",
+    "keras_momentum_to_torch",
+]
 
-B = TypeVar("B", bound="_BatchNorm")
+B = TypeVar("B", bound="BatchNorm")
 is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
@@ -46,10 +53,13 @@ def keras_momentum_to_torch(momentum: float) -> float:
     return 1.0 - momentum
 
 
-class _NormBase(nn.modules.batchnorm._BatchNorm):
-    """Parameters and running buffers, named and initialised as in torch.nn.
+class BatchNormBase(nn.modules.batchnorm._BatchNorm):
+    """Parameters and running buffers, named and initialised as in torch.nn: what every
+    normalization by batch statistics shares (:class:`BatchNorm`, and the variants of
+    bncore.nn.norms).
 
-    A subclass of torch's own ``_BatchNorm``, so that what recognizes torch's BN layers
+    The order follows torch's (``_NormBase`` -> ``_BatchNorm``), one step further down: this
+    is a subclass of torch's own ``_BatchNorm``, so that what recognizes torch's BN layers
     recognizes bncore's too (``nn.SyncBatchNorm.convert_sync_batchnorm``,
     ``torch.func.replace_all_batch_norm_modules_``, a user's ``isinstance`` check for freezing
     BN); everything it does is defined here.
@@ -179,20 +189,48 @@ class _NormBase(nn.modules.batchnorm._BatchNorm):
         )
 
 
-class _BatchNorm(_NormBase):
-    """Batch normalization over dim 1; subclasses only check the input's rank."""
+class BatchNorm(BatchNormBase):
+    r"""Batch normalization over dim 1 of an ``(N, C, *)`` input; :class:`BatchNorm1d`,
+    :class:`BatchNorm2d` and :class:`BatchNorm3d` only check the input's rank.
+
+    Args: as :class:`torch.nn.BatchNorm2d` (``num_features``, ``eps``, ``momentum``,
+    ``affine``, ``track_running_stats``, ``device``, ``dtype``), and ``bias=False`` for a scale
+    without a shift.
+
+    Shape: input and output ``(N, C, *)``. Besides the output, each training forward leaves
+    ``stats`` (:class:`~bncore.nn.byproducts.BNStats`), and writes what its :class:`Recording`
+    asks for (:meth:`record_to`).
+
+    Example::
+
+        >>> layer = bncore.BatchNorm2d(16)
+        >>> y = layer(torch.randn(8, 16, 4, 4))
+        >>> layer.stats.mean.shape
+        torch.Size([16])
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.unbiased_running_var = True
         self.stats = BNStats()
-        # set by a recorder: also measure the activation that follows, in the same pass, and
-        # write the recorded step's values straight into its row
-        self.record_activation: ActivationStats | None = None
-        self.record_into: RecordTarget | None = None
+        self.recording: Recording | None = None  # see record_to
         # FrozenBN (Wu & Johnson 2021): in training too, normalize with the running statistics
         # and leave them as they are; the gradient flows through gamma and beta
         self.frozen = False
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(
+                f"expected at least 2D input (N, C, ...), got {input.dim()}D input of shape "
+                f"{tuple(input.shape)}"
+            )
+
+    def record_to(self, recording: Recording | None) -> Recording | None:
+        """Have ``recording`` (bncore.record) say, at each training forward, what this layer
+        measures and where it writes it; None: record nothing beyond ``stats``. Returns the
+        recording it had, for whoever wants to put it back."""
+        previous, self.recording = self.recording, recording
+        return previous
 
     @classmethod
     def from_keras(
@@ -259,16 +297,8 @@ class _BatchNorm(_NormBase):
             running = Running(
                 running_mean, running_var, self._running_factor(), self.unbiased_running_var
             )
-        return train_batch_norm(
-            input,
-            weight,
-            bias,
-            self.eps,
-            running,
-            self.stats,
-            self.record_activation,
-            self.record_into,
-        )
+        keep = Capture.of(self.stats, self.recording, input)
+        return train_batch_norm(input, weight, bias, self.eps, running, keep)
 
     def _traceable_forward(
         self,
@@ -302,7 +332,7 @@ class _BatchNorm(_NormBase):
         return out.y
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(BatchNorm):
     r"""Batch normalization of a 2D ``(N, C)`` or 3D ``(N, C, L)`` input, per channel C."""
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -313,7 +343,7 @@ class BatchNorm1d(_BatchNorm):
             )
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(BatchNorm):
     r"""Batch normalization of a 4D ``(N, C, H, W)`` input, per channel C over N, H and W."""
 
     def _check_input_dim(self, input: Tensor) -> None:
@@ -324,7 +354,7 @@ class BatchNorm2d(_BatchNorm):
             )
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(BatchNorm):
     r"""Batch normalization of a 5D ``(N, C, D, H, W)`` input, per channel C."""
 
     def _check_input_dim(self, input: Tensor) -> None:

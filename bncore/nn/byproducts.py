@@ -1,7 +1,12 @@
-"""The statistics a batch-norm layer computes anyway, kept for whoever wants to look.
+"""The statistics a batch-norm layer computes anyway, and how a recorder asks for them.
 
 Every tensor is per channel, detached, on the layer's device: recording costs no extra pass over
 the data and no host synchronisation. Reading them (``.cpu()``, ``.item()``) is the reader's cost.
+
+A recorder (bncore.record: the recorder of bncore's networks, the watcher of any model) hands a
+layer a :class:`Recording` once (``layer.record_to(recording)``); at each training forward the
+layer asks it what to measure and where to write (:class:`Capture`), and the kernels write it
+while the values are in cache. Nobody sets the layer's attributes from outside.
 """
 
 from __future__ import annotations
@@ -20,6 +25,20 @@ RECORD_RUNNING = RECORD_ROWS.index("running_mean")  # running mean and var, gamm
 RECORD_GRAD = RECORD_ROWS.index("gamma_grad")  # the first of 4 gradient rows
 
 
+class ActivationStats(NamedTuple):
+    """Ask a training forward for the statistics of the activation that follows it:
+    ``kind`` (IDENTITY or RELU) and the rest/saturation thresholds ``lo``, ``hi`` (values at or
+    below ``lo``, at or above ``hi``)."""
+
+    kind: int
+    lo: float
+    hi: float
+
+
+#: Activation kinds a forward can take statistics of (bn_cpu.cpp uses the same numbers).
+IDENTITY, RELU = 1, 2
+
+
 class RecordTarget(NamedTuple):
     """Where a BN layer writes a recorded step itself, while the values are in cache.
 
@@ -35,6 +54,21 @@ class RecordTarget(NamedTuple):
     units: Tensor | None
 
 
+class Recording:
+    """Who records a bncore BN layer, handed to it by ``layer.record_to``. At each training
+    forward the layer asks :meth:`target` where to write its part of the recorded step (None:
+    nowhere) and measures :attr:`activation`, the activation that follows it, if set.
+
+    This base records nothing but the activation it is given; the recorders subclass it."""
+
+    def __init__(self, activation: ActivationStats | None = None) -> None:
+        self.activation = activation
+
+    def target(self, input: Tensor) -> RecordTarget | None:
+        """Where this forward of ``input`` writes its row (see :class:`RecordTarget`)."""
+        return None
+
+
 @dataclass
 class BNStats:
     """Per-channel by-products of the last training-mode forward and of its backward.
@@ -44,8 +78,8 @@ class BNStats:
     backward fills in place, with rows ``sum_dy_xhat`` (= dL/dgamma), ``sum_dy`` (= dL/dbeta),
     ``dy_sq`` = sum dy^2 and ``dx_sq`` = sum dx^2: the squared norms of the activation gradient
     reaching and leaving the layer (NaN where dx was not needed). ``act``: on the forwards that
-    asked for it (``layer.record_activation``), the (4, C) mean, variance and tail fractions of
-    the activation that follows the layer, taken while its output was in registers.
+    asked for it (its :class:`Recording`'s ``activation``), the (4, C) mean, variance and tail
+    fractions of the activation that follows the layer, taken while its output was in registers.
     ``steps`` counts forwards.
     """
 
@@ -83,3 +117,19 @@ class BNStats:
     def clear(self) -> None:
         self.mean = self.var = self.grad = self.act = None
         self.steps = 0
+
+
+class Capture(NamedTuple):
+    """What a training-mode forward keeps besides its output, for the kernels: the layer's
+    ``stats``, the ``act``ivation to measure, the ``record`` row to write."""
+
+    stats: BNStats | None = None
+    act: ActivationStats | None = None
+    record: RecordTarget | None = None
+
+    @staticmethod
+    def of(stats: BNStats, recording: Recording | None, input: Tensor) -> Capture:
+        """What a layer with ``stats``, recorded by ``recording``, keeps of a forward."""
+        if recording is None:
+            return Capture(stats)
+        return Capture(stats, recording.activation, recording.target(input))

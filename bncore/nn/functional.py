@@ -19,9 +19,9 @@ import torch
 from torch import Tensor
 
 from bncore.nn import kernels
-from bncore.nn.byproducts import BNStats, RecordTarget
+from bncore.nn.byproducts import BNStats, Capture
 from bncore.nn.kernels import reference
-from bncore.nn.kernels.reference import ActivationStats, Running
+from bncore.nn.kernels.reference import Running
 
 __all__ = ["batch_norm", "batch_norm_with_stats", "eval_batch_norm", "train_batch_norm"]
 
@@ -117,7 +117,7 @@ def batch_norm_with_stats(
     running = None
     if running_mean is not None and running_var is not None:
         running = Running(running_mean, running_var, momentum, unbiased_running_var)
-    return train_batch_norm(input, weight, bias, eps, running, stats)
+    return train_batch_norm(input, weight, bias, eps, running, Capture(stats))
 
 
 def train_batch_norm(
@@ -126,11 +126,10 @@ def train_batch_norm(
     bias: Tensor | None,
     eps: float,
     running: Running | None,
-    stats: BNStats | None,
-    act: ActivationStats | None = None,
-    record: RecordTarget | None = None,
+    keep: Capture,
 ) -> Tensor:
-    """Normalize with batch statistics (training mode), moving ``running`` if given.
+    """Normalize with batch statistics (training mode), moving ``running`` if given and keeping
+    what ``keep`` asks for.
 
     The hot path of the BatchNorm modules, which have checked everything else already.
     """
@@ -141,7 +140,7 @@ def train_batch_norm(
         )
     if n == 0:
         return input.clone()
-    return kernels.train(input, weight, bias, eps, running, stats, act, record)
+    return kernels.training_batch_norm(input, weight, bias, eps, running, keep)
 
 
 def batch_norm(

@@ -29,13 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from bncore.nn.batchnorm import _NormBase
+from bncore.nn.batchnorm import BatchNormBase
 from bncore.nn.functional import eval_batch_norm
 
 __all__ = ["BatchRenorm", "GhostBatchNorm", "NoisyBatchNorm", "new_noise"]
 
 
-def _check(layer: _NormBase, x: Tensor) -> None:
+def _check(layer: BatchNormBase, x: Tensor) -> None:
     if x.dim() < 2 or x.shape[1] != layer.num_features:
         raise ValueError(
             f"{type(layer).__name__}({layer.num_features}) expects (N, {layer.num_features}, ...)"
@@ -43,7 +43,7 @@ def _check(layer: _NormBase, x: Tensor) -> None:
         )
 
 
-def _affine(layer: _NormBase, y: Tensor) -> Tensor:
+def _affine(layer: BatchNormBase, y: Tensor) -> Tensor:
     shape = (1, -1) + (1,) * (y.dim() - 2)
     if layer.weight is not None:
         y = y * layer.weight.reshape(shape)
@@ -61,7 +61,7 @@ def _batch_var_mean(x: Tensor) -> tuple[Tensor, Tensor]:
     return torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
 
 
-class _BatchStatsNorm(_NormBase):
+class _BatchStatsNorm(BatchNormBase):
     """A normalization by batch statistics with torch.nn's running buffers."""
 
     def __init__(self, *args: Any, unbiased_running_var: bool = True, **kwargs: Any) -> None:
@@ -165,7 +165,7 @@ class NoisyBatchNorm(torch.nn.Module):
     landscape) sees the network the first one did. Evaluation is ``bn`` alone. The running
     buffers and gamma/beta are ``bn``'s, visible under the usual names."""
 
-    def __init__(self, bn: _NormBase, noise_shift: float, noise_scale: float) -> None:
+    def __init__(self, bn: BatchNormBase, noise_shift: float, noise_scale: float) -> None:
         if noise_shift < 0 or noise_scale < 1:
             raise ValueError(
                 f"need noise_shift >= 0 and noise_scale >= 1, got {noise_shift} and {noise_scale}"

@@ -29,10 +29,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bncore.nn.batchnorm import _BatchNorm
-from bncore.nn.byproducts import RecordTarget
+from bncore.nn.batchnorm import BatchNorm
+from bncore.nn.byproducts import ActivationStats, Capture, RecordTarget
 from bncore.nn.kernels import reference
-from bncore.nn.kernels.reference import ActivationStats, Running
+from bncore.nn.kernels.reference import Running
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "sync_batch_norm"]
 
@@ -162,7 +162,7 @@ def sync_batch_norm(
     return y, found
 
 
-class SyncBatchNorm(_BatchNorm):
+class SyncBatchNorm(BatchNorm):
     r"""Batch normalization over the global batch of a process group (any input of shape
     (N, C, ...)); a drop-in for :class:`torch.nn.SyncBatchNorm`, on the CPU too.
 
@@ -178,13 +178,6 @@ class SyncBatchNorm(_BatchNorm):
         self.process_group = process_group
         self.replica: tuple[Tensor, Tensor] | None = None
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
-            raise ValueError(
-                f"expected at least 2D input (N, C, ...), got {input.dim()}D input of shape "
-                f"{tuple(input.shape)}"
-            )
-
     def forward(self, input: Tensor) -> Tensor:
         group = self.process_group
         if not self.training or self.frozen or _group_size(group) < 2:
@@ -199,10 +192,10 @@ class SyncBatchNorm(_BatchNorm):
         rm, rv = self._buffers["running_mean"], self._buffers["running_var"]
         if self.track_running_stats and rm is not None and rv is not None:
             running = Running(rm, rv, self._running_factor(), self.unbiased_running_var)
+        keep = Capture.of(self.stats, self.recording, input)
         y, (mean, var, mean_r, var_r, grad, act) = sync_batch_norm(
-            input, self.weight, self.bias, self.eps, running, group, self.record_activation,
-            self.record_into,
-        )  # fmt: skip
+            input, self.weight, self.bias, self.eps, running, group, keep.act, keep.record
+        )
         self.stats.record(mean, var, grad, act)
         self.replica = (mean_r, var_r)
         return y
@@ -212,7 +205,7 @@ def convert_sync_batchnorm(module: nn.Module, process_group: Any = None) -> nn.M
     """``module`` with every bncore BatchNorm replaced by a :class:`SyncBatchNorm` with the same
     parameters, buffers and mode (torch.nn's ``convert_sync_batchnorm``, for bncore's layers)."""
     out = module
-    if isinstance(module, _BatchNorm) and not isinstance(module, SyncBatchNorm):
+    if isinstance(module, BatchNorm) and not isinstance(module, SyncBatchNorm):
         out = SyncBatchNorm(
             module.num_features,
             module.eps,

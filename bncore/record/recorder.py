@@ -1,8 +1,9 @@
 """The recorder: every block's statistics on every recorded step, kept on the device.
 
 Each recorded step is one row of a device buffer; each block owns a fixed stretch of it. A BatchNorm
-layer writes its own stretch (see :class:`bncore.nn.byproducts.RecordTarget`): the recorder hands it
-the row before the forward, and its forward writes the batch statistics, the running buffers as just
+layer writes its own stretch (see :class:`bncore.nn.byproducts.RecordTarget`): the recorder hands
+each BN layer its :class:`~bncore.nn.byproducts.Recording` once, the layer asks it for the step's
+stretch at each forward, and its forward writes the batch statistics, the running buffers as just
 moved, gamma and beta, the output at the tracked units, and (where a ReLU or no nonlinearity follows
 it) the activation's statistics, with everything still in cache; its backward writes the gradient
 sums. Its output statistics follow exactly from those (mean = beta, var = gamma^2 var/(var + eps)),
@@ -14,7 +15,7 @@ without BN, whose gradient is summed by a hook) is collected during the forward 
 :meth:`Recorder.observe` and written after the backward by :meth:`Recorder.snapshot`, in one
 call (:func:`bncore.nn.kernels.record_row_fn`: fused on the CPU). :meth:`Recorder.flush` moves all
 pending rows to the host in a single transfer and turns them into ``layers`` and ``channels``
-rows (bncore.record.tables).
+rows (bncore.record.core, as the watcher of any model does).
 """
 
 from __future__ import annotations
@@ -28,22 +29,24 @@ import torch
 from torch import Tensor, nn
 
 from bncore.nn import kernels
-from bncore.nn.batchnorm import _BatchNorm
-from bncore.nn.byproducts import RECORD_ACT, RECORD_GRAD, RECORD_ROWS, BNStats, RecordTarget
-from bncore.nn.kernels import cpu
-from bncore.nn.kernels.reference import (
-    COPY,
+from bncore.nn.batchnorm import BatchNorm
+from bncore.nn.byproducts import (
     IDENTITY,
-    MEAN_VAR,
-    MOMENTS,
-    NORM,
+    RECORD_ACT,
+    RECORD_GRAD,
+    RECORD_ROWS,
     RELU,
-    UNITS,
     ActivationStats,
+    Recording,
+    RecordTarget,
 )
-from bncore.record.tables import Records, bn_output_rows, channel_rows, channel_table, summarize
+from bncore.nn.kernels import cpu
+from bncore.nn.kernels.reference import COPY, MEAN_VAR, MOMENTS, NORM, UNITS
+from bncore.record import core
+from bncore.record.core import SATURATION
+from bncore.record.tables import Records
 
-__all__ = ["QUANTILES", "SATURATION", "RecordedBlock", "RecordedNet", "Recorder"]
+__all__ = ["RecordedBlock", "RecordedNet", "Recorder"]
 
 
 class RecordedBlock(Protocol):
@@ -53,7 +56,8 @@ class RecordedBlock(Protocol):
     layer: Any
     norm: nn.Module
     activation: str
-    probe: Any
+
+    def record_to(self, probe: Any) -> None: ...
 
     @property
     def norm_first(self) -> bool: ...
@@ -68,15 +72,6 @@ class RecordedNet(Protocol):
     def blocks(self) -> Sequence[tuple[str, RecordedBlock]]: ...
 
 
-#: Activation outputs at rest or saturated: (at or below lo, at or above hi).
-SATURATION: dict[str, tuple[float, float]] = {
-    "relu": (0.0, math.inf),
-    "sigmoid": (0.01, 0.99),
-    "tanh": (-0.99, 0.99),
-    "linear": (-math.inf, math.inf),
-}
-QUANTILES = (15, 50, 85)
-
 #: Rows (C values each) of the stretch of a block without BN, before the tracked units' values
 #: (a BN block's are RECORD_ROWS: its output statistics follow from them).
 MEASURED_ROWS = (*RECORD_ROWS[:2], "post_mean", "post_var", *RECORD_ROWS[2:])
@@ -84,23 +79,31 @@ MEASURED_ROWS = (*RECORD_ROWS[:2], "post_mean", "post_var", *RECORD_ROWS[2:])
 INITIAL_ROWS = 64
 
 
-class _BlockSlot:
-    """What the recorder knows about one block: its stretch of a row and its live tensors."""
+class _BlockSlot(Recording):
+    """What the recorder knows about one block: its stretch of a row and its live tensors; for
+    a BN block, also the layer's :class:`~bncore.nn.byproducts.Recording`: on an armed step, the
+    stretch of the step's row (``current``) and the activation to measure (``activation``)."""
 
     def __init__(self, name: str, block: RecordedBlock, units: int, batch: int, offset: int):
+        super().__init__()
         self.name, self.block, self.norm = name, block, block.norm
         self.channels = c = block.channels
         device = block.layer.weight.device
         self.units = torch.linspace(0, c - 1, min(units, c), device=device).round().long()
-        self.is_bn = isinstance(getattr(block.norm, "stats", None), BNStats)
-        self.lo, self.hi = SATURATION[block.activation]
+        # bncore's BatchNorm: it writes its own stretch
+        self.bn = block.norm if isinstance(block.norm, BatchNorm) else None
+        self.is_bn = self.bn is not None
+        bounds = SATURATION[block.activation]
+        assert bounds is not None  # bncore's activations all have their bounds
+        self.lo, self.hi = bounds
         self.act_spec: ActivationStats | None = None  # what BN measures of the activation
+        self.current: RecordTarget | None = None  # the armed step's stretch
         self.rows = RECORD_ROWS if self.is_bn else MEASURED_ROWS
         self.batch = batch  # examples per recorded forward
         self.offset = offset
         self.width = len(self.rows) * c + batch * len(self.units)
-        self.nan = torch.full((c,), math.nan, device=device)
-        self.nan4 = torch.full((4, c), math.nan, device=device)
+        self.nan = core.nan_rows(0, c, device)
+        self.nan4 = core.nan_rows(4, c, device)
         norm = block.norm
         self.state = [
             v if isinstance(v, Tensor) else self.nan
@@ -110,6 +113,10 @@ class _BlockSlot:
         ]  # running_mean, running_var, gamma, beta: live tensors, copied when recorded
         self.grad: Tensor | None = None  # without BN: (4, C) gradient sums from a hook
         self.observed = True  # whether the recorder needs to see the block's forward
+        eps = getattr(norm, "eps", 0.0)
+        affine = getattr(norm, "weight", None) is not None, getattr(norm, "bias", None) is not None
+        # what makes blocks summarizable together
+        self.layout = (self.rows, c, self.width, len(self.units), self.is_bn, eps, affine)
 
     def at(self, row: str) -> int:
         """Where ``row`` starts in a step's row."""
@@ -119,7 +126,16 @@ class _BlockSlot:
     def units_at(self) -> int:
         return self.offset + len(self.rows) * self.channels
 
-    def target(self, row: Tensor) -> RecordTarget:
+    def target(self, input: Tensor) -> RecordTarget | None:
+        """Where the BN layer writes this forward: the armed step's stretch, or nowhere."""
+        if self.current is not None and input.shape[0] != self.batch:
+            raise RuntimeError(
+                f"the recorder was laid out for batches of {self.batch} examples, "
+                f"got {input.shape[0]}"
+            )
+        return self.current
+
+    def stretch(self, row: Tensor) -> RecordTarget:
         """This BN block's stretch of a step's ``row``, for its layer to write."""
         c, k = self.channels, len(RECORD_ROWS)
         mine = row[self.offset : self.offset + self.width]
@@ -158,6 +174,8 @@ class Recorder:
                 s.act_spec = ActivationStats(fusable, s.lo, s.hi)
             # BN before a ReLU or no nonlinearity writes all of its block's record itself
             s.observed = not (s.act_spec is not None and s.block.norm_first)
+            if s.bn is not None:
+                s.bn.record_to(s)
         self._bn = [s for s in self.slots if s.is_bn]
         self._by_block = {id(s.block): s for s in self.slots}
         self.device = device
@@ -176,7 +194,7 @@ class Recorder:
         self._row_views: list[Tensor] = []
         self._targets: list[list[RecordTarget]] = []  # per row: the BN blocks' stretches
         self._write = kernels.record_row_fn(self.buffer)
-        self._nan1 = torch.full((1,), math.nan, device=device)
+        self._nan1 = core.nan_rows(0, 1, device)
         # weight-gradient norms: written into the row by C++ hooks during the backward where
         # possible, on the row the flag names (row + 1; 0: not recording)
         self._hooked = self._write is cpu.record_row
@@ -196,15 +214,14 @@ class Recorder:
         self._grad_slots: list[_BlockSlot] = []
 
     def arm(self, on: bool) -> None:
-        """Attach to (or detach from) every block for the next forward."""
+        """Record (or not) the next forward: the blocks that need watching get the recorder as
+        their probe, the BN layers' recordings the step's stretch."""
         if on != self.armed:
-            for s in self.slots:  # plain attributes, not submodules: skip nn.Module.__setattr__
+            for s in self.slots:
                 if s.observed:
-                    object.__setattr__(s.block, "probe", self if on else None)
-                if s.act_spec is not None:
-                    object.__setattr__(s.norm, "record_activation", s.act_spec if on else None)
-                if s.is_bn and not on:
-                    object.__setattr__(s.norm, "record_into", None)
+                    s.block.record_to(self if on else None)
+                s.activation = s.act_spec if on else None
+                s.current = None
             self._flag_np[0] = 0
             self.armed = on
         if on:
@@ -213,7 +230,7 @@ class Recorder:
                 self._grow()
             self._flag_np[0] = row + 1
             for s, target in zip(self._bn, self._targets[row], strict=True):
-                object.__setattr__(s.norm, "record_into", target)
+                s.current = target
             if self._tensors or self._grad_slots:  # else nothing to reset (BN wrote it all)
                 self._tensors, self._kinds, self._lo, self._hi = [], [], [], []
                 self._offsets, self._index, self._grad_slots = [], [], []
@@ -319,7 +336,15 @@ class Recorder:
         self._before = []
 
     def close(self) -> None:
-        """Detach the gradient hooks from the model."""
+        """Detach from the model: the gradient hooks, the blocks' probes, the BN layers'
+        recordings."""
+        self.arm(False)
+        self._unhook()
+        for s in self._bn:
+            if s.bn is not None and s.bn.recording is s:
+                s.bn.record_to(None)
+
+    def _unhook(self) -> None:
         for weight, handle in self._watches:
             torch.ops.bncore.unwatch_grad_norm(weight, handle)
         self._watches = []
@@ -334,30 +359,35 @@ class Recorder:
             bigger[:rows] = self.buffer[:rows]
         self.buffer = bigger
         self._row_views = list(bigger.unbind(0))
-        self._targets = [[s.target(row) for s in self._bn] for row in self._row_views]
+        self._targets = [[s.stretch(row) for s in self._bn] for row in self._row_views]
         if self._hooked:
-            self.close()
+            self._unhook()
             for i, w in enumerate(self.weights):
                 handle = torch.ops.bncore.watch_grad_norm(w, bigger, self._norms_at + i, self._flag)
                 self._watches.append((w, int(handle)))
 
     def flush(self, channel_interval: int) -> Records:
-        """All pending steps to the host in one transfer, as ``layers``/``channels`` rows.
-
-        Rows are step-major, blocks in order within a step. Consecutive blocks of the same
-        shape are summarized together, as (steps, blocks, channels) arrays.
-        """
+        """All pending steps to the host in one transfer, as ``layers``/``channels`` rows
+        (step-major, blocks in order; blocks of one layout summarized together, as (steps,
+        blocks, channels) arrays: bncore.record.core)."""
         if not self.pending_steps:
             return Records()
         steps = np.asarray(self.pending_steps, dtype=np.int64)
         raw = self.buffer[: len(steps)].cpu().numpy()  # a view on the CPU: used before reuse
-        keep = (self.recorded + np.arange(len(steps))) % channel_interval == 0
+        keep = core.kept(self.recorded, len(steps), channel_interval)
         self.recorded += len(steps)
         self.pending_steps = []
-        n = len(steps)
-        # a copy: passed through as a column, it would be a view on the buffer (when n == 1),
-        # and the next step would overwrite records already handed to the sink
-        k, kb = len(self.slots), len(self.biases)
+        scalars = self._scalars(raw)
+        layouts = core.layouts([s.layout for s in self.slots])
+        groups = [self._group(raw, index, scalars) for index in layouts]
+        return core.tables(steps, [s.name for s in self.slots], groups, keep)
+
+    def _scalars(self, raw: np.ndarray) -> dict[str, np.ndarray]:
+        """Each block's per-step values outside its stretch, (steps, blocks): the norms of its
+        weight's (and bias's) gradient, of its weight, its angular update and effective lr."""
+        n, k, kb = len(raw), len(self.slots), len(self.biases)
+        # copies: passed through as columns, views on the buffer (when n == 1) would be
+        # overwritten by the next step after the records went to the sink
         grad_norms = raw[:, self._norms_at : self._norms_at + k].copy()
         at = self._weights_at
         weight_norms, angles = raw[:, at : at + k].copy(), raw[:, at + k : at + 2 * k].copy()
@@ -372,102 +402,35 @@ class Recorder:
         bias_norms = (
             raw[:, self._norms_at + k : at].copy() if kb else np.full((n, k), np.nan, np.float32)
         )
-        layers, channels = [], []
-        offset = first = 0
-        for group in _groups(self.slots):
-            s, b = group[0], len(group)
-            w = s.width
-            block_raw = raw[:, offset : offset + b * w].reshape(n, b, w)
-            offset += b * w
-            rows, means = self._rows(s, block_raw)  # each (S, B, C) and (S, B)
-            values = block_raw[:, :, len(s.rows) * s.channels :].reshape(n, b, -1, len(s.units))
-            pct = _percentiles(values.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)  # (S, B, 3, k)
-            names = np.array([g.name for g in group])
-            cols = summarize(
-                rows,
-                pct,
-                grad_norms[:, first : first + b],
-                bias_norms[:, first : first + b],
-                means,
-            )
-            part = slice(first, first + b)
-            cols["weight_norm"] = weight_norms[:, part]
-            cols["eff_lr"] = eff_lr[:, part]
-            cols["angular_update"] = angles[:, part]
-            first += b
-            layers.append(
-                {
-                    "step": np.repeat(steps, b),
-                    "layer": np.tile(names, n),
-                    **{k: v.reshape(-1) for k, v in cols.items()},
-                }
-            )
-            if keep.any():
-                kept_rows = {k: v[keep] for k, v in rows.items()}
-                kept = {k: v.reshape(-1, s.channels) for k, v in channel_rows(kept_rows).items()}
-                channels.append(
-                    {
-                        "step": np.repeat(steps[keep], b),
-                        "layer": np.tile(names, int(keep.sum())),
-                        **kept,
-                    }
-                )
-        # channels: layers of several widths (a ResNet's stages) give ragged columns
-        return Records(layers=_by_step(layers), channels=channel_table(channels, by_step=True))
+        return {
+            "weight_grad_norm": grad_norms,
+            "layer_bias_grad_norm": bias_norms,
+            "weight_norm": weight_norms,
+            "eff_lr": eff_lr,
+            "angular_update": angles,
+        }
 
-    @staticmethod
-    def _rows(
-        s: _BlockSlot, block_raw: np.ndarray
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-        """The recorded rows by name, as (S, B, C) views, and their channel averages, (S, B)."""
-        c = s.channels
-        stacked = block_raw[..., : len(s.rows) * c].reshape(*block_raw.shape[:2], -1, c)
-        rows = dict(zip(s.rows, np.moveaxis(stacked, 2, 0), strict=True))
+    def _group(
+        self, raw: np.ndarray, index: list[int], scalars: dict[str, np.ndarray]
+    ) -> core.LayerGroup:
+        """Blocks ``index`` (one layout): their rows by name, (S, B, C), and their columns."""
+        slots = [self.slots[i] for i in index]
+        s, c = slots[0], slots[0].channels
+        rows, stacked = core.layer_rows(raw, [b.offset for b in slots], s.rows, c)
         # every row's channel average in one pass (einsum: a third of .mean's time here)
         means = dict(zip(s.rows, np.einsum("sbrc->rsb", stacked) / np.float32(c), strict=True))
-        if s.is_bn:  # BN's output statistics are exact functions of what it recorded
-            norm = s.block.norm
-            assert isinstance(norm, _BatchNorm)  # is_bn: a layer with BNStats, bncore's BN
-            rows["post_mean"], rows["post_var"] = bn_output_rows(
+        norm = s.bn
+        if norm is not None:  # BN's output statistics are exact functions of what it recorded
+            rows["post_mean"], rows["post_var"] = core.bn_output_rows(
                 rows["pre_var"],
                 rows["gamma"] if norm.weight is not None else None,  # else recorded as NaN
                 rows["beta"] if norm.bias is not None else None,
                 norm.eps,
             )
-        return rows, means
-
-
-def _percentiles(values: np.ndarray) -> np.ndarray:
-    """QUANTILES of the last axis, linearly interpolated (numpy's and torch's default method);
-    a sort and a gather, much faster than np.percentile on many short rows."""
-    v = np.sort(values, axis=-1)
-    pos = np.asarray(QUANTILES) / 100 * (v.shape[-1] - 1)
-    lo = np.floor(pos).astype(np.int64)
-    hi = np.minimum(lo + 1, v.shape[-1] - 1)
-    return v[..., lo] + (pos - lo) * (v[..., hi] - v[..., lo])
-
-
-def _groups(slots: list[_BlockSlot]) -> list[list[_BlockSlot]]:
-    """Runs of consecutive blocks with the same record layout."""
-
-    def layout(s: _BlockSlot) -> tuple:
-        return s.rows, s.channels, s.width, len(s.units), s.is_bn, getattr(s.norm, "eps", 0)
-
-    out: list[list[_BlockSlot]] = []
-    for s in slots:
-        if out and layout(out[-1][0]) == layout(s):
-            out[-1].append(s)
-        else:
-            out.append([s])
-    return out
-
-
-def _by_step(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Concatenate per-block tables, then order rows by step (stable: blocks stay in order)."""
-    if not parts:
-        return {}
-    if len(parts) == 1:  # one group of blocks: already step-major
-        return parts[0]
-    table = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-    order = np.argsort(table["step"], kind="stable")
-    return {k: v[order] for k, v in table.items()}
+        k = len(s.units)
+        units, _ = core.layer_rows(raw, [b.units_at for b in slots], ("units",), s.batch * k)
+        values = units["units"].reshape(len(raw), len(index), s.batch, k)
+        pct = core.percentiles(values.transpose(0, 1, 3, 2)).transpose(0, 1, 3, 2)  # (S,B,3,k)
+        columns = core.layer_columns(rows, pct, means)
+        columns |= {name: v[:, index] for name, v in scalars.items()}
+        return core.LayerGroup(index, rows, columns)

@@ -11,7 +11,9 @@ that calls ``F.batch_norm``) is computed by the very operator torch would run
 which also hands back the batch mean and inverse standard deviation it computed: the layer is its
 own probe. A hook on its backward node takes the squared norms of the gradient through it. Under
 torch.func transforms torch's batch norm runs unrecorded; under torch.compile each BN is a graph
-break, run (and recorded) eagerly. bncore's own BatchNorm layers record themselves.
+break, run (and recorded) eagerly. bncore's own BatchNorm layers record themselves, as they do
+in bncore's networks: the watcher hands each its :class:`~bncore.nn.byproducts.Recording`, and
+each training forward writes its row of :data:`~bncore.nn.byproducts.RECORD_ROWS`.
 
 Per BN layer, at every logged step, what the layer computed anyway (several forwards between
 two logs, as in gradient accumulation, are averaged; gamma and beta gradients are their
@@ -29,8 +31,9 @@ CPU, about 25% of a step when taken at every step):
 
 Layers are named by module path (``layer1.0.bn1``), in order of first execution.
 :meth:`Watcher.log` keeps one step's row on the device; :meth:`Watcher.flush` moves the pending
-rows to the host in one transfer and returns ``layers`` and ``channels`` tables
-(:mod:`bncore.record.tables`); per-channel arrays are kept every ``channel_interval`` logged steps.
+rows to the host in one transfer and returns ``layers`` and ``channels`` tables, derived as the
+recorder of bncore's networks derives them (:mod:`bncore.record.core`); per-channel arrays are
+kept every ``channel_interval`` logged steps.
 """
 
 from __future__ import annotations
@@ -47,28 +50,30 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bncore.nn.batchnorm import _BatchNorm as _BncoreBatchNorm
-from bncore.nn.byproducts import RECORD_ROWS
+from bncore.nn.batchnorm import BatchNorm
+from bncore.nn.byproducts import RECORD_ACT, RECORD_GRAD, RECORD_ROWS, Recording, RecordTarget
 from bncore.nn.kernels import channel_moments
-from bncore.record.tables import Records, bn_output_rows, channel_rows, channel_table, summarize
+from bncore.record import core
+from bncore.record.core import SATURATION
+from bncore.record.tables import Records
 
-__all__ = ["ACTIVATIONS", "Watcher"]
+__all__ = ["ACTIVATION_MODULES", "Watcher"]
 
-#: Activation modules whose output is measured, with their rest/saturation bounds (values at or
-#: below lo, at or above hi); None: no such bound (the saturated share is NaN).
-ACTIVATIONS: dict[type[nn.Module], tuple[float, float] | None] = {
-    nn.ReLU: (0.0, math.inf),
-    nn.ReLU6: (0.0, 6.0),
-    nn.Sigmoid: (0.01, 0.99),
-    nn.Tanh: (-0.99, 0.99),
-    nn.Hardsigmoid: (0.0, 1.0),
-    nn.Hardtanh: (-1.0, 1.0),
-    nn.LeakyReLU: None,
-    nn.ELU: None,
-    nn.GELU: None,
-    nn.SiLU: None,
-    nn.Hardswish: None,
-    nn.Mish: None,
+#: Activation modules whose output is measured, by the name of their rest/saturation bounds in
+#: bncore.record.core.SATURATION (None there: no such bound, the saturated share is NaN).
+ACTIVATION_MODULES: dict[type[nn.Module], str] = {
+    nn.ReLU: "relu",
+    nn.ReLU6: "relu6",
+    nn.Sigmoid: "sigmoid",
+    nn.Tanh: "tanh",
+    nn.Hardsigmoid: "hardsigmoid",
+    nn.Hardtanh: "hardtanh",
+    nn.LeakyReLU: "leaky_relu",
+    nn.ELU: "elu",
+    nn.GELU: "gelu",
+    nn.SiLU: "silu",
+    nn.Hardswish: "hardswish",
+    nn.Mish: "mish",
 }
 #: Modules whose weight can feed a BN layer.
 WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
@@ -110,7 +115,8 @@ class _Layer:
     last_output: Any = None  # (weakref to the last output, its version then)
     nan: Tensor | None = None
     counts: Any = (math.nan, math.nan)  # values per channel behind dy's and dx's moments
-    _nan1x2: Any = None  # two one-value NaN views, for the scalars of an unmeasured step
+    # bncore's own layer: the rows its forwards since the last log wrote, and their m
+    written: list[tuple[RecordTarget, int]] = field(default_factory=list)
 
     def take(self, measured: bool, row: list[Tensor]) -> list[Tensor] | None:
         """Append this layer's part of a logged step to ``row`` (:data:`FREE`, :data:`LIVE`,
@@ -118,6 +124,8 @@ class _Layer:
         the :data:`MEASURED` tensors (made for this step, so kept by reference until flush)."""
         nan = self.nan
         assert nan is not None
+        if self.written:
+            self._read_written(measured)
         count = len(self.means)
         if count == 1:
             row += (self.means[0], self.invstds[0])
@@ -138,16 +146,17 @@ class _Layer:
             g = None if p is None else p.grad
             row.append(nan if g is None else g)
         self.means, self.invstds = [], []
+        nan1 = nan[:1]
         if not measured:
-            row += self._nan1x2
+            row += (nan1, nan1)
             return None
         w = self.weight
         if w is not None:
             wg = w.grad
-            row.append(self._nan1x2[0] if wg is None else torch.linalg.vector_norm(wg).reshape(1))
+            row.append(nan1 if wg is None else torch.linalg.vector_norm(wg).reshape(1))
             row.append(torch.linalg.vector_norm(w).reshape(1))
         else:
-            row += self._nan1x2
+            row += (nan1, nan1)
         if self.acts:
             act = self.acts[0] if len(self.acts) == 1 else torch.stack(self.acts).mean(0)
         else:
@@ -158,6 +167,19 @@ class _Layer:
         self.dy, self.dx, self.acts = [], [], []
         return [act, dy, dx]
 
+    def _read_written(self, measured: bool) -> None:
+        """bncore's own layer: what its forwards wrote into their rows (batch mean and
+        variance; after the backward, the squared gradient norms: moments of mean 0)."""
+        for target, m in self.written:
+            rows = target.row.view(len(RECORD_ROWS), -1)
+            self.means.append(rows[0])
+            self.invstds.append((rows[1] + self.eps).rsqrt())
+            if measured:
+                zero = torch.zeros_like(rows[0])
+                for found, i in ((self.dy, RECORD_GRAD + 2), (self.dx, RECORD_GRAD + 3)):
+                    found.append((torch.stack([zero, rows[i] / m]), m))
+        self.written = []
+
     def placeholder(self) -> list[Tensor]:
         """take()'s measured part for a step logged before this layer first ran."""
         assert self.nan is not None
@@ -166,12 +188,12 @@ class _Layer:
     @property
     def nan4(self) -> Tensor:
         assert self.nan is not None
-        return self.nan.expand(4, -1)
+        return core.nan_rows(4, self.channels, self.nan.device)
 
     @property
     def nan2(self) -> Tensor:
         assert self.nan is not None
-        return self.nan.expand(2, -1)
+        return core.nan_rows(2, self.channels, self.nan.device)
 
 
 #: A layer's values in a logged step (C each, but SCALARS): FREE, LIVE and SCALARS are copied
@@ -226,9 +248,11 @@ class Watcher:
         self.logged = 0
         self._index()
         self._indexed = -1  # the first miss may look again at once (a .to() after watch())
+        self._recordings: list[tuple[BatchNorm, Recording | None]] = []
         for m in model.modules():
-            if isinstance(m, _BncoreBatchNorm):
-                self._hooks.append(m.register_forward_hook(self._bncore_forward))
+            if isinstance(m, BatchNorm):
+                self._recordings.append((m, m.record_to(_OwnLayer(self, m))))
+                self._hooks.append(m.register_forward_hook(self._own_output))
             if isinstance(m, nn.SyncBatchNorm):
                 self.notes.setdefault(
                     "sync_batch_norm",
@@ -239,7 +263,7 @@ class Watcher:
         _install(self)
         # until the first training forward: who consumes BN's output, who feeds its input
         for m in model.modules():
-            if type(m) in ACTIVATIONS:
+            if type(m) in ACTIVATION_MODULES:
                 self._discovery_hooks.append(m.register_forward_pre_hook(self._discover_pre))
             if isinstance(m, WEIGHTED) or m is model:
                 self._discovery_hooks.append(m.register_forward_hook(self._discover_post))
@@ -286,8 +310,7 @@ class Watcher:
             self._by_module[id(module)] = layer
         if layer.nan is None or layer.channels != channels:
             layer.channels = channels
-            layer.nan = torch.full((channels,), math.nan, device=self._device(module))
-            layer._nan1x2 = (layer.nan[:1], layer.nan[:1])
+            layer.nan = core.nan_rows(0, channels, self._device(module))
         return layer
 
     @staticmethod
@@ -301,6 +324,9 @@ class Watcher:
         for h in self._hooks + self._discovery_hooks:
             h.remove()
         self._hooks, self._discovery_hooks = [], []
+        for module, previous in self._recordings:
+            module.record_to(previous)
+        self._recordings = []
         _uninstall(self)
 
     # -- the forward --------------------------------------------------------------------------
@@ -336,29 +362,32 @@ class Watcher:
         layer.last_output = (weakref.ref(y), y._version)
         return y
 
-    def _bncore_forward(self, module: nn.Module, args: tuple, output: Tensor) -> None:
-        """bncore's own layers computed and recorded themselves: keep what they left."""
-        if not module.training or torch.compiler.is_compiling():
-            return
-        assert isinstance(module, _BncoreBatchNorm)
-        s = module.stats
-        if s.mean is None or s.var is None or s.grad is None:
-            return
+    def own_layer(self, module: BatchNorm, input: Tensor) -> RecordTarget | None:
+        """A training forward of bncore's own layer ``module``: the row it writes its
+        statistics into (RECORD_ROWS, read at log), or None where nothing is recorded."""
+        if not module.training:
+            return None
         name = self._modules.get(id(module), "")
         layer = self._layer(name, module, module.num_features, module.eps)
         buffers, params = module._buffers, module._parameters
         layer.tensors = (buffers["running_mean"], buffers["running_var"], params["weight"],
                          params["bias"])  # fmt: skip
-        layer.means.append(s.mean)
-        layer.invstds.append((s.var + module.eps).rsqrt())
-        if self.measuring:  # its backward fills in sums of squares: mean 0, var = sum / m
-            m = args[0].numel() // module.num_features
-            zero = torch.zeros_like(s.mean)
-            layer.dy.append((_Deferred(zero, s.grad, 2, m), m))  # type: ignore[arg-type]
-            layer.dx.append((_Deferred(zero, s.grad, 3, m), m))  # type: ignore[arg-type]
+        c = input.shape[1]
+        dtype = torch.promote_types(input.dtype, torch.float32)  # what its statistics are in
+        row = torch.empty(len(RECORD_ROWS) * c, dtype=dtype, device=input.device)
+        rows = row.view(len(RECORD_ROWS), c)
+        act, grad = rows[RECORD_ACT : RECORD_ACT + 4], rows[RECORD_GRAD : RECORD_GRAD + 4]
+        target = RecordTarget(row, act, grad, None)
+        layer.written.append((target, input.numel() // c))
         if self._discovering:
-            self._note_input(layer, args[0])
-        layer.last_output = (weakref.ref(output), output._version)
+            self._note_input(layer, input)
+        return target
+
+    def _own_output(self, module: nn.Module, args: tuple, output: Tensor) -> None:
+        """bncore's own layer ran: its output, for the activation found after it."""
+        layer = self._by_module.get(id(module))
+        if layer is not None and module.training:
+            layer.last_output = (weakref.ref(output), output._version)
 
     # -- neighbours, found on the first forward -----------------------------------------------
 
@@ -372,7 +401,7 @@ class Watcher:
     def _discover_pre(self, module: nn.Module, args: tuple) -> None:
         if not args or torch.compiler.is_compiling():
             return
-        bounds = ACTIVATIONS[type(module)]
+        bounds = SATURATION[ACTIVATION_MODULES[type(module)]]
         x = args[0]
         for layer in self.layers.values():
             out = layer.last_output
@@ -508,7 +537,7 @@ class Watcher:
         count = np.asarray([c + pad[len(c) :] for c in self._counts], np.float64)
         self._rows, self._more, self._counts, self.pending_steps = [], [], [], []
         layout = [(la.name, la.channels, la.eps, la.affine) for la in layers_now]
-        keep = (first + np.arange(len(steps))) % self.channel_interval == 0
+        keep = core.kept(first, len(steps), self.channel_interval)
         return _tables(layout, raw, extra, count, steps, keep)
 
     def meta(self) -> dict[str, Any]:
@@ -530,9 +559,8 @@ def _tables(
     steps: np.ndarray,
     keep: np.ndarray,
 ) -> Records:
-    """``layers`` and ``channels`` tables of gathered steps. Layers of one width (and eps and
-    affine) are summarized together, as (steps, layers, C) arrays."""
-    n, nl = len(steps), len(layout)
+    """``layers`` and ``channels`` tables of gathered steps (bncore.record.core). Layers of one
+    width, eps and affine are summarized together, as (steps, layers, C) arrays."""
     # where each layer's values lie in raw (free, live, scalars) and extra (measured)
     at_free, at_more, at_live = [], [], []
     f = m = 0
@@ -542,14 +570,12 @@ def _tables(
         at_more.append(m)
         f += (len(FREE) + len(LIVE)) * c + len(SCALARS)
         m += len(MEASURED) * c
-    groups: dict[tuple, list[int]] = {}
-    for j, (_, c, eps, affine) in enumerate(layout):
-        groups.setdefault((c, eps, affine), []).append(j)
-    columns: dict[str, np.ndarray] = {}
-    chans = []
-    for (c, eps, (gamma, beta)), idx in groups.items():
-        named = _rows(raw, at_free, FREE, idx, c) | _rows(extra, at_more, MEASURED, idx, c)
-        named |= _rows(raw, at_live, LIVE, idx, c)
+    groups = []
+    for idx in core.layouts([(c, eps, affine) for _, c, eps, affine in layout]):
+        _, c, eps, (gamma, beta) = layout[idx[0]]
+        named, _ = core.layer_rows(raw, [at_free[j] for j in idx], FREE, c)
+        named |= core.layer_rows(extra, [at_more[j] for j in idx], MEASURED, c)[0]
+        named |= core.layer_rows(raw, [at_live[j] for j in idx], LIVE, c)[0]
         scalars = np.stack([raw[:, at_live[j] + len(LIVE) * c :][:, :2] for j in idx], 1)
         rows = {r: named[r] for r in RECORD_ROWS if r in named}
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -558,34 +584,16 @@ def _tables(
             for side, row, k in (("dy", "grad_out_sq", 0), ("dx", "grad_in_sq", 1)):
                 counts = count[:, idx, k][..., None].astype(np.float32)
                 rows[row] = counts * (named[f"{side}_var"] + np.square(named[f"{side}_mean"]))
-        rows["post_mean"], rows["post_var"] = bn_output_rows(
+        rows["post_mean"], rows["post_var"] = core.bn_output_rows(
             rows["pre_var"], rows["gamma"] if gamma else None,
             rows["beta"] if beta else None, eps,
         )  # fmt: skip
-        cols = summarize(rows, np.empty((n, len(idx), 3, 0)), scalars[..., 0],
-                         np.full((n, len(idx)), np.nan))  # fmt: skip
-        cols["weight_norm"] = scalars[..., 1].astype(np.float32)
-        for key, v in cols.items():
-            columns.setdefault(key, np.full((n, nl), np.nan, np.float32))[:, idx] = v
-        if keep.any():
-            names = np.array([layout[j][0] for j in idx])
-            kept = {r: v[keep].reshape(-1, c) for r, v in rows.items()}
-            chans.append({"step": np.repeat(steps[keep], len(idx)),
-                          "layer": np.tile(names, int(keep.sum())),
-                          **channel_rows(kept)})  # fmt: skip
-    names = np.array([name for name, *_ in layout])
-    table = {"step": np.repeat(steps, nl), "layer": np.tile(names, n)}
-    table |= {k: v.reshape(-1) for k, v in columns.items()}
-    return Records(layers=table, channels=channel_table(chans, by_step=True))
-
-
-def _rows(
-    src: np.ndarray, at: list[int], names: tuple[str, ...], idx: list[int], c: int
-) -> dict[str, np.ndarray]:
-    """Named (steps, layers, C) arrays of layers ``idx``, whose ``names`` rows start at ``at``."""
-    block = np.stack([src[:, at[j] : at[j] + len(names) * c] for j in idx], 1)
-    block = block.reshape(len(src), len(idx), len(names), c)
-    return dict(zip(names, np.moveaxis(block, 2, 0), strict=True))
+        columns = core.layer_columns(rows)
+        columns["weight_grad_norm"] = scalars[..., 0]
+        columns["layer_bias_grad_norm"] = np.full(scalars.shape[:2], np.nan, np.float32)
+        columns["weight_norm"] = scalars[..., 1].astype(np.float32)
+        groups.append(core.LayerGroup(idx, rows, columns))
+    return core.tables(steps, [name for name, *_ in layout], groups, keep)
 
 
 def _gradient_moments(layer: _Layer, m: int) -> Callable[..., None]:
@@ -600,15 +608,15 @@ def _gradient_moments(layer: _Layer, m: int) -> Callable[..., None]:
     return hook
 
 
-class _Deferred:
-    """bncore's own layers: their backward writes sums of squares into ``grad[row]`` after the
-    forward; read as (mean 0, var = sum / m) when the step is logged."""
+class _OwnLayer(Recording):
+    """The watcher's :class:`~bncore.nn.byproducts.Recording` for one of bncore's own layers."""
 
-    def __init__(self, zero: Tensor, grad: Tensor, row: int, m: int) -> None:
-        self.zero, self.grad, self.row, self.m = zero, grad, row, m
+    def __init__(self, watcher: Watcher, module: BatchNorm) -> None:
+        super().__init__()
+        self.watcher, self.module = watcher, module
 
-    def __getitem__(self, index: slice) -> Tensor:
-        return torch.stack([self.zero, self.grad[self.row] / self.m])[index]
+    def target(self, input: Tensor) -> RecordTarget | None:
+        return self.watcher.own_layer(self.module, input)
 
 
 # -- the one patch: torch.nn.functional.batch_norm, while any watcher is attached --------------
@@ -659,7 +667,10 @@ def _train(
     return _ORIGINAL(input, running_mean, running_var, weight, bias, True, momentum, eps)
 
 
-_train_outside_graph = torch.compiler.disable(_train)
+# A graph break under torch.compile: _train runs (recorded) eagerly. torch's own lazy form of
+# torch.compiler.disable, which loads dynamo on the first compiled call instead of at import
+# (3 s on every script that imports bnscope.client, compiled or not).
+_train_outside_graph = torch._compile._disable_dynamo(_train)
 
 
 def _install(watcher: Watcher) -> None:

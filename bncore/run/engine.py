@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-import bncore
 from bncore.nn.norms import new_noise
 from bncore.nn.sync import convert_sync_batchnorm
 from bncore.record.recorder import Recorder
@@ -42,6 +41,7 @@ from bncore.run.population import (
 from bncore.run.propagation import signal_propagation
 from bncore.run.replicas import Replicas
 from bncore.status import RunStatus
+from bncore.version import __version__
 
 __all__ = ["RunResult", "Trainer", "resolve_device", "train"]
 
@@ -452,7 +452,7 @@ class Trainer:
             "channels": [b.channels for _, b in self.model.blocks()],
             "tracked_units": [s.units.tolist() for s in self.recorder.slots],
             "parameters": sum(p.numel() for p in self.model.parameters()),
-            "bncore": bncore.__version__,
+            "bncore": __version__,
             "torch": torch.__version__,
         }
 

@@ -127,6 +127,12 @@ class Block(nn.Module):
         self.pool = pool
         self.probe: Probe | None = None
 
+    def record_to(self, probe: Probe | None) -> None:
+        """Hand the tensors at the block's positions to ``probe`` at each forward (None:
+        nobody). A plain attribute, set without nn.Module's bookkeeping: a recorder arms and
+        disarms its blocks between steps."""
+        object.__setattr__(self, "probe", probe)
+
     @property
     def norm_first(self) -> bool:
         """Whether the activation takes the normalization's output directly."""

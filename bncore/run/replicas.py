@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bncore.nn.batchnorm import _BatchNorm
+from bncore.nn.batchnorm import BatchNorm
 from bncore.nn.sync import SyncBatchNorm
 
 __all__ = ["Replicas"]
@@ -36,7 +36,7 @@ class Replicas:
     ) -> nn.Module:
         """``model`` under DistributedDataParallel (the parameters broadcast from rank 0, the
         gradients averaged); ``norms``: the BN layers whose replica statistics to gather."""
-        self._norms = {n: m for n, m in norms.items() if isinstance(m, _BatchNorm)}
+        self._norms = {n: m for n, m in norms.items() if isinstance(m, BatchNorm)}
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
@@ -49,7 +49,7 @@ class Replicas:
         """After a recorded step's forward: keep this replica's own batch statistics."""
         parts = []
         for norm in self._norms.values():
-            assert isinstance(norm, _BatchNorm)  # wrap keeps only those
+            assert isinstance(norm, BatchNorm)  # wrap keeps only those
             own = norm.replica if isinstance(norm, SyncBatchNorm) else None
             mean, var = own if own is not None else (norm.stats.mean, norm.stats.var)
             if mean is None or var is None:

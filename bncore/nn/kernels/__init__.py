@@ -24,9 +24,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from bncore.nn.byproducts import BNStats, RecordTarget
+from bncore.nn.byproducts import Capture
 from bncore.nn.kernels import autograd, cpu, reference
-from bncore.nn.kernels.reference import ActivationStats, Running
+from bncore.nn.kernels.reference import Running
 
 __all__ = [
     "KERNELS",
@@ -35,7 +35,7 @@ __all__ = [
     "record_row_fn",
     "reference",
     "select",
-    "train",
+    "training_batch_norm",
     "use",
 ]
 
@@ -97,23 +97,20 @@ def select(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> ModuleType:
     return reference
 
 
-def train(
+def training_batch_norm(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
     running: Running | None,
-    stats: BNStats | None,
-    act: ActivationStats | None = None,
-    record: RecordTarget | None = None,
+    keep: Capture,
 ) -> Tensor:
-    """Training-mode batch norm of ``x`` (autograd-aware) with the best kernel for it; with
-    ``act``, ``stats.act`` gets the statistics of the activation that follows; with ``record``,
-    the layer writes its part of a recorded step there (see bncore.nn.byproducts.RecordTarget)."""
+    """Training-mode batch norm of ``x`` (autograd-aware) with the best kernel for it, keeping
+    what ``keep`` asks for (see bncore.nn.byproducts.Capture)."""
     kernel = select(x, weight, bias)
-    if kernel is cpu and (record is None or record.row.dtype == x.dtype):
-        return cpu.train(x, weight, bias, eps, running, stats, act, record)
-    return autograd.train(kernel, x, weight, bias, eps, running, stats, act, record)
+    if kernel is cpu and (keep.record is None or keep.record.row.dtype == x.dtype):
+        return cpu.training_batch_norm(x, weight, bias, eps, running, keep)
+    return autograd.training_batch_norm(kernel, x, weight, bias, eps, running, keep)
 
 
 def _fused_cpu(x: Tensor, dtypes: tuple[torch.dtype, ...] = cpu.DTYPES) -> bool:

@@ -12,9 +12,9 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from bncore.nn.byproducts import BNStats, RecordTarget
+from bncore.nn.byproducts import Capture
 from bncore.nn.kernels import reference
-from bncore.nn.kernels.reference import ActivationStats, Running
+from bncore.nn.kernels.reference import Running
 
 
 class TrainingBatchNorm(torch.autograd.Function):
@@ -28,11 +28,10 @@ class TrainingBatchNorm(torch.autograd.Function):
         bias: Tensor | None,
         eps: float,
         running: Running | None,
-        stats: BNStats | None,
         kernel: ModuleType,
-        act: ActivationStats | None,
-        record: RecordTarget | None,
+        keep: Capture,
     ) -> Tensor:
+        stats, act, record = keep
         out = kernel.forward(x, weight, bias, eps, running)
         act_stats = None if act is None else reference.activation_stats(out.y, act)
         if record is not None:
@@ -69,23 +68,21 @@ class TrainingBatchNorm(torch.autograd.Function):
                 ctx.grad[3].copy_(g.dx_sq)  # type: ignore[attr-defined]
         dw = _cast(g.sum_dy_xhat, weight.dtype) if need_w else None
         db = _cast(g.sum_dy, ctx.bias_dtype) if need_b else None  # type: ignore[attr-defined]
-        return g.dx if need_dx else None, dw, db, None, None, None, None, None, None
+        return g.dx if need_dx else None, dw, db, None, None, None, None
 
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def train(
+def training_batch_norm(
     kernel: ModuleType,
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
     running: Running | None,
-    stats: BNStats | None,
-    act: ActivationStats | None = None,
-    record: RecordTarget | None = None,
+    keep: Capture,
 ) -> Tensor:
     """Training-mode batch norm with ``kernel``'s forward and backward."""
-    return TrainingBatchNorm.apply(x, weight, bias, eps, running, stats, kernel, act, record)
+    return TrainingBatchNorm.apply(x, weight, bias, eps, running, kernel, keep)

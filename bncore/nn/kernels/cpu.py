@@ -1,4 +1,5 @@
-"""The fused CPU kernel: bn_cpu.cpp, built on first use into torch operators (``bncore::*``).
+"""The fused CPU kernel: bn_cpu.cpp (the batch-norm operators) and record_cpu.cpp (the
+recorder's), over the math of bn_cpu.h, built on first use into torch operators (``bncore::*``).
 
 The extension is compiled with the system's C++ compiler against the installed torch's headers,
 and cached per source, compiler, torch and CPU (it is built with -march=native) in
@@ -25,17 +26,17 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
-from torch.utils import cpp_extension
 
 from bncore.cache import cache_dirs
-from bncore.nn.byproducts import RECORD_RUNNING, BNStats, RecordTarget
+from bncore.nn.byproducts import RECORD_RUNNING, Capture
 from bncore.nn.kernels import reference
-from bncore.nn.kernels.reference import ActivationStats, Backward, Forward, Running
+from bncore.nn.kernels.reference import Backward, Forward, Running
 
 log = logging.getLogger(__name__)
 
 NAME = "cpu"
-SOURCE = Path(__file__).with_name("bn_cpu.cpp")
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("bn_cpu.cpp", "record_cpu.cpp"))
+HEADER = Path(__file__).with_name("bn_cpu.h")
 DTYPES = (torch.float32, torch.float64)
 
 _lock = threading.Lock()
@@ -44,6 +45,8 @@ _failed: str | None = None
 
 
 def _flags() -> list[str]:
+    from torch.utils import cpp_extension  # imports setuptools: only where a build may run
+
     torch_lib = cpp_extension.library_paths()[0]
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     return [
@@ -103,7 +106,7 @@ def _say(line: str) -> None:
 
 
 def _build(cxx: str) -> Path:
-    src = SOURCE.read_bytes()
+    src = b"".join(f.read_bytes() for f in (HEADER, *SOURCES))
     flags = _flags()
     ident = " ".join([cxx, torch.__version__, *flags, _cpu_fingerprint()])
     key = hashlib.sha256(src + ident.encode()).hexdigest()
@@ -123,7 +126,7 @@ def _build(cxx: str) -> Path:
         # Build beside the target and rename: concurrent workers never load a half-built file.
         try:
             subprocess.run(
-                [cxx, str(SOURCE), "-o", tmp, *flags],
+                [cxx, *map(str, SOURCES), "-o", tmp, *flags],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -269,18 +272,17 @@ def backward(
     return Backward(dx if need_dx else None, sum_dy_xhat, sum_dy, dy_sq, dx_sq if need_dx else None)
 
 
-def train(
+def training_batch_norm(
     x: Tensor,
     weight: Tensor | None,
     bias: Tensor | None,
     eps: float,
     running: Running | None,
-    stats: BNStats | None,
-    act: ActivationStats | None = None,
-    record: RecordTarget | None = None,
+    keep: Capture,
 ) -> Tensor:
-    """Training-mode batch norm through the C++ autograd operator; records into ``stats`` and,
-    if given, into ``record`` (which must have x's dtype)."""
+    """Training-mode batch norm through the C++ autograd operator; records into ``keep.stats``
+    and, if given, into ``keep.record`` (which must have x's dtype)."""
+    stats, act, record = keep
     args = _running_args(x, running)
     kind, lo, hi = act if act is not None else (0, 0.0, 0.0)
     row = row_grad = units = None

@@ -29,7 +29,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from bncore.nn.byproducts import RECORD_ROWS, RecordTarget
+from bncore.nn.byproducts import RECORD_ROWS, RELU, ActivationStats, RecordTarget
 
 NAME = "reference"
 REDUCE_DIMS = (0, 2)
@@ -47,19 +47,6 @@ class Running(NamedTuple):
     var: Tensor
     momentum: float | Tensor
     unbiased: bool = True
-
-
-class ActivationStats(NamedTuple):
-    """Ask a training forward for the statistics of the activation that follows it:
-    ``kind`` (IDENTITY or RELU) and the thresholds of :func:`channel_moments`."""
-
-    kind: int
-    lo: float
-    hi: float
-
-
-#: Activation kinds a forward can take statistics of (bn_cpu.cpp uses the same numbers).
-IDENTITY, RELU = 1, 2
 
 
 def activation_stats(y: Tensor, act: ActivationStats) -> Tensor:
@@ -197,7 +184,7 @@ def channel_moments(x: Tensor, lo: float, hi: float) -> Tensor:
     return torch.stack([mean, var, low, high])
 
 
-#: Piece kinds of :func:`record_row` (the same numbers as bn_cpu.cpp's).
+#: Piece kinds of :func:`record_row` (the same numbers as record_cpu.cpp's).
 COPY, MEAN_VAR, MOMENTS, UNITS, NORM = range(5)
 
 

@@ -118,6 +118,7 @@ def test_gradient_sums_survive_gradient_accumulation(kernel: str):
 @pytest.mark.parametrize("lo,hi", [(0.0, 1.5), (0.0, math.inf), (-math.inf, math.inf)])
 def test_activation_statistics_from_the_forward(kernel: str, shape, channels_last, kind, lo, hi):
     """Asked to, BN measures the ReLU (or identity) that follows, in its normalize pass."""
+    from bncore.nn.byproducts import Recording
     from bncore.nn.kernels.reference import ActivationStats, activation_stats
 
     layer = (bncore.BatchNorm2d if len(shape) == 4 else bncore.BatchNorm1d)(shape[1])
@@ -127,11 +128,11 @@ def test_activation_statistics_from_the_forward(kernel: str, shape, channels_las
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     spec = ActivationStats(kind, lo, hi)
-    layer.record_activation = spec
+    layer.record_to(Recording(spec))
     y = layer(x)
     expected = activation_stats(y.detach(), spec)
     torch.testing.assert_close(layer.stats.act, expected, rtol=1e-4, atol=1e-5)
-    layer.record_activation = None
+    layer.record_to(None)
     layer(x)
     assert layer.stats.act is None  # not asked: not measured
 
@@ -142,13 +143,14 @@ def test_activation_statistics_from_the_forward(kernel: str, shape, channels_las
 def test_activation_statistics_of_infinite_outputs(kernel: str, shape, kind, lo):
     """Outputs that overflow to +-inf: ReLU(-inf) is 0, and they are what a tail at +-inf
     counts (the fused kernel sums such a channel again, exactly)."""
+    from bncore.nn.byproducts import Recording
     from bncore.nn.kernels.reference import ActivationStats, activation_stats
 
     layer = bncore.BatchNorm1d(shape[1])
     with torch.no_grad():
         layer.weight[0] = 3e38  # channel 0 overflows beyond about 1.1 standard deviations
     spec = ActivationStats(kind, lo, math.inf)
-    layer.record_activation = spec
+    layer.record_to(Recording(spec))
     y = layer(torch.randn(shape, generator=torch.Generator().manual_seed(3)))
     assert (y[:, 0] == math.inf).any() and (y[:, 0] == -math.inf).any()
     assert y[:, 1:].isfinite().all()

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import bncore
-from bncore.record.recorder import QUANTILES
+from bncore.record.core import QUANTILES
 from bncore.record.sinks import MemorySink
 from bncore.run.config import parse_config
 from bncore.run.engine import Trainer, train
