@@ -20,7 +20,13 @@ from bncore.run.config import ConfigError, parse_config
 from bncore.status import FINISHED
 from dashboard import data, figures
 from dashboard.form import PRESETS, blanks, build_form, collect
-from server.errors import DomainError, InvalidGridPoint, Unauthorized, UnknownSweepField
+from server.errors import (
+    DomainError,
+    InvalidGridPoint,
+    NotFound,
+    Unauthorized,
+    UnknownSweepField,
+)
 from server.schemas import SweepCreate
 from server.service import Service
 
@@ -213,7 +219,7 @@ def register(app: Dash, svc: Service, sections: dict[str, tuple[str, ...]]) -> N
         try:
             view = data.run_view(svc, run_id, layer or wanted)
             figs, specs = figures.run_figures(view)
-        except KeyError:
+        except NotFound:
             empty = [figures.nothing("no run to show") for _ in graphs]
             message = (
                 f"there is no run with id {run_id!r} (deleted, or a mistyped link): pick one "

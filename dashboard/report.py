@@ -18,7 +18,6 @@ from fastapi.responses import HTMLResponse
 from plotly.offline import get_plotlyjs
 
 from dashboard import data, figures
-from server.errors import NotFound
 from server.schemas import ERROR_RESPONSES
 from server.service import Service
 
@@ -114,9 +113,7 @@ def register(app: FastAPI, svc: Service) -> None:
 
     def report(run_id: str) -> HTMLResponse:
         """The run as one self-contained HTML page: status, summary, figures, config."""
-        if svc.store.runs.get(run_id) is None:
-            raise NotFound(f"no run with id {run_id!r}")
-        page = render(svc, run_id)
+        page = render(svc, run_id)  # NotFound (a 404) when there is no such run
         name = f"bnscope-{run_id}.html"
         headers = {"content-disposition": f'inline; filename="{name}"'}
         return HTMLResponse(page, headers=headers)
