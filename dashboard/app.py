@@ -19,7 +19,7 @@ from fastapi import FastAPI
 
 from bncore.status import ACTIVE, FINISHED
 from dashboard import calculator, callbacks, experiments, report
-from dashboard.figures import STAT_LABELS
+from dashboard.figures.compare import STAT_LABELS
 from dashboard.form import PRESETS, build_form
 from server.service import Service
 

@@ -18,7 +18,10 @@ from dash import ALL, ClientsideFunction, Dash, Input, Output, State, ctx, dcc, 
 
 from bncore.run.config import ConfigError, parse_config
 from bncore.status import FINISHED
-from dashboard import data, figures
+from dashboard import data
+from dashboard.figures.compare import compare_figures
+from dashboard.figures.factory import nothing
+from dashboard.figures.run import run_figures
 from dashboard.form import PRESETS, blanks, build_form, collect
 from server.errors import (
     DomainError,
@@ -218,9 +221,9 @@ def register(app: Dash, svc: Service, sections: dict[str, tuple[str, ...]]) -> N
             return *keep, no_update, [], None, banner(None), ""
         try:
             view = data.run_view(svc, run_id, layer or wanted)
-            figs, specs = figures.run_figures(view)
+            figs, specs = run_figures(view)
         except NotFound:
-            empty = [figures.nothing("no run to show") for _ in graphs]
+            empty = [nothing("no run to show") for _ in graphs]
             message = (
                 f"there is no run with id {run_id!r} (deleted, or a mistyped link): pick one "
                 "in the Runs tab"
@@ -381,7 +384,7 @@ def register(app: Dash, svc: Service, sections: dict[str, tuple[str, ...]]) -> N
             return (no_update,) * 5 + (hint, {"display": "none"})
         try:
             runs, missing = data.compare_view(svc, run_ids, stat, layer)
-            figs = figures.compare_figures(runs, stat)
+            figs = compare_figures(runs, stat)
         except Exception as exc:
             log.exception("compare view")
             return (no_update,) * 5 + (failed(str(exc)), no_update)

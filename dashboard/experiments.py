@@ -10,7 +10,7 @@ from typing import Any
 from dash import ALL, Dash, Input, Output, State, ctx, dcc, html, no_update
 
 from bncore.science.experiments import EXPERIMENTS
-from dashboard.figures import experiment_figure
+from dashboard.figures.experiment import experiment_figure
 from server.errors import DomainError, Unauthorized
 from server.service import Service
 

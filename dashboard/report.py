@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from plotly.offline import get_plotlyjs
 
-from dashboard import data, figures
+from dashboard import data
+from dashboard.figures.run import run_figures
 from server.schemas import ERROR_RESPONSES
 from server.service import Service
 
@@ -44,7 +45,7 @@ def render(svc: Service, run_id: str) -> str:
     """The report page of one run (NotFound if there is none)."""
     run = svc.runs.get(run_id)
     view = data.run_view(svc, run_id, None)
-    figs, _ = figures.run_figures(view)
+    figs, _ = run_figures(view)
     out = svc.runs.out(run)
     facts = {
         "id": run["id"],
