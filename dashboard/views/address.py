@@ -10,12 +10,15 @@ from urllib.parse import parse_qs, urlencode
 
 from dash import Input, Output, State, no_update
 
-from dashboard.views.common import SELECT_FIRST, chosen
+from dashboard.views.common import SELECT_FIRST, TICKED, chosen
 from dashboard.views.run import SECTIONS
 from dashboard.wiring import callback
 
 #: The top-level tabs: the ``tab`` of a shared link.
 TABS = ("runs", "run", "compare", "launch", "experiments", "calculator")
+#: What says which view is open: the run in view, the runs compared, the tab, the run's section.
+OPEN_VIEW = (("view-run", "data"), ("compare-runs", "data"), ("tabs", "value"),
+             ("section", "value"))  # fmt: skip
 
 
 class View(NamedTuple):
@@ -49,21 +52,14 @@ def query_of(search: str | None) -> dict[str, str]:
 
 
 @callback(
-    Output("view-run", "data"),
-    Output("compare-runs", "data"),
-    Output("tabs", "value"),
-    Output("section", "value"),
+    *(Output(*prop) for prop in OPEN_VIEW),
     Output("want-layer", "data"),
     Output("runs-note", "children"),
     Input("open-run", "n_clicks"),
     Input("open-compare", "n_clicks"),
     Input("url", "search"),
-    State("runs-table", "data"),
-    State("runs-table", "selected_rows"),
-    State("view-run", "data"),
-    State("compare-runs", "data"),
-    State("tabs", "value"),
-    State("section", "value"),
+    *TICKED,
+    *(State(*prop) for prop in OPEN_VIEW),
     service=False,
     trigger=True,
 )
@@ -104,10 +100,7 @@ def open_runs(
 
 @callback(
     Output("url", "search"),
-    Input("view-run", "data"),
-    Input("compare-runs", "data"),
-    Input("tabs", "value"),
-    Input("section", "value"),
+    *(Input(*prop) for prop in OPEN_VIEW),
     Input("layer-select", "value"),
     State("url", "search"),
     prevent_initial_call=True,

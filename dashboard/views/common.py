@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dash import dcc, html
+from dash import State, dcc, html
 
 NEEDS_TOKEN = "this server needs its token: type it in the Launch tab"
 SELECT_FIRST = "select a run first (tick its box)"
@@ -15,6 +15,10 @@ TALL = ("fig-layer", "fig-affine", "fig-scale", "fig-replicas", "fig-channels")
 def failed(text: str, label: str = "error") -> list[Any]:
     """A failure, tagged (``label``), then what it was."""
     return [html.Span(label, className="status status-failed"), text]
+
+
+#: The runs list's rows and which of them are ticked (read by :func:`chosen`).
+TICKED = (State("runs-table", "data"), State("runs-table", "selected_rows"))
 
 
 def chosen(rows: list[dict] | None, selected: list[int] | None) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 from dash import Input, Output, State, dash_table, dcc, html, no_update
 
 from dashboard import data
-from dashboard.views.common import NEEDS_TOKEN, SELECT_FIRST, chosen, failed
+from dashboard.views.common import NEEDS_TOKEN, SELECT_FIRST, TICKED, chosen, failed
 from dashboard.wiring import callback
 from server.errors import DomainError, Unauthorized
 from server.service import Service
@@ -24,12 +24,11 @@ COLUMNS = {"id": "id", "name": "name", "status": "status", "progress": "progress
            "message": "message"}  # fmt: skip
 STATUS_COLORS = (("diverged", "#b45309"), ("failed", "#b91c1c"), ("interrupted", "#7c3aed"),
                  ("running", "#047857"))  # fmt: skip
+#: Where an action on runs says what it did, and that the list has changed.
+NOTE = Output("runs-note", "children", allow_duplicate=True)
+CHANGED = Output("runs-changed", "data", allow_duplicate=True)
 #: What an action on runs reads: the ticked rows of the list, and the run in view.
-TARGETS = (
-    State("runs-table", "data"),
-    State("runs-table", "selected_rows"),
-    State("view-run", "data"),
-)
+TARGETS = (*TICKED, State("view-run", "data"))
 
 
 def layout() -> html.Div:
@@ -90,9 +89,9 @@ def targets(
 
 
 @callback(
-    Output("runs-note", "children", allow_duplicate=True),
+    NOTE,
     Output("run-note", "children", allow_duplicate=True),
-    Output("runs-changed", "data", allow_duplicate=True),
+    CHANGED,
     Input("cancel-runs", "n_clicks"),
     Input("run-cancel", "n_clicks"),
     *TARGETS,
@@ -121,7 +120,7 @@ def cancel(
     Output("confirm-delete", "displayed"),
     Output("confirm-delete", "message"),
     Output("delete-ids", "data"),
-    Output("runs-note", "children", allow_duplicate=True),
+    NOTE,
     Input("delete-runs", "n_clicks"),
     Input("run-delete", "n_clicks"),
     *TARGETS,
@@ -143,8 +142,8 @@ def ask_delete(
 
 
 @callback(
-    Output("runs-note", "children", allow_duplicate=True),
-    Output("runs-changed", "data", allow_duplicate=True),
+    NOTE,
+    CHANGED,
     Output("view-run", "data", allow_duplicate=True),
     Output("tabs", "value", allow_duplicate=True),
     Input("confirm-delete", "submit_n_clicks"),
