@@ -103,6 +103,23 @@ def test_trace_names_are_the_registry_s_labels():
                 assert name == (ln.label or STATISTICS[ln.stat].label), (declared.graph, ln)
 
 
+def test_the_run_view_reads_every_statistic_its_figures_draw():
+    read = {
+        "steps": {"loss"},  # the view's "lines"
+        "evals": set(data.EVAL_STATS),
+        "layers": {*data.LAYER_STATS, *data.REPLICA_STATS},
+    }
+    view = small_view()
+    for declared in RUN_FIGURES:
+        if isinstance(declared, Lines):
+            for ln in declared.lines_of(view):
+                if statistics.PERCENTILE.fullmatch(ln.stat) or statistics.REPLICA.fullmatch(
+                    ln.stat
+                ):
+                    continue  # read per unit and per replica the run has
+                assert ln.stat in read[ln.table], (declared.graph, ln.stat)
+
+
 def test_the_replicas_and_units_are_named_as_the_page_shows_them():
     figs, _ = run_figures(small_view(replicas=2, units=2))
     assert names(figs["fig-replicas"])[:3] == ["global batch", "replica 0", "replica 1"]
