@@ -1,5 +1,6 @@
-"""What the dashboard shows, read through the service's store: plain dicts of numpy arrays, sized
-for a browser (downsampled or binned by bncore.downsample), with no plotting in here."""
+"""What the dashboard shows, read through the service (server.service: runs, records): plain dicts
+of numpy arrays, sized for a browser (downsampled or binned by bncore.downsample), with no plotting
+in here."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import numpy as np
 
 from bncore.downsample import bin_means, minmax
 from bncore.status import RunStatus
+from server.errors import NotFound
 from server.service import Service
-from server.store.schema import COARSE
 
 HEAT_COLUMNS = 400  # step bins of a layer x step heatmap
 LINE_POINTS = 1000  # points per line
@@ -30,42 +31,39 @@ BLOCK_EVAL_STATS = ("ema_mean_gap", "ema_var_gap", "signal_sq_mean", "signal_var
 
 def runs(svc: Service, limit: int = 200) -> list[dict[str, Any]]:
     """Rows for the runs table, newest first: what each is, how far it got, when it ends."""
-    items, _ = svc.store.runs.search(limit=limit)
     now = time.time()
-    rows = []
-    for r in items:
-        config = r.get("config") or {}
-        total = config.get("steps") or (r.get("meta") or {}).get("steps_total")
-        final = r.get("final") or {}
-        norm = (config.get("norm") or {}).get("kind", "")
-        done = r["steps_done"]
-        started, ended = r.get("started_at"), r.get("finished_at")
-        elapsed = ((ended or now) - started) if started else None
-        if r["status"] == RunStatus.QUEUED.value:
-            position = svc.scheduler.position(r["id"])
-            when = f"queued, #{position + 1}" if position is not None else "queued"
-        elif r["status"] == RunStatus.RUNNING.value and total and done and elapsed:
-            when = f"about {_duration(elapsed * (total - done) / done)} left"
-        else:
-            when = ""
-        rows.append(
-            {
-                "id": r["id"],
-                "name": r["name"] or "",
-                "status": r["status"],
-                "progress": f"{done}/{total}" if total else f"{done} steps",
-                "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
-                "duration": _duration(elapsed) if elapsed is not None else "",
-                "eta": when,
-                "model": _describe(config),
-                "norm": norm,
-                "test_acc": round(final["test_acc"], 4) if "test_acc" in final else None,
-                "message": (r.get("message") or "").splitlines()[0][:120]
-                if r.get("message")
-                else "",
-            }
-        )
-    return rows
+    return [_row(r, now) for r in svc.runs.newest(limit)]
+
+
+def _row(r: dict[str, Any], now: float) -> dict[str, Any]:
+    """One run (as the service shows it) as a row of the runs table, at time ``now``."""
+    config = r.get("config") or {}
+    total = r["steps_total"]
+    final = r.get("final") or {}
+    norm = (config.get("norm") or {}).get("kind", "")
+    done = r["steps_done"]
+    started, ended = r.get("started_at"), r.get("finished_at")
+    elapsed = ((ended or now) - started) if started else None
+    if r["status"] == RunStatus.QUEUED.value:
+        position = r["queue_position"]
+        when = f"queued, #{position + 1}" if position is not None else "queued"
+    elif r["status"] == RunStatus.RUNNING.value and total and done and elapsed:
+        when = f"about {_duration(elapsed * (total - done) / done)} left"
+    else:
+        when = ""
+    return {
+        "id": r["id"],
+        "name": r["name"] or "",
+        "status": r["status"],
+        "progress": f"{done}/{total}" if total else f"{done} steps",
+        "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
+        "duration": _duration(elapsed) if elapsed is not None else "",
+        "eta": when,
+        "model": _describe(config),
+        "norm": norm,
+        "test_acc": round(final["test_acc"], 4) if "test_acc" in final else None,
+        "message": (r.get("message") or "").splitlines()[0][:120] if r.get("message") else "",
+    }
 
 
 def _duration(elapsed: float) -> str:
@@ -89,10 +87,8 @@ def _describe(config: dict[str, Any]) -> str:
 
 
 def run_view(svc: Service, run_id: str, layer: str | None) -> dict[str, Any]:
-    """Everything the run view draws, in one read of the store."""
-    run = svc.store.runs.get(run_id)
-    if run is None:
-        raise KeyError(run_id)
+    """Everything the run view draws, in one read of the store (NotFound: no such run)."""
+    run = svc.runs.get(run_id)
     layers = svc.records.layer_names(run)
     layer = layer if layer in layers else (layers[0] if layers else None)
     keys = [("", "loss"), *[("", s) for s in EVAL_STATS]]
@@ -103,15 +99,13 @@ def run_view(svc: Service, run_id: str, layer: str | None) -> dict[str, Any]:
         replicas = int((run.get("meta") or {}).get("replicas") or 1)
         keys += [(layer, s) for s in REPLICA_STATS if replicas > 1]
         keys += [(layer, f"r{k}_pre_var") for k in range(replicas) if replicas > 1]
-    data = svc.store.reads.many(run_id, keys)
+    data = svc.records.series(run_id, keys)
     loss_steps, loss = data[("", "loss")]
     last = int(loss_steps[-1]) if len(loss_steps) else 0
     edges = np.unique(np.linspace(0, max(last, 1), HEAT_COLUMNS + 1).round().astype(np.int64))
     # layer x step overviews: every step of a short run, the stored bin means of a long one
     heat_keys = [(lay, s) for lay in layers for s in HEAT_STATS]
-    fine = last <= COARSE * HEAT_COLUMNS
-    reads = svc.store.reads
-    source = (reads.many if fine else reads.coarse)(run_id, heat_keys)
+    source = svc.records.for_bins(run_id, heat_keys, last, HEAT_COLUMNS)
     heat = {}
     for stat in HEAT_STATS:
         heat[stat] = (
@@ -121,7 +115,7 @@ def run_view(svc: Service, run_id: str, layer: str | None) -> dict[str, Any]:
         )
     centers = (edges[:-1] + edges[1:]) / 2
     filled = ~np.all(np.isnan(heat["pre_var"]), axis=1) if layers else np.zeros(0, bool)
-    latest = svc.store.reads.last(
+    latest = svc.records.last(
         run_id, [(lay, s) for lay in layers for s in ("grad_in_norm", "grad_out_norm")]
     )
     depth = {
@@ -133,7 +127,7 @@ def run_view(svc: Service, run_id: str, layer: str | None) -> dict[str, Any]:
     detail = {}
     if layer:
         detail = {key[1]: minmax(*data[key], LINE_POINTS) for key in keys if key[0] == layer}
-    channels = svc.store.reads.channels(run_id)
+    channels = svc.records.channels(run_id, None)["layers"]
     by_block = _at_evaluations(svc, run_id, layers)
     return {
         "run": run,
@@ -155,7 +149,7 @@ def _at_evaluations(svc: Service, run_id: str, layers: list[str]) -> dict[str, A
     """Per statistic of BLOCK_EVAL_STATS: the layers that have it, and its values there at the
     first and at the latest evaluation ({"layers", "first", "last", "first_step",
     "last_step"})."""
-    data = svc.store.reads.many(run_id, [(lay, s) for lay in layers for s in BLOCK_EVAL_STATS])
+    data = svc.records.series(run_id, [(lay, s) for lay in layers for s in BLOCK_EVAL_STATS])
     out: dict[str, Any] = {}
     for stat in BLOCK_EVAL_STATS:
         names: list[str] = []
@@ -191,14 +185,15 @@ def compare_view(
     the ids that name no run."""
     out, missing = [], []
     for run_id in run_ids:
-        run = svc.store.runs.get(run_id)
-        if run is None:
+        try:
+            run = svc.runs.get(run_id)
+        except NotFound:
             missing.append(run_id)
             continue
         layers = svc.records.layer_names(run)
         lay = layer if layer in layers else (layers[-1] if layers else "")
         keys = [("", "loss"), ("", "test_acc"), (lay, stat)]
-        data = svc.store.reads.many(run_id, keys)
+        data = svc.records.series(run_id, keys)
         out.append(
             {
                 "id": run_id,

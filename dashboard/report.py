@@ -17,8 +17,8 @@ from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
 from plotly.offline import get_plotlyjs
 
-from dashboard import data, figures
-from server.errors import NotFound
+from dashboard import data
+from dashboard.figures.run import run_figures
 from server.schemas import ERROR_RESPONSES
 from server.service import Service
 
@@ -45,7 +45,7 @@ def render(svc: Service, run_id: str) -> str:
     """The report page of one run (NotFound if there is none)."""
     run = svc.runs.get(run_id)
     view = data.run_view(svc, run_id, None)
-    figs, _ = figures.run_figures(view)
+    figs, _ = run_figures(view)
     out = svc.runs.out(run)
     facts = {
         "id": run["id"],
@@ -114,9 +114,7 @@ def register(app: FastAPI, svc: Service) -> None:
 
     def report(run_id: str) -> HTMLResponse:
         """The run as one self-contained HTML page: status, summary, figures, config."""
-        if svc.store.runs.get(run_id) is None:
-            raise NotFound(f"no run with id {run_id!r}")
-        page = render(svc, run_id)
+        page = render(svc, run_id)  # NotFound (a 404) when there is no such run
         name = f"bnscope-{run_id}.html"
         headers = {"content-disposition": f'inline; filename="{name}"'}
         return HTMLResponse(page, headers=headers)

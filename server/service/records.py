@@ -18,7 +18,8 @@ from bncore.record.tables import (
 )
 from server.errors import BadRequest, NotFound
 from server.service.runs import Runs
-from server.store.reads import Key
+from server.store.reads import Key, Series
+from server.store.schema import COARSE
 
 
 def per_layer(stat: str) -> bool:
@@ -43,6 +44,25 @@ MAX_SERIES = 1024
 class Records:
     def __init__(self, runs: Runs) -> None:
         self.runs, self.reads = runs, runs.store.reads
+
+    # -- series, whole: for a chart that downsamples them itself (the dashboard) ------------
+
+    def series(self, run_id: str, keys: list[Key]) -> dict[Key, Series]:
+        """Every kept (steps, values) of each (layer, statistic), in step order."""
+        return self.reads.many(run_id, keys)
+
+    def for_bins(
+        self, run_id: str, keys: list[Key], last_step: int, bins: int
+    ) -> dict[Key, Series]:
+        """Series to be averaged into ``bins`` step bins up to ``last_step``: every value of a
+        short run; of a long one, whose bins span more than COARSE steps each, the store's
+        means of COARSE-step bins (a few rows to read, not every value)."""
+        fine = last_step <= COARSE * bins
+        return (self.reads.many if fine else self.reads.coarse)(run_id, keys)
+
+    def last(self, run_id: str, keys: list[Key]) -> dict[Key, float]:
+        """The latest value of each series (NaN where it has none)."""
+        return self.reads.last(run_id, keys)
 
     def layer_names(self, run: dict[str, Any]) -> list[str]:
         """The run's layers: in its own order (execution order for a watched model), or as

@@ -73,6 +73,11 @@ class Runs:
         """A stored run as the API shows it."""
         return run_out(run, self.scheduler.position(run["id"]))
 
+    def newest(self, limit: int) -> list[dict[str, Any]]:
+        """The latest ``limit`` runs, newest first, as the API shows them (with its place in
+        the queue, for a queued run)."""
+        return [self.out(r) for r in self.store.runs.search(limit=limit)[0]]
+
     def page(
         self, status: str | None, sweep_id: str | None, limit: int, offset: int
     ) -> dict[str, Any]:

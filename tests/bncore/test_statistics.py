@@ -9,7 +9,7 @@ import pytest
 
 from bncore import statistics
 from bncore.record import tables as records
-from dashboard.figures import STAT_LABELS
+from dashboard.figures.compare import STAT_LABELS
 from server.errors import BadRequest
 from server.service.records import per_layer
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from dash import Dash, Input, Output, dcc, html
+from dash import Input, Output, dcc, html
 
 from bncore.science.calculator import SEED_EXAMPLE, explain, parse_batch
+from dashboard.wiring import callback
 
 PARAMS = (("gamma", 1.0), ("beta", 0.0), ("eps", 1e-5), ("momentum", 0.1),
           ("running_mean", 0.0), ("running_var", 1.0))  # fmt: skip
@@ -18,7 +19,8 @@ def _fmt(v: float) -> str:
     return f"{v:.6g}"
 
 
-def tab() -> html.Div:
+def layout() -> html.Div:
+    """The BN calculator tab: the batch, the parameters, and every step."""
     inputs = []
     for name, default in PARAMS:
         inputs += [html.Label(name), dcc.Input(id=f"calc-{name}", type="number", value=default,
@@ -85,20 +87,21 @@ def _seed_note(x: np.ndarray) -> html.P | None:
     )
 
 
-def register(app: Dash) -> None:
-    @app.callback(
-        Output("calc-out", "children"),
-        Input("calc-x", "value"),
-        *(Input(f"calc-{name}", "value") for name, _ in PARAMS),
-    )
-    def compute(text: str | None, *params: float | None) -> Any:
-        given = [p for p in params if p is not None]
-        if len(given) < len(params):
-            missing = [name for (name, _), p in zip(PARAMS, params, strict=True) if p is None]
-            return html.P(f"set {', '.join(missing)} to a number", className="field-error")
-        try:
-            x = parse_batch(text or "")
-            r = explain(x, *given)
-        except ValueError as exc:
-            return html.P(str(exc), className="field-error", id="calc-error")
-        return [_seed_note(x), *(_channel(r, j) for j in range(r["channels"]))]
+@callback(
+    Output("calc-out", "children"),
+    Input("calc-x", "value"),
+    *(Input(f"calc-{name}", "value") for name, _ in PARAMS),
+    service=False,
+)
+def compute(text: str | None, *params: float | None) -> Any:
+    """Every step of batch normalization on the typed batch, or what is wrong with it."""
+    given = [p for p in params if p is not None]
+    if len(given) < len(params):
+        missing = [name for (name, _), p in zip(PARAMS, params, strict=True) if p is None]
+        return html.P(f"set {', '.join(missing)} to a number", className="field-error")
+    try:
+        x = parse_batch(text or "")
+        r = explain(x, *given)
+    except ValueError as exc:
+        return html.P(str(exc), className="field-error", id="calc-error")
+    return [_seed_note(x), *(_channel(r, j) for j in range(r["channels"]))]

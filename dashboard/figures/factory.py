@@ -1,0 +1,142 @@
+"""The figure factory: :func:`figure` holds every rule of axes, titles and legends; the traces
+(:func:`line`, :func:`trace`, :func:`heatmap`) are plain dicts of plain lists."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+Figure = dict[str, Any]  # plotly's JSON figure: plain dicts are far cheaper than Figure
+
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
+          "#e377c2", "#7f7f7f", "#bcbd22")  # fmt: skip
+AXIS = {"gridcolor": "#eef2f7", "zeroline": False, "automargin": True}
+
+
+def figure(
+    traces: list[dict[str, Any]],
+    title: str,
+    x_title: str,
+    y_title: str,
+    height: int = 300,
+    rows: int = 1,
+    **layout: Any,
+) -> Figure:
+    """A figure whose axes say what they show (``x_title``, ``y_title``, with units); with
+    rows=2, traces carrying yaxis 'y2' go to a lower panel sharing x (name it in ``yaxis2``).
+    Log axes get few, readable tick labels (powers of ten)."""
+    lay: dict[str, Any] = {
+        "title": {"text": title, "font": {"size": 14}, "x": 0.01},
+        "margin": {"l": 60, "r": 16, "t": 36, "b": 40},
+        "height": height,
+        "paper_bgcolor": "white",
+        "plot_bgcolor": "white",
+        "uirevision": "keep",
+        # below the x axis's title, at the bottom of the figure, whatever its height
+        "legend": {"orientation": "h", "yref": "container", "y": 0, "yanchor": "bottom"},
+        "xaxis": {**AXIS, "title": {"text": x_title}},
+        "yaxis": {**AXIS, "title": {"text": y_title}},
+    }
+    if rows == 2:
+        lay["yaxis"]["domain"] = [0.55, 1.0]
+        lay["yaxis2"] = {**AXIS, "domain": [0.0, 0.45], "anchor": "x"}
+        lay["xaxis"]["anchor"] = "y2"
+    _categories(lay, traces)
+    for key, value in layout.items():
+        if isinstance(value, dict) and isinstance(lay.get(key), dict):
+            lay[key] = {**lay[key], **value}
+        else:
+            lay[key] = value
+    for key, axis in lay.items():
+        if key[1:5] == "axis" and isinstance(axis, dict) and axis.get("type") == "log":
+            axis.setdefault("nticks", 6)  # a few labels, not every digit of every decade
+            axis.setdefault("exponentformat", "power")
+    shown = [t for t in traces if t.get("showlegend", True) is not False and t.get("name")]
+    if shown and lay.get("showlegend", True) and not all(t["type"] == "heatmap" for t in shown):
+        lay["margin"]["b"] = 52 + 20 * min(5, 1 + len(shown) // 3)  # room for the legend
+    return {"data": traces, "layout": lay}
+
+
+def _categories(lay: dict[str, Any], traces: list[dict[str, Any]]) -> None:
+    """Layer names ("1", "4", "layer1.0.bn1") are names, never numbers: an axis of strings is
+    a category axis."""
+    for trace in traces:
+        for axis in ("x", "y"):
+            values = trace.get(axis)
+            if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
+                key = trace.get(f"{axis}axis", axis).replace(axis, f"{axis}axis", 1)
+                lay.setdefault(key, dict(AXIS))["type"] = "category"
+
+
+def line(x: Any, y: Any, name: str, color: str | None = None, **kw: Any) -> dict[str, Any]:
+    style: dict[str, Any] = {
+        "type": "scatter",
+        "mode": "lines",
+        "line": {"color": color, "width": 1.5},
+        "connectgaps": True,  # statistics recorded every k steps still draw as lines
+    }
+    style["line"].update(kw.pop("line", {}))
+    return {**style, "x": plain(x), "y": plain(np.asarray(y, dtype=float)), "name": name, **kw}
+
+
+def trace(xy: tuple[Any, Any], name: str, color: str | None = None, **kw: Any) -> dict[str, Any]:
+    """:func:`line` of a (steps, values) pair."""
+    return line(xy[0], xy[1], name, color, **kw)
+
+
+def heatmap(z: np.ndarray, y: list[str], x: Any = None, **kw: Any) -> dict[str, Any]:
+    trace = {"type": "heatmap", "z": plain(z), "y": list(y), "colorbar": {"thickness": 10}, **kw}
+    if x is not None:
+        trace["x"] = plain(x)
+    return trace
+
+
+def plain(a: Any) -> list[Any]:
+    """Lists, not numpy arrays: plotly sends arrays as typed binary blocks, which the browser
+    cannot extend in place (extendData). NaN becomes None (a gap)."""
+    arr = np.asarray(a)
+    if arr.dtype.kind == "f":
+        finite = np.isfinite(arr)
+        arr = arr.round(6).astype(object)
+        arr[~finite] = None
+    out: list[Any] = arr.tolist()
+    return out
+
+
+def tint(color: str, alpha: float = 0.18) -> str:
+    """A see-through fill of a #rrggbb colour, so that overlapping bands stay apart."""
+    r, g, b = (int(color[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def log10(a: np.ndarray) -> np.ndarray:
+    """log10 where positive, NaN (a gap) elsewhere."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(a > 0, np.log10(a), np.nan)
+
+
+def has_data(fig: Figure) -> bool:
+    """Whether any trace has a value to draw (not None, not NaN)."""
+    for trace in fig["data"]:
+        for key in ("y", "z"):
+            values = np.asarray(trace.get(key) or [], dtype=object).ravel()
+            if any(v is not None and v == v for v in values):  # v == v: not NaN
+                return True
+    return False
+
+
+def nothing(text: str) -> Figure:
+    """An empty figure that says why (no axes to read)."""
+    fig = figure([], "", "", "", height=220)
+    fig["layout"]["xaxis"]["visible"] = fig["layout"]["yaxis"]["visible"] = False
+    mark_empty(fig, text)
+    return fig
+
+
+def mark_empty(fig: Figure, text: str) -> None:
+    """An empty figure says why it is empty, in the middle of its plot."""
+    fig["layout"]["annotations"] = [
+        {"text": text, "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5,
+         "showarrow": False, "font": {"size": 13, "color": "#6b7280"}}
+    ]  # fmt: skip

@@ -1,0 +1,308 @@
+"""The run view's figures, each declared once (dashboard.figures.declare): what it draws, from
+which statistics, and so how it grows live. :func:`run_figures` draws them all from a view."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from bncore.statistics import REPLICA, STATISTICS
+from dashboard.figures.declare import (
+    DOTTED,
+    MARKED,
+    Declared,
+    Drawing,
+    Drawn,
+    Heat,
+    Latest,
+    Line,
+    Lines,
+    Spec,
+    View,
+)
+from dashboard.figures.factory import (
+    AXIS,
+    COLORS,
+    Figure,
+    figure,
+    has_data,
+    heatmap,
+    line,
+    log10,
+    mark_empty,
+    tint,
+)
+
+_LOG = {"type": "log"}
+_TWO_PANELS: dict[str, Any] = {"height": 400, "rows": 2}
+
+LOSS = Lines(
+    "fig-loss", "Loss", "step", "cross-entropy loss (log)",
+    (Line("loss", 0), Line("train_loss", 2, style=MARKED), Line("test_loss", 1, style=MARKED)),
+    layout={"yaxis": _LOG},
+)  # fmt: skip
+ACC = Lines(
+    "fig-acc", "Accuracy (eval mode) and train/eval gap", "step", "accuracy (share of examples)",
+    (
+        Line("train_acc", 2, style=MARKED),
+        Line("test_acc", 1, style=MARKED),
+        Line("mode_gap", 4, lower=True, style=MARKED),
+        Line("test_acc_precise", 3, style={**DOTTED, **MARKED}),
+        Line("test_acc_batch", 5, style={**DOTTED, **MARKED}),
+    ),
+    layout={
+        "yaxis": {"range": [0, 1.02]},
+        "yaxis2": {**AXIS, "overlaying": "y", "side": "right", "showgrid": False, "type": "log",
+                   "title": {"text": "mode gap: relative L2 of logits (log)"}},
+        "margin": {"r": 70},
+    },
+)  # fmt: skip
+HEATS = (
+    Heat("fig-heat-mean", "pre_mean", "Pre-BN batch mean (channel average)", "RdBu", "mean"),
+    Heat("fig-heat-var", "pre_var", "Pre-BN batch variance (log10)", "Viridis", "log10 variance"),
+    Heat("fig-heat-grad", "grad_in_norm", "Gradient entering each layer (log10 norm)", "Hot",
+         "log10 L2 norm"),
+    Heat("fig-heat-sat", "act_saturated", "Activations at rest or saturated (share)", "Greys",
+         "share"),
+)  # fmt: skip
+DEPTH = Latest(
+    "fig-depth", "Activation gradient through depth (latest step)", "layer (input side first)",
+    "L2 norm of the gradient (log)",
+    (Line("grad_out_norm", 3, style=MARKED), Line("grad_in_norm", 0, style=MARKED)),
+    layout={"yaxis": _LOG},
+)  # fmt: skip
+LAYER = Lines(
+    "fig-layer", "{layer}: batch against running statistics (channel averages)", "step", "mean",
+    (
+        Line("pre_mean", 0),
+        Line("running_mean", 1, style=DOTTED),
+        Line("pre_var", 2, lower=True),
+        Line("running_var", 3, lower=True, style=DOTTED),
+    ),
+    of_layer=True,
+    layout={**_TWO_PANELS, "yaxis2": {"title": {"text": "variance"}}},
+)  # fmt: skip
+AFFINE = Lines(
+    "fig-affine", "{layer}: running-statistics gap; gamma and beta (channel averages)", "step",
+    "RMS gap (running - batch)",
+    (
+        Line("running_mean_gap", 0),
+        Line("running_var_gap", 1),
+        Line("gamma", 2, lower=True),
+        Line("beta", 3, lower=True),
+    ),
+    of_layer=True,
+    layout={**_TWO_PANELS, "yaxis2": {"title": {"text": "gamma, beta"}}},
+)  # fmt: skip
+SCALE = Lines(
+    "fig-scale", "{layer}: its weight's norm, effective learning rate and angular update", "step",
+    "weight norm (log)",
+    (Line("weight_norm", 0), Line("eff_lr", 1, lower=True), Line("angular_update", 2, lower=True)),
+    of_layer=True,
+    layout={**_TWO_PANELS, "yaxis": _LOG,
+            "yaxis2": {"type": "log", "title": {"text": "lr/||w||^2, radians (log)"}}},
+)  # fmt: skip
+
+
+def replica_lines(view: View) -> list[Line]:
+    """The global batch, each replica's own (as many as the run has), and their spread."""
+    d = view["detail"]
+    replicas = sorted(int(m[1]) for k in d if (m := REPLICA.fullmatch(k)) and m[2] == "var")
+    return [
+        Line("global_pre_var", 0, "global batch", style={"line": {"width": 2.5}}),
+        *[Line(f"r{k}_pre_var", k + 1, f"replica {k}") for k in replicas],
+        Line("replica_mean_spread", 3, lower=True),
+        Line("replica_var_spread", 4, lower=True),
+    ]
+
+
+REPLICAS = Lines(
+    "fig-replicas", "{layer}: each replica's batch against the global batch (distributed runs)",
+    "step", "batch variance", replica_lines, of_layer=True,
+    layout={**_TWO_PANELS, "yaxis2": {"type": "log", "title": {"text": "spread (log)"}}},
+)  # fmt: skip
+GRADS = Lines(
+    "fig-grads", "{layer}: gradient norms, and the norm of the weight feeding BN", "step",
+    "L2 norm (log)",
+    tuple(Line(s, i) for i, s in enumerate(("weight_grad_norm", "gamma_grad_norm",
+                                            "beta_grad_norm", "weight_norm"))),
+    of_layer=True,
+    layout={"yaxis": _LOG},
+)  # fmt: skip
+
+
+def percentile_lines(view: View) -> list[Line]:
+    """Per tracked unit: its 15-85% band and its median; one unit shown (as in the paper), the
+    others a legend click away."""
+    units = sorted({int(k.split("_")[1]) for k in view["detail"] if k.startswith("p50_")})
+    lines = []
+    for j in units:
+        fill = tint(COLORS[j % len(COLORS)])
+        seen = {"legendgroup": f"u{j}", "visible": True if j == 0 else "legendonly"}
+        thin = {"line": {"width": 0.5}, **seen}
+        lines += [
+            Line(f"p15_{j}", j, f"unit {j} 15%", style={"showlegend": False, **thin}),
+            Line(f"p85_{j}", j, f"unit {j}: 15-85% of the batch",
+                 style={"fill": "tonexty", "fillcolor": fill, **thin}),
+            Line(f"p50_{j}", j, f"unit {j}: median", style={"line": {"width": 2}, **seen}),
+        ]  # fmt: skip
+    return lines
+
+
+PERCENTILES = Lines(
+    "fig-pct", "{layer}: a unit's input to the activation (Ioffe & Szegedy, Fig. 1)", "step",
+    "value (15th, 50th, 85th pct)", percentile_lines, of_layer=True,
+)  # fmt: skip
+
+
+def population(view: View) -> Drawn:
+    """The EMA running statistics' gap to PreciseBN's population statistics, per block, at the
+    latest evaluation and the first (measured at evaluations: nothing live)."""
+    gap_m, gap_v = view["by_block"]["ema_mean_gap"], view["by_block"]["ema_var_gap"]
+    fig = figure(
+        [
+            line(gap_m["layers"], gap_m["last"], f"mean gap, step {gap_m['last_step']}",
+                 COLORS[0], **MARKED),
+            line(gap_v["layers"], gap_v["last"], f"variance gap, step {gap_v['last_step']}",
+                 COLORS[1], **MARKED),
+            line(gap_m["layers"], gap_m["first"], f"mean gap, step {gap_m['first_step']}",
+                 COLORS[0], line={"dash": "dot"}, **MARKED),
+        ],
+        "EMA running statistics against PreciseBN's population statistics",
+        "layer (input side first)",
+        "RMS gap over channels (log)",
+        yaxis=_LOG,
+    )  # fmt: skip
+    return fig, []
+
+
+def signal(view: View) -> Drawn:
+    """Signal propagation through a residual network (Brock et al. 2021), per block, at the
+    first evaluation and the latest (nothing live)."""
+    traces = []
+    for i, stat in enumerate(("signal_var", "signal_sq_mean", "branch_var")):
+        v, label = view["by_block"][stat], STATISTICS[stat].label
+        names = [n.removesuffix(".b") for n in v["layers"]]
+        traces.append(line(names, v["first"], f"{label}, step {v['first_step']}", COLORS[i],
+                           **MARKED))  # fmt: skip
+        if v["last_step"] != v["first_step"]:
+            traces.append(line(names, v["last"], f"{label}, step {v['last_step']}", COLORS[i],
+                               line={"dash": "dot"}, **MARKED))  # fmt: skip
+    fig = figure(
+        traces,
+        "Signal propagation through the residual blocks (Brock et al. 2021)",
+        "residual block (input side first)",
+        "value over channels (log)",
+        yaxis=_LOG,
+    )
+    return fig, []
+
+
+def channels(view: View) -> Drawn:
+    """The per-channel heatmaps, rebuilt live from each batch's latest arrays."""
+    spec = {"graph": "fig-channels", "kind": "channels", "table": "channels",
+            "title": channel_title(None)}  # fmt: skip
+    return channel_figure(view["channels"], view["layers"]), [spec]
+
+
+def channel_figure(rows: list[dict[str, Any]], layers: list[str]) -> Figure:
+    """Layer x channel heatmaps of the latest per-channel batch means and variances: one row
+    per layer of the run, empty until its first per-channel record (filled live)."""
+    names = list(dict.fromkeys([*layers, *(r["layer"] for r in rows)]))
+    step = max((r["step"] for r in rows), default=None)
+    return figure(
+        [
+            heatmap(
+                _channel_grid(rows, names, "pre_mean"),
+                names,
+                colorscale="RdBu",
+                reversescale=True,
+                zmid=0,
+                colorbar={"thickness": 10, "y": 0.78, "len": 0.45,
+                          "title": {"text": "mean", "side": "right"}},
+                name="batch mean",
+            ),
+            heatmap(
+                log10(_channel_grid(rows, names, "pre_var")),
+                names,
+                colorscale="Viridis",
+                xaxis="x2",
+                yaxis="y2",
+                colorbar={"thickness": 10, "y": 0.22, "len": 0.45,
+                          "title": {"text": "log10 var", "side": "right"}},
+                name="batch variance (log10)",
+            ),
+        ],
+        channel_title(step),
+        "channel",
+        "layer: batch mean",
+        height=max(320, 120 + 36 * len(names)),
+        yaxis={"domain": [0.56, 1.0]},
+        xaxis={"anchor": "y", "side": "top"},
+        margin={"t": 84},
+        xaxis2={**AXIS, "title": {"text": "channel"}, "anchor": "y2", "matches": "x"},
+        yaxis2={**AXIS, "domain": [0.0, 0.44], "title": {"text": "layer: log10 variance"},
+                "anchor": "x2", "type": "category"},
+    )  # fmt: skip
+
+
+def _channel_grid(rows: list[dict[str, Any]], names: list[str], col: str) -> np.ndarray:
+    """Layers x channels of one per-channel column; NaN past a narrower layer's channels and
+    for a layer with no arrays yet."""
+    by_layer = {r["layer"]: r for r in rows}
+    width = max((len(r["pre_mean"]) for r in rows), default=0)
+    z = np.full((len(names), width), np.nan)
+    for i, name in enumerate(names):
+        if name in by_layer:
+            z[i, : len(by_layer[name][col])] = by_layer[name][col]
+    return z
+
+
+def channel_title(step: int | None) -> str:
+    """The per-channel figure's title (assets/live.js writes the same as the step moves)."""
+    where = f", step {step}" if step is not None else ""
+    return f"Per-channel batch mean (top) and log10 variance (bottom){where}"
+
+
+#: Every figure of the run view.
+RUN_FIGURES: tuple[Declared, ...] = (
+    LOSS, ACC, Drawing("fig-population", population), Drawing("fig-signal", signal), *HEATS,
+    DEPTH, LAYER, AFFINE, SCALE, REPLICAS, GRADS, PERCENTILES, Drawing("fig-channels", channels),
+)  # fmt: skip
+#: Figures shown in a second section too: the same drawing, fed alike.
+ALSO = {"fig-depth-2": "fig-depth"}
+#: Which of a run's "not recorded" notes (bncore.record.watcher) explains an empty figure.
+NOTE_FOR = {"fig-heat-sat": "act", "fig-grads": "weight"}
+#: Why a figure of per-block evaluations can be empty: what the run did not ask for.
+NEEDS = {
+    "fig-population": "set precise_bn to recompute population statistics at each evaluation",
+    "fig-signal": "measured for residual networks (model.kind=resnet)",
+    "fig-replicas": "set distributed.replicas above 1 to train over several processes",
+}
+
+
+def run_figures(view: View) -> tuple[dict[str, Figure], list[Spec]]:
+    """The run view's figures by graph id, and their live specs."""
+    figs: dict[str, Figure] = {}
+    specs: list[Spec] = []
+    for declared in RUN_FIGURES:
+        drawn = declared.draw(view)
+        if drawn is not None:
+            figs[declared.graph], live = drawn
+            specs += live
+    for graph, shown in ALSO.items():
+        if shown in figs:
+            figs[graph] = figs[shown]
+            specs += [{**s, "graph": graph} for s in specs if s["graph"] == shown]
+    if view["last_step"]:  # records came, but none for these: say so instead of empty axes
+        explain_empty(figs, (view["run"].get("meta") or {}).get("not_recorded") or {})
+    return figs, specs
+
+
+def explain_empty(figs: dict[str, Figure], not_recorded: dict[str, str]) -> None:
+    """Each figure with nothing to draw says why: the run's own note, or what it needs."""
+    for graph, fig in figs.items():
+        if not has_data(fig):
+            reason = not_recorded.get(NOTE_FOR.get(graph, ""), "") or NEEDS.get(graph, "")
+            mark_empty(fig, "not recorded for this run" + (f": {reason}" if reason else ""))

@@ -1,0 +1,44 @@
+"""What several views share: a failure's words, the ticked rows, a figure's cell, tabs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dash import State, dcc, html
+
+NEEDS_TOKEN = "this server needs its token: type it in the Launch tab"
+SELECT_FIRST = "select a run first (tick its box)"
+#: Figures of two stacked panels: drawn taller.
+TALL = ("fig-layer", "fig-affine", "fig-scale", "fig-replicas", "fig-channels")
+
+
+def failed(text: str, label: str = "error") -> list[Any]:
+    """A failure, tagged (``label``), then what it was."""
+    return [html.Span(label, className="status status-failed"), text]
+
+
+#: The runs list's rows and which of them are ticked (read by :func:`chosen`).
+TICKED = (State("runs-table", "data"), State("runs-table", "selected_rows"))
+
+
+def chosen(rows: list[dict] | None, selected: list[int] | None) -> list[str]:
+    """The ids of the ticked rows of the runs table."""
+    return [rows[i]["id"] for i in selected or [] if rows and i < len(rows)]
+
+
+def graph(gid: str) -> dcc.Graph:
+    """A figure that fills its cell's width (the height comes from the stylesheet)."""
+    cls = "graph tall" if gid in TALL else "graph"
+    return dcc.Graph(id=gid, config={"displaylogo": False, "responsive": True}, className=cls)
+
+
+def tabs(tab_id: str, value: str, children: list[dcc.Tab]) -> dcc.Tabs:
+    """Tabs that stay one compact, scrollable row on a phone (no stacked menu)."""
+    return dcc.Tabs(
+        id=tab_id,
+        value=value,
+        children=children,
+        mobile_breakpoint=0,
+        className="tabs",
+        parent_className="tabs-row",
+    )

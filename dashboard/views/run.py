@@ -1,0 +1,196 @@
+"""One run: its sections of figures, drawn from the store when opened (dashboard.data,
+dashboard.figures.run) and fed live in the browser (assets/live.js follows the live spec sent
+with them); its banner; cancel, delete (dashboard.views.runs) and its report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from dash import ClientsideFunction, Input, Output, State, dcc, html, no_update
+
+from bncore.status import FINISHED
+from dashboard import data
+from dashboard.figures.factory import nothing
+from dashboard.figures.run import run_figures
+from dashboard.views.common import failed, graph, tabs
+from dashboard.wiring import Clientside, callback
+from server.errors import NotFound
+from server.service import Service
+
+log = logging.getLogger(__name__)
+
+# The sections: only the open one is drawn (and fed live), so opening a run or streaming into
+# it costs a handful of figures, however many there are in all.
+SECTIONS = {
+    "overview": ("fig-loss", "fig-acc", "fig-heat-var", "fig-heat-mean", "fig-depth",
+                 "fig-channels"),
+    "layer": ("fig-layer", "fig-affine", "fig-grads", "fig-scale", "fig-replicas", "fig-pct"),
+    "gradients": ("fig-heat-grad", "fig-heat-sat", "fig-depth-2"),
+    "population": ("fig-population", "fig-signal"),
+}  # fmt: skip
+SECTION_LABELS = {
+    "overview": "Overview",
+    "layer": "One layer",
+    "gradients": "Gradients and saturation",
+    "population": "Population statistics and signal",
+}
+GRAPHS = [g for section in SECTIONS.values() for g in section]
+
+
+def layout(section: str | None) -> html.Div:
+    """The Run tab, open on ``section`` (the overview if None)."""
+    layer_select = html.Div(
+        [
+            html.Label("Layer"),
+            dcc.Dropdown(id="layer-select", clearable=False, style={"width": "260px"}),
+        ],
+        className="toolbar",
+    )
+    sections = [
+        dcc.Tab(
+            html.Div(
+                [
+                    *([layer_select] if name == "layer" else []),
+                    html.Div([graph(g) for g in graphs], className="grid"),
+                ]
+            ),
+            label=SECTION_LABELS[name],
+            value=name,
+        )
+        for name, graphs in SECTIONS.items()
+    ]
+    toolbar = [
+        html.Button("Cancel run", id="run-cancel", n_clicks=0),
+        html.Button("Delete run", id="run-delete", n_clicks=0, className="danger"),
+        html.A("Report (HTML)", id="run-report", href="", target="_blank", className="button-link"),
+        html.Span(id="live-indicator", className="note"),
+        html.Span(id="run-note", className="note action-note"),
+    ]
+    return html.Div(
+        [
+            html.Div(id="run-banner", className="banner"),
+            html.Div(toolbar, className="toolbar"),
+            tabs("section", section or "overview", sections),
+        ]
+    )
+
+
+def banner(run: dict[str, Any] | None, error: str | None = None) -> list[Any]:
+    """What the run is (status, name, id, step, queue, accuracy, message), or the error."""
+    if error:
+        return failed(error)
+    if run is None:
+        return ["Pick a run in the Runs tab (tick it, then Open), or launch one."]
+    total = run.get("steps_total")
+    parts: list[Any] = [
+        html.Span(run["status"], className=f"status status-{run['status']}", id="run-status"),
+        html.B(run.get("name") or run["id"]),
+        f"  ·  id {run['id']}  ·  step ",
+        html.Span(str(run["steps_done"]), id="run-step"),
+        f" of {total}" if total else "",
+    ]
+    if run.get("queue_position") is not None:
+        parts.append(f"  ·  waiting: #{run['queue_position'] + 1} in the queue")
+    final = run.get("final") or {}
+    if "test_acc" in final:
+        parts.append(f"  ·  test accuracy {final['test_acc']:.4f}")
+    if run.get("message"):
+        parts.append(html.Pre(run["message"], id="run-message"))
+    return parts
+
+
+@callback(
+    *[Output(g, "figure") for g in GRAPHS],
+    Output("live-spec", "data"),
+    Output("layer-select", "options"),
+    Output("layer-select", "value"),
+    Output("run-banner", "children"),
+    Output("run-report", "href"),
+    Input("view-run", "data"),
+    Input("layer-select", "value"),
+    Input("live-reset", "data"),
+    Input("section", "value"),
+    State("want-layer", "data"),
+)
+def render_run(
+    svc: Service,
+    run_id: str | None,
+    layer: str | None,
+    _reset: Any,
+    section: str,
+    wanted: str | None,
+) -> tuple[Any, ...]:
+    """The open section's figures, fresh from the store, and what feeds them live."""
+    keep = [no_update] * len(GRAPHS)
+    if not run_id:
+        return *keep, no_update, [], None, banner(None), ""
+    try:
+        view = data.run_view(svc, run_id, layer or wanted)
+        figs, specs = run_figures(view)
+    except NotFound:
+        empty = [nothing("no run to show") for _ in GRAPHS]
+        message = (
+            f"there is no run with id {run_id!r} (deleted, or a mistyped link): pick one "
+            "in the Runs tab"
+        )
+        return *empty, None, [], None, banner(None, message), ""
+    except Exception as exc:
+        log.exception("run view")
+        return *keep, no_update, no_update, no_update, banner(None, f"{exc}"), no_update
+    shown = set(SECTIONS.get(section, ()))
+    out = [figs.get(g, no_update) if g in shown else no_update for g in GRAPHS]
+    spec = {
+        "run": run_id,
+        "specs": [s for s in specs if s["graph"] in shown],
+        "layers": view["layers"],
+    }
+    report = f"/api/runs/{run_id}/report"
+    run_banner = banner(svc.runs.out(view["run"]))
+    return (*out, spec, view["layers"], view["layer"], run_banner, report)
+
+
+@callback(
+    Output("run-banner", "children", allow_duplicate=True),
+    Output("live-reset", "data", allow_duplicate=True),
+    Input("live-status", "data"),
+    State("live-spec", "data"),
+    prevent_initial_call=True,
+    service=False,
+)
+def live_status(run: dict[str, Any] | None, spec: dict[str, Any] | None) -> tuple[Any, Any]:
+    """The stream said the run's status: the banner says it; the figures are drawn again from
+    the store once the worker has said which layers it has, or the run has ended (the final
+    per-channel arrays, everything the stream did not carry)."""
+    if not run:
+        return no_update, no_update
+    layers_known = bool((run.get("meta") or {}).get("layers"))
+    redraw = (layers_known and spec is not None and not spec.get("layers")) or (
+        run["status"] in FINISHED
+    )
+    return banner(run), (time.time() if redraw else no_update)
+
+
+@callback(
+    Output("live-reset", "data", allow_duplicate=True),
+    Input("server-back", "data"),
+    State("view-run", "data"),
+    prevent_initial_call=True,
+    service=False,
+)
+def server_back(_back: Any, run_id: str | None) -> Any:
+    """The server is reachable again: redraw what it may have changed meanwhile."""
+    return time.time() if run_id else no_update
+
+
+#: assets/live.js opens the viewed run's event stream ...
+WATCH = Clientside(
+    ClientsideFunction("bnscope", "watch"), Output("watching", "data"), (Input("view-run", "data"),)
+)
+#: ... and feeds the figures as the live spec says.
+FOLLOW = Clientside(
+    ClientsideFunction("bnscope", "follow"),
+    Output("following", "data"),
+    (Input("live-spec", "data"),),
+)

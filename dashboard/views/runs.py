@@ -1,0 +1,185 @@
+"""The runs list: every run, refreshed every 2 s; tick runs, then open, compare (see
+dashboard.views.address), cancel or delete them (delete after a confirmation). The run view's
+own Cancel and Delete act here too, on the run in view."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from dash import Input, Output, State, dash_table, dcc, html, no_update
+
+from dashboard import data
+from dashboard.views.common import NEEDS_TOKEN, SELECT_FIRST, TICKED, chosen, failed
+from dashboard.wiring import callback
+from server.errors import DomainError, Unauthorized
+from server.service import Service
+
+log = logging.getLogger(__name__)
+COLUMNS = {"id": "id", "name": "name", "status": "status", "progress": "progress",
+           "created": "created", "duration": "duration", "eta": "queue / ETA",
+           "model": "model", "norm": "norm", "test_acc": "test acc",
+           "message": "message"}  # fmt: skip
+STATUS_COLORS = (("diverged", "#b45309"), ("failed", "#b91c1c"), ("interrupted", "#7c3aed"),
+                 ("running", "#047857"))  # fmt: skip
+#: Where an action on runs says what it did, and that the list has changed.
+NOTE = Output("runs-note", "children", allow_duplicate=True)
+CHANGED = Output("runs-changed", "data", allow_duplicate=True)
+#: What an action on runs reads: the ticked rows of the list, and the run in view.
+TARGETS = (*TICKED, State("view-run", "data"))
+
+
+def layout() -> html.Div:
+    """The Runs tab."""
+    toolbar = [
+        html.Button("Open", id="open-run", n_clicks=0, className="primary"),
+        html.Button("Compare", id="open-compare", n_clicks=0),
+        html.Button("Cancel", id="cancel-runs", n_clicks=0),
+        html.Button("Delete", id="delete-runs", n_clicks=0, className="danger"),
+        html.Span("tick runs, then act on them", className="note"),
+        html.Span(id="runs-note", className="note action-note"),
+    ]
+    table = dash_table.DataTable(  # type: ignore[attr-defined]  # generated at import
+        id="runs-table",
+        columns=[{"name": v, "id": k} for k, v in COLUMNS.items()],
+        data=[],
+        row_selectable="multi",
+        selected_rows=[],
+        page_size=25,
+        sort_action="native",
+        style_table={"overflowX": "auto", "minWidth": "100%"},
+        style_cell={"textAlign": "left", "fontSize": 13, "maxWidth": 360,
+                    "whiteSpace": "normal", "height": "auto"},
+        style_data_conditional=[
+            {"if": {"filter_query": f'{{status}} = "{s}"'}, "color": c} for s, c in STATUS_COLORS
+        ],
+    )  # fmt: skip
+    return html.Div(
+        [
+            html.Div(toolbar, className="toolbar"),
+            table,
+            dcc.Interval(id="runs-refresh", interval=2000),
+        ]
+    )
+
+
+@callback(
+    Output("runs-table", "data"),
+    Input("runs-refresh", "n_intervals"),
+    Input("launch-result", "children"),
+    Input("runs-changed", "data"),
+    Input("server-back", "data"),
+)
+def refresh(svc: Service, *_: Any) -> Any:
+    """The table's rows (dashboard.data.runs), newest first."""
+    try:
+        return data.runs(svc)
+    except Exception:  # the store is busy or gone: keep the table as it is
+        log.exception("runs table")
+        return no_update
+
+
+def targets(
+    from_list: bool, rows: list[dict] | None, selected: list[int] | None, run_id: str | None
+) -> list[str]:
+    """The runs an action is for: the ticked ones (``from_list``), or the run in view."""
+    return chosen(rows, selected) if from_list else [run_id] if run_id else []
+
+
+@callback(
+    NOTE,
+    Output("run-note", "children", allow_duplicate=True),
+    CHANGED,
+    Input("cancel-runs", "n_clicks"),
+    Input("run-cancel", "n_clicks"),
+    *TARGETS,
+    State("token", "value"),
+    prevent_initial_call=True,
+    trigger=True,
+)
+def cancel(
+    svc: Service,
+    fired: Any,
+    _a: int,
+    _b: int,
+    rows: list[dict],
+    selected: list[int],
+    run_id: str | None,
+    token: str | None,
+) -> tuple[Any, Any, float]:
+    """Cancel the ticked runs (the list's Cancel) or the run in view (the run's); the note
+    goes beside the button pressed."""
+    from_list = fired == "cancel-runs"
+    note = act(svc, targets(from_list, rows, selected, run_id), svc.runs.cancel, "cancelled", token)
+    return (note, no_update, time.time()) if from_list else (no_update, note, time.time())
+
+
+@callback(
+    Output("confirm-delete", "displayed"),
+    Output("confirm-delete", "message"),
+    Output("delete-ids", "data"),
+    NOTE,
+    Input("delete-runs", "n_clicks"),
+    Input("run-delete", "n_clicks"),
+    *TARGETS,
+    prevent_initial_call=True,
+    service=False,
+    trigger=True,
+)
+def ask_delete(
+    fired: Any, _a: int, _b: int, rows: list[dict], selected: list[int], run_id: str | None
+) -> tuple[Any, ...]:
+    """Ask before deleting the ticked runs (the list's Delete) or the run in view (the
+    run's); the runs to delete wait in ``delete-ids`` for the answer."""
+    ids = targets(fired == "delete-runs", rows, selected, run_id)
+    if not ids:
+        return False, no_update, no_update, SELECT_FIRST
+    names = ", ".join(ids)
+    message = f"Delete {len(ids)} run(s) and all their records? {names}. This cannot be undone."
+    return True, message, ids, ""
+
+
+@callback(
+    NOTE,
+    CHANGED,
+    Output("view-run", "data", allow_duplicate=True),
+    Output("tabs", "value", allow_duplicate=True),
+    Input("confirm-delete", "submit_n_clicks"),
+    State("delete-ids", "data"),
+    State("view-run", "data"),
+    State("token", "value"),
+    prevent_initial_call=True,
+)
+def delete(
+    svc: Service, _n: int, ids: list[str] | None, run_id: str | None, token: str | None
+) -> tuple[Any, ...]:
+    """Deleting was confirmed: delete; a run in view that is gone leaves for the list."""
+    note = act(svc, ids or [], svc.runs.delete, "deleted", token)
+    if run_id in (ids or []):
+        return note, time.time(), None, "runs"
+    return note, time.time(), no_update, no_update
+
+
+def act(
+    svc: Service, ids: list[str], action: Callable[[str], Any], done: str, token: str | None
+) -> list[Any]:
+    """Do ``action`` to each run; one line on what was ``done``, and what was refused."""
+    if not ids:
+        return failed(SELECT_FIRST, "nothing done")
+    try:
+        svc.runs.authorize(token)
+    except Unauthorized:
+        return failed(NEEDS_TOKEN, "nothing done")
+    ok, refused = [], []
+    for run_id in ids:
+        try:
+            action(run_id)
+            ok.append(run_id)
+        except DomainError as exc:
+            refused.append(exc.message)
+    parts: list[Any] = [f"{done}: {', '.join(ok)}"] if ok else []
+    if refused:
+        parts += [html.Br()] * bool(parts) + failed("; ".join(refused), "refused")
+    return parts

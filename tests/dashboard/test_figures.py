@@ -1,0 +1,244 @@
+"""The run view's figures, drawn from a small view (as dashboard.data.run_view returns it):
+each figure is declared once, so its trace names come from the statistics registry, its live
+spec names the very columns its traces draw, and an empty figure says why it is empty."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from bncore import statistics
+from bncore.statistics import CHANNEL_STATISTICS, STATISTICS
+from dashboard import data
+from dashboard.figures.compare import compare_figures
+from dashboard.figures.declare import SOURCES, Latest, Lines
+from dashboard.figures.factory import nothing, plain
+from dashboard.figures.run import ALSO, RUN_FIGURES, run_figures
+from dashboard.views.run import GRAPHS
+
+LAYERS = ["a", "b", "c"]
+STEPS = np.arange(1, 21)
+
+
+def _xy(scale: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    return STEPS, np.linspace(1, 2, len(STEPS)) * scale
+
+
+def small_view(
+    layer: str | None = "b",
+    replicas: int = 2,
+    units: int = 2,
+    evals: bool = True,
+    blocks: bool = True,
+    last_step: int = 20,
+    meta: dict | None = None,
+) -> dict:
+    """A run view with every table filled: three layers, 20 steps, two evaluations."""
+    detail: dict[str, Any] = {}
+    if layer:
+        detail = {s: _xy(1 + i / 10) for i, s in enumerate(data.LAYER_STATS)}
+        detail |= {f"p{q}_{j}": _xy(q / 50 + j) for q in (15, 50, 85) for j in range(units)}
+        if replicas > 1:
+            detail |= {s: _xy(0.1) for s in data.REPLICA_STATS}
+            detail |= {f"r{k}_pre_var": _xy(1 + k) for k in range(replicas)}
+    no_evals = (np.array([], np.int64), np.array([]))
+    block = {"layers": LAYERS, "first": [1.0, 2.0, 3.0], "last": [2.0, 3.0, 4.0],
+             "first_step": 10, "last_step": 20}  # fmt: skip
+    nothing_at = {"layers": [], "first": [], "last": [], "first_step": 0, "last_step": 0}
+    return {
+        "run": {"id": "r1", "meta": meta or {}},
+        "layers": LAYERS,
+        "layer": layer,
+        "last_step": last_step,
+        "heat_steps": STEPS.astype(float),
+        "heat": {s: np.linspace(0.5, 2, 60).reshape(20, 3) for s in data.HEAT_STATS},
+        "depth": {"grad_in_norm": [1.0, 2.0, None], "grad_out_norm": [2.0, 3.0, 4.0]},
+        "lines": {"loss": _xy()},
+        "evals": {s: (np.array([10, 20]), np.array([0.5, 0.6])) if evals else no_evals
+                  for s in data.EVAL_STATS},
+        "detail": detail,
+        "channels": [{"layer": name, "step": 20, "pre_mean": np.arange(4.0),
+                      "pre_var": np.arange(1.0, 5.0)} for name in LAYERS],
+        "by_block": {s: block if blocks else nothing_at for s in data.BLOCK_EVAL_STATS},
+    }  # fmt: skip
+
+
+def names(fig: dict) -> list[str]:
+    return [t.get("name") for t in fig["data"]]
+
+
+def notes(fig: dict) -> str:
+    return " ".join(a["text"] for a in fig["layout"].get("annotations", []))
+
+
+def test_every_graph_of_the_run_view_gets_a_figure_and_each_spec_feeds_one():
+    figs, specs = run_figures(small_view())
+    assert set(figs) == set(GRAPHS)
+    assert {s["graph"] for s in specs} == set(GRAPHS) - {"fig-population", "fig-signal"}
+    assert {d.graph for d in RUN_FIGURES} | set(ALSO) == set(GRAPHS)
+
+
+def test_trace_names_are_the_registry_s_labels():
+    figs, _ = run_figures(small_view())
+    label = {name: s.label for name, s in STATISTICS.items()}
+    assert names(figs["fig-loss"]) == [label["loss"], label["train_loss"], label["test_loss"]]
+    assert names(figs["fig-acc"]) == [
+        label[s]
+        for s in ("train_acc", "test_acc", "mode_gap", "test_acc_precise", "test_acc_batch")
+    ]
+    assert names(figs["fig-grads"]) == [
+        label[s] for s in ("weight_grad_norm", "gamma_grad_norm", "beta_grad_norm", "weight_norm")
+    ]
+    assert names(figs["fig-layer"])[0] == "BN input mean (batch)" == label["pre_mean"]
+    assert names(figs["fig-depth"]) == [label["grad_out_norm"], label["grad_in_norm"]]
+    assert names(figs["fig-signal"])[0] == f"{label['signal_var']}, step 10"
+    # every line without a name of its own is named by the registry, whatever the figure
+    view = small_view()
+    for declared in RUN_FIGURES:
+        if isinstance(declared, Lines | Latest):
+            lines = declared.lines_of(view) if isinstance(declared, Lines) else declared.lines
+            for ln, name in zip(lines, names(figs[declared.graph]), strict=True):
+                assert name == (ln.label or STATISTICS[ln.stat].label), (declared.graph, ln)
+
+
+def test_the_run_view_reads_every_statistic_its_figures_draw():
+    read = {
+        "steps": {"loss"},  # the view's "lines"
+        "evals": set(data.EVAL_STATS),
+        "layers": {*data.LAYER_STATS, *data.REPLICA_STATS},
+    }
+    view = small_view()
+    for declared in RUN_FIGURES:
+        if isinstance(declared, Lines):
+            for ln in declared.lines_of(view):
+                if statistics.PERCENTILE.fullmatch(ln.stat) or statistics.REPLICA.fullmatch(
+                    ln.stat
+                ):
+                    continue  # read per unit and per replica the run has
+                assert ln.stat in read[ln.table], (declared.graph, ln.stat)
+
+
+def test_the_replicas_and_units_are_named_as_the_page_shows_them():
+    figs, _ = run_figures(small_view(replicas=2, units=2))
+    assert names(figs["fig-replicas"])[:3] == ["global batch", "replica 0", "replica 1"]
+    assert names(figs["fig-pct"]) == [
+        "unit 0 15%", "unit 0: 15-85% of the batch", "unit 0: median",
+        "unit 1 15%", "unit 1: 15-85% of the batch", "unit 1: median",
+    ]  # fmt: skip
+    assert [t["visible"] for t in figs["fig-pct"]["data"]] == [True] * 3 + ["legendonly"] * 3
+
+
+def _column(view: dict, table: str, column: str) -> list[Any]:
+    return plain(np.asarray(view[SOURCES[table]][column][1], dtype=float))
+
+
+def test_each_line_spec_feeds_the_trace_that_draws_its_column():
+    view = small_view()
+    figs, specs = run_figures(view)
+    lines = [s for s in specs if s["kind"] == "line"]
+    assert {s["graph"] for s in lines} >= {"fig-loss", "fig-acc", "fig-layer", "fig-pct"}
+    for spec in lines:
+        fig = figs[spec["graph"]]
+        assert len(spec["columns"]) == len(spec["traces"]) > 0
+        for column, index in zip(spec["columns"], spec["traces"], strict=True):
+            stat = statistics.lookup(column)
+            assert stat is not None and stat.table == spec["table"], (spec["graph"], column)
+            assert fig["data"][index]["y"] == _column(view, spec["table"], column)
+        assert spec.get("layer") == ("b" if spec["table"] == "layers" else None)
+    loss = [s for s in lines if s["graph"] == "fig-loss"]
+    assert [(s["table"], s["columns"], s["traces"]) for s in loss] == [
+        ("steps", ["loss"], [0]),
+        ("evals", ["train_loss", "test_loss"], [1, 2]),
+    ]
+
+
+def test_heat_latest_and_channel_specs_name_columns_of_the_registry():
+    view = small_view()
+    figs, specs = run_figures(view)
+    for spec in specs:
+        if spec["kind"] == "heat":
+            stat = STATISTICS[spec["column"]]
+            assert stat.table == spec["table"] == "layers" and spec["log"] == stat.log
+            z = np.array(figs[spec["graph"]]["data"][0]["z"], dtype=float)
+            raw = view["heat"][spec["column"]]
+            np.testing.assert_allclose(z, np.log10(raw) if stat.log else raw, atol=1e-6)
+            assert spec["layers"] == LAYERS == figs[spec["graph"]]["data"][0]["y"]
+        elif spec["kind"] == "latest":
+            assert all(STATISTICS[c].table == spec["table"] for c in spec["columns"])
+            ys = [t["y"] for t in figs[spec["graph"]]["data"]]
+            assert ys == [view["depth"][c] for c in spec["columns"]]
+        elif spec["kind"] == "channels":
+            assert spec["table"] == "channels" and {"pre_mean", "pre_var"} <= set(
+                CHANNEL_STATISTICS
+            )
+            assert figs["fig-channels"]["layout"]["title"]["text"].startswith(spec["title"])
+    kinds = {s["graph"]: s["kind"] for s in specs}
+    assert kinds["fig-heat-var"] == "heat" and kinds["fig-depth-2"] == "latest"
+    assert [s["column"] for s in specs if s["kind"] == "heat"] == list(data.HEAT_STATS)
+
+
+LOG_AXES = {
+    "fig-loss": {"yaxis"},
+    "fig-acc": {"yaxis2"},
+    "fig-depth": {"yaxis"},
+    "fig-depth-2": {"yaxis"},
+    "fig-grads": {"yaxis"},
+    "fig-scale": {"yaxis", "yaxis2"},
+    "fig-replicas": {"yaxis2"},
+    "fig-population": {"yaxis"},
+    "fig-signal": {"yaxis"},
+}
+
+
+def test_log_axes_are_where_they_were_declared_with_few_tick_labels():
+    figs, _ = run_figures(small_view())
+    for graph, fig in figs.items():
+        axes = {k: a for k, a in fig["layout"].items() if k[1:5] == "axis"}
+        log = {k for k, a in axes.items() if a.get("type") == "log"}
+        assert log == LOG_AXES.get(graph, set()), graph
+        for key in log:
+            assert axes[key]["nticks"] == 6 and axes[key]["exponentformat"] == "power"
+    assert STATISTICS["loss"].log and STATISTICS["weight_grad_norm"].log
+    assert figs["fig-heat-var"]["layout"]["yaxis"]["type"] == "category"  # layer names
+
+
+def test_layer_figures_wait_for_a_layer():
+    figs, specs = run_figures(small_view(layer=None))
+    assert "fig-layer" not in figs and "fig-pct" not in figs
+    assert not [s for s in specs if s.get("layer")]
+    assert "fig-loss" in figs and "fig-heat-var" in figs
+
+
+def test_empty_figures_say_why():
+    meta = {"not_recorded": {"weight": "no linear or conv weight feeds this block"}}
+    view = small_view(replicas=1, evals=False, blocks=False, meta=meta)
+    for stat in ("weight_grad_norm", "gamma_grad_norm", "beta_grad_norm", "weight_norm"):
+        view["detail"][stat] = (STEPS, np.full(len(STEPS), np.nan))
+    figs, _ = run_figures(view)
+    assert notes(figs["fig-acc"]) == "not recorded for this run"
+    assert "set precise_bn" in notes(figs["fig-population"])
+    assert "model.kind=resnet" in notes(figs["fig-signal"])
+    assert "distributed.replicas above 1" in notes(figs["fig-replicas"])
+    assert notes(figs["fig-grads"]) == (
+        "not recorded for this run: no linear or conv weight feeds this block"
+    )
+    assert notes(figs["fig-loss"]) == "" and notes(figs["fig-heat-var"]) == ""
+    # before any record, nothing is said: the figures are filling
+    figs, _ = run_figures(small_view(evals=False, last_step=0))
+    assert notes(figs["fig-acc"]) == ""
+    empty = nothing("no run to show")
+    assert notes(empty) == "no run to show" and empty["layout"]["xaxis"]["visible"] is False
+
+
+@pytest.mark.parametrize("stat", ["pre_var", "pre_mean"])
+def test_compare_figures_name_runs_and_take_the_statistic_s_axis(stat):
+    run = {"name": "bn", "status": "completed", "layer": "b", "loss": _xy(), "test_acc": _xy(),
+           "stat": _xy()}  # fmt: skip
+    figs = compare_figures([run, {**run, "name": "plain"}], stat)
+    assert names(figs["cmp-loss"]) == ["bn (completed)", "plain (completed)"]
+    assert names(figs["cmp-stat-fig"]) == ["bn (completed) b", "plain (completed) b"]
+    axis = figs["cmp-stat-fig"]["layout"]["yaxis"]
+    assert axis["type"] == ("log" if STATISTICS[stat].log else "linear")
+    assert axis["title"]["text"].startswith(STATISTICS[stat].label)
