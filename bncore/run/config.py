@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 __all__ = [
     "UNKNOWN_FIELD",
     "ConfigError",
     "DataConfig",
     "DistributedConfig",
+    "FieldPathError",
     "ModelConfig",
     "NormConfig",
     "OptimConfig",
@@ -30,6 +32,7 @@ __all__ = [
     "field_errors",
     "get_field",
     "grouped",
+    "leaf_fields",
     "load_config",
     "set_field",
     "summarize",
@@ -597,31 +600,37 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError([("--set", f"expected key.path=value, got {item!r}")])
-    node = data
-    *parents, leaf = key.strip().split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError([(key, f"{p} is not a group of fields")])
-    node[leaf] = yaml.safe_load(raw)
+    try:
+        set_field(data, key.strip(), yaml.safe_load(raw))
+    except FieldPathError as exc:
+        raise ConfigError([(key, exc.reason)]) from None
 
 
-def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
-    """One line per field: dotted name, type, default, range and description."""
-    lines = []
+def leaf_fields(
+    model: type[BaseModel] = RunConfig, prefix: str = ""
+) -> Iterator[tuple[str, FieldInfo]]:
+    """(dotted name, pydantic field) of every field that holds a value, not a group of fields,
+    in the order of the model: what ``bnscope train --help`` lists and the dashboard's form
+    draws."""
     for name, field in model.model_fields.items():
-        path = f"{prefix}{name}"
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines.extend(describe_fields(ann, path + "."))
-            continue
+            yield from leaf_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def describe_fields(model: type[BaseModel] = RunConfig) -> list[str]:
+    """One line per field: dotted name, type, default, range and description."""
+    lines = []
+    for path, field in leaf_fields(model):
         rng = [
             f"{k}{getattr(m, a)}"
             for m in field.metadata
             for k, a in ((">=", "ge"), (">", "gt"), ("<=", "le"), ("<", "lt"))
             if getattr(m, a, None) is not None
         ]
-        kind = str(ann).replace("typing.", "").replace("Literal", "one of ")
+        kind = str(field.annotation).replace("typing.", "").replace("Literal", "one of ")
         default = field.get_default(call_default_factory=True)
         lines.append(
             f"  {path:24s} {kind}; default {default!r}"
@@ -638,12 +647,23 @@ def get_field(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+class FieldPathError(ValueError):
+    """A dotted field that passes through a value rather than a group of fields (``a.b`` where
+    ``a`` is a number): ``field``, the dotted name; ``reason``, what is wrong with it."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field!r}: {reason}")
+        self.field, self.reason = field, reason
+
+
 def set_field(config: dict[str, Any], dotted: str, value: Any) -> None:
-    """Sets a dotted field (``optim.lr``) in a config dict, making the groups it needs."""
+    """Sets a dotted field (``optim.lr``) in a config dict, making the groups it needs; a
+    :class:`FieldPathError` where the path goes through a value. The one way a dotted name is
+    set: ``--set`` overrides, sweep points and the dashboard's form all come through here."""
     node = config
     *parents, leaf = dotted.split(".")
     for p in parents:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ValueError(f"{dotted!r}: {p} is not a group of fields")
+            raise FieldPathError(dotted, f"{p} is not a group of fields")
     node[leaf] = value
