@@ -3,14 +3,14 @@
 A :class:`RunConfig` names the model, its normalization, the data, the optimizer and the
 schedule; every field has a default, a range and a description (``bnscope train --help`` prints
 them all). Validation errors name the field (``optim.lr``) and the allowed range. Limits keep a
-run within what one machine can train and store.
+run within what one machine can train and store (bncore.run.budget's, counted on the network).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pydantic.fields import FieldInfo
 
 __all__ = [
+    "RUN_RULES",
     "UNKNOWN_FIELD",
     "ConfigError",
     "DataConfig",
@@ -44,8 +45,6 @@ DatasetName = Literal[
 ]
 SPATIAL_DATASETS = ("mnist1d", "digits", "mnist", "fashion_mnist", "cifar10")
 FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
-MAX_PARAMETERS = 50_000_000
-MAX_RECORDED_VALUES = 500_000_000  # per-channel values kept over a run (2 GB as float32)
 
 KERAS_DEFAULTS = {"momentum": 0.99, "eps": 1e-3}
 PYTORCH_DEFAULTS = {"momentum": 0.1, "eps": 1e-5}
@@ -63,6 +62,13 @@ class FieldsError(ValueError):
     def __init__(self, message: str, *fields: str) -> None:
         super().__init__(message)
         self.fields = fields
+
+
+#: Rules of a whole run that need more than its fields, each called with the RunConfig after its
+#: own rules and raising FieldsError: bncore.run.budget adds the limits on one run's size, counted
+#: on the real network, which is built from this module's classes (so this module cannot import
+#: the budget); importing bncore.run adds them, wherever a RunConfig is made.
+RUN_RULES: list[Callable[[RunConfig], None]] = []
 
 
 class _Strict(BaseModel):
@@ -459,8 +465,7 @@ class RunConfig(_Strict):
                 "ics_interval",
                 "stats_interval",
             )
-        width, depth = self.model.width, self.model.depth
-        norm = self.norm
+        width, norm = self.model.width, self.norm
         if norm.kind == "group" and width % norm.resolved_groups(width):
             raise FieldsError(
                 f"norm.groups={norm.groups} must divide model.width={width} (GroupNorm splits "
@@ -481,28 +486,8 @@ class RunConfig(_Strict):
                 "norm.virtual_batch",
                 "batch_size",
             )
-        # a resnet stage: depth blocks of two 3x3 convs; three stages at w, 2w, 4w channels
-        per_block = width * width * {"mlp": 1, "cnn": 9, "resnet": 18 * 21}[self.model.kind]
-        if per_block * depth > MAX_PARAMETERS:
-            raise FieldsError(
-                f"model.width={width} x model.depth={depth} gives about "
-                f"{per_block * depth:,} parameters; the limit is {MAX_PARAMETERS:,}",
-                "model.width",
-                "model.depth",
-            )
-        recorded = self.steps // self.stats_interval // self.channel_interval
-        recorded_channels = (
-            width * (1 + 14 * depth + 4) if self.model.kind == "resnet" else (width * depth)
-        )
-        values = recorded * recorded_channels * 16
-        if values > MAX_RECORDED_VALUES:
-            raise FieldsError(
-                f"stats_interval={self.stats_interval} and channel_interval="
-                f"{self.channel_interval} would keep about {values:,} per-channel values over "
-                f"{self.steps} steps; raise one of them (limit {MAX_RECORDED_VALUES:,})",
-                "stats_interval",
-                "channel_interval",
-            )
+        for rule in RUN_RULES:
+            rule(self)
         return self
 
 
