@@ -16,6 +16,7 @@ import bncore
 from bncore.nn import kernels
 from bncore.nn.kernels import cpu
 from bncore.run.config import UNKNOWN_FIELD, ConfigError, describe_fields, grouped, load_config
+from bnscope.flags import add_settings, flag_name, given
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
 
@@ -102,7 +103,6 @@ def _serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from bnscope.app import serve
-    from bnscope.flags import flag_name, given
     from server.settings import Settings
 
     try:
@@ -225,8 +225,6 @@ def _experiment_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    from bnscope.flags import add_settings
-
     serve = sub.add_parser(
         "serve",
         help=_serve.__doc__,

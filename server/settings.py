@@ -1,6 +1,6 @@
 """Everything the server can be told, in one place: flags of ``bnscope serve`` or ``BNSCOPE_*``
 environment variables, with defaults that work on any machine. The flags are made from the
-fields here (bnscope.cli): a new field is a new flag, its help its description and default."""
+fields here (bnscope.flags): a new field is a new flag, its help its description and default."""
 
 from __future__ import annotations
 
@@ -102,7 +102,7 @@ class Settings(BaseSettings):
     )
     cors_origins: Annotated[list[str], Flag("cors-origin")] = Field(
         default_factory=list,
-        description="an origin whose pages may call the API (CORS)",
+        description="origins whose pages may call the API (CORS)",
     )
     client_timeout: float = Field(
         30.0,
