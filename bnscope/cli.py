@@ -16,6 +16,7 @@ import bncore
 from bncore.nn import kernels
 from bncore.nn.kernels import cpu
 from bncore.run.config import UNKNOWN_FIELD, ConfigError, describe_fields, grouped, load_config
+from bnscope.flags import add_settings, flag_name, given
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
 
@@ -104,34 +105,12 @@ def _serve(args: argparse.Namespace) -> int:
     from bnscope.app import serve
     from server.settings import Settings
 
-    given = {
-        k: v
-        for k, v in (
-            ("host", args.host),
-            ("port", args.port),
-            ("data_dir", args.data_dir),
-            ("data_root", args.data_root),
-            ("token", args.token),
-            ("max_runs", args.max_runs),
-            ("database_url", args.database_url),
-            ("cors_origins", args.cors_origin or None),
-            ("client_timeout", args.client_timeout),
-            ("protect_reads", args.protect_reads or None),
-            ("durability", args.durability),
-            ("max_queued", args.max_queued),
-            ("max_run_memory", args.max_run_memory),
-            ("max_run_disk", args.max_run_disk),
-            ("executor", args.executor),
-            ("ray_address", args.ray_address),
-        )
-        if v is not None
-    }
     try:
-        settings = Settings(**given)
+        settings = Settings(**given(args))
     except ValidationError as exc:
         for e in exc.errors():
-            flag = "-".join(str(part).replace("_", "-") for part in e["loc"])
-            where = f"--{flag}: " if flag else ""
+            named = e["loc"] and str(e["loc"][0]) in Settings.model_fields
+            where = f"{flag_name(str(e['loc'][0]))}: " if named else ""
             print(f"bnscope serve: {where}{e['msg']}", file=sys.stderr)
         return EXIT_USAGE
     if settings.executor == "ray":
@@ -199,28 +178,18 @@ def _experiment(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _size(text: str) -> int:
-    """A size: bytes, or with a unit (KB, MB, GB, KiB, MiB, GiB)."""
-    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-             "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}  # fmt: skip
-    number = text.strip().lower().rstrip("ibkmgt ")
-    unit = text.strip().lower()[len(number) :].strip()
-    try:
-        return int(float(number) * units[unit])
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size: give bytes or a number with KB, MB, GB, KiB, MiB or GiB"
-        ) from None
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="bnscope",
-        description="BN Scope: see what batch normalization does inside a network while it trains.",
+def _add_set(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    """The repeatable ``--set FIELD=VALUE`` of train and experiment."""
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help=f"override {what}, e.g. --set {example} (repeatable)",
     )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    info = sub.add_parser("info", help=_info.__doc__, description=_info.__doc__)
-    info.set_defaults(func=_info)
+
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser(
         "train",
         help=_train.__doc__,
@@ -235,15 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", help="run config, .json or .yaml (an empty file: all defaults)")
     train.add_argument("--out", required=True, help="directory for the records")
-    train.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a field, e.g. --set optim.lr=0.1 (repeatable)",
-    )
+    _add_set(train, "a field", "optim.lr=0.1")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=_train)
+
+
+def _experiment_parser(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser("experiment", help=_experiment.__doc__, description=_experiment.__doc__)
     exp.add_argument("key", help="the experiment (the dashboard's Experiments tab lists them)")
     exp.add_argument(
@@ -252,79 +218,37 @@ def build_parser() -> argparse.ArgumentParser:
         default="quick",
         help="quick: minutes on a CPU (default); full: the paper's sizes, for a GPU",
     )
-    exp.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="FIELD=VALUE",
-        help="override a field of every run, e.g. --set device=cuda (repeatable)",
-    )
+    _add_set(exp, "a field of every run", "device=cuda")
     exp.add_argument("--json", action="store_true", help="print the result (panels, verdict)")
     exp.add_argument("--quiet", action="store_true", help="no line per finished run")
     exp.set_defaults(func=_experiment)
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
     serve = sub.add_parser(
         "serve",
         help=_serve.__doc__,
         description=(_serve.__doc__ or "") + " Every flag can also be set "
         "as an environment variable BNSCOPE_<NAME> (BNSCOPE_TOKEN, BNSCOPE_DATA_DIR, ...).",
     )
-    serve.add_argument("--host", help="interface (default 127.0.0.1; 0.0.0.0 for all)")
-    serve.add_argument("--port", type=int, help="port (default 8000; 0 picks a free one)")
-    serve.add_argument("--data-dir", help="where runs are stored (default ./bnscope-data)")
-    serve.add_argument(
-        "--data-root",
-        help="runs read datasets (data.path) only from directories under this one "
-        "(default: DATA_DIR/datasets)",
-    )
-    serve.add_argument("--database-url", help="SQLAlchemy URL instead of SQLite in --data-dir")
-    serve.add_argument("--token", help="require 'Authorization: Bearer TOKEN' on changes")
-    serve.add_argument(
-        "--protect-reads",
-        action="store_true",
-        help="require the token on reads too (a browser: open the dashboard once with "
-        "?token=TOKEN)",
-    )
-    serve.add_argument(
-        "--durability",
-        choices=["normal", "full"],
-        help="SQLite: 'normal' (default) keeps acknowledged records through a killed server, "
-        "'full' through a power loss too (each batch synced to disk; slower)",
-    )
-    serve.add_argument("--max-queued", type=int, help="runs that may wait (default 1000)")
-    serve.add_argument(
-        "--max-run-memory",
-        type=_size,
-        metavar="BYTES",
-        help="memory one run may need, estimated from its config: 4GiB, 500MB, ... "
-        "(default: the machine's memory / max-runs, at most 16GiB)",
-    )
-    serve.add_argument(
-        "--max-run-disk",
-        type=_size,
-        metavar="BYTES",
-        help="records one run may keep (default 4GiB)",
-    )
-    serve.add_argument("--max-runs", type=int, help="runs training at once (default: cores/2)")
-    serve.add_argument(
-        "--client-timeout",
-        type=float,
-        metavar="SECONDS",
-        help="a script's run (bnscope.client) silent this long is marked failed (default 30)",
-    )
-    serve.add_argument(
-        "--executor",
-        choices=["local", "ray"],
-        help="where runs train: local processes (default) or Ray tasks (pip install "
-        "'bnscope[ray]')",
-    )
-    serve.add_argument(
-        "--ray-address", help="the Ray cluster for --executor ray (default: one of this machine)"
-    )
-    serve.add_argument("--cors-origin", action="append", help="allow this origin (repeatable)")
+    add_settings(serve)  # one flag per field of server.settings.Settings
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
     )
     serve.set_defaults(func=_serve)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bnscope",
+        description="BN Scope: see what batch normalization does inside a network while it trains.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    info = sub.add_parser("info", help=_info.__doc__, description=_info.__doc__)
+    info.set_defaults(func=_info)
+    _train_parser(sub)
+    _experiment_parser(sub)
+    _serve_parser(sub)
     return parser
 
 

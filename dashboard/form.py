@@ -8,9 +8,8 @@ import typing
 from typing import Any, Literal
 
 from dash import dcc, html
-from pydantic import BaseModel
 
-from bncore.run.config import RunConfig
+from bncore.run.config import RunConfig, get_field, leaf_fields, set_field
 
 PRESETS: dict[str, dict[str, Any]] = {
     "BN vs no BN": {"base": {"steps": 1000}, "grid": {"norm.kind": ["batch", "none"]}},
@@ -24,16 +23,6 @@ PRESETS: dict[str, dict[str, Any]] = {
         "grid": {"optim.lr": [0.003, 0.03, 0.3, 3.0], "norm.kind": ["batch", "none"]},
     },
 }
-
-
-def leaves(model: type[BaseModel] = RunConfig, prefix: str = ""):
-    """(dotted name, pydantic field) for every leaf field of the config."""
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            yield from leaves(ann, f"{prefix}{name}.")
-        else:
-            yield f"{prefix}{name}", field
 
 
 def _is_list(ann: Any) -> bool:
@@ -119,11 +108,11 @@ def _text(value: Any, empty: str) -> str:
 
 def build_form(config: RunConfig | None = None) -> html.Div:
     config = config or RunConfig()
-    flat = flatten(config.model_dump(mode="json"))
+    data = config.model_dump(mode="json")
     groups: dict[str, list[Any]] = {}
-    for path, field in leaves():
+    for path, field in leaf_fields():
         groups.setdefault(path.split(".")[0] if "." in path else "run", []).append(
-            field_input(path, field, flat.get(path))
+            field_input(path, field, get_field(data, path))
         )
     return html.Div(
         [
@@ -134,21 +123,11 @@ def build_form(config: RunConfig | None = None) -> html.Div:
     )
 
 
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def required_numbers() -> dict[str, Any]:
     """The fields drawn as plain number boxes (no "default" choice), with their defaults: a
     blank one is an error, not a silent default."""
     out = {}
-    for path, field in leaves():
+    for path, field in leaf_fields():
         literals, optional, numeric = _choices(field.annotation)
         if numeric and not literals and not optional:
             out[path] = field.default
@@ -169,7 +148,7 @@ def collect(ids: list[dict[str, str]], values: list[Any]) -> dict[str, Any]:
     """The form's values as nested config data; "default" (and a blank optional field) means
     the default."""
     data: dict[str, Any] = {}
-    lists = {path for path, field in leaves() if _is_list(field.annotation)}
+    lists = {path for path, field in leaf_fields() if _is_list(field.annotation)}
     for ident, value in zip(ids, values, strict=True):
         if ident["field"] in lists and isinstance(value, str):
             value = [_number(v.strip()) for v in value.split(",") if v.strip()]
@@ -177,11 +156,7 @@ def collect(ids: list[dict[str, str]], values: list[Any]) -> dict[str, Any]:
             continue
         elif isinstance(value, str):
             value = {"true": True, "false": False}.get(value, _number(value))
-        node = data
-        *parents, leaf = ident["field"].split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = value
+        set_field(data, ident["field"], value)
     return data
 
 

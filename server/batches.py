@@ -61,70 +61,82 @@ def parse_batch(body: bytes) -> tuple[Batch, int | None]:
     batch = {}
     for name in TABLES:
         t = data.get(name)
-        if t is None or t == {}:
-            continue
-        if not isinstance(t, dict) or "step" not in t:
-            raise Invalid(f"{name} must be an object of columns with a 'step' column")
-        n = len(t["step"]) if isinstance(t["step"], list) else -1
-        if n == 0:
-            continue  # an empty table: nothing to store
-        if len(t) > MAX_COLUMNS:
-            raise Invalid(
-                f"{name} has {len(t)} columns; a table of a batch has at most {MAX_COLUMNS}",
-                field=name,
-            )
-        cols: dict[str, np.ndarray] = {}
-        for col, values in t.items():
-            where = f"{name}.{col}"
-            if not NAME.fullmatch(col):
-                raise Invalid(
-                    f"{where[:80]}: column names are 1 to 64 letters, digits, _ and .",
-                    field=name,
-                )
-            if not _known(name, col):
-                raise Invalid(
-                    f"{where}: unknown column; the statistics are listed in "
-                    "docs/statistics.md (bncore.statistics)",
-                    field=where,
-                )
-            if not isinstance(values, list) or len(values) != n:
-                raise Invalid(f"{where}: every column is a list as long as 'step'")
-            try:
-                if col == "layer":
-                    arr = np.asarray([str(v) for v in values])
-                    names = set(arr.tolist())
-                    if len(names) > MAX_LAYERS:
-                        raise ValueError(f"{len(names)} layers; a batch has at most {MAX_LAYERS}")
-                    if any(not NAME.fullmatch(v) for v in names):
-                        raise ValueError("layer names are 1 to 64 letters, digits, _ and .")
-                elif col == "step":
-                    arr = _steps(values)
-                elif name == "channels" and col in CHANNEL_COLUMNS:
-                    arr = _channel_column(values)
-                else:
-                    arr = np.asarray(values, dtype=np.float64)
-            except (TypeError, ValueError, OverflowError) as exc:
-                raise Invalid(f"{where}: {exc}", field=where) from None
-            cols[col] = arr
-        if name in PER_LAYER and "layer" not in cols:
-            raise Invalid(f"{name} needs a 'layer' column")
-        if name == "channels":
-            missing = [c for c in CHANNEL_COLUMNS if c not in cols]
-            if missing:
-                raise Invalid(
-                    f"channels needs per-channel columns {list(CHANNEL_COLUMNS)}; "
-                    f"missing {missing}",
-                )  # fmt: skip
-            widths = {c: channel_widths({"pre_mean": cols[c]}).tolist() for c in CHANNEL_COLUMNS}
-            if len({tuple(w) for w in widths.values()}) > 1:
-                raise Invalid(
-                    "channels: each row's per-channel columns must all have the layer's "
-                    "channel count",
-                )  # fmt: skip
-        elif any(v.ndim != 1 for v in cols.values()):
-            raise Invalid(f"{name}: columns are flat lists of numbers")
-        batch[name] = cols
+        cols = None if t is None or t == {} else _table(name, t)
+        if cols:
+            batch[name] = cols
     return batch, seq
+
+
+def _table(name: str, t: Any) -> dict[str, np.ndarray]:
+    """One table of a batch, its columns checked; empty where it has no rows."""
+    if not isinstance(t, dict) or "step" not in t:
+        raise Invalid(f"{name} must be an object of columns with a 'step' column")
+    n = len(t["step"]) if isinstance(t["step"], list) else -1
+    if n == 0:
+        return {}  # an empty table: nothing to store
+    if len(t) > MAX_COLUMNS:
+        raise Invalid(
+            f"{name} has {len(t)} columns; a table of a batch has at most {MAX_COLUMNS}",
+            field=name,
+        )
+    cols = {col: _column(name, col, values, n) for col, values in t.items()}
+    if name in PER_LAYER and "layer" not in cols:
+        raise Invalid(f"{name} needs a 'layer' column")
+    if name == "channels":
+        missing = [c for c in CHANNEL_COLUMNS if c not in cols]
+        if missing:
+            raise Invalid(
+                f"channels needs per-channel columns {list(CHANNEL_COLUMNS)}; "
+                f"missing {missing}",
+            )  # fmt: skip
+        widths = {c: channel_widths({"pre_mean": cols[c]}).tolist() for c in CHANNEL_COLUMNS}
+        if len({tuple(w) for w in widths.values()}) > 1:
+            raise Invalid(
+                "channels: each row's per-channel columns must all have the layer's "
+                "channel count",
+            )  # fmt: skip
+    elif any(v.ndim != 1 for v in cols.values()):
+        raise Invalid(f"{name}: columns are flat lists of numbers")
+    return cols
+
+
+def _column(table: str, col: str, values: Any, n: int) -> np.ndarray:
+    """One column of a table of ``n`` rows, checked."""
+    where = f"{table}.{col}"
+    if not NAME.fullmatch(col):
+        raise Invalid(
+            f"{where[:80]}: column names are 1 to 64 letters, digits, _ and .",
+            field=table,
+        )
+    if not _known(table, col):
+        raise Invalid(
+            f"{where}: unknown column; the statistics are listed in "
+            "docs/statistics.md (bncore.statistics)",
+            field=where,
+        )
+    if not isinstance(values, list) or len(values) != n:
+        raise Invalid(f"{where}: every column is a list as long as 'step'")
+    try:
+        if col == "layer":
+            return _layers(values)
+        if col == "step":
+            return _steps(values)
+        if table == "channels" and col in CHANNEL_COLUMNS:
+            return _channel_column(values)
+        return np.asarray(values, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise Invalid(f"{where}: {exc}", field=where) from None
+
+
+def _layers(values: list[Any]) -> np.ndarray:
+    """A layer column: at most MAX_LAYERS names, each as NAME allows."""
+    arr = np.asarray([str(v) for v in values])
+    names = set(arr.tolist())
+    if len(names) > MAX_LAYERS:
+        raise ValueError(f"{len(names)} layers; a batch has at most {MAX_LAYERS}")
+    if any(not NAME.fullmatch(v) for v in names):
+        raise ValueError("layer names are 1 to 64 letters, digits, _ and .")
+    return arr
 
 
 def _steps(values: list[Any]) -> np.ndarray:

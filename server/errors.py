@@ -32,10 +32,16 @@ def error_body(errors: Iterable[dict[str, Any]], message: str | None = None) -> 
 
 
 class DomainError(Exception):
-    """A request the service refuses; ``status`` is the HTTP status it maps to; ``field``, the
-    dotted config field or parameter it is about, where there is one."""
+    """A request the service refuses; ``status`` is the HTTP status it maps to (a subclass names
+    its own: ``class NotFound(DomainError, status=404)``); ``field``, the dotted config field or
+    parameter it is about, where there is one."""
 
     status = 400
+
+    def __init_subclass__(cls, status: int | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if status is not None:
+            cls.status = status
 
     def __init__(self, detail: Any, field: str = "") -> None:
         super().__init__(detail if isinstance(detail, str) else repr(detail))
@@ -59,51 +65,37 @@ class DomainError(Exception):
 class BadRequest(DomainError):
     """A parameter that names nothing here (an unknown statistic or layer, a bad range)."""
 
-    status = 400
-
 
 class NotRunnable(DomainError):
     """The config is valid but this server cannot run it (no CUDA, no such data directory)."""
 
-    status = 400
+
+class Unauthorized(DomainError, status=401):
+    """A change (or, with ``--protect-reads``, a read) without this server's token."""
 
 
-class Unauthorized(DomainError):
-    status = 401
-
-
-class Forbidden(DomainError):
+class Forbidden(DomainError, status=403):
     """The caller is not the one who may do this (another run's records or status)."""
 
-    status = 403
+
+class NotFound(DomainError, status=404):
+    """Nothing by that id, key or step here (a run, a sweep, an experiment, a kept step)."""
 
 
-class NotFound(DomainError):
-    status = 404
-
-
-class Conflict(DomainError):
+class Conflict(DomainError, status=409):
     """The run or sweep is not in a state that allows this (ended, still training, ...)."""
 
-    status = 409
 
-
-class TooLarge(DomainError):
+class TooLarge(DomainError, status=413):
     """More than this server lets one run keep (its records, over ``--max-run-disk``)."""
 
-    status = 413
 
-
-class Busy(DomainError):
+class Busy(DomainError, status=429):
     """The server holds as much as it takes (the queue is full): try again later."""
 
-    status = 429
 
-
-class Invalid(DomainError):
+class Invalid(DomainError, status=422):
     """The input is well-formed JSON but says something that cannot be (a sweep, a batch)."""
-
-    status = 422
 
 
 class UnknownSweepField(Invalid):

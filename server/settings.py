@@ -1,16 +1,33 @@
 """Everything the server can be told, in one place: flags of ``bnscope serve`` or ``BNSCOPE_*``
-environment variables, with defaults that work on any machine."""
+environment variables, with defaults that work on any machine. The flags are made from the
+fields here (bnscope.flags): a new field is a new flag, its help its description and default."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GiB = 2**30
+
+
+@dataclass(frozen=True)
+class Flag:
+    """How a setting is written as a flag of ``bnscope serve`` where its field's name and type do
+    not say it (``Annotated[int, Flag(...)]``): ``name``, the flag without its dashes, where it is
+    not the field's name (a repeatable flag names one item); ``size``, a number of bytes, given
+    as 4GiB, 500MB, ... and shown so."""
+
+    name: str | None = None
+    size: bool = False
+
+
+#: A setting in bytes.
+BYTES = Flag(size=True)
 
 
 def default_max_runs() -> int:
@@ -30,9 +47,11 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="BNSCOPE_", extra="ignore")
 
-    host: str = Field("127.0.0.1", description="interface to listen on")
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0: all of them)")
     port: int = Field(8000, ge=0, le=65535, description="port (0: any free port)")
-    data_dir: Path = Field(Path("bnscope-data"), description="where the database lives")
+    data_dir: Path = Field(
+        Path("bnscope-data"), description="where runs are stored (the SQLite database)"
+    )
     data_root: Path | None = Field(
         None,
         description="the only directory runs may read datasets from (data.path: a directory "
@@ -57,28 +76,34 @@ class Settings(BaseSettings):
         default_factory=default_max_runs,
         ge=1,
         le=64,
-        description="runs training at once; the rest wait in the queue",
+        description="runs training at once, one per two cores unless set; the rest wait in "
+        "the queue",
     )
     worker_threads: int | None = Field(
         None, ge=1, description="torch threads per run; default: cores / max_runs"
     )
-    max_body_bytes: int = Field(32 * 2**20, ge=1024, description="largest request body")
+    max_body_bytes: Annotated[int, BYTES] = Field(
+        32 * 2**20, ge=1024, description="largest request body"
+    )
     max_queued: int = Field(
         1000, ge=1, description="runs that may wait in the queue; beyond, new runs are refused"
     )
-    max_run_memory: int | None = Field(
+    max_run_memory: Annotated[int | None, BYTES] = Field(
         None,
         ge=2**20,
         description="bytes of memory one run may be estimated to need (its model, optimizer, "
         "activations and data); default: the machine's memory over max_runs, at most 16 GiB",
     )
-    max_run_disk: int = Field(
+    max_run_disk: Annotated[int, BYTES] = Field(
         4 * GiB,
         ge=2**20,
         description="bytes of records one run may keep (estimated from its config before it "
         "is queued; counted as they come for a script's run)",
     )
-    cors_origins: list[str] = Field(default_factory=list, description="CORS origins (none)")
+    cors_origins: Annotated[list[str], Flag("cors-origin")] = Field(
+        default_factory=list,
+        description="origins whose pages may call the API (CORS)",
+    )
     client_timeout: float = Field(
         30.0,
         gt=0,
@@ -91,7 +116,7 @@ class Settings(BaseSettings):
     executor: Literal["local", "ray"] = Field(
         "local",
         description="where runs train: 'local' (a process each, on this machine) or 'ray' "
-        "(a task each on the Ray cluster at ray_address)",
+        "(a task each on the Ray cluster at ray_address; pip install 'bnscope[ray]')",
     )
     ray_address: str | None = Field(
         None,

@@ -1,7 +1,9 @@
 """What a run will cost, from its config alone, before it runs: the memory its worker needs at
 the peak (parameters, gradients and optimizer state, the activations autograd keeps, the data)
 and the bytes of records it leaves. A server refuses a run that would not fit before queueing
-it, naming what to change.
+it, naming what to change. The limits on any run, wherever it trains (its parameters, the
+per-channel values it keeps), are counted here too and are rules of every RunConfig
+(:func:`within_limits`).
 
 The model is built on PyTorch's ``meta`` device (shapes only, no storage) and run once on a
 meta batch, so the count is the real network's, whatever its kind; the constants are measured
@@ -13,13 +15,17 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from bncore.record.tables import CHANNEL_COLUMNS
-from bncore.run.config import RunConfig
+from bncore.run.config import RUN_RULES, FieldsError, RunConfig
 from bncore.statistics import columns
+
+if TYPE_CHECKING:
+    from bncore.run.models import Net
 
 FLOAT = 4  # bytes of a float32
 #: A worker with torch imported and nothing built yet (measured: 330-420 MB RSS).
@@ -42,6 +48,10 @@ DATASETS: dict[str, tuple[tuple[int, ...], int, int]] = {
 }
 #: Stored bytes of one recorded value of a series (an int64 step and a float32 value).
 SERIES_VALUE = 12
+#: The most parameters one run's network may have, on any machine.
+MAX_PARAMETERS = 50_000_000
+#: The most per-channel values one run may keep over its steps (2 GB as float32).
+MAX_RECORDED_VALUES = 500_000_000
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,7 @@ def example_shape(cfg: RunConfig) -> tuple[tuple[int, ...], int, int]:
 def estimate(cfg: RunConfig) -> Estimate:
     """The run's peak memory and stored records (see the module docstring)."""
     shape, _, examples = example_shape(cfg)
-    net = _network(cfg.model_dump_json(exclude={"optim", "name", "seed", "distributed"}))
+    net = _network(_Key(cfg))
     states = 2 if cfg.optim.name == "adam" else (1 if cfg.optim.momentum else 0)
     copies = net.params * (2 + states + EXTRA_COPIES["linear"]) + net.conv * (
         EXTRA_COPIES["conv"] - EXTRA_COPIES["linear"]
@@ -86,31 +96,72 @@ def estimate(cfg: RunConfig) -> Estimate:
     r = cfg.distributed.replicas
     parts = {
         "parameters, gradients and optimizer state": copies * FLOAT * r,
-        "activations": int(net.outputs * FLOAT * KEPT_PER_OUTPUT),
+        "activations": int(_outputs(_Key(cfg)) * FLOAT * KEPT_PER_OUTPUT),
         "data": data_bytes * r,
         "the process": BASE_MEMORY * r,
     }
     return Estimate(sum(parts.values()), _records(cfg, net.channels), net.params, parts)
 
 
+def within_limits(cfg: RunConfig) -> None:
+    """The limits on one run wherever it trains, a rule of every RunConfig (``RUN_RULES``): its
+    network's parameters, and the per-channel values it keeps; a FieldsError names the fields
+    to change."""
+    net = _network(_Key(cfg))
+    if net.params > MAX_PARAMETERS:
+        raise FieldsError(
+            f"model.width={cfg.model.width} x model.depth={cfg.model.depth} gives "
+            f"{net.params:,} parameters; the limit is {MAX_PARAMETERS:,}",
+            "model.width",
+            "model.depth",
+        )
+    values = _channel_values(cfg, net.channels)
+    if values > MAX_RECORDED_VALUES:
+        raise FieldsError(
+            f"stats_interval={cfg.stats_interval} and channel_interval={cfg.channel_interval} "
+            f"would keep about {values:,} per-channel values over {cfg.steps} steps; raise one "
+            f"of them (limit {MAX_RECORDED_VALUES:,})",
+            "stats_interval",
+            "channel_interval",
+        )
+
+
+class _Key:
+    """A config as the key of the network's counts: equal where the network is (what
+    ``build_model`` reads: the model, its normalization, the data's shape, the batch size)."""
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.json = cfg.model_dump_json(include={"model", "norm", "data", "batch_size"})
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Key) and other.json == self.json
+
+    def __hash__(self) -> int:
+        return hash(self.json)
+
+
 @dataclass(frozen=True)
 class _Net:
     params: int  # parameters in all
     conv: int  # of them, in convolutions
-    outputs: int  # values the leaf modules output in one training forward
     channels: tuple[int, ...]  # of each block
 
 
-@functools.lru_cache(maxsize=256)
-def _network(key: str) -> _Net:
-    """The network of a config without its optimizer (``key``, as JSON), counted on the meta
-    device once: a sweep's points mostly share it."""
+def _build(cfg: RunConfig) -> Net:
+    """The run's network on the meta device: shapes only, no storage."""
     from bncore.run.models import build_model  # the models import the norms, which import config
 
-    cfg = RunConfig.model_validate_json(key)
     shape, classes, _ = example_shape(cfg)
     with torch.device("meta"):
-        model = build_model(cfg, shape, classes)
+        return build_model(cfg, shape, classes)
+
+
+@functools.lru_cache(maxsize=256)
+def _network(key: _Key) -> _Net:
+    """The network's parameters and channels, counted once: a sweep's points, and the configs
+    validated again on their way to a worker, mostly share it."""
+    model = _build(key.cfg)
     conv = sum(
         p.numel()
         for m in model.modules()
@@ -120,9 +171,15 @@ def _network(key: str) -> _Net:
     return _Net(
         params=sum(p.numel() for p in model.parameters()),
         conv=conv,
-        outputs=_module_outputs(model, (cfg.batch_size, *shape)),
         channels=tuple(b.channels for _, b in model.blocks()),
     )
+
+
+@functools.lru_cache(maxsize=256)
+def _outputs(key: _Key) -> int:
+    """Values the network's leaf modules output in one training forward of a batch."""
+    shape, _, _ = example_shape(key.cfg)
+    return _module_outputs(_build(key.cfg), (key.cfg.batch_size, *shape))
 
 
 def _module_outputs(model: nn.Module, batch: tuple[int, ...]) -> int:
@@ -150,7 +207,15 @@ def _records(cfg: RunConfig, channels: tuple[int, ...]) -> int:
     per-channel arrays every ``channel_interval`` recorded steps."""
     recorded = cfg.steps // cfg.stats_interval
     per_step = (len(columns("steps")) + len(channels) * len(columns("layers"))) * SERIES_VALUE
-    kept = recorded // cfg.channel_interval
-    per_kept = sum(channels) * len(CHANNEL_COLUMNS) * FLOAT
     evals = cfg.steps // cfg.eval_interval * len(columns("evals")) * SERIES_VALUE
-    return recorded * per_step + kept * per_kept + evals
+    return recorded * per_step + _channel_values(cfg, channels) * FLOAT + evals
+
+
+def _channel_values(cfg: RunConfig, channels: tuple[int, ...]) -> int:
+    """Per-channel values the run keeps: each channel's columns (CHANNEL_COLUMNS) every
+    ``channel_interval`` recorded steps."""
+    kept = cfg.steps // cfg.stats_interval // cfg.channel_interval
+    return kept * sum(channels) * len(CHANNEL_COLUMNS)
+
+
+RUN_RULES.append(within_limits)

@@ -3,25 +3,28 @@
 A :class:`RunConfig` names the model, its normalization, the data, the optimizer and the
 schedule; every field has a default, a range and a description (``bnscope train --help`` prints
 them all). Validation errors name the field (``optim.lr``) and the allowed range. Limits keep a
-run within what one machine can train and store.
+run within what one machine can train and store (bncore.run.budget's, counted on the network).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
 
 __all__ = [
+    "RUN_RULES",
     "UNKNOWN_FIELD",
     "ConfigError",
     "DataConfig",
     "DistributedConfig",
+    "FieldPathError",
     "ModelConfig",
     "NormConfig",
     "OptimConfig",
@@ -30,6 +33,7 @@ __all__ = [
     "field_errors",
     "get_field",
     "grouped",
+    "leaf_fields",
     "load_config",
     "set_field",
     "summarize",
@@ -41,8 +45,6 @@ DatasetName = Literal[
 ]
 SPATIAL_DATASETS = ("mnist1d", "digits", "mnist", "fashion_mnist", "cifar10")
 FILE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
-MAX_PARAMETERS = 50_000_000
-MAX_RECORDED_VALUES = 500_000_000  # per-channel values kept over a run (2 GB as float32)
 
 KERAS_DEFAULTS = {"momentum": 0.99, "eps": 1e-3}
 PYTORCH_DEFAULTS = {"momentum": 0.1, "eps": 1e-5}
@@ -60,6 +62,13 @@ class FieldsError(ValueError):
     def __init__(self, message: str, *fields: str) -> None:
         super().__init__(message)
         self.fields = fields
+
+
+#: Rules of a whole run that need more than its fields, each called with the RunConfig after its
+#: own rules and raising FieldsError: bncore.run.budget adds the limits on one run's size, counted
+#: on the real network, which is built from this module's classes (so this module cannot import
+#: the budget); importing bncore.run adds them, wherever a RunConfig is made.
+RUN_RULES: list[Callable[[RunConfig], None]] = []
 
 
 class _Strict(BaseModel):
@@ -456,8 +465,7 @@ class RunConfig(_Strict):
                 "ics_interval",
                 "stats_interval",
             )
-        width, depth = self.model.width, self.model.depth
-        norm = self.norm
+        width, norm = self.model.width, self.norm
         if norm.kind == "group" and width % norm.resolved_groups(width):
             raise FieldsError(
                 f"norm.groups={norm.groups} must divide model.width={width} (GroupNorm splits "
@@ -478,28 +486,8 @@ class RunConfig(_Strict):
                 "norm.virtual_batch",
                 "batch_size",
             )
-        # a resnet stage: depth blocks of two 3x3 convs; three stages at w, 2w, 4w channels
-        per_block = width * width * {"mlp": 1, "cnn": 9, "resnet": 18 * 21}[self.model.kind]
-        if per_block * depth > MAX_PARAMETERS:
-            raise FieldsError(
-                f"model.width={width} x model.depth={depth} gives about "
-                f"{per_block * depth:,} parameters; the limit is {MAX_PARAMETERS:,}",
-                "model.width",
-                "model.depth",
-            )
-        recorded = self.steps // self.stats_interval // self.channel_interval
-        recorded_channels = (
-            width * (1 + 14 * depth + 4) if self.model.kind == "resnet" else (width * depth)
-        )
-        values = recorded * recorded_channels * 16
-        if values > MAX_RECORDED_VALUES:
-            raise FieldsError(
-                f"stats_interval={self.stats_interval} and channel_interval="
-                f"{self.channel_interval} would keep about {values:,} per-channel values over "
-                f"{self.steps} steps; raise one of them (limit {MAX_RECORDED_VALUES:,})",
-                "stats_interval",
-                "channel_interval",
-            )
+        for rule in RUN_RULES:
+            rule(self)
         return self
 
 
@@ -597,31 +585,37 @@ def apply_override(data: dict[str, Any], item: str) -> None:
     key, sep, raw = item.partition("=")
     if not sep or not key:
         raise ConfigError([("--set", f"expected key.path=value, got {item!r}")])
-    node = data
-    *parents, leaf = key.strip().split(".")
-    for p in parents:
-        node = node.setdefault(p, {})
-        if not isinstance(node, dict):
-            raise ConfigError([(key, f"{p} is not a group of fields")])
-    node[leaf] = yaml.safe_load(raw)
+    try:
+        set_field(data, key.strip(), yaml.safe_load(raw))
+    except FieldPathError as exc:
+        raise ConfigError([(key, exc.reason)]) from None
 
 
-def describe_fields(model: type[BaseModel] = RunConfig, prefix: str = "") -> list[str]:
-    """One line per field: dotted name, type, default, range and description."""
-    lines = []
+def leaf_fields(
+    model: type[BaseModel] = RunConfig, prefix: str = ""
+) -> Iterator[tuple[str, FieldInfo]]:
+    """(dotted name, pydantic field) of every field that holds a value, not a group of fields,
+    in the order of the model: what ``bnscope train --help`` lists and the dashboard's form
+    draws."""
     for name, field in model.model_fields.items():
-        path = f"{prefix}{name}"
         ann = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines.extend(describe_fields(ann, path + "."))
-            continue
+            yield from leaf_fields(ann, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", field
+
+
+def describe_fields(model: type[BaseModel] = RunConfig) -> list[str]:
+    """One line per field: dotted name, type, default, range and description."""
+    lines = []
+    for path, field in leaf_fields(model):
         rng = [
             f"{k}{getattr(m, a)}"
             for m in field.metadata
             for k, a in ((">=", "ge"), (">", "gt"), ("<=", "le"), ("<", "lt"))
             if getattr(m, a, None) is not None
         ]
-        kind = str(ann).replace("typing.", "").replace("Literal", "one of ")
+        kind = str(field.annotation).replace("typing.", "").replace("Literal", "one of ")
         default = field.get_default(call_default_factory=True)
         lines.append(
             f"  {path:24s} {kind}; default {default!r}"
@@ -638,12 +632,23 @@ def get_field(config: dict[str, Any], dotted: str) -> Any:
     return node
 
 
+class FieldPathError(ValueError):
+    """A dotted field that passes through a value rather than a group of fields (``a.b`` where
+    ``a`` is a number): ``field``, the dotted name; ``reason``, what is wrong with it."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field!r}: {reason}")
+        self.field, self.reason = field, reason
+
+
 def set_field(config: dict[str, Any], dotted: str, value: Any) -> None:
-    """Sets a dotted field (``optim.lr``) in a config dict, making the groups it needs."""
+    """Sets a dotted field (``optim.lr``) in a config dict, making the groups it needs; a
+    :class:`FieldPathError` where the path goes through a value. The one way a dotted name is
+    set: ``--set`` overrides, sweep points and the dashboard's form all come through here."""
     node = config
     *parents, leaf = dotted.split(".")
     for p in parents:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
-            raise ValueError(f"{dotted!r}: {p} is not a group of fields")
+            raise FieldPathError(dotted, f"{p} is not a group of fields")
     node[leaf] = value

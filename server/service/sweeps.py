@@ -4,12 +4,11 @@ paper's."""
 
 from __future__ import annotations
 
-import copy
-import itertools
 import uuid
 from typing import Any
 
-from bncore.run.config import ConfigError, get_field, parse_config, set_field
+from bncore.run.config import ConfigError, FieldPathError, get_field, parse_config
+from bncore.run.sweep import grid_points, point_config
 from bncore.science.experiments import EXPERIMENTS, Experiment, Point, needs, result
 from bncore.status import FINISHED
 from server.errors import Conflict, Invalid, InvalidGridPoint, NotFound, UnknownSweepField
@@ -30,21 +29,16 @@ class Sweeps:
             raise Invalid("give either grid (values per field) or points (one per run)")
         if body.grid and any(not v for v in body.grid.values()):
             raise Invalid("grid needs at least one field, each with at least one value")
-        points = body.points or [
-            dict(zip(body.grid, values, strict=True))
-            for values in itertools.product(*body.grid.values())
-        ]
+        points = body.points or grid_points(body.grid)
         if len(points) > MAX_POINTS:
             raise Invalid(f"the sweep has {len(points)} points; at most {MAX_POINTS}")
         configs = []
         for point in points:
-            data = copy.deepcopy(body.base)
             label = ", ".join(f"{k}={v}" for k, v in point.items())
             try:
-                for key, value in point.items():
-                    set_field(data, key, value)
-            except ValueError as exc:
-                raise UnknownSweepField(key, str(exc)) from None
+                data = point_config(body.base, point)
+            except FieldPathError as exc:
+                raise UnknownSweepField(exc.field, str(exc)) from None
             try:
                 config = parse_config(data)
             except ConfigError as exc:

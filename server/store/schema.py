@@ -11,6 +11,8 @@ step). A batch of records lands in ``pending`` first (server.store.series).
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 
 CHUNK = 4096  # steps per stored chunk of a series
@@ -21,6 +23,19 @@ MAX_INT = 2**62
 
 #: 64-bit integers: BIGINT on PostgreSQL, whose INTEGER is 32-bit; SQLite's INTEGER is 64-bit.
 INT64 = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
+
+
+def _run_id(**kwargs: Any) -> sa.Column:
+    """The run a row of records belongs to: its rows go when the run is deleted."""
+    return sa.Column(
+        "run_id", sa.String(32), sa.ForeignKey("runs.id", ondelete="CASCADE"), **kwargs
+    )
+
+
+def _layer(**kwargs: Any) -> sa.Column:
+    """The block a row is of (a series of the run as a whole, loss or accuracy: "")."""
+    return sa.Column("layer", sa.String(64), **kwargs)
+
 
 metadata = sa.MetaData()
 runs = sa.Table(
@@ -55,9 +70,8 @@ sweeps = sa.Table(
 )  # fmt: skip
 series = sa.Table(
     "series", metadata,
-    sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id", ondelete="CASCADE"),
-              primary_key=True),
-    sa.Column("layer", sa.String(64), primary_key=True),
+    _run_id(primary_key=True),
+    _layer(primary_key=True),
     sa.Column("stat", sa.String(64), primary_key=True),
     sa.Column("chunk", INT64, primary_key=True),
     sa.Column("n", sa.Integer, nullable=False),
@@ -67,9 +81,8 @@ series = sa.Table(
 )  # fmt: skip
 channels = sa.Table(
     "channels", metadata,
-    sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id", ondelete="CASCADE"),
-              primary_key=True),
-    sa.Column("layer", sa.String(64), primary_key=True),
+    _run_id(primary_key=True),
+    _layer(primary_key=True),
     sa.Column("step", INT64, primary_key=True),
     sa.Column("c", sa.Integer, nullable=False),
     sa.Column("vals", sa.LargeBinary, nullable=False),
@@ -77,8 +90,7 @@ channels = sa.Table(
 pending = sa.Table(
     "pending", metadata,
     sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-    sa.Column("run_id", sa.String(32), sa.ForeignKey("runs.id", ondelete="CASCADE"),
-              nullable=False, index=True),
+    _run_id(nullable=False, index=True),
     sa.Column("body", sa.LargeBinary, nullable=False),  # a batch, as server.store.packing writes it
     sa.Column("created_at", sa.Float, nullable=False),
 )  # fmt: skip

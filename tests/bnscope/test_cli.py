@@ -129,3 +129,58 @@ def test_serve_refuses_settings_that_cannot_work(tmp_path):
     ]:
         r = _bnscope("serve", "--data-dir", str(tmp_path), "--port", "0", *args, timeout=60)
         assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+
+
+def _serve_parser():
+    import argparse
+
+    from bnscope.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub.choices["serve"]
+
+
+def test_every_setting_is_a_flag_of_serve_whose_help_shows_its_default():
+    """bnscope serve's flags are made from server.settings.Settings: each field has one, read as
+    its type says, and its help shows the field's default (taken from the field)."""
+    from bnscope.flags import parse_size
+    from server.settings import Settings
+
+    _, serve = _serve_parser()
+    actions = {a.dest: a for a in serve._actions}
+    assert actions["data_dir"].option_strings == ["--data-dir"]
+    assert actions["cors_origins"].option_strings == ["--cors-origin"]  # one origin a flag
+    for name, field in Settings.model_fields.items():
+        action = actions[name]
+        assert action.option_strings and action.help, name
+        assert "default" in action.help, (name, action.help)
+        default = field.get_default(call_default_factory=True)
+        shown = action.help.rsplit("default: ", 1)[-1].removesuffix(")")
+        if isinstance(default, bool):
+            assert shown == ("on" if default else "off"), (name, shown)
+        elif action.metavar == "BYTES" and default is not None:
+            assert parse_size(shown) == default, (name, shown)
+        elif field.default_factory is not None:
+            assert shown == (f"{default} on this machine" if default else "none"), (name, shown)
+        elif default is not None:
+            assert shown == str(default), (name, shown)
+
+
+def test_serve_passes_only_the_flags_given_so_the_environment_sets_the_rest(monkeypatch):
+    from bnscope.flags import given
+    from server.settings import GiB, Settings
+
+    parser, _ = _serve_parser()
+    args = parser.parse_args(
+        ["serve", "--max-run-disk", "1GiB", "--cors-origin", "http://a", "--cors-origin",
+         "http://b", "--protect-reads", "--token", "t", "--durability", "full", "--port", "9"]
+    )  # fmt: skip
+    assert given(args) == {
+        "max_run_disk": GiB, "cors_origins": ["http://a", "http://b"], "protect_reads": True,
+        "token": "t", "durability": "full", "port": 9,
+    }  # fmt: skip
+    monkeypatch.setenv("BNSCOPE_MAX_QUEUED", "5")
+    monkeypatch.setenv("BNSCOPE_PORT", "7")
+    settings = Settings(**given(args))
+    assert (settings.max_queued, settings.port, settings.max_run_disk) == (5, 9, GiB)

@@ -10,17 +10,15 @@ job.
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from itertools import product
 from typing import Any, Literal
 
 import numpy as np
 
 from bncore.downsample import measured
-from bncore.run.config import set_field
+from bncore.run.sweep import grid_points, point_config
 from bncore.science.theory import gradient_growth_rate
 
 __all__ = ["Experiment", "Missing", "Panel", "Point", "Verdict", "needs", "reduce_point", "result"]
@@ -89,14 +87,12 @@ class Experiment:
         """The sweep to run at ``size`` ({"base", "grid"}, or {"base", "points"} where settings
         are derived per point), with dotted ``overrides`` of the base
         (``{"data.name": "mnist", "data.path": "/data/mnist"}``)."""
-        base = copy.deepcopy(self.base)
-        for dotted, value in {**(self.full if size == "full" else {}), **(overrides or {})}.items():
-            set_field(base, dotted, value)
+        given = {**(self.full if size == "full" else {}), **(overrides or {})}
+        base = point_config(self.base, given)  # the dotted overrides set as a point's values
         grid = {k: list(v) for k, v in self.grid.items()}
         if self.derive is None:
             return {"base": base, "grid": grid}
-        points = [dict(zip(grid, values, strict=True)) for values in product(*grid.values())]
-        return {"base": base, "points": [{**p, **self.derive(p)} for p in points]}
+        return {"base": base, "points": [{**p, **self.derive(p)} for p in grid_points(grid)]}
 
     def runs(self) -> int:
         """Runs in the sweep."""

@@ -3,18 +3,17 @@ other, then its result and verdict (``bnscope experiment KEY``)."""
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
-from itertools import product
 from typing import Any, Literal
 
 import numpy as np
 
 from bncore.record.sinks import MemorySink
 from bncore.record.tables import Records
-from bncore.run.config import get_field, parse_config, set_field
+from bncore.run.config import get_field, parse_config
 from bncore.run.distributed import train_replicas
 from bncore.run.engine import RunResult, train
+from bncore.run.sweep import grid_points, point_config
 from bncore.science.experiments.framework import Experiment, Point, result
 
 __all__ = ["configs", "point", "run"]
@@ -27,17 +26,8 @@ def configs(
 ) -> list[dict[str, Any]]:
     """The run configs of the experiment's sweep, in grid order."""
     sweep = exp.sweep(size, overrides)
-    grid = sweep.get("grid") or {}
-    points = sweep.get("points") or [
-        dict(zip(grid, v, strict=True)) for v in product(*grid.values())
-    ]
-    out = []
-    for values in points:
-        config = copy.deepcopy(sweep["base"])
-        for dotted, value in values.items():
-            set_field(config, dotted, value)
-        out.append(config)
-    return out
+    points = sweep.get("points") or grid_points(sweep.get("grid") or {})
+    return [point_config(sweep["base"], point) for point in points]
 
 
 def point(exp: Experiment, config: dict[str, Any], records: Records) -> Point:
