@@ -18,26 +18,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from bncore.status import FINISHED
 from server import keys
 from server.process import ServerProcess, wait_for
 from tests.conftest import database_url
-from tests.helpers import Touch, free_port, write_cifar
+from tests.helpers import FINAL, Touch, free_port, tiny_run, write_cifar
 
 pytestmark = pytest.mark.timeout(240)
-FINAL = set(FINISHED)
-
-
-def tiny_run(**over: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "steps": 120,
-        "model": {"depth": 2, "width": 16},
-        "data": {"name": "digits"},
-        "eval_interval": 40,
-        "batch_size": 32,
-    }
-    cfg.update(over)
-    return cfg
 
 
 @pytest.fixture(scope="module")
