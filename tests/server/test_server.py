@@ -11,12 +11,14 @@ import os
 import pickle
 import signal
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pyarrow.parquet as pq
 import pytest
 import torch
+from httpx_sse import connect_sse
 
 from server import keys
 from server.process import ServerProcess, wait_for
@@ -58,19 +60,14 @@ def finished(api: httpx.Client, run_id: str, timeout: float = 120) -> dict:
     )
 
 
-def events(response: httpx.Response):
-    """(event, id, data) from an SSE response, as they arrive."""
-    kind, ident, data = None, None, []
-    for line in response.iter_lines():
-        if line.startswith("event:"):
-            kind = line[6:].strip()
-        elif line.startswith("id:"):
-            ident = line[3:].strip()
-        elif line.startswith("data:"):
-            data.append(line[5:].strip())
-        elif not line and data:
-            yield kind, ident, json.loads("\n".join(data))
-            kind, ident, data = None, None, []
+def events(client: httpx.Client, url: str, **kw: Any) -> Iterator[tuple[str, str, Any]]:
+    """(event, id, data) of the server-sent events at ``url``, as they arrive (httpx-sse); the
+    response's content type is checked first."""
+    with connect_sse(client, "GET", url, **kw) as source:
+        assert source.response.headers["content-type"].startswith("text/event-stream")
+        for sse in source.iter_sse():
+            if sse.data:  # a keep-alive comment dispatches no data
+                yield sse.event, sse.id, sse.json()
 
 
 def test_a_run_from_post_to_export(api):
@@ -123,12 +120,8 @@ def test_a_run_from_post_to_export(api):
 def test_stream_is_live_and_resumes(api, server):
     run = api.post("/api/runs", json=tiny_run(steps=2000, eval_interval=500)).json()
     seqs = []
-    with (
-        httpx.Client(base_url=server.url, timeout=60) as c,
-        c.stream("GET", f"/api/runs/{run['id']}/stream") as resp,
-    ):
-        assert resp.headers["content-type"].startswith("text/event-stream")
-        for kind, ident, data in events(resp):
+    with httpx.Client(base_url=server.url, timeout=60) as c:
+        for kind, ident, data in events(c, f"/api/runs/{run['id']}/stream"):
             if kind == "records":
                 assert int(ident) == data["seq"]
                 seqs.append(data["seq"])
@@ -139,13 +132,9 @@ def test_stream_is_live_and_resumes(api, server):
                 break
     time.sleep(0.5)  # batches keep coming while nobody listens
     last = seqs[-1]
-    with (
-        httpx.Client(base_url=server.url, timeout=120) as c,
-        c.stream(
-            "GET", f"/api/runs/{run['id']}/stream", headers={"Last-Event-ID": str(last)}
-        ) as resp,
-    ):
-        for kind, _ident, data in events(resp):
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        after = {"Last-Event-ID": str(last)}
+        for kind, _ident, data in events(c, f"/api/runs/{run['id']}/stream", headers=after):
             if kind == "records":
                 seqs.append(data["seq"])
             assert kind != "reset"
