@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import orjson
+from httpx_sse import connect_sse
 
 from server.process import ServerProcess, wait_for
 
@@ -47,15 +47,12 @@ def live_latency(srv: ServerProcess, seconds: float) -> dict[str, float]:
         deadline = time.time() + seconds
         with (
             httpx.Client(base_url=srv.url, timeout=30) as c,
-            c.stream("GET", f"/api/runs/{run['id']}/stream") as resp,
+            connect_sse(c, "GET", f"/api/runs/{run['id']}/stream") as source,
         ):
-            kind = None
-            for line in resp.iter_lines():
-                if line.startswith("event:"):
-                    kind = line[6:].strip()
-                elif line.startswith("data:") and kind == "records":
+            for sse in source.iter_sse():
+                if sse.event == "records":
                     arrived = time.time()
-                    created = json.loads(line[5:])["steps"]["time"]
+                    created = sse.json()["steps"]["time"]
                     latencies += [arrived - t for t in created]
                 if time.time() > deadline:
                     break

@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import orjson
+from httpx_sse import aconnect_sse
 
 from server.process import ServerProcess, wait_for
 
@@ -89,25 +90,21 @@ async def follow(url: str, run_id: str, got: dict[str, object]) -> None:
     got["seqs"], got["final"], got["resets"] = seqs, False, 0
     async with (
         httpx.AsyncClient(base_url=url, timeout=None) as c,
-        c.stream("GET", f"/api/runs/{run_id}/stream") as r,
+        aconnect_sse(c, "GET", f"/api/runs/{run_id}/stream") as source,
     ):
-        kind = ident = None
-        async for line in r.aiter_lines():
-            got["open"] = True
-            if line.startswith("event:"):
-                kind = line[6:].strip()
-            elif line.startswith("id:"):
-                ident = int(line[3:].strip())
-            elif line.startswith("data:"):
-                if kind == "records" and ident is not None:
-                    seqs.append(ident)
-                elif kind == "reset":
-                    got["resets"] = int(got["resets"]) + 1  # type: ignore[call-overload]
-                elif kind == "status" and orjson.loads(line[5:])["status"] in (
-                    "completed", "failed", "cancelled", "diverged", "interrupted"
-                ):  # fmt: skip
-                    got["final"] = True
-                    return
+        async for sse in source.aiter_sse():
+            got["open"] = True  # the stream opens with the run's status
+            if not sse.data:  # a keep-alive comment
+                continue
+            if sse.event == "records" and sse.id:
+                seqs.append(int(sse.id))
+            elif sse.event == "reset":
+                got["resets"] = int(got["resets"]) + 1  # type: ignore[call-overload]
+            elif sse.event == "status" and orjson.loads(sse.data)["status"] in (
+                "completed", "failed", "cancelled", "diverged", "interrupted"
+            ):  # fmt: skip
+                got["final"] = True
+                return
 
 
 def followers(url: str, runs: list[str], n: int, out: object) -> None:

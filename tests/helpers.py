@@ -1,7 +1,8 @@
-"""Small helpers shared by the tests."""
+"""Small helpers shared by the tests (a test module imports these, never another test module)."""
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 import traceback
@@ -14,9 +15,58 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from bncore.run.config import RunConfig, parse_config
 from bncore.run.distributed import free_port
+from bncore.status import FINISHED
 
-__all__ = ["Touch", "channel_dims", "free_port", "on_ranks", "write_cifar"]
+__all__ = [
+    "FINAL",
+    "Touch",
+    "channel_dims",
+    "free_port",
+    "on_ranks",
+    "small_config",
+    "tiny_run",
+    "write_cifar",
+]
+
+#: A run's final statuses: one that has any of these trains no more.
+FINAL = set(FINISHED)
+
+
+def tiny_run(**over: Any) -> dict[str, Any]:
+    """A run config (as the API takes it) that trains in a few seconds; ``over`` replaces
+    whole top-level fields."""
+    cfg: dict[str, Any] = {
+        "steps": 120,
+        "model": {"depth": 2, "width": 16},
+        "data": {"name": "digits"},
+        "eval_interval": 40,
+        "batch_size": 32,
+    }
+    cfg.update(over)
+    return cfg
+
+
+SMALL = {
+    "model": {"depth": 3, "width": 24},
+    "data": {"name": "digits"},
+    "batch_size": 32,
+    "eval_interval": 20,
+    "optim": {"lr": 0.05},
+}
+
+
+def small_config(**over: Any) -> RunConfig:
+    """A small MLP on digits, parsed; a dict in ``over`` updates that section, anything else
+    replaces the field."""
+    data = copy.deepcopy(SMALL)
+    for k, v in over.items():
+        if isinstance(v, dict):
+            data.setdefault(k, {}).update(v)
+        else:
+            data[k] = v
+    return parse_config(data)
 
 
 def on_ranks(

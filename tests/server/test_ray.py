@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from server.process import ServerProcess, wait_for
-from tests.server.test_server import FINAL, tiny_run
+from tests.helpers import FINAL, tiny_run
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'bnscope[ray]')")
 pytestmark = pytest.mark.timeout(600)

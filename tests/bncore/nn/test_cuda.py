@@ -40,9 +40,36 @@ def test_matches_torch_on_cuda(kernel_name, shape):
     assert ours.stats.mean.device.type == "cuda"  # statistics stay on the device
 
 
-def test_compiled_is_the_default_on_cuda():
-    x = torch.randn(4, 3, device="cuda")
-    assert kernels.select(x, None, None).NAME in ("compiled", "reference")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_compiled_is_the_default_on_cuda(monkeypatch, dtype):
+    """On CUDA the compiled kernel runs, the reference only once compiling has failed or when
+    forced; the fused CPU kernel never (tests/bncore/nn/test_kernels.py checks the same on the
+    CPU with fake CUDA tensors)."""
+    from bncore.nn.kernels import compiled, reference
+
+    x = torch.randn(4, 3, device="cuda", dtype=dtype)
+    w, b = torch.ones(3, device="cuda", dtype=dtype), torch.zeros(3, device="cuda", dtype=dtype)
+    monkeypatch.setattr(compiled, "available", lambda: True)
+    assert kernels.select(x, None, None) is compiled
+    assert kernels.select(x, w, b) is compiled
+    with kernels.use("compiled"):
+        assert kernels.select(x, w, b) is compiled
+    for forced in ("reference", "cpu"):  # the CPU kernel cannot take it: the reference does
+        with kernels.use(forced):
+            assert kernels.select(x, w, b) is reference, forced
+    monkeypatch.setattr(compiled, "available", lambda: False)  # compiling failed
+    assert kernels.select(x, w, b) is reference
+
+
+def test_the_compiled_kernel_compiles_on_cuda():
+    """Where Triton is installed, the default on CUDA is compiled code, not the fallback."""
+    pytest.importorskip("triton", reason="no Triton: torch.compile falls back to the reference")
+    from bncore.nn.kernels import compiled
+
+    layer = bncore.BatchNorm2d(8).cuda()
+    with kernels.use(None):
+        layer(torch.randn(16, 8, 4, 4, device="cuda"))
+    assert compiled.available(), compiled.unavailable_reason()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

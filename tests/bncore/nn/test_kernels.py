@@ -109,6 +109,46 @@ def test_select_picks_the_fast_kernel_where_it_applies(fused):
     assert kernels.forced() is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_select_picks_the_compiled_kernel_for_cuda_inputs(monkeypatch, dtype):
+    """Which kernel runs for a CUDA input, checked without a GPU: fake CUDA tensors (metadata
+    only) go through the same choice as real ones (tests/bncore/nn/test_cuda.py does it on a
+    GPU)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from bncore.nn.kernels import compiled
+
+    with FakeTensorMode():
+        x = torch.empty(8, 3, 5, device="cuda", dtype=dtype)
+        w, b = (
+            torch.empty(3, device="cuda", dtype=dtype),
+            torch.empty(3, device="cuda", dtype=dtype),
+        )
+    assert x.is_cuda and not x.is_cpu
+    monkeypatch.setattr(compiled, "available", lambda: True)
+    assert kernels.select(x, None, None) is compiled
+    assert kernels.select(x, w, b) is compiled
+    with kernels.use("compiled"):
+        assert kernels.select(x, w, b) is compiled
+    for forced in ("reference", "cpu"):  # the CPU kernel cannot take it: the reference does
+        with kernels.use(forced):
+            assert kernels.select(x, w, b) is reference, forced
+    monkeypatch.setattr(compiled, "available", lambda: False)  # compiling failed
+    assert kernels.select(x, w, b) is reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_select_never_picks_the_compiled_kernel_by_itself_on_the_cpu(monkeypatch, dtype):
+    from bncore.nn.kernels import compiled
+
+    monkeypatch.setattr(compiled, "available", lambda: True)
+    monkeypatch.setattr(cpu, "available", lambda: False)  # not even without the fused kernel
+    x = torch.randn(4, 3, dtype=dtype)
+    assert kernels.select(x, None, None) is reference
+    with kernels.use("compiled"):  # forced, it runs on the CPU too
+        assert kernels.select(x, None, None) is compiled
+
+
 def test_unknown_kernel_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown bncore kernel 'fast'"), kernels.use("fast"):
         pass

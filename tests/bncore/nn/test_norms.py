@@ -12,7 +12,7 @@ from bncore.nn.norms import BatchRenorm, GhostBatchNorm, NoisyBatchNorm
 from bncore.run.config import ConfigError, parse_config
 from bncore.run.engine import train
 from bncore.run.models import build_model
-from tests.bncore.run.test_engine import _cfg
+from tests.helpers import small_config
 
 
 def _pair(layer: nn.Module, shape: tuple[int, ...], seed: int = 0):
@@ -106,7 +106,7 @@ def test_noisy_bn_moves_each_step_holds_within_one_and_evaluates_as_bn():
      ({"kind": "renorm"}, BatchRenorm, None), ({"kind": "noisy"}, NoisyBatchNorm, None)],
 )  # fmt: skip
 def test_each_kind_builds_trains_and_is_recorded(norm, cls, groups):
-    cfg = _cfg(steps=40, norm=norm)
+    cfg = small_config(steps=40, norm=norm)
     block = build_model(cfg, (64,), 10).block0
     assert isinstance(block.norm, cls)
     if groups is not None:
@@ -125,7 +125,7 @@ def test_each_kind_builds_trains_and_is_recorded(norm, cls, groups):
 
 
 def test_ghost_virtual_batch_defaults_to_a_divisor_of_the_batch():
-    cfg = _cfg(batch_size=48, norm={"kind": "ghost"})
+    cfg = small_config(batch_size=48, norm={"kind": "ghost"})
     assert build_model(cfg, (64,), 10).block0.norm.virtual_batch == 24
 
 

@@ -14,8 +14,7 @@ from bncore.record.sinks import MemorySink
 from bncore.run.config import ConfigError, parse_config
 from bncore.run.distributed import train_replicas
 from server.process import ServerProcess, wait_for
-from tests.helpers import on_ranks
-from tests.server.test_server import FINAL
+from tests.helpers import FINAL, on_ranks
 
 
 def _cfg(sync: bool, **over: object):

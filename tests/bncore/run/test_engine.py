@@ -13,31 +13,12 @@ from torch import nn
 import bncore
 from bncore.record.core import QUANTILES
 from bncore.record.sinks import MemorySink
-from bncore.run.config import parse_config
 from bncore.run.engine import Trainer, train
-from tests.helpers import channel_dims
-
-SMALL = {
-    "model": {"depth": 3, "width": 24},
-    "data": {"name": "digits"},
-    "batch_size": 32,
-    "eval_interval": 20,
-    "optim": {"lr": 0.05},
-}
-
-
-def _cfg(**over) -> bncore.RunConfig:
-    data = copy.deepcopy(SMALL)
-    for k, v in over.items():
-        if isinstance(v, dict):
-            data.setdefault(k, {}).update(v)
-        else:
-            data[k] = v
-    return parse_config(data)
+from tests.helpers import channel_dims, small_config
 
 
 def test_loss_falls_and_accuracy_rises():
-    result = train(_cfg(steps=150))
+    result = train(small_config(steps=150))
     assert result.status == "completed" and result.steps_done == 150
     loss = result.records.steps["loss"]
     assert loss[-20:].mean() < 0.5 * loss[:20].mean()
@@ -120,7 +101,7 @@ def test_recorded_statistics_equal_an_independent_recomputation(activation, kern
 
 
 def _check_recorded_statistics(activation: str) -> None:
-    cfg = _cfg(steps=50, channel_interval=1, model={"activation": activation})
+    cfg = small_config(steps=50, channel_interval=1, model={"activation": activation})
     trainer = Trainer(cfg)
     for _ in range(7):  # a few steps in, so gamma, beta and the running statistics have moved
         trainer.step()
@@ -184,7 +165,7 @@ def _check_recorded_statistics(activation: str) -> None:
 
 
 def test_post_bn_statistics_sit_at_beta_and_gamma_squared():
-    result = train(_cfg(steps=40, channel_interval=1))
+    result = train(small_config(steps=40, channel_interval=1))
     ch = result.records.channels
     np.testing.assert_allclose(ch["post_mean"], ch["beta"], atol=1e-6)
     ratio = ch["post_var"] / ch["gamma"] ** 2
@@ -192,8 +173,8 @@ def test_post_bn_statistics_sit_at_beta_and_gamma_squared():
 
 
 def test_runs_without_bn_record_the_same_positions():
-    with_bn = train(_cfg(steps=30)).records.layers
-    without = train(_cfg(steps=30, norm={"kind": "none"})).records.layers
+    with_bn = train(small_config(steps=30)).records.layers
+    without = train(small_config(steps=30, norm={"kind": "none"})).records.layers
     assert set(with_bn) == set(without)
     assert list(with_bn["layer"][:3]) == list(without["layer"][:3])
     assert np.isnan(without["running_mean_gap"]).all() and np.isnan(without["gamma"]).all()
@@ -224,7 +205,7 @@ def test_runs_without_bn_record_the_same_positions():
     ],
 )
 def test_variants_train_and_record(over):
-    result = train(_cfg(steps=25, **over))
+    result = train(small_config(steps=25, **over))
     assert result.status == "completed"
     layers = result.records.layers
     assert len(layers["step"]) == 25 * 3
@@ -234,7 +215,9 @@ def test_variants_train_and_record(over):
 
 def test_saturation_of_sigmoid_units():
     result = train(
-        _cfg(steps=5, model={"activation": "sigmoid"}, norm={"kind": "none"}, optim={"lr": 0.01})
+        small_config(
+            steps=5, model={"activation": "sigmoid"}, norm={"kind": "none"}, optim={"lr": 0.01}
+        )
     )
     sat = result.records.layers["act_saturated"]
     assert ((sat >= 0) & (sat <= 1)).all()
@@ -243,7 +226,7 @@ def test_saturation_of_sigmoid_units():
 def test_columns_are_the_documented_ones():
     from bncore.record.tables import EVAL_COLUMNS, LAYER_COLUMNS, PERCENTILE_COLUMN, STEP_COLUMNS
 
-    rec = train(_cfg(steps=5, eval_interval=5)).records
+    rec = train(small_config(steps=5, eval_interval=5)).records
     assert set(rec.steps) == {"step", *STEP_COLUMNS}
     assert set(rec.evals) == {"step", *EVAL_COLUMNS}
     own = {"eff_lr", "angular_update"}  # optional: BN Scope's own networks only
@@ -256,7 +239,7 @@ def test_columns_are_the_documented_ones():
 def test_flushed_records_do_not_change_when_training_goes_on():
     """A flush of a single step used to hand out a view on the recorder's buffer: the next step
     overwrote that step's weight gradient norms in records already given to the sink."""
-    t = Trainer(_cfg(steps=5))
+    t = Trainer(small_config(steps=5))
     flushed = []
     for _ in range(3):
         t.step()
@@ -273,7 +256,7 @@ def test_flushed_records_do_not_change_when_training_goes_on():
 
 
 def test_intervals():
-    rec = train(_cfg(steps=40, stats_interval=5, channel_interval=3)).records
+    rec = train(small_config(steps=40, stats_interval=5, channel_interval=3)).records
     assert len(rec.steps["step"]) == 40
     recorded = np.unique(rec.layers["step"])
     assert list(recorded) == [1, 6, 11, 16, 21, 26, 31, 36]
@@ -282,9 +265,9 @@ def test_intervals():
 
 
 def test_a_seed_reproduces_a_run():
-    a = train(_cfg(steps=30, seed=3)).records
-    b = train(_cfg(steps=30, seed=3)).records
-    c = train(_cfg(steps=30, seed=4)).records
+    a = train(small_config(steps=30, seed=3)).records
+    b = train(small_config(steps=30, seed=3)).records
+    c = train(small_config(steps=30, seed=4)).records
     for table in ("steps", "layers", "channels", "evals"):
         for col, values in getattr(a, table).items():
             if col in ("step_time", "time"):
@@ -295,7 +278,7 @@ def test_a_seed_reproduces_a_run():
 
 def test_huge_learning_rate_diverges_and_keeps_its_records():
     sink = MemorySink()
-    cfg = _cfg(
+    cfg = small_config(
         steps=400,
         norm={"kind": "none"},
         model={"activation": "linear"},
@@ -313,7 +296,7 @@ def test_huge_learning_rate_diverges_and_keeps_its_records():
 
 def test_cancel_stops_the_run():
     calls = []
-    result = Trainer(_cfg(steps=500)).run(
+    result = Trainer(small_config(steps=500)).run(
         MemorySink(), should_stop=lambda: len(calls) > 30 or calls.append(1)
     )
     assert result.status == "cancelled" and result.steps_done == 31
@@ -323,12 +306,12 @@ def test_cuda_asked_without_a_gpu_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="no CUDA device is available"):
-        Trainer(_cfg(device="cuda"))
+        Trainer(small_config(device="cuda"))
 
 
 @pytest.mark.parametrize("activation", ["relu", "tanh"])
 def test_a_recorded_batch_of_another_size_is_a_clear_error(activation):
-    trainer = Trainer(_cfg(steps=5, model={"activation": activation}))
+    trainer = Trainer(small_config(steps=5, model={"activation": activation}))
     trainer.recorder.arm(True)
     x, _ = trainer.next_batch()
     with pytest.raises(RuntimeError, match="batch"):
@@ -350,7 +333,7 @@ def test_a_recorded_batch_of_another_size_is_a_clear_error(activation):
     ],
 )
 def test_the_learning_rate_follows_its_schedule_and_is_recorded_per_step(optim, expected):
-    cfg = _cfg(steps=20, optim={"lr": 0.2, **optim})
+    cfg = small_config(steps=20, optim={"lr": 0.2, **optim})
     lr = train(cfg).records.steps["lr"]
     np.testing.assert_allclose(lr, 0.2 * np.asarray(expected), rtol=1e-6)
 
@@ -359,7 +342,9 @@ def test_norm_parameters_can_be_left_out_of_weight_decay():
     from bncore.run.engine import Trainer
 
     for decay_norm in (True, False):
-        t = Trainer(_cfg(steps=1, optim={"weight_decay": 0.01, "norm_weight_decay": decay_norm}))
+        t = Trainer(
+            small_config(steps=1, optim={"weight_decay": 0.01, "norm_weight_decay": decay_norm})
+        )
         norm = {id(p) for _, b in t.model.blocks() for p in b.norm.parameters()}
         assert norm  # gamma and beta of every block
         for group in t.optimizer.param_groups:

@@ -12,13 +12,13 @@ import torch
 from bncore.run.config import ConfigError, parse_config
 from bncore.run.engine import Trainer, train
 from bncore.run.landscape import landscape
-from tests.bncore.run.test_engine import _cfg
+from tests.helpers import small_config
 
 
 @pytest.mark.parametrize("kind", ["batch", "none", "noisy"])
 def test_measuring_changes_nothing_in_training(kind):
-    plain = train(_cfg(steps=30, norm={"kind": kind}))
-    measured = train(_cfg(steps=30, norm={"kind": kind}, ics_interval=5, landscape=True))
+    plain = train(small_config(steps=30, norm={"kind": kind}))
+    measured = train(small_config(steps=30, norm={"kind": kind}, ics_interval=5, landscape=True))
     np.testing.assert_array_equal(plain.records.steps["loss"], measured.records.steps["loss"])
     np.testing.assert_array_equal(
         plain.records.evals["test_acc"], measured.records.evals["test_acc"]
@@ -28,7 +28,7 @@ def test_measuring_changes_nothing_in_training(kind):
 
 
 def test_ics_is_zero_for_the_first_block_and_nan_between_measurements():
-    layers = train(_cfg(steps=20, ics_interval=10)).records.layers
+    layers = train(small_config(steps=20, ics_interval=10)).records.layers
     ics, cos = layers["ics"].reshape(20, 3), layers["ics_cos"].reshape(20, 3)
     measured = layers["step"].reshape(20, 3)[:, 0] % 10 == 1
     assert (ics[measured, 0] == 0).all() and (cos[measured, 0] == 1).all()
@@ -37,7 +37,7 @@ def test_ics_is_zero_for_the_first_block_and_nan_between_measurements():
 
 
 def test_ics_equals_an_independent_recomputation():
-    cfg = _cfg(steps=1, ics_interval=1, optim={"lr": 0.2})
+    cfg = small_config(steps=1, ics_interval=1, optim={"lr": 0.2})
     measured = train(cfg).records.layers["ics"]
     t = Trainer(cfg)  # same seed: same initialization and first batch
     x, y = t.next_batch()
@@ -58,7 +58,7 @@ def test_ics_equals_an_independent_recomputation():
 
 
 def test_landscape_equals_the_loss_at_each_step_size_and_leaves_the_model():
-    t = Trainer(_cfg(steps=1))
+    t = Trainer(small_config(steps=1))
     x, y = t.probe_batch, t.probe_labels
     state = copy.deepcopy(t.model.state_dict())
     out = landscape(t.model, t.loss_fn, x, y, [0.1, 1.0])
@@ -99,7 +99,9 @@ def test_noisy_bn_ics_without_a_parameter_update_is_zero():
     from bncore.nn.norms import new_noise
     from bncore.run.landscape import internal_covariate_shift
 
-    t = Trainer(_cfg(steps=1, norm={"kind": "noisy", "noise_shift": 0.5, "noise_scale": 1.5}))
+    t = Trainer(
+        small_config(steps=1, norm={"kind": "noisy", "noise_shift": 0.5, "noise_scale": 1.5})
+    )
     x, y = t.next_batch()
     new_noise(t.model)
     t.loss_fn(t.model(x), y).backward()

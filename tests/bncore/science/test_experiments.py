@@ -12,7 +12,7 @@ import pytest
 from bncore.run.config import get_field, parse_config, set_field
 from bncore.science.experiments import EXPERIMENTS, Panel, Point, needs, result
 from server.process import ServerProcess, wait_for
-from tests.server.test_server import FINAL
+from tests.helpers import FINAL
 
 
 @pytest.mark.parametrize("key", list(EXPERIMENTS))

@@ -1,0 +1,473 @@
+"""The service's rules (server.service), called in-process: launching and validating runs, the
+server's budgets and queue bound, sweeps and their typed errors, a script run's records (batch
+checks, sequence numbers, write tokens), status changes, cancel and delete, and what reads
+answer. Each test builds the service on its own fresh database, a SQLite file or a real
+PostgreSQL (tests/postgres.py). No scheduler loop runs: a run launched here stays queued.
+
+A refusal is asserted as the domain error the service raises; its ``status`` is the HTTP status
+the API answers with (server.app, tests/server/test_app.py). What reads give back is compared as
+the API sends it (:func:`wire`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from bncore.run.config import parse_config
+from server import keys
+from server.errors import (
+    BadRequest,
+    Busy,
+    Conflict,
+    DomainError,
+    Forbidden,
+    Invalid,
+    InvalidGridPoint,
+    NotFound,
+    NotRunnable,
+    TooLarge,
+    Unauthorized,
+    UnknownSweepField,
+)
+from server.routes.deps import JSONResponse
+from server.schemas import ClientRunCreate, StatusUpdate, SweepCreate
+from server.service import Service
+from tests.helpers import tiny_run, write_cifar
+
+
+@pytest.fixture
+def svc(service: Callable[..., Service]) -> Service:
+    return service(max_body_bytes=300_000)
+
+
+@contextlib.contextmanager
+def refused(kind: type[DomainError], status: int, words: str = "") -> Iterator[Any]:
+    """The block raises ``kind`` (answered over HTTP with ``status``), saying ``words``."""
+    with pytest.raises(kind) as info:
+        yield info
+    assert info.value.status == status, info.value
+    assert words in info.value.message, info.value.message
+
+
+def wire(data: Any) -> Any:
+    """A service's answer as the API sends it (numpy arrays as lists, NaN as null)."""
+    return orjson.loads(JSONResponse(data).body)
+
+
+def body(data: dict[str, Any]) -> bytes:
+    """A batch as a script sends it (JSON; integers of any size, as Python writes them)."""
+    return json.dumps(data).encode()
+
+
+def client_run(svc: Service, **fields: Any) -> dict[str, Any]:
+    """A script's run (bnscope.client), with its write token."""
+    return svc.runs.create_client_run(ClientRunCreate(**fields))
+
+
+def config(**over: Any):
+    return parse_config(tiny_run(**over))
+
+
+def total(svc: Service) -> int:
+    return svc.runs.page(None, None, 50, 0)["total"]
+
+
+def loss(svc: Service, run_id: str) -> dict[str, Any]:
+    return wire(svc.records.metrics(run_id, ["loss"], None, None, None, 2000))["series"][0]
+
+
+def test_each_refusal_is_answered_with_its_http_status():
+    assert {k.__name__: k.status for k in (
+        BadRequest, NotRunnable, Unauthorized, Forbidden, NotFound, Conflict, TooLarge,
+        Busy, Invalid, UnknownSweepField, InvalidGridPoint)} == {
+        "BadRequest": 400, "NotRunnable": 400, "Unauthorized": 401, "Forbidden": 403,
+        "NotFound": 404, "Conflict": 409, "TooLarge": 413, "Busy": 429, "Invalid": 422,
+        "UnknownSweepField": 422, "InvalidGridPoint": 422,
+    }  # fmt: skip
+
+
+def test_a_run_is_queued_listed_and_found(svc):
+    run = svc.runs.create(config(name="life"))
+    assert run["status"] == "queued" and run["steps_total"] == 120 and run["name"] == "life"
+    assert run["queue_position"] == 0 and run["source"] == "server"
+    assert run["links"]["metrics"] == f"/api/runs/{run['id']}/metrics"
+    assert svc.runs.out(svc.runs.get(run["id"]))["queue_position"] == 0
+    listed = svc.runs.page("queued", None, 1, 0)
+    assert listed["total"] == 1 and [r["id"] for r in listed["items"]] == [run["id"]]
+    assert svc.runs.page("completed", None, 50, 0)["total"] == 0
+    with refused(NotFound, 404, "no run with id 'nope'"):
+        svc.runs.get("nope")
+
+
+def test_cuda_where_there_is_none(svc):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with refused(NotRunnable, 400, "no CUDA device") as info:
+        svc.runs.create(config(device="cuda"))
+    assert info.value.body()["detail"][0]["field"] == "device"
+
+
+def test_datasets_only_from_under_the_data_root(svc, tmp_path):
+    root = svc.settings.data_dir / "datasets"  # the default: --data-dir's datasets/
+    write_cifar(root / "tiny")
+    outside = write_cifar(tmp_path / "outside")  # a real dataset, but outside the root
+    (root / "escape").symlink_to(outside)
+
+    def refusal(path: str) -> str:
+        with refused(NotRunnable, 400) as info:
+            svc.runs.create(config(data={"name": "cifar10", "path": path}))
+        assert info.value.body()["detail"][0]["field"] == "data.path", path
+        return info.value.message.replace(repr(path), "PATH")
+
+    refused_paths = [str(outside), str(tmp_path), "../", "tiny/../..", "escape", "missing",
+                     str(root / "missing"), "/etc"]  # fmt: skip
+    answers = {refusal(p) for p in refused_paths}
+    assert len(answers) == 1, answers  # existing-but-forbidden and missing answer alike
+    assert str(root) in answers.pop()  # and say where datasets go
+    assert total(svc) == 0
+    # a dataset under the root is queued, by its name or its full path (that it trains:
+    # tests/server/test_server.py)
+    for path in ("tiny", str(root / "tiny")):
+        run = svc.runs.create(config(steps=10, data={"name": "cifar10", "path": path}))
+        assert run["status"] == "queued"
+
+
+def test_status_moves_forward_only(svc):
+    """A script's run starts running and ends once; a server's run ends when cancelled; nothing
+    that has ended takes a report, a record or a cancel."""
+    run = client_run(svc, name="mine", steps_total=10)
+    w, rid = run["write_token"], run["id"]
+    assert run["status"] == "running" and run["steps_total"] == 10
+    assert run["heartbeat_s"] == svc.settings.client_timeout / 4
+    assert not {"write_token", "write_key"} & set(svc.runs.out(svc.runs.get(rid)))  # given once
+    meta = {"layers": ["bn"], "note": "hello"}
+    started = svc.runs.report_status(rid, StatusUpdate(status="running", meta=meta), w)
+    assert started["status"] == "running" and started["meta"] == meta
+    assert started["started_at"] is not None
+    done = svc.runs.report_status(
+        rid, StatusUpdate(status="failed", message="boom", traceback="Traceback: ..."), w
+    )
+    assert done["status"] == "failed" and done["message"] == "boom\nTraceback: ..."
+    assert done["finished_at"] is not None
+    for again in (
+        lambda: svc.runs.report_status(rid, StatusUpdate(status="completed"), w),
+        lambda: svc.runs.heartbeat(rid, w),
+        lambda: svc.runs.cancel(rid),
+    ):
+        with refused(Conflict, 409, "has already ended (failed)"):
+            again()
+    with refused(Conflict, 409, "takes records only while running"):
+        svc.runs.ingest(rid, body({"seq": 1, "steps": {"step": [1], "loss": [1.0]}}), w)
+    assert svc.runs.get(rid)["status"] == "failed"
+
+    queued = svc.runs.create(config(steps=100_000))
+    svc.runs.cancel(queued["id"])  # before it started: at once
+    cancelled = svc.runs.out(svc.runs.get(queued["id"]))
+    assert cancelled["status"] == "cancelled" and cancelled["queue_position"] is None
+    assert cancelled["message"] == "cancelled before it started"
+    script = client_run(svc, name="cancelled")
+    svc.runs.cancel(script["id"])
+    assert svc.runs.get(script["id"])["status"] == "cancelled"
+    with refused(NotFound, 404, "no run with id 'nope'"):
+        svc.runs.cancel("nope")
+
+
+def test_delete_is_refused_while_queued_or_running(svc):
+    queued = svc.runs.create(config(steps=1_000_000, stats_interval=10, channel_interval=1000))
+    running = client_run(svc, name="running")
+    for run in (queued, running):
+        with refused(Conflict, 409, "cancel it"):
+            svc.runs.delete(run["id"])
+        svc.runs.cancel(run["id"])
+        assert svc.runs.get(run["id"])["status"] == "cancelled"
+        svc.runs.delete(run["id"])
+        with refused(NotFound, 404):
+            svc.runs.get(run["id"])
+    assert total(svc) == 0
+    with refused(NotFound, 404):
+        svc.runs.delete("nope")
+
+
+def test_ingest_checks_batches(svc):
+    run = client_run(svc, name="mine", meta={"layers": ["bn1"]})
+    w = run["write_token"]  # the run's write token
+    assert run["status"] == "running" and run["source"] == "client"
+    for batch, words in [
+        ({"steps": {"loss": [1.0]}}, "'step' column"),
+        ({"steps": {"step": [1, 2], "loss": [1.0]}}, "as long as 'step'"),
+        ({"layers": {"step": [1], "pre_var": [1.0]}}, "needs a 'layer' column"),
+        ({"steps": {"step": [1], "loss": ["x"]}}, "could not convert"),
+        ({"weights": {}}, "unknown keys"),
+        ({"seq": -1}, "seq must be a positive integer"),
+    ]:
+        with refused(Invalid, 422, words):
+            svc.runs.ingest(run["id"], body(batch), w)
+    ok = svc.runs.ingest(
+        run["id"], body({"seq": 1, "steps": {"step": [1, 2], "loss": [2.0, None]}}), w
+    )
+    assert ok == {"seq": 1, "stored": True}
+    again = svc.runs.ingest(
+        run["id"], body({"seq": 1, "steps": {"step": [1, 2], "loss": [2.0, None]}}), w
+    )
+    assert again == {"seq": 1, "stored": False}  # a retried send is not stored twice
+    s = loss(svc, run["id"])
+    assert s["steps"] == [1, 2] and s["values"] == [2.0, None]
+    done = svc.runs.report_status(run["id"], StatusUpdate(status="completed"), w)
+    assert done["status"] == "completed"
+
+
+def test_a_listener_gets_what_it_missed_then_each_batch_until_the_run_ends(svc):
+    """What GET /stream sends (the route only encodes it): after Last-Event-ID the kept batches
+    it missed, the run's status, then each batch as it is stored, until the final status; a
+    ``reset`` first when what it missed is no longer kept. (Over HTTP, from a training worker:
+    tests/server/test_server.py.)"""
+    run = client_run(svc, name="live", meta={"layers": ["bn"]})
+    w, rid = run["write_token"], run["id"]
+
+    def send(step: int) -> None:
+        svc.runs.ingest(rid, body({"seq": step, "steps": {"step": [step], "loss": [1.0]}}), w)
+
+    async def listen() -> None:
+        for step in (1, 2, 3):
+            send(step)
+        events = svc.runs.follow(rid, 1)
+        got = [await anext(events) for _ in range(3)]
+        assert [(e.kind, e.seq) for e in got] == [("records", 2), ("records", 3), ("status", 3)]
+        assert wire(got[0].data)["steps"]["step"] == [2] and got[2].data["status"] == "running"
+        send(4)
+        live = await anext(events)
+        assert (live.kind, live.seq) == ("records", 4) and wire(live.data)["seq"] == 4
+        svc.runs.report_status(rid, StatusUpdate(status="completed"), w)
+        end = await anext(events)
+        assert end.kind == "status" and end.data["status"] == "completed"
+        with pytest.raises(StopAsyncIteration):
+            await anext(events)
+        # once the run has ended its batches are no longer kept: a listener resuming is told so
+        assert [e.kind async for e in svc.runs.follow(rid, 2)] == ["reset", "status"]
+        assert [e.kind async for e in svc.runs.follow(rid, None)] == ["status"]
+        with refused(NotFound, 404):
+            await anext(svc.runs.follow("nope", None))
+
+    asyncio.run(listen())
+
+
+def test_records_of_a_bad_shape_are_refused_whole_and_the_run_stays_whole(svc, http):
+    from bncore.record.tables import CHANNEL_COLUMNS
+
+    run = client_run(svc, name="shapes", meta={"layers": ["bn"]})
+    w, rid = run["write_token"], run["id"]  # the run's write token
+
+    def channels(step: int, c: int) -> dict[str, Any]:
+        cols = {k: [[1.0] * c] for k in CHANNEL_COLUMNS}
+        ch = {"step": [step], "layer": ["bn"], **cols}
+        return {"steps": {"step": [step], "loss": [1.0]}, "channels": ch}
+
+    assert svc.runs.ingest(rid, body({"seq": 1, **channels(1, 3)}), w)["stored"]
+    # the layer's channel count changes
+    with refused(Invalid, 422, "'bn' has 3 channels in this run, this batch gives it 4"):
+        svc.runs.ingest(rid, body({"seq": 2, **channels(2, 4)}), w)
+    too_many = {"step": [1], **{f"p15_{j}": [1.0] for j in range(200)}}
+    for batch, words in [
+        ({"seq": 2**63, "steps": {"step": [2], "loss": [1.0]}}, "at most 2**62"),
+        ({"seq": 2, "steps": {"step": [2**63], "loss": [1.0]}}, "integers from 0 to 2**62"),
+        ({"seq": 2, "steps": {"step": [2**80], "loss": [1.0]}}, "integers from 0 to 2**62"),
+        ({"seq": 2, "steps": {"step": [2.5], "loss": [1.0]}}, "integers from 0 to 2**62"),
+        ({"seq": 2, "steps": {"step": [2], "made_up": [1.0]}}, "steps.made_up: unknown column"),
+        ({"seq": 2, "steps": {"step": [2], "pre_var": [1.0]}}, "steps.pre_var: unknown column"),
+        ({"seq": 2, "layers": too_many}, "layers has 201 columns; a table of a batch has at most"),
+        ({"seq": 2, "steps": {"step": [2], "x" * 70: [1.0]}}, "1 to 64 letters"),
+    ]:
+        with refused(Invalid, 422, words):
+            svc.runs.ingest(rid, body(batch), w)
+    # records come as JSON: the route refuses another content type before the service sees it
+    plain = http(svc).post(
+        f"/api/runs/{rid}/records",
+        content=body({"seq": 2, "steps": {"step": [2], "loss": [1.0]}}),
+        headers={"content-type": "text/plain", keys.HEADER: w},
+    )
+    assert plain.status_code == 422 and "Content-Type: application/json" in plain.json()["message"]
+    assert svc.runs.ingest(rid, body({"seq": 2, "steps": {"step": [2], "loss": [2.0]}}), w)
+    # nothing refused was stored, and the run reads, ends and is deleted as any other
+    assert svc.runs.get(rid)["steps_done"] == 2
+    s = loss(svc, rid)
+    assert s["steps"] == [1, 2] and s["values"] == [1.0, 2.0]
+    ch = wire(svc.records.channels(rid, None))["layers"]
+    assert [len(c["pre_var"]) for c in ch] == [3]
+    assert svc.records.layers(rid)["layers"] == ["bn"]
+    done = svc.runs.report_status(rid, StatusUpdate(status="completed"), w)
+    assert done["status"] == "completed"
+    svc.runs.delete(rid)
+
+
+def test_only_whoever_created_a_run_writes_its_records_and_status(svc, http):
+    """Each run has a write token (its worker's, or the script's that registered it): without
+    it nobody else can end it, fill it or stall it."""
+    mine = client_run(svc, name="mine")
+    other = client_run(svc, name="other")
+    assert mine["write_token"] and mine["write_token"] != other["write_token"]
+    rid = mine["id"]
+    assert svc.runs.out(svc.runs.get(rid)).get("write_token") is None  # given once
+    batch = body({"seq": 10**9, "steps": {"step": [1], "loss": [1.0]}})
+    for token in (None, other["write_token"], "guess"):
+        for write in (
+            lambda t: svc.runs.ingest(rid, batch, t),
+            lambda t: svc.runs.report_status(rid, StatusUpdate(status="completed"), t),
+            lambda t: svc.runs.heartbeat(rid, t),
+        ):
+            with refused(Forbidden, 403, keys.HEADER):
+                write(token)
+    assert svc.runs.get(rid)["status"] == "running"
+    assert svc.runs.get(rid)["steps_done"] == 0  # nothing of theirs was stored
+    w = {keys.HEADER: mine["write_token"]}
+    plain = {"content-type": "text/plain", **w}  # as a cross-site form would send it
+    r = http(svc).post(f"/api/runs/{rid}/status", content=b'{"status": "completed"}', headers=plain)
+    assert r.status_code == 422 and "application/json" in r.json()["message"]
+    ok = svc.runs.ingest(
+        rid, body({"seq": 1, "steps": {"step": [1], "loss": [1.0]}}), mine["write_token"]
+    )
+    assert ok == {"seq": 1, "stored": True}
+
+    # a queued run cannot be made to look started, and stays cancellable
+    run = svc.runs.create(config(steps=100_000, stats_interval=50))
+    with refused(Forbidden, 403):
+        svc.runs.report_status(run["id"], StatusUpdate(status="running"), None)
+    svc.runs.cancel(run["id"])
+    assert svc.runs.get(run["id"])["status"] == "cancelled"
+    svc.runs.delete(run["id"])
+
+
+def test_limits_on_what_one_request_can_make_the_server_do(service, http):
+    """Each bound answers a 4xx naming it, before anything is queued or stored."""
+    svc = service(max_runs=1, max_queued=2, max_run_memory=700 * 10**6, max_run_disk=2**20)
+    wide = tiny_run(model={"kind": "cnn", "width": 1024}, data={"name": "digits"})
+    with refused(NotRunnable, 400) as info:
+        svc.runs.create(parse_config(wide))
+    said = info.value.message
+    assert "--max-run-memory" in said and "of memory" in said and "model.width" in said
+    assert info.value.body()["detail"][0]["field"] == "model.width"
+    with refused(NotRunnable, 400, "--max-run-disk") as info:
+        svc.runs.create(config(steps=100_000, model={"depth": 8}))
+    assert info.value.body()["detail"][0]["field"] == "stats_interval"
+    assert total(svc) == 0  # none of them was stored
+
+    # the queue: two waiting (no scheduler runs here, so none of them starts), then 429 until
+    # there is room
+    long = tiny_run(steps=100_000, stats_interval=100, channel_interval=100)
+    ids = [svc.runs.create(parse_config(long))["id"] for _ in range(2)]
+    with refused(Busy, 429, "--max-queued"):
+        svc.runs.create(parse_config(long))
+    sweep = SweepCreate(base=long, grid={"optim.lr": [0.1, 0.2, 0.3]})
+    with refused(Busy, 429, "3 more do not fit"):
+        svc.sweeps.create(sweep)
+    assert total(svc) == 2
+    for rid in ids:
+        svc.runs.cancel(rid)
+    assert svc.runs.create(parse_config(long))["status"] == "queued"  # room again
+
+    # a script's run may keep at most --max-run-disk of records
+    run = client_run(svc, name="big")
+    w = run["write_token"]
+    steps = list(range(1, 20_001))
+    first = {"seq": 1, "steps": {"step": steps, "loss": [0.5] * len(steps)}}
+    assert svc.runs.ingest(run["id"], body(first), w)["stored"]
+    over = []
+    for seq in range(2, 12):
+        more = [s + 20_000 * (seq - 1) for s in steps]
+        batch = {"seq": seq, "steps": {"step": more, "loss": [0.5] * len(more)}}
+        try:
+            svc.runs.ingest(run["id"], body(batch), w)
+        except DomainError as exc:
+            over.append(exc)
+            break
+    assert over and isinstance(over[0], TooLarge) and over[0].status == 413, over
+    assert "--max-run-disk" in over[0].message
+    assert loss(svc, run["id"])["points_total"] == 20_000 * (seq - 1)  # whole batches
+
+    # a read's fan-out: repeated names count once, and the series it reads are bounded
+    r = http(svc).get(f"/api/runs/{run['id']}/metrics", params={"stat": ["loss"] * 2000})
+    assert r.status_code == 422 and "64" in r.json()["message"], r.text[:300]
+    read = svc.records.metrics(run["id"], ["loss"] * 50, None, None, None, 2000)
+    assert len(read["series"]) == 1
+    many = client_run(svc, meta={"layers": [f"bn{i}" for i in range(600)]})
+    with refused(BadRequest, 400, "at most 1024"):
+        svc.records.metrics(many["id"], ["pre_mean", "pre_var"], None, None, None, 2000)
+
+
+def test_metrics_reads_and_their_bounds(svc):
+    run = client_run(svc, name="reads", meta={"layers": ["block0", "block1"]})
+    w, rid = run["write_token"], run["id"]
+    steps = list(range(1, 121))
+    layers = {
+        "step": [s for s in steps for _ in range(2)],
+        "layer": ["block0", "block1"] * len(steps),
+        "pre_var": [float(s % 7) for s in steps for _ in range(2)],
+    }
+    loss_values = [1.0 / s for s in steps]
+    loss_values[57] = 5.0  # an outlier inside a bucket
+    svc.runs.ingest(rid, body({"seq": 1, "steps": {"step": steps, "loss": loss_values},
+                               "layers": layers}), w)  # fmt: skip
+    m = wire(svc.records.metrics(rid, ["loss", "pre_var"], None, None, None, 20))
+    by = {(s["layer"], s["stat"]): s for s in m["series"]}
+    assert set(by) == {("", "loss"), ("block0", "pre_var"), ("block1", "pre_var")}
+    short = by[("", "loss")]
+    assert short["points_total"] == 120 and len(short["steps"]) <= 20
+    assert max(short["values"]) == 5.0  # the bucket extremes survive
+    full = loss(svc, rid)
+    assert full["steps"] == steps
+    part = wire(svc.records.metrics(rid, ["pre_var"], ["block1"], 50, 60, 2000))["series"]
+    assert len(part) == 1 and part[0]["steps"] == list(range(50, 61))
+    for args, words in [
+        ((["nope"], None, None, None), "unknown stat 'nope'"),
+        ((["pre_var"], ["block9"], None, None), "unknown layer 'block9'"),
+        ((["loss"], None, 9, 3), "is after"),
+    ]:
+        with refused(BadRequest, 400, words):
+            svc.records.metrics(rid, *args, 2000)
+    with refused(NotFound, 404, "no per-channel arrays at step 7"):
+        svc.records.channels(rid, 7)
+    with refused(NotFound, 404, "no run with id 'nope'"):
+        svc.records.metrics("nope", ["loss"], None, None, None, 2000)
+
+
+def test_sweep_makes_one_run_per_point(svc):
+    body = SweepCreate(
+        name="bn-vs-lr",
+        base=tiny_run(steps=15),
+        grid={"norm.kind": ["batch", "none"], "optim.lr": [0.01, 0.1]},
+    )
+    sweep = svc.sweeps.create(body)
+    labels = sorted(run["name"] for run in sweep["runs"])
+    assert len(labels) == 4 and "bn-vs-lr: norm.kind=none, optim.lr=0.1" in labels
+    assert {run["status"] for run in sweep["runs"]} == {"queued"}  # (trained: test_server.py)
+    again = svc.sweeps.get(sweep["id"])
+    assert {r["config"]["norm"]["kind"] for r in again["runs"]} == {"batch", "none"}
+    before = total(svc)
+    with refused(InvalidGridPoint, 422) as info:
+        svc.sweeps.create(SweepCreate(base={}, grid={"optim.lr": [0.1, -1]}))
+    detail = info.value.body()["detail"]
+    assert detail[0]["point"] == "optim.lr=-1" and detail[0]["field"] == "optim.lr"
+    assert info.value.message.startswith("grid point optim.lr=-1: optim.lr: Input should be")
+    assert info.value.point == "optim.lr=-1" and info.value.field_errors[0][0] == "optim.lr"
+    # a key that no config can hold is typed apart, with the key as its field
+    with refused(UnknownSweepField, 422, "sweep key 'steps.x'") as info:
+        svc.sweeps.create(SweepCreate(base=tiny_run(), grid={"steps.x": [1, 2]}))
+    assert info.value.field == "steps.x"
+    for bad, words in [
+        (SweepCreate(base={}), "give either grid"),
+        (SweepCreate(grid={"seed": [1]}, points=[{"seed": 2}]), "give either grid"),
+        (SweepCreate(grid={"seed": []}), "at least one value"),
+        (SweepCreate(grid={"seed": list(range(257))}), "the sweep has 257 points; at most 256"),
+    ]:
+        with refused(Invalid, 422, words):
+            svc.sweeps.create(bad)
+    assert total(svc) == before  # nothing queued
+    with refused(NotFound, 404, "no sweep with id 'nope'"):
+        svc.sweeps.get("nope")
