@@ -26,7 +26,7 @@ import numpy as np
 from api import synthetic_batch
 from playwright.sync_api import sync_playwright
 
-from dashboard.browser import WATCH_LONG_TASKS, launch
+from dashboard.browser import WATCH_LONG_TASKS, launch_browser
 from server.process import ServerProcess, wait_for
 
 LAYERS = [f"block{i}" for i in range(20)]
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, sync_playwright() as pw:
         srv = ServerProcess(Path(tmp), "--max-runs", "1").start()
-        browser = launch(pw)
+        browser = launch_browser(pw)
         try:
             run_id = big_run(srv, args.steps)
             cold = []

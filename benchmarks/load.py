@@ -31,6 +31,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import orjson
+from api import TRAIN as API_TRAIN  # benchmarks/api.py, beside this script
 from httpx_sse import aconnect_sse
 
 from server.process import ServerProcess, wait_for
@@ -39,9 +40,8 @@ ENV: dict[str, str] = {}
 LAYERS = [f"block{i}" for i in range(20)]
 STATS = ["pre_mean", "pre_var", "post_mean", "post_var", "running_mean", "gamma", "loss"]
 TRAIN = {
+    **API_TRAIN,
     "model": {"depth": 6, "width": 64},
-    "data": {"name": "mnist1d"},
-    "batch_size": 64,
     "channel_interval": 20,
     "eval_interval": 500,
     "steps": 1_000_000,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import importlib
 import queue
 import statistics
 import sys
@@ -126,14 +127,26 @@ class Loop:
                 self.after(self.i, loss)
 
 
+def optional(module: str, package: str | None = None) -> Any:
+    """``module`` imported, or None (saying so) where its package is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        print(f"  ({package or module} not installed: its row is left out)")
+        return None
+
+
 def phases(model: nn.Module, data) -> Iterator[tuple[dict[str, Loop], list[Callable[[], None]]]]:
     """Pairs of loops timed together: a plain loop and one instrumented variant."""
     closers: list[Callable[[], None]]
 
+    def pair() -> tuple[dict[str, Loop], Loop]:
+        """The plain loop, and a copy of it for a variant to instrument."""
+        return {"plain": Loop(copy.deepcopy(model), data)}, Loop(copy.deepcopy(model), data)
+
     everything = {"channel_interval": 1, "measure_interval": 1}
     for label, every in (("bnscope watch", {}), ("bnscope watch, all at every step", everything)):
-        loops, closers = {"plain": Loop(copy.deepcopy(model), data)}, []
-        watched = Loop(copy.deepcopy(model), data)
+        (loops, watched), closers = pair(), []
         run = ClientRun(Client("http://127.0.0.1:9"), "bench", heartbeat=None, **every)
         run.sink.abandon()
         run.sink = EncodingSink()  # type: ignore[assignment]
@@ -143,13 +156,9 @@ def phases(model: nn.Module, data) -> Iterator[tuple[dict[str, Loop], list[Calla
         closers += [run.unwatch, lambda run=run: run.sink.finish({})]
         yield loops, closers
 
-    try:
-        import wandb
-    except ImportError:
-        print("  (wandb not installed: its row is left out)")
-    else:
-        loops, closers = {"plain": Loop(copy.deepcopy(model), data)}, []
-        loop = Loop(copy.deepcopy(model), data)
+    wandb = optional("wandb")
+    if wandb is not None:
+        (loops, loop), closers = pair(), []
         wrun = wandb.init(mode="offline", dir=tempfile.mkdtemp(), project="bench", reinit=True)
         wandb.watch(loop.model, log="all", log_freq=1)
         loop.after = lambda step, loss: wrun.log({"loss": loss.item()}, step=step)
@@ -157,14 +166,10 @@ def phases(model: nn.Module, data) -> Iterator[tuple[dict[str, Loop], list[Calla
         closers.append(wrun.finish)
         yield loops, closers
 
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("  (tensorboard not installed: its row is left out)")
-    else:
-        loops, closers = {"plain": Loop(copy.deepcopy(model), data)}, []
-        loop = Loop(copy.deepcopy(model), data)
-        writer = SummaryWriter(tempfile.mkdtemp())
+    tensorboard = optional("torch.utils.tensorboard", "tensorboard")
+    if tensorboard is not None:
+        (loops, loop), closers = pair(), []
+        writer = tensorboard.SummaryWriter(tempfile.mkdtemp())
         for name, m in loop.model.named_modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
 

@@ -27,7 +27,7 @@ new PerformanceObserver((list) => {
 """
 
 
-def launch(playwright):
+def launch_browser(playwright):
     """The system Chromium, headless; raises FileNotFoundError if it is not installed."""
     if not os.path.exists(CHROMIUM):
         raise FileNotFoundError(f"no Chromium at {CHROMIUM} (apt-get install chromium)")

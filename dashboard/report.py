@@ -23,7 +23,7 @@ from server.schemas import ERROR_RESPONSES
 from server.service import Service
 
 #: The figures of the report, in order, with the heading each sits under.
-SECTIONS = {
+REPORT_SECTIONS = {
     "Training": ("fig-loss", "fig-acc"),
     "Batch statistics through depth and time": ("fig-heat-var", "fig-heat-mean", "fig-channels"),
     "Gradients": ("fig-depth", "fig-heat-grad", "fig-heat-sat"),
@@ -73,7 +73,7 @@ def render(svc: Service, run_id: str) -> str:
         parts.append(f"<pre>{html.escape(run['message'])}</pre>")
     if run.get("final"):
         parts += ["<h2>Summary (final evaluation)</h2>", _table(run["final"])]
-    for heading, ids in SECTIONS.items():
+    for heading, ids in REPORT_SECTIONS.items():
         shown = [figs[g] for g in ids if g in figs]
         if not shown:
             continue

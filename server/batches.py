@@ -26,7 +26,7 @@ from bncore.record.tables import (
 from server.errors import Invalid
 from server.store.schema import MAX_INT
 
-NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,63}")
+LAYER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,63}")
 MAX_COLUMNS = 128  # columns of one table in a batch (a run's own: about 80 at most)
 MAX_LAYERS = 512  # distinct layers in one batch's tables
 PER_LAYER = ("layers", "layer_evals", "channels")  # tables with a 'layer' column
@@ -103,7 +103,7 @@ def _table(name: str, t: Any) -> dict[str, np.ndarray]:
 def _column(table: str, col: str, values: Any, n: int) -> np.ndarray:
     """One column of a table of ``n`` rows, checked."""
     where = f"{table}.{col}"
-    if not NAME.fullmatch(col):
+    if not LAYER_NAME.fullmatch(col):
         raise Invalid(
             f"{where[:80]}: column names are 1 to 64 letters, digits, _ and .",
             field=table,
@@ -129,12 +129,12 @@ def _column(table: str, col: str, values: Any, n: int) -> np.ndarray:
 
 
 def _layers(values: list[Any]) -> np.ndarray:
-    """A layer column: at most MAX_LAYERS names, each as NAME allows."""
+    """A layer column: at most MAX_LAYERS names, each as LAYER_NAME allows."""
     arr = np.asarray([str(v) for v in values])
     names = set(arr.tolist())
     if len(names) > MAX_LAYERS:
         raise ValueError(f"{len(names)} layers; a batch has at most {MAX_LAYERS}")
-    if any(not NAME.fullmatch(v) for v in names):
+    if any(not LAYER_NAME.fullmatch(v) for v in names):
         raise ValueError("layer names are 1 to 64 letters, digits, _ and .")
     return arr
 

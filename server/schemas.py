@@ -180,7 +180,7 @@ class ExperimentStart(BaseModel):
     )
 
 
-class Panel(BaseModel):
+class PanelOut(BaseModel):
     title: str
     kind: Literal["over_steps", "by_value"]
     x_label: str
@@ -197,7 +197,7 @@ class ExperimentResult(BaseModel):
     note: str
     runs_total: int
     runs_finished: int
-    panels: list[Panel]
+    panels: list[PanelOut]
 
 
 class Series(BaseModel):

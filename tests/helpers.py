@@ -126,3 +126,22 @@ class Touch:
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (open, (str(self.marker), "w"))
+
+
+def check_cuda_kernel_choice(x: Any, w: Any, b: Any, monkeypatch: Any) -> None:
+    """On CUDA input the compiled kernel runs; the reference only once compiling has failed or
+    when forced; the fused CPU kernel never (tests/bncore/nn/test_cuda.py on a GPU,
+    tests/bncore/nn/test_kernels.py with fake CUDA tensors)."""
+    from bncore.nn import kernels
+    from bncore.nn.kernels import compiled, reference
+
+    monkeypatch.setattr(compiled, "available", lambda: True)
+    assert kernels.select(x, None, None) is compiled
+    assert kernels.select(x, w, b) is compiled
+    with kernels.use("compiled"):
+        assert kernels.select(x, w, b) is compiled
+    for forced in ("reference", "cpu"):  # the CPU kernel cannot take it: the reference does
+        with kernels.use(forced):
+            assert kernels.select(x, w, b) is reference, forced
+    monkeypatch.setattr(compiled, "available", lambda: False)  # compiling failed
+    assert kernels.select(x, w, b) is reference

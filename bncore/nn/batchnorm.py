@@ -28,8 +28,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn import init
 
+from bncore.nn import kernels
 from bncore.nn.byproducts import BNStats, Capture, Recording
-from bncore.nn.functional import batch_norm_with_stats, train_batch_norm
+from bncore.nn.functional import batch_norm_with_stats
 from bncore.nn.kernels import reference
 from bncore.nn.kernels.reference import Running
 
@@ -218,11 +219,21 @@ class BatchNorm(BatchNormBase):
         # and leave them as they are; the gradient flows through gamma and beta
         self.frozen = False
 
+    #: The input ranks a subclass takes, with their shape as the error message names it (None:
+    #: any rank from 2 on).
+    ranks: tuple[tuple[int, str], ...] | None = None
+
     def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() < 2:
+        ranks, dim = self.ranks, input.dim()
+        if ranks is None and dim < 2:
             raise ValueError(
-                f"expected at least 2D input (N, C, ...), got {input.dim()}D input of shape "
+                f"expected at least 2D input (N, C, ...), got {dim}D input of shape "
                 f"{tuple(input.shape)}"
+            )
+        if ranks is not None and dim not in dict(ranks):
+            expected = " or ".join(f"{d}D {shape}" for d, shape in ranks)
+            raise ValueError(
+                f"expected {expected} input (got {dim}D input of shape {tuple(input.shape)})"
             )
 
     def record_to(self, recording: Recording | None) -> Recording | None:
@@ -298,7 +309,7 @@ class BatchNorm(BatchNormBase):
                 running_mean, running_var, self._running_factor(), self.unbiased_running_var
             )
         keep = Capture.of(self.stats, self.recording, input)
-        return train_batch_norm(input, weight, bias, self.eps, running, keep)
+        return kernels.training_batch_norm(input, weight, bias, self.eps, running, keep)
 
     def _traceable_forward(
         self,
@@ -335,31 +346,16 @@ class BatchNorm(BatchNormBase):
 class BatchNorm1d(BatchNorm):
     r"""Batch normalization of a 2D ``(N, C)`` or 3D ``(N, C, L)`` input, per channel C."""
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() not in (2, 3):
-            raise ValueError(
-                f"expected 2D (N, C) or 3D (N, C, L) input (got {input.dim()}D input of shape "
-                f"{tuple(input.shape)})"
-            )
+    ranks = ((2, "(N, C)"), (3, "(N, C, L)"))
 
 
 class BatchNorm2d(BatchNorm):
     r"""Batch normalization of a 4D ``(N, C, H, W)`` input, per channel C over N, H and W."""
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 4:
-            raise ValueError(
-                f"expected 4D (N, C, H, W) input (got {input.dim()}D input of shape "
-                f"{tuple(input.shape)})"
-            )
+    ranks = ((4, "(N, C, H, W)"),)
 
 
 class BatchNorm3d(BatchNorm):
     r"""Batch normalization of a 5D ``(N, C, D, H, W)`` input, per channel C."""
 
-    def _check_input_dim(self, input: Tensor) -> None:
-        if input.dim() != 5:
-            raise ValueError(
-                f"expected 5D (N, C, D, H, W) input (got {input.dim()}D input of shape "
-                f"{tuple(input.shape)})"
-            )
+    ranks = ((5, "(N, C, D, H, W)"),)

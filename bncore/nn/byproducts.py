@@ -95,24 +95,13 @@ class BNStats:
         self.mean, self.var, self.grad, self.act = mean, var, grad, act
         self.steps += 1
 
-    def _row(self, i: int) -> Tensor | None:
-        return None if self.grad is None else self.grad[i]
-
-    @property
-    def sum_dy_xhat(self) -> Tensor | None:
-        return self._row(0)
-
-    @property
-    def sum_dy(self) -> Tensor | None:
-        return self._row(1)
-
-    @property
-    def dy_sq(self) -> Tensor | None:
-        return self._row(2)
-
-    @property
-    def dx_sq(self) -> Tensor | None:
-        return self._row(3)
+    def __getattr__(self, name: str) -> Tensor | None:
+        """A row of ``grad`` by its name in GRAD_ROWS (``stats.sum_dy``); None before a
+        forward."""
+        rows = type(self).GRAD_ROWS
+        if name not in rows:
+            raise AttributeError(f"BNStats has no attribute {name!r}")
+        return None if self.grad is None else self.grad[rows.index(name)]
 
     def clear(self) -> None:
         self.mean = self.var = self.grad = self.act = None

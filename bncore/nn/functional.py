@@ -23,7 +23,7 @@ from bncore.nn.byproducts import BNStats, Capture
 from bncore.nn.kernels import reference
 from bncore.nn.kernels.reference import Running
 
-__all__ = ["batch_norm", "batch_norm_with_stats", "eval_batch_norm", "train_batch_norm"]
+__all__ = ["batch_norm", "batch_norm_with_stats", "eval_batch_norm"]
 
 
 def _check(
@@ -91,7 +91,7 @@ def eval_batch_norm(
     return y.to(input.dtype)
 
 
-def batch_norm_with_stats(
+def batch_norm(
     input: Tensor,
     running_mean: Tensor | None,
     running_var: Tensor | None,
@@ -104,9 +104,13 @@ def batch_norm_with_stats(
     stats: BNStats | None = None,
     unbiased_running_var: bool = True,
 ) -> Tensor:
-    """:func:`batch_norm`, also recording the by-product statistics into ``stats``.
+    r"""Batch normalization over the channel dimension (dim 1) of ``input`` of shape (N, C, ...).
 
-    ``momentum`` may be a 0-d tensor (the cumulative average's 1/k, without a host sync).
+    Same arguments and results as :func:`torch.nn.functional.batch_norm`: in training mode the
+    batch statistics normalize and, if given, ``running_mean``/``running_var`` are updated in
+    place with ``momentum``; otherwise the running buffers normalize. Beyond torch's:
+    ``stats`` (a :class:`~bncore.nn.byproducts.BNStats`) receives the by-product statistics;
+    ``momentum`` may be a 0-d tensor (the cumulative average's 1/k, without a host sync);
     ``unbiased_running_var=False`` feeds the biased batch variance to the running variance, as
     Keras does.
     """
@@ -117,48 +121,8 @@ def batch_norm_with_stats(
     running = None
     if running_mean is not None and running_var is not None:
         running = Running(running_mean, running_var, momentum, unbiased_running_var)
-    return train_batch_norm(input, weight, bias, eps, running, Capture(stats))
+    return kernels.training_batch_norm(input, weight, bias, eps, running, Capture(stats))
 
 
-def train_batch_norm(
-    input: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    running: Running | None,
-    keep: Capture,
-) -> Tensor:
-    """Normalize with batch statistics (training mode), moving ``running`` if given and keeping
-    what ``keep`` asks for.
-
-    The hot path of the BatchNorm modules, which have checked everything else already.
-    """
-    n = input.numel()
-    if n == input.shape[1]:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {input.size()}"
-        )
-    if n == 0:
-        return input.clone()
-    return kernels.training_batch_norm(input, weight, bias, eps, running, keep)
-
-
-def batch_norm(
-    input: Tensor,
-    running_mean: Tensor | None,
-    running_var: Tensor | None,
-    weight: Tensor | None = None,
-    bias: Tensor | None = None,
-    training: bool = False,
-    momentum: float = 0.1,
-    eps: float = 1e-5,
-) -> Tensor:
-    r"""Batch normalization over the channel dimension (dim 1) of ``input`` of shape (N, C, ...).
-
-    Same arguments and results as :func:`torch.nn.functional.batch_norm`: in training mode the
-    batch statistics normalize and, if given, ``running_mean``/``running_var`` are updated in
-    place with ``momentum``; otherwise the running buffers normalize.
-    """
-    return batch_norm_with_stats(
-        input, running_mean, running_var, weight, bias, training, momentum, eps
-    )
+#: :func:`batch_norm`, named for what its keyword arguments add.
+batch_norm_with_stats = batch_norm

@@ -43,7 +43,7 @@ import warnings
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -75,6 +75,20 @@ ACTIVATION_MODULES: dict[type[nn.Module], str] = {
     nn.Hardswish: "hardswish",
     nn.Mish: "mish",
 }
+
+
+class BatchNormCall(NamedTuple):
+    """The arguments of a training-mode ``F.batch_norm`` call (``training`` is True)."""
+
+    input: Tensor
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    weight: Tensor | None
+    bias: Tensor | None
+    momentum: float
+    eps: float
+
+
 #: Modules whose weight can feed a BN layer.
 WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -331,18 +345,9 @@ class Watcher:
 
     # -- the forward --------------------------------------------------------------------------
 
-    def batch_norm(
-        self,
-        owner: tuple[str, nn.Module],
-        input: Tensor,
-        running_mean: Tensor | None,
-        running_var: Tensor | None,
-        weight: Tensor | None,
-        bias: Tensor | None,
-        momentum: float,
-        eps: float,
-    ) -> Tensor:
+    def batch_norm(self, owner: tuple[str, nn.Module], call: BatchNormCall) -> Tensor:
         """A training-mode F.batch_norm of a watched layer: computed and recorded."""
+        input, running_mean, running_var, weight, bias, momentum, eps = call
         name, module = owner
         layer = self._layer(name, module, input.shape[1], eps)
         layer.tensors = (running_mean, running_var, weight, bias)
@@ -661,9 +666,8 @@ def _train(
                 continue
             if input.numel() == input.shape[1] or eps <= 0:
                 break  # torch's own error message
-            return watcher.batch_norm(
-                owner, input, running_mean, running_var, weight, bias, momentum, eps
-            )
+            call = BatchNormCall(input, running_mean, running_var, weight, bias, momentum, eps)
+            return watcher.batch_norm(owner, call)
     return _ORIGINAL(input, running_mean, running_var, weight, bias, True, momentum, eps)
 
 

@@ -22,10 +22,10 @@ from torch import Tensor
 from bncore.run.landscape import preserved
 from bncore.run.models import Net
 
-__all__ = ["channel_moments", "signal_propagation"]
+__all__ = ["signal_moments", "signal_propagation"]
 
 
-def channel_moments(x: Tensor) -> tuple[float, float]:
+def signal_moments(x: Tensor) -> tuple[float, float]:
     """(average channel squared mean, average channel variance) of an (N, C, ...) tensor."""
     var, mean = torch.var_mean(x.double(), [0, *range(2, x.dim())], correction=0)
     return float(mean.square().mean()), float(var.mean())
@@ -49,7 +49,7 @@ def signal_propagation(model: Net, x: Tensor) -> dict[str, tuple[float, float, f
         out = {}
         for name, r in blocks:
             assert r.out is not None and r.branch_out is not None
-            out[name] = (*channel_moments(r.out), channel_moments(r.branch_out)[1])
+            out[name] = (*signal_moments(r.out), signal_moments(r.branch_out)[1])
         return out
     finally:
         for _, r in blocks:

@@ -22,14 +22,14 @@ import torch
 
 from bncore.nn.batchnorm import BatchNorm1d
 
-__all__ = ["SEED_EXAMPLE", "explain", "parse_batch"]
+__all__ = ["SEED_EXAMPLE", "explain", "parse_values"]
 
 #: Seed 001's worked example: it states mean 6 and variance 9, which are not this batch's.
 SEED_EXAMPLE = "1, 4, 6, 8, 10, 9"
 MAX_VALUES = 1000
 
 
-def parse_batch(text: str) -> np.ndarray:
+def parse_values(text: str) -> np.ndarray:
     """A batch from text: one example per line, channels separated by commas or spaces (a single
     line of numbers is one channel, one example per number). Returns (N, C) float64."""
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 from dash import Input, Output, dcc, html
 
-from bncore.science.calculator import SEED_EXAMPLE, explain, parse_batch
+from bncore.science.calculator import SEED_EXAMPLE, explain, parse_values
 from dashboard.wiring import callback
 
 PARAMS = (("gamma", 1.0), ("beta", 0.0), ("eps", 1e-5), ("momentum", 0.1),
@@ -73,7 +73,7 @@ def _channel(r: dict[str, Any], j: int) -> html.Div:
 
 
 def _seed_note(x: np.ndarray) -> html.P | None:
-    if x.shape[1] != 1 or not np.array_equal(x[:, 0], parse_batch(SEED_EXAMPLE)[:, 0]):
+    if x.shape[1] != 1 or not np.array_equal(x[:, 0], parse_values(SEED_EXAMPLE)[:, 0]):
         return None
     mu = x[:, 0].mean()
     seed_hat = (x[:, 0] - 6) / 3
@@ -100,7 +100,7 @@ def compute(text: str | None, *params: float | None) -> Any:
         missing = [name for (name, _), p in zip(PARAMS, params, strict=True) if p is None]
         return html.P(f"set {', '.join(missing)} to a number", className="field-error")
     try:
-        x = parse_batch(text or "")
+        x = parse_values(text or "")
         r = explain(x, *given)
     except ValueError as exc:
         return html.P(str(exc), className="field-error", id="calc-error")

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from server.hub import Hub
 from server.scheduler import Scheduler
-from server.service.records import Records
-from server.service.runs import Runs
-from server.service.sweeps import Sweeps
+from server.service.records import RecordService
+from server.service.runs import RunService
+from server.service.sweeps import SweepService
 from server.settings import Settings
 from server.store import Store
 
@@ -30,9 +30,9 @@ class Service:
     store: Store
     hub: Hub
     scheduler: Scheduler
-    runs: Runs
-    sweeps: Sweeps
-    records: Records
+    runs: RunService
+    sweeps: SweepService
+    records: RecordService
 
     async def start(self, api_url: str) -> None:
         """Start training queued runs (workers report to ``api_url``)."""
@@ -51,5 +51,5 @@ def build(settings: Settings) -> Service:
     store = Store(settings.db_url, settings.durability)
     hub = Hub()
     scheduler = Scheduler(store, settings, on_status=lambda run_id: runs.publish_status(run_id))
-    runs = Runs(settings, store, hub, scheduler)
-    return Service(settings, store, hub, scheduler, runs, Sweeps(runs), Records(runs))
+    runs = RunService(settings, store, hub, scheduler)
+    return Service(settings, store, hub, scheduler, runs, SweepService(runs), RecordService(runs))

@@ -17,7 +17,7 @@ from bncore.record.tables import (
     channel_column,
 )
 from server.errors import BadRequest, NotFound
-from server.service.runs import Runs
+from server.service.runs import RunService
 from server.store.reads import Key, Series
 from server.store.schema import COARSE
 
@@ -41,8 +41,8 @@ def _table_of(stat: str) -> str:
 MAX_SERIES = 1024
 
 
-class Records:
-    def __init__(self, runs: Runs) -> None:
+class RecordService:
+    def __init__(self, runs: RunService) -> None:
         self.runs, self.reads = runs, runs.store.reads
 
     # -- series, whole: for a chart that downsamples them itself (the dashboard) ------------

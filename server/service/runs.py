@@ -39,7 +39,7 @@ from server.views import run_out
 log = logging.getLogger("bnscope.server")
 
 
-class Runs:
+class RunService:
     def __init__(self, settings: Settings, store: Store, hub: Hub, scheduler: Scheduler) -> None:
         self.settings, self.store, self.hub, self.scheduler = settings, store, hub, scheduler
         #: when each script-reported run (bnscope.client) last said anything (time.monotonic())

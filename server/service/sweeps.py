@@ -13,13 +13,13 @@ from bncore.science.experiments import EXPERIMENTS, Experiment, Point, needs, re
 from bncore.status import FINISHED
 from server.errors import Conflict, Invalid, InvalidGridPoint, NotFound, UnknownSweepField
 from server.schemas import ExperimentStart, SweepCreate
-from server.service.runs import Runs
+from server.service.runs import RunService
 
 MAX_POINTS = 256  # runs in one sweep, at most
 
 
-class Sweeps:
-    def __init__(self, runs: Runs) -> None:
+class SweepService:
+    def __init__(self, runs: RunService) -> None:
         self.runs, self.store = runs, runs.store
 
     def create(self, body: SweepCreate, experiment: str | None = None) -> dict[str, Any]:

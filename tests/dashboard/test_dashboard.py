@@ -14,7 +14,7 @@ from server.process import ServerProcess, wait_for
 from tests.helpers import free_port
 
 playwright = pytest.importorskip("playwright.sync_api")
-from dashboard.browser import CHROMIUM, launch  # noqa: E402
+from dashboard.browser import CHROMIUM, launch_browser  # noqa: E402
 
 pytestmark = [
     pytest.mark.timeout(300),
@@ -54,7 +54,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def browser():
     with playwright.sync_playwright() as pw:
-        b = launch(pw)
+        b = launch_browser(pw)
         yield b
         b.close()
 
@@ -209,28 +209,39 @@ def test_a_diverged_run_says_so(page, server):
     shot(page, "dashboard-diverged.png")
 
 
-def test_page_survives_a_lost_server_and_reconnects(browser, tmp_path):
+@pytest.fixture
+def on_a_port(browser, tmp_path):
+    """A server of its own on a fixed port (to be killed and started again there), a page, and
+    how to start the server again: (server, page, restart)."""
     port = str(free_port())
-    srv = ServerProcess(tmp_path, "--port", port).start()
+    started = [ServerProcess(tmp_path, "--port", port).start()]
+
+    def restart() -> ServerProcess:
+        started.append(ServerProcess(tmp_path, "--port", port).start())
+        return started[-1]
+
     page = browser.new_page()
-    try:
-        with srv.client() as api:
-            run_id = api.post(
-                "/api/runs", json={**SMALL, "steps": 1_000_000, "channel_interval": 1000}
-            ).json()["id"]
-        page.goto(f"{srv.url}/dashboard/?run={run_id}")
-        wait_for(lambda: points(page, "fig-loss") > 10, 60)
-        srv.kill()
-        wait_for(lambda: page.inner_text("#live-indicator") == "reconnecting…", 20)
-        assert points(page, "fig-loss") > 10, "what was drawn stays"
-        assert page.locator("#run-banner").inner_text()
-        srv = ServerProcess(tmp_path, "--port", port).start()
-        banner = page.locator("#run-banner")
-        banner.get_by_text("interrupted").wait_for(timeout=30_000)  # reconnected by itself
-        shot(page, "dashboard-reconnected.png")
-    finally:
-        page.close()
-        srv.stop()
+    yield started[0], page, restart
+    page.close()
+    started[-1].stop()
+
+
+def test_page_survives_a_lost_server_and_reconnects(on_a_port):
+    srv, page, restart = on_a_port
+    with srv.client() as api:
+        run_id = api.post(
+            "/api/runs", json={**SMALL, "steps": 1_000_000, "channel_interval": 1000}
+        ).json()["id"]
+    page.goto(f"{srv.url}/dashboard/?run={run_id}")
+    wait_for(lambda: points(page, "fig-loss") > 10, 60)
+    srv.kill()
+    wait_for(lambda: page.inner_text("#live-indicator") == "reconnecting…", 20)
+    assert points(page, "fig-loss") > 10, "what was drawn stays"
+    assert page.locator("#run-banner").inner_text()
+    restart()
+    banner = page.locator("#run-banner")
+    banner.get_by_text("interrupted").wait_for(timeout=30_000)  # reconnected by itself
+    shot(page, "dashboard-reconnected.png")
 
 
 @pytest.mark.timeout(600)
@@ -493,28 +504,22 @@ def test_wrong_ids_say_what_is_wrong(page, server):
     shot(page, "dashboard-compare-missing.png")
 
 
-def test_a_banner_says_when_the_server_is_gone_and_goes_on_its_return(browser, tmp_path):
-    port = str(free_port())
-    srv = ServerProcess(tmp_path, "--port", port).start()
-    page = browser.new_page()
-    try:
-        page.goto(f"{srv.url}/dashboard/")
-        page.wait_for_selector("#runs-table")
-        time.sleep(1.5)
-        assert not page.locator("#conn-banner.down").count()
-        srv.kill()
-        started = time.monotonic()
-        page.wait_for_selector("#conn-banner.down", timeout=3000)
-        assert time.monotonic() - started < 3.5
-        assert "unreachable" in page.inner_text("#conn-banner")
-        page.click("#tabs >> text=Compare")  # over every tab
-        assert page.locator("#conn-banner.down").is_visible()
-        shot(page, "dashboard-server-gone.png")
-        srv = ServerProcess(tmp_path, "--port", port).start()
-        page.wait_for_selector("#conn-banner.down", state="detached", timeout=15_000)
-    finally:
-        page.close()
-        srv.stop()
+def test_a_banner_says_when_the_server_is_gone_and_goes_on_its_return(on_a_port):
+    srv, page, restart = on_a_port
+    page.goto(f"{srv.url}/dashboard/")
+    page.wait_for_selector("#runs-table")
+    time.sleep(1.5)
+    assert not page.locator("#conn-banner.down").count()
+    srv.kill()
+    started = time.monotonic()
+    page.wait_for_selector("#conn-banner.down", timeout=3000)
+    assert time.monotonic() - started < 3.5
+    assert "unreachable" in page.inner_text("#conn-banner")
+    page.click("#tabs >> text=Compare")  # over every tab
+    assert page.locator("#conn-banner.down").is_visible()
+    shot(page, "dashboard-server-gone.png")
+    restart()
+    page.wait_for_selector("#conn-banner.down", state="detached", timeout=15_000)
 
 
 def test_a_phone_sees_every_figure_within_its_screen(browser, server):

@@ -67,13 +67,13 @@ def test_docs_pages_load_only_what_the_server_serves(server, page):
 
 def test_docs_render_offline_in_a_browser(server):
     sync_api = pytest.importorskip("playwright.sync_api")
-    from dashboard.browser import CHROMIUM, launch
+    from dashboard.browser import CHROMIUM, launch_browser
 
     if not Path(CHROMIUM).exists():
         pytest.skip(f"no Chromium at {CHROMIUM}")
     origin = urlsplit(server.url).netloc
     with sync_api.sync_playwright() as pw:
-        browser = launch(pw)
+        browser = launch_browser(pw)
         try:
             page = browser.new_page(viewport={"width": 1366, "height": 900})
             elsewhere: list[str] = []

@@ -229,16 +229,21 @@ def test_a_sink_splits_what_it_has_waiting_into_posts_the_server_takes(api, serv
     assert s["points_total"] == 24_000
 
 
+def training_pid(api: httpx.Client, run_id: str, after_steps: int) -> int:
+    """The pid of the worker training ``run_id``, once it is past ``after_steps`` steps."""
+
+    def pid() -> int | None:
+        r = api.get(f"/api/runs/{run_id}").json()
+        return r["pid"] if r["steps_done"] > after_steps else None
+
+    return wait_for(pid, 60)
+
+
 def test_a_killed_worker_fails_its_run_only(api):
     run = api.post(
         "/api/runs", json=tiny_run(steps=1_000_000, stats_interval=10, channel_interval=1000)
     ).json()
-
-    def worker_pid() -> int | None:
-        r = api.get(f"/api/runs/{run['id']}").json()
-        return r["pid"] if r["steps_done"] > 0 else None
-
-    pid = wait_for(worker_pid, 60)
+    pid = training_pid(api, run["id"], after_steps=0)
     os.kill(pid, signal.SIGKILL)
     failed = finished(api, run["id"], 10)
     assert failed["status"] == "failed" and "killed (signal 9)" in failed["message"]
@@ -429,12 +434,7 @@ def test_a_worker_stops_within_2s_of_its_server_dying(tmp_path, record_property,
             run = api.post(
                 "/api/runs", json=tiny_run(steps=1_000_000, stats_interval=5, channel_interval=100)
             ).json()
-
-            def training_pid() -> int | None:
-                r = api.get(f"/api/runs/{run['id']}").json()
-                return r["pid"] if r["steps_done"] > 20 else None
-
-            pid = wait_for(training_pid, 60)
+            pid = training_pid(api, run["id"], after_steps=20)
         srv.kill()  # kill -9: the worker is left training, its sends failing
         killed = time.monotonic()
         wait_for(lambda: _gone(pid), 15, every=0.05)

@@ -106,11 +106,19 @@ def training_batch_norm(
     keep: Capture,
 ) -> Tensor:
     """Training-mode batch norm of ``x`` (autograd-aware) with the best kernel for it, keeping
-    what ``keep`` asks for (see bncore.nn.byproducts.Capture)."""
+    what ``keep`` asks for (see bncore.nn.byproducts.Capture): the hot path of the BatchNorm
+    modules and of the function, which have checked everything else already."""
+    n = x.numel()
+    if n == x.shape[1]:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {x.size()}"
+        )
+    if n == 0:
+        return x.clone()
     kernel = select(x, weight, bias)
     if kernel is cpu and (keep.record is None or keep.record.row.dtype == x.dtype):
         return cpu.training_batch_norm(x, weight, bias, eps, running, keep)
-    return autograd.training_batch_norm(kernel, x, weight, bias, eps, running, keep)
+    return autograd.TrainingBatchNorm.apply(x, weight, bias, eps, running, kernel, keep)
 
 
 def _fused_cpu(x: Tensor, dtypes: tuple[torch.dtype, ...] = cpu.DTYPES) -> bool:

@@ -73,16 +73,3 @@ class TrainingBatchNorm(torch.autograd.Function):
 
 def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
-
-
-def training_batch_norm(
-    kernel: ModuleType,
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    running: Running | None,
-    keep: Capture,
-) -> Tensor:
-    """Training-mode batch norm with ``kernel``'s forward and backward."""
-    return TrainingBatchNorm.apply(x, weight, bias, eps, running, kernel, keep)

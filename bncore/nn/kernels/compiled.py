@@ -6,6 +6,7 @@ on CUDA. If compiling fails (no Triton, no compiler), it warns once and runs the
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -14,7 +15,7 @@ import torch
 from torch import Tensor
 
 from bncore.nn.kernels import reference
-from bncore.nn.kernels.reference import Backward, Forward, Running
+from bncore.nn.kernels.reference import Forward
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +54,11 @@ def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     return x.is_floating_point()
 
 
-def forward(
-    x: Tensor,
-    weight: Tensor | None,
-    bias: Tensor | None,
-    eps: float,
-    running: Running | None = None,
-) -> Forward:
-    out = _guarded(_forward, reference.normalize_batch, x, weight, bias, eps)
-    if running is not None:
-        reference.update_running(running, out.mean, out.var, reference.values_per_channel(x))
-    return out
+def _normalize_batch(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float) -> Forward:
+    return _guarded(_forward, reference.normalize_batch, x, weight, bias, eps)
 
 
-def backward(
-    dy: Tensor,
-    x: Tensor,
-    mean: Tensor,
-    invstd: Tensor,
-    weight: Tensor | None,
-    need_dx: bool = True,
-) -> Backward:
-    return _guarded(_backward, reference.backward, dy, x, mean, invstd, weight, need_dx)
+#: reference.forward, its normalization compiled.
+forward = functools.partial(reference.forward, normalize=_normalize_batch)
+#: reference.backward, compiled.
+backward = functools.partial(_guarded, _backward, reference.backward)

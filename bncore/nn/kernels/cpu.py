@@ -35,7 +35,7 @@ from bncore.nn.kernels.reference import Backward, Forward, Running
 log = logging.getLogger(__name__)
 
 NAME = "cpu"
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("bn_cpu.cpp", "record_cpu.cpp"))
+CPP_SOURCES = tuple(Path(__file__).with_name(f) for f in ("bn_cpu.cpp", "record_cpu.cpp"))
 HEADER = Path(__file__).with_name("bn_cpu.h")
 DTYPES = (torch.float32, torch.float64)
 
@@ -106,7 +106,7 @@ def _say(line: str) -> None:
 
 
 def _build(cxx: str) -> Path:
-    src = b"".join(f.read_bytes() for f in (HEADER, *SOURCES))
+    src = b"".join(f.read_bytes() for f in (HEADER, *CPP_SOURCES))
     flags = _flags()
     ident = " ".join([cxx, torch.__version__, *flags, _cpu_fingerprint()])
     key = hashlib.sha256(src + ident.encode()).hexdigest()
@@ -126,7 +126,7 @@ def _build(cxx: str) -> Path:
         # Build beside the target and rename: concurrent workers never load a half-built file.
         try:
             subprocess.run(
-                [cxx, *map(str, SOURCES), "-o", tmp, *flags],
+                [cxx, *map(str, CPP_SOURCES), "-o", tmp, *flags],
                 check=True,
                 capture_output=True,
                 text=True,
@@ -194,7 +194,7 @@ def unavailable_reason() -> str | None:
     return _failed
 
 
-def layout(x: Tensor) -> str | None:
+def memory_layout(x: Tensor) -> str | None:
     """'planes' for contiguous (N, C, L>1) data; 'rows' where the channel is the innermost
     dimension ((N, C) matrices, channels-last images); None for any other layout."""
     if x.is_contiguous():
@@ -214,7 +214,11 @@ def supports(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> bool:
     """Whether this kernel handles the input: float32/float64 on the CPU, params of its dtype."""
     # the cheapest checks first: this runs on every training forward
     dtype = x.dtype
-    if not x.is_cpu or dtype not in DTYPES or not (x.is_contiguous() or layout(x) is not None):
+    if (
+        not x.is_cpu
+        or dtype not in DTYPES
+        or not (x.is_contiguous() or memory_layout(x) is not None)
+    ):
         return False
     return (weight is None or (weight.dtype == dtype and weight.is_contiguous())) and (
         bias is None or (bias.dtype == dtype and bias.is_contiguous())

@@ -24,6 +24,7 @@ it. These functions are also differentiable in torch's sense, which is how doubl
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -141,9 +142,11 @@ def forward(
     bias: Tensor | None,
     eps: float,
     running: Running | None = None,
+    normalize: Callable[[Tensor, Tensor | None, Tensor | None, float], Forward] | None = None,
 ) -> Forward:
-    """Training-mode forward: normalize with the batch statistics, then update ``running``."""
-    out = normalize_batch(x, weight, bias, eps)
+    """Training-mode forward: normalize with the batch statistics (``normalize``: another
+    implementation of :func:`normalize_batch`), then update ``running``."""
+    out = (normalize or normalize_batch)(x, weight, bias, eps)
     if running is not None:
         update_running(running, out.mean, out.var, values_per_channel(x))
     return out

@@ -24,7 +24,7 @@ from bncore.science.theory import gradient_growth_rate
 __all__ = ["Experiment", "Missing", "Panel", "Point", "Verdict", "needs", "reduce_point", "result"]
 
 #: Points per line of an over-steps panel.
-MAX_POINTS = 400
+MAX_PANEL_POINTS = 400
 
 
 @dataclass(frozen=True)
@@ -152,9 +152,9 @@ def reduce_point(p: Panel, point: Point) -> float | None:
 
 
 def _thin(steps: np.ndarray, vals: np.ndarray) -> tuple[list, list]:
-    """At most MAX_POINTS of the measured points (steps without a measurement, NaN, dropped),
+    """At most MAX_PANEL_POINTS of the measured points (steps without a measurement, NaN, dropped),
     each bucket's extremes kept (bncore.downsample)."""
-    steps, vals = measured(steps, vals, MAX_POINTS)
+    steps, vals = measured(steps, vals, MAX_PANEL_POINTS)
     return steps.tolist(), [float(v) for v in vals]
 
 

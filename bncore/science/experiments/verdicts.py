@@ -208,7 +208,7 @@ def noisy_bn(points: Sequence[Point]) -> Verdict:
                    "in full.")  # fmt: skip
 
 
-def landscape(points: Sequence[Point]) -> Verdict:
+def landscape_check(points: Sequence[Point]) -> Verdict:
     names = {"landscape_loss_range": "loss range", "grad_change": "gradient change",
              "beta_smoothness": "beta-smoothness"}  # fmt: skip
     seeds = _grid(points, "seed")
@@ -298,7 +298,7 @@ def frozen_bn(points: Sequence[Point]) -> Verdict:
     )
 
 
-def signal_propagation(points: Sequence[Point]) -> Verdict:
+def signal_propagation_check(points: Sequence[Point]) -> Verdict:
     def profile(p: Point, stat: str) -> np.ndarray:
         vals = [_values(p, stat, layer)[1][0] for layer in p.layers if layer.endswith(".b")]
         if not vals:
@@ -387,10 +387,10 @@ CHECKS = {
     "running-statistics": running_statistics,
     "pytorch-vs-keras": pytorch_vs_keras,
     "noisy-bn": noisy_bn,
-    "landscape": landscape,
+    "landscape": landscape_check,
     "ema-vs-precise-bn": ema_vs_precise,
     "small-batch-frozen-bn": frozen_bn,
-    "signal-propagation": signal_propagation,
+    "signal-propagation": signal_propagation_check,
     "scale-invariance": scale_invariance,
     "per-replica-vs-sync-bn": sync_bn,
 }

@@ -8,6 +8,7 @@ from torch import nn
 
 import bncore
 from bncore.nn import kernels
+from tests.helpers import check_cuda_kernel_choice
 
 pytestmark = [
     pytest.mark.cuda,
@@ -45,20 +46,10 @@ def test_compiled_is_the_default_on_cuda(monkeypatch, dtype):
     """On CUDA the compiled kernel runs, the reference only once compiling has failed or when
     forced; the fused CPU kernel never (tests/bncore/nn/test_kernels.py checks the same on the
     CPU with fake CUDA tensors)."""
-    from bncore.nn.kernels import compiled, reference
 
     x = torch.randn(4, 3, device="cuda", dtype=dtype)
     w, b = torch.ones(3, device="cuda", dtype=dtype), torch.zeros(3, device="cuda", dtype=dtype)
-    monkeypatch.setattr(compiled, "available", lambda: True)
-    assert kernels.select(x, None, None) is compiled
-    assert kernels.select(x, w, b) is compiled
-    with kernels.use("compiled"):
-        assert kernels.select(x, w, b) is compiled
-    for forced in ("reference", "cpu"):  # the CPU kernel cannot take it: the reference does
-        with kernels.use(forced):
-            assert kernels.select(x, w, b) is reference, forced
-    monkeypatch.setattr(compiled, "available", lambda: False)  # compiling failed
-    assert kernels.select(x, w, b) is reference
+    check_cuda_kernel_choice(x, w, b, monkeypatch)
 
 
 def test_the_compiled_kernel_compiles_on_cuda():

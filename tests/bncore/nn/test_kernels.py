@@ -14,6 +14,7 @@ import torch
 from bncore.nn import kernels
 from bncore.nn.kernels import cpu, reference
 from bncore.nn.kernels.reference import Running
+from tests.helpers import check_cuda_kernel_choice
 
 # Shapes that reach every branch of bn_cpu.cpp: runs longer than kRun (2048), row blocks past
 # kRowBlock (64), odd channel counts, one channel, and enough work to go multi-threaded.
@@ -50,7 +51,7 @@ def fused():
 def test_cpu_kernel_matches_reference(fused, shape, fmt, dtype, affine):
     gen = torch.Generator().manual_seed(1)
     x = _make(shape, fmt, dtype, gen)
-    assert cpu.supports(x, None, None), cpu.layout(x)
+    assert cpu.supports(x, None, None), cpu.memory_layout(x)
     c = shape[1]
     w = torch.rand(c, generator=gen, dtype=dtype) + 0.5 if affine else None
     b = torch.randn(c, generator=gen, dtype=dtype) if affine else None
@@ -116,8 +117,6 @@ def test_select_picks_the_compiled_kernel_for_cuda_inputs(monkeypatch, dtype):
     GPU)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from bncore.nn.kernels import compiled
-
     with FakeTensorMode():
         x = torch.empty(8, 3, 5, device="cuda", dtype=dtype)
         w, b = (
@@ -125,16 +124,7 @@ def test_select_picks_the_compiled_kernel_for_cuda_inputs(monkeypatch, dtype):
             torch.empty(3, device="cuda", dtype=dtype),
         )
     assert x.is_cuda and not x.is_cpu
-    monkeypatch.setattr(compiled, "available", lambda: True)
-    assert kernels.select(x, None, None) is compiled
-    assert kernels.select(x, w, b) is compiled
-    with kernels.use("compiled"):
-        assert kernels.select(x, w, b) is compiled
-    for forced in ("reference", "cpu"):  # the CPU kernel cannot take it: the reference does
-        with kernels.use(forced):
-            assert kernels.select(x, w, b) is reference, forced
-    monkeypatch.setattr(compiled, "available", lambda: False)  # compiling failed
-    assert kernels.select(x, w, b) is reference
+    check_cuda_kernel_choice(x, w, b, monkeypatch)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

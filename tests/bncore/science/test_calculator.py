@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from bncore.science.calculator import SEED_EXAMPLE, explain, parse_batch
+from bncore.science.calculator import SEED_EXAMPLE, explain, parse_values
 
 
 def test_seed_example_done_right():
-    r = explain(parse_batch(SEED_EXAMPLE))
+    r = explain(parse_values(SEED_EXAMPLE))
     assert r["mean"] == [pytest.approx(38 / 6)]  # the seed says 6
     assert r["var"] == [pytest.approx(np.var([1, 4, 6, 8, 10, 9]))]  # the seed says 9
     assert r["var"][0] == pytest.approx(9.5556, abs=1e-4)
@@ -20,7 +20,7 @@ def test_seed_example_done_right():
 
 @pytest.mark.parametrize("text", [SEED_EXAMPLE, "1 2 3\n4 5 7\n-1 0 2.5\n3 3 3"])
 def test_every_step_equals_torch(text):
-    x = parse_batch(text)
+    x = parse_values(text)
     kw = {"gamma": 1.5, "beta": -0.5, "eps": 1e-3, "momentum": 0.3}
     r = explain(x, running_mean=0.2, running_var=2.0, **kw)
     ref = torch.nn.BatchNorm1d(x.shape[1], eps=kw["eps"], momentum=kw["momentum"]).double()
@@ -44,4 +44,4 @@ def test_every_step_equals_torch(text):
 )  # fmt: skip
 def test_bad_batches_are_explained(text, message):
     with pytest.raises(ValueError, match=message):
-        parse_batch(text)
+        parse_values(text)
