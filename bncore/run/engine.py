@@ -70,6 +70,7 @@ class RunResult:
     seconds: float = 0.0
     final: dict[str, float] = field(default_factory=dict)
     records: Records | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # what the run is (Trainer.meta)
 
 
 class Trainer:
@@ -510,5 +511,5 @@ def train(
         sink = memory = MemorySink()
     result = Trainer(config).run(sink, should_stop, on_flush)
     if memory is not None:
-        result.records = memory.records
+        result.records, result.meta = memory.records, memory.meta
     return result
