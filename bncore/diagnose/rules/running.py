@@ -377,12 +377,17 @@ class RankBuffersDiverge(Rule):
             rank0 = not name.startswith("rank")
             store = self.zero if rank0 else self.others
             at = store.setdefault(name, {})
-            for s, m, v in zip(
-                rows["step"], rows["running_mean"], rows["running_var"], strict=True
-            ):
-                at[int(s)] = (float(m), float(v))
-            while len(at) > 64:
-                at.pop(next(iter(at)))
+            values = zip(rows["step"], rows["running_mean"], rows["running_var"], strict=True)
+            at.update((int(s), (float(m), float(v))) for s, m, v in values)
+        try:
+            yield from self._compare(facts)
+        finally:  # ranks post apart: keep the latest steps of each to pair with the other's
+            for store in (self.zero, self.others):
+                for at in store.values():
+                    for step in sorted(at)[:-64]:
+                        del at[step]
+
+    def _compare(self, facts: RunFacts) -> Iterable[Finding]:
         for other, values in self.others.items():
             base = other.split(".", 1)[1]
             zero = self.zero.get(base, {})
