@@ -13,7 +13,8 @@ from bncore.diagnose.facts import RunFacts, facts_of
 from bncore.diagnose.findings import SEVERITIES, Diagnosis, Finding
 from bncore.diagnose.rules import RULES, Rule
 from bncore.diagnose.view import RecordsView
-from bncore.record.tables import TABLES, Records, Table
+from bncore.record.sinks import read_parquet
+from bncore.record.tables import Records, Table
 
 __all__ = ["Doctor", "diagnose", "diagnose_files"]
 
@@ -125,27 +126,9 @@ def diagnose(
 
 
 def diagnose_files(folder: str | Path) -> Doctor:
-    """The diagnoses of a run written by ``bnscope train --out FOLDER`` (Parquet tables and
-    run.json, which holds the meta)."""
-    import pyarrow.parquet as pq
-
-    from bncore.record.tables import channel_column
-
+    """The diagnoses of a run written by ``bnscope train --out FOLDER`` (its Parquet tables,
+    and run.json, which holds its meta)."""
     folder = Path(folder)
     meta_path = folder / "run.json"
     meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-    records = Records()
-    for name in TABLES:
-        path = folder / f"{name}.parquet"
-        if not path.exists():
-            continue
-        table = pq.read_table(path)
-        columns: Table = {}
-        for col in table.column_names:
-            values = table.column(col).to_pylist() if name == "channels" else None
-            if values is not None and values and isinstance(values[0], list):
-                columns[col] = channel_column([__import__("numpy").asarray(v) for v in values])
-            else:
-                columns[col] = table.column(col).to_numpy(zero_copy_only=False)
-        setattr(records, name, columns)
-    return diagnose(records, meta)
+    return diagnose(read_parquet(folder), meta)

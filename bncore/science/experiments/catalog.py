@@ -13,7 +13,7 @@ from typing import Any
 from bncore.run.config import DataConfig, DatasetName, get_field
 from bncore.run.data import load_dataset
 from bncore.science.experiments import verdicts
-from bncore.science.experiments.framework import Experiment, Panel
+from bncore.science.experiments.framework import Experiment, Panel, Provoked
 from bncore.science.theory import gradient_explosion_rate
 
 __all__ = ["EXPERIMENTS"]
@@ -144,6 +144,11 @@ EXPERIMENTS: dict[str, Experiment] = {
                 Panel("Train/eval-mode gap by batch size", "by_value", ("mode_gap",),
                       "relative logit gap", x="batch_size", log_x=True, reduce="final"),
             ),
+            provokes=tuple(
+                Provoked("small-batch", {"batch_size": b, "norm.kind": "batch"},
+                         {"batch_size": 128, "norm.kind": "batch"})
+                for b in (2, 4, 8)
+            ),
             full={"model.width": 256},
             note=f"As in the paper, every batch size trains for the same epochs ({EPOCHS} of "
             "digits' 1438 training examples) with the learning rate scaled with the batch "
@@ -189,6 +194,9 @@ EXPERIMENTS: dict[str, Experiment] = {
                 Panel("Final test accuracy by momentum", "by_value", ("test_acc",),
                       "test accuracy", x="norm.momentum", log_x=True, reduce="final"),
             ),
+            provokes=(
+                Provoked("stale-running-stats", {"norm.momentum": 0.001}, {"norm.momentum": 0.1}),
+            ),
             full={"steps": 10_000},
         ),
         Experiment(
@@ -209,6 +217,10 @@ EXPERIMENTS: dict[str, Experiment] = {
                 Panel("Running mean against the batch mean (RMS gap), last layer", "over_steps",
                       ("running_mean_gap",), "RMS gap", layer="last"),
                 _TEST_ACC,
+            ),
+            provokes=(
+                Provoked("train-eval-gap", {"norm.convention": "keras"},
+                         {"norm.convention": "pytorch"}),
             ),
             full={"steps": 10_000},
         ),
@@ -318,6 +330,11 @@ EXPERIMENTS: dict[str, Experiment] = {
                       ("test_acc_batch",), "test accuracy", x="batch_size", log_x=True),
                 _TEST_ACC,
             ),
+            provokes=tuple(
+                Provoked("small-batch", {"batch_size": b, "norm.freeze_after": None},
+                         {"batch_size": 64, "norm.freeze_after": None})
+                for b in (2, 4)
+            ),
             full={"model.depth": 3, "model.width": 32},
             note=f"As in the paper, the step schedule's last phase (after 75% of the steps) is "
             f"where FrozenBN takes over, with PreciseBN's population statistics; {ROUNDS} "
@@ -397,6 +414,10 @@ EXPERIMENTS: dict[str, Experiment] = {
                       layer="last", reduce="mean"),
                 Panel("Step time", "by_value", ("step_time",), "seconds per step",
                       x="batch_size", log_x=True, reduce="mean"),
+            ),
+            provokes=(
+                Provoked("ddp-without-syncbn", {"batch_size": 4, "distributed.sync_bn": False},
+                         {"batch_size": 4, "distributed.sync_bn": True}),
             ),
             full={"model.width": 256, "device": "cuda"},
             note=f"2 processes over gloo on the CPU (NCCL with a GPU each at full size), equal "

@@ -21,7 +21,18 @@ from bncore.downsample import measured
 from bncore.run.sweep import grid_points, point_config
 from bncore.science.theory import gradient_growth_rate
 
-__all__ = ["Experiment", "Missing", "Panel", "Point", "Verdict", "needs", "reduce_point", "result"]
+__all__ = [
+    "Experiment",
+    "Missing",
+    "Panel",
+    "Point",
+    "Provoked",
+    "Verdict",
+    "doctor_agrees",
+    "needs",
+    "reduce_point",
+    "result",
+]
 
 #: Points per line of an over-steps panel.
 MAX_PANEL_POINTS = 400
@@ -67,6 +78,16 @@ class Missing(LookupError):
 
 
 @dataclass(frozen=True)
+class Provoked:
+    """A BN pitfall an experiment provokes on purpose: the BN doctor must diagnose ``rule``
+    in the runs at the grid values ``where``, and not in the runs at ``control``."""
+
+    rule: str
+    where: dict[str, Any]
+    control: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Experiment:
     key: str
     title: str
@@ -80,6 +101,8 @@ class Experiment:
     derive: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     # whether the runs agree with the claim (raises Missing while the runs are not all there)
     verdict: Callable[[Sequence[Point]], Verdict] | None = None
+    # the pitfalls its arms provoke on purpose, for the BN doctor to find (bncore.diagnose)
+    provokes: tuple[Provoked, ...] = ()
 
     def sweep(
         self, size: Literal["quick", "full"] = "quick", overrides: dict[str, Any] | None = None
@@ -108,6 +131,8 @@ class Point:
     values: dict[str, Any]
     series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]]
     layers: list[str]
+    #: the BN doctor's diagnoses of the run, (rule, severity) each; None: not diagnosed
+    diagnoses: list[tuple[str, str]] | None = None
 
 
 def needs(exp: Experiment, layers: Sequence[str]) -> list[tuple[str, str]]:
@@ -236,4 +261,34 @@ def result(exp: Experiment, points: Sequence[Point]) -> dict[str, Any]:
         except Missing:
             pass
     return {"title": exp.title, "claim": exp.claim, "note": exp.note, "verdict": verdict,
-            "panels": panels}  # fmt: skip
+            "panels": panels, **doctor_agrees(exp, points)}  # fmt: skip
+
+
+def doctor_agrees(exp: Experiment, points: Sequence[Point]) -> dict[str, Any]:
+    """Each run's diagnoses ({"run": label, "diagnoses": [{"rule", "severity"}]}), and for
+    each pitfall the experiment provokes whether the doctor found it there and not in the
+    control ({"rule", "where", "control", "found": bool | None, "control_clear": bool |
+    None}; None while those runs are missing or undiagnosed)."""
+    runs = [
+        {"run": _label(p.values), "diagnoses": [{"rule": r, "severity": s} for r, s in p.diagnoses]}
+        for p in points
+        if p.diagnoses is not None
+    ]
+    provoked = []
+    for pro in exp.provokes:
+        arm = [p for p in points if _at(p, pro.where) and p.diagnoses is not None]
+        ctl = [p for p in points if _at(p, pro.control) and p.diagnoses is not None]
+        provoked.append({
+            "rule": pro.rule, "where": _label(pro.where), "control": _label(pro.control),
+            "found": all(_has(p, pro.rule) for p in arm) if arm else None,
+            "control_clear": not any(_has(p, pro.rule) for p in ctl) if ctl else None,
+        })  # fmt: skip
+    return {"diagnoses": runs, "provoked": provoked}
+
+
+def _at(point: Point, where: dict[str, Any]) -> bool:
+    return all(point.values.get(k) == v for k, v in where.items())
+
+
+def _has(point: Point, rule: str) -> bool:
+    return any(r == rule for r, _ in point.diagnoses or [])

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from bncore.diagnose import diagnose
 from bncore.record.sinks import MemorySink
 from bncore.record.tables import Records
 from bncore.run.config import get_field, parse_config
@@ -30,9 +31,11 @@ def configs(
     return [point_config(sweep["base"], point) for point in points]
 
 
-def point(exp: Experiment, config: dict[str, Any], records: Records) -> Point:
+def point(
+    exp: Experiment, config: dict[str, Any], records: Records, meta: dict[str, Any] | None = None
+) -> Point:
     """One run of the experiment, as :func:`~bncore.science.experiments.framework.result`
-    reads it."""
+    reads it, with the BN doctor's diagnoses of it (from its records and ``meta``)."""
     series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
     for table in (records.steps, records.evals):
         for stat, column in table.items():
@@ -50,7 +53,9 @@ def point(exp: Experiment, config: dict[str, Any], records: Records) -> Point:
                 if stat not in ("step", "layer"):
                     series[layer, stat] = (table["step"][sel], column[sel])
     values = {k: get_field(config, k) for k in exp.grid}
-    return Point(config=config, values=values, series=series, layers=layers)
+    doctor = diagnose(records, meta or {"config": config, "layers": layers})
+    found: list[tuple[str, str]] = [(d.rule, d.severity) for d in doctor.diagnoses]
+    return Point(config=config, values=values, series=series, layers=layers, diagnoses=found)
 
 
 def run(
@@ -66,12 +71,12 @@ def run(
         if cfg.distributed.replicas > 1:
             sink = MemorySink()
             done = train_replicas(cfg, sink)
-            records = sink.records
+            records, meta = sink.records, sink.meta
         else:
             done = train(cfg)
             assert done.records is not None  # the in-memory sink keeps them
-            records = done.records
-        points.append(point(exp, config, records))
+            records, meta = done.records, done.meta
+        points.append(point(exp, config, records, meta))
         if on_run is not None:
             on_run(config, done)
     return result(exp, points)

@@ -1,0 +1,95 @@
+"""The BN doctor on BN Scope's own runs: a pitfall a run's config provokes is diagnosed, the
+same run without it is not, and an experiment's result says whether the doctor found what the
+experiment provokes on purpose (the full arms, at quick size: benchmarks/doctor.py)."""
+
+from __future__ import annotations
+
+import pytest
+
+from bncore.diagnose import diagnose, diagnose_files
+from bncore.record.sinks import ParquetSink
+from bncore.run.config import parse_config
+from bncore.run.engine import Trainer, train
+from bncore.science.experiments import EXPERIMENTS
+from bncore.science.experiments.framework import Point, result
+from bncore.science.experiments.local import configs, point
+
+SMALL = {"model": {"kind": "mlp", "depth": 3, "width": 32}, "data": {"name": "digits"},
+         "steps": 120, "eval_interval": 40, "batch_size": 64}  # fmt: skip
+
+
+def rules(overrides: dict, steps: int = 120) -> dict[str, str]:
+    cfg = parse_config({**SMALL, **overrides, "steps": steps})
+    res = train(cfg)
+    return {d.rule: d.severity for d in diagnose(res.records, res.meta).diagnoses}
+
+
+def test_a_healthy_run_is_silent_and_its_pitfalls_are_found():
+    healthy = rules({})
+    assert not [r for r, s in healthy.items() if s != "info"], healthy
+    assert rules({"batch_size": 4})["small-batch"] == "warning"
+    assert rules({"norm": {"momentum": 0.9}})["momentum-convention"] == "warning"
+    assert rules({"norm": {"momentum": "cumulative"}})["cumulative-momentum-in-training"]
+    assert (
+        rules({"model": {"kind": "mlp", "depth": 3, "width": 32, "bias": True}}).get(
+            "bias-before-bn"
+        )
+        == "info"
+    )
+
+
+def test_a_run_without_batch_norm_is_checked_for_nothing_bn():
+    res = train(parse_config({**SMALL, "norm": {"kind": "group"}, "batch_size": 4}))
+    doctor = diagnose(res.records, res.meta)
+    assert not doctor.diagnoses
+    reasons = {c["reason"] for c in doctor.checked() if not c["checked"]}
+    assert "the run has no batch normalization" in reasons
+
+
+def test_offline_on_the_parquet_files_equals_the_records(tmp_path):
+    cfg = parse_config({**SMALL, "batch_size": 8, "norm": {"momentum": 0.7}})
+    sink = ParquetSink(tmp_path)
+    trainer = Trainer(cfg)
+    trainer.run(sink)
+    from_files = [d.to_dict() for d in diagnose_files(tmp_path).diagnoses]
+    res = train(cfg)
+    in_memory = [d.to_dict() for d in diagnose(res.records, res.meta).diagnoses]
+    assert from_files == in_memory
+    assert {d["rule"] for d in from_files} >= {"small-batch", "momentum-convention"}
+
+
+def test_an_experiment_says_whether_the_doctor_found_what_it_provokes():
+    exp = EXPERIMENTS["batch-size-bn-vs-groupnorm"]
+    points = []
+    for config in configs(exp):
+        if config["batch_size"] in (2, 128) and config["norm"]["kind"] == "batch":
+            config = {**config, "steps": 30}  # the pitfall is in the config: any length shows it
+            res = train(parse_config(config))
+            assert res.records is not None
+            points.append(point(exp, config, res.records, res.meta))
+    out = result(exp, points)
+    by_arm = {p["where"]: p for p in out["provoked"]}
+    assert by_arm["batch_size=2, kind=batch"]["found"] is True
+    assert by_arm["batch_size=2, kind=batch"]["control_clear"] is True
+    assert by_arm["batch_size=4, kind=batch"]["found"] is None  # not run here
+    assert {r["run"] for r in out["diagnoses"]} == {
+        "batch_size=2, kind=batch",
+        "batch_size=128, kind=batch",
+    }
+
+
+def test_an_arm_that_misses_its_pitfall_says_so():
+    exp = EXPERIMENTS["running-statistics"]
+    empty: dict = {}
+    points = [
+        Point({}, {"norm.momentum": m}, empty, [], diagnoses=found)
+        for m, found in ((0.001, []), (0.1, [("stale-running-stats", "warning")]))
+    ]
+    (provoked,) = result(exp, points)["provoked"]
+    assert provoked["found"] is False and provoked["control_clear"] is False
+
+
+@pytest.mark.parametrize("kind", ["ghost", "renorm", "noisy"])
+def test_the_other_batch_normalizations_are_checked_too(kind):
+    found = rules({"norm": {"kind": kind}, "batch_size": 8})
+    assert "small-batch" in found
