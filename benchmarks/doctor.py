@@ -58,8 +58,11 @@ def expected_for(config: dict[str, Any]) -> set[str]:
     """The pitfalls a preset's point provokes on purpose."""
     cfg = parse_config(config)
     out = set()
-    if cfg.norm.kind in ("batch", "ghost", "renorm", "noisy") and cfg.batch_size < 16:
+    bn = cfg.norm.kind in ("batch", "ghost", "renorm", "noisy")
+    if bn and cfg.batch_size < 16:
         out.add("small-batch")
+    if bn and cfg.optim.lr >= 3.0:  # the learning-rate sweep's top: the run is at chance
+        out.add("dead-channels")
     return out
 
 

@@ -30,7 +30,8 @@ class DeadChannels(Rule):
         "records, every channel_interval steps): |gamma| under 1% of the layer's median "
         "|gamma|, or, where a ReLU takes BN's output, beta/|gamma| < -3 (x_hat is about "
         "N(0, 1), so the ReLU passes less than 0.14% of the values); or the share of units "
-        "dead for the whole batch (act_dead) is above 50% for 3 logged steps. A gamma zero "
+        "dead for the whole batch (act_dead) is above 50% for 3 logged steps in batches of 32 "
+        "or more (in a smaller batch a live unit often misses every example). A gamma zero "
         "at initialization on purpose (the last BN of a residual branch, Goyal et al. 2017) "
         "is exempt for the first 10% of the run."
     )
@@ -87,7 +88,14 @@ class DeadChannels(Rule):
         for name, rows in view.layers.items():
             if name in self.done or "act_dead" not in rows:
                 continue
-            dead = np.nan_to_num(rows["act_dead"]) > self.DEAD_UNITS
+            # dead for the whole batch means dead only where the batch is large enough for a
+            # live unit to fire in it: (1 - p)^N is small for N >= 32
+            n = (
+                rows["batch_n"]
+                if "batch_n" in rows
+                else np.full(len(rows["step"]), facts.batch or 0)
+            )
+            dead = (np.nan_to_num(rows["act_dead"]) > self.DEAD_UNITS) & (np.nan_to_num(n) >= 32)
             at, self.units_carry[name] = sustained(dead, 3, self.units_carry.get(name, 0))
             if at is not None and not self._exempt(name, int(rows["step"][at]), facts):
                 self.done.add(name)

@@ -168,7 +168,7 @@ class FrozenButUpdating(Rule):
     checks = "frozen BN layers whose statistics still move"
     threshold = (
         "A layer's gamma and beta get no gradient (requires_grad=False: the recorded gradient "
-        "norm is missing or zero) for 3 logged steps in a row, but its running statistics keep "
+        "norm is missing) for 3 logged steps in a row, but its running statistics keep "
         "moving: the 'frozen' backbone is in train mode, and the fine-tuning data overwrite "
         "the statistics it was trained with."
     )
@@ -204,7 +204,7 @@ class FrozenButUpdating(Rule):
                 continue  # no gamma at all (affine=False)
             prev = np.concatenate([[self.last.get(name, np.nan)], rm[:-1]])
             self.last[name] = float(rm[-1]) if len(rm) else np.nan
-            frozen = ~(np.nan_to_num(g) > 0)
+            frozen = np.isnan(g)  # no .grad at all (a zero one: a dead layer, not a frozen one)
             moving = np.isfinite(rm) & np.isfinite(prev) & (rm != prev)
             at, self.carry[name] = sustained(frozen & moving, self.STEPS, self.carry.get(name, 0))
             if at is not None:

@@ -93,3 +93,25 @@ def test_an_arm_that_misses_its_pitfall_says_so():
 def test_the_other_batch_normalizations_are_checked_too(kind):
     found = rules({"norm": {"kind": kind}, "batch_size": 8})
     assert "small-batch" in found
+
+
+def test_every_preset_is_silent_but_for_the_pitfalls_it_shows_on_purpose():
+    """The Launch form's presets, each point shortened to 150 steps (benchmarks/doctor.py runs
+    them at their full quick size): no warning or error but where a preset shows a pitfall on
+    purpose: a batch under 16, a learning rate (3.0) that leaves the run at chance."""
+    from bncore.run.sweep import grid_points, point_config
+    from dashboard.form import PRESETS
+
+    for name, preset in PRESETS.items():
+        for values in grid_points(preset["grid"]):
+            config = point_config({**preset["base"], "steps": 150}, values)
+            res = train(parse_config(config))
+            found = {d.rule for d in diagnose(res.records, res.meta).diagnoses
+                     if d.severity != "info"}  # fmt: skip
+            bn = values.get("norm.kind") != "none"
+            expected = set()
+            if bn and values.get("batch_size", 64) < 16:
+                expected.add("small-batch")
+            if bn and values.get("optim.lr", 0) >= 3.0:  # the sweep's top: chance accuracy
+                expected.add("dead-channels")  # what broke it: most ReLUs never fire
+            assert found == expected, (name, values, found)
