@@ -1,17 +1,17 @@
-"""docs/diagnoses.md, written from the rules themselves (:func:`markdown`; a test keeps the
-file current): what each rule checks, its threshold and why, the fix, papers and user
-reports."""
+"""docs/diagnoses.md, written from the rules themselves (:func:`diagnoses_markdown`; a test
+keeps the file current): what each rule checks, its threshold and why, the fix, papers and
+user reports."""
 
 from __future__ import annotations
 
 from bncore.diagnose.rules import RULES
 
-__all__ = ["markdown"]
+__all__ = ["diagnoses_markdown"]
 
 INTRO = """\
 # What the BN doctor diagnoses
 
-Generated from `bncore/diagnose/rules/` (`bncore.diagnose.catalogue.markdown()`);
+Generated from `bncore/diagnose/rules/` (`bncore.diagnose.catalogue.diagnoses_markdown()`);
 tests/bncore/diagnose/test_catalogue.py keeps it current.
 
 Every run BN Scope records, whatever trains it (its own engine, a user's script through
@@ -31,7 +31,7 @@ can be silenced per run (test-time BN trips validation-in-train-mode on purpose)
 """
 
 
-def markdown() -> str:
+def diagnoses_markdown() -> str:
     """The catalogue of every rule, as Markdown."""
     lines = [INTRO, "| rule | severity | checks |", "|---|---|---|"]
     lines += [f"| [`{r.id}`](#{r.id}) | {r.severity} | {_cell(r.checks)} |" for r in RULES]

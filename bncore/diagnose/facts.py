@@ -111,8 +111,9 @@ def _engine(meta: Mapping[str, Any]) -> RunFacts:
             momentum=momentum,
             momentum_known=kind in BATCH_KINDS,
             eps=eps,
-            affine=kind in BATCH_KINDS,
-            track_running_stats=kind in BATCH_KINDS,
+            # per layer, as its records show: a block may have no norm (a pre-activation stem)
+            affine=None,
+            track_running_stats=None if kind in BATCH_KINDS else False,
             activation=model.get("activation", "relu"),
             zero_init_gamma=bool(model.get("zero_init_residual")) and name.endswith(".b"),
             bias_before=bias,

@@ -3,7 +3,6 @@ moving when they should be frozen, lagging the population, differing between ran
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterable, Mapping
 
 import numpy as np
@@ -255,7 +254,7 @@ class StaleRunningStats(Rule):
     MEAN_LAG, VAR_LAG = 0.25, float(np.log(1.5))
 
     def __init__(self) -> None:
-        self.gaps: dict[str, deque[tuple[float, float]]] = {}
+        self.gaps: dict[str, np.ndarray] = {}  # each layer's last gaps, for the next window
         self.ema_above: dict[str, int] = {}
         self.windows_above: dict[str, int] = {}
         self.start: dict[str, int] = {}
@@ -296,44 +295,58 @@ class StaleRunningStats(Rule):
             if "running_mean" not in rows or "pre_mean" not in rows:
                 continue
             start = self.start.setdefault(name, int(rows["step"][0]))
-            after = warmup(facts.layer(name), facts)
-            window = self.gaps.setdefault(name, deque(maxlen=self.WINDOW))
             with np.errstate(divide="ignore", invalid="ignore"):
                 # the gaps in the batch's standard deviations, and as a log ratio
-                d_mean = (rows["running_mean"] - rows["pre_mean"]) / np.sqrt(rows["pre_var"])
-                d_var = np.log(rows["running_var"] / rows["pre_var"])
-            for i in range(len(d_mean)):
-                if rows["step"][i] - start < after:
-                    continue
-                if not (np.isfinite(d_mean[i]) and np.isfinite(d_var[i])):
-                    continue
-                window.append((float(d_mean[i]), float(d_var[i])))
-                if len(window) < self.WINDOW:
-                    continue
-                effect = _effect(np.asarray(window), (self.MEAN_LAG, self.VAR_LAG))
-                # sliding: above at every step of a second window after the first
-                above = self.windows_above.get(name, 0) + 1 if effect > self.EFFECT else 0
-                self.windows_above[name] = above
-                if above > self.WINDOW:
-                    return Finding(
-                        int(rows["step"][i]), [name],
-                        {"lag_effect": effect, "threshold": self.EFFECT,
-                         "window_steps": self.WINDOW, "momentum": facts.layer(name).momentum},
-                        f"{name}'s running statistics lag its batches systematically (the "
-                        f"gap's mean is {effect:.1f}x its spread over {self.WINDOW} logged "
-                        "steps): eval mode normalizes with statistics of an older network",
-                    )  # fmt: skip
+                gaps = np.stack([
+                    (rows["running_mean"] - rows["pre_mean"]) / np.sqrt(rows["pre_var"]),
+                    np.log(rows["running_var"] / rows["pre_var"]),
+                ], 1)  # fmt: skip
+            keep = rows["step"] - start >= warmup(facts.layer(name), facts)
+            keep &= np.isfinite(gaps).all(1)
+            steps, gaps = rows["step"][keep], gaps[keep]
+            if not len(gaps):
+                continue
+            # sliding windows over what came before too: every window ending at a new gap
+            before = self.gaps.get(name, np.empty((0, 2)))
+            series = np.concatenate([before, gaps])
+            self.gaps[name] = series[-(self.WINDOW - 1) :]
+            effect = _effects(series, self.WINDOW, (self.MEAN_LAG, self.VAR_LAG))[-len(gaps) :]
+            # above at every step of a second window after the first
+            at, self.windows_above[name] = sustained(effect > self.EFFECT, self.WINDOW + 1,
+                                                     self.windows_above.get(name, 0))  # fmt: skip
+            if at is not None:
+                e = float(effect[at])
+                return Finding(
+                    int(steps[at]), [name],
+                    {"lag_effect": e, "threshold": self.EFFECT, "window_steps": self.WINDOW,
+                     "momentum": facts.layer(name).momentum},
+                    f"{name}'s running statistics lag its batches systematically (the gap's "
+                    f"mean is {e:.1f}x its spread over {self.WINDOW} logged steps): eval mode "
+                    "normalizes with statistics of an older network",
+                )  # fmt: skip
         return None
 
 
-def _effect(window: np.ndarray, least: tuple[float, float]) -> float:
-    """The larger of |mean| / sd over the window's two gap series (the mean's gap in
+def _effects(series: np.ndarray, window: int, least: tuple[float, float]) -> np.ndarray:
+    """For each window of ``window`` rows of ``series`` (rows, 2) ending at a row (NaN before
+    the first full one): the larger of |mean| / sd over the two gap series (the mean's gap in
     standard deviations, the variance's log ratio), counting only a series whose mean gap is
     at least ``least`` (a lag too small to matter to eval mode is not one)."""
-    mean, sd = np.abs(window.mean(0)), window.std(0, ddof=1)
+    n = len(series)
+    out = np.full(n, np.nan)
+    if n < window:
+        return out
+    x = series.astype(np.float64)
+    c1 = np.concatenate([np.zeros((1, 2)), np.cumsum(x, 0)])
+    c2 = np.concatenate([np.zeros((1, 2)), np.cumsum(x * x, 0)])
+    s1, s2 = c1[window:] - c1[:-window], c2[window:] - c2[:-window]
+    mean = s1 / window
+    var = np.maximum(s2 - s1 * mean, 0.0) / (window - 1)
+    sd = np.sqrt(var)
     with np.errstate(divide="ignore", invalid="ignore"):
-        effect = np.where((sd > 0) & (mean >= np.asarray(least)), mean / sd, 0.0)
-    return float(np.nanmax(effect))
+        effect = np.where((sd > 0) & (np.abs(mean) >= np.asarray(least)), np.abs(mean) / sd, 0.0)
+    out[window - 1 :] = effect.max(1)
+    return out
 
 
 class RankBuffersDiverge(Rule):

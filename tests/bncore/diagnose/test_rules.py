@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from bncore.diagnose import RULES, Doctor, diagnose
-from bncore.diagnose.catalogue import markdown
+from bncore.diagnose.catalogue import diagnoses_markdown
 from bncore.record.tables import Records
 
 LAYERS = ("bn1", "layer1.bn", "layer2.bn")
@@ -106,7 +106,7 @@ def test_every_rule_is_documented_and_the_docs_are_current():
     from pathlib import Path
 
     docs = Path(__file__).resolve().parents[3] / "docs" / "diagnoses.md"
-    assert docs.read_text() == markdown(), "regenerate docs/diagnoses.md"
+    assert docs.read_text() == diagnoses_markdown(), "regenerate docs/diagnoses.md"
     assert len({r.id for r in RULES}) == len(RULES) == 22
     for rule in RULES:
         assert rule.threshold and rule.fix and rule.references and rule.checks, rule.id
