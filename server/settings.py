@@ -110,6 +110,12 @@ class Settings(BaseSettings):
         description="seconds without a record, status or heartbeat after which a script's run "
         "(bnscope.client) is marked failed",
     )
+    no_doctor: bool = Field(
+        False,
+        description="do not run the BN doctor (bncore.diagnose) on the records as they come in: "
+        "no new diagnoses, no warnings to scripts (what it costs: benchmarks/api.py "
+        "--doctor-off)",
+    )
     public_url: str | None = Field(
         None, description="how workers reach the API; default: http://127.0.0.1:<port>"
     )
