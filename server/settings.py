@@ -116,6 +116,14 @@ class Settings(BaseSettings):
         "no new diagnoses, no warnings to scripts (what it costs: benchmarks/api.py "
         "--doctor-off)",
     )
+    doctor_share: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="the share of a run's time the BN doctor may take diagnosing its records: "
+        "batches that come sooner after a diagnosis wait and are diagnosed together with the "
+        "next (1: each batch as it comes)",
+    )
     public_url: str | None = Field(
         None, description="how workers reach the API; default: http://127.0.0.1:<port>"
     )

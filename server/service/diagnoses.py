@@ -11,6 +11,12 @@ into the store's ``diagnoses`` (one row per run and rule), sent to the run's liv
 run's stored records; one that raises is logged and switched off for that run: an ingest never
 fails because of it. ``Settings.no_doctor`` turns it all off.
 
+Its cost is bounded: a run's doctor may take ``Settings.doctor_share`` of the time (5%); a batch
+that comes sooner after the last diagnosis waits, and is diagnosed with the next one that may be,
+together (the doctor says the same of batches fed one by one or together), or when the run ends
+or its diagnoses are asked for. A worker flushes every 50 ms, a few steps at a time: diagnosing
+each such batch alone cost as much as storing it.
+
 A run that has ended is not diagnosed again: its diagnoses are read from the store, and what it
 was checked for (``checked``) from its doctor when it ended, or from a doctor rebuilt offline
 from its records (kept for the next ask).
@@ -19,15 +25,19 @@ from its records (kept for the next ask).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from bncore.diagnose import RULES, Diagnosis, Doctor
-from bncore.record.tables import TABLES, Batch
+from bncore.record.tables import TABLES, Batch, channel_table
 from bncore.status import ACTIVE
 from server.errors import NotFound
 from server.hub import Event, Hub
@@ -50,12 +60,16 @@ class _Patient:
     doctor: Doctor | None = None
     off: bool = False  # the doctor raised: not diagnosed any more while the run takes records
     stored: dict[str, dict[str, Any]] = field(default_factory=dict)  # by rule, as in the store
+    waiting: list[Batch] = field(default_factory=list)  # stored, not yet diagnosed
+    seq: int = 0  # the last batch stored
+    next_at: float = 0.0  # time.monotonic() from which the doctor may run again
 
 
 class DiagnosisService:
     def __init__(self, settings: Settings, store: Store, hub: Hub) -> None:
         self.store, self.hub = store, hub
         self.enabled = not settings.no_doctor
+        self.share = settings.doctor_share
         self._patients: dict[str, _Patient] = {}
         self._guard = threading.Lock()  # over _patients and _checked
         #: ended runs: (checked, steps) of their doctor
@@ -75,29 +89,49 @@ class DiagnosisService:
 
     def feed(self, run: dict[str, Any], seq: int, batch: Batch) -> list[dict[str, Any]]:
         """The run's batch number ``seq``, just stored (inside :meth:`holding`): the diagnoses
-        it made or changed that are active and not silenced, as ``Diagnosis.to_dict()``. Never
-        raises: a doctor that does is logged and switched off for the run."""
+        it made or changed (with those of batches that waited for it) that are active and not
+        silenced, as ``Diagnosis.to_dict()``. Never raises: a doctor that does is logged and
+        switched off for the run."""
         if not self.enabled:
             return []
-        run_id = run["id"]
-        patient = self._patient(run_id)
+        patient = self._patient(run["id"])
         if patient.off:
             return []
+        patient.seq = seq
         try:
             if patient.doctor is None and seq > 1:  # records came before this process saw any
                 self._rebuild(run, patient)  # from the store: this batch is in it already
-                changed = patient.doctor.diagnoses if patient.doctor is not None else []
+                assert patient.doctor is not None
+                made = self._keep(run["id"], patient, patient.doctor.diagnoses)
             else:
                 if patient.doctor is None:
                     self._start(run, patient)
-                assert patient.doctor is not None
-                changed = patient.doctor.feed(batch)
-            made = self._keep(run_id, seq, patient, changed)
+                patient.waiting.append(batch)
+                if time.monotonic() < patient.next_at:
+                    return []  # over its share of the time: diagnosed with the next
+                made = self._catch_up(run["id"], patient)
         except Exception:
-            log.exception("the BN doctor failed on run %s: it is off for this run", run_id)
-            patient.off, patient.doctor = True, None
+            self._failed(run["id"], patient)
             return []
         return [d for d in made if d["last_step"] is None and not d["silenced"]]
+
+    def _catch_up(self, run_id: str, patient: _Patient) -> list[dict[str, Any]]:
+        """Diagnose the batches waiting (under the patient's lock); what changed, stored and
+        told. The time it took sets when the doctor may run again."""
+        if patient.doctor is None or not patient.waiting:
+            return []
+        started = time.perf_counter()
+        changed: dict[str, Diagnosis] = {}
+        for tables in _together(patient.waiting):
+            changed.update((d.rule, d) for d in patient.doctor.feed(tables))
+        patient.waiting = []
+        took = time.perf_counter() - started
+        patient.next_at = time.monotonic() + took * (1 / self.share - 1)
+        return self._keep(run_id, patient, changed.values())
+
+    def _failed(self, run_id: str, patient: _Patient) -> None:
+        log.exception("the BN doctor failed on run %s: it is off for this run", run_id)
+        patient.off, patient.doctor, patient.waiting = True, None, []
 
     def meta_changed(self, run: dict[str, Any]) -> None:
         """The run's meta changed (a watcher learned its model's structure): its doctor reads
@@ -110,8 +144,7 @@ class DiagnosisService:
                 try:
                     patient.doctor.update_meta(_meta_of(run))
                 except Exception:
-                    log.exception("the BN doctor failed on run %s's meta: off for it", run["id"])
-                    patient.off, patient.doctor = True, None
+                    self._failed(run["id"], patient)
 
     def ended(self, run_id: str) -> None:
         """The run takes no more records: its doctor goes, what it checked is kept."""
@@ -120,6 +153,10 @@ class DiagnosisService:
         if patient is None:
             return
         with patient.lock:
+            try:
+                self._catch_up(run_id, patient)  # the batches that waited
+            except Exception:
+                self._failed(run_id, patient)
             if patient.doctor is not None:
                 self._remember(run_id, patient.doctor.checked(), patient.doctor.last_step)
 
@@ -134,8 +171,8 @@ class DiagnosisService:
     def report(self, run: dict[str, Any]) -> dict[str, Any]:
         """``{"diagnoses": [...], "checked": [...], "steps": N}``: the run's diagnoses as
         stored (worst and earliest first), what it was checked for, and through which step."""
+        checked, steps = self._checked_of(run)  # first: the batches that waited are diagnosed
         found = sorted(self.store.diagnoses.of_run(run["id"]), key=_rank)
-        checked, steps = self._checked_of(run)
         return {"diagnoses": found, "checked": checked, "steps": steps}
 
     def silence(self, run: dict[str, Any], rule: str, silenced: bool) -> dict[str, Any]:
@@ -192,7 +229,7 @@ class DiagnosisService:
         return doctor
 
     def _keep(
-        self, run_id: str, seq: int, patient: _Patient, changed: Iterable[Diagnosis]
+        self, run_id: str, patient: _Patient, changed: Iterable[Diagnosis]
     ) -> list[dict[str, Any]]:
         """Store and tell the diagnoses that differ from what is stored; those, as dicts."""
         made = []
@@ -205,7 +242,7 @@ class DiagnosisService:
         self.store.diagnoses.upsert(run_id, made)
         for data in made:
             patient.stored[data["rule"]] = data
-            self.hub.publish(run_id, Event("diagnosis", seq, data))
+            self.hub.publish(run_id, Event("diagnosis", patient.seq, data))
         return made
 
     def _checked_of(self, run: dict[str, Any]) -> tuple[list[dict[str, Any]], int]:
@@ -215,6 +252,10 @@ class DiagnosisService:
         patient = self._patients.get(run_id)
         if patient is not None and patient.doctor is not None:
             with patient.lock:
+                try:
+                    self._catch_up(run_id, patient)
+                except Exception:
+                    self._failed(run_id, patient)
                 doctor = patient.doctor
                 if doctor is not None:
                     return doctor.checked(), doctor.last_step
@@ -229,7 +270,8 @@ class DiagnosisService:
                     if patient.doctor is None and not patient.off:
                         self._rebuild(run, patient)
                         assert patient.doctor is not None
-                        self._keep(run_id, run["seq"], patient, patient.doctor.diagnoses)
+                        patient.seq = run["seq"]
+                        self._keep(run_id, patient, patient.doctor.diagnoses)
                     if patient.doctor is not None:
                         return patient.doctor.checked(), patient.doctor.last_step
             doctor = self._offline(run)
@@ -246,6 +288,28 @@ class DiagnosisService:
             self._checked.move_to_end(run_id)
             while len(self._checked) > CHECKED_KEPT:
                 self._checked.popitem(last=False)
+
+
+def _together(batches: list[Batch]) -> Iterator[Batch]:
+    """Batches as few as they can be: each run of batches with the same tables and columns,
+    concatenated (a batch whose columns differ starts a new one)."""
+
+    def columns(batch: Batch) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        return tuple((name, tuple(table)) for name, table in batch.items())
+
+    for _, same in itertools.groupby(batches, key=columns):
+        parts = list(same)
+        if len(parts) == 1:
+            yield parts[0]
+            continue
+        out: Batch = {}
+        for name in parts[0]:
+            tables = [p[name] for p in parts]
+            if name == "channels":  # layers of several widths: ragged rows
+                out[name] = channel_table(tables)
+            else:
+                out[name] = {c: np.concatenate([t[c] for t in tables]) for c in tables[0]}
+        yield out
 
 
 def _meta_of(run: dict[str, Any]) -> dict[str, Any]:

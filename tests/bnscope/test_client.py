@@ -31,7 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("srv"), "--client-timeout", "3").start()
+    # every batch diagnosed as it comes (the doctor's default share of the time could make a
+    # test's batch wait for the next one)
+    srv = ServerProcess(
+        tmp_path_factory.mktemp("srv"), "--client-timeout", "3", "--doctor-share", "1"
+    ).start()
     yield srv
     srv.stop()
 

@@ -494,11 +494,12 @@ def bn_batch(seq: int, steps: list[int], nan: dict[str, int] | None = None) -> b
 NONFINITE = "nonfinite-running-stats"
 
 
-def test_the_doctor_diagnoses_what_is_ingested_tells_it_and_silences_it(svc, http):
+def test_the_doctor_diagnoses_what_is_ingested_tells_it_and_silences_it(service, http):
     """A NaN running mean while the loss is finite: the batch's acknowledgement carries the
     diagnosis, the store keeps it, the API answers it, live listeners get a ``diagnosis``
     event, the runs list counts it; silenced, it stays listed and leaves the counts and the
     acknowledgements."""
+    svc = service(doctor_share=1)  # each batch diagnosed as it comes
     api = http(svc)
     run = client_run(svc, name="doctor", meta={"layers": ["bn1", "bn2"]})
     w, rid = run["write_token"], run["id"]
@@ -561,14 +562,14 @@ def test_a_restarted_server_rebuilds_the_doctor_and_goes_on_without_repeating_it
     """A new service on the same database (the server restarted while a script trains) has no
     doctor for the run: the next batch rebuilds it from the stored records, then feeds it;
     what was found before is neither found again nor told again."""
-    first = service()
+    first = service(doctor_share=1)
     run = client_run(first, name="restart", meta={"layers": ["bn1", "bn2"]})
     w, rid = run["write_token"], run["id"]
     first.runs.ingest(rid, bn_batch(1, [1, 2, 3]), w)
     (found,) = first.runs.ingest(rid, bn_batch(2, [4, 5, 6], {"bn1": 5}), w)["diagnoses"]
     assert found["layers"] == ["bn1"] and found["first_step"] == 5
 
-    again = service()  # the same database, nothing in memory
+    again = service(doctor_share=1)  # the same database, nothing in memory
     quiet = again.runs.ingest(rid, bn_batch(3, [7, 8, 9], {"bn1": 5}), w)
     assert "diagnoses" not in quiet  # rebuilt from the store: the same diagnosis, not news
     changed = again.runs.ingest(rid, bn_batch(4, [10, 11], {"bn1": 5, "bn2": 11}), w)
@@ -581,11 +582,29 @@ def test_a_restarted_server_rebuilds_the_doctor_and_goes_on_without_repeating_it
     assert again.diagnoses.report(again.runs.get(rid))["steps"] == 11  # the live doctor's
 
     # a report asked before any batch rebuilds it too, and the next batch continues it
-    third = service()
+    third = service(doctor_share=1)
     assert third.diagnoses.report(third.runs.get(rid))["steps"] == 11
     assert "diagnoses" not in third.runs.ingest(rid, bn_batch(5, [12], {"bn1": 5, "bn2": 11}), w)
     assert third.diagnoses.report(third.runs.get(rid))["steps"] == 12
     assert len(third.store.diagnoses.of_run(rid)) == 1
+
+
+def test_the_doctor_takes_its_share_of_the_time_and_no_more(service):
+    """Batches that come sooner after a diagnosis than the doctor's share of the time allows
+    wait, and are diagnosed together with the next one allowed, or when the run's diagnoses
+    are asked for, or when it ends: found then as they would have been one by one."""
+    svc = service(doctor_share=1e-9)  # after one diagnosis, none for a long while
+    run = client_run(svc, name="busy", meta={"layers": ["bn1", "bn2"]})
+    w, rid = run["write_token"], run["id"]
+    assert svc.runs.ingest(rid, bn_batch(1, [1, 2, 3]), w) == {"seq": 1, "stored": True}
+    assert "diagnoses" not in svc.runs.ingest(rid, bn_batch(2, [4, 5, 6], {"bn1": 5}), w)
+    assert svc.store.diagnoses.of_run(rid) == []  # it waits
+    (found,) = svc.diagnoses.report(svc.runs.get(rid))["diagnoses"]  # asked: diagnosed now
+    assert (found["layers"], found["first_step"]) == (["bn1"], 5)
+    svc.runs.ingest(rid, bn_batch(3, [7, 8], {"bn1": 5, "bn2": 8}), w)
+    svc.runs.report_status(rid, StatusUpdate(status="completed"), w)  # ended: diagnosed now
+    (found,) = svc.store.diagnoses.of_run(rid)
+    assert (found["layers"], found["first_step"]) == (["bn1", "bn2"], 5)
 
 
 def test_an_ingest_never_fails_because_the_doctor_does(svc, monkeypatch, caplog):
