@@ -123,7 +123,7 @@ def follow_view(
     marked: dict[str, Any] | None = None,
 ) -> Any:
     """The address of the view now open (no update where the address says it already), with
-    the step marked on it (``marked``: dashboard.views.doctor.mark_step) where it is that
+    the step marked on it (``marked``: dashboard.views.doctor.step_from_link) where it is that
     layer's."""
     query: dict[str, str] = {"tab": tab}
     if run and tab == "run":

@@ -183,7 +183,7 @@ def show_doctor(svc: Service, run_id: str | None, *_: Any) -> Any:
     prevent_initial_call=True,
     trigger=True,
 )
-def silence(
+def toggle_silence(
     svc: Service,
     fired: Any,
     clicks: list[int | None],
@@ -213,7 +213,7 @@ def silence(
     prevent_initial_call=True,
     service=False,
 )
-def mark_step(search: str | None) -> tuple[Any, Any]:
+def step_from_link(search: str | None) -> tuple[Any, Any]:
     """A link that names a step (a diagnosis's layer link): that step is marked on the run's
     figures, and the layer it names is shown (even where the layer view was open on another)."""
     view = view_of(query_of(search))

@@ -126,7 +126,7 @@ def render_run(
     marked: dict[str, Any] | None = None,
 ) -> tuple[Any, ...]:
     """The open section's figures, fresh from the store, and what feeds them live; a step a
-    link marked (``marked``: dashboard.views.doctor.mark_step) drawn on those over steps."""
+    link marked (``marked``: dashboard.views.doctor.step_from_link) drawn on those over steps."""
     keep = [no_update] * len(GRAPHS)
     if not run_id:
         return *keep, no_update, [], None, banner(None), ""

@@ -108,7 +108,7 @@ def channel_arrays(
 
 
 @router.get("/{run_id}/diagnoses", response_model=DiagnosesOut)
-def diagnoses(run_id: str, svc: Svc) -> dict[str, Any]:
+def run_diagnoses(run_id: str, svc: Svc) -> dict[str, Any]:
     """What the BN doctor (docs/diagnoses.md) found in the run, worst first, silenced ones
     included; what the run was checked for (and why not, where it could not be); through which
     step."""
@@ -116,7 +116,7 @@ def diagnoses(run_id: str, svc: Svc) -> dict[str, Any]:
 
 
 @router.put("/{run_id}/diagnoses/{rule}", response_model=SilenceOut, dependencies=Authorized)
-def silence(run_id: str, rule: str, body: SilenceIn, svc: Svc) -> dict[str, Any]:
+def silence_diagnosis(run_id: str, rule: str, body: SilenceIn, svc: Svc) -> dict[str, Any]:
     """Silence one rule for the run (known and intended), or not: its diagnosis stays listed,
     marked silenced, and is left out of badges and warnings. Any rule of docs/diagnoses.md,
     found in the run or not yet."""

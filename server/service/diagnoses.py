@@ -148,17 +148,18 @@ class DiagnosisService:
 
     def ended(self, run_id: str) -> None:
         """The run takes no more records: its doctor goes, what it checked is kept."""
-        with self._guard:
-            patient = self._patients.pop(run_id, None)
+        patient = self._patients.get(run_id)
         if patient is None:
             return
-        with patient.lock:
+        with patient.lock:  # after a batch being stored and fed
             try:
                 self._catch_up(run_id, patient)  # the batches that waited
             except Exception:
                 self._failed(run_id, patient)
             if patient.doctor is not None:
                 self._remember(run_id, patient.doctor.checked(), patient.doctor.last_step)
+            with self._guard:
+                self._patients.pop(run_id, None)
 
     def forget(self, run_id: str) -> None:
         """The run is deleted (its rows went with it)."""

@@ -363,7 +363,8 @@ class RunService:
         """Tell live listeners the run's status (from any thread)."""
         run = self.store.runs.get(run_id)
         if run is not None:
+            if run["status"] in FINISHED:  # the batches that waited for the doctor: diagnosed
+                self.diagnoses.ended(run_id)  # and told before the stream ends
             self.hub.publish(run_id, Event("status", run["seq"], self.out(run)))
             if run["status"] in FINISHED:
                 self.hub.publish_ended(run_id)
-                self.diagnoses.ended(run_id)

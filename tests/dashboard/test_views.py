@@ -433,10 +433,10 @@ def test_the_diagnosis_panel_the_badge_and_the_report_say_what_the_doctor_found(
 
     # silencing needs the server's token; silenced, it leaves the badge
     toggle = {"type": "doctor-silence", "rule": "nonfinite-running-stats", "to": "on"}
-    changed, note = doctor.silence(guarded, toggle, [1], [toggle], sick, "wrong")
+    changed, note = doctor.toggle_silence(guarded, toggle, [1], [toggle], sick, "wrong")
     assert changed is no_update and NEEDS_TOKEN in text(note)
-    assert doctor.silence(guarded, toggle, [0], [toggle], sick, "s3cret") == (no_update,) * 2
-    changed, _ = doctor.silence(guarded, toggle, [1], [toggle], sick, "s3cret")
+    assert doctor.toggle_silence(guarded, toggle, [0], [toggle], sick, "s3cret") == (no_update,) * 2
+    changed, _ = doctor.toggle_silence(guarded, toggle, [1], [toggle], sick, "s3cret")
     assert changed is not no_update
     assert "no active BN problem in 20 steps (1 silenced)" in text(
         doctor.show_doctor(guarded, sick)
@@ -445,7 +445,7 @@ def test_the_diagnosis_panel_the_badge_and_the_report_say_what_the_doctor_found(
 
     # a layer link marks its step, on the figures over steps of the layer it opens
     search = f"?tab=run&run={sick}&section=layer&layer=block1&step=12&mark=rule-x"
-    marked, layer = doctor.mark_step(search)
+    marked, layer = doctor.step_from_link(search)
     assert layer == "block1" and marked["step"] == 12
     out = run.render_run(guarded, sick, layer, None, "layer", None, marked)
     fig = out[run.GRAPHS.index("fig-layer")]
