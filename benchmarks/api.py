@@ -7,6 +7,15 @@
 3. ``GET /metrics?max_points=2000`` on a 100k-step run while two runs train; target p99 <= 50 ms.
 
     python benchmarks/api.py            # about two minutes
+    python benchmarks/api.py --doctor-off   # the same, without the BN doctor on ingest
+
+The BN doctor's cost (bncore.diagnose, run by the server on every batch ingested): ingest
+throughput with it on and off, side by side, on two servers alternately (``--rounds`` each):
+
+    python benchmarks/api.py --doctor-compare [--running-stats]
+
+``--running-stats``: the batches also carry each layer's running mean and variance, as a
+worker's do, so that the doctor's rules on them run too (the plain batch leaves them out).
 """
 
 from __future__ import annotations
@@ -66,9 +75,10 @@ def live_latency(srv: ServerProcess, seconds: float) -> dict[str, float]:
 
 
 def synthetic_batch(
-    step0: int, steps: int, seq: int, names: list[str] = LAYERS
+    step0: int, steps: int, seq: int, names: list[str] = LAYERS, running: bool = False
 ) -> tuple[bytes, int]:
-    """A worker-shaped batch: steps, layers x 29 statistics, no per-channel arrays."""
+    """A worker-shaped batch: steps, layers x 29 statistics (31 with ``running``: the running
+    mean and variance too), no per-channel arrays."""
     rng = np.random.default_rng(seq)
     s = np.arange(step0, step0 + steps)
     layers = {"step": np.repeat(s, len(names)).tolist(), "layer": names * steps}
@@ -94,6 +104,7 @@ def synthetic_batch(
         "pre_var_min",
         "pre_var_max",
         *(f"p{q}_{j}" for q in (15, 50, 85) for j in range(3)),
+        *(("running_mean", "running_var") if running else ()),
     ]
     for k in stats:
         layers[k] = np.abs(rng.standard_normal(len(s) * len(names))).astype(np.float32)
@@ -112,7 +123,9 @@ def synthetic_batch(
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), values
 
 
-def ingest_rate(srv: ServerProcess, steps_total: int, batch_steps: int) -> tuple[str, float]:
+def ingest_rate(
+    srv: ServerProcess, steps_total: int, batch_steps: int, running: bool = False
+) -> tuple[str, float]:
     """Fill a client run with steps_total steps as fast as the server takes them."""
     with srv.client() as api:
         run = api.post(
@@ -120,7 +133,9 @@ def ingest_rate(srv: ServerProcess, steps_total: int, batch_steps: int) -> tuple
         ).json()
         sent, t0 = 0, time.perf_counter()
         for i, step0 in enumerate(range(1, steps_total + 1, batch_steps), 1):
-            body, n = synthetic_batch(step0, min(batch_steps, steps_total + 1 - step0), i)
+            body, n = synthetic_batch(
+                step0, min(batch_steps, steps_total + 1 - step0), i, running=running
+            )
             r = api.post(
                 f"/api/runs/{run['id']}/records",
                 content=body,
@@ -128,12 +143,12 @@ def ingest_rate(srv: ServerProcess, steps_total: int, batch_steps: int) -> tuple
             )
             r.raise_for_status()
             sent += n
-        rate = sent / (time.perf_counter() - t0)
         api.post(
             f"/api/runs/{run['id']}/status",
             json={"status": "completed"},
             headers={"X-Run-Token": run["write_token"]},
-        )
+        ).raise_for_status()  # timed too: batches the doctor left for later are diagnosed now
+        rate = sent / (time.perf_counter() - t0)
     return run["id"], rate
 
 
@@ -211,15 +226,56 @@ def query_latency(srv: ServerProcess, run_id: str, requests: int) -> dict[str, f
     }
 
 
+def doctor_compare(steps: int, batch_steps: int, rounds: int, running: bool) -> None:
+    """Ingest throughput with the BN doctor on (its defaults) and off (--no-doctor), side by
+    side: two servers, the same batches, alternately, ``rounds`` times each."""
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = {
+            "on": ServerProcess(Path(tmp) / "on").start(),
+            "off": ServerProcess(Path(tmp) / "off", "--no-doctor").start(),
+        }
+        try:
+            ingest_rate(servers["on"], batch_steps * 2, batch_steps, running)  # warm both
+            ingest_rate(servers["off"], batch_steps * 2, batch_steps, running)
+            for r in range(rounds):
+                for mode in ("on", "off") if r % 2 == 0 else ("off", "on"):
+                    rates[mode].append(ingest_rate(servers[mode], steps, batch_steps, running)[1])
+                    print(f"  round {r + 1}, doctor {mode}: {rates[mode][-1]:,.0f} values/s")
+        finally:
+            for srv in servers.values():
+                srv.stop()
+    on, off = (float(np.median(rates[m])) for m in ("on", "off"))
+    what = "with running statistics" if running else "as the plain benchmark's"
+    print(
+        f"ingest, batches {what}, {steps:,} steps x 6 layers, median of {rounds}: doctor on "
+        f"{on:,.0f} values/s, off {off:,.0f} values/s: the doctor costs {1 - on / off:.1%} "
+        f"(target <= 5%: {'met' if on >= 0.95 * off else 'MISSED'})"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--latency-seconds", type=float, default=20)
     ap.add_argument("--history-steps", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=300)
     ap.add_argument("--worker-steps", type=int, default=1500)
+    ap.add_argument("--doctor-off", action="store_true", help="serve with --no-doctor")
+    ap.add_argument(
+        "--doctor-compare", action="store_true", help="only ingest, doctor on against off"
+    )
+    ap.add_argument("--rounds", type=int, default=3, help="of --doctor-compare, each")
+    ap.add_argument("--batch-steps", type=int, default=2000, help="steps per ingested batch")
+    ap.add_argument(
+        "--running-stats", action="store_true", help="batches carry the running statistics"
+    )
     args = ap.parse_args(argv)
+    if args.doctor_compare:
+        doctor_compare(args.history_steps, args.batch_steps, args.rounds, args.running_stats)
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
-        srv = ServerProcess(Path(tmp), "--max-runs", str(MAX_RUNS)).start()
+        flags = ("--no-doctor",) if args.doctor_off else ()
+        srv = ServerProcess(Path(tmp), "--max-runs", str(MAX_RUNS), *flags).start()
         try:
             lat = live_latency(srv, args.latency_seconds)
             print(
@@ -227,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"p95 {lat['p95_ms']:.0f} ms, max {lat['max_ms']:.0f} ms over {lat['records']} "
                 f"records  (target p95 <= 250 ms: {'met' if lat['p95_ms'] <= 250 else 'MISSED'})"
             )
-            run_id, rate = ingest_rate(srv, args.history_steps, 2000)
+            run_id, rate = ingest_rate(srv, args.history_steps, args.batch_steps)
             print(
                 f"ingest: {rate:,.0f} statistic values/s into SQLite, "
                 f"{args.history_steps:,} steps x 6 layers  "

@@ -9,6 +9,7 @@ import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,6 +18,9 @@ from bncore.nn import kernels
 from bncore.nn.kernels import cpu
 from bncore.run.config import UNKNOWN_FIELD, ConfigError, describe_fields, grouped, load_config
 from bnscope.flags import add_settings, flag_name, given
+
+if TYPE_CHECKING:
+    from bncore.diagnose import Diagnosis
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
 
@@ -35,6 +39,31 @@ def _info(_: argparse.Namespace) -> int:
     forced = " (forced by BNCORE_KERNEL)" if kernels.forced() else ""
     print(f"kernel used for float32 CPU input: {chosen}{forced}")
     return EXIT_OK
+
+
+def diagnosis_lines(found: Sequence[Diagnosis], steps: int) -> list[str]:
+    """What the BN doctor found (bncore.diagnose), one line each: severity, rule, layers,
+    message, its fix indented on the next; or the one line that says it found nothing."""
+    if not found:
+        return [f"BN doctor: no BN problem found in {steps} steps"]
+    lines = [f"BN doctor: {len(found)} finding{'s' * (len(found) > 1)}"]
+    for d in found:
+        layers = ", ".join(d.layers) or "the run"
+        silenced = " (silenced)" if d.silenced else ""
+        lines += [f"{d.severity} {d.rule}{silenced} in {layers}: {d.message}", f"    fix: {d.fix}"]
+    return lines
+
+
+def _diagnoses_of(records: Any, meta: dict[str, Any]) -> list[Diagnosis]:
+    """What the BN doctor finds in a run's records (empty where it cannot read them: a note
+    on stderr)."""
+    from bncore.diagnose import diagnose
+
+    try:
+        return diagnose(records, meta).diagnoses
+    except Exception as exc:  # the doctor's failure is not the run's
+        print(f"bnscope: the BN doctor could not read the run: {exc}", file=sys.stderr)
+        return []
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -83,6 +112,13 @@ def _train(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     finally:
         bar.close()
+    from bncore.record.sinks import read_parquet
+
+    # the BN doctor over what the run wrote (its records and meta): on stderr, beside the
+    # progress bar; stdout stays the JSON summary
+    meta = json.loads((Path(args.out) / "run.json").read_text())
+    found = _diagnoses_of(read_parquet(args.out), meta)
+    print("\n".join(diagnosis_lines(found, result.steps_done)), file=sys.stderr)
     print(
         json.dumps(
             {
@@ -91,6 +127,7 @@ def _train(args: argparse.Namespace) -> int:
                 "message": result.message,
                 "final": result.final,
                 "out": str(Path(args.out).resolve()),
+                "diagnoses": [d.to_dict() for d in found],
             },
             indent=2,
         )
@@ -159,22 +196,33 @@ def _experiment(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         overrides[key.strip()] = yaml.safe_load(raw)
 
+    arms: list[tuple[str, list[Diagnosis], int]] = []  # each run's label, diagnoses, steps
+
     def progress(config: dict, done: RunResult) -> None:
         where = ", ".join(f"{k}={get_field(config, k)}" for k in exp.grid)
+        if done.records is not None:
+            arms.append((where, _diagnoses_of(done.records, done.meta), done.steps_done))
+        if args.quiet or args.json:
+            return
         acc = done.final.get("test_acc", float("nan"))
         print(f"  {where}: {done.status}, test accuracy {acc:.3f}", flush=True)
 
     try:
-        res = run(exp, args.size, overrides, on_run=None if args.quiet or args.json else progress)
+        res = run(exp, args.size, overrides, on_run=progress)
     except ConfigError as exc:
         print(f"bnscope experiment: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.json:
+        res["diagnoses"] = [
+            {"run": where, "diagnoses": [d.to_dict() for d in found]} for where, found, _ in arms
+        ]
         print(json.dumps(res))
         return EXIT_OK
     v = res["verdict"]
     said = f"{'agrees' if v['agrees'] else 'DISAGREES'}: {v['text']}" if v else "not measured"
     print(f"{res['title']}\nPaper: {res['claim']}\nThis measurement {said}")
+    for where, found, steps in arms:  # the BN doctor, per run
+        print(f"{where}: " + "\n    ".join(diagnosis_lines(found, steps)))
     return EXIT_OK
 
 

@@ -32,7 +32,11 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import sys
+import threading
 import time
+import warnings
 from typing import Any
 
 import httpx
@@ -47,9 +51,13 @@ from bncore.record.tables import Records
 from bncore.record.watcher import Watcher
 from bncore.status import RunStatus
 
-__all__ = ["Client", "ClientRun", "watch"]
+__all__ = ["BNScopeDiagnosis", "Client", "ClientRun", "watch"]
 
 log = logging.getLogger(__name__)
+
+
+class BNScopeDiagnosis(UserWarning):
+    """A batch-norm pitfall the server's BN doctor found in this run (once per rule)."""
 
 
 class Client:
@@ -88,6 +96,7 @@ class Client:
         patience: float = 120.0,
         heartbeat: float = 5.0,
         hang_timeout: float = 900.0,
+        warn: bool = True,
     ) -> ClientRun:
         """Register a run that this process trains and reports.
 
@@ -123,6 +132,7 @@ class Client:
             patience=patience,
             heartbeat=min(heartbeat, told) if told else heartbeat,
             hang_timeout=hang_timeout,
+            warn=warn,
         )
 
     def close(self) -> None:
@@ -147,8 +157,12 @@ class ClientRun:
         token: str | None = None,
         rank: int = 0,
         world: int = 1,
+        warn: bool = True,
     ) -> None:
         self.client, self.id = client, run_id
+        self._heard: list[dict[str, Any]] = []  # the doctor's diagnoses, not yet warned of
+        self._heard_lock = threading.Lock()
+        self._warned: set[str] = set()
         self.rank, self.world = rank, world
         self.flush_every, self.flush_seconds = flush_every, flush_seconds
         self.channel_interval, self.measure_interval = channel_interval, measure_interval
@@ -162,6 +176,7 @@ class ClientRun:
             alive=self._alive,
             token=token,
             sequenced=rank == 0,  # the run's batch numbers are rank 0's
+            on_ack=self._hear if warn else None,
         )
         self.watcher: Watcher | None = None
         self._steps: list[tuple[int, float | Tensor, float, float, float]] = []
@@ -207,6 +222,30 @@ class ClientRun:
         self._last_log = now
         if len(self._steps) >= self.flush_every or now - self._last_flush >= self.flush_seconds:
             self.flush()
+        if self._heard:
+            self._warn()
+
+    def _hear(self, ack: dict[str, Any]) -> None:
+        """A batch's acknowledgement (on the sink's thread): its diagnoses wait for the
+        script's thread."""
+        with self._heard_lock:
+            self._heard += ack.get("diagnoses") or []
+
+    def _warn(self) -> None:
+        """Each new rule the doctor found, as a warning in the script (once per rule)."""
+        with self._heard_lock:
+            heard, self._heard = self._heard, []
+        for d in heard:
+            if d["rule"] in self._warned or d.get("silenced") or d.get("last_step") is not None:
+                continue
+            self._warned.add(d["rule"])
+            layers = ", ".join(d["layers"]) or "the run"
+            warnings.warn(
+                f"BN Scope: {d['severity']} {d['rule']} in {layers}: {d['message']} "
+                f"Fix: {d['fix']}",
+                BNScopeDiagnosis,
+                stacklevel=_script_level(),
+            )
 
     def flush(self) -> None:
         """Send what was logged since the last flush (one transfer from the device)."""
@@ -254,6 +293,7 @@ class ClientRun:
                 self.sink.drain()
             finally:
                 self.sink.abandon()
+            self._warn()
             return
         try:
             self.flush()
@@ -267,6 +307,7 @@ class ClientRun:
             self.sink.finish(
                 {"status": status, "message": message, "steps_done": None, "final": None}
             )
+        self._warn()  # what the last batches showed
 
     def __enter__(self) -> ClientRun:
         return self
@@ -279,6 +320,17 @@ class ClientRun:
             self.finish("failed", f"{type(exc).__name__}: {exc}")
         except Exception as report_error:  # never hide the script's own exception
             log.warning("bnscope: could not report run %s as failed: %s", self.id, report_error)
+
+
+def _script_level() -> int:
+    """The ``stacklevel`` of the script's own line (``run.log``, the ``with`` block's end), for
+    a warning raised inside this module (through torch's no_grad wrapper)."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and (
+        frame.f_code.co_filename == __file__ or f"{os.sep}torch{os.sep}" in frame.f_code.co_filename
+    ):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _rank_world() -> tuple[int, int]:

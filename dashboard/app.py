@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from typing import Any
 
 import flask
 import plotly.io as pio
@@ -20,16 +21,25 @@ from fastapi import FastAPI
 
 from bncore.status import ACTIVE, FINISHED
 from dashboard import report, wiring
-from dashboard.views import address, calculator, compare, experiments, launch, run, runs
+from dashboard.views import (
+    address,
+    calculator,
+    compare,
+    doctor,
+    experiments,
+    launch,
+    run,
+    runs,
+)
 from dashboard.views.common import tabs
 from server.service import Service
 
 #: Every view with callbacks, bound to the service at mount.
-VIEWS = (address, runs, run, compare, launch, experiments, calculator)
+VIEWS = (address, runs, run, doctor, compare, launch, experiments, calculator)
 #: The page's state, shared by the views' callbacks (and assets/live.js).
 STORES = ("view-run", "compare-runs", "live-spec", "following", "live-status", "live-reset",
           "live-conn", "watching", "want-layer", "delete-ids", "runs-changed",
-          "server-back")  # fmt: skip
+          "server-back", "live-diagnosis", "doctor-changed", "want-step")  # fmt: skip
 #: What the page's script (assets/live.js) shares with the server: the run-status vocabulary.
 PAGE_VOCABULARY = {"active": list(ACTIVE), "finished": list(FINISHED)}
 
@@ -38,7 +48,12 @@ def layout(has_token: bool, query: Mapping[str, str] | None = None) -> html.Div:
     """The page, opened on the view its link names (``query``: the address's parameters), so
     the first drawing is already the right one."""
     view = address.view_of(query or {})
-    initial = {"view-run": view.run, "compare-runs": view.compare, "want-layer": view.layer}
+    initial: dict[str, Any] = {
+        "view-run": view.run, "compare-runs": view.compare, "want-layer": view.layer
+    }  # fmt: skip
+    if view.step is not None and view.run:  # a step to mark (dashboard.views.doctor)
+        initial["want-step"] = {"run": view.run, "layer": view.layer, "step": view.step,
+                                "mark": view.mark}  # fmt: skip
     header = html.Header(
         [
             html.H1("BN Scope"),

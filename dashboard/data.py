@@ -62,8 +62,18 @@ def _row(r: dict[str, Any], now: float) -> dict[str, Any]:
         "model": _describe(config),
         "norm": norm,
         "test_acc": round(final["test_acc"], 4) if "test_acc" in final else None,
+        "doctor": badge(r.get("doctor")),
         "message": (r.get("message") or "").splitlines()[0][:120] if r.get("message") else "",
     }
+
+
+def badge(counts: dict[str, int] | None) -> str:
+    """A run's BN doctor badge: its active, unsilenced errors and warnings ("1 error, 2
+    warnings"; "" for none)."""
+    counts = counts or {}
+    parts = [f"{n} {what}{'s' * (n > 1)}" for what, n in (("error", counts.get("errors", 0)),
+             ("warning", counts.get("warnings", 0))) if n]  # fmt: skip
+    return ", ".join(parts)
 
 
 def _duration(elapsed: float) -> str:

@@ -1,5 +1,6 @@
 """A run's report: one self-contained HTML page (plotly.js and every figure inside it, no link
-out) with the run's status, summary and config, to attach to a paper or a pull request.
+out) with the run's status, what the BN doctor found, summary and config, to attach to a paper
+or a pull request.
 
 Served at ``GET /api/runs/{id}/report`` (registered on the API's app when the dashboard is
 mounted) and linked from the run view.
@@ -38,6 +39,14 @@ td, th { border: 1px solid #e2e8f0; padding: 3px 8px; text-align: left; vertical
 pre { background: #f8fafc; padding: 8px; font-size: 12px; white-space: pre-wrap; }
 .status { font-weight: 600; padding: 2px 8px; border-radius: 10px; background: #e0e7ff; }
 .figure { border: 1px solid #e2e8f0; border-radius: 4px; margin: 8px 0; }
+.finding { border-left: 4px solid #94a3b8; padding: 2px 10px; margin: 10px 0; }
+.finding.error { border-color: #b91c1c; } .finding.warning { border-color: #d97706; }
+.finding.info { border-color: #2563eb; }
+.tag { font-weight: 600; font-size: 12px; padding: 1px 8px; border-radius: 10px; }
+.tag.error { background: #fee2e2; color: #991b1b; }
+.tag.warning { background: #fef3c7; color: #92400e; }
+.tag.info { background: #dbeafe; color: #1e40af; }
+.note { color: #64748b; font-size: 13px; }
 """
 
 
@@ -71,6 +80,7 @@ def render(svc: Service, run_id: str) -> str:
     ]
     if run.get("message"):
         parts.append(f"<pre>{html.escape(run['message'])}</pre>")
+    parts += diagnosis_section(svc.diagnoses.report(run))
     if run.get("final"):
         parts += ["<h2>Summary (final evaluation)</h2>", _table(run["final"])]
     for heading, ids in REPORT_SECTIONS.items():
@@ -91,6 +101,45 @@ def render(svc: Service, run_id: str) -> str:
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+def diagnosis_section(report: dict[str, Any]) -> list[str]:
+    """What the BN doctor found (docs/diagnoses.md): each diagnosis with its severity, rule,
+    layers, steps, message, fix and references; or that it found nothing, and what it checked."""
+    esc = html.escape
+    found, steps = report["diagnoses"], report["steps"]
+    parts = ["<h2>Diagnosis (BN doctor)</h2>"]
+    if not found:
+        parts.append(f"<p>No BN problem found in {steps} steps.</p>")
+    for d in found:
+        when = (
+            f"steps {d['first_step']} to {d['last_step']} (resolved)"
+            if d["last_step"] is not None
+            else f"since step {d['first_step']}"
+        )
+        silenced = " <span class='note'>(silenced: known and intended)</span>" * d["silenced"]
+        layers = ", ".join(d["layers"]) or "the whole run"
+        parts.append(
+            f"<div class='finding {esc(d['severity'])}'><p><span class='tag "
+            f"{esc(d['severity'])}'>{esc(d['severity'])}</span> <b>{esc(d['rule'])}</b> "
+            f"<span class='note'>{esc(when)}, in {esc(layers)}</span>{silenced}</p>"
+            f"<p>{esc(d['message'])}</p><p class='note'>fix:</p><pre>{esc(d['fix'])}</pre>"
+            f"<p class='note'>references: {esc('; '.join(d['references']))}</p></div>"
+        )
+    done = [c for c in report["checked"] if c["checked"]]
+    not_done = [c for c in report["checked"] if not c["checked"]]
+    items = "".join(f"<li>{esc(c['rule'])}: {esc(c['checks'])}</li>" for c in done)
+    parts.append(f"<details><summary>checked for {len(done)} pitfalls</summary><ul>{items}</ul>"
+                 "</details>")  # fmt: skip
+    if not_done:
+        items = "".join(
+            f"<li>{esc(c['rule'])} ({esc(c['checks'])}): {esc(c['reason'] or '')}</li>"
+            for c in not_done
+        )
+        parts.append(
+            f"<details><summary>could not check {len(not_done)}</summary><ul>{items}</ul></details>"
+        )
+    return parts
 
 
 def when(t: float | None) -> str:

@@ -49,6 +49,14 @@ class Links(BaseModel):
     cancel: str
 
 
+class DoctorCounts(BaseModel):
+    """What the BN doctor found in a run that is active and not silenced (a runs list's
+    badge)."""
+
+    errors: int
+    warnings: int
+
+
 class RunOut(BaseModel):
     """A run: what it is, how far it got, where its records are."""
 
@@ -79,6 +87,11 @@ class RunOut(BaseModel):
     started_at: float | None
     finished_at: float | None
     links: Links
+    doctor: DoctorCounts | None = Field(
+        None,
+        description="in a list of runs: the BN doctor's active, unsilenced errors and warnings "
+        "(GET .../diagnoses for what they are)",
+    )
 
 
 class RunList(BaseModel):
@@ -189,6 +202,19 @@ class PanelOut(BaseModel):
     series: list[dict[str, Any]] = Field(description="{name, x, y, theory}; null: no value")
 
 
+class ArmDiagnosis(BaseModel):
+    rule: str
+    severity: Literal["error", "warning", "info"]
+
+
+class ArmDiagnoses(BaseModel):
+    """What the BN doctor found in one run of a sweep (not the rules silenced)."""
+
+    run_id: str
+    name: str | None
+    diagnoses: list[ArmDiagnosis]
+
+
 class ExperimentResult(BaseModel):
     sweep_id: str
     experiment: str
@@ -198,6 +224,9 @@ class ExperimentResult(BaseModel):
     runs_total: int
     runs_finished: int
     panels: list[PanelOut]
+    diagnoses: list[ArmDiagnoses] = Field(
+        default_factory=list, description="per run of the sweep: what the BN doctor found"
+    )
 
 
 class Series(BaseModel):
@@ -260,9 +289,56 @@ RECORDS_BODY: dict[str, Any] = {
 }  # fmt: skip
 
 
+class DiagnosisOut(BaseModel):
+    """A batch-norm pitfall the BN doctor (bncore.diagnose) found in a run; the rules:
+    docs/diagnoses.md."""
+
+    rule: str = Field(description="the rule's stable id, e.g. nonfinite-running-stats")
+    severity: Literal["error", "warning", "info"]
+    layers: list[str] = Field(description="the BN layers it is about (empty: the whole run)")
+    first_step: int
+    last_step: int | None = Field(description="when it cleared; null while it is active")
+    evidence: dict[str, Any] = Field(description="the numbers that fired, beside the threshold")
+    message: str
+    fix: str = Field(description="what to change, as code or config")
+    references: list[str]
+    silenced: bool = Field(description="marked known and intended: left out of badges, warnings")
+
+
+class CheckedOut(BaseModel):
+    rule: str
+    checks: str = Field(description="what the rule checks, in a few words")
+    checked: bool = Field(description="whether the run could be checked for it")
+    reason: str | None = Field(description="why not, where it could not")
+
+
+class DiagnosesOut(BaseModel):
+    """What the BN doctor found in a run, and what it checked."""
+
+    diagnoses: list[DiagnosisOut] = Field(description="worst and earliest first")
+    checked: list[CheckedOut]
+    steps: int = Field(description="the last step of the records diagnosed")
+
+
+class SilenceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    silenced: bool
+
+
+class SilenceOut(BaseModel):
+    rule: str
+    silenced: bool
+    diagnosis: DiagnosisOut | None = Field(description="the rule's diagnosis of the run, if any")
+
+
 class IngestAck(BaseModel):
     seq: int
     stored: bool
+    diagnoses: list[DiagnosisOut] = Field(
+        default_factory=list,
+        description="what the BN doctor made or changed from this batch, active and not "
+        "silenced (bnscope.client warns of each rule once)",
+    )
 
 
 class ErrorField(BaseModel):

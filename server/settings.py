@@ -110,6 +110,20 @@ class Settings(BaseSettings):
         description="seconds without a record, status or heartbeat after which a script's run "
         "(bnscope.client) is marked failed",
     )
+    no_doctor: bool = Field(
+        False,
+        description="do not run the BN doctor (bncore.diagnose) on the records as they come in: "
+        "no new diagnoses, no warnings to scripts (what it costs: benchmarks/api.py "
+        "--doctor-off)",
+    )
+    doctor_share: float = Field(
+        0.05,
+        gt=0,
+        le=1,
+        description="the share of a run's time the BN doctor may take diagnosing its records: "
+        "batches that come sooner after a diagnosis wait and are diagnosed together with the "
+        "next (1: each batch as it comes)",
+    )
     public_url: str | None = Field(
         None, description="how workers reach the API; default: http://127.0.0.1:<port>"
     )

@@ -7,14 +7,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["SEVERITIES", "Diagnosis", "Finding", "Severity", "plain"]
+__all__ = ["SEVERITIES", "Diagnosis", "Finding", "Severity", "evidence_value"]
 
 Severity = Literal["error", "warning", "info"]
 #: Worst first: the order a run's diagnoses are listed in.
 SEVERITIES: tuple[Severity, ...] = ("error", "warning", "info")
 
 
-def plain(value: Any) -> Any:
+def evidence_value(value: Any) -> Any:
     """A JSON-safe number: floats rounded to 4 significant digits, NaN and infinities as
     text (evidence says "nan" rather than dropping the value that fired)."""
     if isinstance(value, bool) or value is None or isinstance(value, int | str):
@@ -65,7 +65,7 @@ class Diagnosis:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        out["evidence"] = {k: plain(v) for k, v in self.evidence.items()}
+        out["evidence"] = {k: evidence_value(v) for k, v in self.evidence.items()}
         return out
 
     @classmethod

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -31,6 +32,8 @@ __all__ = [
     "error_message",
     "read_parquet",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class Refused(RuntimeError):
@@ -195,6 +198,8 @@ class HttpSink:
     ``max_body`` bytes per post; a server that takes less (a 413) gets them in smaller posts.
     ``sequenced``: number the batches, so that a retried post is stored once (False for a
     second writer of a run, a data-parallel script's rank k > 0: the numbers are the first's).
+    ``on_ack``: called (on the sink's thread) with each batch's acknowledgement, the server's
+    JSON answer: ``{"seq", "stored", "diagnoses"}``, the last what the BN doctor made of it.
     """
 
     def __init__(
@@ -209,8 +214,10 @@ class HttpSink:
         token: str | None = None,
         max_body: int = 4 * 2**20,
         sequenced: bool = True,
+        on_ack: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
         self.client, self.run_id, self.seq, self.retries = client, run_id, 0, retries
+        self.on_ack = on_ack
         self.max_body = max_body
         self.sequenced = sequenced
         self._headers = {RUN_TOKEN_HEADER: token} if token else {}
@@ -226,9 +233,10 @@ class HttpSink:
         self._thread = threading.Thread(target=self._send_loop, name="bnscope-sink", daemon=True)
         self._thread.start()
 
-    def post(self, path: str, content: bytes) -> None:
+    def post(self, path: str, content: bytes) -> httpx.Response:
         """POST to the run's ``path``: retried on a transport error or a 5xx, ``retries``
-        times or for ``patience`` seconds, whichever is longer; a 4xx is raised at once."""
+        times or for ``patience`` seconds, whichever is longer; a 4xx is raised at once. The
+        answer."""
         deadline = time.monotonic() + self.patience
         attempt = 0
         while True:
@@ -241,7 +249,7 @@ class HttpSink:
             except httpx.TransportError:
                 r = None
             if r is not None and r.status_code < 400:
-                return
+                return r
             if r is not None and r.status_code < 500:  # our mistake: retrying will not help
                 raise Refused(f"POST {path}: {r.status_code} {error_message(r)}", r.status_code)
             attempt += 1
@@ -323,7 +331,7 @@ class HttpSink:
                 parts[:0] = [part[: len(part) // 2], part[len(part) // 2 :]]
                 continue
             try:
-                self.post("records", body)
+                answer = self.post("records", body)
             except Refused as exc:
                 if exc.status != 413 or len(part) == 1:
                     raise
@@ -331,6 +339,19 @@ class HttpSink:
                 parts[:0] = [part[: len(part) // 2], part[len(part) // 2 :]]
                 continue
             self.seq += 1
+            if self.on_ack is not None:
+                self._acknowledged(answer)
+
+    def _acknowledged(self, answer: httpx.Response) -> None:
+        """Hand a batch's acknowledgement to ``on_ack``; what it cannot read is no failure of
+        the run's."""
+        try:
+            ack = answer.json()
+            if isinstance(ack, dict) and self.on_ack is not None:
+                self.on_ack(ack)
+        except Exception:
+            log.warning("bnscope: could not read the acknowledgement of run %s's records",
+                        self.run_id, exc_info=True)  # fmt: skip
 
     def _send_loop(self) -> None:
         last = time.monotonic()

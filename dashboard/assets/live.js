@@ -51,6 +51,8 @@
       if (!B.active.includes(run.status)) { es.close(); say("ended: " + run.status); }
     });
     es.addEventListener("reset", () => set("live-reset", {data: Date.now()}));
+    // the BN doctor made or changed a diagnosis: the Diagnosis panel is drawn again
+    es.addEventListener("diagnosis", () => set("live-diagnosis", {data: Date.now()}));
   };
 
   // A run view whose drawing never came back (a lost or dropped callback answer: seen under
@@ -161,8 +163,9 @@
       if (spec.kind === "latest") {
         const last = {};
         table.step.forEach((s, i) => { last[table.layer[i]] = i; });
-        data = gd.data.map((t, k) => Object.assign({}, t, {
-          y: spec.layers.map((l) => (l in last ? table[spec.columns[k]][last[l]] : null))}));
+        // a batch without the column (a script's that did not measure it) leaves it as it is
+        data = gd.data.map((t, k) => (table[spec.columns[k]] ? Object.assign({}, t, {
+          y: spec.layers.map((l) => (l in last ? table[spec.columns[k]][last[l]] : null))}) : t));
       } else {  // channels: each layer's row (figures.channel_figure) gets its latest arrays
         const layers = (B.spec && B.spec.layers) || [];
         if (!layers.length) return null;  // drawn before the run said which layers it has

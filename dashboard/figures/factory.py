@@ -140,3 +140,22 @@ def mark_empty(fig: Figure, text: str) -> None:
         {"text": text, "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5,
          "showarrow": False, "font": {"size": 13, "color": "#6b7280"}}
     ]  # fmt: skip
+
+
+#: How a marked step is drawn: a dashed red line across the figure, labelled at its top.
+MARK_COLOR = "#b91c1c"
+
+
+def mark_step(fig: Figure, step: int, label: str) -> None:
+    """A vertical line at ``step`` on a figure over steps (its x axis titled "step"), labelled;
+    nothing on a figure of another x axis, or with nothing drawn."""
+    lay = fig["layout"]
+    if ((lay.get("xaxis") or {}).get("title") or {}).get("text") != "step" or not has_data(fig):
+        return
+    line = {"type": "line", "xref": "x", "yref": "paper", "x0": step, "x1": step, "y0": 0,
+            "y1": 1, "line": {"color": MARK_COLOR, "width": 1.5, "dash": "dash"}}  # fmt: skip
+    note = {"x": step, "xref": "x", "y": 1, "yref": "paper", "text": label, "showarrow": False,
+            "xanchor": "left", "yanchor": "top", "font": {"color": MARK_COLOR, "size": 11},
+            "bgcolor": "rgba(255,255,255,0.8)"}  # fmt: skip
+    lay["shapes"] = [*lay.get("shapes", []), line]
+    lay["annotations"] = [*lay.get("annotations", []), note]

@@ -4,6 +4,7 @@ functions (declared with dashboard.wiring.callback, bound to the service at moun
 - ``address``: which view is open: the runs list's Open and Compare, and the address bar;
 - ``runs``: the runs list, and acting on runs (cancel, delete);
 - ``run``: one run, drawn and fed live;
+- ``doctor``: the run's Diagnosis panel (the BN doctor), silencing, the step a link marks;
 - ``compare``: runs overlaid;
 - ``launch``: the launch form and its errors, beside their fields;
 - ``experiments``: the literature's experiments, and their results;

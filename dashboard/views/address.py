@@ -1,6 +1,7 @@
 """Which view is open. The address bar follows the view (``?tab=run&run=ID&section=layer&
 layer=NAME``, ``?tab=compare&compare=A,B``), so any view can be shared by its link; a link
-opens its view; the runs list's Open and Compare open the ticked runs."""
+opens its view; the runs list's Open and Compare open the ticked runs. ``&step=N&mark=TEXT``
+marks a step on the run's figures (the Diagnosis panel's layer links: where a rule fired)."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ class View(NamedTuple):
     tab: str | None
     section: str | None
     layer: str | None
+    step: int | None = None
+    mark: str | None = None
 
 
 def view_of(query: Mapping[str, str]) -> View:
@@ -37,12 +40,15 @@ def view_of(query: Mapping[str, str]) -> View:
     compare = [i for i in query.get("compare", "").split(",") if i] or None
     tab = query.get("tab") or ("run" if run else "compare" if compare else None)
     section = query.get("section")
+    step = query.get("step", "")
     return View(
         run,
         compare,
         tab if tab in TABS else None,
         section if section in SECTIONS else None,
         query.get("layer") or None,
+        int(step) if step.isdigit() and len(step) < 19 else None,
+        (query.get("mark") or "")[:64] or None,
     )
 
 
@@ -103,6 +109,7 @@ def open_runs(
     *(Input(*prop) for prop in OPEN_VIEW),
     Input("layer-select", "value"),
     State("url", "search"),
+    State("want-step", "data"),
     prevent_initial_call=True,
     service=False,
 )
@@ -113,14 +120,21 @@ def follow_view(
     section: str,
     layer: str | None,
     search: str | None,
+    marked: dict[str, Any] | None = None,
 ) -> Any:
-    """The address of the view now open (no update where the address says it already)."""
+    """The address of the view now open (no update where the address says it already), with
+    the step marked on it (``marked``: dashboard.views.doctor.step_from_link) where it is that
+    layer's."""
     query: dict[str, str] = {"tab": tab}
     if run and tab == "run":
         query["run"] = run
         query["section"] = section
         if section == "layer" and layer:
             query["layer"] = layer
+            if marked and marked.get("run") == run and marked.get("layer") == layer:
+                query["step"] = str(marked["step"])
+                if marked.get("mark"):
+                    query["mark"] = marked["mark"]
     if compare and tab == "compare":
         query["compare"] = ",".join(compare)
     wanted = "?" + urlencode(query, safe=",")

@@ -135,4 +135,21 @@ def show(svc: Service, sweep_id: str | None, _n: int | None) -> tuple[Any, Any, 
                   config={"displaylogo": False, "responsive": True})
         for p in res["panels"]
     ]  # fmt: skip
-    return head, graphs, done
+    return head, [*graphs, arm_diagnoses(res.get("diagnoses") or [])], done
+
+
+def arm_diagnoses(arms: list[dict[str, Any]]) -> html.Div:
+    """Under the figures: what the BN doctor found in each run of the sweep (its rules, by
+    severity; the run's view has the rest)."""
+    items = []
+    for arm in arms:
+        found: list[Any] = [
+            html.Span([html.Span(d["severity"], className=f"tag tag-{d['severity']}"), " ",
+                       html.Code(d["rule"]), " "])
+            for d in arm["diagnoses"]
+        ] or [html.Span("no BN problem found", className="note")]  # fmt: skip
+        link = dcc.Link(arm["name"] or arm["run_id"], href=f"?tab=run&run={arm['run_id']}")
+        items.append(html.Li([link, ": ", *found]))
+    return html.Div(
+        [html.B("BN doctor, per run"), html.Ul(items)], className="arm-doctor", id="exp-doctor"
+    )

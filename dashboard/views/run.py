@@ -12,7 +12,7 @@ from dash import ClientsideFunction, Input, Output, State, dcc, html, no_update
 
 from bncore.status import FINISHED
 from dashboard import data
-from dashboard.figures.factory import nothing
+from dashboard.figures.factory import mark_step, nothing
 from dashboard.figures.run import run_figures
 from dashboard.views.common import failed, graph, tabs
 from dashboard.wiring import Clientside, callback
@@ -72,6 +72,7 @@ def layout(section: str | None) -> html.Div:
         [
             html.Div(id="run-banner", className="banner"),
             html.Div(toolbar, className="toolbar"),
+            html.Div(id="doctor-panel", className="doctor"),  # dashboard.views.doctor
             tabs("section", section or "overview", sections),
         ]
     )
@@ -113,6 +114,7 @@ def banner(run: dict[str, Any] | None, error: str | None = None) -> list[Any]:
     Input("live-reset", "data"),
     Input("section", "value"),
     State("want-layer", "data"),
+    Input("want-step", "data"),
 )
 def render_run(
     svc: Service,
@@ -121,8 +123,10 @@ def render_run(
     _reset: Any,
     section: str,
     wanted: str | None,
+    marked: dict[str, Any] | None = None,
 ) -> tuple[Any, ...]:
-    """The open section's figures, fresh from the store, and what feeds them live."""
+    """The open section's figures, fresh from the store, and what feeds them live; a step a
+    link marked (``marked``: dashboard.views.doctor.step_from_link) drawn on those over steps."""
     keep = [no_update] * len(GRAPHS)
     if not run_id:
         return *keep, no_update, [], None, banner(None), ""
@@ -140,6 +144,10 @@ def render_run(
         log.exception("run view")
         return *keep, no_update, no_update, no_update, banner(None, f"{exc}"), no_update
     shown = set(SECTIONS.get(section, ()))
+    if marked and marked.get("run") == run_id and marked.get("step") is not None:
+        label = f"{marked.get('mark') or 'step'} at step {marked['step']}"
+        for g in shown & set(figs):
+            mark_step(figs[g], int(marked["step"]), label)
     out = [figs.get(g, no_update) if g in shown else no_update for g in GRAPHS]
     spec = {
         "run": run_id,

@@ -21,9 +21,11 @@ log = logging.getLogger(__name__)
 COLUMNS = {"id": "id", "name": "name", "status": "status", "progress": "progress",
            "created": "created", "duration": "duration", "eta": "queue / ETA",
            "model": "model", "norm": "norm", "test_acc": "test acc",
-           "message": "message"}  # fmt: skip
+           "doctor": "BN doctor", "message": "message"}  # fmt: skip
 STATUS_COLORS = (("diverged", "#b45309"), ("failed", "#b91c1c"), ("interrupted", "#7c3aed"),
                  ("running", "#047857"))  # fmt: skip
+#: The BN doctor's badge, coloured by the worst it counts (warnings first: errors win).
+DOCTOR_COLORS = (("warning", "#b45309"), ("error", "#b91c1c"))
 #: Where an action on runs says what it did, and that the list has changed.
 NOTE = Output("runs-note", "children", allow_duplicate=True)
 CHANGED = Output("runs-changed", "data", allow_duplicate=True)
@@ -53,7 +55,10 @@ def layout() -> html.Div:
         style_cell={"textAlign": "left", "fontSize": 13, "maxWidth": 360,
                     "whiteSpace": "normal", "height": "auto"},
         style_data_conditional=[
-            {"if": {"filter_query": f'{{status}} = "{s}"'}, "color": c} for s, c in STATUS_COLORS
+            *({"if": {"filter_query": f'{{status}} = "{s}"'}, "color": c}
+              for s, c in STATUS_COLORS),
+            *({"if": {"filter_query": f'{{doctor}} contains "{word}"', "column_id": "doctor"},
+               "color": c, "fontWeight": 600} for word, c in DOCTOR_COLORS),
         ],
     )  # fmt: skip
     return html.Div(

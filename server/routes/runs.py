@@ -16,7 +16,15 @@ from bncore.run.config import RunConfig
 from bncore.status import RunStatus
 from server.errors import BadRequest
 from server.routes.deps import Authorized, JSONResponse, Svc
-from server.schemas import ChannelsOut, MetricsOut, RunList, RunOut
+from server.schemas import (
+    ChannelsOut,
+    DiagnosesOut,
+    MetricsOut,
+    RunList,
+    RunOut,
+    SilenceIn,
+    SilenceOut,
+)
 from server.store.schema import MAX_INT
 from server.views import export_file
 
@@ -99,13 +107,29 @@ def channel_arrays(
     return JSONResponse(svc.records.channels(run_id, step))
 
 
+@router.get("/{run_id}/diagnoses", response_model=DiagnosesOut)
+def run_diagnoses(run_id: str, svc: Svc) -> dict[str, Any]:
+    """What the BN doctor (docs/diagnoses.md) found in the run, worst first, silenced ones
+    included; what the run was checked for (and why not, where it could not be); through which
+    step."""
+    return svc.diagnoses.report(svc.runs.get(run_id))
+
+
+@router.put("/{run_id}/diagnoses/{rule}", response_model=SilenceOut, dependencies=Authorized)
+def silence_diagnosis(run_id: str, rule: str, body: SilenceIn, svc: Svc) -> dict[str, Any]:
+    """Silence one rule for the run (known and intended), or not: its diagnosis stays listed,
+    marked silenced, and is left out of badges and warnings. Any rule of docs/diagnoses.md,
+    found in the run or not yet."""
+    return svc.diagnoses.silence(svc.runs.get(run_id), rule, body.silenced)
+
+
 @router.get(
     "/{run_id}/stream",
     response_class=EventSourceResponse,
     responses={
         200: {
             "content": {"text/event-stream": {"itemSchema": _SSE_EVENT_SCHEMA}},
-            "description": "events: records, status, reset (data: JSON)",
+            "description": "events: records, status, diagnosis, reset (data: JSON)",
         }
     },
 )
@@ -116,7 +140,8 @@ async def stream(
     after: Annotated[int | None, Query(ge=0, le=MAX_INT, description="as Last-Event-ID")] = None,
 ) -> EventSourceResponse:
     """Server-sent events: ``records`` (each batch as it is stored, id = its sequence number),
-    ``status`` changes, and ``reset`` when a reconnecting client missed more than the server
+    ``status`` changes, ``diagnosis`` (a diagnosis of the BN doctor made or changed, as in
+    GET .../diagnoses), and ``reset`` when a reconnecting client missed more than the server
     kept (reload through /metrics). Resumes after ``Last-Event-ID``."""
     if last_event_id is not None:
         try:

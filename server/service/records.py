@@ -9,13 +9,6 @@ import numpy as np
 
 from bncore import statistics
 from bncore.downsample import minmax
-from bncore.record.tables import (
-    CHANNEL_COLUMNS,
-    EVAL_COLUMNS,
-    OPTIONAL_EVAL_COLUMNS,
-    STEP_COLUMNS,
-    channel_column,
-)
 from server.errors import BadRequest, NotFound
 from server.service.runs import RunService
 from server.store.reads import Key, Series
@@ -29,12 +22,6 @@ def per_layer(stat: str) -> bool:
     if found is None:
         raise BadRequest(statistics.unknown(stat))
     return found.per_layer
-
-
-def _table_of(stat: str) -> str:
-    """The records table a stored statistic belongs to."""
-    found = statistics.lookup(stat)
-    return found.table if found is not None else ""
 
 
 #: Series (statistic x layer) one /metrics request may read.
@@ -145,54 +132,4 @@ class RecordService:
     def table(self, run_id: str, name: str) -> dict[str, np.ndarray]:
         """One records table (bncore.record.tables) rebuilt from the stored series."""
         self.runs.get(run_id)
-        if name == "channels":
-            rows = [
-                r for s in self.reads.channel_steps(run_id) for r in self.reads.channels(run_id, s)
-            ]
-            out: dict[str, Any] = {
-                "step": np.array([r["step"] for r in rows], np.int64),
-                "layer": np.array([r["layer"] for r in rows]),
-            }
-            for col in CHANNEL_COLUMNS:  # ragged where layers differ in width
-                out[col] = channel_column([r[col] for r in rows]) if rows else np.empty((0, 0))
-            return out
-        names = self.reads.names(run_id)
-        if name in ("steps", "evals"):
-            wanted = STEP_COLUMNS if name == "steps" else (*EVAL_COLUMNS, *OPTIONAL_EVAL_COLUMNS)
-            return self._aligned(run_id, [("", s) for s in wanted if ("", s) in names])
-        names = [(lay, s) for lay, s in names if lay and _table_of(s) == name]
-        parts = []
-        for layer in dict.fromkeys(layer for layer, _ in names):
-            cols = self._aligned(run_id, [(lay, s) for lay, s in names if lay == layer])
-            parts.append({"layer": np.full(len(cols.get("step", ())), layer), **cols})
-        if not parts:
-            return {}
-        keys = list(parts[0])
-        merged = {
-            k: np.concatenate([p.get(k, np.full(len(p["step"]), np.nan)) for p in parts])
-            for k in keys
-        }
-        order = np.lexsort((np.arange(len(merged["step"])), merged["step"]))
-        return {
-            "step": merged["step"][order],
-            "layer": merged["layer"][order],
-            **{k: v[order] for k, v in merged.items() if k not in ("step", "layer")},
-        }
-
-    def _aligned(self, run_id: str, keys: list[Key]) -> dict[str, np.ndarray]:
-        """Series as columns on the steps of the first (NaN where one has no value)."""
-        if not keys:
-            return {}
-        data = self.reads.many(run_id, keys)
-        first_steps = data[keys[0]][0]
-        out: dict[str, np.ndarray] = {"step": first_steps}
-        for key in keys:
-            steps, vals = data[key]
-            col = np.full(len(first_steps), np.nan, np.float32)
-            pos = np.searchsorted(first_steps, steps)
-            ok = (pos < len(first_steps)) & (
-                first_steps[np.minimum(pos, len(first_steps) - 1)] == steps
-            )
-            col[pos[ok]] = vals[ok]
-            out[key[1]] = col
-        return out
+        return self.reads.table(run_id, name)

@@ -32,6 +32,7 @@ from server.errors import (
 from server.hub import GONE, Event, Hub
 from server.scheduler import Scheduler
 from server.schemas import ClientRunCreate, StatusUpdate
+from server.service.diagnoses import DiagnosisService
 from server.settings import Settings
 from server.store import Store
 from server.views import run_out
@@ -44,6 +45,8 @@ class RunService:
         self.settings, self.store, self.hub, self.scheduler = settings, store, hub, scheduler
         #: when each script-reported run (bnscope.client) last said anything (time.monotonic())
         self.last_seen: dict[str, float] = {}
+        #: the BN doctor: each run's records diagnosed as they are ingested
+        self.diagnoses = DiagnosisService(settings, store, hub)
 
     # -- who may change things ----------------------------------------------------------------
 
@@ -75,15 +78,26 @@ class RunService:
 
     def newest(self, limit: int) -> list[dict[str, Any]]:
         """The latest ``limit`` runs, newest first, as the API shows them (with its place in
-        the queue, for a queued run)."""
-        return [self.out(r) for r in self.store.runs.search(limit=limit)[0]]
+        the queue, for a queued run, and what the BN doctor found: :meth:`listed`)."""
+        return self.listed(self.store.runs.search(limit=limit)[0])
 
     def page(
         self, status: str | None, sweep_id: str | None, limit: int, offset: int
     ) -> dict[str, Any]:
         items, total = self.store.runs.search(status, sweep_id, limit, offset)
-        return {"items": [self.out(r) for r in items], "total": total,
+        return {"items": self.listed(items), "total": total,
                 "limit": limit, "offset": offset}  # fmt: skip
+
+    def listed(self, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Runs as a list shows them: each as the API does, with ``doctor``, its count of
+        active, unsilenced errors and warnings (read from the stored diagnoses, at once)."""
+        counts = self.diagnoses.counts([r["id"] for r in runs])
+        out = []
+        for r in runs:
+            found = counts.get(r["id"], {})
+            doctor = {"errors": found.get("error", 0), "warnings": found.get("warning", 0)}
+            out.append({**self.out(r), "doctor": doctor})
+        return out
 
     # -- runs trained here --------------------------------------------------------------------
 
@@ -179,6 +193,7 @@ class RunService:
             raise Conflict(f"run {run_id} is {run['status']}: cancel it before deleting")
         self.store.delete_run(run_id)
         self.hub.forget(run_id)
+        self.diagnoses.forget(run_id)
 
     # -- runs reported by a worker or a script ------------------------------------------------
 
@@ -223,8 +238,9 @@ class RunService:
 
     def ingest(self, run_id: str, body: bytes, token: str | None) -> dict[str, Any]:
         """Check a batch of records (server.batches), store it (atomically, before it is
-        acknowledged), then stream it."""
-        self._reporting(run_id, token, running_only=True)
+        acknowledged), stream it, then diagnose it (server.service.diagnoses): the answer
+        carries the diagnoses it made or changed that are active and not silenced, if any."""
+        run = self._reporting(run_id, token, running_only=True)
         batch, client_seq = parse_batch(body)
         limit, kept = self.settings.max_run_disk, self.store.series.kept_bytes(run_id)
         if kept + len(body) > limit:
@@ -234,10 +250,13 @@ class RunService:
                 "(--max-run-disk): record less often (bnscope.client's intervals), or start "
                 "a new run"
             )
-        seq, stored = self.store.series.append(run_id, batch, client_seq)
-        if stored:
-            self.hub.publish(run_id, Event("records", seq, {"seq": seq, **live_view(batch)}))
-        return {"seq": seq, "stored": stored}
+        found: list[dict[str, Any]] = []
+        with self.diagnoses.holding(run_id):
+            seq, stored = self.store.series.append(run_id, batch, client_seq)
+            if stored:
+                self.hub.publish(run_id, Event("records", seq, {"seq": seq, **live_view(batch)}))
+                found = self.diagnoses.feed(run, seq, batch)
+        return {"seq": seq, "stored": stored, **({"diagnoses": found} if found else {})}
 
     def heartbeat(self, run_id: str, token: str | None) -> None:
         """A script's run is alive; one silent for ``client_timeout`` seconds is failed."""
@@ -265,6 +284,8 @@ class RunService:
                 started_at=run["started_at"] or time.time(),
                 **fields,
             )
+            if update.meta is not None:
+                self.diagnoses.meta_changed(self.get(run_id))
             self.publish_status(run_id)
         else:
             self.finish(run_id, RunStatus(update.status), **fields)
@@ -342,6 +363,8 @@ class RunService:
         """Tell live listeners the run's status (from any thread)."""
         run = self.store.runs.get(run_id)
         if run is not None:
+            if run["status"] in FINISHED:  # the batches that waited for the doctor: diagnosed
+                self.diagnoses.ended(run_id)  # and told before the stream ends
             self.hub.publish(run_id, Event("status", run["seq"], self.out(run)))
             if run["status"] in FINISHED:
                 self.hub.publish_ended(run_id)

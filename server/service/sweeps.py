@@ -110,5 +110,14 @@ class SweepService:
             series = self.store.reads.many(run["id"], needs(exp, layers)) if layers else {}
             points.append(Point(config=config, values=values, series=series, layers=layers))
         finished = sum(r["status"] in FINISHED for r in sweep["runs"])
+        runs = sweep["runs"][:MAX_POINTS]
+        found = self.runs.diagnoses.of_runs([r["id"] for r in runs])
+        doctor = [
+            {"run_id": r["id"], "name": r["name"],
+             "diagnoses": [{"rule": d["rule"], "severity": d["severity"]}
+                           for d in found.get(r["id"], []) if not d["silenced"]]}
+            for r in runs
+        ]  # fmt: skip
         return {**result(exp, points), "sweep_id": sweep_id, "experiment": exp.key,
-                "runs_total": len(sweep["runs"]), "runs_finished": finished}  # fmt: skip
+                "runs_total": len(sweep["runs"]), "runs_finished": finished,
+                "diagnoses": doctor}  # fmt: skip

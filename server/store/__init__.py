@@ -3,8 +3,8 @@ a PostgreSQL URL works too: everything is SQLAlchemy Core).
 
 Its parts, one job each: ``schema`` (the tables, defined once), ``runs`` (run and sweep rows),
 ``series`` (the write path of records), ``reads`` (reading them back, without the write lock),
-``packing`` (records as bytes and rows). The schema is created and upgraded by the Alembic
-migrations in server/migrations.
+``packing`` (records as bytes and rows), ``diagnoses`` (the BN doctor's, per run and rule).
+The schema is created and upgraded by the Alembic migrations in server/migrations.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 
+from server.store.diagnoses import DiagnosisTable
 from server.store.reads import SeriesReader
 from server.store.runs import RunTable
 from server.store.schema import runs
@@ -28,7 +29,8 @@ __all__ = ["Store"]
 
 class Store:
     """The database, opened and migrated: ``runs`` (RunTable), ``series`` (SeriesWriter),
-    ``reads`` (SeriesReader), and the two operations that span them."""
+    ``reads`` (SeriesReader), ``diagnoses`` (DiagnosisTable), and the two operations that span
+    them."""
 
     def __init__(self, url: str, durability: str = "normal") -> None:
         """``durability`` (SQLite): "normal" keeps every committed batch through a killed
@@ -46,6 +48,7 @@ class Store:
         self.runs = RunTable(self.engine, lock)
         self.series = SeriesWriter(self.engine, lock)
         self.reads = SeriesReader(self.engine)
+        self.diagnoses = DiagnosisTable(self.engine, lock)
 
     def migrate(self) -> None:
         """Bring the schema to the newest migration."""
@@ -67,10 +70,11 @@ class Store:
         return done
 
     def delete_run(self, run_id: str) -> None:
-        """The run and every record of it."""
+        """The run, every record of it and its diagnoses."""
         with self._write:
             with self.engine.begin() as conn:
                 self.series.delete_in(conn, run_id)
+                self.diagnoses.delete_in(conn, run_id)
                 conn.execute(runs.delete().where(runs.c.id == run_id))
             self.series.forget(run_id)
 

@@ -14,7 +14,16 @@ from typing import Any
 import numpy as np
 import sqlalchemy as sa
 
-from bncore.record.tables import CHANNEL_COLUMNS, channel_table
+from bncore import statistics
+from bncore.record.tables import (
+    CHANNEL_COLUMNS,
+    EVAL_COLUMNS,
+    OPTIONAL_EVAL_COLUMNS,
+    STEP_COLUMNS,
+    Table,
+    channel_column,
+    channel_table,
+)
 from server.store.packing import coarse_bins, series_of, unpack
 from server.store.schema import CHUNK, COARSE, channels, pending, series
 from server.store.series import read_chunk as _read_chunk
@@ -351,6 +360,89 @@ class SeriesReader:
                 sa.select(channels.c.step).where(channels.c.run_id == run_id).distinct()
             ).scalars()
             return sorted(set(stored) | {r["step"] for r in waiting})
+
+    # -- whole tables -------------------------------------------------------------------------
+
+    def table(self, run_id: str, name: str) -> Table:
+        """One records table (bncore.record.tables) rebuilt from the stored series: for an
+        export, or the BN doctor reading a run again."""
+        if name == "channels":
+            return self._channel_table(run_id)
+        names = self.names(run_id)
+        if name in ("steps", "evals"):
+            wanted = STEP_COLUMNS if name == "steps" else (*EVAL_COLUMNS, *OPTIONAL_EVAL_COLUMNS)
+            return self._aligned(run_id, [("", s) for s in wanted if ("", s) in names])
+        names = [(lay, s) for lay, s in names if lay and _table_of(s) == name]
+        parts = []
+        for layer in dict.fromkeys(layer for layer, _ in names):
+            cols = self._aligned(run_id, [(lay, s) for lay, s in names if lay == layer])
+            parts.append({"layer": np.full(len(cols.get("step", ())), layer), **cols})
+        if not parts:
+            return {}
+        keys = list(parts[0])
+        merged = {
+            k: np.concatenate([p.get(k, np.full(len(p["step"]), np.nan)) for p in parts])
+            for k in keys
+        }
+        order = np.lexsort((np.arange(len(merged["step"])), merged["step"]))
+        return {
+            "step": merged["step"][order],
+            "layer": merged["layer"][order],
+            **{k: v[order] for k, v in merged.items() if k not in ("step", "layer")},
+        }
+
+    def _aligned(self, run_id: str, keys: list[Key]) -> dict[str, np.ndarray]:
+        """Series as columns on the steps of the first (NaN where one has no value)."""
+        if not keys:
+            return {}
+        data = self.many(run_id, keys)
+        first_steps = data[keys[0]][0]
+        out: dict[str, np.ndarray] = {"step": first_steps}
+        for key in keys:
+            steps, vals = data[key]
+            col = np.full(len(first_steps), np.nan, np.float32)
+            pos = np.searchsorted(first_steps, steps)
+            ok = (pos < len(first_steps)) & (
+                first_steps[np.minimum(pos, len(first_steps) - 1)] == steps
+            )
+            col[pos[ok]] = vals[ok]
+            out[key[1]] = col
+        return out
+
+    def _channel_table(self, run_id: str) -> Table:
+        """Every kept per-channel row of the run, by step (layers in their order within a
+        step), in one read: ragged where layers differ in width."""
+        with self.engine.connect() as conn:
+            waiting = self._pending_channels(conn, run_id)
+            rows = (
+                conn.execute(channels.select().where(channels.c.run_id == run_id)).mappings().all()
+            )
+        found: dict[tuple[str, int], dict[str, Any]] = {}
+        for r in rows:
+            flat = np.frombuffer(r["vals"], np.float32)
+            if r["c"] < 1 or flat.size != len(CHANNEL_COLUMNS) * r["c"]:
+                continue  # a row not as written (never by this store)
+            arr = flat.reshape(len(CHANNEL_COLUMNS), r["c"])
+            found[r["layer"], r["step"]] = {
+                "layer": r["layer"], "step": r["step"],
+                **{col: arr[i] for i, col in enumerate(CHANNEL_COLUMNS)},
+            }  # fmt: skip
+        for row in waiting:
+            found[row["layer"], row["step"]] = row
+        ordered = sorted(found.values(), key=lambda d: (d["step"], _layer_order(d["layer"])))
+        out: Table = {
+            "step": np.array([r["step"] for r in ordered], np.int64),
+            "layer": np.array([r["layer"] for r in ordered]),
+        }
+        for col in CHANNEL_COLUMNS:  # ragged where layers differ in width
+            out[col] = channel_column([r[col] for r in ordered]) if ordered else np.empty((0, 0))
+        return out
+
+
+def _table_of(stat: str) -> str:
+    """The records table a stored statistic belongs to."""
+    found = statistics.lookup(stat)
+    return found.table if found is not None else ""
 
 
 def _chunks(run_id: str, keys: list[Key], *columns: sa.ColumnElement[Any]) -> sa.Select[Any]:

@@ -6,7 +6,8 @@ Records are kept by series, one per (run, layer, stat), in chunks of ``CHUNK`` s
 is a row holding its steps (int64) and values (float32) as bytes, plus the means of its
 ``COARSE``-step bins, so a 100k-step series is a few dozen rows to read. Global series (loss,
 learning rate, evaluations) have the layer ``""``. Per-channel arrays are kept per (run, layer,
-step). A batch of records lands in ``pending`` first (server.store.series).
+step). A batch of records lands in ``pending`` first (server.store.series). The BN doctor's
+diagnoses (bncore.diagnose) are kept per (run, rule) in ``diagnoses`` (server.store.diagnoses).
 """
 
 from __future__ import annotations
@@ -93,4 +94,21 @@ pending = sa.Table(
     _run_id(nullable=False, index=True),
     sa.Column("body", sa.LargeBinary, nullable=False),  # a batch, as server.store.packing writes it
     sa.Column("created_at", sa.Float, nullable=False),
+)  # fmt: skip
+diagnoses = sa.Table(
+    "diagnoses", metadata,
+    _run_id(primary_key=True),
+    sa.Column("rule", sa.String(64), primary_key=True),
+    # the Diagnosis's fields (bncore.diagnose.findings); NULL: a rule silenced for the run
+    # before it found anything
+    sa.Column("severity", sa.String(16)),
+    sa.Column("layers", sa.Text),  # JSON list
+    sa.Column("first_step", INT64),
+    sa.Column("last_step", INT64),  # NULL while active
+    sa.Column("evidence", sa.Text),  # JSON object
+    sa.Column("message", sa.Text),
+    sa.Column("fix", sa.Text),
+    sa.Column("refs", sa.Text),  # JSON list: the Diagnosis's references
+    sa.Column("silenced", sa.Boolean, nullable=False, default=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
 )  # fmt: skip

@@ -138,10 +138,10 @@ class SeriesWriter:
                 for c in self._chunks(run_id, {name: table}, conn, written):
                     chunks[c["layer"], c["stat"], c["chunk"]] = c
         if chunks:
-            upsert = _upsert(self.engine, series, ("n", "steps", "vals", "coarse"))
+            upsert = upsert_statement(self.engine, series, ("n", "steps", "vals", "coarse"))
             conn.execute(upsert, list(chunks.values()))
         if chan:
-            conn.execute(_upsert(self.engine, channels, ("c", "vals")), chan)
+            conn.execute(upsert_statement(self.engine, channels, ("c", "vals")), chan)
         conn.execute(
             pending.delete().where(pending.c.run_id == run_id, pending.c.id <= rows[-1][0])
         )
@@ -284,7 +284,9 @@ def read_chunk(
     return np.frombuffer(row[0], np.int64), np.frombuffer(row[1], np.float32)
 
 
-def _upsert(engine: sa.Engine, table: sa.Table, update: tuple[str, ...]) -> Any:
+def upsert_statement(engine: sa.Engine, table: sa.Table, update: tuple[str, ...]) -> Any:
+    """An INSERT of rows into ``table`` that updates the ``update`` columns of a row whose
+    primary key is taken (SQLite and PostgreSQL)."""
     from sqlalchemy.dialects import postgresql, sqlite
 
     dialect: Any = postgresql if engine.dialect.name == "postgresql" else sqlite

@@ -184,3 +184,21 @@ def test_serve_passes_only_the_flags_given_so_the_environment_sets_the_rest(monk
     monkeypatch.setenv("BNSCOPE_PORT", "7")
     settings = Settings(**given(args))
     assert (settings.max_queued, settings.port, settings.max_run_disk) == (5, 9, GiB)
+
+
+def test_train_prints_what_the_bn_doctor_found(tmp_path):
+    """A torch momentum of 0.7 (Keras' convention given to torch): at the end, on stderr, one
+    line for the diagnosis (severity, rule, layers, message) and its fix indented below; the
+    JSON summary on stdout carries the diagnoses too."""
+    cfg = tmp_path / "keras.yaml"
+    cfg.write_text("steps: 40\nmodel: {depth: 2, width: 16}\ndata: {name: digits}\n")
+    out = tmp_path / "out"
+    result = _bnscope("train", str(cfg), "--out", str(out), "--quiet", "--set", "norm.momentum=0.7")
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    at = next(i for i, line in enumerate(lines) if "momentum-convention" in line)
+    assert lines[at].startswith("warning momentum-convention in block0, block1: ")
+    assert "momentum=0.7 in PyTorch's convention" in lines[at]
+    assert lines[at + 1].startswith("    fix: momentum = 1 - keras_momentum")
+    summary = json.loads(result.stdout)
+    assert "momentum-convention" in [d["rule"] for d in summary["diagnoses"]]

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import httpx
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bnscope.client import Client
+from bnscope.client import BNScopeDiagnosis, Client
 from server.process import ServerProcess, wait_for
 from tests.helpers import free_port
 from tests.third_party import lightning, torchvision_models
@@ -30,7 +31,11 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = ServerProcess(tmp_path_factory.mktemp("srv"), "--client-timeout", "3").start()
+    # every batch diagnosed as it comes (the doctor's default share of the time could make a
+    # test's batch wait for the next one)
+    srv = ServerProcess(
+        tmp_path_factory.mktemp("srv"), "--client-timeout", "3", "--doctor-share", "1"
+    ).start()
     yield srv
     srv.stop()
 
@@ -350,3 +355,58 @@ def test_errors_read_the_servers_message(server):
         (b"[1]", "[1]"),
     ]:
         assert error_message(httpx.Response(400, content=body)) == said
+
+
+def _broken_buffers(run_of, layers: tuple[int, int] = (1, 4)) -> list[warnings.WarningMessage]:
+    """A script whose BN layers' running means become NaN (the first at step 10, the second
+    at step 20) while its loss stays finite, as an overflow under a GradScaler leaves them;
+    the warnings it was given."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 16),
+                          nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with run_of(flush_every=5, channel_interval=5) as run:
+            run.watch(model)
+            for step in range(1, 41):
+                for at, index in zip((10, 20), layers, strict=True):
+                    if step == at:
+                        with torch.no_grad():
+                            model[index].running_mean.fill_(float("nan"))
+                x, y = torch.randn(32, 8), torch.randint(0, 3, (32,))
+                loss = F.cross_entropy(model(x), y)
+                assert torch.isfinite(loss)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                run.log(step, loss)
+                if step == 15:  # the first layer's diagnosis is back before the second's
+                    run.flush()
+                    run.sink.drain()
+    return [w for w in caught if issubclass(w.category, BNScopeDiagnosis)]
+
+
+def test_a_script_is_warned_once_of_each_diagnosis(server):
+    """The server's BN doctor finds the NaN running statistics in the batches it is sent: the
+    script gets one BNScopeDiagnosis warning naming the rule, the layer and the fix, though
+    the diagnosis changed again (the second layer) later; with warn=False, none."""
+    client = Client(server.url)
+    try:
+        said = _broken_buffers(lambda **kw: client.create_run(name="nan buffers", **kw))
+        with server.client() as api:
+            run_id = api.get("/api/runs", params={"limit": 1}).json()["items"][0]["id"]
+            found = api.get(f"/api/runs/{run_id}/diagnoses").json()["diagnoses"]
+        nonfinite = next(d for d in found if d["rule"] == "nonfinite-running-stats")
+        assert nonfinite["layers"] == ["1", "4"] and nonfinite["first_step"] == 10
+        texts = [str(w.message) for w in said]
+        assert sum("nonfinite-running-stats" in t for t in texts) == 1, texts
+        (text,) = [t for t in texts if "nonfinite-running-stats" in t]
+        assert text.startswith("BN Scope: error nonfinite-running-stats in 1: ")
+        assert "became non-finite at step 10" in text and "Fix: reload the BN buffers" in text
+        assert len(texts) == len({t.split()[3] for t in texts})  # each rule once
+        assert all(w.filename == __file__ for w in said)  # at the script's run.log
+        quiet = _broken_buffers(lambda **kw: client.create_run(name="quiet", warn=False, **kw))
+        assert quiet == []
+    finally:
+        client.close()

@@ -574,3 +574,108 @@ def test_the_report_is_one_page_that_opens_offline(browser, server):
         shot(page, "report.png")
     finally:
         page.close()
+
+
+# -- issue 26: the BN doctor where the user sees it ------------------------------------------
+
+
+def _script_batch(seq: int, steps: list[int], nan_from: dict[str, int] | None = None) -> str:
+    """A script's batch of two BN layers (names as a torchvision model's), the running mean of
+    each layer in ``nan_from`` NaN from that step on, the loss finite."""
+    layers = ["layer1.0.bn1", "layer1.0.bn2"]
+    rows = [(s, lay) for s in steps for lay in layers]
+    nan_from = nan_from or {}
+    mean = [None if lay in nan_from and s >= nan_from[lay] else 0.1 for s, lay in rows]
+    ones = [1.0] * len(rows)
+    return json.dumps({
+        "seq": seq,
+        "steps": {"step": steps, "loss": [1.0 / s for s in steps]},
+        "layers": {"step": [s for s, _ in rows], "layer": [lay for _, lay in rows],
+                   "running_mean": mean, "running_var": ones, "pre_mean": [0.1] * len(rows),
+                   "pre_var": ones, "grad_in_norm": ones, "grad_out_norm": ones},
+    })  # fmt: skip
+
+
+WIDER = """(width) => [...document.querySelectorAll('#doctor-panel *')]
+  .filter((e) => e.getBoundingClientRect().right > width + 1)
+  .map((e) => e.tagName + '.' + e.className + ' ' + e.getBoundingClientRect().right)"""
+
+
+def test_the_diagnosis_panel_tells_what_the_doctor_found_live_on_a_desk_and_a_phone(
+    browser, server
+):
+    with server.client() as api:
+        sick = api.post("/api/runs/client", json={"name": "nan buffers", "meta": {
+            "layers": ["layer1.0.bn1", "layer1.0.bn2"]}}).json()  # fmt: skip
+        token = {"X-Run-Token": sick["write_token"], "content-type": "application/json"}
+        post = f"/api/runs/{sick['id']}/records"
+        assert api.post(post, content=_script_batch(1, list(range(1, 21))), headers=token)
+    page = browser.new_page(viewport={"width": 1440, "height": 1000})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    try:
+        page.goto(f"{server.url}/dashboard/?run={sick['id']}")
+        page.locator(".doctor-head").get_by_text("no BN problem found in 20 steps").wait_for()
+        with server.client() as api:  # the script goes on; its running mean turns NaN
+            api.post(post, content=_script_batch(2, list(range(21, 41)), {"layer1.0.bn2": 25}),
+                     headers=token)  # fmt: skip
+            api.get(f"/api/runs/{sick['id']}/diagnoses")  # nothing waits to be diagnosed
+        finding = page.locator(".finding", has_text="nonfinite-running-stats")
+        finding.wait_for(timeout=15_000)  # drawn from the stream's diagnosis event
+        assert "1 error in 40 steps" in page.inner_text(".doctor-head")
+        assert finding.locator(".tag-error").inner_text() == "error"
+        said = finding.inner_text()
+        assert "layer1.0.bn2's running statistics became non-finite at step 25" in said
+        assert "reload the BN buffers" in finding.locator("pre.fix").inner_text()
+        assert (
+            finding.locator(".refs a")
+            .first.get_attribute("href")
+            .startswith("https://github.com/pytorch/pytorch/issues/")
+        )
+        link = finding.locator(".layers a")
+        assert link.inner_text() == "layer1.0.bn2"
+        assert page.evaluate(WIDER, 1440) == []
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 1440
+        shot(page, "doctor-panel-1440.png")
+        link.click()  # the layer view, the step that fired marked on its figures
+        wait_for(lambda: "section=layer" in here(page) and "step=25" in here(page), 15)
+        marked = (
+            "() => { const gd = document.querySelector('#fig-layer .js-plotly-plot');"
+            " return gd && gd.layout && ((gd.layout.title || {}).text || '')"
+            ".startsWith('layer1.0.bn2')"
+            " && (gd.layout.shapes || []).map((s) => s.x0); }"
+        )
+        wait_for(lambda: page.evaluate(marked) == [25], 30)
+        shot(page, "doctor-layer-marked.png")
+        page.click("#tabs >> text=Runs")  # the badge
+        row = page.locator("#runs-table tr", has_text=sick["id"])
+        row.get_by_text("1 error").wait_for(timeout=10_000)
+    finally:
+        page.close()
+    phone = browser.new_page(viewport={"width": 390, "height": 844})
+    try:
+        phone.goto(f"{server.url}/dashboard/?run={sick['id']}")
+        phone.locator(".finding", has_text="nonfinite-running-stats").wait_for()
+        time.sleep(1)
+        assert phone.evaluate(WIDER, 390) == []
+        assert phone.evaluate("() => document.documentElement.scrollWidth") <= 391
+        shot(phone, "doctor-panel-390.png")
+    finally:
+        phone.close()
+    with server.client() as api:  # a healthy run: nothing found, and what was checked
+        fine = api.post("/api/runs/client", json={"name": "fine", "meta": {
+            "layers": ["layer1.0.bn1", "layer1.0.bn2"]}}).json()  # fmt: skip
+        api.post(f"/api/runs/{fine['id']}/records", content=_script_batch(1, list(range(1, 31))),
+                 headers={"X-Run-Token": fine["write_token"],
+                          "content-type": "application/json"})  # fmt: skip
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    try:
+        page.goto(f"{server.url}/dashboard/?run={fine['id']}")
+        page.locator(".doctor-head").get_by_text("no BN problem found in 30 steps").wait_for()
+        checked = page.inner_text(".doctor-checked")
+        assert "nonfinite-running-stats" in checked and "could not check" in checked
+        assert page.evaluate(WIDER, 390) == []
+        shot(page, "doctor-healthy-390.png")
+    finally:
+        page.close()
+    assert not errors, errors

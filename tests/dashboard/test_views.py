@@ -16,9 +16,18 @@ from dash import Dash, no_update
 from bncore.record.sinks import encode
 from bncore.record.tables import CHANNEL_COLUMNS, Records
 from bncore.run.config import RunConfig
-from dashboard import app, data, wiring
+from dashboard import app, data, report, wiring
 from dashboard.form import build_form
-from dashboard.views import address, calculator, compare, experiments, launch, run, runs
+from dashboard.views import (
+    address,
+    calculator,
+    compare,
+    doctor,
+    experiments,
+    launch,
+    run,
+    runs,
+)
 from dashboard.views.common import NEEDS_TOKEN, SELECT_FIRST
 from server.errors import NotFound
 from server.schemas import ClientRunCreate
@@ -386,3 +395,72 @@ def test_each_view_s_callbacks_are_bound_to_the_service_at_mount(svc):
     script_run(svc)
     rows = bound.__wrapped__(1, None, None, None)  # as Dash calls it: the inputs' values only
     assert [r["status"] for r in rows] == ["running"]
+
+
+# -- the BN doctor (issue 26) --------------------------------------------------------------------
+
+
+def nan_buffers_run(svc: Service) -> str:
+    """A script's run whose block1 running mean is NaN from step 12 on, its loss finite."""
+    created = svc.runs.create_client_run(ClientRunCreate(name="nan", meta={"layers": LAYERS}))
+    s = np.arange(1, 21)
+    rows = np.repeat(s, 2)
+    mean = np.where((rows >= 12) & (np.tile(LAYERS, 20) == "block1"), np.nan, 0.1)
+    records = Records(
+        steps={"step": s, "loss": np.full(20, 1.0)},
+        layers={"step": rows, "layer": np.array(LAYERS * 20), "running_mean": mean,
+                "running_var": np.ones(40)},
+    )  # fmt: skip
+    svc.runs.ingest(created["id"], encode(records, seq=1), created["write_token"])
+    svc.diagnoses.report(svc.runs.get(created["id"]))  # whatever waited is diagnosed
+    return created["id"]
+
+
+def test_the_diagnosis_panel_the_badge_and_the_report_say_what_the_doctor_found(guarded):
+    sick, healthy = nan_buffers_run(guarded), script_run(guarded)
+    panel = doctor.show_doctor(guarded, sick)
+    said = text(panel)
+    assert "BN doctor · 1 error in 20 steps" in said and "nonfinite-running-stats" in said
+    assert "block1's running statistics became non-finite at step 12" in said
+    assert "reload the BN buffers" in said and "pytorch/pytorch#88474" in said
+    link = next(c for c in _tree(panel) if type(c).__name__ == "Link")
+    assert link.href == (f"?tab=run&run={sick}&section=layer&layer=block1&step=12"
+                         "&mark=nonfinite-running-stats")  # fmt: skip
+    assert "no BN problem found in 30 steps" in text(doctor.show_doctor(guarded, healthy))
+    rows = {r["id"]: r for r in data.runs(guarded)}
+    assert rows[sick]["doctor"] == "1 error" and rows[healthy]["doctor"] == ""
+    assert "Diagnosis (BN doctor)" in report.render(guarded, sick)
+
+    # silencing needs the server's token; silenced, it leaves the badge
+    toggle = {"type": "doctor-silence", "rule": "nonfinite-running-stats", "to": "on"}
+    changed, note = doctor.toggle_silence(guarded, toggle, [1], [toggle], sick, "wrong")
+    assert changed is no_update and NEEDS_TOKEN in text(note)
+    assert doctor.toggle_silence(guarded, toggle, [0], [toggle], sick, "s3cret") == (no_update,) * 2
+    changed, _ = doctor.toggle_silence(guarded, toggle, [1], [toggle], sick, "s3cret")
+    assert changed is not no_update
+    assert "no active BN problem in 20 steps (1 silenced)" in text(
+        doctor.show_doctor(guarded, sick)
+    )
+    assert {r["id"]: r for r in data.runs(guarded)}[sick]["doctor"] == ""
+
+    # a layer link marks its step, on the figures over steps of the layer it opens
+    search = f"?tab=run&run={sick}&section=layer&layer=block1&step=12&mark=rule-x"
+    marked, layer = doctor.step_from_link(search)
+    assert layer == "block1" and marked["step"] == 12
+    out = run.render_run(guarded, sick, layer, None, "layer", None, marked)
+    fig = out[run.GRAPHS.index("fig-layer")]
+    assert [s["x0"] for s in fig["layout"]["shapes"]] == [12]
+    assert any(a["text"] == "rule-x at step 12" for a in fig["layout"]["annotations"])
+    assert address.follow_view(sick, None, "run", "layer", "block1", "", marked).endswith(
+        "&step=12&mark=rule-x"
+    )
+
+
+def _tree(component: Any) -> Iterator[Any]:
+    """Every component of a tree (or a list of them)."""
+    if isinstance(component, list | tuple):
+        for c in component:
+            yield from _tree(c)
+    elif hasattr(component, "children"):
+        yield component
+        yield from _tree(component.children)

@@ -471,3 +471,171 @@ def test_sweep_makes_one_run_per_point(svc):
     assert total(svc) == before  # nothing queued
     with refused(NotFound, 404, "no sweep with id 'nope'"):
         svc.sweeps.get("nope")
+
+
+# -- the BN doctor on ingest (issue 26) ------------------------------------------------------
+
+
+def bn_batch(seq: int, steps: list[int], nan: dict[str, int] | None = None) -> bytes:
+    """A script's batch: the loss (finite throughout) and two BN layers' running statistics,
+    the running mean of each layer in ``nan`` NaN from that step on."""
+    layers = ["bn1", "bn2"]
+    nan = nan or {}
+    rows = [(s, lay) for s in steps for lay in layers]
+    mean = [None if lay in nan and s >= nan[lay] else 0.1 for s, lay in rows]
+    return body({
+        "seq": seq,
+        "steps": {"step": steps, "loss": [1.0] * len(steps)},
+        "layers": {"step": [s for s, _ in rows], "layer": [lay for _, lay in rows],
+                   "running_mean": mean, "running_var": [1.0] * len(rows)},
+    })  # fmt: skip
+
+
+NONFINITE = "nonfinite-running-stats"
+
+
+def test_the_doctor_diagnoses_what_is_ingested_tells_it_and_silences_it(service, http):
+    """A NaN running mean while the loss is finite: the batch's acknowledgement carries the
+    diagnosis, the store keeps it, the API answers it, live listeners get a ``diagnosis``
+    event, the runs list counts it; silenced, it stays listed and leaves the counts and the
+    acknowledgements."""
+    svc = service(doctor_share=1)  # each batch diagnosed as it comes
+    api = http(svc)
+    run = client_run(svc, name="doctor", meta={"layers": ["bn1", "bn2"]})
+    w, rid = run["write_token"], run["id"]
+
+    async def ingest_and_listen() -> tuple[list[dict[str, Any]], list[Any]]:
+        events = svc.runs.follow(rid, None)
+        assert (await anext(events)).kind == "status"
+        acks = [svc.runs.ingest(rid, bn_batch(1, [1, 2, 3]), w),
+                svc.runs.ingest(rid, bn_batch(2, [4, 5, 6], {"bn2": 5}), w)]  # fmt: skip
+        got = [await anext(events) for _ in range(3)]
+        await events.aclose()
+        return acks, got
+
+    acks, events = asyncio.run(ingest_and_listen())
+    assert acks[0] == {"seq": 1, "stored": True}  # nothing found yet
+    (found,) = acks[1]["diagnoses"]
+    assert found["rule"] == NONFINITE and found["severity"] == "error"
+    assert found["layers"] == ["bn2"] and found["first_step"] == 5 and found["last_step"] is None
+    assert found["evidence"]["running_mean"] == "nan" and found["evidence"]["loss"] == 1.0
+    assert found["fix"] and found["references"] and not found["silenced"]
+    assert [(e.kind, e.seq) for e in events] == [("records", 1), ("records", 2), ("diagnosis", 2)]
+    assert events[2].data == found
+    assert svc.store.diagnoses.of_run(rid) == [found]
+    report = wire(api.get(f"/api/runs/{rid}/diagnoses").json())
+    assert report["diagnoses"] == [found] and report["steps"] == 6
+    checked = {c["rule"]: c for c in report["checked"]}
+    assert checked[NONFINITE]["checked"] and checked[NONFINITE]["reason"] is None
+    assert not checked["small-batch"]["checked"] and checked["small-batch"]["reason"]
+    assert svc.runs.newest(10)[0]["doctor"] == {"errors": 1, "warnings": 0}
+    assert api.get("/api/runs").json()["items"][0]["doctor"] == {"errors": 1, "warnings": 0}
+
+    # silenced: listed, marked, not counted, not acknowledged again
+    r = api.put(f"/api/runs/{rid}/diagnoses/{NONFINITE}", json={"silenced": True})
+    assert r.status_code == 200, r.text
+    assert r.json()["diagnosis"] == {**found, "silenced": True}
+    assert svc.diagnoses.report(svc.runs.get(rid))["diagnoses"] == [{**found, "silenced": True}]
+    assert svc.runs.newest(10)[0]["doctor"] == {"errors": 0, "warnings": 0}
+    later = svc.runs.ingest(rid, bn_batch(3, [7, 8], {"bn1": 7, "bn2": 5}), w)
+    assert "diagnoses" not in later  # bn1 joins a silenced diagnosis: no news for the script
+    assert svc.store.diagnoses.of_run(rid)[0]["layers"] == ["bn2", "bn1"]
+    missing = api.put(f"/api/runs/{rid}/diagnoses/no-such-rule", json={"silenced": True})
+    assert missing.status_code == 404 and NONFINITE in missing.json()["message"]
+    assert (
+        api.put(f"/api/runs/nope/diagnoses/{NONFINITE}", json={"silenced": True}).status_code == 404
+    )
+    assert api.put(f"/api/runs/{rid}/diagnoses/{NONFINITE}", json={"on": 1}).status_code == 422
+    api.put(f"/api/runs/{rid}/diagnoses/{NONFINITE}", json={"silenced": False})
+    assert svc.runs.newest(10)[0]["doctor"] == {"errors": 1, "warnings": 0}
+
+    # an ended run is read as stored; deleting it deletes its diagnoses
+    svc.runs.report_status(rid, StatusUpdate(status="completed"), w)
+    ended = svc.diagnoses.report(svc.runs.get(rid))
+    assert [d["rule"] for d in ended["diagnoses"]] == [NONFINITE] and ended["steps"] == 8
+    svc.runs.delete(rid)
+    assert svc.store.diagnoses.of_run(rid) == []
+    assert api.get(f"/api/runs/{rid}/diagnoses").status_code == 404
+
+
+def test_a_restarted_server_rebuilds_the_doctor_and_goes_on_without_repeating_itself(service):
+    """A new service on the same database (the server restarted while a script trains) has no
+    doctor for the run: the next batch rebuilds it from the stored records, then feeds it;
+    what was found before is neither found again nor told again."""
+    first = service(doctor_share=1)
+    run = client_run(first, name="restart", meta={"layers": ["bn1", "bn2"]})
+    w, rid = run["write_token"], run["id"]
+    first.runs.ingest(rid, bn_batch(1, [1, 2, 3]), w)
+    (found,) = first.runs.ingest(rid, bn_batch(2, [4, 5, 6], {"bn1": 5}), w)["diagnoses"]
+    assert found["layers"] == ["bn1"] and found["first_step"] == 5
+
+    again = service(doctor_share=1)  # the same database, nothing in memory
+    quiet = again.runs.ingest(rid, bn_batch(3, [7, 8, 9], {"bn1": 5}), w)
+    assert "diagnoses" not in quiet  # rebuilt from the store: the same diagnosis, not news
+    changed = again.runs.ingest(rid, bn_batch(4, [10, 11], {"bn1": 5, "bn2": 11}), w)
+    (grown,) = changed["diagnoses"]
+    assert grown["layers"] == ["bn1", "bn2"] and grown["first_step"] == 5
+    rows = again.store.diagnoses.of_run(rid)
+    assert [(d["rule"], d["layers"], d["first_step"]) for d in rows] == [
+        (NONFINITE, ["bn1", "bn2"], 5)
+    ]
+    assert again.diagnoses.report(again.runs.get(rid))["steps"] == 11  # the live doctor's
+
+    # a report asked before any batch rebuilds it too, and the next batch continues it
+    third = service(doctor_share=1)
+    assert third.diagnoses.report(third.runs.get(rid))["steps"] == 11
+    assert "diagnoses" not in third.runs.ingest(rid, bn_batch(5, [12], {"bn1": 5, "bn2": 11}), w)
+    assert third.diagnoses.report(third.runs.get(rid))["steps"] == 12
+    assert len(third.store.diagnoses.of_run(rid)) == 1
+
+
+def test_the_doctor_takes_its_share_of_the_time_and_no_more(service):
+    """Batches that come sooner after a diagnosis than the doctor's share of the time allows
+    wait, and are diagnosed together with the next one allowed, or when the run's diagnoses
+    are asked for, or when it ends: found then as they would have been one by one."""
+    svc = service(doctor_share=1e-9)  # after one diagnosis, none for a long while
+    run = client_run(svc, name="busy", meta={"layers": ["bn1", "bn2"]})
+    w, rid = run["write_token"], run["id"]
+    assert svc.runs.ingest(rid, bn_batch(1, [1, 2, 3]), w) == {"seq": 1, "stored": True}
+    assert "diagnoses" not in svc.runs.ingest(rid, bn_batch(2, [4, 5, 6], {"bn1": 5}), w)
+    assert svc.store.diagnoses.of_run(rid) == []  # it waits
+    (found,) = svc.diagnoses.report(svc.runs.get(rid))["diagnoses"]  # asked: diagnosed now
+    assert (found["layers"], found["first_step"]) == (["bn1"], 5)
+    svc.runs.ingest(rid, bn_batch(3, [7, 8], {"bn1": 5, "bn2": 8}), w)
+    svc.runs.report_status(rid, StatusUpdate(status="completed"), w)  # ended: diagnosed now
+    (found,) = svc.store.diagnoses.of_run(rid)
+    assert (found["layers"], found["first_step"]) == (["bn1", "bn2"], 5)
+
+
+def test_an_ingest_never_fails_because_the_doctor_does(svc, monkeypatch, caplog):
+    """A rule that raises: the batch is stored and acknowledged, the failure logged, and the
+    run is not diagnosed further (its other batches are still taken); other runs are."""
+    from bncore.diagnose.rules import NonfiniteRunningStats
+
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("a rule's bug")
+
+    monkeypatch.setattr(NonfiniteRunningStats, "feed", broken)
+    run = client_run(svc, name="broken doctor", meta={"layers": ["bn1", "bn2"]})
+    w, rid = run["write_token"], run["id"]
+    with caplog.at_level("ERROR", logger="bnscope.server"):
+        assert svc.runs.ingest(rid, bn_batch(1, [1, 2], {"bn1": 1}), w) == {
+            "seq": 1,
+            "stored": True,
+        }
+    assert "the BN doctor failed on run" in caplog.text and "a rule's bug" in caplog.text
+    assert svc.runs.ingest(rid, bn_batch(2, [3, 4], {"bn1": 1}), w) == {"seq": 2, "stored": True}
+    assert loss(svc, rid)["steps"] == [1, 2, 3, 4]
+    assert svc.store.diagnoses.of_run(rid) == []
+    monkeypatch.undo()
+    other = client_run(svc, name="fine", meta={"layers": ["bn1", "bn2"]})
+    ack = svc.runs.ingest(other["id"], bn_batch(1, [1, 2], {"bn1": 2}), other["write_token"])
+    assert [d["rule"] for d in ack["diagnoses"]] == [NONFINITE]
+
+
+def test_no_doctor_diagnoses_nothing(service):
+    svc = service(no_doctor=True)
+    run = client_run(svc, name="off", meta={"layers": ["bn1", "bn2"]})
+    ack = svc.runs.ingest(run["id"], bn_batch(1, [1, 2], {"bn1": 1}), run["write_token"])
+    assert ack == {"seq": 1, "stored": True}
+    assert svc.store.diagnoses.of_run(run["id"]) == []

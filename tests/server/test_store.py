@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -302,3 +303,52 @@ def test_a_read_between_folds_of_one_chunk_sees_every_point(db_url, monkeypatch)
         np.testing.assert_allclose(vals, steps * 10.0)
     again = st.reads.many("r1", [("block0", "pre_var"), ("", "loss")], step_min=20, step_max=40)
     assert again[("block0", "pre_var")][0].tolist() == list(range(20, 41))
+
+
+def test_the_diagnoses_migration_takes_a_database_of_before_and_keeps_its_runs(db_url):
+    """Migration 0006 adds ``diagnoses`` to a database made by 0005 (with runs in it), and
+    goes back down; the table then holds one row per run and rule, upserted, counted for the
+    runs list, and gone with its run."""
+    import sqlalchemy as sa
+    from alembic import command
+    from alembic.config import Config
+
+    import server.store
+    from server.store.schema import runs
+
+    engine = sa.create_engine(db_url)
+    cfg = Config()
+    cfg.set_main_option(
+        "script_location", str(Path(server.store.__file__).parent.with_name("migrations"))
+    )
+
+    def migrate(to: str, down: bool = False) -> None:
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            (command.downgrade if down else command.upgrade)(cfg, to)
+
+    migrate("0005")
+    assert "diagnoses" not in sa.inspect(engine).get_table_names()
+    with engine.begin() as conn:
+        row = {"id": "old", "status": "completed", "source": "client", "created_at": 1.0,
+               "steps_done": 0, "seq": 0, "client_seq": 0}  # fmt: skip
+        conn.execute(runs.insert().values(**row))
+    engine.dispose()
+    st = Store(db_url)  # migrates to the newest
+    assert st.runs.get("old")["status"] == "completed"
+    found = {"rule": "small-batch", "severity": "warning", "layers": ["b0"], "first_step": 3,
+             "last_step": None, "evidence": {"batch": 2, "x": "nan"}, "message": "m",
+             "fix": "f", "references": ["a#1"], "silenced": False}  # fmt: skip
+    st.diagnoses.upsert("old", [found])
+    st.diagnoses.upsert("old", [{**found, "layers": ["b0", "b1"]}])  # the same rule: replaced
+    assert st.diagnoses.of_run("old") == [{**found, "layers": ["b0", "b1"]}]
+    assert st.diagnoses.counts(["old"]) == {"old": {"warning": 1}}
+    st.diagnoses.silence("old", "dead-channels", True)  # silenced before it found anything
+    assert st.diagnoses.silenced("old") == {"dead-channels"}
+    assert [d["rule"] for d in st.diagnoses.of_run("old")] == ["small-batch"]
+    st.delete_run("old")
+    assert st.diagnoses.of_run("old") == [] and st.diagnoses.silenced("old") == set()
+    st.close()
+    migrate("0005", down=True)
+    assert "diagnoses" not in sa.inspect(engine).get_table_names()
+    engine.dispose()
