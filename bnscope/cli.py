@@ -198,10 +198,9 @@ def _experiment(args: argparse.Namespace) -> int:
 
     arms: list[tuple[str, list[Diagnosis], int]] = []  # each run's label, diagnoses, steps
 
-    def progress(config: dict, done: RunResult) -> None:
+    def progress(config: dict, done: RunResult, found: list[Diagnosis]) -> None:
         where = ", ".join(f"{k}={get_field(config, k)}" for k in exp.grid)
-        if done.records is not None:
-            arms.append((where, _diagnoses_of(done.records, done.meta), done.steps_done))
+        arms.append((where, found, done.steps_done))
         if args.quiet or args.json:
             return
         acc = done.final.get("test_acc", float("nan"))

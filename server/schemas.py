@@ -212,7 +212,24 @@ class ArmDiagnoses(BaseModel):
 
     run_id: str
     name: str | None
+    run: str = Field(description="the run's grid values, as the panels name it")
     diagnoses: list[ArmDiagnosis]
+
+
+class ProvokedOut(BaseModel):
+    """A BN pitfall the experiment provokes on purpose, and whether the BN doctor found it in
+    the runs at ``where`` and not in those at ``control`` (null while they are missing)."""
+
+    rule: str
+    where: str
+    control: str
+    found: bool | None
+    control_clear: bool | None
+
+
+class VerdictOut(BaseModel):
+    agrees: bool
+    text: str
 
 
 class ExperimentResult(BaseModel):
@@ -224,8 +241,17 @@ class ExperimentResult(BaseModel):
     runs_total: int
     runs_finished: int
     panels: list[PanelOut]
+    verdict: VerdictOut | None = Field(
+        default=None,
+        description="whether this measurement agrees with the paper (null while runs are missing)",
+    )
     diagnoses: list[ArmDiagnoses] = Field(
         default_factory=list, description="per run of the sweep: what the BN doctor found"
+    )
+    provoked: list[ProvokedOut] = Field(
+        default_factory=list,
+        description="the pitfalls the experiment provokes on purpose, and whether the BN "
+        "doctor found each where it is provoked and not in the control",
     )
 
 

@@ -135,12 +135,15 @@ def show(svc: Service, sweep_id: str | None, _n: int | None) -> tuple[Any, Any, 
                   config={"displaylogo": False, "responsive": True})
         for p in res["panels"]
     ]  # fmt: skip
-    return head, [*graphs, arm_diagnoses(res.get("diagnoses") or [])], done
+    doctor = arm_diagnoses(res.get("diagnoses") or [], res.get("provoked") or [])
+    return head, [*graphs, doctor], done
 
 
-def arm_diagnoses(arms: list[dict[str, Any]]) -> html.Div:
-    """Under the figures: what the BN doctor found in each run of the sweep (its rules, by
-    severity; the run's view has the rest)."""
+def arm_diagnoses(arms: list[dict[str, Any]], provoked: list[dict[str, Any]]) -> html.Div:
+    """Under the figures: whether the BN doctor found the pitfalls the experiment provokes on
+    purpose (in their arm, and not in the control), and what it found in each run of the
+    sweep (its rules, by severity; the run's view has the rest)."""
+    checks = [html.Li(_provoked(p)) for p in provoked]
     items = []
     for arm in arms:
         found: list[Any] = [
@@ -150,6 +153,29 @@ def arm_diagnoses(arms: list[dict[str, Any]]) -> html.Div:
         ] or [html.Span("no BN problem found", className="note")]  # fmt: skip
         link = dcc.Link(arm["name"] or arm["run_id"], href=f"?tab=run&run={arm['run_id']}")
         items.append(html.Li([link, ": ", *found]))
+    provoked_part: list[Any] = (
+        [html.B("BN doctor on the pitfalls this experiment provokes"), html.Ul(checks)]
+        if checks else []
+    )  # fmt: skip
     return html.Div(
-        [html.B("BN doctor, per run"), html.Ul(items)], className="arm-doctor", id="exp-doctor"
+        [*provoked_part, html.B("BN doctor, per run"), html.Ul(items)],
+        className="arm-doctor",
+        id="exp-doctor",
     )
+
+
+def _provoked(p: dict[str, Any]) -> list[Any]:
+    """One provoked pitfall: found where provoked? clear in the control?"""
+
+    def said(value: bool | None, yes: str, no: str) -> Any:
+        if value is None:
+            return html.Span("runs still to finish", className="note")
+        return html.Span(yes if value else no, className=f"tag tag-{'info' if value else 'error'}")
+
+    return [
+        html.Code(p["rule"]),
+        f" at {p['where']}: ",
+        said(p["found"], "found", "missed"),
+        f"; control {p['control']}: ",
+        said(p["control_clear"], "clear", "also found"),
+    ]

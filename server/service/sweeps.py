@@ -102,22 +102,21 @@ class SweepService:
                 f"sweep {sweep_id} was not started from an experiment: it has no result view"
             )
         exp = self.experiment(sweep["experiment"])
+        runs = sweep["runs"][:MAX_POINTS]
+        found = self.runs.diagnoses.of_runs([r["id"] for r in runs])
         points = []
-        for run in sweep["runs"][:MAX_POINTS]:
+        for run in runs:
             config = run["config"] or {}
             layers = list((run["meta"] or {}).get("layers") or [])
             values = {k: get_field(config, k) for k in exp.grid}  # its axes, not derived ones
             series = self.store.reads.many(run["id"], needs(exp, layers)) if layers else {}
-            points.append(Point(config=config, values=values, series=series, layers=layers))
+            rules = [(d["rule"], d["severity"]) for d in found.get(run["id"], [])
+                     if not d["silenced"]]  # fmt: skip
+            points.append(Point(config=config, values=values, series=series, layers=layers,
+                                diagnoses=rules))  # fmt: skip
         finished = sum(r["status"] in FINISHED for r in sweep["runs"])
-        runs = sweep["runs"][:MAX_POINTS]
-        found = self.runs.diagnoses.of_runs([r["id"] for r in runs])
-        doctor = [
-            {"run_id": r["id"], "name": r["name"],
-             "diagnoses": [{"rule": d["rule"], "severity": d["severity"]}
-                           for d in found.get(r["id"], []) if not d["silenced"]]}
-            for r in runs
-        ]  # fmt: skip
-        return {**result(exp, points), "sweep_id": sweep_id, "experiment": exp.key,
-                "runs_total": len(sweep["runs"]), "runs_finished": finished,
-                "diagnoses": doctor}  # fmt: skip
+        out = result(exp, points)
+        out["diagnoses"] = [{"run_id": r["id"], "name": r["name"], **arm}
+                            for r, arm in zip(runs, out["diagnoses"], strict=True)]  # fmt: skip
+        return {**out, "sweep_id": sweep_id, "experiment": exp.key,
+                "runs_total": len(sweep["runs"]), "runs_finished": finished}  # fmt: skip

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from bncore.diagnose import diagnose
+from bncore.diagnose import Diagnosis, diagnose
 from bncore.record.sinks import MemorySink
 from bncore.record.tables import Records
 from bncore.run.config import get_field, parse_config
@@ -32,10 +32,13 @@ def configs(
 
 
 def point(
-    exp: Experiment, config: dict[str, Any], records: Records, meta: dict[str, Any] | None = None
+    exp: Experiment,
+    config: dict[str, Any],
+    records: Records,
+    diagnoses: list[Diagnosis] | None = None,
 ) -> Point:
     """One run of the experiment, as :func:`~bncore.science.experiments.framework.result`
-    reads it, with the BN doctor's diagnoses of it (from its records and ``meta``)."""
+    reads it, with the BN doctor's ``diagnoses`` of it."""
     series: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
     for table in (records.steps, records.evals):
         for stat, column in table.items():
@@ -53,8 +56,9 @@ def point(
                 if stat not in ("step", "layer"):
                     series[layer, stat] = (table["step"][sel], column[sel])
     values = {k: get_field(config, k) for k in exp.grid}
-    doctor = diagnose(records, meta or {"config": config, "layers": layers})
-    found: list[tuple[str, str]] = [(d.rule, d.severity) for d in doctor.diagnoses]
+    found: list[tuple[str, str]] | None = None
+    if diagnoses is not None:
+        found = [(d.rule, d.severity) for d in diagnoses]
     return Point(config=config, values=values, series=series, layers=layers, diagnoses=found)
 
 
@@ -62,9 +66,11 @@ def run(
     exp: Experiment,
     size: Literal["quick", "full"] = "quick",
     overrides: dict[str, Any] | None = None,
-    on_run: Callable[[dict[str, Any], RunResult], None] | None = None,
+    on_run: Callable[[dict[str, Any], RunResult, list[Diagnosis]], None] | None = None,
 ) -> dict[str, Any]:
-    """Every run of the sweep, then the result (panels and verdict) as the server gives it."""
+    """Every run of the sweep, each diagnosed by the BN doctor (``on_run`` gets the run's
+    config, result and diagnoses as it ends), then the result (panels, verdict, the doctor's
+    findings) as the server gives it."""
     points = []
     for config in configs(exp, size, overrides):
         cfg = parse_config(config)
@@ -76,7 +82,8 @@ def run(
             done = train(cfg)
             assert done.records is not None  # the in-memory sink keeps them
             records, meta = done.records, done.meta
-        points.append(point(exp, config, records, meta))
+        found = diagnose(records, meta).diagnoses
+        points.append(point(exp, config, records, found))
         if on_run is not None:
-            on_run(config, done)
+            on_run(config, done, found)
     return result(exp, points)

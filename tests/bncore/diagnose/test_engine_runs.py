@@ -66,7 +66,8 @@ def test_an_experiment_says_whether_the_doctor_found_what_it_provokes():
             config = {**config, "steps": 30}  # the pitfall is in the config: any length shows it
             res = train(parse_config(config))
             assert res.records is not None
-            points.append(point(exp, config, res.records, res.meta))
+            found = diagnose(res.records, res.meta).diagnoses
+            points.append(point(exp, config, res.records, found))
     out = result(exp, points)
     by_arm = {p["where"]: p for p in out["provoked"]}
     assert by_arm["batch_size=2, kind=batch"]["found"] is True
