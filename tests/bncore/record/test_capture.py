@@ -476,3 +476,23 @@ def test_engine_records_eval_gaps_per_block_with_the_same_mode_gap():
     assert block is not None
     assert le["eval_mean_gap"][0] == pytest.approx(expected[0], rel=1e-5)
     assert le["eval_var_gap"][0] == pytest.approx(expected[1], rel=1e-4)
+
+
+def test_evaluations_of_different_columns_are_posted_apart_and_concat_keeps_every_column():
+    from bncore.record.sinks import alike_evaluations
+    from bncore.record.tables import Records
+
+    def evals(step: int, **cols: float) -> Records:
+        return Records(evals={"step": np.asarray([step]),
+                              **{k: np.asarray([v]) for k, v in cols.items()}})  # fmt: skip
+
+    steps_only = Records(steps={"step": np.asarray([2]), "loss": np.asarray([1.0])})
+    batch = [evals(1, mode_gap=0.1), steps_only, evals(2, mode_gap=0.2),
+             evals(2, test_acc=0.5), evals(3, test_acc=0.7)]  # fmt: skip
+    runs = alike_evaluations(batch)
+    assert [len(r) for r in runs] == [3, 2]  # a table without evaluations joins either
+    assert all(r is b for r, b in zip([x for run in runs for x in run], batch, strict=True))
+    joined = Records.concat(batch[2:4]).evals  # joined anyway: NaN where a column is missing
+    np.testing.assert_array_equal(joined["step"], [2, 2])
+    np.testing.assert_array_equal(joined["mode_gap"], [0.2, np.nan])
+    np.testing.assert_array_equal(joined["test_acc"], [np.nan, 0.5])
