@@ -178,8 +178,10 @@ _ALL: tuple[Statistic, ...] = (
            "overwrite the running statistics)", "training-mode forwards without gradient",
            unit="forwards", optional=True),
         _s("backwards", "layers", "watched models: backward passes through the layer since "
-           "the last logged step", "backward passes per logged step", unit="backwards",
-           optional=True),
+           "the last logged step (a pass counts once however often the layer ran in its graph: "
+           "two views through one encoder are two forwards and one backward; counted at "
+           "gamma's gradient, or at the layer's backward node where gamma is not trained)",
+           "backward passes per logged step", unit="backwards", optional=True),
         # -- layer_evals: per evaluation and block ---------------------------------------
         _s("ema_mean_gap", "layer_evals", "RMS over channels of the EMA running mean minus the "
            "PreciseBN population mean, in population standard deviations (Wu & Johnson 2021; "

@@ -121,6 +121,7 @@ class _Layer:
     momentum: float | None = None  # of its first call (a module's own attribute wins in meta)
     input_dtype: torch.dtype | None = None
     zero_gamma: Tensor | bool | None = None  # gamma all zero at its first forward
+    counter: Tensor | None = None  # the gamma whose gradient accumulations count backwards
     feeder_bias: bool = False  # the Linear/Conv feeding it has a bias
     # since the last log: training forwards, of which without autograd, backward passes, and
     # the sums of N and m over the forwards
@@ -153,9 +154,18 @@ class _Layer:
         if not torch.is_grad_enabled():
             self.no_grad += 1
 
-    def count_backward(self, grad_inputs: Any, grad_outputs: Any) -> None:
-        """A hook on the layer's backward node: one more backward pass through it."""
+    def count_backward(self, _: Any) -> None:
+        """One more backward pass through the layer: a hook on its gamma's gradient
+        accumulation, or (gamma not trained) a pre-hook on its backward node."""
         self.backwards += 1
+
+    def counted_by_gamma(self, weight: Tensor | None) -> bool:
+        """Whether this forward's backward pass is counted by the hook on gamma's gradient
+        accumulation (registered once: a hook on each forward's backward node costs about
+        15 us a layer and step, two points of a small MLP's speed), else by a hook on this
+        forward's backward node. Per backward pass, once: a layer run twice in one graph (two
+        views through one encoder) counts one backward for two forwards."""
+        return weight is not None and weight is self.counter and weight.requires_grad
 
     def counted(self) -> tuple[float, float, float, float, float]:
         """:data:`COUNTS` since the last log (batch_n and batch_m NaN without a forward), and
@@ -395,6 +405,11 @@ class Watcher:
             layer = _Layer(name or type(module).__name__, module, channels, eps, affine, momentum)
             # one comparison on the device, read at meta (no host sync in the forward)
             layer.zero_gamma = None if weight is None else torch.all(weight.detach() == 0)
+            if isinstance(weight, nn.Parameter) and weight.requires_grad:  # a leaf: its
+                # gradient accumulations count the backward passes
+                hook = weight.register_post_accumulate_grad_hook(layer.count_backward)
+                self._hooks.append(hook)
+                layer.counter = weight
             self.layers[layer.name] = layer
             self._by_module[id(module)] = layer
         if layer.nan is None or layer.channels != channels:
@@ -447,11 +462,13 @@ class Watcher:
         layer.means.append(mean.detach())
         layer.invstds.append(invstd.detach())
         node = y.grad_fn
-        if node is not None:  # counts the backward passes; on a measured step, measures too
+        if node is not None:  # measures on a measured step; counts where gamma does not
+            by_gamma = layer.counted_by_gamma(weight)
             if self.measuring:
-                node.register_hook(_gradient_moments(layer, input.numel() // input.shape[1]))
-            else:
-                node.register_hook(layer.count_backward)
+                m = input.numel() // input.shape[1]
+                node.register_hook(_gradient_moments(layer, m, count=not by_gamma))
+            elif not by_gamma:
+                node.register_prehook(layer.count_backward)
         layer.last_output = (weakref.ref(y), y._version)
         return y
 
@@ -484,8 +501,8 @@ class Watcher:
         if layer is not None and module.training and not self._paused:
             layer.last_output = (weakref.ref(output), output._version)
             node = output.grad_fn
-            if node is not None:
-                node.register_hook(layer.count_backward)
+            if node is not None and not layer.counted_by_gamma(module._parameters["weight"]):
+                node.register_prehook(layer.count_backward)
 
     # -- neighbours, found on the first forward -----------------------------------------------
 
@@ -840,12 +857,13 @@ def _tables(
     return core.tables(steps, [name for name, *_ in layout], groups, keep)
 
 
-def _gradient_moments(layer: _Layer, m: int) -> Callable[..., None]:
+def _gradient_moments(layer: _Layer, m: int, count: bool) -> Callable[..., None]:
     """A hook on BN's backward node: the moments of dy (reaching its output) and dx (leaving
-    through its input), one fused reduction each."""
+    through its input), one fused reduction each; ``count``: the backward pass too."""
 
     def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]):
-        layer.backwards += 1
+        if count:
+            layer.backwards += 1
         for found, g in ((layer.dy, grad_outputs[0]), (layer.dx, grad_inputs[0])):
             if g is not None:
                 found.append((channel_moments(g.detach(), -math.inf, math.inf), m))

@@ -280,6 +280,31 @@ def test_batch_n_and_m_under_gradient_accumulation_and_forwards_and_backwards():
     w.close()
 
 
+def test_backwards_are_passes_counted_at_gamma_or_at_the_node_where_gamma_is_frozen():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Linear(6, 6),
+                          nn.BatchNorm1d(6), nn.Linear(6, 6), nn.BatchNorm1d(6, affine=False),
+                          bncore.BatchNorm1d(6))  # fmt: skip
+    model[3].weight.requires_grad_(False)  # frozen: its backward nodes count
+    bncore_frozen = model[6].weight
+    w = Watcher(model, measure_interval=3)
+    bncore_frozen.requires_grad_(False)  # frozen after watch(), before its first forward
+    for step in (1, 2, 3):  # measured, unmeasured, unmeasured
+        a, b = model(torch.randn(8, 4)), model(torch.randn(8, 4))  # one model, two views
+        (a - b).square().sum().backward()
+        w.log(step)
+    rec = w.flush()
+    for name, passes in (("1", 1), ("3", 2), ("5", 2), ("6", 2)):
+        r = rows_of(rec, name)
+        np.testing.assert_array_equal(r["forwards"], [2, 2, 2], err_msg=name)
+        # a trained gamma counts the one backward pass; a node hook each node it went through
+        np.testing.assert_array_equal(r["backwards"], [passes] * 3, err_msg=name)
+    hooked = [p for p in model.parameters() if p._post_accumulate_grad_hooks]
+    assert hooked == [model[1].weight]
+    w.close()
+    assert not model[1].weight._post_accumulate_grad_hooks  # close() leaves nothing
+
+
 def test_batch_m_of_a_2d_bn_and_of_bncore_s_own_layers():
     torch.manual_seed(0)
     model = nn.Sequential(
