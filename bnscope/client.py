@@ -187,6 +187,11 @@ class ClientRun:
         self._finished = False
 
     @property
+    def finished(self) -> bool:
+        """Whether :meth:`finish` was called: nothing more can be logged."""
+        return self._finished
+
+    @property
     def layers(self) -> list[str]:
         """The watched BN layers' names (module paths), in order of execution."""
         return list(self.watcher.layers) if self.watcher is not None else []

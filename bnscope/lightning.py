@@ -92,8 +92,8 @@ class BNScopeCallback(pl.Callback):
         self.run.log(trainer.global_step, loss, lr=lr)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.run is None or trainer.sanity_checking:
-            return
+        if self.run is None or self.run.finished or trainer.sanity_checking:
+            return  # (trainer.validate() after the fit: its run has ended)
         metrics = evaluation_metrics(_validation_logged(trainer))
         if metrics:
             self.run.log_eval(trainer.global_step, **metrics)

@@ -533,6 +533,8 @@ def test_lightning_callback_passes_the_optimizer_the_probe_and_the_validation_me
     gap = series(server, run_id, "mode_gap")
     assert gap["steps"] == [4, 8, 12, 16]
     assert series(server, run_id, "eval_mean_gap", "net.1")["steps"] == [4, 8, 12, 16]
+    trainer.validate(module, torch.utils.data.DataLoader(val, batch_size=8), verbose=False)
+    assert series(server, run_id, "test_acc")["steps"] == [8, 16]  # after the fit: not its run
 
 
 def test_validation_metric_names_for_log_eval():
