@@ -162,6 +162,26 @@ _ALL: tuple[Statistic, ...] = (
            compare=True),
         _s("ics_cos", "layers", "cos(G, G') of the same two gradients", "internal covariate "
            "shift: cos(G, G')", optional=True, compare=True),
+        _s("batch_n", "layers", "watched models: N, the examples in the normalization batch "
+           "(the input's first dimension), averaged over the layer's training forwards since "
+           "the last logged step (NaN: none)", "normalization batch N", unit="examples",
+           optional=True, log=True),
+        _s("batch_m", "layers", "watched models: m, the values per channel the batch "
+           "statistics are taken over (N times the spatial size), averaged like batch_n",
+           "values per channel m", unit="values", optional=True, log=True),
+        _s("forwards", "layers", "watched models: k, the layer's training-mode forwards since "
+           "the last logged step (micro-batches of gradient accumulation; 0: it did not run "
+           "in training mode)", "training forwards per logged step", unit="forwards",
+           optional=True),
+        _s("forwards_no_grad", "layers", "watched models: how many of those forwards ran with "
+           "autograd disabled (torch.no_grad: evaluation in training mode, whose batches "
+           "overwrite the running statistics)", "training-mode forwards without gradient",
+           unit="forwards", optional=True),
+        _s("backwards", "layers", "watched models: backward passes through the layer since "
+           "the last logged step (a pass counts once however often the layer ran in its graph: "
+           "two views through one encoder are two forwards and one backward; counted at "
+           "gamma's gradient, or at the layer's backward node where gamma is not trained)",
+           "backward passes per logged step", unit="backwards", optional=True),
         # -- layer_evals: per evaluation and block ---------------------------------------
         _s("ema_mean_gap", "layer_evals", "RMS over channels of the EMA running mean minus the "
            "PreciseBN population mean, in population standard deviations (Wu & Johnson 2021; "
@@ -170,6 +190,15 @@ _ALL: tuple[Statistic, ...] = (
         _s("ema_var_gap", "layer_evals", "RMS over channels of the EMA running variance's "
            "relative error against the population variance", "EMA vs population: relative "
            "variance gap", optional=True, log=True, compare=True),
+        _s("eval_mean_gap", "layer_evals", "RMS over channels of the probe batch's eval-mode "
+           "input mean minus the running mean, in running standard deviations "
+           "sqrt(running_var + eps) (the mode-gap probe: bnscope.client's probe, bncore runs "
+           "with eval_gaps)", "eval input vs running: mean gap (in std)", optional=True,
+           log=True, compare=True),
+        _s("eval_var_gap", "layer_evals", "RMS over channels of the probe batch's eval-mode "
+           "input variance (unbiased) minus the running variance, relative to running_var + "
+           "eps", "eval input vs running: relative variance gap", optional=True, log=True,
+           compare=True),
         _s("signal_sq_mean", "layer_evals", "residual networks, at each residual block's last "
            "unit: average channel squared mean of the block's output in training mode (Brock "
            "et al. 2021's signal propagation)", "average channel squared mean",
@@ -210,6 +239,9 @@ CHANNEL_STATISTICS: dict[str, Statistic] = {s.name: s for s in _ALL if s.table =
 PERCENTILE = re.compile(r"p(15|50|85)_(\d+)")
 #: Replica k's own batch statistics in a distributed run: r{k}_pre_mean, r{k}_pre_var.
 REPLICA = re.compile(r"r(\d)_pre_(mean|var)")
+#: A script's own evaluation metric (bnscope.client's ``log_eval``): user_<name>, the name as
+#: the script gave it with every character other than a letter, digit or _ written as _.
+USER_METRIC = re.compile(r"user_([A-Za-z0-9_]{1,59})")
 
 
 def columns(table: Table, optional: bool = False) -> tuple[str, ...]:
@@ -219,7 +251,8 @@ def columns(table: Table, optional: bool = False) -> tuple[str, ...]:
 
 
 def lookup(name: str) -> Statistic | None:
-    """A statistic with one value per row, by name (the percentiles p15_j/p50_j/p85_j too)."""
+    """A statistic with one value per row, by name (the percentiles p15_j/p50_j/p85_j, the
+    replicas' r{k}_pre_mean/var and a script's own user_<name> metrics too)."""
     if name in STATISTICS:
         return STATISTICS[name]
     r = REPLICA.fullmatch(name)
@@ -230,6 +263,11 @@ def lookup(name: str) -> Statistic | None:
             f"distributed runs: channel average of replica {r[1]}'s own batch {what}",
             f"replica {r[1]} batch {what}", log=r[2] == "var",
         )  # fmt: skip
+    u = USER_METRIC.fullmatch(name)
+    if u is not None:
+        return Statistic(
+            name, "evals", f"the script's own evaluation metric {u[1]!r} (log_eval)", u[1]
+        )
     m = PERCENTILE.fullmatch(name)
     if m is None:
         return None
@@ -246,7 +284,7 @@ def unknown(name: str) -> str:
     """What to say about a statistic that is not recorded: the name, and every known one."""
     groups = {
         "per step": [*columns("steps")],
-        "per evaluation": [*columns("evals"), *columns("evals", optional=True)],
+        "per evaluation": [*columns("evals"), *columns("evals", optional=True), "user_<name>"],
         "per layer": [
             *columns("layers"),
             *columns("layers", optional=True),
@@ -280,6 +318,12 @@ def markdown() -> str:
                 extra = " (only in runs that ask for it)" if s.optional else ""
                 shown = s.label + (", log axis" if s.log else "")
                 out.append(f"| `{s.name}` | {s.meaning}{extra} | {s.unit} | {shown} |")
+        if table == "evals":
+            out.append(
+                "| `user_<name>` | a script's own evaluation metric, as its `log_eval` names "
+                "it (bnscope.client; other characters than letters, digits and _ as _) |  | "
+                "<name> |"
+            )
         if table == "layers":
             out.append(
                 "| `p15_j`, `p50_j`, `p85_j` | 15th/50th/85th percentiles over the batch of "

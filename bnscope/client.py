@@ -18,6 +18,13 @@ batches from a background thread. While the server is unreachable, batches wait 
 sent when it is back; a heartbeat tells the server the script is alive, so a script that dies or
 hangs leaves its run ``failed`` instead of ``running``.
 
+Evaluations: ``run.log_eval(step, test_loss=..., test_acc=...)`` (any other metric by name, as
+``user_<name>``: see :meth:`ClientRun.log_eval`). Opt-in, ``run.watch(model, probe=batch,
+probe_every=K)`` runs one held batch in eval and in train mode every K logged steps, leaving no
+trace: the mode gap, and per layer how its eval-mode input stands against its running
+statistics (bncore.record.probe). ``run.watch(model, optimizer=opt)`` tells the run the weight
+decay on each BN's gamma and on the weights feeding them.
+
 ``bnscope.client.watch(model, name=...)`` does the first two lines in one; ``BNScopeCallback``
 (:mod:`bnscope.lightning`) does it all for a PyTorch Lightning Trainer. The client can also
 launch runs that the server trains: ``client.launch(config)``.
@@ -33,10 +40,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -46,12 +55,17 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import bncore
+from bncore import statistics
+from bncore.record.probe import mode_gap_probe
 from bncore.record.sinks import HttpSink, error_message
-from bncore.record.tables import Records
+from bncore.record.tables import Records, Table
 from bncore.record.watcher import Watcher
 from bncore.status import RunStatus
 
-__all__ = ["BNScopeDiagnosis", "Client", "ClientRun", "watch"]
+__all__ = ["BNScopeDiagnosis", "Client", "ClientRun", "eval_column", "watch"]
+
+#: What an optimizer argument may be: one, several (a GAN's), or none.
+Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
 
 log = logging.getLogger(__name__)
 
@@ -179,9 +193,18 @@ class ClientRun:
             on_ack=self._hear if warn else None,
         )
         self.watcher: Watcher | None = None
+        self.probe: Tensor | None = None
+        self.probe_every = 0
         self._steps: list[tuple[int, float | Tensor, float, float, float]] = []
+        self._evals: dict[int, dict[str, float]] = {}  # step -> evals columns
+        self._layer_evals: dict[tuple[int, str], dict[str, float]] = {}  # (step, layer) -> ...
         self._meta_sent: dict[str, Any] | None = None
         self._finished = False
+
+    @property
+    def finished(self) -> bool:
+        """Whether :meth:`finish` was called: nothing more can be logged."""
+        return self._finished
 
     @property
     def layers(self) -> list[str]:
@@ -191,14 +214,41 @@ class ClientRun:
     def _alive(self) -> bool:
         return time.time() - self._last_log < self.hang_timeout
 
-    def watch(self, model: nn.Module) -> nn.Module:
+    def watch(
+        self,
+        model: nn.Module,
+        *,
+        probe: Tensor | Sequence[Any] | None = None,
+        probe_every: int = 100,
+        optimizer: Optimizers = None,
+    ) -> nn.Module:
         """Record every batch norm of ``model`` from its next forward on; returns ``model``
-        itself, unchanged (see bncore.record.watcher)."""
+        itself, unchanged (see bncore.record.watcher).
+
+        ``probe``: a batch of inputs (a tensor, or an (inputs, targets) pair: its inputs),
+        kept (a copy, on the model's device) for the mode-gap probe: every ``probe_every``
+        logged steps, after the step, it goes through the model once in eval mode and once in
+        train mode (bncore.record.probe.mode_gap_probe: no gradient, every buffer, the
+        train/eval modes and the random state put back, so training goes on bit for bit as
+        without it; neither recorded nor counted as the layers' forwards; the model's own
+        hooks do see them). It records ``mode_gap`` (evals) and, per layer,
+        ``eval_mean_gap`` and ``eval_var_gap`` (layer_evals). Off without a probe.
+
+        ``optimizer`` (or several): the run's meta says which weight decay each layer's gamma
+        and the weights feeding the layers get (Watcher.meta's ``optimizer``).
+        """
         if self.watcher is not None:
             raise RuntimeError("this run already watches a model; unwatch() it first")
+        if probe_every < 1:
+            raise ValueError(f"probe_every must be at least 1, got {probe_every}")
+        held = None if probe is None else _probe_batch(model, probe)
         self.watcher = Watcher(
-            model, channel_interval=self.channel_interval, measure_interval=self.measure_interval
+            model,
+            channel_interval=self.channel_interval,
+            measure_interval=self.measure_interval,
+            optimizer=optimizer,
         )
+        self.probe, self.probe_every = held, probe_every
         return model
 
     def unwatch(self) -> None:
@@ -216,11 +266,19 @@ class ClientRun:
             raise RuntimeError(f"run {self.id} has finished; create a new run to log more")
         now = time.time()
         self.watcher.log(step)
+        logged = self.watcher.logged
+        if self.probe is not None and logged and logged % self.probe_every == 0:
+            self._probe_modes(step)
         loss_value = loss.detach().reshape(()) if isinstance(loss, Tensor) else float(loss)
         lr_value = math.nan if lr is None else float(lr)
         self._steps.append((step, loss_value, lr_value, now - self._last_log, now))
         self._last_log = now
-        if len(self._steps) >= self.flush_every or now - self._last_flush >= self.flush_seconds:
+        first = logged == 1  # the layers and what they are, on the server at once
+        if (
+            first
+            or len(self._steps) >= self.flush_every
+            or now - self._last_flush >= self.flush_seconds
+        ):
             self.flush()
         if self._heard:
             self._warn()
@@ -247,39 +305,101 @@ class ClientRun:
                 stacklevel=_script_level(),
             )
 
+    def _probe_modes(self, step: int) -> None:
+        """The mode-gap probe on the held batch (see :meth:`watch`), into the next flush."""
+        assert self.watcher is not None and self.probe is not None
+        norms = {name: layer.module for name, layer in self.watcher.layers.items()}
+        with self.watcher.paused():
+            found = mode_gap_probe(self.watcher.model, self.probe, norms)
+        self._evals.setdefault(step, {})["mode_gap"] = found.mode_gap
+        for name, (mean_gap, var_gap) in found.layers.items():
+            row = self._layer_evals.setdefault((step, name), {})
+            row.update(eval_mean_gap=mean_gap, eval_var_gap=var_gap)
+
+    def log_eval(
+        self,
+        step: int,
+        test_loss: float | Tensor | None = None,
+        test_acc: float | Tensor | None = None,
+        **more: float | Tensor | None,
+    ) -> None:
+        """An evaluation at ``step``: one row of the run's ``evals`` table, sent now (with
+        what was logged before it). ``test_acc`` is a share (0.9, not 90).
+
+        Names: the registry's evaluation statistics (bncore.statistics, table ``evals``:
+        test_loss, test_acc, train_loss, train_acc, ...) are kept as they are; any other
+        name is the script's own metric, recorded as ``user_<name>`` (every character other
+        than a letter, digit or _ written as _: ``val/f1`` -> ``user_val_f1``; names of
+        other tables too: ``loss`` -> ``user_loss``), which the server accepts and shows by
+        that name. A name longer than 59 characters is a ValueError. None values are left
+        out. On a data-parallel script's rank k > 0 evaluations are not sent (the run's are
+        rank 0's).
+        """
+        if self._finished:
+            raise RuntimeError(f"run {self.id} has finished; create a new run to log more")
+        columns = {eval_column(k): v for k, v in (("test_loss", test_loss),
+                   ("test_acc", test_acc), *more.items()) if v is not None}  # fmt: skip
+        if not columns:
+            return
+        row = self._evals.setdefault(step, {})
+        row.update({k: float(v) for k, v in columns.items()})
+        self.flush()
+
     def flush(self) -> None:
         """Send what was logged since the last flush (one transfer from the device)."""
-        if not self._steps or self.watcher is None:
+        if not (self._steps or self._evals or self._layer_evals):
             return
         # the tables are built here: on a sink's thread, contention for the GIL cost the
         # training loop more (3% of a ResNet-18 step against 0.5%)
-        rec = self.watcher.flush()
+        rec = self.watcher.flush() if self.watcher is not None else Records()
+        steps = self._steps_table()
+        layer_evals = _alike_tables(
+            [{"step": s, "layer": n, **v} for (s, n), v in sorted(self._layer_evals.items())]
+        )
+        evals = _alike_tables([{"step": s, **v} for s, v in sorted(self._evals.items())])
+        self._steps, self._evals, self._layer_evals = [], {}, {}
+        rec.evals, rec.layer_evals = evals.pop(0), layer_evals.pop(0)
+        # evaluations of other columns in records of their own: never NaN over a value
+        more = [Records(evals=t) for t in evals] + [Records(layer_evals=t) for t in layer_evals]
+        self._last_flush = time.time()
+        if self.rank > 0:  # its own BN statistics, under its own names; the rest is rank 0's
+            for r in (rec, *more):
+                for table in (r.layers, r.channels, r.layer_evals):
+                    if table:
+                        names = table["layer"]
+                        table["layer"] = np.asarray([f"rank{self.rank}.{n}" for n in names])
+            self.sink.write(
+                Records(layers=rec.layers, channels=rec.channels, layer_evals=rec.layer_evals)
+            )
+            for r in more:
+                if r.layer_evals:
+                    self.sink.write(Records(layer_evals=r.layer_evals))
+            return
+        rec.steps = steps
+        if self.watcher is not None:
+            meta = {**_every_rank(self.watcher.meta(), self.world), "source": "bnscope.client"}
+            if meta != self._meta_sent:  # the first flush, or what was learnt since
+                self.sink.update_meta(meta)
+                self._meta_sent = meta
+        for r in (rec, *more):
+            self.sink.write(r)
+
+    def _steps_table(self) -> Table:
+        if not self._steps:
+            return {}
         step, loss, lr, step_time, wall = zip(*self._steps, strict=True)
         losses = [v for v in loss if isinstance(v, Tensor)]
         if losses and len(losses) == len(loss):  # one transfer for all of them
             loss_np = torch.stack(losses).float().cpu().numpy()
         else:
             loss_np = np.asarray([float(v) for v in loss], np.float32)
-        steps = {
+        return {
             "step": np.asarray(step, np.int64),
             "loss": loss_np,
             "lr": np.asarray(lr),
             "step_time": np.asarray(step_time),
             "time": np.asarray(wall),
         }
-        self._steps, self._last_flush = [], time.time()
-        if self.rank > 0:  # its own BN statistics, under its own names; the loss is rank 0's
-            for table in (rec.layers, rec.channels):
-                if table:
-                    table["layer"] = np.asarray([f"rank{self.rank}.{n}" for n in table["layer"]])
-            self.sink.write(Records(layers=rec.layers, channels=rec.channels))
-            return
-        records = Records(steps=steps, layers=rec.layers, channels=rec.channels)
-        meta = {**_every_rank(self.watcher.meta(), self.world), "source": "bnscope.client"}
-        if meta != self._meta_sent:  # the first flush, or layers that first ran since
-            self.sink.update_meta(meta)
-            self._meta_sent = meta
-        self.sink.write(records)
 
     def finish(self, status: str = RunStatus.COMPLETED.value, message: str | None = None) -> None:
         """Send what is left and report how the run ended; unwatches the model."""
@@ -333,6 +453,52 @@ def _script_level() -> int:
     return level
 
 
+def eval_column(name: str) -> str:
+    """The ``evals`` column of a metric logged by name (:meth:`ClientRun.log_eval`'s rule): a
+    registry evaluation statistic as it is, any other name as ``user_<name>``."""
+    found = statistics.lookup(name)
+    if found is not None and found.table == "evals":
+        return name
+    column = "user_" + re.sub(r"[^A-Za-z0-9_]", "_", name)
+    if statistics.USER_METRIC.fullmatch(column) is None:
+        raise ValueError(
+            f"evaluation metric {name!r}: a name is 1 to 59 characters (recorded as user_<name>)"
+        )
+    return column
+
+
+def _alike_tables(rows: list[dict[str, Any]]) -> list[Table]:
+    """Rows (dicts with a ``step``, maybe a ``layer``) as tables, one per set of columns, in
+    order of first appearance (at least one, maybe empty)."""
+    groups: dict[frozenset[str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(frozenset(r), []).append(r)
+    tables: list[Table] = []
+    for group in groups.values():
+        table: Table = {"step": np.asarray([r["step"] for r in group], np.int64)}
+        for k in group[0]:
+            if k == "layer":
+                table[k] = np.asarray([r[k] for r in group])
+            elif k != "step":
+                table[k] = np.asarray([r[k] for r in group], np.float64)
+        tables.append(table)
+    return tables or [{}]
+
+
+def _probe_batch(model: nn.Module, probe: Tensor | Sequence[Any]) -> Tensor:
+    """The probe's inputs, a copy of its own on the model's device."""
+    x = probe[0] if isinstance(probe, tuple | list) and probe else probe
+    if not isinstance(x, Tensor):
+        raise TypeError(
+            "probe: a batch of inputs (a tensor, or an (inputs, targets) pair), got "
+            f"{type(x).__name__}"
+        )
+    if x.dim() == 0 or len(x) < 2:
+        raise ValueError("probe: at least 2 examples (train mode normalizes with the batch's own)")
+    device = next((t.device for t in (*model.parameters(), *model.buffers())), x.device)
+    return x.detach().to(device, copy=True)
+
+
 def _rank_world() -> tuple[int, int]:
     """This process's rank and the world size (0, 1 without torch.distributed)."""
     if dist.is_available() and dist.is_initialized():
@@ -358,17 +524,22 @@ def watch(
     name: str | None = None,
     url: str = "http://127.0.0.1:8000",
     token: str | None = None,
+    *,
+    probe: Tensor | Sequence[Any] | None = None,
+    probe_every: int = 100,
+    optimizer: Optimizers = None,
     **options: Any,
 ) -> ClientRun:
     """One line for a plain loop: a new run on the server at ``url``, watching ``model``.
 
-        with bnscope.client.watch(model, name="resnet18") as run:
+        with bnscope.client.watch(model, name="resnet18", optimizer=opt) as run:
             for step, (x, y) in enumerate(loader, 1):
                 ...
                 run.log(step, loss)
 
-    ``options`` go to :meth:`Client.create_run`.
+    ``probe``, ``probe_every``, ``optimizer`` go to :meth:`ClientRun.watch`, ``options`` to
+    :meth:`Client.create_run`.
     """
     run = Client(url, token).create_run(name=name, **options)
-    run.watch(model)
+    run.watch(model, probe=probe, probe_every=probe_every, optimizer=optimizer)
     return run

@@ -5,10 +5,19 @@ LightningModule (bncore.record.watcher: the module is left as it is), logs every
 its loss and learning rate (the micro-batches of ``accumulate_grad_batches`` are averaged into the
 step they belong to), and reports the run completed, or failed with the exception. Needs
 ``lightning`` (or ``pytorch_lightning``) installed.
+
+It tells the run the trainer's optimizers (the weight decay on each BN's gamma and on the
+weights feeding them), passes ``probe`` and ``probe_every`` on (the mode-gap probe, off without
+a probe; see bnscope.client.ClientRun.watch: the probe calls the LightningModule itself, its
+``forward``), and logs each validation's metrics as an evaluation at the trainer's global step
+(:func:`evaluation_metrics`: ``val_loss``/``val_acc`` or the like as test_loss/test_acc where
+that is unambiguous, the others under their own names, as ``user_<name>``).
 """
 
 from __future__ import annotations
 
+import re
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 try:
@@ -20,7 +29,13 @@ from torch import Tensor
 
 from bnscope.client import Client, ClientRun
 
-__all__ = ["BNScopeCallback"]
+__all__ = ["BNScopeCallback", "evaluation_metrics"]
+
+#: A validation metric that is the loss or the accuracy: an optional val/valid/validation/test
+#: prefix, then loss, acc or accuracy (Lightning's _epoch fork too).
+_KNOWN = re.compile(
+    r"(?:(?:val|valid|validation|test)[_/.\-]?)?(loss|acc|accuracy)(?:_epoch)?", re.IGNORECASE
+)
 
 
 class BNScopeCallback(pl.Callback):
@@ -32,9 +47,13 @@ class BNScopeCallback(pl.Callback):
         name: str | None = None,
         url: str = "http://127.0.0.1:8000",
         token: str | None = None,
+        *,
+        probe: Tensor | Sequence[Any] | None = None,
+        probe_every: int = 100,
         **options: Any,
     ) -> None:
         self.name, self.url, self.token, self.options = name, url, token, options
+        self.probe, self.probe_every = probe, probe_every
         self.run: ClientRun | None = None
         self._logged_step = 0
 
@@ -45,7 +64,12 @@ class BNScopeCallback(pl.Callback):
         self.run = Client(self.url, self.token).create_run(
             name=self.name, steps_total=steps, **self.options
         )
-        self.run.watch(pl_module)
+        self.run.watch(
+            pl_module,
+            probe=self.probe,
+            probe_every=self.probe_every,
+            optimizer=list(trainer.optimizers) or None,
+        )
         self._logged_step = trainer.global_step
 
     def on_train_batch_end(
@@ -67,6 +91,13 @@ class BNScopeCallback(pl.Callback):
             lr = trainer.optimizers[0].param_groups[0].get("lr")
         self.run.log(trainer.global_step, loss, lr=lr)
 
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.run is None or self.run.finished or trainer.sanity_checking:
+            return  # (trainer.validate() after the fit: its run has ended)
+        metrics = evaluation_metrics(_validation_logged(trainer))
+        if metrics:
+            self.run.log_eval(trainer.global_step, **metrics)
+
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run is not None:
             self.run.finish()
@@ -78,3 +109,43 @@ class BNScopeCallback(pl.Callback):
         if self.run is not None:
             self.run.finish("failed", f"{type(exception).__name__}: {exception}")
             self.run.client.close()
+
+
+def _validation_logged(trainer: pl.Trainer) -> dict[str, Any]:
+    """What the module logged in the validation that just ended: the validation loop's own
+    results (Lightning offers no public view of them: its callback_metrics mix in the
+    training's), or, where a Lightning version keeps them elsewhere, the callback metrics whose
+    names say validation."""
+    try:
+        return dict(trainer._results.metrics(False)["callback"])  # type: ignore[union-attr]
+    except (AttributeError, KeyError, TypeError):
+        return {
+            k: v
+            for k, v in trainer.callback_metrics.items()
+            if re.match(r"(val|valid|validation)[_/.\-]", k, re.IGNORECASE)
+        }
+
+
+def evaluation_metrics(logged: Mapping[str, Any]) -> dict[str, float]:
+    """Validation metrics as :meth:`bnscope.client.ClientRun.log_eval` names: the one loss
+    (``val_loss``, ``val/loss``, ``valid_loss``, ``loss``, ...) as ``test_loss`` and the one
+    accuracy (``val_acc``, ``val_accuracy``, ...) as ``test_acc``, where exactly one metric is
+    that and the module did not log ``test_loss``/``test_acc`` itself; every other metric
+    under its own name. Values that are not single numbers are left out, and so is
+    Lightning's ``<name>_epoch`` copy of a metric logged on steps and epochs."""
+    values: dict[str, float] = {}
+    for name, v in logged.items():
+        if name.endswith("_epoch") and name.removesuffix("_epoch") in logged:
+            continue
+        if isinstance(v, Tensor):
+            if v.numel() != 1:
+                continue
+            v = v.item()
+        if isinstance(v, int | float) and not isinstance(v, bool):
+            values[name] = float(v)
+    renamed: dict[str, str] = {}
+    for target, kinds in (("test_loss", ("loss",)), ("test_acc", ("acc", "accuracy"))):
+        hits = [n for n in values if (m := _KNOWN.fullmatch(n)) and m[1].lower() in kinds]
+        if len(hits) == 1 and target not in values:
+            renamed[hits[0]] = target
+    return {renamed.get(n, n): v for n, v in values.items()}

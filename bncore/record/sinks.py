@@ -28,6 +28,7 @@ __all__ = [
     "MemorySink",
     "ParquetSink",
     "Sink",
+    "alike_evaluations",
     "encode",
     "error_message",
     "read_parquet",
@@ -173,6 +174,24 @@ def encode(records: Records, seq: int | None = None) -> bytes:
     if seq is not None:
         body["seq"] = seq
     return orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def alike_evaluations(batch: list[Records]) -> list[list[Records]]:
+    """``batch`` cut into runs of consecutive flushes whose ``evals`` and ``layer_evals``
+    tables have the same columns (or none), each to be posted as one. A script's evaluations
+    differ in what they log; joined in one table they would be NaN where a flush lacks a
+    column, and the server keeps the first value of a step: a NaN over a real one."""
+    runs: list[list[Records]] = []
+    have: list[frozenset[str] | None] = []
+    for rec in batch:
+        cols = [frozenset(t) if t else None for t in (rec.evals, rec.layer_evals)]
+        if runs and all(a is None or b is None or a == b for a, b in zip(have, cols, strict=True)):
+            runs[-1].append(rec)
+            have = [a if a is not None else b for a, b in zip(have, cols, strict=True)]
+        else:
+            runs.append([rec])
+            have = cols
+    return runs
 
 
 #: The header that carries a run's write token (server.keys): only whoever created a run may
@@ -322,7 +341,12 @@ class HttpSink:
             )
 
     def _send(self, batch: list[Records]) -> None:
-        """Post ``batch`` (flushes, in order) in as few posts as fit in ``max_body``."""
+        """Post ``batch`` (flushes, in order) in as few posts as fit in ``max_body``, and as
+        its evaluation tables' columns allow (:func:`alike_evaluations`)."""
+        for alike in alike_evaluations(batch):
+            self._send_alike(alike)
+
+    def _send_alike(self, batch: list[Records]) -> None:
         parts = [batch]
         while parts:
             part = parts.pop(0)

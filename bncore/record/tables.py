@@ -59,8 +59,24 @@ class Records:
             if name == "channels":
                 out.channels = channel_table(pieces)
             elif pieces:
-                setattr(out, name, {k: np.concatenate([t[k] for t in pieces]) for k in pieces[0]})
+                setattr(out, name, _concat_columns(pieces))
         return out
+
+
+def _concat_columns(pieces: Sequence[Table]) -> Table:
+    """Tables one after another; a column that some lack (a script's evaluations, each with
+    the metrics it logged) is NaN in their rows."""
+    names = list(dict.fromkeys(k for t in pieces for k in t))
+    out: Table = {}
+    for k in names:
+        parts = []
+        for t in pieces:
+            if k in t:
+                parts.append(t[k])
+            else:
+                parts.append(np.full(len(t["step"]), np.nan, np.float32))
+        out[k] = np.concatenate(parts)
+    return out
 
 
 def channel_table(parts: Sequence[Table], by_step: bool = False) -> Table:

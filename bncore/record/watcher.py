@@ -38,10 +38,11 @@ kept every ``channel_interval`` logged steps.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -57,7 +58,7 @@ from bncore.record import core
 from bncore.record.core import SATURATION
 from bncore.record.tables import Records
 
-__all__ = ["ACTIVATION_MODULES", "Watcher"]
+__all__ = ["ACTIVATION_MODULES", "Watcher", "bn_modules", "is_batch_norm"]
 
 #: Activation modules whose output is measured, by the name of their rest/saturation bounds in
 #: bncore.record.core.SATURATION (None there: no such bound, the saturated share is NaN).
@@ -117,6 +118,18 @@ class _Layer:
     channels: int
     eps: float
     affine: tuple[bool, bool]  # has gamma, has beta
+    momentum: float | None = None  # of its first call (a module's own attribute wins in meta)
+    input_dtype: torch.dtype | None = None
+    zero_gamma: Tensor | bool | None = None  # gamma all zero at its first forward
+    counter: Tensor | None = None  # the gamma whose gradient accumulations count backwards
+    feeder_bias: bool = False  # the Linear/Conv feeding it has a bias
+    # since the last log: training forwards, of which without autograd, backward passes, and
+    # the sums of N and m over the forwards
+    forwards: int = 0
+    no_grad: int = 0
+    backwards: int = 0
+    examples: int = 0
+    values: int = 0
     means: list[Tensor] = field(default_factory=list)
     invstds: list[Tensor] = field(default_factory=list)
     dy: list[_Moments] = field(default_factory=list)
@@ -131,6 +144,38 @@ class _Layer:
     counts: Any = (math.nan, math.nan)  # values per channel behind dy's and dx's moments
     # bncore's own layer: the rows its forwards since the last log wrote, and their m
     written: list[tuple[RecordTarget, int]] = field(default_factory=list)
+
+    def ran(self, input: Tensor) -> None:
+        """A training forward of the layer: counted (attribute reads, no tensor work)."""
+        self.forwards += 1
+        self.examples += input.shape[0]
+        self.values += input.numel() // input.shape[1]
+        self.input_dtype = input.dtype
+        if not torch.is_grad_enabled():
+            self.no_grad += 1
+
+    def count_backward(self, _: Any) -> None:
+        """One more backward pass through the layer: a hook on its gamma's gradient
+        accumulation, or (gamma not trained) a pre-hook on its backward node."""
+        self.backwards += 1
+
+    def counted_by_gamma(self, weight: Tensor | None) -> bool:
+        """Whether this forward's backward pass is counted by the hook on gamma's gradient
+        accumulation (registered once: a hook on each forward's backward node costs about
+        15 us a layer and step, two points of a small MLP's speed), else by a hook on this
+        forward's backward node. Per backward pass, once: a layer run twice in one graph (two
+        views through one encoder) counts one backward for two forwards."""
+        return weight is not None and weight is self.counter and weight.requires_grad
+
+    def counted(self) -> tuple[float, float, float, float, float]:
+        """:data:`COUNTS` since the last log (batch_n and batch_m NaN without a forward), and
+        the counters started again."""
+        k = self.forwards
+        n = self.examples / k if k else math.nan
+        m = self.values / k if k else math.nan
+        out = (n, m, float(k), float(self.no_grad), float(self.backwards))
+        self.forwards = self.no_grad = self.backwards = self.examples = self.values = 0
+        return out
 
     def take(self, measured: bool, row: list[Tensor]) -> list[Tensor] | None:
         """Append this layer's part of a logged step to ``row`` (:data:`FREE`, :data:`LIVE`,
@@ -216,6 +261,13 @@ FREE = ("pre_mean", "invstd")
 MEASURED = ("act_mean", "act_var", "act_lo", "act_hi", "dy_mean", "dy_var", "dx_mean", "dx_var")
 LIVE = ("running_mean", "running_var", "gamma", "beta", "gamma_grad", "beta_grad")
 SCALARS = ("weight_grad_norm", "weight_norm")
+#: Counted on the host at every forward and backward, per layer and logged step
+#: (bncore.statistics: the normalization batch, its values per channel, the forwards).
+COUNTS = ("batch_n", "batch_m", "forwards", "forwards_no_grad", "backwards")
+#: COUNTS of a layer in a step logged before it first ran.
+_NO_COUNTS = (math.nan, math.nan, 0.0, 0.0, 0.0)
+#: Dropout modules, whose place before a BN the watcher notes (Li et al. 2019's variance shift).
+DROPOUT = nn.modules.dropout._DropoutNd
 
 
 def _combine(moments: list[_Moments], nan2: Tensor) -> tuple[Tensor, float]:
@@ -234,8 +286,14 @@ class Watcher:
     """Records every BN layer of ``model`` on each :meth:`log`; see the module docstring."""
 
     def __init__(
-        self, model: nn.Module, channel_interval: int = 20, measure_interval: int = 20
+        self,
+        model: nn.Module,
+        channel_interval: int = 20,
+        measure_interval: int = 20,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None = None,
     ) -> None:
+        """``optimizer`` (one or several): what :meth:`meta` says of the weight decay on each
+        layer's gamma and on the weights feeding them."""
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch() takes a torch.nn.Module, got {type(model).__name__}")
         for name, value in (("channel_interval", channel_interval),
@@ -258,7 +316,22 @@ class Watcher:
         self._rows: list[Tensor] = []  # per logged step: what every step has, copied
         self._more: list[list[list[Tensor] | None] | None] = []  # measured steps: references
         self._counts: list[list[tuple[float, float]]] = []
+        self._host_counts: list[list[tuple[float, ...]]] = []  # per logged step: COUNTS
         self.pending_steps: list[int] = []
+        if optimizer is None:
+            self.optimizers: list[torch.optim.Optimizer] = []
+        elif isinstance(optimizer, torch.optim.Optimizer):
+            self.optimizers = [optimizer]
+        else:
+            self.optimizers = list(optimizer)
+        self._paused = False  # a probe's forwards: not recorded, not counted
+        # the first training forward's structure, in execution order: the dropouts run since
+        # the last Linear/Conv, the last BN run and whether a Linear/Conv ran after it
+        self._dropouts: list[float] = []
+        self._dropout_before: dict[str, float] = {}
+        self._last_bn: str | None = None
+        self._weighted_after_bn = False
+        self._output_layer: str | None = None
         self.logged = 0
         self._index()
         self._indexed = -1  # the first miss may look again at once (a .to() after watch())
@@ -279,6 +352,8 @@ class Watcher:
         for m in model.modules():
             if type(m) in ACTIVATION_MODULES:
                 self._discovery_hooks.append(m.register_forward_pre_hook(self._discover_pre))
+            if isinstance(m, DROPOUT):
+                self._discovery_hooks.append(m.register_forward_hook(self._discover_dropout))
             if isinstance(m, WEIGHTED) or m is model:
                 self._discovery_hooks.append(m.register_forward_hook(self._discover_post))
 
@@ -314,12 +389,27 @@ class Watcher:
         self._strangers.update(keys)
         return None
 
-    def _layer(self, name: str, module: nn.Module, channels: int, eps: float) -> _Layer:
+    def _layer(
+        self,
+        name: str,
+        module: nn.Module,
+        channels: int,
+        eps: float,
+        weight: Tensor | None,
+        momentum: float | None,
+    ) -> _Layer:
         layer = self._by_module.get(id(module))
         if layer is None:
             params = module._parameters
             affine = (params.get("weight") is not None, params.get("bias") is not None)
-            layer = _Layer(name or type(module).__name__, module, channels, eps, affine)
+            layer = _Layer(name or type(module).__name__, module, channels, eps, affine, momentum)
+            # one comparison on the device, read at meta (no host sync in the forward)
+            layer.zero_gamma = None if weight is None else torch.all(weight.detach() == 0)
+            if isinstance(weight, nn.Parameter) and weight.requires_grad:  # a leaf: its
+                # gradient accumulations count the backward passes
+                hook = weight.register_post_accumulate_grad_hook(layer.count_backward)
+                self._hooks.append(hook)
+                layer.counter = weight
             self.layers[layer.name] = layer
             self._by_module[id(module)] = layer
         if layer.nan is None or layer.channels != channels:
@@ -343,14 +433,24 @@ class Watcher:
         self._recordings = []
         _uninstall(self)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Forwards inside the block (a probe's) are neither recorded nor counted."""
+        was, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = was
+
     # -- the forward --------------------------------------------------------------------------
 
     def batch_norm(self, owner: tuple[str, nn.Module], call: BatchNormCall) -> Tensor:
         """A training-mode F.batch_norm of a watched layer: computed and recorded."""
         input, running_mean, running_var, weight, bias, momentum, eps = call
         name, module = owner
-        layer = self._layer(name, module, input.shape[1], eps)
+        layer = self._layer(name, module, input.shape[1], eps, weight, momentum)
         layer.tensors = (running_mean, running_var, weight, bias)
+        layer.ran(input)
         if self._discovering:
             self._note_input(layer, input)
         # The very call torch.batch_norm makes (bit for bit torch's result, forward and
@@ -362,21 +462,28 @@ class Watcher:
         layer.means.append(mean.detach())
         layer.invstds.append(invstd.detach())
         node = y.grad_fn
-        if node is not None and self.measuring:
-            node.register_hook(_gradient_moments(layer, input.numel() // input.shape[1]))
+        if node is not None:  # measures on a measured step; counts where gamma does not
+            by_gamma = layer.counted_by_gamma(weight)
+            if self.measuring:
+                m = input.numel() // input.shape[1]
+                node.register_hook(_gradient_moments(layer, m, count=not by_gamma))
+            elif not by_gamma:
+                node.register_prehook(layer.count_backward)
         layer.last_output = (weakref.ref(y), y._version)
         return y
 
     def own_layer(self, module: BatchNorm, input: Tensor) -> RecordTarget | None:
         """A training forward of bncore's own layer ``module``: the row it writes its
         statistics into (RECORD_ROWS, read at log), or None where nothing is recorded."""
-        if not module.training:
+        if not module.training or self._paused:
             return None
         name = self._modules.get(id(module), "")
-        layer = self._layer(name, module, module.num_features, module.eps)
         buffers, params = module._buffers, module._parameters
+        layer = self._layer(name, module, module.num_features, module.eps, params["weight"],
+                            module.momentum)  # fmt: skip
         layer.tensors = (buffers["running_mean"], buffers["running_var"], params["weight"],
                          params["bias"])  # fmt: skip
+        layer.ran(input)
         c = input.shape[1]
         dtype = torch.promote_types(input.dtype, torch.float32)  # what its statistics are in
         row = torch.empty(len(RECORD_ROWS) * c, dtype=dtype, device=input.device)
@@ -391,17 +498,31 @@ class Watcher:
     def _own_output(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         """bncore's own layer ran: its output, for the activation found after it."""
         layer = self._by_module.get(id(module))
-        if layer is not None and module.training:
+        if layer is not None and module.training and not self._paused:
             layer.last_output = (weakref.ref(output), output._version)
+            node = output.grad_fn
+            if node is not None and not layer.counted_by_gamma(module._parameters["weight"]):
+                node.register_prehook(layer.count_backward)
 
     # -- neighbours, found on the first forward -----------------------------------------------
 
     def _note_input(self, layer: _Layer, x: Tensor) -> None:
+        """A BN ran in the first training forward: the Linear/Conv whose output it takes, the
+        dropouts run since the last Linear/Conv, and whether it is the last BN so far."""
         hit = self._weight_outputs.get(id(x))
         if hit is not None and hit[0]() is x and hit[1] == x._version:
             w = hit[2]._parameters.get("weight")
             if isinstance(w, nn.Parameter):
                 layer.weight = w
+            layer.feeder_bias = hit[2]._parameters.get("bias") is not None
+        if self._dropouts and layer.name not in self._dropout_before:
+            self._dropout_before[layer.name] = max(self._dropouts)
+        self._last_bn, self._weighted_after_bn = layer.name, False
+
+    def _discover_dropout(self, module: nn.Module, args: tuple, output: Any) -> None:
+        p = float(getattr(module, "p", 0.0))
+        if module.training and p > 0 and not torch.compiler.is_compiling():
+            self._dropouts.append(p)
 
     def _discover_pre(self, module: nn.Module, args: tuple) -> None:
         if not args or torch.compiler.is_compiling():
@@ -425,6 +546,7 @@ class Watcher:
             return
         if isinstance(module, WEIGHTED) and isinstance(output, Tensor):
             self._weight_outputs[id(output)] = (weakref.ref(output), output._version, module)
+            self._dropouts, self._weighted_after_bn = [], True
         if module is self.model and (self.layers or module.training):
             self._end_discovery()
 
@@ -438,6 +560,7 @@ class Watcher:
                 "norm: nothing to record but the loss", stacklevel=2,
             )  # fmt: skip
         self._discovering = False
+        self._output_layer = None if self._weighted_after_bn else self._last_bn
         for h in self._discovery_hooks:
             h.remove()
         self._discovery_hooks, self._weight_outputs = [], {}
@@ -470,7 +593,7 @@ class Watcher:
         lo, hi = bounds if bounds is not None else (-math.inf, math.inf)
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not (self.measuring and args) or torch.compiler.is_compiling():
+            if not (self.measuring and args) or self._paused or torch.compiler.is_compiling():
                 return
             for layer in layers:
                 out = layer.last_output
@@ -493,16 +616,21 @@ class Watcher:
         references to what was measured (copied once, at flush)."""
         if not self.layers:
             return
+        if self._discovering:  # the model's own forward never ran (Lightning's training_step)
+            self._end_discovery()
         measured = self.measuring
         row: list[Tensor] = []
         more: list[list[Tensor] | None] = []
         counts: list[tuple[float, float]] = []
+        host: list[tuple[float, ...]] = []
         for layer in self.layers.values():
             more.append(layer.take(measured, row))
             counts.append(layer.counts if measured else (math.nan, math.nan))
+            host.append(layer.counted())
         self._rows.append(torch.cat(row))
         self._more.append(more if measured else None)
         self._counts.append(counts)
+        self._host_counts.append(host)
         self.pending_steps.append(step)
         self.logged += 1
         self.measuring = self.logged % self.measure_interval == 0
@@ -540,20 +668,144 @@ class Watcher:
         first = self.logged - len(steps)
         pad = [(math.nan, math.nan)] * len(layers_now)
         count = np.asarray([c + pad[len(c) :] for c in self._counts], np.float64)
+        absent: list[tuple[float, ...]] = [_NO_COUNTS] * len(layers_now)
+        host = np.asarray([h + absent[len(h) :] for h in self._host_counts], np.float64)
         self._rows, self._more, self._counts, self.pending_steps = [], [], [], []
+        self._host_counts = []
         layout = [(la.name, la.channels, la.eps, la.affine) for la in layers_now]
         keep = core.kept(first, len(steps), self.channel_interval)
-        return _tables(layout, raw, extra, count, steps, keep)
+        return _tables(layout, raw, extra, count, host, steps, keep)
 
     def meta(self) -> dict[str, Any]:
-        """What the run's layers are (for a sink's ``start``)."""
-        return {
+        """What the run's layers are (for a sink's ``start``; it grows as layers first run):
+
+        - ``layers``, ``channels``, ``tracked_units``, ``layer_kinds``, ``not_recorded``;
+        - ``layer_config``: per recorded layer, its ``class``, ``momentum`` (None: the
+          cumulative average), ``eps``, ``affine``, ``track_running_stats``, ``dtype`` (of its
+          parameters and buffers) and ``input_dtype`` (of its last input; autocast's);
+        - ``bn_modules``: every BN module of the model by module path, in module order,
+          recorded or not (torch's BatchNorm/SyncBatchNorm and subclasses, bncore's,
+          torchvision's FrozenBatchNorm2d; not InstanceNorm);
+        - ``structure``, once the first training forward is over: ``dropout_before`` (layer:
+          the largest p of the Dropout modules run between the last Linear/Conv and it),
+          ``output_layer`` (the last BN run, where no Linear/Conv ran after it; else None),
+          ``zero_init_gamma`` (layers whose gamma was all zeros at their first forward),
+          ``bias_before`` (layers whose feeding Linear/Conv has a bias), ``activation``
+          (layer: the activation module taking its output, by bncore.record.core.SATURATION's
+          names);
+        - ``optimizer``, where one was given: its ``class``, ``norm_weight_decay`` (layer: the
+          weight decay of the parameter group holding its gamma; 0.0 without one) and
+          ``weight_decay`` (the largest over the groups holding the feeding Linear/Conv
+          weights; None where no feeding weight was found);
+        - ``distributed``: ``world`` (torch.distributed's world size, 1 without) and
+          ``sync_bn`` (SyncBatchNorm layers in a process group of more than one process).
+        """
+        out: dict[str, Any] = {
             "layers": list(self.layers),
             "channels": [la.channels for la in self.layers.values()],
             "tracked_units": [[] for _ in self.layers],
             "layer_kinds": [type(la.module).__name__ for la in self.layers.values()],
             "not_recorded": dict(self.notes),
+            "layer_config": {name: _layer_config(la) for name, la in self.layers.items()},
+            "bn_modules": bn_modules(self.model),
+            "distributed": _distributed(self.model),
         }
+        if not self._discovering:
+            out["structure"] = self._structure()
+        if self.optimizers:
+            out["optimizer"] = self._optimizer_facts()
+        return out
+
+    def _structure(self) -> dict[str, Any]:
+        zero = []
+        for name, la in self.layers.items():
+            if isinstance(la.zero_gamma, Tensor):  # read once, here: no sync in the forward
+                la.zero_gamma = bool(la.zero_gamma)
+            if la.zero_gamma:
+                zero.append(name)
+        return {
+            "dropout_before": dict(self._dropout_before),
+            "output_layer": self._output_layer,
+            "zero_init_gamma": zero,
+            "bias_before": [name for name, la in self.layers.items() if la.feeder_bias],
+            "activation": {
+                name: ACTIVATION_MODULES[type(la.activation)]
+                for name, la in self.layers.items()
+                if la.activation is not None
+            },
+        }
+
+    def _optimizer_facts(self) -> dict[str, Any]:
+        decay: dict[int, float] = {}
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                wd = float(group.get("weight_decay") or 0.0)
+                for p in group["params"]:
+                    decay[id(p)] = wd
+        norm = {}
+        for name, la in self.layers.items():
+            gamma = (
+                la.tensors[2] if la.tensors[2] is not None else la.module._parameters.get("weight")
+            )
+            norm[name] = decay.get(id(gamma), 0.0) if gamma is not None else 0.0
+        feeding = [decay[id(la.weight)] for la in self.layers.values()
+                   if la.weight is not None and id(la.weight) in decay]  # fmt: skip
+        return {
+            "class": ", ".join(type(opt).__name__ for opt in self.optimizers),
+            "norm_weight_decay": norm,
+            "weight_decay": max(feeding) if feeding else None,
+        }
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """A batch norm module: torch's (``_NormBase`` but InstanceNorm: BatchNorm1d/2d/3d, their
+    lazy forms, SyncBatchNorm, subclasses), bncore's, or torchvision's FrozenBatchNorm2d
+    (recognized by name: bncore imports no torchvision)."""
+    if isinstance(module, nn.modules.batchnorm._NormBase):
+        return not isinstance(module, nn.modules.instancenorm._InstanceNorm)
+    return any(c.__name__ == "FrozenBatchNorm2d" for c in type(module).__mro__)
+
+
+def bn_modules(model: nn.Module) -> list[str]:
+    """The module paths of every batch norm module of ``model``, in module order (the model
+    itself, if it is one, by its class name, as the watcher names it)."""
+    return [name or type(m).__name__ for name, m in model.named_modules() if is_batch_norm(m)]
+
+
+def _layer_config(layer: _Layer) -> dict[str, Any]:
+    """A recorded layer's configuration: the module's attributes, else what its calls said."""
+    m = layer.module
+    rm, _, gamma, beta = layer.tensors
+    momentum = getattr(m, "momentum", layer.momentum)
+    tensors = [*m._parameters.values(), *m._buffers.values(), *layer.tensors]
+    dtype = next((t.dtype for t in tensors if isinstance(t, Tensor) and t.is_floating_point()),
+                 layer.input_dtype)  # fmt: skip
+    return {
+        "class": type(m).__name__,
+        "momentum": None if momentum is None else float(momentum),
+        "eps": float(layer.eps),
+        "affine": bool(getattr(m, "affine", gamma is not None and beta is not None)),
+        "track_running_stats": bool(getattr(m, "track_running_stats", rm is not None)),
+        "dtype": _dtype_name(dtype),
+        "input_dtype": _dtype_name(layer.input_dtype),
+    }
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _distributed(model: nn.Module) -> dict[str, Any]:
+    """The world size and whether SyncBatchNorm layers synchronize in it."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return {"world": 1, "sync_bn": False}
+    world = torch.distributed.get_world_size()
+    sync = any(
+        isinstance(m, nn.SyncBatchNorm)
+        and torch.distributed.get_world_size(m.process_group) > 1
+        for m in model.modules()
+    )  # fmt: skip
+    return {"world": world, "sync_bn": sync}
 
 
 def _tables(
@@ -561,11 +813,13 @@ def _tables(
     raw: np.ndarray,
     extra: np.ndarray,
     count: np.ndarray,
+    host: np.ndarray,
     steps: np.ndarray,
     keep: np.ndarray,
 ) -> Records:
     """``layers`` and ``channels`` tables of gathered steps (bncore.record.core). Layers of one
-    width, eps and affine are summarized together, as (steps, layers, C) arrays."""
+    width, eps and affine are summarized together, as (steps, layers, C) arrays; ``host``:
+    (steps, layers, COUNTS) counted on the host."""
     # where each layer's values lie in raw (free, live, scalars) and extra (measured)
     at_free, at_more, at_live = [], [], []
     f = m = 0
@@ -597,15 +851,19 @@ def _tables(
         columns["weight_grad_norm"] = scalars[..., 0]
         columns["layer_bias_grad_norm"] = np.full(scalars.shape[:2], np.nan, np.float32)
         columns["weight_norm"] = scalars[..., 1].astype(np.float32)
+        for k, name in enumerate(COUNTS):
+            columns[name] = host[:, idx, k].astype(np.float32)
         groups.append(core.LayerGroup(idx, rows, columns))
     return core.tables(steps, [name for name, *_ in layout], groups, keep)
 
 
-def _gradient_moments(layer: _Layer, m: int) -> Callable[..., None]:
+def _gradient_moments(layer: _Layer, m: int, count: bool) -> Callable[..., None]:
     """A hook on BN's backward node: the moments of dy (reaching its output) and dx (leaving
-    through its input), one fused reduction each."""
+    through its input), one fused reduction each; ``count``: the backward pass too."""
 
     def hook(grad_inputs: tuple[Tensor | None, ...], grad_outputs: tuple[Tensor | None, ...]):
+        if count:
+            layer.backwards += 1
         for found, g in ((layer.dy, grad_outputs[0]), (layer.dx, grad_inputs[0])):
             if g is not None:
                 found.append((channel_moments(g.detach(), -math.inf, math.inf), m))
@@ -661,6 +919,8 @@ def _train(
     (another model, torch.func transforms, an input torch refuses) torch's own."""
     if not _functorch(input, weight, bias, running_mean):
         for watcher in _ACTIVE:
+            if watcher._paused:
+                continue
             owner = watcher._owner(running_mean, weight, bias, running_var)
             if owner is None or not owner[1].training:
                 continue

@@ -428,6 +428,12 @@ class RunConfig(_Strict):
         "many training batches, the model frozen (PreciseBN, Wu & Johnson 2021): their gap to "
         "the EMA running statistics, and test accuracy with them and in training mode; 0: off",
     )
+    eval_gaps: bool = Field(
+        default=False,
+        description="at every evaluation, each BN's eval-mode input of the mode-gap probe "
+        "batch against its running statistics (eval_mean_gap, eval_var_gap per block): the "
+        "layer where eval mode first parts from training",
+    )
     seed: int = Field(default=0, ge=0, description="seed of initialization and batch order")
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="where to train: auto picks cuda when available"

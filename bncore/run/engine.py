@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from bncore.nn.norms import new_noise
 from bncore.nn.sync import convert_sync_batchnorm
+from bncore.record.probe import mode_gap_probe
 from bncore.record.recorder import Recorder
 from bncore.record.sinks import MemorySink, Sink
 from bncore.record.tables import Records
@@ -267,19 +268,17 @@ class Trainer:
             correct += int((logits.argmax(1) == y[i : i + EVAL_BATCH]).sum())
         return total / len(x), correct / len(x)
 
-    @torch.no_grad()
-    def _mode_gap(self) -> float:
+    def _mode_gap(self, rows: dict[str, dict[str, float]]) -> float:
         """Relative distance of the probe batch's logits in train mode (batch statistics) and
-        eval mode (running statistics); train mode here leaves no trace on the buffers."""
-        self.model.eval()
-        eval_logits = self.model(self.probe_batch)
-        buffers = [b.clone() for b in self.model.buffers()]
-        self.model.train()
-        train_logits = self.model(self.probe_batch)
-        for b, saved in zip(self.model.buffers(), buffers, strict=True):
-            b.copy_(saved)
-        denom = eval_logits.norm().clamp_min(1e-12)
-        return float((train_logits - eval_logits).norm() / denom)
+        eval mode (running statistics), leaving no trace on the buffers (bncore.record.probe);
+        with ``eval_gaps``, each block's eval-mode input against its running statistics, into
+        ``rows``. The random state is not put back: a noisy BN's first evaluation has drawn
+        its noise here since the first runs, and runs repeat as they were."""
+        norms = self.norms if self.config.eval_gaps else {}
+        found = mode_gap_probe(self.model, self.probe_batch, norms, keep_rng=False)
+        for name, (mean_gap, var_gap) in found.layers.items():
+            rows.setdefault(name, {}).update(eval_mean_gap=mean_gap, eval_var_gap=var_gap)
+        return found.mode_gap
 
     def _precise_batches(self) -> list[Tensor]:
         """``precise_bn`` random training batches of ``batch_size``."""
@@ -336,7 +335,8 @@ class Trainer:
         n = min(len(d.x_train), TRAIN_EVAL_EXAMPLES)
         train_loss, train_acc = self._loss_acc(d.x_train[:n], d.y_train[:n])
         test_loss, test_acc = self._loss_acc(d.x_test, d.y_test)
-        gap = self._mode_gap() if len(self.probe_batch) > 1 else math.nan
+        rows: dict[str, dict[str, float]] = {}
+        gap = self._mode_gap(rows) if len(self.probe_batch) > 1 else math.nan
         self.model.train()
         out = {
             "step": self.step_count,
@@ -351,7 +351,6 @@ class Trainer:
             etas = [f * lr for f in LANDSCAPE_STEPS]
             out.update(landscape(self.model, self.loss_fn, self.probe_batch, self.probe_labels,
                                  etas))  # fmt: skip
-        rows: dict[str, dict[str, float]] = {}
         if self.config.precise_bn and self.norms:
             self._population(out, rows)
         if len(self.probe_batch) > 1:

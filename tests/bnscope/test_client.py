@@ -4,6 +4,7 @@ while, a script that dies or hangs, a Lightning Trainer, and README's start comm
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import signal
 import socket
@@ -31,11 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    # every batch diagnosed as it comes (the doctor's default share of the time could make a
-    # test's batch wait for the next one)
-    srv = ServerProcess(
-        tmp_path_factory.mktemp("srv"), "--client-timeout", "3", "--doctor-share", "1"
-    ).start()
+    srv = ServerProcess(tmp_path_factory.mktemp("srv"), "--client-timeout", "3").start()
     yield srv
     srv.stop()
 
@@ -355,6 +352,211 @@ def test_errors_read_the_servers_message(server):
         (b"[1]", "[1]"),
     ]:
         assert error_message(httpx.Response(400, content=body)) == said
+
+
+# -- what the client records for the BN doctor (issue 26) ----------------------------------
+
+
+def doctor_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Linear(6, 16),  # a bias before BN
+        nn.BatchNorm1d(16, momentum=None),
+        nn.ReLU(),
+        nn.Dropout(0.2),  # draws in train mode: a probe must put the random state back
+        nn.Linear(16, 8, bias=False),
+        nn.Dropout(0.25),  # between the weight and its BN
+        nn.BatchNorm1d(8),
+        nn.Tanh(),
+        nn.Linear(8, 3),
+    )
+
+
+def series(server: ServerProcess, run_id: str, stat: str, layer: str | None = None) -> dict:
+    params = {"stat": stat, **({"layer": layer} if layer else {})}
+    with server.client() as api:
+        r = api.get(f"/api/runs/{run_id}/metrics", params=params)
+        assert r.status_code == 200, r.text
+        found = r.json()["series"][0]
+    # a step where another evaluation metric was logged has NaN (null) for this one
+    pairs = zip(found["steps"], found["values"], strict=True)
+    kept = [(st, v) for st, v in pairs if v is not None and v == v]
+    found["steps"], found["values"] = [st for st, _ in kept], [v for _, v in kept]
+    return found
+
+
+def test_meta_reaches_the_server_after_the_first_forward_and_evaluations_fill_test_acc(server):
+    model = doctor_net()
+    opt = torch.optim.SGD([{"params": [model[0].weight, model[4].weight, model[8].weight,
+                                       model[0].bias, model[8].bias], "weight_decay": 5e-4},
+                           {"params": [*model[1].parameters(), *model[6].parameters()],
+                            "weight_decay": 0.0}], lr=0.05)  # fmt: skip
+    client = Client(server.url)
+    with client.create_run(name="doctor", flush_seconds=60) as run:
+        run.watch(model, optimizer=opt)
+        x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        run.log(1, 1.0)
+        meta = wait_for(lambda: (m := status(server, run.id)["meta"]).get("structure") and m, 10)
+        assert meta["layers"] == ["1", "6"] and meta["bn_modules"] == ["1", "6"]
+        assert meta["layer_config"]["1"]["momentum"] is None
+        assert meta["layer_config"]["6"] == {"class": "BatchNorm1d", "momentum": 0.1,
+                                             "eps": 1e-5, "affine": True,
+                                             "track_running_stats": True, "dtype": "float32",
+                                             "input_dtype": "float32"}  # fmt: skip
+        assert meta["structure"] == {"dropout_before": {"6": 0.25}, "output_layer": None,
+                                     "zero_init_gamma": [], "bias_before": ["1"],
+                                     "activation": {"1": "relu", "6": "tanh"}}  # fmt: skip
+        assert meta["optimizer"] == {"class": "SGD", "norm_weight_decay": {"1": 0.0, "6": 0.0},
+                                     "weight_decay": 5e-4}  # fmt: skip
+        assert meta["distributed"] == {"world": 1, "sync_bn": False}
+        run.log_eval(1, test_loss=0.9, test_acc=0.5)
+        for step in (2, 3):
+            F.cross_entropy(model(x), y).backward()
+            run.log(step, 0.8)
+        run.log_eval(3, test_acc=torch.tensor(0.75), f1=0.6, **{"val/top-5": 0.9})
+        with pytest.raises(ValueError, match="1 to 59 characters"):
+            run.log_eval(3, **{"x" * 60: 1.0})
+    acc = series(server, run.id, "test_acc")
+    assert acc["steps"] == [1, 3] and acc["values"] == pytest.approx([0.5, 0.75])
+    assert series(server, run.id, "test_loss")["steps"] == [1]
+    assert series(server, run.id, "user_f1")["values"] == pytest.approx([0.6])
+    assert series(server, run.id, "user_val_top_5")["steps"] == [3]
+    forwards = series(server, run.id, "forwards", "6")
+    assert forwards["steps"] == [1, 2, 3] and forwards["values"] == [1, 1, 1]
+    assert series(server, run.id, "batch_n", "1")["values"] == [16, 16, 16]
+    client.close()
+
+
+def test_the_probe_leaves_training_bit_for_bit_and_sends_the_mode_gap(server):
+    x = torch.randn(12, 6) * 3 + 1
+    probe = (torch.randn(10, 6), torch.randint(0, 3, (10,)))
+    results = {}
+    for with_probe in (False, True):
+        model = doctor_net()
+        opt = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+        client = Client(server.url)
+        torch.manual_seed(5)  # the dropout masks
+        losses = []
+        with client.create_run(name=f"probe {with_probe}", flush_every=3) as run:
+            run.watch(model, **({"probe": probe, "probe_every": 2} if with_probe else {}))
+            for step in range(1, 8):
+                y = torch.randint(0, 3, (12,))
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                run.log(step, loss)
+                losses.append(loss.item())
+        client.close()
+        results[with_probe] = (losses, copy.deepcopy(model.state_dict()), run.id)
+    (plain, plain_state, _), (probed, probed_state, run_id) = results[False], results[True]
+    assert probed == plain  # bit for bit: the same losses...
+    for k, v in plain_state.items():  # ...weights, running statistics and batch counts
+        assert torch.equal(probed_state[k], v), k
+    gap = series(server, run_id, "mode_gap")
+    assert gap["steps"] == [2, 4, 6] and all(v > 0 for v in gap["values"])
+    for layer in ("1", "6"):
+        s = series(server, run_id, "eval_mean_gap", layer)
+        assert s["steps"] == [2, 4, 6] and all(v > 0 for v in s["values"]), layer
+        assert series(server, run_id, "eval_var_gap", layer)["steps"] == [2, 4, 6]
+    assert series(server, run_id, "forwards", "1")["values"] == [1] * 7  # not the probe's
+
+
+def test_lightning_callback_passes_the_optimizer_the_probe_and_the_validation_metrics(server):
+    L = lightning()
+    from bnscope.lightning import BNScopeCallback
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                     nn.Linear(8, 3))  # fmt: skip
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            loss = F.cross_entropy(self(x), y)
+            self.log("train_loss", loss)  # a training metric: not an evaluation's
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            x, y = batch
+            logits = self(x)
+            self.log("val_loss", F.cross_entropy(logits, y))
+            self.log("val_acc", (logits.argmax(1) == y).float().mean())
+            self.log("val/f1", 0.5)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW([
+                {"params": self.net[0].parameters(), "weight_decay": 0.1},
+                {"params": [*self.net[1].parameters(), *self.net[3].parameters()],
+                 "weight_decay": 0.0},
+            ], lr=0.01)  # fmt: skip
+
+    torch.manual_seed(0)
+    train = torch.utils.data.TensorDataset(torch.randn(32, 5), torch.randint(0, 3, (32,)))
+    val = torch.utils.data.TensorDataset(torch.randn(16, 5), torch.randint(0, 3, (16,)))
+    callback = BNScopeCallback(name="lightning doctor", url=server.url, flush_every=3,
+                               probe=(torch.randn(6, 5), None), probe_every=4)  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=2,
+        callbacks=[callback],
+        accelerator="cpu",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    module = Net()
+    trainer.fit(module, torch.utils.data.DataLoader(train, batch_size=4),
+                torch.utils.data.DataLoader(val, batch_size=8))  # fmt: skip
+    assert callback.run is not None
+    run_id = callback.run.id
+    done = status(server, run_id)
+    assert done["status"] == "completed" and done["steps_done"] == 16
+    meta = done["meta"]
+    assert meta["optimizer"] == {"class": "AdamW", "norm_weight_decay": {"net.1": 0.0},
+                                 "weight_decay": 0.1}  # fmt: skip
+    assert meta["structure"]["bias_before"] == ["net.1"]
+    assert meta["structure"]["activation"] == {"net.1": "relu"}
+    loss = series(server, run_id, "test_loss")  # after each epoch's 8 steps (not the sanity check)
+    assert loss["steps"] == [8, 16] and all(v > 0 for v in loss["values"])
+    acc = series(server, run_id, "test_acc")
+    assert acc["steps"] == [8, 16] and all(0 <= v <= 1 for v in acc["values"])
+    assert series(server, run_id, "user_val_f1")["values"] == [0.5, 0.5]
+    with server.client() as api:
+        said = api.get(f"/api/runs/{run_id}/metrics", params={"stat": "user_train_loss"})
+        assert said.json()["series"][0]["steps"] == []  # the training's metric is not sent
+    gap = series(server, run_id, "mode_gap")
+    assert gap["steps"] == [4, 8, 12, 16]
+    assert series(server, run_id, "eval_mean_gap", "net.1")["steps"] == [4, 8, 12, 16]
+    trainer.validate(module, torch.utils.data.DataLoader(val, batch_size=8), verbose=False)
+    assert series(server, run_id, "test_acc")["steps"] == [8, 16]  # after the fit: not its run
+
+
+def test_validation_metric_names_for_log_eval():
+    from bnscope.lightning import evaluation_metrics
+
+    t = torch.tensor
+    assert evaluation_metrics({"val_loss": t(0.5), "val_acc": t(0.75), "val/f1": 0.25}) == {
+        "test_loss": 0.5, "test_acc": 0.75, "val/f1": 0.25,
+    }  # fmt: skip
+    assert evaluation_metrics({"valid/Accuracy": 0.5, "loss": 1.0}) == {
+        "test_acc": 0.5, "test_loss": 1.0,
+    }  # fmt: skip
+    # two losses: which one is the test loss is not for us to guess; and a module's own
+    # test_acc stays, so val_acc is its own metric
+    assert evaluation_metrics({"val_loss": 1.0, "val_loss_ce": 2.0, "loss": 3.0,
+                               "test_acc": 0.5, "val_acc": 0.25}) == {
+        "val_loss": 1.0, "val_loss_ce": 2.0, "loss": 3.0, "test_acc": 0.5, "val_acc": 0.25,
+    }  # fmt: skip
+    # Lightning's _epoch copy of a metric logged on steps too; a vector; a flag
+    assert evaluation_metrics({"val_loss": 1.0, "val_loss_epoch": 1.0, "hist": t([1.0, 2.0]),
+                               "flag": True}) == {"test_loss": 1.0}  # fmt: skip
 
 
 def _broken_buffers(run_of, layers: tuple[int, int] = (1, 4)) -> list[warnings.WarningMessage]:

@@ -186,7 +186,8 @@ EXPERIMENTS: dict[str, Experiment] = {
             "a gap between train-mode and eval-mode outputs. PyTorch's momentum 0.1 is Keras' "
             "0.9 (the weight of the old value).",
             base={"model": _MLP, "data": {"name": "mnist1d"}, "batch_size": 64, "steps": 1000,
-                  "eval_interval": 50, "stats_interval": 10, "optim": {"lr": 0.1}},
+                  "eval_interval": 50, "stats_interval": 10, "optim": {"lr": 0.1},
+                  "eval_gaps": True},
             grid={"norm.momentum": [0.001, 0.01, 0.1, 0.5]},
             panels=(
                 Panel("Train/eval-mode gap over training", "over_steps", ("mode_gap",),
@@ -209,7 +210,8 @@ EXPERIMENTS: dict[str, Experiment] = {
             "feeds the biased variance); early in training its eval-mode outputs lag further "
             "behind.",
             base={"model": _MLP, "data": {"name": "mnist1d"}, "batch_size": 64, "steps": 600,
-                  "eval_interval": 25, "stats_interval": 10, "optim": {"lr": 0.1}},
+                  "eval_interval": 25, "stats_interval": 10, "optim": {"lr": 0.1},
+                  "eval_gaps": True},
             grid={"norm.convention": ["pytorch", "keras"]},
             panels=(
                 Panel("Train/eval-mode gap over training", "over_steps", ("mode_gap",),
