@@ -79,6 +79,8 @@ class Doctor:
             return d
         d.layers += [n for n in f.layers if n not in d.layers]
         d.last_step = None  # active again
+        if f.refresh:
+            d.evidence, d.message = dict(f.evidence), f.message
         if SEVERITIES.index(severity) < SEVERITIES.index(d.severity):
             d.severity, d.evidence, d.message = severity, dict(f.evidence), f.message
         return d

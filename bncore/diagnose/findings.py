@@ -33,7 +33,8 @@ class Finding:
     """What one rule saw at one logged step: the layers it is about (empty: the run), the
     numbers that fired beside their threshold, one plain sentence; ``fix`` where the rule's
     general fix is not concrete enough; ``severity`` where the finding is less (or more) grave
-    than the rule's. ``resolved``: the condition has cleared at ``step``."""
+    than the rule's. ``resolved``: the condition has cleared at ``step``. ``refresh``: a new
+    account of an active diagnosis (its evidence and message replace the old ones)."""
 
     step: int
     layers: list[str] = field(default_factory=list)
@@ -42,6 +43,7 @@ class Finding:
     fix: str | None = None
     severity: Severity | None = None
     resolved: bool = False
+    refresh: bool = False
 
 
 @dataclass

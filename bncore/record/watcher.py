@@ -449,7 +449,15 @@ class Watcher:
         input, running_mean, running_var, weight, bias, momentum, eps = call
         name, module = owner
         layer = self._layer(name, module, input.shape[1], eps, weight, momentum)
-        layer.tensors = (running_mean, running_var, weight, bias)
+        # a layer that has buffers but trains without them (track_running_stats switched off
+        # after it was built): its buffers as they are, which is what eval mode will use
+        buffers = module._buffers
+        layer.tensors = (
+            running_mean if running_mean is not None else buffers.get("running_mean"),
+            running_var if running_var is not None else buffers.get("running_var"),
+            weight,
+            bias,
+        )
         layer.ran(input)
         if self._discovering:
             self._note_input(layer, input)

@@ -265,10 +265,13 @@ class RunService:
     def report_status(self, run_id: str, update: StatusUpdate, token: str | None) -> dict[str, Any]:
         """A run's worker (or script) says it started (with its metadata) or how it ended."""
         run = self._reporting(run_id, token)
+        meta = update.meta
+        if meta is not None and "steps_total" not in meta:  # as the script registered it
+            meta = {**meta, "steps_total": (run.get("meta") or {}).get("steps_total")}
         fields = {
             k: v
             for k, v in (
-                ("meta", update.meta),
+                ("meta", meta),
                 ("final", update.final),
                 ("message", update.message),
                 ("steps_done", update.steps_done),

@@ -192,6 +192,7 @@ class TrainEvalGap(Rule):
         self.inputs: dict[str, tuple[float, float]] = {}  # latest eval-mode input gaps
         self.first_step: int | None = None
         self.active = False
+        self.causes: str | None = None  # the causes the diagnosis names now
 
     def feed(
         self, view: RecordsView, facts: RunFacts, active: Mapping[str, Diagnosis]
@@ -220,9 +221,28 @@ class TrainEvalGap(Rule):
         if self.active and gaps[-1] < self.GAP and (len(gaps) < 2 or gaps[-2] < self.GAP):
             self.active = False
             return Finding(steps[-1], resolved=True)
-        if self.active or len(gaps) < 3 or min(gaps) <= self.GAP or gaps[-1] < 0.9 * gaps[0]:
+        if self.active:  # explained by more than when it was found: say so
+            found = self._account(facts, active, steps, gaps)
+            if found.evidence.get("causes") == self.causes:
+                return None
+            self.causes = found.evidence.get("causes")
+            found.refresh = True
+            return found
+        if len(gaps) < 3 or min(gaps) <= self.GAP or gaps[-1] < 0.9 * gaps[0]:
             return None
         self.active = True
+        found = self._account(facts, active, steps, gaps)
+        self.causes = found.evidence.get("causes")
+        return found
+
+    def _account(
+        self,
+        facts: RunFacts,
+        active: Mapping[str, Diagnosis],
+        steps: tuple[int, ...],
+        gaps: tuple[float, ...],
+    ) -> Finding:
+        """The finding at the latest evaluation: the gap, its first layer, its causes."""
         order = list(facts.layers) or list(self.inputs)
         far = [
             n

@@ -102,9 +102,11 @@ def test_bnscope_train_runs_the_replicas_and_writes_their_records(tmp_path, caps
         train(_cfg(False))
 
 
-def _ddp_script(rank: int, url: str, out: str) -> None:
+def _ddp_script(
+    rank: int, url: str, out: str, batch: int = 16, broadcast_buffers: bool = True
+) -> None:
     """A user's data-parallel script (its own model, torch.nn's BN, DDP), reporting to BN Scope:
-    every rank creates the run and watches; rank 0 owns it."""
+    every rank creates the run and watches; rank 0 owns it. ``batch``: each rank's."""
     import torch
     from torch import nn
 
@@ -113,14 +115,14 @@ def _ddp_script(rank: int, url: str, out: str) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))  # fmt: skip
-    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp = nn.parallel.DistributedDataParallel(model, broadcast_buffers=broadcast_buffers)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     client = bnscope.client.Client(url)
     with client.create_run(name="ddp script", flush_every=5) as run:
         run.watch(model)
         for step in range(1, 21):
             torch.manual_seed(step * 10 + rank)  # each rank its own shard
-            x, y = torch.randn(16, 3, 8, 8) + rank, torch.randint(0, 4, (16,))
+            x, y = torch.randn(batch, 3, 8, 8) + rank, torch.randint(0, 4, (batch,))
             loss = nn.functional.cross_entropy(ddp(x), y)
             opt.zero_grad()
             loss.backward()
@@ -150,6 +152,28 @@ def test_a_data_parallel_script_reports_every_rank_to_one_run(tmp_path):
             assert by["rank1.1"]["values"][0] != by["1"]["values"][0]
             loss = api.get(f"/api/runs/{run_id}/metrics", params={"stat": "loss"}).json()
             assert loss["series"][0]["points_total"] == 20  # rank 0's, once
+    finally:
+        srv.stop()
+
+
+@pytest.mark.timeout(300)
+def test_the_doctor_diagnoses_a_data_parallel_script(tmp_path):
+    """8 examples per rank, BN not synchronized, and each rank's buffers its own
+    (broadcast_buffers=False) while rank 1 sees shifted data: the BN doctor on the server says
+    so (ddp-without-syncbn, rank-buffers-diverge)."""
+    srv = ServerProcess(tmp_path / "srv").start()
+    try:
+        script = functools.partial(_ddp_script, url=srv.url, out=str(tmp_path), batch=8,
+                                   broadcast_buffers=False)  # fmt: skip
+        on_ranks(script, tmp_path)
+        (run_id,) = {p.read_text() for p in tmp_path.glob("run*")}
+        with srv.client() as api:
+            wait_for(lambda: api.get(f"/api/runs/{run_id}").json()["status"] in FINAL, 60)
+            found = {d["rule"]: d for d in api.get(f"/api/runs/{run_id}/diagnoses").json()
+                     ["diagnoses"]}  # fmt: skip
+        ddp = found["ddp-without-syncbn"]
+        assert ddp["evidence"]["per_replica_batch"] == 8 and ddp["evidence"]["replicas"] == 2
+        assert found["rank-buffers-diverge"]["layers"] == ["1", "rank1.1"]
     finally:
         srv.stop()
 
