@@ -126,18 +126,22 @@ class ConstantChannel(Rule):
     severity = "warning"
     checks = "channels whose batch variance is below eps"
     threshold = (
-        "A channel's batch variance stays below the layer's eps for 10 logged steps in a row "
-        "(pre_var_min, the least channel variance, is recorded at every logged step). Such a "
-        "channel carries no signal (a dead filter upstream), its output is beta, and the "
-        "gradient through it is scaled by up to 1/sqrt(eps) (316 at 1e-5)."
+        "A channel's batch variance stays below 1% of the layer's eps and 1% of the layer's "
+        "mean channel variance for 10 logged steps in a row (pre_var_min, the least channel "
+        "variance, is recorded at every logged step): its normalized output's spread is under "
+        "0.1 where its neighbours' is near 1, so it carries next to no signal (a dead filter "
+        "upstream), its output is about beta, and the gradient through it is scaled by up to "
+        "1/sqrt(eps) (316 at 1e-5). Below eps alone is not enough: MobileNet's and "
+        "EfficientNet's depthwise layers (eps 1e-3) on small images have whole layers of "
+        "variance under eps whose channels all carry their signal."
     )
     fix = (
         "find the dead filter upstream (a ReLU that never fires, a zeroed weight); raise eps "
         "(1e-3); a lower learning rate"
     )
     references = ("pytorch/pytorch#5410", "facebookresearch/SparseConvNet#190")
-    needs = (("layers.pre_var_min",),)
-    STEPS = 10
+    needs = (("layers.pre_var_min", "layers.pre_var"),)
+    STEPS, SHARE = 10, 0.01
 
     def __init__(self) -> None:
         self.carry: dict[str, int] = {}
@@ -150,16 +154,19 @@ class ConstantChannel(Rule):
             return
         for name, rows in view.layers.items():
             eps = facts.layer(name).eps or 1e-5
-            low = rows["pre_var_min"] < eps
+            least = rows["pre_var_min"]
+            low = (least < self.SHARE * eps) & (least < self.SHARE * rows["pre_var"])
             at, self.carry[name] = sustained(low, self.STEPS, self.carry.get(name, 0))
             if at is not None:
                 self.done = True
                 v = float(rows["pre_var_min"][at])
                 yield Finding(
                     int(rows["step"][at]), [name],
-                    {"pre_var_min": v, "eps": eps, "steps": self.STEPS},
-                    f"a channel of {name} has had a batch variance of {v:.2g} (below eps "
-                    f"{eps:g}) for {self.STEPS} logged steps: it is constant",
+                    {"pre_var_min": v, "pre_var": float(rows["pre_var"][at]), "eps": eps,
+                     "steps": self.STEPS},
+                    f"a channel of {name} has had a batch variance of {v:.2g} (under 1% of "
+                    f"eps {eps:g} and of its layer's mean) for {self.STEPS} logged steps: it "
+                    "is constant",
                 )  # fmt: skip
                 return
 

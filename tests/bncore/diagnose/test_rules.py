@@ -183,7 +183,7 @@ def inject(name: str) -> tuple[Records, dict[str, Any], str, int]:
         rec.channels["beta"][chan, :3] = -5.0  # 3 of 8 channels: beta/|gamma| < -3
         at += 20
     elif name == "constant-channel":
-        rec.layers["pre_var_min"][rows] = 1e-7
+        rec.layers["pre_var_min"][rows] = 1e-8
         at += 9
     elif name == "weight-decay-on-norm":
         meta["optimizer"]["norm_weight_decay"][layer] = 0.5
