@@ -3,7 +3,8 @@
 The callback opens a run on a BN Scope server when fitting starts (on rank 0), watches the
 LightningModule (bncore.record.watcher: the module is left as it is), logs every optimizer step with
 its loss and learning rate (the micro-batches of ``accumulate_grad_batches`` are averaged into the
-step they belong to), and reports the run completed, or failed with the exception. Needs
+step they belong to; under manual optimization, every batch is a step, and its loss is what the
+module logged), and reports the run completed, or failed with the exception. Needs
 ``lightning`` (or ``pytorch_lightning``) installed.
 
 It tells the run the trainer's optimizers (the weight decay on each BN's gamma and on the
@@ -38,6 +39,10 @@ _KNOWN = re.compile(
 )
 
 
+#: A training loss as a module logs it: ``loss``, ``train_loss``, ``train/loss``, their _step fork.
+_TRAIN_LOSS = re.compile(r"(?:(?:train|training)[_/.\-]?)?loss(?:_step)?", re.IGNORECASE)
+
+
 class BNScopeCallback(pl.Callback):
     """Stream a Lightning fit to a BN Scope server; ``options`` go to
     :meth:`bnscope.client.Client.create_run` (``channel_interval``, ``flush_every``, ...)."""
@@ -56,6 +61,7 @@ class BNScopeCallback(pl.Callback):
         self.probe, self.probe_every = probe, probe_every
         self.run: ClientRun | None = None
         self._logged_step = 0
+        self._batches = 0  # manual optimization: batches trained
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.global_rank != 0:
@@ -71,6 +77,7 @@ class BNScopeCallback(pl.Callback):
             optimizer=list(trainer.optimizers) or None,
         )
         self._logged_step = trainer.global_step
+        self._batches = trainer.fit_loop.epoch_loop.batch_progress.total.completed
 
     def on_train_batch_end(
         self,
@@ -80,16 +87,19 @@ class BNScopeCallback(pl.Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        if self.run is None or trainer.global_step == self._logged_step:
-            return  # no optimizer step yet: this micro-batch counts towards the next one
-        self._logged_step = trainer.global_step
-        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
-        if not isinstance(loss, Tensor | float | int):
-            loss = float("nan")
+        if self.run is None:
+            return
+        if pl_module.automatic_optimization:
+            if trainer.global_step == self._logged_step:
+                return  # no optimizer step yet: this micro-batch counts towards the next one
+            self._logged_step = step = trainer.global_step
+        else:  # manual: one step per batch, whatever optimizers it stepped (a GAN's two)
+            self._batches += 1
+            step = self._batches
         lr = None
         if trainer.optimizers:
             lr = trainer.optimizers[0].param_groups[0].get("lr")
-        self.run.log(trainer.global_step, loss, lr=lr)
+        self.run.log(step, _training_loss(outputs, trainer), lr=lr)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.run is None or self.run.finished or trainer.sanity_checking:
@@ -109,6 +119,23 @@ class BNScopeCallback(pl.Callback):
         if self.run is not None:
             self.run.finish("failed", f"{type(exception).__name__}: {exception}")
             self.run.client.close()
+
+
+def _training_loss(outputs: Any, trainer: pl.Trainer) -> Tensor | float:
+    """The batch's loss: what training_step returned (automatic optimization), else what the
+    module logged in it (manual optimization returns nothing): a metric named like ``loss``,
+    ``train_loss`` or ``train/loss`` (or its ``_step`` fork), else the first whose name has
+    ``loss`` in it (a GAN's ``g_loss``); NaN where it logged none."""
+    loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+    if isinstance(loss, Tensor | float | int) and not isinstance(loss, bool):
+        return loss
+    logged = {k: v for k, v in trainer.callback_metrics.items() if "loss" in k.lower()}
+    named = [k for k in logged if _TRAIN_LOSS.fullmatch(k)]
+    for k in (*named, *logged):
+        v = logged[k]
+        if (isinstance(v, Tensor) and v.numel() == 1) or isinstance(v, float | int):
+            return v
+    return float("nan")
 
 
 def _validation_logged(trainer: pl.Trainer) -> dict[str, Any]:

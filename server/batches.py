@@ -24,9 +24,13 @@ from bncore.record.tables import (
     json_columns,
 )
 from server.errors import Invalid
-from server.store.schema import MAX_INT
+from server.store.schema import MAX_INT, MAX_LAYER_NAME
 
-LAYER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,63}")
+COLUMN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.]{0,63}")
+#: A layer is named by its module path, as torch names modules (any characters but ".", joined
+#: by "."): torchvision's ``trunk_output.block1.block1-0``, a user's ``enc/conv 1``. Only control
+#: characters are refused (PostgreSQL's text cannot hold NUL); the length is MAX_LAYER_NAME at most.
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_COLUMNS = 128  # columns of one table in a batch (a run's own: about 80 at most)
 MAX_LAYERS = 512  # distinct layers in one batch's tables
 PER_LAYER = ("layers", "layer_evals", "channels")  # tables with a 'layer' column
@@ -103,7 +107,7 @@ def _table(name: str, t: Any) -> dict[str, np.ndarray]:
 def _column(table: str, col: str, values: Any, n: int) -> np.ndarray:
     """One column of a table of ``n`` rows, checked."""
     where = f"{table}.{col}"
-    if not LAYER_NAME.fullmatch(col):
+    if not COLUMN_NAME.fullmatch(col):
         raise Invalid(
             f"{where[:80]}: column names are 1 to 64 letters, digits, _ and .",
             field=table,
@@ -129,14 +133,21 @@ def _column(table: str, col: str, values: Any, n: int) -> np.ndarray:
 
 
 def _layers(values: list[Any]) -> np.ndarray:
-    """A layer column: at most MAX_LAYERS names, each as LAYER_NAME allows."""
-    arr = np.asarray([str(v) for v in values])
-    names = set(arr.tolist())
+    """A layer column: at most MAX_LAYERS names, each a module path of 1 to MAX_LAYER_NAME
+    characters without control characters."""
+    if not all(isinstance(v, str | int) and not isinstance(v, bool) for v in values):
+        raise ValueError("layer names are strings (module paths)")
+    values = [str(v) for v in values]
+    names = set(values)
     if len(names) > MAX_LAYERS:
         raise ValueError(f"{len(names)} layers; a batch has at most {MAX_LAYERS}")
-    if any(not LAYER_NAME.fullmatch(v) for v in names):
-        raise ValueError("layer names are 1 to 64 letters, digits, _ and .")
-    return arr
+    for v in names:
+        if not 0 < len(v) <= MAX_LAYER_NAME or CONTROL.search(v):
+            raise ValueError(
+                f"layer name {v[:80]!r}: a module path of 1 to {MAX_LAYER_NAME} characters, "
+                "without control characters"
+            )
+    return np.asarray(values)
 
 
 def _steps(values: list[Any]) -> np.ndarray:

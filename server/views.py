@@ -34,6 +34,16 @@ def run_out(run: dict[str, Any], queue_position: int | None) -> dict[str, Any]:
     }
 
 
+#: What makes a spreadsheet read a cell as a formula (OWASP's CSV injection).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def spreadsheet_safe(text: str) -> str:
+    """A text cell a spreadsheet shows as text: one that would start a formula (a layer named
+    ``=HYPERLINK(...)``) gets a leading ``'``, as OWASP recommends."""
+    return "'" + text if text.startswith(FORMULA_START) else text
+
+
 def export_file(data: dict[str, np.ndarray], format: str) -> tuple[bytes, str]:
     """One records table as a file and its media type: CSV (per-channel arrays as one column
     per channel, empty past a narrower layer's last channel) or Parquet (arrays as lists)."""
@@ -49,6 +59,8 @@ def export_file(data: dict[str, np.ndarray], format: str) -> tuple[bytes, str]:
             if v.ndim == 2 or v.dtype == object:
                 grid = padded(v)
                 cols.update({f"{k}[{i}]": grid[:, i] for i in range(grid.shape[1])})
+            elif v.dtype.kind in "UO":
+                cols[k] = [spreadsheet_safe(str(x)) for x in v]
             else:
                 cols[k] = v
         pyarrow.csv.write_csv(pa.table(cols) if cols else empty, buf)

@@ -58,7 +58,7 @@ from bncore.record import core
 from bncore.record.core import SATURATION
 from bncore.record.tables import Records
 
-__all__ = ["ACTIVATION_MODULES", "Watcher", "bn_modules", "is_batch_norm"]
+__all__ = ["ACTIVATION_MODULES", "Watcher", "bn_modules", "frozen_bn", "is_batch_norm"]
 
 #: Activation modules whose output is measured, by the name of their rest/saturation bounds in
 #: bncore.record.core.SATURATION (None there: no such bound, the saturated share is NaN).
@@ -94,9 +94,21 @@ class BatchNormCall(NamedTuple):
 WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
 
 
-def _functorch(*tensors: Tensor | None) -> bool:
+def _unseen() -> bool:
+    """Whether the modules' hooks must not look: under torch.compile (a graph, not tensors),
+    tracing or inference mode (tensors without versions)."""
+    return (
+        torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.is_inference_mode_enabled()
+    )
+
+
+def _recordable(input: Tensor, *tensors: Tensor | None) -> bool:
+    """Whether a training-mode batch norm may be recorded: not an empty batch, not under
+    tracing or inference mode (which keep no versions), not inside torch.func transforms."""
+    if torch.jit.is_tracing() or torch.is_inference_mode_enabled() or input.numel() == 0:
+        return False
     is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
-    return any(t is not None and is_wrapped(t) for t in tensors)
+    return not any(t is not None and is_wrapped(t) for t in (input, *tensors))
 
 
 #: A gradient's per-channel moments (rows mean and biased variance, over ``m`` values each);
@@ -347,6 +359,15 @@ class Watcher:
                     "process's batch and are recorded like BatchNorm; inside one they "
                     "synchronize through their own autograd function, which is not recorded",
                 )
+        # a BN without parameters or buffers (affine=False, track_running_stats=False) is
+        # known by running: a hook on its forward says whose F.batch_norm call comes next
+        self._bare: list[nn.Module] = []
+        self._frozen: dict[str, dict[str, Any]] | None = None
+        for m in model.modules():
+            bare = all(t is None for t in (*m._parameters.values(), *m._buffers.values()))
+            if bare and is_batch_norm(m) and not isinstance(m, BatchNorm):
+                self._hooks.append(m.register_forward_pre_hook(self._bare_enter))
+                self._hooks.append(m.register_forward_hook(self._bare_exit, always_call=True))
         _install(self)
         # until the first training forward: who consumes BN's output, who feeds its input
         for m in model.modules():
@@ -389,6 +410,20 @@ class Watcher:
         self._strangers.update(keys)
         return None
 
+    def _bare_enter(self, module: nn.Module, args: tuple) -> None:
+        self._bare.append(module)
+
+    def _bare_exit(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._bare and self._bare[-1] is module:
+            self._bare.pop()
+
+    def bare_owner(self) -> tuple[str, nn.Module] | None:
+        """The BN without parameters or buffers whose forward is running, if any."""
+        if not self._bare:
+            return None
+        module = self._bare[-1]
+        return self._modules.get(id(module), ""), module
+
     def _layer(
         self,
         name: str,
@@ -397,6 +432,7 @@ class Watcher:
         eps: float,
         weight: Tensor | None,
         momentum: float | None,
+        device: torch.device,
     ) -> _Layer:
         layer = self._by_module.get(id(module))
         if layer is None:
@@ -414,14 +450,8 @@ class Watcher:
             self._by_module[id(module)] = layer
         if layer.nan is None or layer.channels != channels:
             layer.channels = channels
-            layer.nan = core.nan_rows(0, channels, self._device(module))
+            layer.nan = core.nan_rows(0, channels, device)
         return layer
-
-    @staticmethod
-    def _device(module: nn.Module) -> torch.device:
-        for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)):
-            return t.device
-        return torch.device("cpu")
 
     def close(self) -> None:
         """Detach from the model: it is as it was before (no hook, no patch left)."""
@@ -448,7 +478,7 @@ class Watcher:
         """A training-mode F.batch_norm of a watched layer: computed and recorded."""
         input, running_mean, running_var, weight, bias, momentum, eps = call
         name, module = owner
-        layer = self._layer(name, module, input.shape[1], eps, weight, momentum)
+        layer = self._layer(name, module, input.shape[1], eps, weight, momentum, input.device)
         # a layer that has buffers but trains without them (track_running_stats switched off
         # after it was built): its buffers as they are, which is what eval mode will use
         buffers = module._buffers
@@ -483,12 +513,12 @@ class Watcher:
     def own_layer(self, module: BatchNorm, input: Tensor) -> RecordTarget | None:
         """A training forward of bncore's own layer ``module``: the row it writes its
         statistics into (RECORD_ROWS, read at log), or None where nothing is recorded."""
-        if not module.training or self._paused:
+        if not module.training or self._paused or _unseen() or input.numel() == 0:
             return None
         name = self._modules.get(id(module), "")
         buffers, params = module._buffers, module._parameters
         layer = self._layer(name, module, module.num_features, module.eps, params["weight"],
-                            module.momentum)  # fmt: skip
+                            module.momentum, input.device)  # fmt: skip
         layer.tensors = (buffers["running_mean"], buffers["running_var"], params["weight"],
                          params["bias"])  # fmt: skip
         layer.ran(input)
@@ -506,7 +536,7 @@ class Watcher:
     def _own_output(self, module: nn.Module, args: tuple, output: Tensor) -> None:
         """bncore's own layer ran: its output, for the activation found after it."""
         layer = self._by_module.get(id(module))
-        if layer is not None and module.training and not self._paused:
+        if layer is not None and module.training and not self._paused and not _unseen():
             layer.last_output = (weakref.ref(output), output._version)
             node = output.grad_fn
             if node is not None and not layer.counted_by_gamma(module._parameters["weight"]):
@@ -529,11 +559,11 @@ class Watcher:
 
     def _discover_dropout(self, module: nn.Module, args: tuple, output: Any) -> None:
         p = float(getattr(module, "p", 0.0))
-        if module.training and p > 0 and not torch.compiler.is_compiling():
+        if module.training and p > 0 and not _unseen():
             self._dropouts.append(p)
 
     def _discover_pre(self, module: nn.Module, args: tuple) -> None:
-        if not args or torch.compiler.is_compiling():
+        if not args or _unseen():
             return
         bounds = SATURATION[ACTIVATION_MODULES[type(module)]]
         x = args[0]
@@ -550,7 +580,7 @@ class Watcher:
                 layer.act_bounds = bounds
 
     def _discover_post(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if torch.compiler.is_compiling():
+        if _unseen():
             return
         if isinstance(module, WEIGHTED) and isinstance(output, Tensor):
             self._weight_outputs[id(output)] = (weakref.ref(output), output._version, module)
@@ -561,11 +591,19 @@ class Watcher:
     def _end_discovery(self) -> None:
         """After the first training forward: measure the activations found, note what was not
         (an eval-mode forward before it finds nothing, so discovery waits for training)."""
+        frozen = self._frozen_bn()
+        if frozen:
+            self.notes["frozen_bn"] = (
+                f"{len(frozen)} frozen batch norm layers ({', '.join(list(frozen)[:4])}"
+                + (", ..." if len(frozen) > 4 else "")
+                + "): fixed statistics, an affine map each step; kept once, in frozen_bn"
+            )
         if not self.layers:
             self.notes["bn"] = "no batch norm ran in the model's first training forward"
+            what = f"only {len(frozen)} frozen batch norm layers" if frozen else "any batch norm"
             warnings.warn(
-                f"bnscope: {type(self.model).__name__} ran a training forward without any batch "
-                "norm: nothing to record but the loss", stacklevel=2,
+                f"bnscope: {type(self.model).__name__} ran a training forward without {what}: "
+                "nothing to record but the loss", stacklevel=2,
             )  # fmt: skip
         self._discovering = False
         self._output_layer = None if self._weighted_after_bn else self._last_bn
@@ -601,7 +639,7 @@ class Watcher:
         lo, hi = bounds if bounds is not None else (-math.inf, math.inf)
 
         def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-            if not (self.measuring and args) or self._paused or torch.compiler.is_compiling():
+            if not (self.measuring and args) or self._paused or _unseen():
                 return
             for layer in layers:
                 out = layer.last_output
@@ -694,6 +732,10 @@ class Watcher:
         - ``bn_modules``: every BN module of the model by module path, in module order,
           recorded or not (torch's BatchNorm/SyncBatchNorm and subclasses, bncore's,
           torchvision's FrozenBatchNorm2d; not InstanceNorm);
+        - ``frozen_bn``: each frozen BN (FrozenBatchNorm2d: fixed buffers, no batch
+          statistics) by module path, its ``class``, ``channels``, ``eps`` and its fixed
+          statistics, as channel means: ``running_mean``, ``running_var``, ``gamma``, ``beta``,
+          and the least and largest ``scale`` gamma / sqrt(running_var + eps);
         - ``structure``, once the first training forward is over: ``dropout_before`` (layer:
           the largest p of the Dropout modules run between the last Linear/Conv and it),
           ``output_layer`` (the last BN run, where no Linear/Conv ran after it; else None),
@@ -716,6 +758,7 @@ class Watcher:
             "not_recorded": dict(self.notes),
             "layer_config": {name: _layer_config(la) for name, la in self.layers.items()},
             "bn_modules": bn_modules(self.model),
+            "frozen_bn": self._frozen_bn(),
             "distributed": _distributed(self.model),
         }
         if not self._discovering:
@@ -723,6 +766,12 @@ class Watcher:
         if self.optimizers:
             out["optimizer"] = self._optimizer_facts()
         return out
+
+    def _frozen_bn(self) -> dict[str, dict[str, Any]]:
+        """:func:`frozen_bn`, read once (fixed statistics: one read, one transfer each)."""
+        if self._frozen is None:
+            self._frozen = frozen_bn(self.model)
+        return self._frozen
 
     def _structure(self) -> dict[str, Any]:
         zero = []
@@ -778,6 +827,34 @@ def bn_modules(model: nn.Module) -> list[str]:
     """The module paths of every batch norm module of ``model``, in module order (the model
     itself, if it is one, by its class name, as the watcher names it)."""
     return [name or type(m).__name__ for name, m in model.named_modules() if is_batch_norm(m)]
+
+
+def frozen_bn(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every frozen BN of ``model`` (a batch norm module with fixed buffers that computes no
+    batch statistics: torchvision's and timm's FrozenBatchNorm2d) and its fixed statistics."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, m in model.named_modules():
+        if not is_batch_norm(m) or isinstance(m, nn.modules.batchnorm._NormBase | BatchNorm):
+            continue
+        b = m._buffers
+        if any(not isinstance(b.get(k), Tensor) or not b[k].numel() for k in _FROZEN):
+            continue
+        eps = float(getattr(m, "eps", 1e-5))
+        with torch.no_grad():
+            mean, var, gamma, beta = (b[k].detach().double() for k in _FROZEN)
+            scale = gamma * (var + eps).rsqrt()
+            fixed = {"running_mean": mean.mean(), "running_var": var.mean(),
+                     "gamma": gamma.mean(), "beta": beta.mean(),
+                     "scale_min": scale.min(), "scale_max": scale.max()}  # fmt: skip
+        out[name or type(m).__name__] = {
+            "class": type(m).__name__, "channels": int(mean.numel()), "eps": eps,
+            **{k: float(v) for k, v in fixed.items()},
+        }  # fmt: skip
+    return out
+
+
+#: A frozen BN's buffers: its fixed statistics and affine map.
+_FROZEN = ("running_mean", "running_var", "weight", "bias")
 
 
 def _layer_config(layer: _Layer) -> dict[str, Any]:
@@ -923,13 +1000,17 @@ def _train(
     momentum: float,
     eps: float,
 ) -> Tensor:
-    """A training-mode batch norm: recorded by the watcher whose model owns its tensors, else
-    (another model, torch.func transforms, an input torch refuses) torch's own."""
-    if not _functorch(input, weight, bias, running_mean):
+    """A training-mode batch norm: recorded by the watcher whose model owns its tensors (or,
+    a BN with neither, is running it), else torch's own, unrecorded: another model, torch.func
+    transforms, tracing, inference mode, an empty batch (it adds nothing to the statistics),
+    an input torch refuses."""
+    if _recordable(input, weight, bias, running_mean):
         for watcher in _ACTIVE:
             if watcher._paused:
                 continue
             owner = watcher._owner(running_mean, weight, bias, running_var)
+            if owner is None and running_mean is None and weight is None and bias is None:
+                owner = watcher.bare_owner()
             if owner is None or not owner[1].training:
                 continue
             if input.numel() == input.shape[1] or eps <= 0:
@@ -938,6 +1019,11 @@ def _train(
             return watcher.batch_norm(owner, call)
     return _ORIGINAL(input, running_mean, running_var, weight, bias, True, momentum, eps)
 
+
+# TorchScript compiles torch's own F.batch_norm where a module calls ours, so that scripting any
+# model, while a watcher is attached or after, is as without BN Scope (torch.jit's hook:
+# a function's __prepare_scriptable__ gives what to compile in its place).
+_watched.__prepare_scriptable__ = lambda: _ORIGINAL  # type: ignore[attr-defined]
 
 # A graph break under torch.compile: _train runs (recorded) eagerly. torch's own lazy form of
 # torch.compiler.disable, which loads dynamo on the first compiled call instead of at import

@@ -33,9 +33,13 @@ def _run_id(**kwargs: Any) -> sa.Column:
     )
 
 
+#: The longest layer name (a module path) a run may have.
+MAX_LAYER_NAME = 512
+
+
 def _layer(**kwargs: Any) -> sa.Column:
     """The block a row is of (a series of the run as a whole, loss or accuracy: "")."""
-    return sa.Column("layer", sa.String(64), **kwargs)
+    return sa.Column("layer", sa.String(MAX_LAYER_NAME), **kwargs)
 
 
 metadata = sa.MetaData()

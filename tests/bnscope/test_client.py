@@ -262,6 +262,53 @@ def test_lightning_callback_streams_a_real_trainer(server):
         assert s["series"][0]["steps"] == list(range(1, 7))
 
 
+def test_lightning_manual_optimization_logs_each_batch_with_the_loss_it_logged(server):
+    """A GAN-like module: manual optimization, two optimizers stepped per batch, nothing
+    returned, the loss logged with self.log: one step per batch, with that loss."""
+    L = lightning()
+    from bnscope.lightning import BNScopeCallback
+
+    logged: list[float] = []
+
+    class TwoSteps(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.automatic_optimization = False
+            self.a = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU())
+            self.b = nn.Linear(8, 3)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            for opt in self.optimizers():
+                loss = F.cross_entropy(self.b(self.a(x)), y)
+                opt.zero_grad()
+                self.manual_backward(loss)
+                opt.step()
+            self.log("train_loss", loss)
+            logged.append(loss.item())
+
+        def configure_optimizers(self):
+            return [torch.optim.SGD(self.a.parameters(), lr=0.05),
+                    torch.optim.SGD(self.b.parameters(), lr=0.05)]  # fmt: skip
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,)))
+    callback = BNScopeCallback(name="manual", url=server.url, flush_every=2)
+    trainer = L.Trainer(max_epochs=1, callbacks=[callback], accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    trainer.fit(TwoSteps(), torch.utils.data.DataLoader(data, batch_size=8))
+    assert trainer.global_step == 10  # two optimizer steps per batch
+    assert callback.run is not None
+    done = status(server, callback.run.id)
+    assert done["status"] == "completed" and done["steps_done"] == 5
+    with server.client() as api:
+        s = api.get(f"/api/runs/{callback.run.id}/metrics", params={"stat": "loss"}).json()
+    (series,) = s["series"]
+    assert series["steps"] == [1, 2, 3, 4, 5]
+    assert series["values"] == pytest.approx(logged, rel=1e-6)
+
+
 def test_readme_start_command_takes_its_arguments(tmp_path):
     port = free_port()
     env = {**os.environ, "BNSCOPE_VENV": sys.prefix, "BNSCOPE_DATA_DIR": str(tmp_path / "d")}

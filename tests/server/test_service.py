@@ -308,6 +308,31 @@ def test_records_of_a_bad_shape_are_refused_whole_and_the_run_stays_whole(svc, h
     svc.runs.delete(rid)
 
 
+def test_any_module_path_torch_accepts_is_a_layer_name(svc, http):
+    """Layers are named as torch names modules (torchvision's regnet: ``block1-0``; a user's
+    ModuleDict keys: spaces, slashes, any script): stored, read and exported as they are, a
+    spreadsheet formula neutralised in CSV; a control character or a name over 512 is refused,
+    saying why, and the run keeps what it had."""
+    run = client_run(svc, name="names")
+    rid, w = run["id"], run["write_token"]
+    names = ["trunk_output.block1.block1-0.f.a.1", "enc/conv 1.bn", "卷积.归一化",
+             "=HYPERLINK(\"http://x\")", "-1", "x" * 512]  # fmt: skip
+    layers = {"step": [1] * len(names), "layer": names, "pre_var": [1.0] * len(names)}
+    assert svc.runs.ingest(rid, body({"seq": 1, "steps": {"step": [1]}, "layers": layers}), w)
+    assert sorted(svc.records.layers(rid)["layers"]) == sorted(names)
+    for bad, words in [("a\x00b", "without control characters"), ("y" * 513, "1 to 512"),
+                       ("", "1 to 512")]:  # fmt: skip
+        one = {"step": [2], "layer": [bad], "pre_var": [1.0]}
+        with refused(Invalid, 422, words):
+            svc.runs.ingest(rid, body({"seq": 2, "steps": {"step": [2]}, "layers": one}), w)
+    assert svc.runs.get(rid)["steps_done"] == 1
+    got = http(svc).get(f"/api/runs/{rid}/export", params={"table": "layers"})
+    cells = {line.split(",")[1].strip('"') for line in got.text.splitlines()[1:]}
+    assert '\'=HYPERLINK(""http://x"")' in cells and "'-1" in cells, cells
+    assert {"trunk_output.block1.block1-0.f.a.1", "enc/conv 1.bn", "卷积.归一化"} <= cells
+    assert not any(c.startswith(("=", "+", "-", "@")) for c in cells)
+
+
 def test_only_whoever_created_a_run_writes_its_records_and_status(svc, http):
     """Each run has a write token (its worker's, or the script's that registered it): without
     it nobody else can end it, fill it or stall it."""

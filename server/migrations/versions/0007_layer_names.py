@@ -1,0 +1,33 @@
+"""Layer names are module paths as torch accepts them (torchvision's
+``trunk_output.block1.block1-0``), up to 512 characters: PostgreSQL's VARCHAR(64) is widened
+(SQLite does not enforce a VARCHAR's length, so there nothing changes).
+
+Revision ID: 0007
+Revises: 0006
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0007"
+down_revision = "0006"
+branch_labels = None
+depends_on = None
+
+TABLES = ("series", "channels")
+
+
+def upgrade() -> None:
+    _retype(sa.String(64), sa.String(512))
+
+
+def downgrade() -> None:
+    _retype(sa.String(512), sa.String(64))
+
+
+def _retype(old: sa.types.TypeEngine, new: sa.types.TypeEngine) -> None:
+    if op.get_bind().dialect.name == "sqlite":
+        return
+    for table in TABLES:
+        with op.batch_alter_table(table) as batch:
+            batch.alter_column("layer", type_=new, existing_type=old, existing_nullable=False)
