@@ -12,7 +12,7 @@ INTRO = """\
 # What the BN doctor diagnoses
 
 Generated from `bncore/diagnose/rules/` (`bncore.diagnose.catalogue.diagnoses_markdown()`);
-tests/bncore/diagnose/test_catalogue.py keeps it current.
+tests/bncore/diagnose/test_rules.py keeps it current.
 
 Every run BN Scope records, whatever trains it (its own engine, a user's script through
 `bnscope.client`, Lightning, Hugging Face), is checked by these rules as its records arrive.

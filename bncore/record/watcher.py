@@ -10,10 +10,12 @@ that calls ``F.batch_norm``) is computed by the very operator torch would run
 (``torch._batch_norm_impl_index``: the same kernel, bit for bit the same result and gradients),
 which also hands back the batch mean and inverse standard deviation it computed: the layer is its
 own probe. A hook on its backward node takes the squared norms of the gradient through it. Under
-torch.func transforms torch's batch norm runs unrecorded; under torch.compile each BN is a graph
-break, run (and recorded) eagerly. bncore's own BatchNorm layers record themselves, as they do
-in bncore's networks: the watcher hands each its :class:`~bncore.nn.byproducts.Recording`, and
-each training forward writes its row of :data:`~bncore.nn.byproducts.RECORD_ROWS`.
+torch.func transforms, tracing and inference mode torch's batch norm runs unrecorded; under
+torch.compile a watched BN goes in the graph as torch's own ops, recorded when the graph runs
+(:mod:`bncore.record.compiled`: no graph break). bncore's own BatchNorm layers record
+themselves, as they do in bncore's networks: the watcher hands each its
+:class:`~bncore.nn.byproducts.Recording`, and each training forward writes its row of
+:data:`~bncore.nn.byproducts.RECORD_ROWS`.
 
 Per BN layer, at every logged step, what the layer computed anyway (several forwards between
 two logs, as in gradient accumulation, are averaged; gamma and beta gradients are their
@@ -54,11 +56,11 @@ from torch import Tensor, nn
 from bncore.nn.batchnorm import BatchNorm
 from bncore.nn.byproducts import RECORD_ACT, RECORD_GRAD, RECORD_ROWS, Recording, RecordTarget
 from bncore.nn.kernels import channel_moments
-from bncore.record import core
+from bncore.record import compiled, core
 from bncore.record.core import SATURATION
 from bncore.record.tables import Records
 
-__all__ = ["ACTIVATION_MODULES", "Watcher", "bn_modules", "frozen_bn", "is_batch_norm"]
+__all__ = ["ACTIVATION_MODULES", "Watcher", "bn_modules", "frozen_batch_norms", "is_batch_norm"]
 
 #: Activation modules whose output is measured, by the name of their rest/saturation bounds in
 #: bncore.record.core.SATURATION (None there: no such bound, the saturated share is NaN).
@@ -159,11 +161,17 @@ class _Layer:
 
     def ran(self, input: Tensor) -> None:
         """A training forward of the layer: counted (attribute reads, no tensor work)."""
+        n, m = input.shape[0], input.numel() // input.shape[1]
+        self.count((n, m, torch.is_grad_enabled()), input.dtype)
+
+    def count(self, counts: tuple[int, int, bool], dtype: torch.dtype) -> None:
+        """A training forward of (examples, values per channel, with autograd) in ``dtype``."""
+        n, m, grad = counts
         self.forwards += 1
-        self.examples += input.shape[0]
-        self.values += input.numel() // input.shape[1]
-        self.input_dtype = input.dtype
-        if not torch.is_grad_enabled():
+        self.examples += n
+        self.values += m
+        self.input_dtype = dtype
+        if not grad:
             self.no_grad += 1
 
     def count_backward(self, _: Any) -> None:
@@ -319,7 +327,7 @@ class Watcher:
         self.notes: dict[str, str] = {}  # what is not recorded, and why
         self._owners: dict[int, tuple[Tensor, str, nn.Module]] = {}
         self._strangers: set[int] = set()
-        self._modules: dict[int, str] = {}
+        self._named: dict[int, tuple[str, nn.Module]] = {}  # by id(module)
         self._by_module: dict[int, _Layer] = {}
         self._hooks: list[Any] = []
         self._discovering = True
@@ -386,7 +394,7 @@ class Watcher:
         self._indexed = self.logged
         self._owners.clear()
         self._strangers.clear()
-        self._modules = {id(m): name for name, m in self.model.named_modules()}
+        self._named = {id(m): (name, m) for name, m in self.model.named_modules()}
         for name, m in self.model.named_modules():
             for t in (*m._parameters.values(), *m._buffers.values()):
                 if t is not None:
@@ -422,7 +430,7 @@ class Watcher:
         if not self._bare:
             return None
         module = self._bare[-1]
-        return self._modules.get(id(module), ""), module
+        return self._named.get(id(module), ("", module))[0], module
 
     def _layer(
         self,
@@ -510,12 +518,48 @@ class Watcher:
         layer.last_output = (weakref.ref(y), y._version)
         return y
 
+    def compiled_forward(
+        self, key: int, mean: Tensor, invstd: Tensor, counts: tuple[int, int, bool], dtype: str,
+        eps: float, momentum: float,
+    ) -> bool:  # fmt: skip
+        """A watched layer's forward in a compiled graph (bncore.record.compiled), as
+        :meth:`batch_norm` records an eager one; False where ``key`` is not a module of ours."""
+        hit = self._named.get(key)
+        if hit is None:
+            return False
+        name, module = hit
+        params, buffers = module._parameters, module._buffers
+        weight = params.get("weight")
+        layer = self._layer(name, module, mean.shape[0], eps, weight,
+                            None if math.isnan(momentum) else momentum, mean.device)  # fmt: skip
+        layer.tensors = (buffers.get("running_mean"), buffers.get("running_var"), weight,
+                         params.get("bias"))  # fmt: skip
+        layer.count(counts, getattr(torch, dtype.removeprefix("torch.")))
+        layer.means.append(mean.detach().clone())  # the graph may reuse their memory
+        layer.invstds.append(invstd.detach().clone())
+        return True
+
+    def compiled_grad(self, key: int, grad: Tensor, side: int) -> bool:
+        """A gradient through a watched layer in a compiled graph: reaching its output (side
+        0; a backward pass, counted where gamma does not count it) or leaving through its input
+        (side 1); its moments on measured steps."""
+        layer = self._by_module.get(key)
+        if layer is None:
+            return False
+        if side == 0 and not layer.counted_by_gamma(layer.module._parameters.get("weight")):
+            layer.backwards += 1
+        if self.measuring:
+            m = grad.numel() // grad.shape[1]
+            found = layer.dy if side == 0 else layer.dx
+            found.append((channel_moments(grad.detach(), -math.inf, math.inf), m))
+        return True
+
     def own_layer(self, module: BatchNorm, input: Tensor) -> RecordTarget | None:
         """A training forward of bncore's own layer ``module``: the row it writes its
         statistics into (RECORD_ROWS, read at log), or None where nothing is recorded."""
         if not module.training or self._paused or _unseen() or input.numel() == 0:
             return None
-        name = self._modules.get(id(module), "")
+        name = self._named.get(id(module), ("", module))[0]
         buffers, params = module._buffers, module._parameters
         layer = self._layer(name, module, module.num_features, module.eps, params["weight"],
                             module.momentum, input.device)  # fmt: skip
@@ -768,9 +812,9 @@ class Watcher:
         return out
 
     def _frozen_bn(self) -> dict[str, dict[str, Any]]:
-        """:func:`frozen_bn`, read once (fixed statistics: one read, one transfer each)."""
+        """:func:`frozen_batch_norms`, read once (fixed statistics: one read, one transfer each)."""
         if self._frozen is None:
-            self._frozen = frozen_bn(self.model)
+            self._frozen = frozen_batch_norms(self.model)
         return self._frozen
 
     def _structure(self) -> dict[str, Any]:
@@ -829,7 +873,7 @@ def bn_modules(model: nn.Module) -> list[str]:
     return [name or type(m).__name__ for name, m in model.named_modules() if is_batch_norm(m)]
 
 
-def frozen_bn(model: nn.Module) -> dict[str, dict[str, Any]]:
+def frozen_batch_norms(model: nn.Module) -> dict[str, dict[str, Any]]:
     """Every frozen BN of ``model`` (a batch norm module with fixed buffers that computes no
     batch statistics: torchvision's and timm's FrozenBatchNorm2d) and its fixed statistics."""
     out: dict[str, dict[str, Any]] = {}
@@ -970,7 +1014,7 @@ class _OwnLayer(Recording):
 # -- the one patch: torch.nn.functional.batch_norm, while any watcher is attached --------------
 
 _ORIGINAL = F.batch_norm
-_ACTIVE: list[Watcher] = []
+_ACTIVE: list[Watcher] = compiled.WATCHERS
 
 
 def _watched(
@@ -985,9 +1029,16 @@ def _watched(
 ) -> Tensor:
     """torch.nn.functional.batch_norm, recorded where the layer is watched."""
     if training and _ACTIVE and isinstance(input, Tensor):
-        # under torch.compile: a graph break, and the layer runs (recorded) outside the graph
-        train = _train_outside_graph if torch.compiler.is_compiling() else _train
-        return train(input, running_mean, running_var, weight, bias, momentum, eps)
+        if not torch.compiler.is_compiling():
+            return _train(input, running_mean, running_var, weight, bias, momentum, eps)
+        # under torch.compile: a watched layer in the graph, recorded when it runs
+        y = compiled.traced_batch_norm(input, running_mean, running_var, weight, bias, momentum,
+                                       eps)  # fmt: skip
+        if y is not None:
+            return y
+        if running_mean is None and running_var is None and weight is None and bias is None:
+            # a BN without tensors, found by running: a graph break, recorded outside it
+            return _train_outside_graph(input, None, None, None, None, momentum, eps)
     return _ORIGINAL(input, running_mean, running_var, weight, bias, training, momentum, eps)
 
 
@@ -1032,6 +1083,7 @@ _train_outside_graph = torch._compile._disable_dynamo(_train)
 
 
 def _install(watcher: Watcher) -> None:
+    compiled.define_operators()
     if not _ACTIVE:
         F.batch_norm = _watched
     _ACTIVE.append(watcher)

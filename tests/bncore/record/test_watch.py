@@ -308,6 +308,54 @@ def test_compile_before_and_after_watch():
     w2.close()
 
 
+@pytest.mark.parametrize("arch", TORCHVISION)
+def test_a_compiled_watched_model_trains_as_the_compiled_unwatched_one(arch):
+    """torch.compile of a watched model: one graph, no break at each BN (which made dynamo
+    compile every module frame once per BN width, past its recompile limit), the very numbers
+    of the compiled unwatched model, bit for bit, and every BN recorded with its gradients.
+    aot_eager runs the same graphs as inductor without the C++ codegen (minutes here);
+    benchmarks/watch_overhead.py --compile runs inductor."""
+    models = torchvision_models()
+    torch.manual_seed(0)
+    base = getattr(models, arch)(num_classes=10)
+    data = batches(2, n=4)
+
+    def fit(model: nn.Module, watch: bool) -> tuple[list[float], Watcher | None]:
+        w = Watcher(model, channel_interval=1, measure_interval=1) if watch else None
+        compiled = torch.compile(model, backend="aot_eager")
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        torch.manual_seed(5)  # the same dropout masks
+        losses = []
+        for step, (x, y) in enumerate(data, 1):
+            loss = F.cross_entropy(compiled(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if w is not None:
+                w.log(step)
+        return losses, w
+
+    plain, watched = copy.deepcopy(base), copy.deepcopy(base)
+    torch._dynamo.reset()
+    expected, _ = fit(plain, watch=False)
+    torch._dynamo.utils.counters.clear()
+    got, w = fit(watched, watch=True)
+    assert got == expected  # bit for bit
+    for a, b in zip(plain.state_dict().values(), watched.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # running statistics too
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert w is not None
+    rec = w.flush()
+    bn = [n for n, m in watched.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert sorted(w.layers) == sorted(bn)
+    for col in ("pre_var", "running_var", "gamma_grad_norm", "grad_out_norm", "grad_in_norm"):
+        assert np.isfinite(rec.layers[col]).all(), col
+    assert (rec.layers["forwards"] == 1).all() and (rec.layers["backwards"] == 1).all()
+    w.close()
+    torch._dynamo.reset()
+
+
 def test_torch_func_on_a_watched_model_is_torch_nn():
     from torch.func import functional_call, grad, vmap
 
