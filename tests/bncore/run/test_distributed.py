@@ -13,7 +13,7 @@ import pytest
 from bncore.record.sinks import MemorySink
 from bncore.run.config import ConfigError, parse_config
 from bncore.run.distributed import train_replicas
-from server.process import ServerProcess, wait_for
+from bnscope.process import ServerProcess, wait_for
 from tests.helpers import FINAL, on_ranks
 
 

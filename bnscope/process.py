@@ -1,5 +1,8 @@
 """A real ``bnscope serve`` in a child process on 127.0.0.1: for tests, benchmarks and tools that
-need a server they can also kill."""
+need a server they can also kill, and for the client's own local server (bnscope.local).
+
+It lives in bnscope, not in server: it starts the ``bnscope`` command, and the client may use it
+without importing the server (it imports neither server nor dashboard)."""
 
 from __future__ import annotations
 
