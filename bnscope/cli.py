@@ -163,10 +163,11 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"bnscope serve: cannot reach the Ray cluster: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:
-        print(
-            f"bnscope serve: cannot listen on {settings.host}:{settings.port}: {exc}",
-            file=sys.stderr,
+        # a file's error names its file (the data directory); a socket's names none
+        where = (
+            f"use {exc.filename}" if exc.filename else f"listen on {settings.host}:{settings.port}"
         )
+        print(f"bnscope serve: cannot {where}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
