@@ -4,6 +4,7 @@ that cannot start says why. (In a notebook, end to end: tests/bnscope/test_noteb
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import signal
@@ -20,7 +21,7 @@ import pytest
 
 import bnscope.local
 from bnscope.client import Client
-from bnscope.process import wait_for
+from bnscope.process import ServerProcess, wait_for
 from tests.helpers import closed_url, gone
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,3 +131,25 @@ def test_a_local_server_that_cannot_start_says_why(tmp_path, monkeypatch):
     assert "bnscope serve (data in " in said and "exited with status 1" in said, said
     assert "File exists" in said, said  # the end of what it printed
     assert bnscope.local.running() is None
+
+
+def test_the_inline_view_of_a_server_that_protects_reads_says_what_it_needs(tmp_path):
+    """The token never goes into the notebook's output: the view says to open the run once
+    with it; that first visit answers, and leaves the cookie the view then loads with."""
+    token = "s3cret-of-the-server"
+    srv = ServerProcess(tmp_path, "--token", token, "--protect-reads").start()
+    try:
+        client = Client(srv.url, token=token)
+        run = client.create_run(name="protected")
+        page = run._repr_html_()
+        assert token not in page
+        assert "This server protects reads" in page and "&amp;token=&lt;your token&gt;" in page
+        view = run.dashboard_url
+        assert f'<iframe src="{html.escape(view)}"' in page
+        assert httpx.get(view, timeout=10).status_code == 401
+        first = httpx.get(f"{view}&token={token}", timeout=30)
+        assert first.status_code == 200 and first.cookies.get("bnscope_token") == token
+        assert httpx.get(view, cookies=first.cookies, timeout=30).status_code == 200
+        run.finish()
+    finally:
+        srv.stop()

@@ -71,7 +71,7 @@ def inline_view(cell, output_type: str) -> str:
     assert found, cell.outputs
     page = found[0].data["text/html"]
     src = re.search(r'<iframe src="([^"]+)"', page)
-    assert src, page
+    assert src and "protects reads" not in page, page  # a local server has no token
     return html.unescape(src.group(1))
 
 
