@@ -128,6 +128,7 @@ class ServerProcess:
                 self.url = f"http://127.0.0.1:{m.group(1)}"
                 self._listening.set()
         self._listening.set()
+        self.proc.stdout.close()
 
     def output(self) -> str:
         """What the server printed lately (its log)."""

@@ -85,39 +85,38 @@ def test_the_local_server_ends_with_a_script_killed_before_its_exit_handlers(tmp
     """kill -9 of the script (as of a Jupyter kernel that does not answer its restart): no
     exit handler runs; the server sees its parent gone and shuts down by itself."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "BNSCOPE_TOKEN": "not the local server's"}
-    script = subprocess.Popen(
+    with subprocess.Popen(
         [sys.executable, "-c", SCRIPT, closed_url()],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-    )
-    try:
-        assert script.stdout is not None
-        shown, facts = script.stdout.readline(), script.stdout.readline()
-        assert facts, f"the script ended: {script.wait(10)} {script.stderr.read()}"
-        facts = json.loads(facts)
-        url, pid = facts["url"], facts["server"]
-        assert url.startswith("http://127.0.0.1:")
-        run_id = shown.split()[3].rstrip(":")
-        assert shown == f"BN Scope run {run_id}: {url}/dashboard/?tab=run&run={run_id}\n"
-        # its own session: a Ctrl-C to the script's group (Jupyter's interrupt) misses it
-        assert os.getsid(pid) == pid != os.getsid(script.pid)
-        # no BNSCOPE_* of the script's: the run was created without a token
-        assert httpx.get(f"{url}/api/runs/{run_id}").json()["status"] == "running"
-        assert (tmp_path / "bnscope-data" / "bnscope.db").exists()
-        script.send_signal(signal.SIGKILL)
-        script.wait(10)
-        wait_for(lambda: gone(pid), timeout=15)
-        with pytest.raises(httpx.ConnectError):
-            httpx.get(f"{url}/healthz", timeout=2)
-    finally:
-        if script.poll() is None:
-            script.kill()
+    ) as script:
+        assert script.stdout is not None and script.stderr is not None
+        try:
+            shown, facts = script.stdout.readline(), script.stdout.readline()
+            assert facts, f"the script ended: {script.wait(10)} {script.stderr.read()}"
+            facts = json.loads(facts)
+            url, pid = facts["url"], facts["server"]
+            assert url.startswith("http://127.0.0.1:")
+            run_id = shown.split()[3].rstrip(":")
+            assert shown == f"BN Scope run {run_id}: {url}/dashboard/?tab=run&run={run_id}\n"
+            # its own session: a Ctrl-C to the script's group (Jupyter's interrupt) misses it
+            assert os.getsid(pid) == pid != os.getsid(script.pid)
+            # no BNSCOPE_* of the script's: the run was created without a token
+            assert httpx.get(f"{url}/api/runs/{run_id}").json()["status"] == "running"
+            assert (tmp_path / "bnscope-data" / "bnscope.db").exists()
+            script.send_signal(signal.SIGKILL)
             script.wait(10)
-    assert script.stderr is not None
-    said = script.stderr.read()
+            wait_for(lambda: gone(pid), timeout=15)
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{url}/healthz", timeout=2)
+        finally:
+            if script.poll() is None:
+                script.kill()
+                script.wait(10)
+        said = script.stderr.read()
     assert "BN Scope: no server at http://127.0.0.1:" in said and f"{url}/dashboard/" in said
 
 
@@ -151,5 +150,6 @@ def test_the_inline_view_of_a_server_that_protects_reads_says_what_it_needs(tmp_
         assert first.status_code == 200 and first.cookies.get("bnscope_token") == token
         assert httpx.get(view, cookies=first.cookies, timeout=30).status_code == 200
         run.finish()
+        client.close()
     finally:
         srv.stop()
