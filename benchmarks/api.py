@@ -31,7 +31,7 @@ import numpy as np
 import orjson
 from httpx_sse import connect_sse
 
-from server.process import ServerProcess, wait_for
+from bnscope.process import ServerProcess, wait_for
 
 LAYERS = [f"block{i}" for i in range(6)]
 MAX_RUNS = 2

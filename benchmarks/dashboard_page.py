@@ -26,8 +26,8 @@ import numpy as np
 from api import synthetic_batch
 from playwright.sync_api import sync_playwright
 
+from bnscope.process import ServerProcess, wait_for
 from dashboard.browser import WATCH_LONG_TASKS, launch_browser
-from server.process import ServerProcess, wait_for
 
 LAYERS = [f"block{i}" for i in range(20)]
 DRAWN = """() => { const g = document.querySelectorAll('#fig-heat-var .js-plotly-plot');

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from bncore.science.experiments import EXPERIMENTS
 from bncore.status import FINISHED
-from server.process import ServerProcess, wait_for
+from bnscope.process import ServerProcess, wait_for
 
 FINAL = set(FINISHED)
 

@@ -34,7 +34,7 @@ import orjson
 from api import TRAIN as API_TRAIN  # benchmarks/api.py, beside this script
 from httpx_sse import aconnect_sse
 
-from server.process import ServerProcess, wait_for
+from bnscope.process import ServerProcess, wait_for
 
 ENV: dict[str, str] = {}
 LAYERS = [f"block{i}" for i in range(20)]

@@ -7,7 +7,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import signal
 import socket
+import threading
+import time
 
 import uvicorn
 from fastapi import FastAPI
@@ -45,8 +48,46 @@ def few_malloc_arenas(arenas: int = 2) -> None:
 M_ARENA_MAX = -8  # glibc's malloc.h
 
 
-def serve(settings: Settings, log_level: str = "info") -> None:
-    """Run the server until interrupted; port 0 picks a free one (printed)."""
+def stop_with(parent_pid: int, every: float = 0.5, grace: float = 30.0) -> None:
+    """Shut this process down (SIGTERM: uvicorn's graceful shutdown, the runs it trains
+    ``interrupted``) once process ``parent_pid`` has ended, checked every ``every`` seconds on a
+    thread of its own; exit regardless ``grace`` seconds later. POSIX only (elsewhere, nothing
+    is watched). Where ``parent_pid`` is this process's parent, its end is seen as this process
+    being handed to another parent, which no reuse of its pid can hide.
+
+    ``bnscope serve --parent-pid``: the local server a script's ``Client()`` starts
+    (bnscope.local) ends with the script, even when the script is killed (kill -9, a Jupyter
+    kernel restarted or killed) and its own exit handlers never run."""
+    if os.name != "posix":
+        return
+    direct = os.getppid() == parent_pid
+
+    def ended() -> bool:
+        if direct:
+            return os.getppid() != parent_pid
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # there, someone else's
+            pass
+        return False
+
+    def watch() -> None:
+        while not ended():
+            time.sleep(every)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(grace)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="bnscope-parent").start()
+
+
+def serve(settings: Settings, log_level: str = "info", parent_pid: int | None = None) -> None:
+    """Run the server until interrupted (or until process ``parent_pid`` ends: :func:`stop_with`);
+    port 0 picks a free one (printed)."""
+    if parent_pid is not None:
+        stop_with(parent_pid)
     few_malloc_arenas()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)

@@ -158,15 +158,16 @@ def _serve(args: argparse.Namespace) -> int:
                   file=sys.stderr)  # fmt: skip
             return EXIT_USAGE
     try:
-        serve(settings, log_level=args.log_level)
+        serve(settings, log_level=args.log_level, parent_pid=args.parent_pid)
     except ConnectionError as exc:  # Ray's cluster not reachable at --ray-address
         print(f"bnscope serve: cannot reach the Ray cluster: {exc}", file=sys.stderr)
         return EXIT_FAILED
     except OSError as exc:
-        print(
-            f"bnscope serve: cannot listen on {settings.host}:{settings.port}: {exc}",
-            file=sys.stderr,
+        # a file's error names its file (the data directory); a socket's names none
+        where = (
+            f"use {exc.filename}" if exc.filename else f"listen on {settings.host}:{settings.port}"
         )
+        print(f"bnscope serve: cannot {where}: {exc.strerror or exc}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_OK
 
@@ -281,6 +282,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     add_settings(serve)  # one flag per field of server.settings.Settings
     serve.add_argument(
         "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    # how long this process lives, not how the server behaves: a flag, never a setting
+    serve.add_argument(
+        "--parent-pid",
+        type=int,
+        metavar="PID",
+        help="shut down when process PID ends (the local server bnscope.client starts for a "
+        "script, a notebook's kernel: see bnscope.local)",
     )
     serve.set_defaults(func=_serve)
 

@@ -2,7 +2,7 @@
 
     import bnscope.client
 
-    client = bnscope.client.Client("http://127.0.0.1:8000")    # token=... if the server has one
+    client = bnscope.client.Client()    # or Client("http://host:8000", token=...)
     with client.create_run(name="my resnet") as run:
         run.watch(model)                       # before or after making the optimizer
         for step, (x, y) in enumerate(loader, 1):
@@ -10,6 +10,12 @@
             opt.zero_grad(); loss.backward(); opt.step()
             run.log(step, loss, lr=opt.param_groups[0]["lr"])
     # leaving the block reports the run completed (or failed, with the exception), and unwatches
+
+``Client()`` with no URL needs no server set up: it uses yours at http://127.0.0.1:8000 if one
+answers there, else starts one of its own on 127.0.0.1 for this process (runs in
+``./bnscope-data``; stopped when the process ends): see :class:`Client` and bnscope.local. In
+a notebook, ``run.show()``, or ``run`` as a cell's last expression, shows the run's live view
+inline (:meth:`ClientRun.show`).
 
 ``watch`` leaves the model as it is (same modules, Parameters, buffers and state_dict keys; its
 training is bit for bit the same) and records every batch norm in it, whatever its form: see
@@ -37,6 +43,7 @@ owns the run: the loss, the metadata, the heartbeat and how it ended.
 
 from __future__ import annotations
 
+import html
 import logging
 import math
 import os
@@ -75,13 +82,65 @@ class BNScopeDiagnosis(UserWarning):
 
 
 class Client:
-    """A BN Scope server's API."""
+    """A BN Scope server's API.
+
+    ``url``: the server, as given (``Client("http://127.0.0.1:8000")``: that server, nothing
+    started). Left out, the server a script or notebook needs no setup for (bnscope.local): this
+    process's local server if it started one, else a BN Scope server answering at
+    http://127.0.0.1:8000 (``bnscope serve``'s default), else a new local ``bnscope serve`` on a
+    free port of 127.0.0.1 with its runs in ``./bnscope-data``, shared by every later
+    ``Client()`` of this process and stopped when it ends (RuntimeError, with the end of the
+    server's output, if it does not start). On a data-parallel script's rank k > 0, a client
+    given no URL takes rank 0's in :meth:`create_run`.
+
+    ``token``: the server's bearer token, if it has one (a local server has none).
+    """
 
     def __init__(
-        self, url: str = "http://127.0.0.1:8000", token: str | None = None, timeout: float = 30.0
+        self, url: str | None = None, token: str | None = None, timeout: float = 30.0
     ) -> None:
-        headers = {"authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.token, self.timeout = token, timeout
+        self._url = url.rstrip("/") if url is not None else None
+        self._http: httpx.Client | None = None
+        if self._url is None and _rank_world()[0] == 0:
+            self._url = _server_url()
+        self._protects_reads: bool | None = None
+
+    @property
+    def url(self) -> str:
+        """The server's base URL (``http://127.0.0.1:PORT``)."""
+        if self._url is None:  # a rank k > 0 asked before create_run told it rank 0's
+            self._url = _server_url()
+        return self._url
+
+    @property
+    def dashboard_url(self) -> str:
+        """The server's dashboard (a run's own view: :attr:`ClientRun.dashboard_url`)."""
+        return f"{self.url}/dashboard/"
+
+    @property
+    def http(self) -> httpx.Client:
+        """The HTTP client every call goes through (the token in its headers)."""
+        if self._http is None:
+            headers = {"authorization": f"Bearer {self.token}"} if self.token else {}
+            self._http = httpx.Client(base_url=self.url, headers=headers, timeout=self.timeout)
+        return self._http
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r})"
+
+    def protects_reads(self) -> bool:
+        """Whether the server lets only its token's holders read (``--protect-reads``): then a
+        browser sees the dashboard once it holds the token's cookie (see
+        :meth:`ClientRun.show`). Asked once; False if the server cannot be asked."""
+        if self._protects_reads is None:
+            try:
+                with httpx.Client(timeout=2.0) as anonymous:
+                    answer = anonymous.get(f"{self.url}/api/runs", params={"limit": 1})
+                self._protects_reads = answer.status_code == 401
+            except httpx.HTTPError:
+                return False
+        return self._protects_reads
 
     def _json(self, response: httpx.Response) -> Any:
         if response.is_error:
@@ -128,10 +187,13 @@ class Client:
             run = self._json(
                 self.http.post("/api/runs/client", json={"name": name, "steps_total": steps_total})
             )
+            run["server_url"] = self.url
         if world > 1:  # every rank reports to the run rank 0 registered
             shared = [run]
             dist.broadcast_object_list(shared, src=0)
             run = shared[0]
+            if self._url is None:  # given no URL: rank 0's server, never one of its own
+                self._url = run["server_url"]
         told = run.get("heartbeat_s")  # the server's own timeout decides how often to beat
         return ClientRun(
             self,
@@ -150,7 +212,8 @@ class Client:
         )
 
     def close(self) -> None:
-        self.http.close()
+        if self._http is not None:
+            self._http.close()
 
 
 class ClientRun:
@@ -213,6 +276,66 @@ class ClientRun:
 
     def _alive(self) -> bool:
         return time.time() - self._last_log < self.hang_timeout
+
+    @property
+    def dashboard_url(self) -> str:
+        """The run's live view: the dashboard's run view of it."""
+        return f"{self.client.dashboard_url}?tab=run&run={self.id}"
+
+    def show(self, height: int = 720) -> None:
+        """The run's live view, updating as it trains: in a notebook (Jupyter, JupyterLab, VS
+        Code), inline, the dashboard's run view in an IFrame ``height`` pixels high, with a link
+        that opens it in a tab of its own; elsewhere (a terminal, no IPython) its URL, printed.
+        A run as the last expression of a cell shows the same.
+
+        The view is loaded by the browser, which must reach the server's address: the local
+        server (127.0.0.1) from a notebook opened on the machine it runs on; for a kernel on
+        another machine, forward the port or give ``Client`` a URL the browser reaches. A
+        server with ``--protect-reads`` shows its pages to a browser that holds its token's
+        cookie: open the dashboard once, in a tab, as ``<url>/dashboard/?token=<token>``; the
+        browser sends that cookie to the inline view only where the notebook's page has the
+        server's host (``127.0.0.1`` and ``localhost`` are two hosts). The token is never written
+        into the notebook (outputs are saved with it); the view says what to do.
+        """
+        text = self._view_text()
+        try:
+            from IPython import get_ipython
+            from IPython.display import display
+        except ImportError:
+            print(text)
+            return
+        if get_ipython() is None:  # IPython installed, not running this
+            print(text)
+            return
+        # text/plain where HTML is not shown (a terminal IPython)
+        display({"text/html": self._repr_html_(height), "text/plain": text}, raw=True)
+
+    def _view_text(self) -> str:
+        return f"BN Scope run {self.id}: {self.dashboard_url}"
+
+    def _repr_html_(self, height: int = 720) -> str:
+        """The inline live view (:meth:`show`): IPython shows a run this way."""
+        src, run = html.escape(self.dashboard_url), html.escape(self.id)
+        note = ""
+        if self.client.token and self.client.protects_reads():
+            note = (
+                "<p>This server protects reads: the view below shows once this browser holds "
+                f'the token\'s cookie. Open <a href="{src}" target="_blank" rel="noopener">the '
+                "run</a> once with <code>&amp;token=&lt;your token&gt;</code> added to its "
+                "address (left out of this notebook on purpose), then run this cell again; "
+                "inline, the cookie is sent only where this notebook's page has the server's "
+                "host.</p>"
+            )
+        return (
+            f'<div class="bnscope-run">{note}'
+            f'<iframe src="{src}" title="BN Scope run {run}" width="100%" height="{int(height)}" '
+            'style="border: 1px solid #ddd; border-radius: 4px"></iframe>'
+            f'<div><a href="{src}" target="_blank" rel="noopener">Open run {run} in BN Scope'
+            "</a></div></div>"
+        )
+
+    def __repr__(self) -> str:
+        return f"<ClientRun {self.id}: {self.dashboard_url}>"
 
     def watch(
         self,
@@ -499,6 +622,14 @@ def _probe_batch(model: nn.Module, probe: Tensor | Sequence[Any]) -> Tensor:
     return x.detach().to(device, copy=True)
 
 
+def _server_url() -> str:
+    """The server of a client given no URL (bnscope.local, imported only then: it starts
+    ``bnscope serve`` as a process, and imports no server code)."""
+    from bnscope.local import server_url
+
+    return server_url()
+
+
 def _rank_world() -> tuple[int, int]:
     """This process's rank and the world size (0, 1 without torch.distributed)."""
     if dist.is_available() and dist.is_initialized():
@@ -522,7 +653,7 @@ def _every_rank(meta: dict[str, Any], world: int) -> dict[str, Any]:
 def watch(
     model: nn.Module,
     name: str | None = None,
-    url: str = "http://127.0.0.1:8000",
+    url: str | None = None,
     token: str | None = None,
     *,
     probe: Tensor | Sequence[Any] | None = None,
@@ -537,6 +668,7 @@ def watch(
                 ...
                 run.log(step, loss)
 
+    ``url`` and ``token`` are :class:`Client`'s (no URL: the local server, see there);
     ``probe``, ``probe_every``, ``optimizer`` go to :meth:`ClientRun.watch`, ``options`` to
     :meth:`Client.create_run`.
     """

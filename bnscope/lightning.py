@@ -44,13 +44,15 @@ _TRAIN_LOSS = re.compile(r"(?:(?:train|training)[_/.\-]?)?loss(?:_step)?", re.IG
 
 
 class BNScopeCallback(pl.Callback):
-    """Stream a Lightning fit to a BN Scope server; ``options`` go to
-    :meth:`bnscope.client.Client.create_run` (``channel_interval``, ``flush_every``, ...)."""
+    """Stream a Lightning fit to a BN Scope server; ``url`` and ``token`` are
+    :class:`bnscope.client.Client`'s (no URL: yours at http://127.0.0.1:8000, else a local one),
+    ``options`` go to :meth:`bnscope.client.Client.create_run` (``channel_interval``,
+    ``flush_every``, ...)."""
 
     def __init__(
         self,
         name: str | None = None,
-        url: str = "http://127.0.0.1:8000",
+        url: str | None = None,
         token: str | None = None,
         *,
         probe: Tensor | Sequence[Any] | None = None,

@@ -23,7 +23,9 @@ __all__ = [
     "FINAL",
     "Touch",
     "channel_dims",
+    "closed_url",
     "free_port",
+    "gone",
     "on_ranks",
     "small_config",
     "tiny_run",
@@ -55,6 +57,24 @@ SMALL = {
     "eval_interval": 20,
     "optim": {"lr": 0.05},
 }
+
+
+def closed_url() -> str:
+    """An address of 127.0.0.1 where nothing listens."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie has: this machine's init may never reap the
+    orphans it is handed)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 def small_config(**over: Any) -> RunConfig:

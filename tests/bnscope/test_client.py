@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnscope.client import BNScopeDiagnosis, Client
-from server.process import ServerProcess, wait_for
+from bnscope.process import ServerProcess, wait_for
 from tests.helpers import free_port
 from tests.third_party import lightning, torchvision_models
 

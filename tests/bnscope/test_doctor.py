@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bnscope.client import BNScopeDiagnosis, Client, ClientRun
-from server.process import ServerProcess
+from bnscope.process import ServerProcess
 
 Script = Callable[[ClientRun, int], None]
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from server.process import ServerProcess, wait_for
+from bnscope.process import ServerProcess, wait_for
 from tests.helpers import free_port
 
 playwright = pytest.importorskip("playwright.sync_api")

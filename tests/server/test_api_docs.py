@@ -16,7 +16,7 @@ from xml.etree import ElementTree
 import httpx
 import pytest
 
-from server.process import ServerProcess
+from bnscope.process import ServerProcess
 
 pytestmark = pytest.mark.timeout(180)
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from server.process import ServerProcess, wait_for
+from bnscope.process import ServerProcess, wait_for
 from tests.helpers import FINAL, tiny_run
 
 ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'bnscope[ray]')")

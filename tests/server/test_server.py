@@ -23,7 +23,7 @@ import pytest
 import torch
 from httpx_sse import connect_sse
 
-from server.process import ServerProcess, wait_for
+from bnscope.process import ServerProcess, wait_for
 from tests.conftest import database_url
 from tests.helpers import FINAL, Touch, free_port, tiny_run, write_cifar
 

@@ -13,7 +13,7 @@ import pytest
 from bncore.record.sinks import MemorySink
 from bncore.run.config import ConfigError, parse_config
 from bncore.run.distributed import train_replicas
-from server.process import ServerProcess, wait_for
+from bnscope.process import ServerProcess, wait_for
 from tests.helpers import FINAL, on_ranks
 
 
@@ -103,14 +103,26 @@ def test_bnscope_train_runs_the_replicas_and_writes_their_records(tmp_path, caps
 
 
 def _ddp_script(
-    rank: int, url: str, out: str, batch: int = 16, broadcast_buffers: bool = True
-) -> None:
+    rank: int, url: str | None, out: str, batch: int = 16, broadcast_buffers: bool = True,
+    default_url: str | None = None,
+) -> None:  # fmt: skip
     """A user's data-parallel script (its own model, torch.nn's BN, DDP), reporting to BN Scope:
-    every rank creates the run and watches; rank 0 owns it. ``batch``: each rank's."""
+    every rank creates the run and watches; rank 0 owns it. ``batch``: each rank's. ``url``
+    None: every rank's ``Client()`` is given none, the server being at ``default_url``."""
     import torch
     from torch import nn
 
     import bnscope.client
+    import bnscope.local
+
+    if default_url is not None:
+        bnscope.local.DEFAULT_URL = default_url
+    if rank > 0:  # rank 0 finds the server; rank k takes rank 0's, never looks for its own
+
+        def own_server() -> str:
+            raise AssertionError(f"rank {rank} looked for a server of its own")
+
+        bnscope.local.server_url = own_server
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
@@ -133,9 +145,11 @@ def _ddp_script(
 
 @pytest.mark.timeout(300)
 def test_a_data_parallel_script_reports_every_rank_to_one_run(tmp_path):
+    """Every rank's ``Client()`` given no URL: one server, rank 0's (bnscope.local)."""
     srv = ServerProcess(tmp_path / "srv").start()
     try:
-        on_ranks(functools.partial(_ddp_script, url=srv.url, out=str(tmp_path)), tmp_path)
+        script = functools.partial(_ddp_script, url=None, out=str(tmp_path), default_url=srv.url)
+        on_ranks(script, tmp_path)
         ids = {p.read_text() for p in tmp_path.glob("run*")}
         assert len(ids) == 1  # one run, shared
         run_id = ids.pop()

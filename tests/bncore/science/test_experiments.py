@@ -11,7 +11,7 @@ import pytest
 
 from bncore.run.config import get_field, parse_config, set_field
 from bncore.science.experiments import EXPERIMENTS, Panel, Point, needs, result
-from server.process import ServerProcess, wait_for
+from bnscope.process import ServerProcess, wait_for
 from tests.helpers import FINAL
 
 
