@@ -33,7 +33,7 @@ import httpx
 
 from bnscope.process import ServerProcess
 
-__all__ = ["DATA_DIR", "DEFAULT_URL", "is_bnscope", "running", "server_url"]
+__all__ = ["DATA_DIR", "DEFAULT_URL", "is_bnscope", "local_server", "server_url"]
 
 #: Where ``bnscope serve`` listens unless told otherwise (server.settings: host and port).
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -63,7 +63,7 @@ def is_bnscope(url: str, timeout: float = 1.0) -> bool:
     )
 
 
-def running() -> ServerProcess | None:
+def local_server() -> ServerProcess | None:
     """This process's local server, while it runs (None before it is started)."""
     return _server if _server is not None and _server.alive else None
 
@@ -74,7 +74,7 @@ def server_url() -> str:
     end of its output if it does not come up in :data:`START_TIMEOUT` seconds."""
     global _server
     with _lock:  # two threads asking at once get one server
-        own = running()
+        own = local_server()
         if own is not None:
             return own.url
         if is_bnscope(DEFAULT_URL):

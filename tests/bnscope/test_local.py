@@ -57,7 +57,7 @@ def test_no_url_takes_a_bnscope_server_at_the_default_address_and_nothing_else(m
     with answering(200, health) as bnscope_like:
         monkeypatch.setattr(bnscope.local, "DEFAULT_URL", bnscope_like)
         client = Client()
-        assert client.url == bnscope_like and bnscope.local.running() is None
+        assert client.url == bnscope_like and bnscope.local.local_server() is None
         assert client.dashboard_url == f"{bnscope_like}/dashboard/"
     with answering(404, {"detail": "Not Found"}) as other:
         assert not bnscope.local.is_bnscope(other)
@@ -65,7 +65,7 @@ def test_no_url_takes_a_bnscope_server_at_the_default_address_and_nothing_else(m
         assert not bnscope.local.is_bnscope(other)
     assert not bnscope.local.is_bnscope(closed_url())
     explicit = closed_url()  # given, used as it is: nothing asked, nothing started
-    assert Client(explicit + "/").url == explicit and bnscope.local.running() is None
+    assert Client(explicit + "/").url == explicit and bnscope.local.local_server() is None
 
 
 SCRIPT = """
@@ -76,7 +76,8 @@ bnscope.local.DEFAULT_URL = sys.argv[1]
 from bnscope.client import Client
 run = Client().create_run(name="killed")
 run.show()
-print(json.dumps({"server": bnscope.local.running().proc.pid, "url": run.client.url}), flush=True)
+print(json.dumps({"server": bnscope.local.local_server().proc.pid,
+                  "url": run.client.url}), flush=True)
 time.sleep(120)
 """
 
@@ -129,7 +130,7 @@ def test_a_local_server_that_cannot_start_says_why(tmp_path, monkeypatch):
     said = str(failed.value)
     assert "bnscope serve (data in " in said and "exited with status 1" in said, said
     assert "File exists" in said, said  # the end of what it printed
-    assert bnscope.local.running() is None
+    assert bnscope.local.local_server() is None
 
 
 def test_the_inline_view_of_a_server_that_protects_reads_says_what_it_needs(tmp_path):

@@ -50,7 +50,7 @@ run.flush()""",
     "facts": """
 import json
 print(json.dumps({"url": client.url, "again": Client().url,
-                  "server": bnscope.local.running().proc.pid}))""",
+                  "server": bnscope.local.local_server().proc.pid}))""",
     "interrupted": """
 import time
 try:
