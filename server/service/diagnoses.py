@@ -137,9 +137,9 @@ class DiagnosisService:
         """The run's meta changed (a watcher learned its model's structure): its doctor reads
         the facts again."""
         patient = self._patients.get(run["id"])
-        if patient is None or patient.doctor is None:
-            return
-        with patient.lock:
+        if patient is None:
+            return  # a doctor started later reads the meta as stored (_start)
+        with patient.lock:  # after a doctor being started: it may have read the old meta
             if patient.doctor is not None:
                 try:
                     patient.doctor.update_meta(_meta_of(run))
@@ -212,7 +212,10 @@ class DiagnosisService:
             return found
 
     def _start(self, run: dict[str, Any], patient: _Patient) -> None:
-        """A new doctor for a run without records before (the user may have silenced rules)."""
+        """A new doctor for a run without records before (the user may have silenced rules),
+        from the meta as stored now: another request (a rank's, the script's meta update) may
+        have changed it since ``run`` was read."""
+        run = self.store.runs.get(run["id"]) or run
         patient.doctor = Doctor(_meta_of(run), silenced=self.store.diagnoses.silenced(run["id"]))
         patient.stored = {d["rule"]: d for d in self.store.diagnoses.of_run(run["id"])}
 
