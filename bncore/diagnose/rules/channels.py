@@ -124,7 +124,7 @@ class DeadChannels(Rule):
 class ConstantChannel(Rule):
     id = "constant-channel"
     severity = "warning"
-    checks = "channels whose batch variance is below eps"
+    checks = "channels whose batch variance is next to nothing (under 1% of eps)"
     threshold = (
         "A channel's batch variance stays below 1% of the layer's eps and 1% of the layer's "
         "mean channel variance for 10 logged steps in a row (pre_var_min, the least channel "
