@@ -589,7 +589,7 @@ def test_lightning_callback_passes_the_optimizer_the_probe_and_the_validation_me
 
 
 def test_validation_metric_names_for_log_eval():
-    from bnscope.lightning import evaluation_metrics
+    from bnscope.metrics import evaluation_metrics  # both callbacks' rule (bnscope.lightning, .hf)
 
     t = torch.tensor
     assert evaluation_metrics({"val_loss": t(0.5), "val_acc": t(0.75), "val/f1": 0.25}) == {
@@ -603,6 +603,10 @@ def test_validation_metric_names_for_log_eval():
     assert evaluation_metrics({"val_loss": 1.0, "val_loss_ce": 2.0, "loss": 3.0,
                                "test_acc": 0.5, "val_acc": 0.25}) == {
         "val_loss": 1.0, "val_loss_ce": 2.0, "loss": 3.0, "test_acc": 0.5, "val_acc": 0.25,
+    }  # fmt: skip
+    # Hugging Face's Trainer's eval_ prefix, as the others
+    assert evaluation_metrics({"eval_loss": 0.5, "eval_accuracy": 0.75, "eval_f1": 0.25}) == {
+        "test_loss": 0.5, "test_acc": 0.75, "eval_f1": 0.25,
     }  # fmt: skip
     # Lightning's _epoch copy of a metric logged on steps too; a vector; a flag
     assert evaluation_metrics({"val_loss": 1.0, "val_loss_epoch": 1.0, "hist": t([1.0, 2.0]),
