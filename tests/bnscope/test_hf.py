@@ -6,6 +6,7 @@ layer, the evaluations, and its end; training is bit for bit as without the call
 from __future__ import annotations
 
 import copy
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from server.process import ServerProcess
+from tests.helpers import free_port
 from tests.third_party import transformers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -226,3 +228,57 @@ def test_a_train_that_raised_is_reported_failed_when_the_next_one_begins(server,
         assert failed["status"] == "failed" and "new train()" in failed["message"]
         assert api.get(f"/api/runs/{callback.run.id}").json()["status"] == "completed"
     assert callback.run.id != first
+
+
+def data_parallel_rank(url: str, out: str) -> None:
+    """One process of a data-parallel Trainer (torchrun's environment; gloo on CPU)."""
+    tf = transformers()
+    from bnscope.hf import BNScopeCallback
+
+    torch.manual_seed(0)
+    config = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=3)
+    callback = BNScopeCallback(name="hf ddp", url=url)
+    args = tf.TrainingArguments(
+        output_dir=out, use_cpu=True, report_to=[], save_strategy="no", disable_tqdm=True,
+        max_steps=4, per_device_train_batch_size=4, eval_strategy="steps", eval_steps=2,
+        ddp_backend="gloo",
+    )  # fmt: skip
+    tf.Trainer(model=tf.ResNetForImageClassification(config), args=args,
+               train_dataset=Images(64, seed=1), eval_dataset=Images(16, seed=2),
+               callbacks=[callback]).train()  # fmt: skip
+    assert callback.run is not None and torch.distributed.get_world_size() == 2
+    print("run", callback.run.id)
+
+
+@pytest.mark.slow
+def test_a_data_parallel_trainer_reports_one_run_with_every_ranks_layers(server, tmp_path):
+    """Under torch.distributed every process joins the run rank 0 opens (create_run is a
+    collective: a rank left out would hang rank 0); rank 1's layers are rank1.<layer>."""
+    transformers()  # or a skip
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}  # fmt: skip
+        code = (f"from tests.bnscope.test_hf import data_parallel_rank as run; "
+                f"run({server.url!r}, {str(tmp_path)!r})")  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
+                                      text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))  # fmt: skip
+    outs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    ids = {line.split()[1] for out in outs for line in out.splitlines() if line.startswith("run ")}
+    assert len(ids) == 1, outs  # one run, both ranks in it
+    run_id = ids.pop()
+    with server.client() as api:
+        done = api.get(f"/api/runs/{run_id}").json()
+    assert done["status"] == "completed" and done["steps_done"] == 4
+    layers = done["meta"]["layers"]
+    assert len(layers) == 16 and done["meta"]["replicas"] == 2
+    assert {n.removeprefix("rank1.") for n in layers if n.startswith("rank1.")} == {
+        n for n in layers if not n.startswith("rank1.")
+    }
+    rank1 = "rank1.resnet.embedder.embedder.normalization"
+    assert series(server, run_id, "pre_var", rank1)["steps"] == [1, 2, 3, 4]
+    assert series(server, run_id, "test_loss")["steps"] == [2, 4]  # rank 0's evaluations
