@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "channel_dims",
     "free_port",
     "on_ranks",
+    "one_thread",
     "small_config",
     "tiny_run",
     "train",
@@ -154,6 +156,20 @@ def check_cuda_kernel_choice(x: Any, w: Any, b: Any, monkeypatch: Any) -> None:
             assert kernels.select(x, w, b) is reference, forced
     monkeypatch.setattr(compiled, "available", lambda: False)  # compiling failed
     assert kernels.select(x, w, b) is reference
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread for a while. On a shared 2-core machine, torch's two threads
+    spin-wait for each other while another process holds a core: small conv nets then train
+    10-50 times slower (timm's and torchvision's of tests/bncore/record/test_watch_models.py:
+    2-40 s against 0.5-2.5 s each, measured side by side)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # Training a model watched and unwatched (bncore.record.watcher on the networks people train:

@@ -14,22 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from tests.helpers import batches, trains_exactly_as_unwatched
+from tests.helpers import batches, one_thread, trains_exactly_as_unwatched
 from tests.third_party import timm, torchvision_models, transformers
 
 STEPS = 5  # each model trains twice (watched and not) on 4 examples a step
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, torch's two threads spin-wait for each
-    other while another process holds a core, and these small models then train 10-50 times
-    slower (2-40 s against 0.5-2.5 s each, measured side by side). Each model's two trainings
-    run alike either way; test_watch.py trains torchvision's on every thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    """(tests/helpers.py one_thread: why.) Each model's two trainings run alike either way;
+    test_watch.py trains torchvision's classifiers on every thread."""
+    with one_thread():
+        yield
 
 
 @pytest.mark.parametrize(
