@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from server.process import ServerProcess
-from tests.helpers import free_port
+from tests.helpers import free_port, one_thread
 from tests.third_party import transformers
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +31,12 @@ def server(tmp_path_factory):
     srv = ServerProcess(tmp_path_factory.mktemp("hf")).start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    with one_thread():  # (tests/helpers.py: why)
+        yield
 
 
 class Images(torch.utils.data.Dataset):
@@ -260,7 +266,7 @@ def test_a_data_parallel_trainer_reports_one_run_with_every_ranks_layers(server,
     for rank in range(2):
         env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
                "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-               "MASTER_PORT": str(port)}  # fmt: skip
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
         code = (f"from tests.bnscope.test_hf import data_parallel_rank as run; "
                 f"run({server.url!r}, {str(tmp_path)!r})")  # fmt: skip
         procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
