@@ -11,8 +11,9 @@ It tells the run the trainer's optimizers (the weight decay on each BN's gamma a
 weights feeding them), passes ``probe`` and ``probe_every`` on (the mode-gap probe, off without
 a probe; see bnscope.client.ClientRun.watch: the probe calls the LightningModule itself, its
 ``forward``), and logs each validation's metrics as an evaluation at the trainer's global step
-(:func:`evaluation_metrics`: ``val_loss``/``val_acc`` or the like as test_loss/test_acc where
-that is unambiguous, the others under their own names, as ``user_<name>``).
+(:func:`bnscope.metrics.evaluation_metrics`: ``val_loss``/``val_acc`` or the like as
+test_loss/test_acc where that is unambiguous, the others under their own names, as
+``user_<name>``).
 """
 
 from __future__ import annotations
@@ -29,15 +30,9 @@ except ImportError:  # the standalone package
 from torch import Tensor
 
 from bnscope.client import Client, ClientRun
+from bnscope.metrics import evaluation_metrics
 
 __all__ = ["BNScopeCallback", "evaluation_metrics"]
-
-#: A validation metric that is the loss or the accuracy: an optional val/valid/validation/test
-#: prefix, then loss, acc or accuracy (Lightning's _epoch fork too).
-_KNOWN = re.compile(
-    r"(?:(?:val|valid|validation|test)[_/.\-]?)?(loss|acc|accuracy)(?:_epoch)?", re.IGNORECASE
-)
-
 
 #: A training loss as a module logs it: ``loss``, ``train_loss``, ``train/loss``, their _step fork.
 _TRAIN_LOSS = re.compile(r"(?:(?:train|training)[_/.\-]?)?loss(?:_step)?", re.IGNORECASE)
@@ -153,28 +148,3 @@ def _validation_logged(trainer: pl.Trainer) -> dict[str, Any]:
             for k, v in trainer.callback_metrics.items()
             if re.match(r"(val|valid|validation)[_/.\-]", k, re.IGNORECASE)
         }
-
-
-def evaluation_metrics(logged: Mapping[str, Any]) -> dict[str, float]:
-    """Validation metrics as :meth:`bnscope.client.ClientRun.log_eval` names: the one loss
-    (``val_loss``, ``val/loss``, ``valid_loss``, ``loss``, ...) as ``test_loss`` and the one
-    accuracy (``val_acc``, ``val_accuracy``, ...) as ``test_acc``, where exactly one metric is
-    that and the module did not log ``test_loss``/``test_acc`` itself; every other metric
-    under its own name. Values that are not single numbers are left out, and so is
-    Lightning's ``<name>_epoch`` copy of a metric logged on steps and epochs."""
-    values: dict[str, float] = {}
-    for name, v in logged.items():
-        if name.endswith("_epoch") and name.removesuffix("_epoch") in logged:
-            continue
-        if isinstance(v, Tensor):
-            if v.numel() != 1:
-                continue
-            v = v.item()
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            values[name] = float(v)
-    renamed: dict[str, str] = {}
-    for target, kinds in (("test_loss", ("loss",)), ("test_acc", ("acc", "accuracy"))):
-        hits = [n for n in values if (m := _KNOWN.fullmatch(n)) and m[1].lower() in kinds]
-        if len(hits) == 1 and target not in values:
-            renamed[hits[0]] = target
-    return {renamed.get(n, n): v for n, v in values.items()}

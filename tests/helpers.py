@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import pickle
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
 
+from bncore.record.tables import Records, channel_widths
+from bncore.record.watcher import Watcher
 from bncore.run.config import RunConfig, parse_config
 from bncore.run.distributed import free_port
 from bncore.status import FINISHED
@@ -22,13 +28,18 @@ from bncore.status import FINISHED
 __all__ = [
     "FINAL",
     "Touch",
+    "batches",
+    "bn_inputs",
     "channel_dims",
     "closed_url",
     "free_port",
     "gone",
     "on_ranks",
+    "one_thread",
     "small_config",
     "tiny_run",
+    "train",
+    "trains_exactly_as_unwatched",
     "write_cifar",
 ]
 
@@ -165,3 +176,139 @@ def check_cuda_kernel_choice(x: Any, w: Any, b: Any, monkeypatch: Any) -> None:
             assert kernels.select(x, w, b) is reference, forced
     monkeypatch.setattr(compiled, "available", lambda: False)  # compiling failed
     assert kernels.select(x, w, b) is reference
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One intra-op torch thread for a while. On a shared 2-core machine, torch's two threads
+    spin-wait for each other while another process holds a core: small conv nets then train
+    10-50 times slower (timm's and torchvision's of tests/bncore/record/test_watch_models.py:
+    2-40 s against 0.5-2.5 s each, measured side by side)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# Training a model watched and unwatched (bncore.record.watcher on the networks people train:
+# tests/bncore/record/test_watch.py, test_watch_models.py)
+
+
+def batches(steps: int, n: int = 8, shape=(3, 32, 32), classes: int = 10, dtype=torch.float32,
+            target=()) -> list[tuple[torch.Tensor, torch.Tensor]]:  # fmt: skip
+    """``steps`` seeded batches of ``n`` inputs of ``shape`` and class targets (of shape
+    ``target`` each: a segmentation's per-pixel classes)."""
+    g = torch.Generator().manual_seed(7)
+    return [
+        (
+            torch.randn(n, *shape, generator=g, dtype=dtype),
+            torch.randint(0, classes, (n, *target), generator=g),
+        )
+        for _ in range(steps)
+    ]
+
+
+def bn_inputs(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list]:
+    """The user's own forward hooks: each BN layer's batch mean and biased variance."""
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+
+            def hook(mod, args, out, name=name):
+                if mod.training:
+                    x = args[0].detach().double()
+                    dims = [d for d in range(x.dim()) if d != 1]
+                    seen[name] = (x.mean(dims), x.var(dims, unbiased=False))
+
+            handles.append(m.register_forward_hook(hook))
+    return seen, handles
+
+
+def _itself(out: Any) -> torch.Tensor:
+    return out
+
+
+def train(model: nn.Module, data, watch: bool, channels_last: bool = False,
+          output: Callable[[Any], torch.Tensor] = _itself, **kw: Any):  # fmt: skip
+    """SGD with momentum over ``data`` (cross-entropy on ``output(model(x))``: the logits); the
+    optimizer is made *before* watch(), as most scripts do. Returns the losses (and the
+    watcher)."""
+    torch.manual_seed(3)  # dropout and stochastic depth draw the same numbers both times
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    watcher = Watcher(model, **kw) if watch else None
+    losses = []
+    for step, (x, y) in enumerate(data, 1):
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        loss = F.cross_entropy(output(model(x)), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if watcher is not None:
+            watcher.log(step)
+    return losses, watcher
+
+
+def trains_exactly_as_unwatched(
+    make: Callable[[], nn.Module],
+    data: list[tuple[torch.Tensor, torch.Tensor]],
+    channels_last: bool = False,
+    output: Callable[[Any], torch.Tensor] = _itself,
+) -> tuple[Records, dict[str, Any]]:
+    """``make()`` (seeded) trained over ``data`` and a deep copy of it trained watched: the
+    losses are bit for bit the same; the watched model is as it was (its modules' classes, its
+    Parameters, its state_dict keys); every batch norm module in it is recorded, with the batch
+    mean and variance the user's own forward hooks see (the last step's, per channel and per
+    layer); in eval mode it gives what the unwatched one gives, and so does a fresh ``make()``
+    loading its state_dict. Returns its records and the watcher's meta."""
+    torch.manual_seed(0)
+    plain = make()
+    watched = copy.deepcopy(plain)
+    classes = {id(m): type(m) for m in watched.modules()}
+    params = [id(p) for p in watched.parameters()]
+    keys = list(watched.state_dict())
+    steps = len(data)
+
+    expected, _ = train(plain, data, watch=False, channels_last=channels_last, output=output)
+    seen, _ = bn_inputs(watched)
+    got, w = train(watched, data, watch=True, channels_last=channels_last, output=output,
+                   channel_interval=1)  # fmt: skip
+    assert got == expected  # bit for bit, in float32: the very same kernels ran
+    # the model is as it was: same classes, Parameters, state_dict keys
+    assert {id(m): type(m) for m in watched.modules()} == classes
+    assert [id(p) for p in watched.parameters()] == params
+    assert list(watched.state_dict()) == keys
+
+    bn_names = [n for n, m in watched.named_modules()
+                if isinstance(m, nn.modules.batchnorm._BatchNorm)]  # fmt: skip
+    assert bn_names and sorted(w.layers) == sorted(bn_names)
+    rec = w.flush()
+    assert set(rec.layers["layer"].tolist()) == set(bn_names)
+    last = rec.channels["step"] == steps
+    assert sorted(rec.channels["layer"][last].tolist()) == sorted(bn_names)
+    for name, mean, var in zip(rec.channels["layer"][last], rec.channels["pre_mean"][last],
+                               rec.channels["pre_var"][last], strict=True):  # fmt: skip
+        ref_mean, ref_var = seen[name]
+        np.testing.assert_allclose(mean, ref_mean.numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(var, ref_var.numpy(), rtol=1e-4, atol=1e-6)
+    summary = rec.layers["step"] == steps
+    for name, v in zip(rec.layers["layer"][summary], rec.layers["pre_var"][summary], strict=True):
+        assert v == pytest.approx(seen[name][1].mean().item(), rel=1e-4, abs=1e-6)
+    assert (channel_widths(rec.channels) > 0).all()
+    meta = w.meta()
+    w.close()
+
+    plain.eval(), watched.eval()
+    x = data[0][0]
+    with torch.no_grad():
+        assert torch.equal(output(plain(x)), output(watched(x)))
+    fresh = make()
+    fresh.load_state_dict(watched.state_dict(), strict=True)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(output(fresh(x)), output(watched(x)))
+    return rec, meta

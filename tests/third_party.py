@@ -1,4 +1,5 @@
-"""Third-party model libraries for the tests, imported the way this machine allows.
+"""Third-party model libraries for the tests (torchvision, Lightning, timm, transformers),
+imported the way this machine allows.
 
 The registry's torchvision wheel is linked against CUDA torch: on the pinned CPU torch, importing
 it fails while it registers fake (meta) kernels for its C++ detection operators
@@ -57,3 +58,25 @@ def lightning() -> ModuleType:
     """``lightning`` (which imports torchvision when present), or a skip."""
     with _tolerate_missing_torchvision_ops():
         return pytest.importorskip("lightning", reason="lightning is not installed")
+
+
+def timm() -> ModuleType:
+    """``timm`` (which imports torchvision), or a skip."""
+    with _tolerate_missing_torchvision_ops():
+        return pytest.importorskip(
+            "timm", reason="timm is not installed (the test extra installs it)"
+        )
+
+
+def transformers() -> ModuleType:
+    """``transformers`` with its Trainer (which imports torchvision, and needs accelerate),
+    or a skip."""
+    with _tolerate_missing_torchvision_ops():
+        found = pytest.importorskip(
+            "transformers", reason="transformers is not installed (the test extra installs it)"
+        )
+        pytest.importorskip(
+            "accelerate", reason="accelerate is not installed: transformers' Trainer needs it"
+        )
+        found.Trainer  # its lazy import: torchvision, under the shim  # noqa: B018
+    return found

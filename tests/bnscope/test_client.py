@@ -24,7 +24,7 @@ from torch import nn
 
 from bnscope.client import BNScopeDiagnosis, Client
 from bnscope.process import ServerProcess, wait_for
-from tests.helpers import free_port
+from tests.helpers import free_port, one_thread
 from tests.third_party import lightning, torchvision_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -87,6 +87,39 @@ def test_readme_example_on_resnet18_shows_every_bn_layer(server):
         assert "layer1.0.bn2" in notes["act"]  # a residual sum comes before its ReLU
         export = api.get(f"/api/runs/{run.id}/export", params={"table": "channels"})
         assert export.status_code == 200 and "layer4.1.bn2" in export.text
+    client.close()
+
+
+def test_regnet_layers_named_with_dashes_arrive_end_to_end(server):
+    """torchvision's RegNet names its blocks block1-0, block1-1, ...: the server takes any
+    module path as a layer name, through every view."""
+    models = torchvision_models()
+    torch.manual_seed(0)
+    model = models.regnet_x_400mf(num_classes=10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    bn_names = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    dashed = [n for n in bn_names if "-" in n]
+    assert dashed and dashed[0] == "trunk_output.block1.block1-0.proj.1"
+    client = Client(server.url)
+    with one_thread(), client.create_run(name="regnet", channel_interval=1, warn=False) as run:
+        run.watch(model, optimizer=opt)
+        for step in range(1, 4):
+            x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+            loss = F.cross_entropy(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.log(step, loss, lr=0.01)
+    assert status(server, run.id)["status"] == "completed"
+    with server.client() as api:
+        layers = api.get(f"/api/runs/{run.id}/layers").json()
+        assert sorted(layers["layers"]) == sorted(bn_names)
+        rows = api.get(f"/api/runs/{run.id}/channels", params={"step": 3}).json()["layers"]
+        assert sorted(r["layer"] for r in rows) == sorted(bn_names)
+        for name in dashed[:3]:
+            assert series(server, run.id, "pre_var", name)["steps"] == [1, 2, 3], name
+        export = api.get(f"/api/runs/{run.id}/export", params={"table": "layers"})
+        assert export.status_code == 200 and "trunk_output.block4.block4-0.f.c.1" in export.text
     client.close()
 
 
@@ -589,7 +622,7 @@ def test_lightning_callback_passes_the_optimizer_the_probe_and_the_validation_me
 
 
 def test_validation_metric_names_for_log_eval():
-    from bnscope.lightning import evaluation_metrics
+    from bnscope.metrics import evaluation_metrics  # both callbacks' rule (bnscope.lightning, .hf)
 
     t = torch.tensor
     assert evaluation_metrics({"val_loss": t(0.5), "val_acc": t(0.75), "val/f1": 0.25}) == {
@@ -603,6 +636,10 @@ def test_validation_metric_names_for_log_eval():
     assert evaluation_metrics({"val_loss": 1.0, "val_loss_ce": 2.0, "loss": 3.0,
                                "test_acc": 0.5, "val_acc": 0.25}) == {
         "val_loss": 1.0, "val_loss_ce": 2.0, "loss": 3.0, "test_acc": 0.5, "val_acc": 0.25,
+    }  # fmt: skip
+    # Hugging Face's Trainer's eval_ prefix, as the others
+    assert evaluation_metrics({"eval_loss": 0.5, "eval_accuracy": 0.75, "eval_f1": 0.25}) == {
+        "test_loss": 0.5, "test_acc": 0.75, "eval_f1": 0.25,
     }  # fmt: skip
     # Lightning's _epoch copy of a metric logged on steps too; a vector; a flag
     assert evaluation_metrics({"val_loss": 1.0, "val_loss_epoch": 1.0, "hist": t([1.0, 2.0]),

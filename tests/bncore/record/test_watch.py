@@ -17,118 +17,33 @@ from bncore.diagnose import diagnose
 from bncore.record.sinks import ParquetSink, read_parquet
 from bncore.record.tables import Records, channel_widths
 from bncore.record.watcher import Watcher
+from tests.helpers import batches, bn_inputs, train, trains_exactly_as_unwatched
 from tests.third_party import torchvision_models
 
 TORCHVISION = ["resnet18", "resnet50", "mobilenet_v3_small", "efficientnet_b0", "densenet121"]
 STEPS = 20
 
 
-def batches(steps: int, n: int = 8, shape=(3, 32, 32), classes: int = 10, dtype=torch.float32):
-    g = torch.Generator().manual_seed(7)
-    return [
-        (
-            torch.randn(n, *shape, generator=g, dtype=dtype),
-            torch.randint(0, classes, (n,), generator=g),
-        )
-        for _ in range(steps)
-    ]
-
-
-def bn_inputs(model: nn.Module) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], list]:
-    """The user's own forward hooks: each BN layer's batch mean and biased variance."""
-    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = []
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-
-            def hook(mod, args, out, name=name):
-                if mod.training:
-                    x = args[0].detach().double()
-                    dims = [d for d in range(x.dim()) if d != 1]
-                    seen[name] = (x.mean(dims), x.var(dims, unbiased=False))
-
-            handles.append(m.register_forward_hook(hook))
-    return seen, handles
-
-
-def train(model: nn.Module, data, watch: bool, channels_last: bool = False, **kw):
-    """SGD with momentum over ``data``; the optimizer is made *before* watch(), as most scripts
-    do. Returns the losses (and the watcher)."""
-    torch.manual_seed(3)  # dropout and stochastic depth draw the same numbers both times
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    watcher = Watcher(model, **kw) if watch else None
-    losses = []
-    for step, (x, y) in enumerate(data, 1):
-        if channels_last:
-            x = x.to(memory_format=torch.channels_last)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if watcher is not None:
-            watcher.log(step)
-    return losses, watcher
-
-
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("arch", TORCHVISION)
 def test_torchvision_models_train_exactly_as_unwatched_and_record_every_bn(arch, layout):
     models = torchvision_models()
-    torch.manual_seed(0)
-    plain = getattr(models, arch)(num_classes=10)
-    if layout == "channels_last":
-        plain = plain.to(memory_format=torch.channels_last)
-    watched = copy.deepcopy(plain)
-    classes = {id(m): type(m) for m in watched.modules()}
-    params = [id(p) for p in watched.parameters()]
-    keys = list(watched.state_dict())
+
+    def make() -> nn.Module:
+        model = getattr(models, arch)(num_classes=10)
+        if layout == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
     data = batches(STEPS, n=4 if arch in ("resnet50", "densenet121") else 8)
-
-    expected, _ = train(plain, data, watch=False, channels_last=layout == "channels_last")
-    seen, _ = bn_inputs(watched)
-    got, w = train(watched, data, watch=True, channels_last=layout == "channels_last",
-                   channel_interval=1)  # fmt: skip
-    assert got == expected  # bit for bit, in float32: the very same kernels ran
-    # the model is as it was: same classes, Parameters, state_dict keys
-    assert {id(m): type(m) for m in watched.modules()} == classes
-    assert [id(p) for p in watched.parameters()] == params
-    assert list(watched.state_dict()) == keys
-
-    bn_names = [n for n, m in watched.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    assert sorted(w.layers) == sorted(bn_names)
-    rec = w.flush()
-    assert set(rec.layers["layer"].tolist()) == set(bn_names)
-    last = rec.channels["step"] == STEPS
-    for name, mean, var in zip(rec.channels["layer"][last], rec.channels["pre_mean"][last],
-                               rec.channels["pre_var"][last], strict=True):  # fmt: skip
-        ref_mean, ref_var = seen[name]
-        np.testing.assert_allclose(mean, ref_mean.numpy(), rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(var, ref_var.numpy(), rtol=1e-4, atol=1e-6)
-    summary = rec.layers["step"] == STEPS
-    for name, v in zip(rec.layers["layer"][summary], rec.layers["pre_var"][summary], strict=True):
-        assert v == pytest.approx(seen[name][1].mean().item(), rel=1e-4, abs=1e-6)
-    assert (channel_widths(rec.channels) > 0).all()
+    rec, meta = trains_exactly_as_unwatched(make, data, channels_last=layout == "channels_last")
     # the BN doctor: these batches of 4-8 examples are too small. Two more are true here: at
     # 4, ResNet-50's noisy gamma/beta steps leave 15-18% of layer2's channels dead (for 20+ of
     # 80 steps); on 32x32 images MobileNetV3's features.10 works at 1x1, where a hardswish that
     # is off for all 8 examples leaves a channel constant (variance 4e-11)
-    found = {d.rule for d in diagnose(rec, w.meta()).diagnoses if d.severity != "info"}
+    found = {d.rule for d in diagnose(rec, meta).diagnoses if d.severity != "info"}
     also = {"resnet50": {"dead-channels"}, "mobilenet_v3_small": {"constant-channel"}}
     assert found == {"small-batch"} | also.get(arch, set()), found
-    w.close()
-
-    plain.eval(), watched.eval()
-    x = data[0][0]
-    with torch.no_grad():
-        assert torch.equal(plain(x), watched(x))
-    fresh = getattr(models, arch)(num_classes=10)
-    if layout == "channels_last":
-        fresh = fresh.to(memory_format=torch.channels_last)
-    fresh.load_state_dict(watched.state_dict(), strict=True)
-    fresh.eval()
-    with torch.no_grad():
-        assert torch.equal(fresh(x), watched(x))
 
 
 def test_float64_resnet18_equals_unwatched_and_unwatch_leaves_nothing():
