@@ -69,7 +69,7 @@ from bncore.record.tables import Records, Table
 from bncore.record.watcher import Watcher
 from bncore.status import RunStatus
 
-__all__ = ["BNScopeDiagnosis", "Client", "ClientRun", "eval_column", "watch"]
+__all__ = ["BNScopeDiagnosis", "Client", "ClientRun", "eval_column", "rank_world", "watch"]
 
 #: What an optimizer argument may be: one, several (a GAN's), or none.
 Optimizers = torch.optim.Optimizer | Sequence[torch.optim.Optimizer] | None
@@ -102,7 +102,7 @@ class Client:
         self.token, self.timeout = token, timeout
         self._url = url.rstrip("/") if url is not None else None
         self._http: httpx.Client | None = None
-        if self._url is None and _rank_world()[0] == 0:
+        if self._url is None and rank_world()[0] == 0:
             self._url = _server_url()
         self._protects_reads: bool | None = None
 
@@ -181,7 +181,7 @@ class Client:
         after which the heartbeat stops and the server marks the run failed. ``heartbeat``: seconds
         between heartbeats while nothing else is sent (shorter if the server asks for it).
         """
-        rank, world = _rank_world()
+        rank, world = rank_world()
         run: dict[str, Any] = {}
         if rank == 0:
             run = self._json(
@@ -630,7 +630,7 @@ def _server_url() -> str:
     return server_url()
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
     """This process's rank and the world size (0, 1 without torch.distributed)."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

@@ -86,10 +86,9 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from bnscope.client import Client, ClientRun
+from bnscope.client import Client, ClientRun, rank_world
 from bnscope.metrics import evaluation_metrics
 
 __all__ = ["BNScopeCallback"]
@@ -128,7 +127,7 @@ class BNScopeCallback(TrainerCallback):
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.run is not None and not self.run.finished:  # the last train() raised
             self._end("failed", "train() did not return: a new train() began before its end")
-        if not (state.is_world_process_zero or _distributed()):
+        if not (state.is_world_process_zero or rank_world()[1] > 1):
             return
         steps = state.max_steps if state.max_steps and state.max_steps > 0 else None
         self.run = Client(self.url, self.token).create_run(
@@ -232,7 +231,3 @@ def _unwrapped(optimizer: Any) -> torch.optim.Optimizer | None:
     """The torch optimizer in accelerate's AcceleratedOptimizer (or the optimizer itself)."""
     inner = getattr(optimizer, "optimizer", optimizer)
     return inner if isinstance(inner, torch.optim.Optimizer) else None
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()

@@ -29,7 +29,7 @@ except ImportError:  # the standalone package
 
 from torch import Tensor
 
-from bnscope.client import Client, ClientRun
+from bnscope.client import Client, ClientRun, rank_world
 from bnscope.metrics import evaluation_metrics
 
 __all__ = ["BNScopeCallback", "evaluation_metrics"]
@@ -61,8 +61,8 @@ class BNScopeCallback(pl.Callback):
         self._batches = 0  # manual optimization: batches trained
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.global_rank != 0:
-            return
+        if trainer.global_rank != 0 and rank_world()[1] == 1:
+            return  # a rank without a process group: rank 0 alone reports
         steps = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
         self.run = Client(self.url, self.token).create_run(
             name=self.name, steps_total=steps, **self.options

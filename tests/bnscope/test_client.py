@@ -342,6 +342,64 @@ def test_lightning_manual_optimization_logs_each_batch_with_the_loss_it_logged(s
     assert series["values"] == pytest.approx(logged, rel=1e-6)
 
 
+def lightning_rank(url: str) -> None:
+    """One rank of a Lightning DDP fit on CPU whose processes a launcher made (RANK,
+    LOCAL_RANK and WORLD_SIZE set, as torchrun sets them): prints its run's id."""
+    L = lightning()
+    from bnscope.lightning import BNScopeCallback
+
+    class Net(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(),
+                                     nn.Linear(8, 3))  # fmt: skip
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.05)
+
+    torch.manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(64, 4), torch.randint(0, 3, (64,)))
+    callback = BNScopeCallback(name="ddp", url=url, flush_every=2)
+    trainer = L.Trainer(max_steps=4, strategy="ddp", devices=2, accelerator="cpu",
+                        callbacks=[callback], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(Net(), torch.utils.data.DataLoader(data, batch_size=8))
+    assert callback.run is not None
+    print("run", callback.run.id)
+
+
+@pytest.mark.slow
+def test_lightning_ddp_ranks_report_one_run(server):
+    """Under DDP every rank joins the run (create_run waits for all of them: a rank that
+    stayed out hung rank 0); rank 1's layer as rank1.<layer>."""
+    lightning()  # or a skip
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}  # fmt: skip
+        code = f"from tests.bnscope.test_client import lightning_rank as r; r({server.url!r})"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env,
+                                      text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT))  # fmt: skip
+    try:
+        outs = [p.communicate(timeout=180)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    ids = {line.split()[1] for out in outs for line in out.splitlines() if line.startswith("run ")}
+    assert len(ids) == 1, outs
+    done = status(server, ids.pop())
+    assert done["status"] == "completed" and done["steps_done"] == 4
+    assert done["meta"]["layers"] == ["net.1", "rank1.net.1"] and done["meta"]["replicas"] == 2
+
+
 def test_readme_start_command_takes_its_arguments(tmp_path):
     port = free_port()
     env = {**os.environ, "BNSCOPE_VENV": sys.prefix, "BNSCOPE_DATA_DIR": str(tmp_path / "d")}
