@@ -55,15 +55,26 @@ def diagnosed(config: dict[str, Any]) -> tuple[dict[str, str], float]:
 
 
 def expected_for(config: dict[str, Any]) -> set[str]:
-    """The pitfalls a preset's point provokes on purpose."""
+    """The pitfalls a run's config makes true: a normalization batch under 16 (per replica
+    unless BN is synchronized; the global batch when it is), the learning-rate sweep's top."""
     cfg = parse_config(config)
     out = set()
     bn = cfg.norm.kind in ("batch", "ghost", "renorm", "noisy")
-    if bn and cfg.batch_size < 16:
+    replicas = cfg.distributed.replicas
+    n = cfg.batch_size if cfg.distributed.sync_bn or replicas == 1 else cfg.batch_size // replicas
+    if cfg.norm.kind == "ghost":
+        n = min(n, cfg.norm.resolved_virtual_batch(cfg.batch_size))
+    if bn and n < 16:
         out.add("small-batch")
     if bn and cfg.optim.lr >= 3.0:  # the learning-rate sweep's top: the run is at chance
         out.add("dead-channels")
     return out
+
+
+def allowed_for(expected: set[str]) -> set[str]:
+    """What a run may show beside what it is expected to: the train/eval gap that a small
+    batch's noisy statistics open (the gap is measured, so true where it is found)."""
+    return {"train-eval-gap"} if "small-batch" in expected else set()
 
 
 def presets(steps: int) -> list[tuple[str, dict[str, Any], set[str]]]:
@@ -96,16 +107,17 @@ def experiments(every_arm: bool) -> tuple[list, list]:
             if i in marked:
                 provoked.append((label, cfg, marked[i]))
             elif i in controls or every_arm:
-                healthy.append((label, cfg, set()))
+                healthy.append((label, cfg, expected_for(cfg)))
     return healthy, provoked
 
 
 def models(steps: int) -> list[tuple[str, dict[str, str]]]:
     """torchvision models trained normally under watch(), diagnosed offline."""
-    try:
-        import torch
-        import torchvision  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("torchvision") is None:
         print("  (torchvision not installed: no users' models)")
         return []
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the CPU shim
@@ -152,7 +164,7 @@ def main() -> int:
     print(f"{'run':78} {'found (warning/error)':40} {'s':>5}")
     for label, config, expected in healthy + exp_healthy:
         found, seconds = diagnosed(config)
-        bad = {r for r, s in found.items() if s != "info"} - expected
+        bad = {r for r, s in found.items() if s != "info"} - expected - allowed_for(expected)
         missed = expected - set(found)
         false_positives += len(bad)
         misses += len(missed)
