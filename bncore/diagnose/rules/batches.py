@@ -16,7 +16,7 @@ from bncore.diagnose.view import RecordsView, sustained
 __all__ = ["BatchOfOne", "GradAccumulationMicroBatch", "NonIIDBatches", "SmallBatch"]
 
 WU_HE = "Wu & He 2018, Group Normalization (Figure 1: BN's error rises below 8-16 per GPU)"
-SMALL_N, SMALL_M = 16, 32
+SMALL_N = 16
 
 
 def _trained(rows: dict[str, np.ndarray]) -> np.ndarray:
@@ -78,10 +78,12 @@ class SmallBatch(Rule):
     checks = "the normalization batch's size"
     threshold = (
         f"A layer normalizes fewer than {SMALL_N} examples (N, per replica and per micro-"
-        f"batch: the median over the last 5 logged steps), or fewer than {SMALL_M} values per "
-        "channel (m = N x positions, recorded for a user's model). The batch statistics' noise "
-        "grows as 1/sqrt(m), the train/test inconsistency with it, and BN's accuracy falls "
-        "below 8-16 examples per GPU (Wu & He 2018, Figure 1). Where data-parallel replicas "
+        "batch: the median over the last 5 logged steps). BN's accuracy falls below 8-16 "
+        "examples per GPU (Wu & He 2018, Figure 1), with the train/test inconsistency of "
+        "noisy batch statistics. The examples count, not the values per channel (m = N x "
+        "positions): at N >= 16 a layer that works at 1x1 (a ResNet's last stage on 32x32 "
+        "images, any BatchNorm1d) normalizes over m = N values and trains as well as the "
+        "rule of thumb says. Where data-parallel replicas "
         "normalize their own shares, ddp-without-syncbn names the cause instead; under "
         "gradient accumulation, grad-accumulation-micro-batch does."
     )
@@ -121,13 +123,9 @@ class SmallBatch(Rule):
             hits.sort()
             step, _, evidence = hits[0]
             layers = [n for _, n, _ in hits]
-            what = (
-                f"{evidence['batch_n']:g} examples" if "batch_n" in evidence
-                else f"{evidence['batch_m']:g} values per channel"
-            )  # fmt: skip
             yield Finding(
                 step, layers, evidence,
-                f"{layers[0]} normalizes over {what}"
+                f"{layers[0]} normalizes over {evidence['batch_n']:g} examples"
                 + (f" ({len(layers) - 1} more layers too)" if len(layers) > 1 else "")
                 + ": its batch statistics are noisy and differ from the running ones eval "
                 "mode uses",
@@ -148,9 +146,6 @@ class SmallBatch(Rule):
             n = float(np.median(recent))
             if len(recent) == self.WINDOW and n < SMALL_N:
                 return int(steps[i]), {"batch_n": n, "threshold": SMALL_N}
-            m = rows["batch_m"][i] if "batch_m" in rows else np.nan
-            if len(recent) == self.WINDOW and m < SMALL_M:
-                return int(steps[i]), {"batch_m": float(m), "threshold": SMALL_M}
         return None
 
 
