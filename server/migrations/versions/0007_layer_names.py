@@ -1,6 +1,7 @@
 """Layer names are module paths as torch accepts them (torchvision's
-``trunk_output.block1.block1-0``), up to 512 characters: PostgreSQL's VARCHAR(64) is widened
-(SQLite does not enforce a VARCHAR's length, so there nothing changes).
+``trunk_output.block1.block1-0``), up to 512 characters: the VARCHAR(64) is widened (PostgreSQL
+enforces it; on SQLite, which does not, the tables are rebuilt once so that the declared schema
+is the one server/store/schema.py defines).
 
 Revision ID: 0007
 Revises: 0006
@@ -26,8 +27,6 @@ def downgrade() -> None:
 
 
 def _retype(old: sa.types.TypeEngine, new: sa.types.TypeEngine) -> None:
-    if op.get_bind().dialect.name == "sqlite":
-        return
     for table in TABLES:
         with op.batch_alter_table(table) as batch:
             batch.alter_column("layer", type_=new, existing_type=old, existing_nullable=False)
