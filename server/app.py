@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException
 
 import bncore
 from bncore.run.config import field_errors
-from server.errors import BODY_NOT_OBJECT, DomainError, Unauthorized, error_body
+from server.errors import BODY_NOT_OBJECT, MAX_LISTED, DomainError, Unauthorized, error_body
 from server.middleware import BodyLimit, ReadGuard
 from server.routes import experiments, ingest, runs, sweeps
 from server.schemas import ERROR_RESPONSES
@@ -136,8 +136,11 @@ def allowed_methods(app: FastAPI, request: Request) -> list[str]:
 def validation_body(errors: Any) -> dict[str, Any]:
     """The answer to a request that does not validate: each field with what is wrong with it, in
     the words the CLI uses too (bncore.run.config.field_errors)."""
-    detail = []
-    for e in errors:
+    detail: list[dict[str, Any]] = []
+    errors = list(errors)
+    for i, e in enumerate(errors):
+        if len(detail) >= MAX_LISTED:  # the rest only counted: the answer costs 20 errors
+            return error_body(detail, more=len(errors) - i)
         loc = tuple(e.get("loc") or ())
         if loc == ("body",) and e.get("type") in _NOT_AN_OBJECT:
             detail.append({"field": "", "message": BODY_NOT_OBJECT})
