@@ -379,3 +379,35 @@ def test_health_answers_while_a_large_bad_body_is_refused(service):
 
     health, refused = asyncio.run(both())
     assert health < 0.5 or health < refused, (health, refused)
+
+
+@pytest.mark.parametrize(
+    "meta,field",
+    [
+        ({"replicas": "abc"}, "meta.replicas"),
+        ({"replicas": 1_000_000}, "meta.replicas"),
+        ({"tracked_units": 5}, "meta.tracked_units"),
+        ({"tracked_units": [[0, -1]]}, "meta.tracked_units.0.1"),
+        ({"not_recorded": "x"}, "meta.not_recorded"),
+        ({"layers": 5}, "meta.layers"),
+        ({"layers": ["ok", 7]}, "meta.layers.1"),
+        ({"channels": ["4"]}, "meta.channels.0"),
+        ({"layer_kinds": {"a": 1}}, "meta.layer_kinds"),
+        ({"steps_total": "many"}, "meta.steps_total"),
+        ({"distributed": {"world": 0}}, "meta.distributed.world"),
+    ],
+)
+def test_meta_keys_the_server_reads_are_checked_at_ingest(api, meta, field):
+    before = api.get("/api/runs").json()["total"]
+    r = api.post("/api/runs/client", json={"name": "bad meta", "meta": meta})
+    body = _one_shape(r)
+    assert r.status_code == 422 and body["detail"][0]["field"] == field, body
+    assert "BN Scope reads this key" in body["message"] and field in body["message"]
+    assert api.get("/api/runs").json()["total"] == before
+    run = api.post("/api/runs/client", json={"name": "good", "meta": {"layers": ["a"]}}).json()
+    w = {keys.HEADER: run["write_token"]}
+    r = api.post(
+        f"/api/runs/{run['id']}/status", json={"status": "running", "meta": meta}, headers=w
+    )
+    assert r.status_code == 422 and _one_shape(r)["detail"][0]["field"] == field
+    assert api.get(f"/api/runs/{run['id']}").json()["meta"]["layers"] == ["a"]
