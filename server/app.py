@@ -46,7 +46,7 @@ def create_api(svc: Service, api_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await svc.start(api_url)
-        reaper = asyncio.create_task(svc.runs.watch_clients())
+        reaper = asyncio.create_task(svc.runs.watch_silent())
         yield
         reaper.cancel()
         await svc.stop()

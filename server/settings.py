@@ -116,6 +116,12 @@ class Settings(BaseSettings):
         description="seconds without a record, status or heartbeat after which a script's run "
         "(bnscope.client) is marked failed",
     )
+    worker_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds without a heartbeat, record or status after which a run's worker "
+        "(a run trained here) is taken for hung: it is killed and its run marked failed",
+    )
     no_doctor: bool = Field(
         False,
         description="do not run the BN doctor (bncore.diagnose) on the records as they come in: "
