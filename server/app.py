@@ -29,7 +29,7 @@ from starlette.exceptions import HTTPException
 import bncore
 from bncore.run.config import field_errors
 from server.errors import BODY_NOT_OBJECT, MAX_LISTED, DomainError, Unauthorized, error_body
-from server.middleware import BodyLimit, ReadGuard
+from server.middleware import BodyLimit, NoNul, ReadGuard
 from server.routes import experiments, ingest, runs, sweeps
 from server.schemas import ERROR_RESPONSES
 from server.service import Service
@@ -106,6 +106,7 @@ def create_api(svc: Service, api_url: str) -> FastAPI:
         )
 
     app.add_middleware(BodyLimit, limit=svc.settings.max_body_bytes)
+    app.add_middleware(NoNul)
     if svc.settings.protect_reads:
         app.add_middleware(ReadGuard, accepts=svc.runs.has_token)
     if svc.settings.cors_origins:

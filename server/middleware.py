@@ -100,6 +100,23 @@ class _TooLarge(Exception):
     pass
 
 
+class NoNul:
+    """422 for a path or query that holds NUL (``%00``): no text of the store may hold it
+    (PostgreSQL refuses it, a 5xx otherwise); bodies: :func:`read_json`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+            "\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")
+        ):
+            return await _refuse(
+                send, 422, "the path or query holds the NUL character (%00): remove it"
+            )
+        return await self.app(scope, receive, send)
+
+
 class ReadGuard:
     """``--protect-reads``: every request but ``/healthz`` carries the server's token, as
     ``Authorization: Bearer <token>`` (the API), or in the cookie a browser is given when it

@@ -411,3 +411,45 @@ def test_meta_keys_the_server_reads_are_checked_at_ingest(api, meta, field):
     )
     assert r.status_code == 422 and _one_shape(r)["detail"][0]["field"] == field
     assert api.get(f"/api/runs/{run['id']}").json()["meta"]["layers"] == ["a"]
+
+
+def test_nul_in_any_text_is_refused_naming_where(api):
+    """PostgreSQL's text cannot hold NUL (a 5xx there), SQLite stored it: a 422 on both."""
+    run = api.post("/api/runs/client", json={"name": "nul"}).json()
+    w = {keys.HEADER: run["write_token"]}
+    for path, body, field, headers in [
+        ("/api/runs/client", {"name": "a\x00b"}, "name", {}),
+        ("/api/runs/client", {"meta": {"note": ["ok", "x\x00"]}}, "meta.note.1", {}),
+        ("/api/runs/client", {"meta": {"k\x00": 1}}, "meta.k\x00", {}),
+        ("/api/runs", {"name": "\x00"}, "name", {}),
+        ("/api/sweeps", {"name": "s\x00", "grid": {"seed": [1]}}, "name", {}),
+        (f"/api/runs/{run['id']}/status", {"status": "failed", "message": "\x00"}, "message", w),
+    ]:
+        r = api.post(path, json=body, headers=headers)
+        assert r.status_code == 422, (path, r.text[:300])
+        body = _one_shape(r)
+        assert "NUL" in body["message"] and body["detail"][0]["field"] == field, body
+    for path in ("/api/runs/a%00b", "/api/runs?sweep_id=%00", "/api/runs/x/metrics?stat=%00"):
+        assert "NUL" in _one_shape(api.get(path))["message"], path
+    assert api.get(f"/api/runs/{run['id']}").json()["status"] == "running"
+
+
+def test_a_step_repeated_in_one_batch_is_refused(api):
+    run = api.post("/api/runs/client", json={"name": "steps"}).json()
+    w = {keys.HEADER: run["write_token"]}
+    url = f"/api/runs/{run['id']}/records"
+    for batch, words in [
+        ({"steps": {"step": [7, 7, 7], "loss": [1.0, 2.0, 3.0]}}, "steps: step 7 is in 3 rows"),
+        (
+            {"layers": {"step": [1, 2, 1], "layer": ["a", "a", "a"], "pre_var": [1.0] * 3}},
+            "layers: step 1 of layer 'a'",
+        ),
+        ({"evals": {"step": [5, 5], "test_acc": [0.1, 0.2]}}, "evals: step 5"),
+    ]:
+        r = api.post(url, json=batch, headers=w)
+        assert r.status_code == 422 and words in _one_shape(r)["message"], r.text[:300]
+    ok = {"layers": {"step": [1, 1, 2], "layer": ["a", "b", "a"], "pre_var": [1.0] * 3},
+          "steps": {"step": [1, 2], "loss": [1.0, 0.5]}}  # fmt: skip
+    assert api.post(url, json=ok, headers=w).status_code == 200
+    m = api.get(f"/api/runs/{run['id']}/metrics", params={"stat": "loss"}).json()
+    assert m["series"][0]["points_total"] == 2
