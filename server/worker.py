@@ -42,7 +42,7 @@ def watch_parent(parent: int) -> threading.Event:
     return orphaned
 
 
-def heartbeat(api_url: str, run_id: str, headers: dict[str, str], every: float) -> None:
+def send_heartbeats(api_url: str, run_id: str, headers: dict[str, str], every: float) -> None:
     """Tell the server every ``every`` seconds, from a thread of its own, that this worker is
     alive: one that stops (hung, stopped, swapped out for good) is killed by the server after
     ``--worker-timeout`` seconds and its run failed (server.service.runs). A beat that fails is
@@ -77,13 +77,13 @@ def main(
     """Process entry point (spawned by server.scheduler). ``data_root``: datasets are read only
     under it (checked by the service too; here again, before any file is opened);
     ``write_token``: the run's (server.keys), minted for this worker; ``heartbeat_s``: how
-    often it says it is alive (:func:`heartbeat`)."""
+    often it says it is alive (:func:`send_heartbeats`)."""
     parent = os.getppid()
     orphaned = watch_parent(parent)
     headers = {"authorization": f"Bearer {token}"} if token else {}
     if heartbeat_s:  # from the start: importing torch and loading the data take a while
         beats = {**headers, **({RUN_TOKEN_HEADER: write_token} if write_token else {})}
-        heartbeat(api_url, run_id, beats, heartbeat_s)
+        send_heartbeats(api_url, run_id, beats, heartbeat_s)
     import torch
 
     from bncore.run.config import RunConfig

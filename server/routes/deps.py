@@ -66,10 +66,15 @@ class BoundedRoute(APIRoute):
             if body and (media.strip() == "application/json" or media.endswith("+json")):
                 try:
                     parsed = await run_in_threadpool(read_json, body)
-                except json.JSONDecodeError as exc:  # as FastAPI words it, answered at once
+                except (json.JSONDecodeError, UnicodeDecodeError) as exc:  # as FastAPI says it
+                    why, at = (
+                        (exc.msg, exc.pos)
+                        if isinstance(exc, json.JSONDecodeError)
+                        else ("not UTF-8 text", exc.start)
+                    )
                     raise RequestValidationError(
-                        [{"type": "json_invalid", "loc": ("body", exc.pos),
-                          "msg": "JSON decode error", "input": {}, "ctx": {"error": exc.msg}}]
+                        [{"type": "json_invalid", "loc": ("body", at),
+                          "msg": "JSON decode error", "input": {}, "ctx": {"error": why}}]
                     ) from None  # fmt: skip
                 request._json = parsed  # starlette's cache of Request.json(): FastAPI reads it
             return await handler(request)

@@ -129,6 +129,12 @@ def test_every_refusal_has_one_shape(api):
         (lambda: api.post("/api/runs", json=[1, 2]), 422, [""], "as a JSON object"),
         (lambda: api.post("/api/runs"), 422, [""], "as a JSON object"),
         (lambda: api.post("/api/runs", content=b"{no", headers=as_json), 422, [""], "not valid"),
+        (
+            lambda: api.post("/api/runs", content=b'{"name": "\xff"}', headers=as_json),
+            422,
+            [""],
+            "UTF-8",
+        ),
         (lambda: api.post("/api/runs", json={"batch_size": "64"}), 422, ["batch_size"], "'64'"),
         (
             lambda: api.post("/api/runs", json=ghost),
