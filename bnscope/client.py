@@ -43,7 +43,9 @@ owns the run: the loss, the metadata, the heartbeat and how it ended.
 
 from __future__ import annotations
 
+import contextlib
 import html
+import json
 import logging
 import math
 import os
@@ -64,7 +66,7 @@ from torch import Tensor, nn
 import bncore
 from bncore import statistics
 from bncore.record.probe import mode_gap_probe
-from bncore.record.sinks import HttpSink, error_message
+from bncore.record.sinks import HttpSink, Refused, error_message
 from bncore.record.tables import Records, Table
 from bncore.record.watcher import Watcher
 from bncore.status import RunStatus
@@ -540,17 +542,27 @@ class ClientRun:
             return
         try:
             self.flush()
-        finally:
-            if self.sink.dropped:
-                note = (
-                    f"{self.sink.dropped} batches of records were dropped while the server "
-                    "could not be reached"
-                )
-                message = f"{message}; {note}" if message else note
-            self.sink.finish(
-                {"status": status, "message": message, "steps_done": None, "final": None}
+            self.sink.drain()
+        except Exception as exc:
+            self.sink.abandon()
+            if isinstance(exc.__cause__ or exc, Refused):  # the server is there, and says no
+                self._report_failed(f"its records were refused: {exc.__cause__ or exc}")
+            raise
+        if self.sink.dropped:
+            note = (
+                f"{self.sink.dropped} batches of records were dropped while the server "
+                "could not be reached"
             )
+            message = f"{message}; {note}" if message else note
+        self.sink.finish({"status": status, "message": message, "steps_done": None, "final": None})
         self._warn()  # what the last batches showed
+
+    def _report_failed(self, why: str) -> None:
+        """Tell the server the run failed, saying ``why``; a server that does not take it
+        leaves the run to its reaper (``client_timeout``)."""
+        body = {"status": RunStatus.FAILED.value, "message": why[:10_000]}
+        with contextlib.suppress(httpx.HTTPError, OSError, Refused):
+            self.sink.post("status", json.dumps(body).encode())
 
     def __enter__(self) -> ClientRun:
         return self

@@ -4,6 +4,7 @@ in here."""
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -23,6 +24,8 @@ LAYER_STATS = ("pre_mean", "running_mean", "pre_var", "running_var", "running_me
                "act_saturated")  # fmt: skip
 EVAL_STATS = ("train_loss", "train_acc", "test_loss", "test_acc", "mode_gap", "test_acc_precise",
               "test_acc_batch")  # fmt: skip
+#: A tracked unit's percentile (p15_3) or a replica's batch variance (r1_pre_var).
+_PER_UNIT = re.compile(r"p(15|50|85)_\d+|r\d+_pre_var")
 #: A distributed run's view of its replicas (bncore.run.replicas).
 REPLICA_STATS = ("global_pre_var", "replica_mean_spread", "replica_var_spread")
 #: Per-block values measured at evaluations (bncore.run.population, bncore.run.propagation).
@@ -103,12 +106,14 @@ def run_view(svc: Service, run_id: str, layer: str | None) -> dict[str, Any]:
     layer = layer if layer in layers else (layers[0] if layers else None)
     keys = [("", "loss"), *[("", s) for s in EVAL_STATS]]
     if layer:
-        units = len((run.get("meta") or {}).get("tracked_units", [[0, 0, 0]])[0] or [0])
         keys += [(layer, s) for s in LAYER_STATS]
-        keys += [(layer, f"p{q}_{j}") for q in (15, 50, 85) for j in range(units)]
-        replicas = int((run.get("meta") or {}).get("replicas") or 1)
-        keys += [(layer, s) for s in REPLICA_STATS if replicas > 1]
-        keys += [(layer, f"r{k}_pre_var") for k in range(replicas) if replicas > 1]
+        # tracked units' percentiles and replicas' variances: those the run has records of
+        # (never as many as its meta says: a view costs what is stored)
+        found = sorted(
+            s for lay, s in svc.records.names(run_id) if lay == layer and _PER_UNIT.fullmatch(s)
+        )
+        keys += [(layer, s) for s in found]
+        keys += [(layer, s) for s in REPLICA_STATS if any(f.startswith("r") for f in found)]
     data = svc.records.series(run_id, keys)
     loss_steps, loss = data[("", "loss")]
     last = int(loss_steps[-1]) if len(loss_steps) else 0

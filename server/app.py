@@ -28,8 +28,8 @@ from starlette.exceptions import HTTPException
 
 import bncore
 from bncore.run.config import field_errors
-from server.errors import BODY_NOT_OBJECT, DomainError, Unauthorized, error_body
-from server.middleware import BodyLimit, ReadGuard
+from server.errors import BODY_NOT_OBJECT, MAX_LISTED, DomainError, Unauthorized, error_body
+from server.middleware import BodyLimit, NoNul, ReadGuard
 from server.routes import experiments, ingest, runs, sweeps
 from server.schemas import ERROR_RESPONSES
 from server.service import Service
@@ -46,7 +46,7 @@ def create_api(svc: Service, api_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await svc.start(api_url)
-        reaper = asyncio.create_task(svc.runs.watch_clients())
+        reaper = asyncio.create_task(svc.runs.watch_silent())
         yield
         reaper.cancel()
         await svc.stop()
@@ -106,6 +106,7 @@ def create_api(svc: Service, api_url: str) -> FastAPI:
         )
 
     app.add_middleware(BodyLimit, limit=svc.settings.max_body_bytes)
+    app.add_middleware(NoNul)
     if svc.settings.protect_reads:
         app.add_middleware(ReadGuard, accepts=svc.runs.has_token)
     if svc.settings.cors_origins:
@@ -136,8 +137,11 @@ def allowed_methods(app: FastAPI, request: Request) -> list[str]:
 def validation_body(errors: Any) -> dict[str, Any]:
     """The answer to a request that does not validate: each field with what is wrong with it, in
     the words the CLI uses too (bncore.run.config.field_errors)."""
-    detail = []
-    for e in errors:
+    detail: list[dict[str, Any]] = []
+    errors = list(errors)
+    for i, e in enumerate(errors):
+        if len(detail) >= MAX_LISTED:  # the rest only counted: the answer costs 20 errors
+            return error_body(detail, more=len(errors) - i)
         loc = tuple(e.get("loc") or ())
         if loc == ("body",) and e.get("type") in _NOT_AN_OBJECT:
             detail.append({"field": "", "message": BODY_NOT_OBJECT})

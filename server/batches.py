@@ -101,7 +101,27 @@ def _table(name: str, t: Any) -> dict[str, np.ndarray]:
             )  # fmt: skip
     elif any(v.ndim != 1 for v in cols.values()):
         raise Invalid(f"{name}: columns are flat lists of numbers")
+    _once_each(name, cols)
     return cols
+
+
+def _once_each(name: str, cols: dict[str, np.ndarray]) -> None:
+    """Each step (of each layer, in a per-layer table) is one row of a batch: a step repeated
+    would be stored as several points at one step."""
+    steps = cols["step"]
+    layers = np.unique(cols["layer"], return_inverse=True)[1] if "layer" in cols else None
+    order = np.lexsort((steps,) if layers is None else (layers, steps))
+    same = steps[order][1:] == steps[order][:-1]
+    if layers is not None:
+        same &= layers[order][1:] == layers[order][:-1]
+    if same.any():
+        i = order[1:][same][0]
+        of = f" of layer {str(cols['layer'][i])[:80]!r}" if layers is not None else ""
+        raise Invalid(
+            f"{name}: step {int(steps[i])}{of} is in {int(same.sum()) + 1} rows or more of this "
+            "batch; each step is one row: send its values together, once",
+            field=f"{name}.step",
+        )
 
 
 def _column(table: str, col: str, values: Any, n: int) -> np.ndarray:

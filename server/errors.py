@@ -22,12 +22,27 @@ from bncore.run.config import summarize
 BODY_NOT_OBJECT = "send the body as a JSON object with Content-Type: application/json"
 
 
-def error_body(errors: Iterable[dict[str, Any]], message: str | None = None) -> dict[str, Any]:
+#: Errors one answer lists at most; the rest are counted (a body of 100,000 unknown keys is
+#: answered with 20 of them, at the cost of 20).
+MAX_LISTED = 20
+
+
+def error_body(
+    errors: Iterable[dict[str, Any]], message: str | None = None, more: int = 0
+) -> dict[str, Any]:
     """The API's answer to a refused request: ``errors`` (each with ``field`` and ``message``,
-    perhaps more) and one line for a person (by default, the errors in one line)."""
-    detail = [{**e, "field": e.get("field") or "", "message": str(e["message"])} for e in errors]
+    perhaps more), at most MAX_LISTED of them, and one line for a person (by default, the errors
+    in one line), which counts those left out (``more``: left out by the caller already)."""
+    detail: list[dict[str, Any]] = []
+    for e in errors:
+        if len(detail) == MAX_LISTED:
+            more += 1
+            continue
+        detail.append({**e, "field": e.get("field") or "", "message": str(e["message"])})
     if message is None:
         message = summarize((e["field"], e["message"]) for e in detail)
+    if more:
+        message = f"{message}; and {more} more errors (the first {len(detail)} are listed)"
     return {"message": message, "detail": detail}
 
 

@@ -4,13 +4,62 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 from urllib.parse import parse_qs
 
 from starlette.datastructures import Headers
 from starlette.requests import cookie_parser
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.errors import error_body
+from server.errors import Invalid, error_body
+
+#: Keys one object of a request body may have: far more than any body of the API needs (a
+#: run's config has about 60 fields; a model's BN layers are a few hundred), few enough that
+#: checking each of them is cheap.
+MAX_KEYS = 4096
+
+
+def read_json(body: bytes) -> Any:
+    """A request body parsed as JSON, refused (Invalid, a 422) where an object has more than
+    MAX_KEYS keys or a text holds NUL (which PostgreSQL cannot store): in time linear in its
+    size, for a caller to run off the event loop. ``json.JSONDecodeError`` where it is no JSON."""
+    value = json.loads(body, object_pairs_hook=_object)
+    if b"\\u0000" in body:  # NUL is written so in JSON; only then is every text looked at
+        where = _nul_at(value)
+        if where is not None:
+            raise Invalid(
+                "text may not hold the NUL character (\\u0000): remove it", field=where or ""
+            )
+    return value
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    if len(pairs) > MAX_KEYS:
+        raise Invalid(
+            f"an object of the body has {len(pairs)} keys; at most {MAX_KEYS} are read "
+            f"(its first: {', '.join(k for k, _ in pairs[:3])}...)"
+        )
+    return dict(pairs)
+
+
+def _nul_at(value: Any) -> str | None:
+    """The dotted path of the first text (a key or a value) holding NUL, or None."""
+    todo: list[tuple[Any, str]] = [(value, "")]
+    while todo:
+        item, path = todo.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return path
+        elif isinstance(item, dict):
+            for k, v in item.items():
+                where = f"{path}.{k}" if path else str(k)
+                if "\x00" in k:
+                    return where
+                todo.append((v, where))
+        elif isinstance(item, list):
+            todo.extend((v, f"{path}.{i}" if path else str(i)) for i, v in enumerate(item))
+    return None
+
 
 #: The cookie a browser keeps the token in, once it opened a page with ``?token=...``.
 COOKIE = "bnscope_token"
@@ -49,6 +98,23 @@ class BodyLimit:
 
 class _TooLarge(Exception):
     pass
+
+
+class NoNul:
+    """422 for a path or query that holds NUL (``%00``): no text of the store may hold it
+    (PostgreSQL refuses it, a 5xx otherwise); bodies: :func:`read_json`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (
+            "\x00" in scope["path"] or b"%00" in scope.get("query_string", b"")
+        ):
+            return await _refuse(
+                send, 422, "the path or query holds the NUL character (%00): remove it"
+            )
+        return await self.app(scope, receive, send)
 
 
 class ReadGuard:

@@ -34,6 +34,7 @@ class _Worker:
     cancel: Any  # its cancel flag (set())
     cancelled_at: float | None = None
     slots: int = 1  # processes it trains with (a distributed run's replicas)
+    hung: str | None = None  # why it was killed as hung (kill_hung)
 
 
 class Scheduler:
@@ -94,6 +95,20 @@ class Scheduler:
         w.cancelled_at = w.cancelled_at or time.monotonic()
         return True
 
+    @property
+    def heartbeat_s(self) -> float:
+        """How often a worker says it is alive: four times within ``--worker-timeout``."""
+        return self.settings.worker_timeout / 4
+
+    def kill_hung(self, run_id: str, why: str) -> None:
+        """Kill a worker taken for hung (no heartbeat in ``--worker-timeout``): its run ends
+        failed, saying ``why``, with its records; its slot frees at the next look."""
+        w = self.running.get(run_id)
+        if w is not None and w.hung is None:
+            w.hung = why
+            log.warning("run %s: %s", run_id, why)
+            w.process.kill()
+
     def worker_pid(self, run_id: str) -> int | None:
         w = self.running.get(run_id)
         return w.process.pid if w is not None else None
@@ -133,7 +148,7 @@ class Scheduler:
         token, key = keys.mint()  # for this worker only: a worker of before a restart is locked out
         threads = self.settings.threads_per_run()
         args = (run_id, config_json, self.api_url, self.settings.token, threads,
-                str(self.settings.dataset_root), token)  # fmt: skip
+                str(self.settings.dataset_root), token, self.heartbeat_s)  # fmt: skip
         gpus = slots if (run["config"] or {}).get("device") == "cuda" else 0
         self.store.runs.update(run_id, write_key=key)
         process, cancel = self.executor.start(args, threads * slots, gpus, f"bnscope-run-{run_id}")
@@ -143,7 +158,9 @@ class Scheduler:
     def _reap(self, run_id: str, w: _Worker) -> None:
         self.running.pop(run_id, None)
         code = w.process.exitcode
-        if w.cancelled_at is not None:
+        if w.hung is not None:
+            status, message = RunStatus.FAILED.value, w.hung
+        elif w.cancelled_at is not None:
             status, message = RunStatus.CANCELLED.value, "cancelled while training"
         else:
             status = RunStatus.FAILED.value

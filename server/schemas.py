@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from bncore.record.tables import TABLES
 from bncore.status import REPORTED, RunStatus
+from server.meta import check_meta
 from server.store.schema import MAX_INT
 
 MAX_META_DEPTH = 32  # levels of objects and lists in a run's meta (or final)
@@ -114,7 +115,7 @@ class ClientRunCreate(BaseModel):
     @field_validator("meta")
     @classmethod
     def _bounded(cls, meta: dict[str, Any]) -> dict[str, Any]:
-        return bounded_json(meta) or {}
+        return check_meta(bounded_json(meta) or {})
 
 
 class StatusUpdate(BaseModel):
@@ -132,6 +133,11 @@ class StatusUpdate(BaseModel):
     @classmethod
     def _bounded(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return bounded_json(value)
+
+    @field_validator("meta")
+    @classmethod
+    def _readable(cls, meta: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if meta is None else check_meta(meta)
 
     @field_validator("status")
     @classmethod

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     max_body_bytes: Annotated[int, BYTES] = Field(
         32 * 2**20, ge=1024, description="largest request body"
     )
+    max_config_bytes: Annotated[int, BYTES] = Field(
+        2**20,
+        ge=1024,
+        description="largest body of a call other than records (a config, a sweep, a status "
+        "with its meta): read and checked in well under a second",
+    )
     max_queued: int = Field(
         1000, ge=1, description="runs that may wait in the queue; beyond, new runs are refused"
     )
@@ -109,6 +115,12 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds without a record, status or heartbeat after which a script's run "
         "(bnscope.client) is marked failed",
+    )
+    worker_timeout: float = Field(
+        60.0,
+        gt=0,
+        description="seconds without a heartbeat, record or status after which a run's worker "
+        "(a run trained here) is taken for hung: it is killed and its run marked failed",
     )
     no_doctor: bool = Field(
         False,

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import orjson
 
-from bncore.record.sinks import HttpSink
+from bncore.record.sinks import RUN_TOKEN_HEADER, HttpSink
 
 PARENT_POLL = 0.2  # seconds between looks at whether the server is still there
 PARENT_GRACE = 0.5  # seconds a worker whose server died gets to stop by itself, then it exits
@@ -42,6 +42,22 @@ def watch_parent(parent: int) -> threading.Event:
     return orphaned
 
 
+def send_heartbeats(api_url: str, run_id: str, headers: dict[str, str], every: float) -> None:
+    """Tell the server every ``every`` seconds, from a thread of its own, that this worker is
+    alive: one that stops (hung, stopped, swapped out for good) is killed by the server after
+    ``--worker-timeout`` seconds and its run failed (server.service.runs). A beat that fails is
+    left: the next one, or the records, will tell."""
+
+    def beat() -> None:
+        with httpx.Client(base_url=api_url, headers=headers, timeout=5.0) as client:
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    client.post(f"/api/runs/{run_id}/heartbeat")
+                time.sleep(every)
+
+    threading.Thread(target=beat, name="bnscope-heartbeat", daemon=True).start()
+
+
 #: How much lower a worker's CPU priority is than the server's (os.nice): on a machine whose
 #: cores all train, API reads and live streams still answer in time (benchmarks/load.py).
 NICE = 10
@@ -56,12 +72,18 @@ def main(
     cancel: Any,
     data_root: str | None = None,
     write_token: str | None = None,
+    heartbeat_s: float | None = None,
 ) -> None:
     """Process entry point (spawned by server.scheduler). ``data_root``: datasets are read only
     under it (checked by the service too; here again, before any file is opened);
-    ``write_token``: the run's (server.keys), minted for this worker."""
+    ``write_token``: the run's (server.keys), minted for this worker; ``heartbeat_s``: how
+    often it says it is alive (:func:`send_heartbeats`)."""
     parent = os.getppid()
     orphaned = watch_parent(parent)
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    if heartbeat_s:  # from the start: importing torch and loading the data take a while
+        beats = {**headers, **({RUN_TOKEN_HEADER: write_token} if write_token else {})}
+        send_heartbeats(api_url, run_id, beats, heartbeat_s)
     import torch
 
     from bncore.run.config import RunConfig
@@ -72,7 +94,6 @@ def main(
     torch.set_num_threads(threads)
     with contextlib.suppress(OSError):
         os.nice(NICE)  # training is batch work: the server's answers come first
-    headers = {"authorization": f"Bearer {token}"} if token else {}
     with httpx.Client(base_url=api_url, headers=headers, timeout=30.0) as client:
         sink = HttpSink(client, run_id, token=write_token)
         try:

@@ -7,10 +7,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Body
 
-from server.routes.deps import Authorized, Svc
+from server.routes.deps import Authorized, BoundedRoute, Svc
 from server.schemas import ExperimentOut, ExperimentStart, SweepOut
 
-router = APIRouter(prefix="/api/experiments", tags=["experiments"])
+router = APIRouter(route_class=BoundedRoute, prefix="/api/experiments", tags=["experiments"])
 
 
 @router.get("", response_model=list[ExperimentOut])

@@ -10,10 +10,12 @@ from fastapi.concurrency import run_in_threadpool
 
 from server import keys
 from server.errors import Invalid
-from server.routes.deps import Authorized, Svc
+from server.routes.deps import Authorized, BoundedRoute, Svc
 from server.schemas import RECORDS_BODY, ClientRunCreate, IngestAck, RunOut, StatusUpdate
 
-router = APIRouter(prefix="/api/runs", tags=["ingest"], dependencies=Authorized)
+router = APIRouter(
+    route_class=BoundedRoute, prefix="/api/runs", tags=["ingest"], dependencies=Authorized
+)
 #: The run's write token: given to whoever created the run, required on all that it writes.
 RunToken = Annotated[
     str | None, Header(alias=keys.HEADER, description="the write token the run was created with")

@@ -15,7 +15,7 @@ from sse_starlette.sse import EventSourceResponse
 from bncore.run.config import RunConfig
 from bncore.status import RunStatus
 from server.errors import BadRequest
-from server.routes.deps import Authorized, JSONResponse, Svc
+from server.routes.deps import Authorized, BoundedRoute, JSONResponse, Svc
 from server.schemas import (
     ChannelsOut,
     DiagnosesOut,
@@ -28,7 +28,7 @@ from server.schemas import (
 from server.store.schema import MAX_INT
 from server.views import export_file
 
-router = APIRouter(prefix="/api/runs", tags=["runs"])
+router = APIRouter(route_class=BoundedRoute, prefix="/api/runs", tags=["runs"])
 
 
 @router.post("", status_code=201, response_model=RunOut, dependencies=Authorized)

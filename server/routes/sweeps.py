@@ -7,10 +7,10 @@ from typing import Any
 
 from fastapi import APIRouter
 
-from server.routes.deps import Authorized, Svc
+from server.routes.deps import Authorized, BoundedRoute, Svc
 from server.schemas import ExperimentResult, SweepCreate, SweepOut
 
-router = APIRouter(prefix="/api/sweeps", tags=["sweeps"])
+router = APIRouter(route_class=BoundedRoute, prefix="/api/sweeps", tags=["sweeps"])
 
 
 @router.post("", status_code=201, response_model=SweepOut, dependencies=Authorized)

@@ -51,14 +51,19 @@ class RecordService:
         """The latest value of each series (NaN where it has none)."""
         return self.reads.last(run_id, keys)
 
+    def names(self, run_id: str) -> list[Key]:
+        """The (layer, stat) pairs the run has records of."""
+        return self.reads.names(run_id)
+
     def layer_names(self, run: dict[str, Any]) -> list[str]:
-        """The run's layers: in its own order (execution order for a watched model), or as
-        found in its records."""
-        meta = run.get("meta") or {}
-        if meta.get("layers"):
-            return list(meta["layers"])
+        """The run's layers that have records: in its own order (its meta's ``layers``, the
+        execution order for a watched model), then as found in its records. As many as are
+        stored, whatever the meta lists."""
         found = {lay for lay, _ in self.reads.names(run["id"]) if lay}
-        return sorted(found, key=lambda n: (len(n), n))
+        listed = [
+            n for n in dict.fromkeys((run.get("meta") or {}).get("layers") or []) if n in found
+        ]
+        return listed + sorted(found.difference(listed), key=lambda n: (len(n), n))
 
     def layers(self, run_id: str) -> dict[str, Any]:
         """The run's layers, channels and tracked units, and the statistics it has records of."""

@@ -304,35 +304,54 @@ class RunService:
     def seen(self, run_id: str) -> None:
         self.last_seen[run_id] = time.monotonic()
 
-    def reap_silent_clients(self) -> list[str]:
-        """Script-reported runs silent for longer than ``client_timeout`` become failed (the
-        script died or hung); returns their ids."""
-        now, limit = time.monotonic(), self.settings.client_timeout
+    def reap_silent(self) -> list[str]:
+        """Runs whose reporter went silent: a script's run silent for longer than
+        ``client_timeout`` becomes failed (the script died or hung); a run trained here whose
+        worker sent no heartbeat for ``worker_timeout`` has its worker killed and becomes failed
+        (server.scheduler). Returns their ids."""
+        now = time.monotonic()
         ended = []
         for run in self.store.runs.search(status=RunStatus.RUNNING.value, limit=10_000)[0]:
             if run["source"] != "client":
                 continue
-            last = self.last_seen.setdefault(run["id"], now)  # runs from before a restart
-            if now - last > limit:
+            silent = self._silent_for(run["id"], now)
+            if silent > self.settings.client_timeout:
                 message = (
                     f"the script stopped reporting: no records, status or heartbeat for "
-                    f"{now - last:.0f} s (it died, hung, or lost the server)"
+                    f"{silent:.0f} s (it died, hung, or lost the server)"
                 )
                 if self.finish(run["id"], RunStatus.FAILED, message=message):
                     ended.append(run["id"])
+        for run_id in list(self.scheduler.running):
+            silent = self._silent_for(run_id, now)
+            if silent > self.settings.worker_timeout:
+                self.scheduler.kill_hung(
+                    run_id,
+                    f"the worker stopped reporting: no heartbeat for {silent:.0f} s (it hung or "
+                    "was stopped); it was killed, its records are kept",
+                )
+                self.last_seen.pop(run_id, None)
+                ended.append(run_id)
         return ended
 
-    async def watch_clients(self) -> None:
-        """Reap silent script runs every second or so, for as long as the server runs."""
+    def _silent_for(self, run_id: str, now: float) -> float:
+        """Seconds since the run's reporter last said anything (counted from the first look,
+        for a run from before a restart or a worker just started)."""
+        return now - self.last_seen.setdefault(run_id, now)
+
+    async def watch_silent(self) -> None:
+        """Reap silent runs (:meth:`reap_silent`) every second or so, for as long as the
+        server runs."""
         from fastapi.concurrency import run_in_threadpool
 
-        period = min(1.0, self.settings.client_timeout / 4)
+        shortest = min(self.settings.client_timeout, self.settings.worker_timeout)
+        period = min(1.0, shortest / 4)
         while True:
             await asyncio.sleep(period)
             try:
-                await run_in_threadpool(self.reap_silent_clients)
+                await run_in_threadpool(self.reap_silent)
             except Exception:  # a busy database: try again next time
-                log.exception("reaping silent client runs failed")
+                log.exception("reaping silent runs failed")
 
     # -- live listeners -----------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from bncore.status import ACTIVE, RunStatus
+from server.meta import readable_meta
 from server.store.schema import runs, sweeps
 
 JSON_FIELDS = ("config", "meta", "final")
@@ -139,4 +140,6 @@ def _load(row: sa.RowMapping) -> dict[str, Any]:
     out = dict(row)
     for k in JSON_FIELDS:
         out[k] = json.loads(out[k]) if out.get(k) else None
+    if out.get("meta") is not None:  # never trusted as stored: server.meta
+        out["meta"] = readable_meta(out["meta"])
     return out

@@ -466,6 +466,25 @@ def test_a_slow_script_stays_running_on_its_heartbeat(server):
     client.close()
 
 
+def test_a_script_whose_records_are_refused_ends_its_run_failed(server):
+    """A batch the server refuses (a 4xx) is raised by finish(), which still says the run
+    failed, and why (it was left running, to be reaped as silent)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    client = Client(server.url)
+    try:
+        run = client.create_run(name="refused")
+        run.watch(model)
+        model(torch.randn(5, 3)).sum().backward()
+        run.log(-1, 0.0)  # no step of a run is negative: a 422
+        with pytest.raises(RuntimeError, match="422"):
+            run.finish()
+        ended = status(server, run.id)
+        assert ended["status"] == "failed", ended
+        assert "refused" in ended["message"] and "steps are integers" in ended["message"]
+    finally:
+        client.close()
+
+
 def test_errors_read_the_servers_message(server):
     """The client and the sink raise what the server says to fix (its ``message``), not a dump
     of the body."""

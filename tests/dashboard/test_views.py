@@ -464,3 +464,41 @@ def _tree(component: Any) -> Iterator[Any]:
     elif hasattr(component, "children"):
         yield component
         yield from _tree(component.children)
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        {"replicas": "abc"},
+        {"tracked_units": 5},
+        {"not_recorded": "x"},
+        {"layers": 5},
+        {"layers": "block0"},
+        {"structure": {"activation": 3}},
+        {"distributed": {"world": "two"}},
+        {"replicas": 1_000_000},
+        {"tracked_units": [[0] * 30_000]},
+        {"layers": [f"l{i}" for i in range(20_000)]},
+        [1, 2],
+    ],
+)
+def test_a_stored_meta_of_any_shape_is_read_at_the_cost_of_the_records(svc, meta):
+    """A meta stored before it was checked (or by hand) is never trusted: the run view and the
+    report draw what is stored, in about the time they take for the same run with its own
+    meta (the report took 28 s and 400 MB for ``tracked_units: [[0] * 30000]``, 11 s and then
+    a 500 for ``replicas: 1000000``)."""
+    import time
+
+    def seconds(run_id: str) -> float:
+        start = time.perf_counter()
+        view = data.run_view(svc, run_id, None)
+        assert view["layers"] == LAYERS and len(view["lines"]["loss"][0]) == 30
+        assert "loss" in report.render(svc, run_id)
+        return time.perf_counter() - start
+
+    plain, hostile = script_run(svc, "plain"), script_run(svc, "hostile")
+    svc.store.runs.update(hostile, meta=meta)
+    seconds(plain)  # warm
+    assert seconds(hostile) < 3 * seconds(plain) + 0.5
+    assert svc.records.layers(hostile)["layers"] is not None  # the API's listing too
+    assert svc.diagnoses.report(svc.runs.get(hostile))["steps"] is not None

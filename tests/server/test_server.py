@@ -269,6 +269,31 @@ def test_runs_beyond_the_limit_queue_then_run(tmp_path, db):
         srv.stop()
 
 
+def test_a_hung_worker_is_killed_its_run_failed_and_its_slot_freed(tmp_path, db, record_property):
+    """A worker that stops sending heartbeats (SIGSTOP: alive, silent) is killed after
+    --worker-timeout; its run ends failed with its records, and the queued run starts (it
+    stayed running forever, holding the only slot)."""
+    srv = ServerProcess(tmp_path, "--max-runs", "1", "--worker-timeout", "3", env=db).start()
+    try:
+        with srv.client() as api:
+            hung = api.post("/api/runs", json=tiny_run(steps=1_000_000, stats_interval=10)).json()
+            pid = training_pid(api, hung["id"], after_steps=0)
+            waiting = api.post("/api/runs", json=tiny_run(steps=20)).json()
+            os.kill(pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            failed = finished(api, hung["id"], 30)
+            reaped = time.monotonic() - stopped
+            record_property("reaped_s", round(reaped, 2))
+            assert failed["status"] == "failed" and "no heartbeat for" in failed["message"]
+            assert reaped < 3 + 5, reaped  # the timeout, and a second or two to notice
+            wait_for(lambda: _gone(pid), 10, every=0.05)
+            m = api.get(f"/api/runs/{hung['id']}/metrics", params={"stat": "loss"}).json()
+            assert m["series"][0]["points_total"] > 0  # its records kept
+            assert finished(api, waiting["id"])["status"] == "completed"  # the slot freed
+    finally:
+        srv.stop()
+
+
 def test_a_worker_carries_the_servers_token(tmp_path, db):
     """(What the token guards: tests/server/test_app.py.)"""
     srv = ServerProcess(tmp_path, "--token", "s3cret", env=db).start()
