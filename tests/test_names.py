@@ -1,7 +1,8 @@
 """No two things in the project share a name (issue 25): a reader who meets a public name knows
 which one it is. Names may repeat only where several modules implement one interface: the
 kernels (bncore/nn/kernels: NAME, forward, backward, supports, ...), each dashboard view's
-``layout``, and a program's ``main``."""
+``layout``, a program's ``main``, and each training framework's ``BNScopeCallback`` (the name
+its users look for: ``bnscope.lightning.BNScopeCallback``, ``bnscope.hf.BNScopeCallback``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ PACKAGES = ("bncore", "server", "dashboard", "bnscope")
 #: Folders whose modules implement one interface, each by the same names.
 INTERFACES = {"bncore/nn/kernels": None, "dashboard/views": {"layout"}}
 ENTRY_POINTS = {"main"}
+#: One name, one interface, in exactly these modules.
+SHARED = {"BNScopeCallback": {"bnscope/lightning.py", "bnscope/hf.py"}}
 
 
 def public_names() -> dict[str, set[str]]:
@@ -36,7 +39,7 @@ def public_names() -> dict[str, set[str]]:
 
 
 def implements_one_interface(name: str, modules: set[str]) -> bool:
-    if name in ENTRY_POINTS:
+    if name in ENTRY_POINTS or modules <= SHARED.get(name, set()):
         return True
     for folder, names in INTERFACES.items():
         inside = {m for m in modules if m.startswith(folder + "/") or m.startswith(folder + ".")}
