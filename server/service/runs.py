@@ -221,7 +221,8 @@ class RunService:
     def _reporting(
         self, run_id: str, token: str | None, running_only: bool = False
     ) -> dict[str, Any]:
-        """The run, if ``token`` is its write token and it still takes reports."""
+        """The run, if ``token`` is its write token and it still takes reports; a script's
+        run that a restart left interrupted is running again (its script came back)."""
         run = self.get(run_id)
         if not keys.matches(run.get("write_key"), token):
             raise Forbidden(
@@ -229,6 +230,12 @@ class RunService:
                 f"write token it was given, in the {keys.HEADER} header"
                 + ("" if token else f" (this request has no {keys.HEADER})")
             )
+        if run["status"] == RunStatus.INTERRUPTED.value and self.store.runs.resume(run_id):
+            # the server restarted under a script that goes on: its run goes on too (records
+            # it held back are stored; those acknowledged before, by client_seq, not again)
+            log.info("run %s: its script came back after a restart; running again", run_id)
+            run = self.get(run_id)
+            self.publish_status(run_id)
         if running_only and run["status"] != RunStatus.RUNNING.value:
             raise Conflict(f"run {run_id} is {run['status']}: it takes records only while running")
         if run["status"] not in ACTIVE:

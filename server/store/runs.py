@@ -67,6 +67,21 @@ class RunTable:
         ).rowcount
         return bool(done)
 
+    def resume(self, run_id: str) -> bool:
+        """A script's run that a restart interrupted goes back to running (its script came
+        back); True if this call resumed it."""
+        with self._write, self.engine.begin() as conn:
+            done = conn.execute(
+                runs.update()
+                .where(
+                    runs.c.id == run_id,
+                    runs.c.status == RunStatus.INTERRUPTED.value,
+                    runs.c.source == "client",
+                )
+                .values(status=RunStatus.RUNNING.value, finished_at=None, message=None)
+            ).rowcount
+            return bool(done)
+
     def recover(self) -> list[str]:
         """At start: runs left running by a dead server become 'interrupted'; the queued ids
         are returned, oldest first, to be queued again."""
@@ -79,7 +94,7 @@ class RunTable:
                     pid=None,
                     finished_at=time.time(),
                     message="the server stopped while this run was training; the records it "
-                    "had acknowledged are kept",
+                    "had acknowledged are kept (a script's run goes on if its script comes back)",
                 )
             )
             queued = conn.execute(

@@ -336,6 +336,50 @@ def test_server_killed_mid_run_then_restarted(tmp_path, db):
         srv.stop()
 
 
+def test_a_scripts_run_survives_a_server_restart(tmp_path, db):
+    """kill -9 of the server while a script logs, and the server started again on the same data
+    directory and port: the run goes on when the script's records come back, every step is
+    stored exactly once (those acknowledged before the kill are not sent twice), and it ends
+    completed. A script that does not come back leaves its run interrupted (the test above)."""
+    from bnscope.client import Client
+
+    port = str(free_port())
+    srv = ServerProcess(tmp_path, "--port", port, env=db).start()
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(),
+                                torch.nn.Linear(8, 3))  # fmt: skip
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    client = Client(srv.url)
+    try:
+        with client.create_run(name="restarted", flush_every=3) as run:
+            run.watch(model)
+            for step in range(1, 61):
+                x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                run.log(step, loss)
+                if step == 20:
+                    run.flush()
+                    run.sink.drain()  # steps 1-20 acknowledged
+                    srv.kill()
+                elif step == 40:  # steps 21-40 held back meanwhile
+                    srv = ServerProcess(tmp_path, "--port", port, env=db).start()
+        with srv.client() as api:
+            done = api.get(f"/api/runs/{run.id}").json()
+            assert done["status"] == "completed" and done["steps_done"] == 60, done
+            for stat, layer in (("loss", None), ("pre_var", "1")):
+                got = api.get(
+                    f"/api/runs/{run.id}/metrics",
+                    params={"stat": stat, **({"layer": layer} if layer else {})},
+                ).json()
+                assert got["series"][0]["steps"] == list(range(1, 61)), stat  # once each
+    finally:
+        client.close()
+        srv.stop()
+
+
 def test_a_sweep_trains_one_run_per_point(api):
     """(What a sweep makes and refuses: tests/server/test_service.py.)"""
     body = {
