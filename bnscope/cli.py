@@ -157,8 +157,13 @@ def _serve(args: argparse.Namespace) -> int:
             print("bnscope serve: --executor ray needs Ray: pip install 'bnscope[ray]'",
                   file=sys.stderr)  # fmt: skip
             return EXIT_USAGE
+    from server.store import StoreUnreadable
+
     try:
         serve(settings, log_level=args.log_level, parent_pid=args.parent_pid)
+    except StoreUnreadable as exc:  # corrupt, cut short, unreachable: nothing replaced
+        print(f"bnscope serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except ConnectionError as exc:  # Ray's cluster not reachable at --ray-address
         print(f"bnscope serve: cannot reach the Ray cluster: {exc}", file=sys.stderr)
         return EXIT_FAILED

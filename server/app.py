@@ -14,11 +14,13 @@ product (API + dashboard on one uvicorn) is assembled by bnscope.app.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
 
+import sqlalchemy as sa
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -33,6 +35,8 @@ from server.middleware import BodyLimit, NoNul, ReadGuard
 from server.routes import experiments, ingest, runs, sweeps
 from server.schemas import ERROR_RESPONSES
 from server.service import Service
+
+log = logging.getLogger("bnscope.server")
 
 #: How the body's validator says the body is not a JSON object (absent, another content type,
 #: a list, a number...).
@@ -82,6 +86,12 @@ def create_api(svc: Service, api_url: str) -> FastAPI:
     async def refused(request: Request, exc: DomainError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthorized) else None
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(sa.exc.DatabaseError)
+    async def storage(request: Request, exc: sa.exc.DatabaseError) -> JSONResponse:
+        status, message = svc.store.failure(exc)
+        log.warning("%s %s: %s", request.method, request.url.path, message)
+        return JSONResponse(error_body([{"field": "", "message": message}]), status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

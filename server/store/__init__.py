@@ -9,6 +9,9 @@ The schema is created and upgraded by the Alembic migrations in server/migration
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import sqlite3
 import threading
 from functools import partial
 from pathlib import Path
@@ -24,7 +27,12 @@ from server.store.runs import RunTable
 from server.store.schema import runs
 from server.store.series import SeriesWriter
 
-__all__ = ["Store"]
+__all__ = ["Store", "StoreUnreadable"]
+
+
+class StoreUnreadable(Exception):
+    """The database cannot be opened at start (corrupt, cut short, not BN Scope's, not
+    reachable): one line that names it and what to do. Nothing is created in its place."""
 
 
 class Store:
@@ -36,19 +44,64 @@ class Store:
         """``durability`` (SQLite): "normal" keeps every committed batch through a killed
         process; "full" also through a power loss or an OS crash (a sync per commit).
         PostgreSQL syncs each commit by its own default (synchronous_commit=on)."""
+        self.file: Path | None = None  # SQLite's
         if url.startswith("sqlite:///"):
-            Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+            self.file = Path(url.removeprefix("sqlite:///"))
+            self.file.parent.mkdir(parents=True, exist_ok=True)
+            if self.file.exists() and self.file.stat().st_size > 0:
+                _check_sqlite(self.file)
         self.engine = sa.create_engine(url)
         if self.engine.dialect.name == "sqlite":
             sync = {"normal": "NORMAL", "full": "FULL"}[durability]
             sa.event.listen(self.engine, "connect", partial(_sqlite_pragmas, sync=sync))
         lock = threading.Lock()  # one writer at a time (SQLite has one); readers alongside
         self._write = lock
-        self.migrate()
+        try:
+            self.migrate()
+        except sa.exc.DatabaseError as exc:
+            self.engine.dispose()
+            todo = (
+                _RESTORE
+                if self.file is not None
+                else "check --database-url, and that the database server runs"
+            )
+            raise StoreUnreadable(
+                f"the database {self.where} cannot be opened ({_first_line(exc)}): {todo}"
+            ) from None
         self.runs = RunTable(self.engine, lock)
         self.series = SeriesWriter(self.engine, lock)
         self.reads = SeriesReader(self.engine)
         self.diagnoses = DiagnosisTable(self.engine, lock)
+
+    @property
+    def where(self) -> str:
+        """The database, as a person finds it: SQLite's file, PostgreSQL's host and name."""
+        if self.file is not None:
+            return str(self.file)
+        u = self.engine.url
+        return f"{u.get_backend_name()} {u.host or 'localhost'}:{u.port or ''}/{u.database}"
+
+    def failure(self, exc: BaseException) -> tuple[int, str]:
+        """How a request that failed on the database is answered: 507 when the storage is full
+        (nothing acknowledged is lost: the batch was not), else 503; and the sentence."""
+        orig = getattr(exc, "orig", exc)
+        text = _first_line(exc)
+        full = (
+            getattr(orig, "sqlstate", None) == "53100"  # PostgreSQL's disk_full
+            or getattr(orig, "errno", None) == errno.ENOSPC
+            or "disk is full" in text
+            or "No space left" in text
+        )
+        if full:
+            place = self.file.parent if self.file is not None else self.where
+            return 507, (
+                f"the server's storage is full ({place}): this request was not stored and "
+                "nothing acknowledged is lost; free space there and send it again"
+            )
+        return 503, (
+            f"the database ({self.where}) could not answer ({text}): nothing acknowledged is "
+            "lost; send the request again later"
+        )
 
     def migrate(self) -> None:
         """Bring the schema to the newest migration."""
@@ -90,3 +143,29 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any, sync: str) -> None:
     cur.execute("PRAGMA foreign_keys=ON")
     cur.execute("PRAGMA busy_timeout=10000")
     cur.close()
+
+
+def _first_line(exc: BaseException) -> str:
+    """The database's own words, one line (SQLAlchemy adds the statement and a link)."""
+    orig = getattr(exc, "orig", None)
+    return (str(orig if orig is not None else exc).strip().splitlines() or [""])[0][:300]
+
+
+#: What to do with a database the server cannot read.
+_RESTORE = "restore it from a backup, or move it aside to start afresh"
+
+
+def _check_sqlite(file: Path) -> None:
+    """An existing SQLite file, read-only (nothing written to it, not even the journal mode):
+    StoreUnreadable if it is no database, is damaged, or holds no table (SQLite reads a file
+    whose pages are gone, its WAL deleted, as an empty database; the server never fills an
+    existing file afresh)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{file}?mode=ro", uri=True)) as db:
+            tables = db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+    except sqlite3.DatabaseError as exc:
+        raise StoreUnreadable(f"the database {file} cannot be opened ({exc}): {_RESTORE}") from None
+    if not tables:
+        raise StoreUnreadable(
+            f"the database {file} holds no tables (cut short, or not BN Scope's): {_RESTORE}"
+        )

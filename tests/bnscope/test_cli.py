@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -129,6 +130,36 @@ def test_serve_refuses_settings_that_cannot_work(tmp_path):
     ]:
         r = _bnscope("serve", "--data-dir", str(tmp_path), "--port", "0", *args, timeout=60)
         assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+
+
+def test_serve_refuses_a_database_it_cannot_read_and_replaces_nothing(tmp_path):
+    """A file that is no database, one cut short, and one whose tables are gone (its header
+    page alone, as when the WAL that held everything else is deleted: SQLite reads it as an
+    empty database, and the server used to fill it afresh): one line that names the file and
+    what to do, exit 2, the file left as it was."""
+    import sqlite3
+
+    from server.store import Store
+
+    good = tmp_path / "good"
+    Store(f"sqlite:///{good / 'bnscope.db'}").engine.dispose()  # a real, migrated database
+    header_only = tmp_path / "header.db"
+    with contextlib.closing(sqlite3.connect(header_only)) as db:
+        db.execute("PRAGMA user_version = 7")  # a valid database of one page, no table
+    for name, content, words in [
+        ("garbage", b"this is no database " * 400, "file is not a database"),
+        ("cut", (good / "bnscope.db").read_bytes()[:1000], "database disk image is malformed"),
+        ("header", header_only.read_bytes(), "holds no tables (cut short, or not BN Scope's)"),
+    ]:
+        data = tmp_path / name
+        data.mkdir()
+        (data / "bnscope.db").write_bytes(content)
+        r = _bnscope("serve", "--data-dir", str(data), "--port", "0", timeout=60)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1, (name, r.stderr[-2000:])
+        assert words in lines[0] and str(data / "bnscope.db") in lines[0], lines
+        assert "restore it from a backup, or move it aside" in lines[0]
+        assert (data / "bnscope.db").read_bytes() == content  # nothing replaced
 
 
 def _serve_parser():

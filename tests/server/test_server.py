@@ -23,6 +23,7 @@ import pytest
 import torch
 from httpx_sse import connect_sse
 
+from bncore.record.sinks import RUN_TOKEN_HEADER
 from bnscope.process import ServerProcess, wait_for
 from tests.conftest import database_url
 from tests.helpers import FINAL, Touch, free_port, tiny_run, write_cifar
@@ -378,6 +379,58 @@ def test_a_scripts_run_survives_a_server_restart(tmp_path, db):
     finally:
         client.close()
         srv.stop()
+
+
+def test_a_full_disk_answers_507_naming_the_data_directory_and_the_server_goes_on(tmp_path):
+    """The data directory on a small tmpfs, filled while a script posts records: the batch that
+    does not fit is a 507 in the API's shape that names the directory, the server answers
+    meanwhile, and once space is back the same batch is stored; nothing acknowledged is lost."""
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("a small tmpfs for the data directory needs root to mount")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    srv = ServerProcess(disk / "data")
+    try:
+        srv.start()
+        with srv.client() as api:
+            run = api.post("/api/runs/client", json={"name": "full disk"}).json()
+            auth = {RUN_TOKEN_HEADER: run["write_token"]}
+            filler = disk / "filler"
+            with contextlib.suppress(OSError), open(filler, "wb") as f:
+                while True:
+                    f.write(b"\0" * (1 << 16))
+                    f.flush()
+            acked, refused = [], None
+            for seq in range(1, 200):
+                steps = list(range(500 * (seq - 1) + 1, 500 * seq + 1))
+                body = {"seq": seq, "steps": {"step": steps, "loss": [1.0] * 500}}
+                r = api.post(f"/api/runs/{run['id']}/records", json=body, headers=auth)
+                if r.status_code != 200:
+                    refused = (r, body)
+                    break
+                acked += steps
+            assert refused is not None, "the disk never filled"
+            r, body = refused
+            assert r.status_code == 507, r.text
+            message = r.json()["message"]
+            assert "storage is full" in message and str(disk / "data") in message, message
+            assert api.get("/healthz").status_code == 200  # it answers meanwhile
+            filler.unlink()  # space is back
+            r = api.post(f"/api/runs/{run['id']}/records", json=body, headers=auth)
+            assert r.status_code == 200 and r.json()["stored"], r.text
+            got = api.get(
+                f"/api/runs/{run['id']}/metrics", params={"stat": "loss", "max_points": 100_000}
+            ).json()
+            assert got["series"][0]["steps"] == acked + body["steps"]["step"]
+    finally:
+        srv.stop()
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
 
 
 def test_a_sweep_trains_one_run_per_point(api):
