@@ -38,6 +38,8 @@ from server.store import Store
 from server.views import run_out
 
 log = logging.getLogger("bnscope.server")
+#: Seconds a worker may take to start (spawn, imports) before its first heartbeat is due.
+WORKER_STARTUP = 120.0
 
 
 class RunService:
@@ -45,6 +47,7 @@ class RunService:
         self.settings, self.store, self.hub, self.scheduler = settings, store, hub, scheduler
         #: when each script-reported run (bnscope.client) last said anything (time.monotonic())
         self.last_seen: dict[str, float] = {}
+        self.heard: set[str] = set()  # runs whose reporter has said something to this process
         #: the BN doctor: each run's records diagnosed as they are ingested
         self.diagnoses = DiagnosisService(settings, store, hub)
 
@@ -305,11 +308,13 @@ class RunService:
         """Give a run its final status (unless it has one) and tell its listeners."""
         done = self.store.finish_run(run_id, status.value, **fields)
         self.last_seen.pop(run_id, None)
+        self.heard.discard(run_id)
         self.publish_status(run_id)
         return done
 
     def seen(self, run_id: str) -> None:
         self.last_seen[run_id] = time.monotonic()
+        self.heard.add(run_id)
 
     def reap_silent(self) -> list[str]:
         """Runs whose reporter went silent: a script's run silent for longer than
@@ -331,13 +336,19 @@ class RunService:
                     ended.append(run["id"])
         for run_id in list(self.scheduler.running):
             silent = self._silent_for(run_id, now)
-            if silent > self.settings.worker_timeout:
+            # a worker starting (a process, its imports) on a loaded machine says nothing for
+            # a while: until its first heartbeat it has WORKER_STARTUP seconds at least
+            limit = self.settings.worker_timeout
+            if run_id not in self.heard:
+                limit = max(limit, WORKER_STARTUP)
+            if silent > limit:
                 self.scheduler.kill_hung(
                     run_id,
                     f"the worker stopped reporting: no heartbeat for {silent:.0f} s (it hung or "
                     "was stopped); it was killed, its records are kept",
                 )
                 self.last_seen.pop(run_id, None)
+                self.heard.discard(run_id)
                 ended.append(run_id)
         return ended
 
