@@ -12,6 +12,13 @@ Figure = dict[str, Any]  # plotly's JSON figure: plain dicts are far cheaper tha
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
           "#e377c2", "#7f7f7f", "#bcbd22")  # fmt: skip
 AXIS = {"gridcolor": "#eef2f7", "zeroline": False, "automargin": True}
+#: Every log axis's ticks. Plotly picks a log axis's ticks from its span in decades over
+#: ``nticks``: under one decade, linear ticks, each labelled in full (0.3, 0.4, 0.5); up to
+#: 0.7 * nticks decades, 1-2-5 ("D2") or every digit ("D1", from 0.3 * nticks down), labelled,
+#: by default, by their leading digit alone ("2, 1, 9, 8": 0.9 reads as 9); beyond, powers of
+#: ten. nticks 3 never picks "D1" (9 labels a decade), and "complete" labels the 2s and 5s in
+#: full (2x10^-1): at most 8 labels, each a whole number in plain or scientific form.
+LOG_TICKS = {"nticks": 3, "exponentformat": "power", "minorloglabels": "complete"}
 
 
 def figure(
@@ -25,7 +32,7 @@ def figure(
 ) -> Figure:
     """A figure whose axes say what they show (``x_title``, ``y_title``, with units); with
     rows=2, traces carrying yaxis 'y2' go to a lower panel sharing x (name it in ``yaxis2``).
-    Log axes get few, readable tick labels (powers of ten)."""
+    Every log axis gets few tick labels, each a whole number (:data:`LOG_TICKS`)."""
     lay: dict[str, Any] = {
         "title": {"text": title, "font": {"size": 14}, "x": 0.01},
         "margin": {"l": 60, "r": 16, "t": 36, "b": 40},
@@ -50,8 +57,8 @@ def figure(
             lay[key] = value
     for key, axis in lay.items():
         if key[1:5] == "axis" and isinstance(axis, dict) and axis.get("type") == "log":
-            axis.setdefault("nticks", 6)  # a few labels, not every digit of every decade
-            axis.setdefault("exponentformat", "power")
+            for name, value in LOG_TICKS.items():
+                axis.setdefault(name, value)
     shown = [t for t in traces if t.get("showlegend", True) is not False and t.get("name")]
     if shown and lay.get("showlegend", True) and not all(t["type"] == "heatmap" for t in shown):
         lay["margin"]["b"] = 52 + 20 * min(5, 1 + len(shown) // 3)  # room for the legend

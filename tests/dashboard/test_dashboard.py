@@ -5,6 +5,7 @@ Screenshots go to artifacts/."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -679,3 +680,39 @@ def test_the_diagnosis_panel_tells_what_the_doctor_found_live_on_a_desk_and_a_ph
     finally:
         page.close()
     assert not errors, errors
+
+
+@pytest.mark.parametrize(
+    "low, high",
+    [(0.3, 2.5), (0.25, 0.95), (0.02, 0.9), (0.002, 0.05), (1e-4, 3.0), (1e-7, 1e2), (0.41, 0.46)],
+)
+def test_every_log_axis_labels_whole_numbers_few_of_them(browser, low, high):
+    """What plotly.js draws on a log axis from the factory's rules (dashboard.figures.factory):
+    each label a whole number in plain (0.5) or scientific (5x10^-1) form, never a leading digit
+    alone ("2, 1, 9, 8" for 2, 1, 0.9, 0.8), and at most 8 of them."""
+    from plotly.offline import get_plotlyjs
+
+    from dashboard.figures.factory import figure, line
+
+    steps = list(range(50))
+    values = [low * (high / low) ** (i / 49) for i in steps]
+    fig = figure([line(steps, values, "loss")], "Loss", "step", "loss (log)",
+                 yaxis={"type": "log"})  # fmt: skip
+    page = browser.new_page(viewport={"width": 700, "height": 400})
+    try:
+        page.set_content("<div id='g'></div>")
+        page.add_script_tag(content=get_plotlyjs())
+        ticks = page.evaluate(
+            "(fig) => Plotly.newPlot('g', fig.data, fig.layout).then((gd) =>"
+            " gd._fullLayout.yaxis._vals.map((t) => [t.x, t.text]))",
+            fig,
+        )
+    finally:
+        page.close()
+    assert 2 <= len(ticks) <= 8, ticks
+    for x, text in ticks:  # x: the tick's log10; text: its label, as HTML
+        label = re.sub(r"<sup>", "^", text)
+        label = re.sub(r"<[^>]+>|\u200b", "", label).replace("\u2212", "-")
+        power = re.fullmatch(r"(?:(\d)x)?10\^(-?\d+)", label)  # 5x10^-1, 10^-6
+        value = int(power[1] or 1) * 10.0 ** int(power[2]) if power else float(label)
+        assert value == pytest.approx(10**x, rel=1e-6), (label, ticks)

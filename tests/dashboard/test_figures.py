@@ -14,7 +14,8 @@ from bncore.statistics import CHANNEL_STATISTICS, STATISTICS
 from dashboard import data
 from dashboard.figures.compare import compare_figures
 from dashboard.figures.declare import SOURCES, Latest, Lines
-from dashboard.figures.factory import nothing, plain
+from dashboard.figures.experiment import experiment_figure
+from dashboard.figures.factory import LOG_TICKS, nothing, plain
 from dashboard.figures.run import ALSO, RUN_FIGURES, run_figures
 from dashboard.views.run import GRAPHS
 
@@ -199,9 +200,27 @@ def test_log_axes_are_where_they_were_declared_with_few_tick_labels():
         log = {k for k, a in axes.items() if a.get("type") == "log"}
         assert log == LOG_AXES.get(graph, set()), graph
         for key in log:
-            assert axes[key]["nticks"] == 6 and axes[key]["exponentformat"] == "power"
+            assert {k: axes[key][k] for k in LOG_TICKS} == LOG_TICKS, (graph, key)
     assert STATISTICS["loss"].log and STATISTICS["weight_grad_norm"].log
     assert figs["fig-heat-var"]["layout"]["yaxis"]["type"] == "category"  # layer names
+
+
+def test_every_log_axis_of_every_figure_takes_the_one_tick_rule():
+    """Loss, mode gap, compare and experiment panels alike: no figure sets its own log ticks
+    (what plotly.js then draws: test_every_log_axis_labels_whole_numbers_few_of_them)."""
+    assert LOG_TICKS["nticks"] <= 3 and LOG_TICKS["minorloglabels"] == "complete"
+    run = {"name": "bn", "status": "completed", "layer": "b", "loss": _xy(), "test_acc": _xy(),
+           "stat": _xy()}  # fmt: skip
+    panel = {"series": [{"name": "measured", "theory": False, "x": [16, 32], "y": [0.1, 0.2]}],
+             "log_x": True, "log_y": True, "kind": "by_value", "title": "t", "x_label": "batch",
+             "y_label": "gap"}  # fmt: skip
+    figs = [*run_figures(small_view())[0].values(), *compare_figures([run], "pre_var").values(),
+            experiment_figure(panel)]  # fmt: skip
+    axes = [a for f in figs for k, a in f["layout"].items() if k[1:5] == "axis"]
+    log = [a for a in axes if a.get("type") == "log"]
+    assert len(log) >= 12
+    for axis in log:
+        assert {k: axis[k] for k in LOG_TICKS} == LOG_TICKS
 
 
 def test_layer_figures_wait_for_a_layer():
