@@ -24,6 +24,7 @@
   B.heavyAt = 0;
   B.spec = null;
   B.redrawAsked = false;
+  B.firstAsked = false;
 
   const set = (id, props) => window.dash_clientside.set_props(id, props);
   const say = (text) => set("live-indicator", {children: text});
@@ -203,6 +204,10 @@
       set("live-reset", {data: Date.now()});
     }
     const steps = batch.steps && batch.steps.step;
+    if (steps && steps.length && B.spec.waiting && !B.firstAsked) {
+      B.firstAsked = true;  // drawn before any record, axes hidden: drawn again with them
+      set("live-reset", {data: Date.now()});
+    }
     if (steps && steps.length) set("run-step", {children: String(steps[steps.length - 1])});
     const lines = {};
     const work = [];  // line figures first: the step's loss shows before the heatmaps
@@ -276,6 +281,7 @@
       follow: function (spec) {
         B.spec = spec || null;
         if (spec && (spec.layers || []).length) B.redrawAsked = false;
+        if (spec && spec.waiting) B.firstAsked = false;
         return spec ? spec.run : null;
       },
     },

@@ -149,6 +149,15 @@ def mark_empty(fig: Figure, text: str) -> None:
     ]  # fmt: skip
 
 
+def waiting(fig: Figure, text: str) -> None:
+    """A figure before its run's first record: no axes (plotly would invent their ranges:
+    a log axis from 10^-1 to 10^4), ``text`` in their place. Its traces stay, to be extended."""
+    for key, axis in fig["layout"].items():
+        if key[1:5] == "axis" and isinstance(axis, dict):
+            axis["visible"] = False
+    mark_empty(fig, text)
+
+
 #: How a marked step is drawn: a dashed red line across the figure, labelled at its top.
 MARK_COLOR = "#b91c1c"
 

@@ -38,6 +38,14 @@ def points(page, graph: str, trace: int = 0) -> int:
     )
 
 
+def loss_layout(page) -> dict | None:
+    """The loss figure's layout as the page holds it (None: not drawn yet)."""
+    return page.evaluate(
+        "() => { const gd = document.querySelector('#fig-loss .js-plotly-plot');"
+        " return gd && gd.layout && gd.data ? gd.layout : null; }"
+    )
+
+
 def shot(page, name: str) -> None:
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / name), full_page=True)
@@ -99,8 +107,21 @@ def test_launch_from_the_form_and_watch_it_grow(page, server):
     row.wait_for()
     row.locator("input").check()
     page.click("#open-run")
+    opened = time.monotonic()
+    wait_for(lambda: loss_layout(page) is not None, 30)
+    before = loss_layout(page)
+    if points(page, "fig-loss") == 0:  # before the first records: it says what is going on
+        shot(page, "dashboard-starting.png")
+        assert before["yaxis"].get("visible") is False, "no axes with invented ranges"
+        said = before["annotations"][0]["text"]
+        assert said.startswith(("queued", "the worker is", "the worker has")), said
     page.locator("#run-banner").get_by_text("running").wait_for(timeout=60_000)
+    wait_for(lambda: points(page, "fig-loss") > 0, 60)
+    first_point = time.monotonic() - opened
     wait_for(lambda: points(page, "fig-loss") > 20, 60)
+    wait_for(lambda: loss_layout(page)["yaxis"].get("visible") is not False, 10)
+    assert not loss_layout(page).get("annotations"), "drawn again with its axes"
+    (ARTIFACTS / "first-point.json").write_text(json.dumps({"open_to_first_point_s": first_point}))
     first = points(page, "fig-loss")
     time.sleep(2)
     later = points(page, "fig-loss")

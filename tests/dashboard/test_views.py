@@ -243,6 +243,34 @@ def test_render_run_draws_the_open_section_and_says_how_it_grows(svc):
     assert {s.get("layer") for s in out[len(run.GRAPHS)]["specs"]} == {"block0"}
 
 
+def test_a_run_before_its_first_record_says_what_it_is_doing(svc):
+    """The first seconds of a launch: no figure shows empty axes with ranges plotly invented;
+    each says, as the banner does, whether the run is queued, its worker starting, or its first
+    records awaited, and the page draws all again at the first records (the spec's waiting)."""
+    queued = queued_run(svc)
+    out = run.render_run(svc, queued, None, None, "overview", None)
+    spec, banner = out[len(run.GRAPHS)], out[len(run.GRAPHS) + 3]
+    assert spec["waiting"].startswith("queued") and "#1 in the queue" in text(banner)
+    for graph in run.SECTIONS["overview"]:
+        fig = out[run.GRAPHS.index(graph)]
+        axes = [a for k, a in fig["layout"].items() if k[1:5] == "axis"]
+        assert axes and all(a["visible"] is False for a in axes), graph
+        assert fig["layout"]["annotations"][0]["text"].startswith("queued (#1 in the queue)")
+        assert fig["data"], "its traces stay, for the stream to extend"
+    created = svc.runs.create_client_run(ClientRunCreate(name="s", meta={}, steps_total=5))
+    out = run.render_run(svc, created["id"], None, None, "overview", None)
+    note = "waiting for the script's first records"
+    assert note in text(out[len(run.GRAPHS) + 3])
+    assert out[0]["layout"]["annotations"][0]["text"].startswith(note)
+    worker = {"status": "running", "source": "worker", "meta": {}, "steps_done": 0}
+    assert run.starting(worker).startswith("the worker is starting")
+    assert "waiting for the first records" in run.starting({**worker, "meta": {"layers": ["a"]}})
+    assert run.starting({**worker, "status": "failed"}).startswith("the run ended (failed)")
+    with_records = run.render_run(svc, script_run(svc), None, None, "overview", None)
+    assert with_records[len(run.GRAPHS)]["waiting"] == ""
+    assert "visible" not in with_records[0]["layout"]["yaxis"]
+
+
 def test_render_run_of_no_run_says_so(svc):
     out = run.render_run(svc, "nosuchrun", None, None, "overview", None)
     figs, (spec, options, layer, banner, report) = out[: len(run.GRAPHS)], out[len(run.GRAPHS) :]
@@ -260,6 +288,10 @@ def test_the_stream_s_status_redraws_when_layers_become_known_or_the_run_ends():
     assert run.live_status(running, {"layers": ["a"]})[1] is no_update
     assert run.live_status({**running, "status": "completed"}, {"layers": ["a"]})[1]
     assert run.live_status(None, None) == (no_update, no_update)
+    starting = {"id": "r", "status": "running", "steps_done": 0, "meta": {}}
+    assert run.live_status(starting, {"layers": [], "waiting": "queued"})[1] is not no_update
+    said = {"layers": [], "waiting": run.starting(starting)}
+    assert run.live_status(starting, said)[1] is no_update
     assert run.server_back(1, None) is no_update and run.server_back(1, "r")
 
 
