@@ -22,8 +22,10 @@ TICKED = (State("runs-table", "data"), State("runs-table", "selected_rows"))
 
 
 def chosen(rows: list[dict] | None, selected: list[int] | None) -> list[str]:
-    """The ids of the ticked rows of the runs table."""
-    return [rows[i]["id"] for i in selected or [] if rows and i < len(rows)]
+    """The ids of the runs ticked in the runs table (a ticked sweep's row: its runs)."""
+    ticked = [rows[i] for i in selected or [] if rows and i < len(rows)]
+    ids = [i for row in ticked for i in (row.get("runs") or row["id"]).split(",")]
+    return list(dict.fromkeys(ids))
 
 
 def graph(gid: str) -> dcc.Graph:

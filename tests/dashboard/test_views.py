@@ -28,9 +28,9 @@ from dashboard.views import (
     run,
     runs,
 )
-from dashboard.views.common import NEEDS_TOKEN, SELECT_FIRST
+from dashboard.views.common import NEEDS_TOKEN, SELECT_FIRST, chosen
 from server.errors import NotFound
-from server.schemas import ClientRunCreate
+from server.schemas import ClientRunCreate, SweepCreate
 from server.service import Service, build
 from server.settings import Settings
 from tests.dashboard.test_form import _controls
@@ -103,13 +103,40 @@ def text(component: Any) -> str:
 def test_the_runs_table_has_a_row_per_run_newest_first(svc):
     ran = script_run(svc)
     waiting = queued_run(svc)
-    rows = runs.refresh(svc, 1, None, None, None)
+    rows = runs.refresh(svc, 1, None, None, None, [])
     assert [r["id"] for r in rows] == [waiting, ran]
     queued, scripted = rows
     assert queued["status"] == "queued" and queued["eta"] == "queued, #1"
     assert queued["progress"] == "0/50" and queued["model"].startswith("mlp ")
     assert scripted["status"] == "running" and scripted["progress"] == "30/60"
     assert scripted["model"] == "client" and scripted["eta"].startswith("about ")
+
+
+def test_a_sweep_is_one_row_that_unfolds_and_a_click_on_a_name_opens_its_run(svc):
+    """Ten runs of an experiment do not push the others down: its sweep is one row, at its
+    newest run's place; a click on it shows its runs, a click on a run's name opens it."""
+    before = queued_run(svc)
+    sweep = svc.sweeps.create(SweepCreate(name="bs", base={"steps": 20},
+                                          grid={"batch_size": [16, 32, 64]}))  # fmt: skip
+    members = [r["id"] for r in sweep["runs"]]
+    after = queued_run(svc)
+    rows = runs.refresh(svc, 1, None, None, None, [])
+    assert [r["id"] for r in rows] == [after, sweep["id"], before]
+    group = rows[1]
+    assert group["name"] == "▸ bs (3 runs)" and group["status"] == "3 queued"
+    assert sorted(group["runs"].split(",")) == sorted(members)
+    assert chosen(rows, [1]) == group["runs"].split(",")  # ticked: its runs, to compare
+    cell = {"row": 1, "column": 1, "column_id": "name", "row_id": sweep["id"]}
+    keep = (no_update, no_update)
+    assert runs.clicked(cell, rows, []) == (*keep, [sweep["id"]], None)
+    rows = runs.refresh(svc, 1, None, None, None, [sweep["id"]])
+    assert [r["id"] for r in rows][2:5] == group["runs"].split(",")
+    assert rows[1]["name"].startswith("▾ bs") and rows[2]["name"].startswith("└ batch_size=")
+    assert runs.clicked(cell, rows, [sweep["id"]]) == (*keep, [], None)  # folded again
+    opened = {"row": 2, "column": 0, "column_id": "id", "row_id": rows[2]["id"]}
+    assert runs.clicked(opened, rows, [sweep["id"]]) == (rows[2]["id"], "run", no_update, None)
+    status = {**opened, "column_id": "status"}
+    assert runs.clicked(status, rows, []) == (no_update,) * 4  # only the id and name open
 
 
 def test_cancel_from_the_list_and_from_the_run_view(svc):
