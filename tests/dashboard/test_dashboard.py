@@ -510,6 +510,35 @@ def test_launch_links_to_its_run_and_the_form_names_every_error(page):
     assert f"run={run_id}" in here(page)
 
 
+def test_a_preset_s_launch_links_to_comparing_its_runs(page, server):
+    page.click("#tabs >> text=Launch")
+    page.click("#preset")
+    page.get_by_role("option", name="BN vs no BN").click()
+    page.locator("#grid").get_by_text("norm.kind").wait_for()
+    fill(page, "steps", "20")
+    page.click("#launch")
+    link = page.locator("#launch-compare")
+    link.wait_for()
+    assert link.inner_text() == "compare its 2 runs"
+    ids = link.get_attribute("href").split("compare=")[1].split(",")
+    link.click()
+    wait_for(lambda: "tab=compare" in here(page), 10)
+    wait_for(
+        lambda: (
+            page.evaluate(
+                "() => { const gd = document.querySelector('#cmp-loss .js-plotly-plot');"
+                " return gd && gd.data ? gd.data.length : 0; }"
+            )
+            == 2
+        ),
+        30,
+    )
+    assert f"compare={','.join(ids)}" in here(page)
+    with server.client() as api:
+        for run_id in ids:
+            api.post(f"/api/runs/{run_id}/cancel")
+
+
 def test_wrong_ids_say_what_is_wrong(page, server):
     base = here(page).split("?")[0]
     page.goto(f"{base}?run=doesnotexist")

@@ -386,6 +386,22 @@ def test_launch_a_sweep_with_a_bad_point_marks_the_field(svc):
     assert text(banner).startswith("launchedsweep ") and len(svc.runs.newest(10)) == 2
 
 
+def test_a_preset_s_launch_links_to_comparing_its_runs(svc):
+    """ "BN vs no BN" is launched to be compared: its launch links to the Compare view with
+    both runs, and its sweep takes the preset's name (its row in the runs list)."""
+    name = "BN vs no BN"
+    _, grid = launch.preset(name)
+    ids, values = form(steps=40)
+    banner, errors, _ = launch.launch(svc, 1, values, ids, grid, None, name)
+    runs_queued = [r["id"] for r in reversed(svc.runs.newest(10))]
+    assert len(runs_queued) == 2 and not any(errors)
+    link = next(c for c in _tree(banner) if getattr(c, "id", None) == "launch-compare")
+    assert link.href == f"/dashboard/?tab=compare&compare={','.join(runs_queued)}"
+    assert address.view_of(address.query_of(link.href.split("?")[1])).compare == runs_queued
+    assert text(banner).startswith("launchedsweep ") and "compare its 2 runs" in text(banner)
+    assert {r["name"].partition(": ")[0] for r in svc.runs.newest(10)} == {name}
+
+
 def test_launch_marks_each_bad_field_and_each_bad_grid(svc):
     ids, values = form(steps=None, optim__lr=-1)
     banner, errors, _ = launch.launch(svc, 1, values, ids, "", None)
