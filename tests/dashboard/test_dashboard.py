@@ -22,6 +22,7 @@ pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+SHOTS = ARTIFACTS / "shots"
 SMALL = {
     "model": {"depth": 3, "width": 16},
     "data": {"name": "digits"},
@@ -597,6 +598,47 @@ def test_a_phone_sees_every_figure_within_its_screen(browser, server):
         page.click("#tabs >> text=Runs")
         page.wait_for_selector("#runs-table")
         shot(page, "dashboard-phone-runs.png")
+    finally:
+        page.close()
+
+
+def test_the_launch_form_is_one_column_on_a_phone(browser, server):
+    """At 390 px the fieldsets stack and every input takes the screen's width: none narrower
+    than 120 px ("64" showed as "6"), nothing past the screen's right edge."""
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    try:
+        page.goto(f"{server.url}/dashboard/?tab=launch")
+        page.wait_for_selector("#form-box fieldset")
+        page.click("#preset")
+        page.get_by_role("option", name="Batch size sweep").click()
+        page.locator("#grid").get_by_text("batch_size").wait_for()
+        time.sleep(0.5)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "launch-phone.png"), full_page=True)
+        boxes = page.evaluate(
+            "() => [...document.querySelectorAll('#tab-launch-content input:not([type=hidden]),"
+            " #tab-launch-content textarea, #tab-launch-content .dash-dropdown,"
+            " #tab-launch-content fieldset, #tab-launch-content label')]"
+            ".filter((e) => e.offsetParent !== null).map((e) => { const r ="
+            " e.getBoundingClientRect(); return [e.tagName, e.id || e.className, r.left,"
+            " r.right, r.width]; })"
+        )
+        if not boxes:  # the tab's content has no such id in this Dash: the whole page
+            boxes = page.evaluate(
+                "() => [...document.querySelectorAll('input:not([type=hidden]), textarea,"
+                " fieldset, label')].filter((e) => e.offsetParent !== null).map((e) => {"
+                " const r = e.getBoundingClientRect(); return [e.tagName, e.id ||"
+                " e.className, r.left, r.right, r.width]; })"
+            )
+        assert len(boxes) > 20, boxes
+        wide = [b for b in boxes if b[2] < -1 or b[3] > 391]
+        assert not wide, wide
+        inputs = [b for b in boxes if b[0] in ("INPUT", "TEXTAREA")]
+        narrow = [b for b in inputs if b[4] < 120]
+        assert inputs and not narrow, narrow
+        fieldsets = [b for b in boxes if b[0] == "FIELDSET"]
+        assert len({round(b[2]) for b in fieldsets}) == 1, "the fieldsets stack in one column"
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 391
     finally:
         page.close()
 
