@@ -172,8 +172,8 @@ def run_view(svc: Service, run_id: str, layer: str | None) -> dict[str, Any]:
         )
     centers = (edges[:-1] + edges[1:]) / 2
     filled = ~np.all(np.isnan(heat["pre_var"]), axis=1) if layers else np.zeros(0, bool)
-    latest = svc.records.last(
-        run_id, [(lay, s) for lay in layers for s in ("grad_in_norm", "grad_out_norm")]
+    latest = _latest_measured(
+        svc, run_id, [(lay, s) for lay in layers for s in ("grad_in_norm", "grad_out_norm")]
     )
     depth = {
         stat: [_finite(latest[(lay, stat)]) for lay in layers]
@@ -229,6 +229,20 @@ def _at_evaluations(svc: Service, run_id: str, layers: list[str]) -> dict[str, A
             "last_step": max(steps, default=0),
         }
     return out
+
+
+def _latest_measured(
+    svc: Service, run_id: str, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], float]:
+    """The latest value of each series that was measured: a script may measure a statistic at
+    some steps only (gradients at steps 1 and 21), its other steps NaN; NaN where never."""
+    latest = svc.records.last(run_id, keys)
+    unmeasured = [key for key, v in latest.items() if not np.isfinite(v)]
+    for key, (_, values) in svc.records.series(run_id, unmeasured).items() if unmeasured else ():
+        measured = values[np.isfinite(values)]
+        if len(measured):
+            latest[key] = float(measured[-1])
+    return latest
 
 
 def _finite(v: float) -> float | None:

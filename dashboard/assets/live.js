@@ -162,11 +162,18 @@
       if (!gd) return null;
       let data;
       if (spec.kind === "latest") {
-        const last = {};
-        table.step.forEach((s, i) => { last[table.layer[i]] = i; });
-        // a batch without the column (a script's that did not measure it) leaves it as it is
-        data = gd.data.map((t, k) => (table[spec.columns[k]] ? Object.assign({}, t, {
-          y: spec.layers.map((l) => (l in last ? table[spec.columns[k]][last[l]] : null))}) : t));
+        // each layer's latest measured value of the batch; a layer the batch did not measure
+        // (a script's gradients at some steps only) keeps the value it has
+        data = gd.data.map((t, k) => {
+          const col = table[spec.columns[k]];
+          if (!col) return t;
+          const last = {};
+          table.step.forEach((s, i) => {
+            if (col[i] !== null && col[i] === col[i]) last[table.layer[i]] = col[i];
+          });
+          return Object.assign({}, t, {y: spec.layers.map((l, j) => (l in last ? last[l] :
+            (t.y ? t.y[j] : null)))});
+        });
       } else {  // channels: each layer's row (figures.channel_figure) gets its latest arrays
         const layers = (B.spec && B.spec.layers) || [];
         if (!layers.length) return null;  // drawn before the run said which layers it has

@@ -329,7 +329,8 @@ def test_a_scripts_run_draws_layer_names_as_names_and_says_what_it_did_not_recor
     )  # fmt: skip
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     client = Client(server.url)
-    with client.create_run(name="script", channel_interval=5, measure_interval=1) as run:
+    # gradients measured every 20 steps: at steps 1, 21 (and none at its last step, 40)
+    with client.create_run(name="script", channel_interval=5, measure_interval=20) as run:
         run.watch(model)
         for step in range(1, 41):
             loss = nn.functional.cross_entropy(
@@ -355,6 +356,11 @@ def test_a_scripts_run_draws_layer_names_as_names_and_says_what_it_did_not_recor
     )
     assert "not recorded for this run" in page.evaluate(notes, "fig-acc")  # no evaluations
     assert "not recorded" not in page.evaluate(notes, "fig-heat-var")
+    depth = page.evaluate(
+        "() => document.querySelector('#fig-depth .js-plotly-plot').data.map((t) => t.y)"
+    )
+    assert all(v is not None for trace in depth for v in trace), depth  # step 21's
+    assert "not recorded" not in page.evaluate(notes, "fig-depth")
     shot(page, "dashboard-script-run.png")
 
 

@@ -17,6 +17,7 @@ from bncore.record.sinks import encode
 from bncore.record.tables import CHANNEL_COLUMNS, Records
 from bncore.run.config import RunConfig
 from dashboard import app, data, report, wiring
+from dashboard.figures.run import run_figures
 from dashboard.form import build_form
 from dashboard.views import (
     address,
@@ -248,6 +249,30 @@ def test_the_run_view_of_a_run_with_records(svc):
     assert view["evals"]["test_acc"][1].tolist() == pytest.approx([0.4, 0.7])
     with pytest.raises(NotFound):
         data.run_view(svc, "nosuchrun", None)
+
+
+def test_gradients_through_depth_are_the_latest_measured(svc):
+    """A script measured the gradients at steps 1 and 21 only (NaN at its other steps, its
+    last one too): the figure draws step 21's, and says nothing is missing."""
+    created = svc.runs.create_client_run(
+        ClientRunCreate(name="grads", meta={"layers": LAYERS}, steps_total=30)
+    )
+    s = np.arange(1, 31)
+    rows = np.repeat(s, len(LAYERS))
+    grads = np.where(np.isin(rows, (1, 21)), np.linspace(1.0, 2.0, len(rows)), np.nan)
+    records = Records(
+        steps={"step": s, "loss": np.linspace(2.3, 0.5, 30)},
+        layers={"step": rows, "layer": np.array(LAYERS * 30), "pre_var": np.ones(len(rows)),
+                "grad_in_norm": grads, "grad_out_norm": grads * 2},
+    )  # fmt: skip
+    svc.runs.ingest(created["id"], encode(records, seq=1), created["write_token"])
+    view = data.run_view(svc, created["id"], None)
+    at_21 = grads[rows == 21]
+    assert view["depth"]["grad_in_norm"] == pytest.approx(list(at_21))
+    assert view["depth"]["grad_out_norm"] == pytest.approx(list(at_21 * 2))
+    figs, _ = run_figures(view)
+    assert figs["fig-depth"]["data"][0]["y"] == pytest.approx(list(at_21 * 2))
+    assert not figs["fig-depth"]["layout"].get("annotations"), "no 'not recorded' note"
 
 
 def test_render_run_draws_the_open_section_and_says_how_it_grows(svc):
