@@ -123,9 +123,12 @@ def log10(a: np.ndarray) -> np.ndarray:
         return np.where(a > 0, np.log10(a), np.nan)
 
 
-def has_data(fig: Figure) -> bool:
-    """Whether any trace has a value to draw (not None, not NaN)."""
+def has_data(fig: Figure, yaxis: str | None = None) -> bool:
+    """Whether any trace (of the panel of ``yaxis``, "y" or "y2", if given) has a value to
+    draw (not None, not NaN)."""
     for trace in fig["data"]:
+        if yaxis is not None and trace.get("yaxis", "y") != yaxis:
+            continue
         for key in ("y", "z"):
             values = np.asarray(trace.get(key) or [], dtype=object).ravel()
             if any(v is not None and v == v for v in values):  # v == v: not NaN
@@ -141,12 +144,14 @@ def nothing(text: str) -> Figure:
     return fig
 
 
-def mark_empty(fig: Figure, text: str) -> None:
-    """An empty figure says why it is empty, in the middle of its plot."""
-    fig["layout"]["annotations"] = [
-        {"text": text, "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5,
-         "showarrow": False, "font": {"size": 13, "color": "#6b7280"}}
-    ]  # fmt: skip
+def mark_empty(fig: Figure, text: str, yaxis: str | None = None) -> None:
+    """An empty figure says why it is empty, in the middle of its plot; with ``yaxis`` ("y2"),
+    an empty panel of a figure of two, in the middle of that panel."""
+    where = {"yref": f"{yaxis} domain"} if yaxis else {"yref": "paper"}
+    note = {"text": text, "xref": "paper", "x": 0.5, "y": 0.5, "showarrow": False,
+            "font": {"size": 13, "color": "#6b7280"}, **where}  # fmt: skip
+    kept = fig["layout"].get("annotations", []) if yaxis else []
+    fig["layout"]["annotations"] = [*kept, note]
 
 
 def waiting(fig: Figure, text: str) -> None:

@@ -301,8 +301,13 @@ def run_figures(view: View) -> tuple[dict[str, Figure], list[Spec]]:
 
 
 def explain_empty(figs: dict[str, Figure], not_recorded: dict[str, str]) -> None:
-    """Each figure with nothing to draw says why: the run's own note, or what it needs."""
+    """Each figure with nothing to draw says why: the run's own note, or what it needs; a
+    figure of two panels with one of them empty says so in that panel."""
     for graph, fig in figs.items():
         if not has_data(fig):
             reason = not_recorded.get(NOTE_FOR.get(graph, ""), "") or NEEDS.get(graph, "")
             mark_empty(fig, "not recorded for this run" + (f": {reason}" if reason else ""))
+        elif "domain" in fig["layout"].get("yaxis2", {}):
+            for panel in ("y", "y2"):
+                if not has_data(fig, panel):
+                    mark_empty(fig, "not recorded for this run", panel)

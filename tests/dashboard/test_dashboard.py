@@ -362,6 +362,11 @@ def test_a_scripts_run_draws_layer_names_as_names_and_says_what_it_did_not_recor
     assert all(v is not None for trace in depth for v in trace), depth  # step 21's
     assert "not recorded" not in page.evaluate(notes, "fig-depth")
     shot(page, "dashboard-script-run.png")
+    page.click("#section >> text=One layer")
+    wait_for(lambda: points(page, "fig-layer") > 0, 30)
+    time.sleep(1)
+    blank = page.evaluate(BLANK_PANELS)
+    assert not blank, f"panels with nothing drawn and no note: {blank}"
 
 
 # -- issue 16: charts that label themselves, state that shows, a page that acts -------------
@@ -374,6 +379,21 @@ AXES = """() => [...document.querySelectorAll('.js-plotly-plot')]
               && !(a.overlaying))
       .map(([k, a]) => [k, ((a.title || {}).text || '')]);
     return [gd.parentElement.id || gd.id, gd.layout.title ? gd.layout.title.text : '', axes];
+  })"""
+
+
+#: The panels (a figure's y axes) of the shown figures that draw nothing and say nothing.
+BLANK_PANELS = """() => [...document.querySelectorAll('.js-plotly-plot')]
+  .filter((gd) => gd.offsetParent !== null && gd.data)
+  .flatMap((gd) => {
+    const notes = (gd.layout.annotations || []).map((a) => a.yref);
+    const panels = [...new Set(gd.data.map((t) => t.yaxis || 'y'))]
+      .filter((p) => !gd.layout[p.replace('y', 'yaxis')]?.overlaying);
+    return panels.filter((p) => !gd.data.some((t) => (t.yaxis || 'y') === p
+        && (t.type === 'heatmap' ? (t.z || []).flat() : (t.y || []))
+          .some((v) => v !== null && v === v)))
+      .filter((p) => !notes.includes('paper') && !notes.includes(p + ' domain'))
+      .map((p) => gd.parentElement.id + ' ' + p);
   })"""
 
 

@@ -251,6 +251,19 @@ def test_empty_figures_say_why():
     assert notes(empty) == "no run to show" and empty["layout"]["xaxis"]["visible"] is False
 
 
+def test_an_empty_panel_of_two_says_so_in_that_panel():
+    """A script's run has a weight norm but no learning rate: the lower panel of its weight
+    figure (effective learning rate, angular update) says it was not recorded; the upper
+    panel, drawn, says nothing."""
+    view = small_view()
+    for stat in ("eff_lr", "angular_update"):
+        view["detail"][stat] = (STEPS, np.full(len(STEPS), np.nan))
+    figs, _ = run_figures(view)
+    (note,) = figs["fig-scale"]["layout"]["annotations"]
+    assert note["text"] == "not recorded for this run" and note["yref"] == "y2 domain"
+    assert notes(figs["fig-layer"]) == "" and notes(figs["fig-affine"]) == ""
+
+
 @pytest.mark.parametrize("stat", ["pre_var", "pre_mean"])
 def test_compare_figures_name_runs_and_take_the_statistic_s_axis(stat):
     run = {"name": "bn", "status": "completed", "layer": "b", "loss": _xy(), "test_acc": _xy(),
