@@ -34,7 +34,14 @@ def figure(
     rows=2, traces carrying yaxis 'y2' go to a lower panel sharing x (name it in ``yaxis2``).
     Every log axis gets few tick labels, each a whole number (:data:`LOG_TICKS`)."""
     lay: dict[str, Any] = {
-        "title": {"text": title, "font": {"size": 14}, "x": 0.01},
+        # in the container's top margin, which grows to keep it off the axes' titles and labels
+        "title": {
+            "text": title,
+            "font": {"size": 14},
+            "x": 0.01,
+            "yref": "container",
+            "automargin": True,
+        },
         "margin": {"l": 60, "r": 16, "t": 36, "b": 40},
         "height": height,
         "paper_bgcolor": "white",

@@ -397,6 +397,35 @@ BLANK_PANELS = """() => [...document.querySelectorAll('.js-plotly-plot')]
   })"""
 
 
+#: Where the shown figures' titles collide: a figure's title with an axis title, two axis titles,
+#: a y axis title past its panel, a figure's title past the figure's edges.
+OVERLAPS = """() => [...document.querySelectorAll('.js-plotly-plot')]
+  .filter((gd) => gd.offsetParent !== null && gd._fullLayout)
+  .flatMap((gd) => {
+    const id = gd.parentElement.id, box = (el) => el.getBoundingClientRect(), out = [];
+    const hit = (a, b) => a.left < b.right - 1 && b.left < a.right - 1
+      && a.top < b.bottom - 1 && b.top < a.bottom - 1;
+    const g = box(gd), title = gd.querySelector('.gtitle');
+    const t = title && title.textContent ? box(title) : null;
+    if (t && (t.left < g.left - 1 || t.right > g.right + 1)) out.push(id + ': title cut off');
+    const axes = [...gd.querySelectorAll('text')]
+      .filter((e) => /^[xy]\\d*title$/.test(e.getAttribute('class')) && e.textContent);
+    axes.forEach((a, i) => {
+      const b = box(a), name = a.getAttribute('class').replace('title', '');
+      if (t && hit(t, b)) out.push(id + ': title on ' + name);
+      axes.slice(i + 1).forEach((c) => {
+        if (hit(b, box(c))) out.push(id + ': ' + name + ' on ' + c.getAttribute('class'));
+      });
+      const ax = gd._fullLayout[name.replace(/^([xy])/, '$1axis')];
+      if (name[0] === 'y' && ax && !ax.overlaying && ax._length) {
+        const top = g.top + ax._offset, bottom = top + ax._length;
+        if (b.top < top - 6 || b.bottom > bottom + 6) out.push(id + ': ' + name + ' off panel');
+      }
+    });
+    return out;
+  })"""
+
+
 def here(page) -> str:
     """The address bar as the page has it (history.pushState included)."""
     return page.evaluate("() => location.href")
@@ -433,6 +462,8 @@ def test_every_chart_names_its_axes_and_the_address_bar_follows_the_view(page, s
             for name, text in axes:
                 assert text, f"{graph}: {name} has no title ({section})"
         shot(page, f"axes-{section.split()[0].lower()}.png")
+        overlaps = page.evaluate(OVERLAPS)
+        assert not overlaps, f"{section}: {overlaps}"
     assert "section=population" in here(page)
     assert "not recorded for this run: set precise_bn" in page.inner_text("#fig-population")
     page.click("#section >> text=One layer")
