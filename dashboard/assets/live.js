@@ -185,7 +185,7 @@
           return k === 0 ? row : row.map(log10);
         })}));
         const step = Math.max(...table.step);  // the title says which step it shows
-        const title = Object.assign({}, gd.layout.title, {text: spec.title + ", step " + step});
+        const title = Object.assign({}, gd.layout.title, {text: spec.title + "<br>step " + step});
         return {data: data, layout: Object.assign({}, gd.layout, {title: title})};
       }
       return {data: data, layout: gd.layout};

@@ -12,6 +12,9 @@ Figure = dict[str, Any]  # plotly's JSON figure: plain dicts are far cheaper tha
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
           "#e377c2", "#7f7f7f", "#bcbd22")  # fmt: skip
 AXIS = {"gridcolor": "#eef2f7", "zeroline": False, "automargin": True}
+#: The longest line of a figure's title, in characters: under 360 px at its 14 px, a phone's
+#: figure (390 px) less its border; a longer title is wrapped (:func:`wrapped`).
+TITLE_LINE = 46
 #: Every log axis's ticks. Plotly picks a log axis's ticks from its span in decades over
 #: ``nticks``: under one decade, linear ticks, each labelled in full (0.3, 0.4, 0.5); up to
 #: 0.7 * nticks decades, 1-2-5 ("D2") or every digit ("D1", from 0.3 * nticks down), labelled,
@@ -34,15 +37,9 @@ def figure(
     rows=2, traces carrying yaxis 'y2' go to a lower panel sharing x (name it in ``yaxis2``).
     Every log axis gets few tick labels, each a whole number (:data:`LOG_TICKS`)."""
     lay: dict[str, Any] = {
-        # in the container's top margin, which grows to keep it off the axes' titles and labels
-        "title": {
-            "text": title,
-            "font": {"size": 14},
-            "x": 0.01,
-            "yref": "container",
-            "automargin": True,
-        },
-        "margin": {"l": 60, "r": 16, "t": 36, "b": 40},
+        "title": {"text": wrapped(title), "font": {"size": 14}, "x": 0.01},
+        # the title, in the middle of the top margin, clear of the plot whatever its lines
+        "margin": {"l": 60, "r": 16, "t": top_margin(wrapped(title).count("<br>") + 1), "b": 40},
         "height": height,
         "paper_bgcolor": "white",
         "plot_bgcolor": "white",
@@ -70,6 +67,27 @@ def figure(
     if shown and lay.get("showlegend", True) and not all(t["type"] == "heatmap" for t in shown):
         lay["margin"]["b"] = 52 + 20 * min(5, 1 + len(shown) // 3)  # room for the legend
     return {"data": traces, "layout": lay}
+
+
+def top_margin(lines: int) -> int:
+    """The top margin, in px, that holds a title of ``lines`` lines."""
+    return 16 + 20 * lines
+
+
+def wrapped(title: str, width: int = TITLE_LINE) -> str:
+    """A title in lines of at most ``width`` characters where it has spaces to break at
+    (plotly never wraps a title: a long one runs off a phone's screen); its own breaks kept."""
+    lines = []
+    for text in title.split("<br>"):
+        line = ""
+        for word in text.split(" "):
+            if line and len(line) + 1 + len(word) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return "<br>".join(lines)
 
 
 def _categories(lay: dict[str, Any], traces: list[dict[str, Any]]) -> None:
@@ -155,7 +173,7 @@ def mark_empty(fig: Figure, text: str, yaxis: str | None = None) -> None:
     """An empty figure says why it is empty, in the middle of its plot; with ``yaxis`` ("y2"),
     an empty panel of a figure of two, in the middle of that panel."""
     where = {"yref": f"{yaxis} domain"} if yaxis else {"yref": "paper"}
-    note = {"text": text, "xref": "paper", "x": 0.5, "y": 0.5, "showarrow": False,
+    note = {"text": wrapped(text), "xref": "paper", "x": 0.5, "y": 0.5, "showarrow": False,
             "font": {"size": 13, "color": "#6b7280"}, **where}  # fmt: skip
     kept = fig["layout"].get("annotations", []) if yaxis else []
     fig["layout"]["annotations"] = [*kept, note]

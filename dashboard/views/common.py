@@ -8,8 +8,8 @@ from dash import State, dcc, html
 
 NEEDS_TOKEN = "this server needs its token: type it in the Launch tab"
 SELECT_FIRST = "select a run first (tick its box)"
-#: Figures of two stacked panels: drawn taller.
-TALL = ("fig-layer", "fig-affine", "fig-scale", "fig-replicas", "fig-channels")
+#: Figures of two stacked panels, or of a long legend (the percentiles' six lines): drawn taller.
+TALL = ("fig-layer", "fig-affine", "fig-scale", "fig-replicas", "fig-channels", "fig-pct")
 
 
 def failed(text: str, label: str = "error") -> list[Any]:

@@ -398,7 +398,7 @@ BLANK_PANELS = """() => [...document.querySelectorAll('.js-plotly-plot')]
 
 
 #: Where the shown figures' titles collide: a figure's title with an axis title, two axis titles,
-#: a y axis title past its panel, a figure's title past the figure's edges.
+#: a y axis title past its panel, a figure's title or note past the figure's edges.
 OVERLAPS = """() => [...document.querySelectorAll('.js-plotly-plot')]
   .filter((gd) => gd.offsetParent !== null && gd._fullLayout)
   .flatMap((gd) => {
@@ -407,7 +407,13 @@ OVERLAPS = """() => [...document.querySelectorAll('.js-plotly-plot')]
       && a.top < b.bottom - 1 && b.top < a.bottom - 1;
     const g = box(gd), title = gd.querySelector('.gtitle');
     const t = title && title.textContent ? box(title) : null;
-    if (t && (t.left < g.left - 1 || t.right > g.right + 1)) out.push(id + ': title cut off');
+    if (t && (t.left < g.left - 1 || t.right > g.right + 1 || t.top < g.top - 1)) {
+      out.push(id + ': title cut off');
+    }
+    gd.querySelectorAll('.annotation-text').forEach((n) => {
+      const r = box(n);
+      if (r.left < g.left - 1 || r.right > g.right + 1) out.push(id + ': note cut off');
+    });
     const axes = [...gd.querySelectorAll('text')]
       .filter((e) => /^[xy]\\d*title$/.test(e.getAttribute('class')) && e.textContent);
     axes.forEach((a, i) => {
@@ -648,6 +654,15 @@ def test_a_phone_sees_every_figure_within_its_screen(browser, server):
             ".map((gd) => gd.getBoundingClientRect().right)"
         )
         assert wide and max(wide) <= 391, wide
+        overlaps = page.evaluate(OVERLAPS)
+        assert not overlaps, overlaps
+        page.click("#section >> text=One layer")
+        wait_for(lambda: points(page, "fig-layer") > 0, 30)
+        time.sleep(1)
+        shot(page, "dashboard-phone-layer.png")
+        overlaps = page.evaluate(OVERLAPS)
+        assert not overlaps, overlaps
+        page.click("#section >> text=Overview")
         assert page.evaluate("() => document.documentElement.scrollWidth") <= 391
         tabs = page.evaluate("() => document.querySelector('#tabs').getBoundingClientRect().height")
         assert tabs < 120, "the tabs stay one compact row"

@@ -15,7 +15,7 @@ from dashboard import data
 from dashboard.figures.compare import compare_figures
 from dashboard.figures.declare import SOURCES, Latest, Lines
 from dashboard.figures.experiment import experiment_figure
-from dashboard.figures.factory import LOG_TICKS, nothing, plain
+from dashboard.figures.factory import LOG_TICKS, TITLE_LINE, nothing, plain, wrapped
 from dashboard.figures.run import ALSO, RUN_FIGURES, run_figures
 from dashboard.views.run import GRAPHS
 
@@ -71,7 +71,8 @@ def names(fig: dict) -> list[str]:
 
 
 def notes(fig: dict) -> str:
-    return " ".join(a["text"] for a in fig["layout"].get("annotations", []))
+    """A figure's notes, as read (a long one is wrapped in lines)."""
+    return " ".join(a["text"].replace("<br>", " ") for a in fig["layout"].get("annotations", []))
 
 
 def test_every_graph_of_the_run_view_gets_a_figure_and_each_spec_feeds_one():
@@ -249,6 +250,19 @@ def test_empty_figures_say_why():
     assert notes(figs["fig-acc"]) == ""
     empty = nothing("no run to show")
     assert notes(empty) == "no run to show" and empty["layout"]["xaxis"]["visible"] is False
+
+
+def test_long_titles_and_notes_are_wrapped_to_fit_a_phone():
+    """Plotly never wraps a title: every line of a figure's title and of its notes stays
+    within TITLE_LINE characters (a phone's figure), its words kept whole."""
+    meta = {"not_recorded": {"weight": "no linear or conv weight feeds this block"}}
+    figs, _ = run_figures(small_view(replicas=1, evals=False, blocks=False, meta=meta))
+    texts = [f["layout"]["title"]["text"] for f in figs.values()]
+    texts += [a["text"] for f in figs.values() for a in f["layout"].get("annotations", [])]
+    assert any("<br>" in t for t in texts)
+    for text in texts:
+        assert all(len(line) <= TITLE_LINE for line in text.split("<br>")), text
+    assert wrapped("a b c", 3) == "a b<br>c" and wrapped("one<br>two") == "one<br>two"
 
 
 def test_an_empty_panel_of_two_says_so_in_that_panel():
