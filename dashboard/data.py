@@ -73,7 +73,7 @@ def _sweep_row(sweep: str, group: list[dict[str, Any]], unfolded: bool) -> dict[
         "status": ", ".join(f"{n} {status}" for status, n in counts.items()),
         "progress": f"{sum(r['status'] in FINISHED for r in group)}/{len(group)} runs ended",
         "created": group[-1]["created"],
-        "model": group[-1]["model"],
+        "model": models.pop() if len(models := {r["model"] for r in group}) == 1 else "",
         "sweep": sweep,
         "runs": ",".join(r["id"] for r in group),
     }

@@ -97,6 +97,7 @@ def refresh(svc: Service, *inputs: Any) -> Any:
     Output("tabs", "value", allow_duplicate=True),
     Output("runs-unfolded", "data"),
     Output("runs-table", "active_cell"),
+    Output("runs-table", "selected_cells"),
     Input("runs-table", "active_cell"),
     State("runs-table", "data"),
     State("runs-unfolded", "data"),
@@ -110,13 +111,13 @@ def clicked(
     cell is let go at once, so that the next click on it counts too."""
     keep = no_update
     if not cell or cell.get("column_id") not in OPENS:
-        return keep, keep, keep, keep
+        return keep, keep, keep, keep, keep
     row = next((r for r in rows or [] if r["id"] == cell.get("row_id")), None)
     if row is None:
-        return keep, keep, keep, None
+        return keep, keep, keep, None, []
     if row.get("runs"):  # a sweep's row
-        return keep, keep, sorted(set(unfolded or []) ^ {row["id"]}), None
-    return row["id"], "run", keep, None
+        return keep, keep, sorted(set(unfolded or []) ^ {row["id"]}), None, []
+    return row["id"], "run", keep, None, []
 
 
 def targets(

@@ -129,15 +129,16 @@ def test_a_sweep_is_one_row_that_unfolds_and_a_click_on_a_name_opens_its_run(svc
     assert chosen(rows, [1]) == group["runs"].split(",")  # ticked: its runs, to compare
     cell = {"row": 1, "column": 1, "column_id": "name", "row_id": sweep["id"]}
     keep = (no_update, no_update)
-    assert runs.clicked(cell, rows, []) == (*keep, [sweep["id"]], None)
+    assert runs.clicked(cell, rows, []) == (*keep, [sweep["id"]], None, [])
+    assert group["model"] == "", "its runs differ in their model's batch size"
     rows = runs.refresh(svc, 1, None, None, None, [sweep["id"]])
     assert [r["id"] for r in rows][2:5] == group["runs"].split(",")
     assert rows[1]["name"].startswith("▾ bs") and rows[2]["name"].startswith("└ batch_size=")
-    assert runs.clicked(cell, rows, [sweep["id"]]) == (*keep, [], None)  # folded again
+    assert runs.clicked(cell, rows, [sweep["id"]]) == (*keep, [], None, [])  # folded again
     opened = {"row": 2, "column": 0, "column_id": "id", "row_id": rows[2]["id"]}
-    assert runs.clicked(opened, rows, [sweep["id"]]) == (rows[2]["id"], "run", no_update, None)
+    assert runs.clicked(opened, rows, [sweep["id"]]) == (rows[2]["id"], "run", no_update, None, [])
     status = {**opened, "column_id": "status"}
-    assert runs.clicked(status, rows, []) == (no_update,) * 4  # only the id and name open
+    assert runs.clicked(status, rows, []) == (no_update,) * 5  # only the id and name open
 
 
 def test_cancel_from_the_list_and_from_the_run_view(svc):
