@@ -100,7 +100,7 @@ def banner(run: dict[str, Any] | None, error: str | None = None) -> list[Any]:
     if error:
         return failed(error)
     if run is None:
-        return ["Pick a run in the Runs tab (tick it, then Open), or launch one."]
+        return ["Pick a run in the Runs tab (click its name), or launch one."]
     total = run.get("steps_total")
     parts: list[Any] = [
         html.Span(run["status"], className=f"status status-{run['status']}", id="run-status"),
