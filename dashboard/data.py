@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
 
 from bncore.downsample import bin_means, minmax
-from bncore.status import RunStatus
+from bncore.status import FINISHED, RunStatus
 from server.errors import NotFound
 from server.service import Service
 
@@ -32,10 +33,50 @@ REPLICA_STATS = ("global_pre_var", "replica_mean_spread", "replica_var_spread")
 BLOCK_EVAL_STATS = ("ema_mean_gap", "ema_var_gap", "signal_sq_mean", "signal_var", "branch_var")
 
 
-def runs(svc: Service, limit: int = 200) -> list[dict[str, Any]]:
-    """Rows for the runs table, newest first: what each is, how far it got, when it ends."""
+def runs(svc: Service, limit: int = 200, unfolded: Collection[str] = ()) -> list[dict[str, Any]]:
+    """Rows for the runs table, newest first: what each is, how far it got, when it ends; a
+    sweep's runs (an experiment's too) as one row, with its runs under it if ``unfolded``."""
     now = time.time()
-    return [_row(r, now) for r in svc.runs.newest(limit)]
+    return by_sweep([_row(r, now) for r in svc.runs.newest(limit)], unfolded)
+
+
+def by_sweep(rows: list[dict[str, Any]], unfolded: Collection[str]) -> list[dict[str, Any]]:
+    """Each sweep of two runs or more as one row at its newest run's place (``runs``: its run
+    ids, newest first; its name, the part of its runs' names before ": "), followed by its
+    runs if its id is in ``unfolded``."""
+    members: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["sweep"]:
+            members.setdefault(row["sweep"], []).append(row)
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        group = members.get(row["sweep"] or "", [])
+        if len(group) < 2:
+            out.append(row)
+        elif row is group[0]:
+            out.append(_sweep_row(row["sweep"], group, row["sweep"] in unfolded))
+            if row["sweep"] in unfolded:
+                out += [{**r, "name": "└ " + (r["name"].partition(": ")[2] or r["name"])}
+                        for r in group]  # fmt: skip
+    return out
+
+
+def _sweep_row(sweep: str, group: list[dict[str, Any]], unfolded: bool) -> dict[str, Any]:
+    """A sweep's row of the runs table: how many of its runs are in each status."""
+    counts: dict[str, int] = {}
+    for r in group:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    title = group[-1]["name"].partition(": ")[0] or "sweep"
+    return {
+        "id": sweep,
+        "name": f"{'▾' if unfolded else '▸'} {title} ({len(group)} runs)",
+        "status": ", ".join(f"{n} {status}" for status, n in counts.items()),
+        "progress": f"{sum(r['status'] in FINISHED for r in group)}/{len(group)} runs ended",
+        "created": group[-1]["created"],
+        "model": models.pop() if len(models := {r["model"] for r in group}) == 1 else "",
+        "sweep": sweep,
+        "runs": ",".join(r["id"] for r in group),
+    }
 
 
 def _row(r: dict[str, Any], now: float) -> dict[str, Any]:
@@ -57,6 +98,7 @@ def _row(r: dict[str, Any], now: float) -> dict[str, Any]:
     return {
         "id": r["id"],
         "name": r["name"] or "",
+        "sweep": r.get("sweep_id") or "",
         "status": r["status"],
         "progress": f"{done}/{total}" if total else f"{done} steps",
         "created": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])),
@@ -130,8 +172,8 @@ def run_view(svc: Service, run_id: str, layer: str | None) -> dict[str, Any]:
         )
     centers = (edges[:-1] + edges[1:]) / 2
     filled = ~np.all(np.isnan(heat["pre_var"]), axis=1) if layers else np.zeros(0, bool)
-    latest = svc.records.last(
-        run_id, [(lay, s) for lay in layers for s in ("grad_in_norm", "grad_out_norm")]
+    latest = _latest_measured(
+        svc, run_id, [(lay, s) for lay in layers for s in ("grad_in_norm", "grad_out_norm")]
     )
     depth = {
         stat: [_finite(latest[(lay, stat)]) for lay in layers]
@@ -187,6 +229,20 @@ def _at_evaluations(svc: Service, run_id: str, layers: list[str]) -> dict[str, A
             "last_step": max(steps, default=0),
         }
     return out
+
+
+def _latest_measured(
+    svc: Service, run_id: str, keys: list[tuple[str, str]]
+) -> dict[tuple[str, str], float]:
+    """The latest value of each series that was measured: a script may measure a statistic at
+    some steps only (gradients at steps 1 and 21), its other steps NaN; NaN where never."""
+    latest = svc.records.last(run_id, keys)
+    unmeasured = [key for key, v in latest.items() if not np.isfinite(v)]
+    for key, (_, values) in svc.records.series(run_id, unmeasured).items() if unmeasured else ():
+        measured = values[np.isfinite(values)]
+        if len(measured):
+            latest[key] = float(measured[-1])
+    return latest
 
 
 def _finite(v: float) -> float | None:

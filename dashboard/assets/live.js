@@ -24,6 +24,7 @@
   B.heavyAt = 0;
   B.spec = null;
   B.redrawAsked = false;
+  B.firstAsked = false;
 
   const set = (id, props) => window.dash_clientside.set_props(id, props);
   const say = (text) => set("live-indicator", {children: text});
@@ -161,11 +162,18 @@
       if (!gd) return null;
       let data;
       if (spec.kind === "latest") {
-        const last = {};
-        table.step.forEach((s, i) => { last[table.layer[i]] = i; });
-        // a batch without the column (a script's that did not measure it) leaves it as it is
-        data = gd.data.map((t, k) => (table[spec.columns[k]] ? Object.assign({}, t, {
-          y: spec.layers.map((l) => (l in last ? table[spec.columns[k]][last[l]] : null))}) : t));
+        // each layer's latest measured value of the batch; a layer the batch did not measure
+        // (a script's gradients at some steps only) keeps the value it has
+        data = gd.data.map((t, k) => {
+          const col = table[spec.columns[k]];
+          if (!col) return t;
+          const last = {};
+          table.step.forEach((s, i) => {
+            if (col[i] !== null && col[i] === col[i]) last[table.layer[i]] = col[i];
+          });
+          return Object.assign({}, t, {y: spec.layers.map((l, j) => (l in last ? last[l] :
+            (t.y ? t.y[j] : null)))});
+        });
       } else {  // channels: each layer's row (figures.channel_figure) gets its latest arrays
         const layers = (B.spec && B.spec.layers) || [];
         if (!layers.length) return null;  // drawn before the run said which layers it has
@@ -177,7 +185,7 @@
           return k === 0 ? row : row.map(log10);
         })}));
         const step = Math.max(...table.step);  // the title says which step it shows
-        const title = Object.assign({}, gd.layout.title, {text: spec.title + ", step " + step});
+        const title = Object.assign({}, gd.layout.title, {text: spec.title + "<br>step " + step});
         return {data: data, layout: Object.assign({}, gd.layout, {title: title})};
       }
       return {data: data, layout: gd.layout};
@@ -203,6 +211,10 @@
       set("live-reset", {data: Date.now()});
     }
     const steps = batch.steps && batch.steps.step;
+    if (steps && steps.length && B.spec.waiting && !B.firstAsked) {
+      B.firstAsked = true;  // drawn before any record, axes hidden: drawn again with them
+      set("live-reset", {data: Date.now()});
+    }
     if (steps && steps.length) set("run-step", {children: String(steps[steps.length - 1])});
     const lines = {};
     const work = [];  // line figures first: the step's loss shows before the heatmaps
@@ -276,6 +288,7 @@
       follow: function (spec) {
         B.spec = spec || null;
         if (spec && (spec.layers || []).length) B.redrawAsked = false;
+        if (spec && spec.waiting) B.firstAsked = false;
         return spec ? spec.run : null;
       },
     },

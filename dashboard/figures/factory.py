@@ -12,6 +12,16 @@ Figure = dict[str, Any]  # plotly's JSON figure: plain dicts are far cheaper tha
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
           "#e377c2", "#7f7f7f", "#bcbd22")  # fmt: skip
 AXIS = {"gridcolor": "#eef2f7", "zeroline": False, "automargin": True}
+#: The longest line of a figure's title, in characters: under 360 px at its 14 px, a phone's
+#: figure (390 px) less its border; a longer title is wrapped (:func:`wrapped`).
+TITLE_LINE = 46
+#: Every log axis's ticks. Plotly picks a log axis's ticks from its span in decades over
+#: ``nticks``: under one decade, linear ticks, each labelled in full (0.3, 0.4, 0.5); up to
+#: 0.7 * nticks decades, 1-2-5 ("D2") or every digit ("D1", from 0.3 * nticks down), labelled,
+#: by default, by their leading digit alone ("2, 1, 9, 8": 0.9 reads as 9); beyond, powers of
+#: ten. nticks 3 never picks "D1" (9 labels a decade), and "complete" labels the 2s and 5s in
+#: full (2x10^-1): at most 8 labels, each a whole number in plain or scientific form.
+LOG_TICKS = {"nticks": 3, "exponentformat": "power", "minorloglabels": "complete"}
 
 
 def figure(
@@ -25,10 +35,11 @@ def figure(
 ) -> Figure:
     """A figure whose axes say what they show (``x_title``, ``y_title``, with units); with
     rows=2, traces carrying yaxis 'y2' go to a lower panel sharing x (name it in ``yaxis2``).
-    Log axes get few, readable tick labels (powers of ten)."""
+    Every log axis gets few tick labels, each a whole number (:data:`LOG_TICKS`)."""
     lay: dict[str, Any] = {
-        "title": {"text": title, "font": {"size": 14}, "x": 0.01},
-        "margin": {"l": 60, "r": 16, "t": 36, "b": 40},
+        "title": {"text": wrapped(title), "font": {"size": 14}, "x": 0.01},
+        # the title, in the middle of the top margin, clear of the plot whatever its lines
+        "margin": {"l": 60, "r": 16, "t": top_margin(wrapped(title).count("<br>") + 1), "b": 40},
         "height": height,
         "paper_bgcolor": "white",
         "plot_bgcolor": "white",
@@ -50,12 +61,33 @@ def figure(
             lay[key] = value
     for key, axis in lay.items():
         if key[1:5] == "axis" and isinstance(axis, dict) and axis.get("type") == "log":
-            axis.setdefault("nticks", 6)  # a few labels, not every digit of every decade
-            axis.setdefault("exponentformat", "power")
+            for name, value in LOG_TICKS.items():
+                axis.setdefault(name, value)
     shown = [t for t in traces if t.get("showlegend", True) is not False and t.get("name")]
     if shown and lay.get("showlegend", True) and not all(t["type"] == "heatmap" for t in shown):
         lay["margin"]["b"] = 52 + 20 * min(5, 1 + len(shown) // 3)  # room for the legend
     return {"data": traces, "layout": lay}
+
+
+def top_margin(lines: int) -> int:
+    """The top margin, in px, that holds a title of ``lines`` lines."""
+    return 16 + 20 * lines
+
+
+def wrapped(title: str, width: int = TITLE_LINE) -> str:
+    """A title in lines of at most ``width`` characters where it has spaces to break at
+    (plotly never wraps a title: a long one runs off a phone's screen); its own breaks kept."""
+    lines = []
+    for text in title.split("<br>"):
+        line = ""
+        for word in text.split(" "):
+            if line and len(line) + 1 + len(word) > width:
+                lines.append(line)
+                line = word
+            else:
+                line = f"{line} {word}" if line else word
+        lines.append(line)
+    return "<br>".join(lines)
 
 
 def _categories(lay: dict[str, Any], traces: list[dict[str, Any]]) -> None:
@@ -116,9 +148,12 @@ def log10(a: np.ndarray) -> np.ndarray:
         return np.where(a > 0, np.log10(a), np.nan)
 
 
-def has_data(fig: Figure) -> bool:
-    """Whether any trace has a value to draw (not None, not NaN)."""
+def has_data(fig: Figure, yaxis: str | None = None) -> bool:
+    """Whether any trace (of the panel of ``yaxis``, "y" or "y2", if given) has a value to
+    draw (not None, not NaN)."""
     for trace in fig["data"]:
+        if yaxis is not None and trace.get("yaxis", "y") != yaxis:
+            continue
         for key in ("y", "z"):
             values = np.asarray(trace.get(key) or [], dtype=object).ravel()
             if any(v is not None and v == v for v in values):  # v == v: not NaN
@@ -134,12 +169,23 @@ def nothing(text: str) -> Figure:
     return fig
 
 
-def mark_empty(fig: Figure, text: str) -> None:
-    """An empty figure says why it is empty, in the middle of its plot."""
-    fig["layout"]["annotations"] = [
-        {"text": text, "xref": "paper", "yref": "paper", "x": 0.5, "y": 0.5,
-         "showarrow": False, "font": {"size": 13, "color": "#6b7280"}}
-    ]  # fmt: skip
+def mark_empty(fig: Figure, text: str, yaxis: str | None = None) -> None:
+    """An empty figure says why it is empty, in the middle of its plot; with ``yaxis`` ("y2"),
+    an empty panel of a figure of two, in the middle of that panel."""
+    where = {"yref": f"{yaxis} domain"} if yaxis else {"yref": "paper"}
+    note = {"text": wrapped(text), "xref": "paper", "x": 0.5, "y": 0.5, "showarrow": False,
+            "font": {"size": 13, "color": "#6b7280"}, **where}  # fmt: skip
+    kept = fig["layout"].get("annotations", []) if yaxis else []
+    fig["layout"]["annotations"] = [*kept, note]
+
+
+def waiting(fig: Figure, text: str) -> None:
+    """A figure before its run's first record: no axes (plotly would invent their ranges:
+    a log axis from 10^-1 to 10^4), ``text`` in their place. Its traces stay, to be extended."""
+    for key, axis in fig["layout"].items():
+        if key[1:5] == "axis" and isinstance(axis, dict):
+            axis["visible"] = False
+    mark_empty(fig, text)
 
 
 #: How a marked step is drawn: a dashed red line across the figure, labelled at its top.

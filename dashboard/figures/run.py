@@ -32,6 +32,8 @@ from dashboard.figures.factory import (
     log10,
     mark_empty,
     tint,
+    top_margin,
+    wrapped,
 )
 
 _LOG = {"type": "log"}
@@ -85,7 +87,7 @@ LAYER = Lines(
 )  # fmt: skip
 AFFINE = Lines(
     "fig-affine", "{layer}: running-statistics gap; gamma and beta (channel averages)", "step",
-    "RMS gap (running - batch)",
+    "RMS gap<br>running - batch",  # two lines: one ran out of its panel
     (
         Line("running_mean_gap", 0),
         Line("running_var_gap", 1),
@@ -101,7 +103,7 @@ SCALE = Lines(
     (Line("weight_norm", 0), Line("eff_lr", 1, lower=True), Line("angular_update", 2, lower=True)),
     of_layer=True,
     layout={**_TWO_PANELS, "yaxis": _LOG,
-            "yaxis2": {"type": "log", "title": {"text": "lr/||w||^2, radians (log)"}}},
+            "yaxis2": {"type": "log", "title": {"text": "lr/||w||^2,<br>radians (log)"}}},
 )  # fmt: skip
 
 
@@ -152,7 +154,7 @@ def percentile_lines(view: View) -> list[Line]:
 
 PERCENTILES = Lines(
     "fig-pct", "{layer}: a unit's input to the activation (Ioffe & Szegedy, Fig. 1)", "step",
-    "value (15th, 50th, 85th pct)", percentile_lines, of_layer=True,
+    "value<br>(15th, 50th, 85th pct)", percentile_lines, of_layer=True,
 )  # fmt: skip
 
 
@@ -236,14 +238,16 @@ def channel_figure(rows: list[dict[str, Any]], layers: list[str]) -> Figure:
         ],
         channel_title(step),
         "channel",
-        "layer: batch mean",
+        "layer",
         height=max(320, 120 + 36 * len(names)),
+        # one channel axis, below both panels (on top, its title sat on the figure's); each
+        # panel's y title short enough for its panel, its colour bar saying which it is
         yaxis={"domain": [0.56, 1.0]},
-        xaxis={"anchor": "y", "side": "top"},
-        margin={"t": 84},
+        xaxis={"anchor": "y", "visible": False},
+        margin={"t": top_margin(channel_title(0).count("<br>") + 1)},  # a step line to come
         xaxis2={**AXIS, "title": {"text": "channel"}, "anchor": "y2", "matches": "x"},
-        yaxis2={**AXIS, "domain": [0.0, 0.44], "title": {"text": "layer: log10 variance"},
-                "anchor": "x2", "type": "category"},
+        yaxis2={**AXIS, "domain": [0.0, 0.44], "title": {"text": "layer"}, "anchor": "x2",
+                "type": "category"},
     )  # fmt: skip
 
 
@@ -261,8 +265,8 @@ def _channel_grid(rows: list[dict[str, Any]], names: list[str], col: str) -> np.
 
 def channel_title(step: int | None) -> str:
     """The per-channel figure's title (assets/live.js writes the same as the step moves)."""
-    where = f", step {step}" if step is not None else ""
-    return f"Per-channel batch mean (top) and log10 variance (bottom){where}"
+    where = f"<br>step {step}" if step is not None else ""
+    return f"{wrapped('Per-channel batch mean (top) and log10 variance (bottom)')}{where}"
 
 
 #: Every figure of the run view.
@@ -301,8 +305,13 @@ def run_figures(view: View) -> tuple[dict[str, Figure], list[Spec]]:
 
 
 def explain_empty(figs: dict[str, Figure], not_recorded: dict[str, str]) -> None:
-    """Each figure with nothing to draw says why: the run's own note, or what it needs."""
+    """Each figure with nothing to draw says why: the run's own note, or what it needs; a
+    figure of two panels with one of them empty says so in that panel."""
     for graph, fig in figs.items():
         if not has_data(fig):
             reason = not_recorded.get(NOTE_FOR.get(graph, ""), "") or NEEDS.get(graph, "")
             mark_empty(fig, "not recorded for this run" + (f": {reason}" if reason else ""))
+        elif "domain" in fig["layout"].get("yaxis2", {}):
+            for panel in ("y", "y2"):
+                if not has_data(fig, panel):
+                    mark_empty(fig, "not recorded for this run", panel)

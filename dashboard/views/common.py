@@ -8,8 +8,8 @@ from dash import State, dcc, html
 
 NEEDS_TOKEN = "this server needs its token: type it in the Launch tab"
 SELECT_FIRST = "select a run first (tick its box)"
-#: Figures of two stacked panels: drawn taller.
-TALL = ("fig-layer", "fig-affine", "fig-scale", "fig-replicas", "fig-channels")
+#: Figures of two stacked panels, or of a long legend (the percentiles' six lines): drawn taller.
+TALL = ("fig-layer", "fig-affine", "fig-scale", "fig-replicas", "fig-channels", "fig-pct")
 
 
 def failed(text: str, label: str = "error") -> list[Any]:
@@ -22,8 +22,10 @@ TICKED = (State("runs-table", "data"), State("runs-table", "selected_rows"))
 
 
 def chosen(rows: list[dict] | None, selected: list[int] | None) -> list[str]:
-    """The ids of the ticked rows of the runs table."""
-    return [rows[i]["id"] for i in selected or [] if rows and i < len(rows)]
+    """The ids of the runs ticked in the runs table (a ticked sweep's row: its runs)."""
+    ticked = [rows[i] for i in selected or [] if rows and i < len(rows)]
+    ids = [i for row in ticked for i in (row.get("runs") or row["id"]).split(",")]
+    return list(dict.fromkeys(ids))
 
 
 def graph(gid: str) -> dcc.Graph:

@@ -55,6 +55,15 @@ def run_link(run_id: str) -> dcc.Link:
     return dcc.Link(f"run {run_id}", href=f"/dashboard/?tab=run&run={run_id}")
 
 
+def compare_link(run_ids: list[str]) -> dcc.Link:
+    """The Compare view with these runs (a preset's point: BN against no BN)."""
+    return dcc.Link(
+        f"compare its {len(run_ids)} runs",
+        href=f"/dashboard/?tab=compare&compare={','.join(run_ids)}",
+        id="launch-compare",
+    )
+
+
 @callback(
     Output("form-box", "children"),
     Output("grid", "value"),
@@ -109,6 +118,7 @@ class NotAGrid(ValueError):
     State({"type": "cfg", "field": ALL}, "id"),
     State("grid", "value"),
     State("token", "value"),
+    State("preset", "value"),
     prevent_initial_call=True,
 )
 def launch(
@@ -118,9 +128,10 @@ def launch(
     ids: list[dict[str, str]],
     grid: str | None,
     token: str | None,
+    preset_name: str | None = None,
 ) -> tuple[list[Any], list[str], str]:
-    """Queue the form's run, or a sweep of it over the grid; or say, beside each field, what
-    keeps it from being launched (nothing is queued then)."""
+    """Queue the form's run, or a sweep of it over the grid (named after the preset chosen);
+    or say, beside each field, what keeps it from being launched (nothing is queued then)."""
     marks = Marks([i["field"] for i in ids])
     try:
         svc.runs.authorize(token)
@@ -137,7 +148,7 @@ def launch(
     if marks:
         return marks.fail("fix the fields marked in red")
     try:
-        msg = queue(svc, body, config, grid)
+        msg = queue(svc, body, config, grid, preset_name)
     except json.JSONDecodeError as exc:
         marks.grid.append(f"not JSON: {exc}")
         return marks.fail("fix the sweep grid")
@@ -158,17 +169,22 @@ def launch(
     return marks.answer([html.Span("launched", className="status status-running"), *msg])
 
 
-def queue(svc: Service, body: dict[str, Any], config: RunConfig, grid: str | None) -> list[Any]:
-    """Queue one run of ``config``, or a sweep of ``body`` over the JSON ``grid``; what was
-    queued, with links to the runs."""
+def queue(
+    svc: Service, body: dict[str, Any], config: RunConfig, grid: str | None, name: str | None = None
+) -> list[Any]:
+    """Queue one run of ``config``, or a sweep ``name`` of ``body`` over the JSON ``grid``;
+    what was queued, with links to the runs, and to comparing a sweep's runs."""
     if not (grid and grid.strip()):
         run = svc.runs.create(config)
         return [run_link(run["id"]), " queued: open it to watch it train"]
     points = json.loads(grid)
     if not isinstance(points, dict):
         raise NotAGrid(grid)
-    sweep = svc.sweeps.create(SweepCreate(base=body, grid=points, name=None))
-    msg: list[Any] = [f"sweep {sweep['id']}: {len(sweep['runs'])} runs queued: "]
-    for i, r in enumerate(sweep["runs"][:SWEEP_LINKS]):
-        msg += [", "] * bool(i) + [run_link(r["id"])]
+    sweep = svc.sweeps.create(SweepCreate(base=body, grid=points, name=name))
+    ids = [r["id"] for r in sweep["runs"]]
+    msg: list[Any] = [f"sweep {sweep['id']}: {len(ids)} runs queued: "]
+    if len(ids) > 1:
+        msg += [compare_link(ids), " or open one: "]
+    for i, run_id in enumerate(ids[:SWEEP_LINKS]):
+        msg += [", "] * bool(i) + [run_link(run_id)]
     return msg

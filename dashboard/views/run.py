@@ -10,9 +10,9 @@ from typing import Any
 
 from dash import ClientsideFunction, Input, Output, State, dcc, html, no_update
 
-from bncore.status import FINISHED
+from bncore.status import FINISHED, RunStatus
 from dashboard import data
-from dashboard.figures.factory import mark_step, nothing
+from dashboard.figures.factory import mark_step, nothing, waiting
 from dashboard.figures.run import run_figures
 from dashboard.views.common import failed, graph, tabs
 from dashboard.wiring import Clientside, callback
@@ -78,12 +78,29 @@ def layout(section: str | None) -> html.Div:
     )
 
 
+def starting(run: dict[str, Any]) -> str:
+    """What a run with no record yet is doing (the first seconds of a launch: a fresh worker
+    imports torch and builds its network and data before its first step)."""
+    status = run["status"]
+    if status == RunStatus.QUEUED.value:
+        position = run.get("queue_position")
+        where = f" (#{position + 1} in the queue)" if position is not None else ""
+        return f"queued{where}: it starts when a worker is free"
+    if status == RunStatus.RUNNING.value:
+        if run.get("source") == "client":
+            return "waiting for the script's first records (run.log)"
+        if not (run.get("meta") or {}).get("layers"):
+            return "the worker is starting: loading PyTorch, the network and the data"
+        return "the worker has started: waiting for the first records"
+    return f"the run ended ({status}) before its first record"
+
+
 def banner(run: dict[str, Any] | None, error: str | None = None) -> list[Any]:
     """What the run is (status, name, id, step, queue, accuracy, message), or the error."""
     if error:
         return failed(error)
     if run is None:
-        return ["Pick a run in the Runs tab (tick it, then Open), or launch one."]
+        return ["Pick a run in the Runs tab (click its name), or launch one."]
     total = run.get("steps_total")
     parts: list[Any] = [
         html.Span(run["status"], className=f"status status-{run['status']}", id="run-status"),
@@ -92,6 +109,8 @@ def banner(run: dict[str, Any] | None, error: str | None = None) -> list[Any]:
         html.Span(str(run["steps_done"]), id="run-step"),
         f" of {total}" if total else "",
     ]
+    if not run["steps_done"] and run["status"] != RunStatus.QUEUED.value:
+        parts.append(html.Span(f"  ·  {starting(run)}", id="run-starting"))
     if run.get("queue_position") is not None:
         parts.append(f"  ·  waiting: #{run['queue_position'] + 1} in the queue")
     final = run.get("final") or {}
@@ -144,6 +163,10 @@ def render_run(
         log.exception("run view")
         return *keep, no_update, no_update, no_update, banner(None, f"{exc}"), no_update
     shown = set(SECTIONS.get(section, ()))
+    run = svc.runs.out(view["run"])
+    note = "" if view["last_step"] else starting(run)
+    for g in shown & set(figs) if note else ():
+        waiting(figs[g], note)
     if marked and marked.get("run") == run_id and marked.get("step") is not None:
         label = f"{marked.get('mark') or 'step'} at step {marked['step']}"
         for g in shown & set(figs):
@@ -153,9 +176,10 @@ def render_run(
         "run": run_id,
         "specs": [s for s in specs if s["graph"] in shown],
         "layers": view["layers"],
+        "waiting": note,  # assets/live.js redraws all at the first records
     }
     report = f"/api/runs/{run_id}/report"
-    run_banner = banner(svc.runs.out(view["run"]))
+    run_banner = banner(run)
     return (*out, spec, view["layers"], view["layer"], run_banner, report)
 
 
@@ -170,12 +194,16 @@ def render_run(
 def live_status(run: dict[str, Any] | None, spec: dict[str, Any] | None) -> tuple[Any, Any]:
     """The stream said the run's status: the banner says it; the figures are drawn again from
     the store once the worker has said which layers it has, or the run has ended (the final
-    per-channel arrays, everything the stream did not carry)."""
+    per-channel arrays, everything the stream did not carry), or, before its first record, what
+    it is doing has changed (queued, then its worker starting)."""
     if not run:
         return no_update, no_update
     layers_known = bool((run.get("meta") or {}).get("layers"))
-    redraw = (layers_known and spec is not None and not spec.get("layers")) or (
-        run["status"] in FINISHED
+    waiting = (spec or {}).get("waiting")
+    redraw = (
+        (layers_known and spec is not None and not spec.get("layers"))
+        or run["status"] in FINISHED
+        or bool(waiting and not run["steps_done"] and starting(run) != waiting)  # the news
     )
     return banner(run), (time.time() if redraw else no_update)
 

@@ -1,6 +1,7 @@
-"""The runs list: every run, refreshed every 2 s; tick runs, then open, compare (see
-dashboard.views.address), cancel or delete them (delete after a confirmation). The run view's
-own Cancel and Delete act here too, on the run in view."""
+"""The runs list: every run, refreshed every 2 s, a sweep's (or an experiment's) runs folded
+into one row; a click on a run's id or name opens it, on a sweep's unfolds it; tick runs (or
+sweeps), then open, compare (see dashboard.views.address), cancel or delete them (delete after
+a confirmation). The run view's own Cancel and Delete act here too, on the run in view."""
 
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ DOCTOR_COLORS = (("warning", "#b45309"), ("error", "#b91c1c"))
 #: Where an action on runs says what it did, and that the list has changed.
 NOTE = Output("runs-note", "children", allow_duplicate=True)
 CHANGED = Output("runs-changed", "data", allow_duplicate=True)
+#: The columns a click on opens the run (or unfolds the sweep).
+OPENS = ("id", "name")
 #: What an action on runs reads: the ticked rows of the list, and the run in view.
 TARGETS = (*TICKED, State("view-run", "data"))
 
@@ -40,7 +43,7 @@ def layout() -> html.Div:
         html.Button("Compare", id="open-compare", n_clicks=0),
         html.Button("Cancel", id="cancel-runs", n_clicks=0),
         html.Button("Delete", id="delete-runs", n_clicks=0, className="danger"),
-        html.Span("tick runs, then act on them", className="note"),
+        html.Span("click a run's name to open it; tick runs, then act on them", className="note"),
         html.Span(id="runs-note", className="note action-note"),
     ]
     table = dash_table.DataTable(  # type: ignore[attr-defined]  # generated at import
@@ -55,6 +58,7 @@ def layout() -> html.Div:
         style_cell={"textAlign": "left", "fontSize": 13, "maxWidth": 360,
                     "whiteSpace": "normal", "height": "auto"},
         style_data_conditional=[
+            *({"if": {"column_id": c}, "cursor": "pointer", "color": "#1d4ed8"} for c in OPENS),
             *({"if": {"filter_query": f'{{status}} = "{s}"'}, "color": c}
               for s, c in STATUS_COLORS),
             *({"if": {"filter_query": f'{{doctor}} contains "{word}"', "column_id": "doctor"},
@@ -66,6 +70,7 @@ def layout() -> html.Div:
             html.Div(toolbar, className="toolbar"),
             table,
             dcc.Interval(id="runs-refresh", interval=2000),
+            dcc.Store(id="runs-unfolded", data=[]),  # the sweeps shown with their runs
         ]
     )
 
@@ -76,14 +81,43 @@ def layout() -> html.Div:
     Input("launch-result", "children"),
     Input("runs-changed", "data"),
     Input("server-back", "data"),
+    Input("runs-unfolded", "data"),
 )
-def refresh(svc: Service, *_: Any) -> Any:
-    """The table's rows (dashboard.data.runs), newest first."""
+def refresh(svc: Service, *inputs: Any) -> Any:
+    """The table's rows (dashboard.data.runs), newest first, the unfolded sweeps' runs shown."""
     try:
-        return data.runs(svc)
+        return data.runs(svc, unfolded=inputs[-1] or ())
     except Exception:  # the store is busy or gone: keep the table as it is
         log.exception("runs table")
         return no_update
+
+
+@callback(
+    Output("view-run", "data", allow_duplicate=True),
+    Output("tabs", "value", allow_duplicate=True),
+    Output("runs-unfolded", "data"),
+    Output("runs-table", "active_cell"),
+    Output("runs-table", "selected_cells"),
+    Input("runs-table", "active_cell"),
+    State("runs-table", "data"),
+    State("runs-unfolded", "data"),
+    prevent_initial_call=True,
+    service=False,
+)
+def clicked(
+    cell: dict[str, Any] | None, rows: list[dict] | None, unfolded: list[str] | None
+) -> tuple[Any, ...]:
+    """A click on a run's id or name opens it; on a sweep's, shows or hides its runs. The
+    cell is let go at once, so that the next click on it counts too."""
+    keep = no_update
+    if not cell or cell.get("column_id") not in OPENS:
+        return keep, keep, keep, keep, keep
+    row = next((r for r in rows or [] if r["id"] == cell.get("row_id")), None)
+    if row is None:
+        return keep, keep, keep, None, []
+    if row.get("runs"):  # a sweep's row
+        return keep, keep, sorted(set(unfolded or []) ^ {row["id"]}), None, []
+    return row["id"], "run", keep, None, []
 
 
 def targets(

@@ -5,6 +5,7 @@ Screenshots go to artifacts/."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ pytestmark = [
     pytest.mark.skipif(not Path(CHROMIUM).exists(), reason=f"no Chromium at {CHROMIUM}"),
 ]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "artifacts"
+SHOTS = ARTIFACTS / "shots"
 SMALL = {
     "model": {"depth": 3, "width": 16},
     "data": {"name": "digits"},
@@ -34,6 +36,14 @@ def points(page, graph: str, trace: int = 0) -> int:
         "([g, t]) => { const gd = document.querySelector('#' + g + ' .js-plotly-plot');"
         " return gd && gd.data && gd.data[t] && gd.data[t].x ? gd.data[t].x.length : 0; }",
         [graph, trace],
+    )
+
+
+def loss_layout(page) -> dict | None:
+    """The loss figure's layout as the page holds it (None: not drawn yet)."""
+    return page.evaluate(
+        "() => { const gd = document.querySelector('#fig-loss .js-plotly-plot');"
+        " return gd && gd.layout && gd.data ? gd.layout : null; }"
     )
 
 
@@ -98,8 +108,21 @@ def test_launch_from_the_form_and_watch_it_grow(page, server):
     row.wait_for()
     row.locator("input").check()
     page.click("#open-run")
+    opened = time.monotonic()
+    wait_for(lambda: loss_layout(page) is not None, 30)
+    before = loss_layout(page)
+    if points(page, "fig-loss") == 0:  # before the first records: it says what is going on
+        shot(page, "dashboard-starting.png")
+        assert before["yaxis"].get("visible") is False, "no axes with invented ranges"
+        said = before["annotations"][0]["text"]
+        assert said.startswith(("queued", "the worker is", "the worker has")), said
     page.locator("#run-banner").get_by_text("running").wait_for(timeout=60_000)
+    wait_for(lambda: points(page, "fig-loss") > 0, 60)
+    first_point = time.monotonic() - opened
     wait_for(lambda: points(page, "fig-loss") > 20, 60)
+    wait_for(lambda: loss_layout(page)["yaxis"].get("visible") is not False, 10)
+    assert not loss_layout(page).get("annotations"), "drawn again with its axes"
+    (ARTIFACTS / "first-point.json").write_text(json.dumps({"open_to_first_point_s": first_point}))
     first = points(page, "fig-loss")
     time.sleep(2)
     later = points(page, "fig-loss")
@@ -306,7 +329,8 @@ def test_a_scripts_run_draws_layer_names_as_names_and_says_what_it_did_not_recor
     )  # fmt: skip
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     client = Client(server.url)
-    with client.create_run(name="script", channel_interval=5, measure_interval=1) as run:
+    # gradients measured every 20 steps: at steps 1, 21 (and none at its last step, 40)
+    with client.create_run(name="script", channel_interval=5, measure_interval=20) as run:
         run.watch(model)
         for step in range(1, 41):
             loss = nn.functional.cross_entropy(
@@ -332,7 +356,17 @@ def test_a_scripts_run_draws_layer_names_as_names_and_says_what_it_did_not_recor
     )
     assert "not recorded for this run" in page.evaluate(notes, "fig-acc")  # no evaluations
     assert "not recorded" not in page.evaluate(notes, "fig-heat-var")
+    depth = page.evaluate(
+        "() => document.querySelector('#fig-depth .js-plotly-plot').data.map((t) => t.y)"
+    )
+    assert all(v is not None for trace in depth for v in trace), depth  # step 21's
+    assert "not recorded" not in page.evaluate(notes, "fig-depth")
     shot(page, "dashboard-script-run.png")
+    page.click("#section >> text=One layer")
+    wait_for(lambda: points(page, "fig-layer") > 0, 30)
+    time.sleep(1)
+    blank = page.evaluate(BLANK_PANELS)
+    assert not blank, f"panels with nothing drawn and no note: {blank}"
 
 
 # -- issue 16: charts that label themselves, state that shows, a page that acts -------------
@@ -345,6 +379,56 @@ AXES = """() => [...document.querySelectorAll('.js-plotly-plot')]
               && !(a.overlaying))
       .map(([k, a]) => [k, ((a.title || {}).text || '')]);
     return [gd.parentElement.id || gd.id, gd.layout.title ? gd.layout.title.text : '', axes];
+  })"""
+
+
+#: The panels (a figure's y axes) of the shown figures that draw nothing and say nothing.
+BLANK_PANELS = """() => [...document.querySelectorAll('.js-plotly-plot')]
+  .filter((gd) => gd.offsetParent !== null && gd.data)
+  .flatMap((gd) => {
+    const notes = (gd.layout.annotations || []).map((a) => a.yref);
+    const panels = [...new Set(gd.data.map((t) => t.yaxis || 'y'))]
+      .filter((p) => !gd.layout[p.replace('y', 'yaxis')]?.overlaying);
+    return panels.filter((p) => !gd.data.some((t) => (t.yaxis || 'y') === p
+        && (t.type === 'heatmap' ? (t.z || []).flat() : (t.y || []))
+          .some((v) => v !== null && v === v)))
+      .filter((p) => !notes.includes('paper') && !notes.includes(p + ' domain'))
+      .map((p) => gd.parentElement.id + ' ' + p);
+  })"""
+
+
+#: Where the shown figures' titles collide: a figure's title with an axis title, two axis titles,
+#: a y axis title past its panel, a figure's title or note past the figure's edges.
+OVERLAPS = """() => [...document.querySelectorAll('.js-plotly-plot')]
+  .filter((gd) => gd.offsetParent !== null && gd._fullLayout)
+  .flatMap((gd) => {
+    const id = gd.parentElement.id, box = (el) => el.getBoundingClientRect(), out = [];
+    const hit = (a, b) => a.left < b.right - 1 && b.left < a.right - 1
+      && a.top < b.bottom - 1 && b.top < a.bottom - 1;
+    const g = box(gd), title = gd.querySelector('.gtitle');
+    const t = title && title.textContent ? box(title) : null;
+    if (t && (t.left < g.left - 1 || t.right > g.right + 1 || t.top < g.top - 1)) {
+      out.push(id + ': title cut off');
+    }
+    gd.querySelectorAll('.annotation-text').forEach((n) => {
+      const r = box(n);
+      if (r.left < g.left - 1 || r.right > g.right + 1) out.push(id + ': note cut off');
+    });
+    const axes = [...gd.querySelectorAll('text')]
+      .filter((e) => /^[xy]\\d*title$/.test(e.getAttribute('class')) && e.textContent);
+    axes.forEach((a, i) => {
+      const b = box(a), name = a.getAttribute('class').replace('title', '');
+      if (t && hit(t, b)) out.push(id + ': title on ' + name);
+      axes.slice(i + 1).forEach((c) => {
+        if (hit(b, box(c))) out.push(id + ': ' + name + ' on ' + c.getAttribute('class'));
+      });
+      const ax = gd._fullLayout[name.replace(/^([xy])/, '$1axis')];
+      if (name[0] === 'y' && ax && !ax.overlaying && ax._length) {
+        const top = g.top + ax._offset, bottom = top + ax._length;
+        if (b.top < top - 6 || b.bottom > bottom + 6) out.push(id + ': ' + name + ' off panel');
+      }
+    });
+    return out;
   })"""
 
 
@@ -366,8 +450,7 @@ def test_every_chart_names_its_axes_and_the_address_bar_follows_the_view(page, s
     row = page.locator("#runs-table tr", has_text=run_id)
     row.wait_for()
     assert row.inner_text().count(":") >= 2  # created time, and a duration
-    row.locator("input").check()
-    page.click("#open-run")
+    row.locator("td[data-dash-column='name']").click()  # a click on its name opens it
     wait_for(lambda: points(page, "fig-loss") > 0, 30)
     wait_for(lambda: f"run={run_id}" in here(page) and "tab=run" in here(page), 10)
     for section in (
@@ -385,6 +468,8 @@ def test_every_chart_names_its_axes_and_the_address_bar_follows_the_view(page, s
             for name, text in axes:
                 assert text, f"{graph}: {name} has no title ({section})"
         shot(page, f"axes-{section.split()[0].lower()}.png")
+        overlaps = page.evaluate(OVERLAPS)
+        assert not overlaps, f"{section}: {overlaps}"
     assert "section=population" in here(page)
     assert "not recorded for this run: set precise_bn" in page.inner_text("#fig-population")
     page.click("#section >> text=One layer")
@@ -489,6 +574,35 @@ def test_launch_links_to_its_run_and_the_form_names_every_error(page):
     assert f"run={run_id}" in here(page)
 
 
+def test_a_preset_s_launch_links_to_comparing_its_runs(page, server):
+    page.click("#tabs >> text=Launch")
+    page.click("#preset")
+    page.get_by_role("option", name="BN vs no BN").click()
+    page.locator("#grid").get_by_text("norm.kind").wait_for()
+    fill(page, "steps", "20")
+    page.click("#launch")
+    link = page.locator("#launch-compare")
+    link.wait_for()
+    assert link.inner_text() == "compare its 2 runs"
+    ids = link.get_attribute("href").split("compare=")[1].split(",")
+    link.click()
+    wait_for(lambda: "tab=compare" in here(page), 10)
+    wait_for(
+        lambda: (
+            page.evaluate(
+                "() => { const gd = document.querySelector('#cmp-loss .js-plotly-plot');"
+                " return gd && gd.data ? gd.data.length : 0; }"
+            )
+            == 2
+        ),
+        30,
+    )
+    assert f"compare={','.join(ids)}" in here(page)
+    with server.client() as api:
+        for run_id in ids:
+            api.post(f"/api/runs/{run_id}/cancel")
+
+
 def test_wrong_ids_say_what_is_wrong(page, server):
     base = here(page).split("?")[0]
     page.goto(f"{base}?run=doesnotexist")
@@ -540,6 +654,15 @@ def test_a_phone_sees_every_figure_within_its_screen(browser, server):
             ".map((gd) => gd.getBoundingClientRect().right)"
         )
         assert wide and max(wide) <= 391, wide
+        overlaps = page.evaluate(OVERLAPS)
+        assert not overlaps, overlaps
+        page.click("#section >> text=One layer")
+        wait_for(lambda: points(page, "fig-layer") > 0, 30)
+        time.sleep(1)
+        shot(page, "dashboard-phone-layer.png")
+        overlaps = page.evaluate(OVERLAPS)
+        assert not overlaps, overlaps
+        page.click("#section >> text=Overview")
         assert page.evaluate("() => document.documentElement.scrollWidth") <= 391
         tabs = page.evaluate("() => document.querySelector('#tabs').getBoundingClientRect().height")
         assert tabs < 120, "the tabs stay one compact row"
@@ -547,6 +670,47 @@ def test_a_phone_sees_every_figure_within_its_screen(browser, server):
         page.click("#tabs >> text=Runs")
         page.wait_for_selector("#runs-table")
         shot(page, "dashboard-phone-runs.png")
+    finally:
+        page.close()
+
+
+def test_the_launch_form_is_one_column_on_a_phone(browser, server):
+    """At 390 px the fieldsets stack and every input takes the screen's width: none narrower
+    than 120 px ("64" showed as "6"), nothing past the screen's right edge."""
+    page = browser.new_page(viewport={"width": 390, "height": 844})
+    try:
+        page.goto(f"{server.url}/dashboard/?tab=launch")
+        page.wait_for_selector("#form-box fieldset")
+        page.click("#preset")
+        page.get_by_role("option", name="Batch size sweep").click()
+        page.locator("#grid").get_by_text("batch_size").wait_for()
+        time.sleep(0.5)
+        SHOTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(SHOTS / "launch-phone.png"), full_page=True)
+        boxes = page.evaluate(
+            "() => [...document.querySelectorAll('#tab-launch-content input:not([type=hidden]),"
+            " #tab-launch-content textarea, #tab-launch-content .dash-dropdown,"
+            " #tab-launch-content fieldset, #tab-launch-content label')]"
+            ".filter((e) => e.offsetParent !== null).map((e) => { const r ="
+            " e.getBoundingClientRect(); return [e.tagName, e.id || e.className, r.left,"
+            " r.right, r.width]; })"
+        )
+        if not boxes:  # the tab's content has no such id in this Dash: the whole page
+            boxes = page.evaluate(
+                "() => [...document.querySelectorAll('input:not([type=hidden]), textarea,"
+                " fieldset, label')].filter((e) => e.offsetParent !== null).map((e) => {"
+                " const r = e.getBoundingClientRect(); return [e.tagName, e.id ||"
+                " e.className, r.left, r.right, r.width]; })"
+            )
+        assert len(boxes) > 20, boxes
+        wide = [b for b in boxes if b[2] < -1 or b[3] > 391]
+        assert not wide, wide
+        inputs = [b for b in boxes if b[0] in ("INPUT", "TEXTAREA")]
+        narrow = [b for b in inputs if b[4] < 120]
+        assert inputs and not narrow, narrow
+        fieldsets = [b for b in boxes if b[0] == "FIELDSET"]
+        assert len({round(b[2]) for b in fieldsets}) == 1, "the fieldsets stack in one column"
+        assert page.evaluate("() => document.documentElement.scrollWidth") <= 391
     finally:
         page.close()
 
@@ -679,3 +843,39 @@ def test_the_diagnosis_panel_tells_what_the_doctor_found_live_on_a_desk_and_a_ph
     finally:
         page.close()
     assert not errors, errors
+
+
+@pytest.mark.parametrize(
+    "low, high",
+    [(0.3, 2.5), (0.25, 0.95), (0.02, 0.9), (0.002, 0.05), (1e-4, 3.0), (1e-7, 1e2), (0.41, 0.46)],
+)
+def test_every_log_axis_labels_whole_numbers_few_of_them(browser, low, high):
+    """What plotly.js draws on a log axis from the factory's rules (dashboard.figures.factory):
+    each label a whole number in plain (0.5) or scientific (5x10^-1) form, never a leading digit
+    alone ("2, 1, 9, 8" for 2, 1, 0.9, 0.8), and at most 8 of them."""
+    from plotly.offline import get_plotlyjs
+
+    from dashboard.figures.factory import figure, line
+
+    steps = list(range(50))
+    values = [low * (high / low) ** (i / 49) for i in steps]
+    fig = figure([line(steps, values, "loss")], "Loss", "step", "loss (log)",
+                 yaxis={"type": "log"})  # fmt: skip
+    page = browser.new_page(viewport={"width": 700, "height": 400})
+    try:
+        page.set_content("<div id='g'></div>")
+        page.add_script_tag(content=get_plotlyjs())
+        ticks = page.evaluate(
+            "(fig) => Plotly.newPlot('g', fig.data, fig.layout).then((gd) =>"
+            " gd._fullLayout.yaxis._vals.map((t) => [t.x, t.text]))",
+            fig,
+        )
+    finally:
+        page.close()
+    assert 2 <= len(ticks) <= 8, ticks
+    for x, text in ticks:  # x: the tick's log10; text: its label, as HTML
+        label = re.sub(r"<sup>", "^", text)
+        label = re.sub(r"<[^>]+>|\u200b", "", label).replace("\u2212", "-")
+        power = re.fullmatch(r"(?:(\d)x)?10\^(-?\d+)", label)  # 5x10^-1, 10^-6
+        value = int(power[1] or 1) * 10.0 ** int(power[2]) if power else float(label)
+        assert value == pytest.approx(10**x, rel=1e-6), (label, ticks)

@@ -14,7 +14,8 @@ from bncore.statistics import CHANNEL_STATISTICS, STATISTICS
 from dashboard import data
 from dashboard.figures.compare import compare_figures
 from dashboard.figures.declare import SOURCES, Latest, Lines
-from dashboard.figures.factory import nothing, plain
+from dashboard.figures.experiment import experiment_figure
+from dashboard.figures.factory import LOG_TICKS, TITLE_LINE, nothing, plain, wrapped
 from dashboard.figures.run import ALSO, RUN_FIGURES, run_figures
 from dashboard.views.run import GRAPHS
 
@@ -70,7 +71,8 @@ def names(fig: dict) -> list[str]:
 
 
 def notes(fig: dict) -> str:
-    return " ".join(a["text"] for a in fig["layout"].get("annotations", []))
+    """A figure's notes, as read (a long one is wrapped in lines)."""
+    return " ".join(a["text"].replace("<br>", " ") for a in fig["layout"].get("annotations", []))
 
 
 def test_every_graph_of_the_run_view_gets_a_figure_and_each_spec_feeds_one():
@@ -199,9 +201,27 @@ def test_log_axes_are_where_they_were_declared_with_few_tick_labels():
         log = {k for k, a in axes.items() if a.get("type") == "log"}
         assert log == LOG_AXES.get(graph, set()), graph
         for key in log:
-            assert axes[key]["nticks"] == 6 and axes[key]["exponentformat"] == "power"
+            assert {k: axes[key][k] for k in LOG_TICKS} == LOG_TICKS, (graph, key)
     assert STATISTICS["loss"].log and STATISTICS["weight_grad_norm"].log
     assert figs["fig-heat-var"]["layout"]["yaxis"]["type"] == "category"  # layer names
+
+
+def test_every_log_axis_of_every_figure_takes_the_one_tick_rule():
+    """Loss, mode gap, compare and experiment panels alike: no figure sets its own log ticks
+    (what plotly.js then draws: test_every_log_axis_labels_whole_numbers_few_of_them)."""
+    assert LOG_TICKS["nticks"] <= 3 and LOG_TICKS["minorloglabels"] == "complete"
+    run = {"name": "bn", "status": "completed", "layer": "b", "loss": _xy(), "test_acc": _xy(),
+           "stat": _xy()}  # fmt: skip
+    panel = {"series": [{"name": "measured", "theory": False, "x": [16, 32], "y": [0.1, 0.2]}],
+             "log_x": True, "log_y": True, "kind": "by_value", "title": "t", "x_label": "batch",
+             "y_label": "gap"}  # fmt: skip
+    figs = [*run_figures(small_view())[0].values(), *compare_figures([run], "pre_var").values(),
+            experiment_figure(panel)]  # fmt: skip
+    axes = [a for f in figs for k, a in f["layout"].items() if k[1:5] == "axis"]
+    log = [a for a in axes if a.get("type") == "log"]
+    assert len(log) >= 12
+    for axis in log:
+        assert {k: axis[k] for k in LOG_TICKS} == LOG_TICKS
 
 
 def test_layer_figures_wait_for_a_layer():
@@ -230,6 +250,32 @@ def test_empty_figures_say_why():
     assert notes(figs["fig-acc"]) == ""
     empty = nothing("no run to show")
     assert notes(empty) == "no run to show" and empty["layout"]["xaxis"]["visible"] is False
+
+
+def test_long_titles_and_notes_are_wrapped_to_fit_a_phone():
+    """Plotly never wraps a title: every line of a figure's title and of its notes stays
+    within TITLE_LINE characters (a phone's figure), its words kept whole."""
+    meta = {"not_recorded": {"weight": "no linear or conv weight feeds this block"}}
+    figs, _ = run_figures(small_view(replicas=1, evals=False, blocks=False, meta=meta))
+    texts = [f["layout"]["title"]["text"] for f in figs.values()]
+    texts += [a["text"] for f in figs.values() for a in f["layout"].get("annotations", [])]
+    assert any("<br>" in t for t in texts)
+    for text in texts:
+        assert all(len(line) <= TITLE_LINE for line in text.split("<br>")), text
+    assert wrapped("a b c", 3) == "a b<br>c" and wrapped("one<br>two") == "one<br>two"
+
+
+def test_an_empty_panel_of_two_says_so_in_that_panel():
+    """A script's run has a weight norm but no learning rate: the lower panel of its weight
+    figure (effective learning rate, angular update) says it was not recorded; the upper
+    panel, drawn, says nothing."""
+    view = small_view()
+    for stat in ("eff_lr", "angular_update"):
+        view["detail"][stat] = (STEPS, np.full(len(STEPS), np.nan))
+    figs, _ = run_figures(view)
+    (note,) = figs["fig-scale"]["layout"]["annotations"]
+    assert note["text"] == "not recorded for this run" and note["yref"] == "y2 domain"
+    assert notes(figs["fig-layer"]) == "" and notes(figs["fig-affine"]) == ""
 
 
 @pytest.mark.parametrize("stat", ["pre_var", "pre_mean"])

@@ -17,6 +17,7 @@ from bncore.record.sinks import encode
 from bncore.record.tables import CHANNEL_COLUMNS, Records
 from bncore.run.config import RunConfig
 from dashboard import app, data, report, wiring
+from dashboard.figures.run import run_figures
 from dashboard.form import build_form
 from dashboard.views import (
     address,
@@ -28,9 +29,9 @@ from dashboard.views import (
     run,
     runs,
 )
-from dashboard.views.common import NEEDS_TOKEN, SELECT_FIRST
+from dashboard.views.common import NEEDS_TOKEN, SELECT_FIRST, chosen
 from server.errors import NotFound
-from server.schemas import ClientRunCreate
+from server.schemas import ClientRunCreate, SweepCreate
 from server.service import Service, build
 from server.settings import Settings
 from tests.dashboard.test_form import _controls
@@ -103,13 +104,41 @@ def text(component: Any) -> str:
 def test_the_runs_table_has_a_row_per_run_newest_first(svc):
     ran = script_run(svc)
     waiting = queued_run(svc)
-    rows = runs.refresh(svc, 1, None, None, None)
+    rows = runs.refresh(svc, 1, None, None, None, [])
     assert [r["id"] for r in rows] == [waiting, ran]
     queued, scripted = rows
     assert queued["status"] == "queued" and queued["eta"] == "queued, #1"
     assert queued["progress"] == "0/50" and queued["model"].startswith("mlp ")
     assert scripted["status"] == "running" and scripted["progress"] == "30/60"
     assert scripted["model"] == "client" and scripted["eta"].startswith("about ")
+
+
+def test_a_sweep_is_one_row_that_unfolds_and_a_click_on_a_name_opens_its_run(svc):
+    """Ten runs of an experiment do not push the others down: its sweep is one row, at its
+    newest run's place; a click on it shows its runs, a click on a run's name opens it."""
+    before = queued_run(svc)
+    sweep = svc.sweeps.create(SweepCreate(name="bs", base={"steps": 20},
+                                          grid={"batch_size": [16, 32, 64]}))  # fmt: skip
+    members = [r["id"] for r in sweep["runs"]]
+    after = queued_run(svc)
+    rows = runs.refresh(svc, 1, None, None, None, [])
+    assert [r["id"] for r in rows] == [after, sweep["id"], before]
+    group = rows[1]
+    assert group["name"] == "▸ bs (3 runs)" and group["status"] == "3 queued"
+    assert sorted(group["runs"].split(",")) == sorted(members)
+    assert chosen(rows, [1]) == group["runs"].split(",")  # ticked: its runs, to compare
+    cell = {"row": 1, "column": 1, "column_id": "name", "row_id": sweep["id"]}
+    keep = (no_update, no_update)
+    assert runs.clicked(cell, rows, []) == (*keep, [sweep["id"]], None, [])
+    assert group["model"] == "", "its runs differ in their model's batch size"
+    rows = runs.refresh(svc, 1, None, None, None, [sweep["id"]])
+    assert [r["id"] for r in rows][2:5] == group["runs"].split(",")
+    assert rows[1]["name"].startswith("▾ bs") and rows[2]["name"].startswith("└ batch_size=")
+    assert runs.clicked(cell, rows, [sweep["id"]]) == (*keep, [], None, [])  # folded again
+    opened = {"row": 2, "column": 0, "column_id": "id", "row_id": rows[2]["id"]}
+    assert runs.clicked(opened, rows, [sweep["id"]]) == (rows[2]["id"], "run", no_update, None, [])
+    status = {**opened, "column_id": "status"}
+    assert runs.clicked(status, rows, []) == (no_update,) * 5  # only the id and name open
 
 
 def test_cancel_from_the_list_and_from_the_run_view(svc):
@@ -223,6 +252,30 @@ def test_the_run_view_of_a_run_with_records(svc):
         data.run_view(svc, "nosuchrun", None)
 
 
+def test_gradients_through_depth_are_the_latest_measured(svc):
+    """A script measured the gradients at steps 1 and 21 only (NaN at its other steps, its
+    last one too): the figure draws step 21's, and says nothing is missing."""
+    created = svc.runs.create_client_run(
+        ClientRunCreate(name="grads", meta={"layers": LAYERS}, steps_total=30)
+    )
+    s = np.arange(1, 31)
+    rows = np.repeat(s, len(LAYERS))
+    grads = np.where(np.isin(rows, (1, 21)), np.linspace(1.0, 2.0, len(rows)), np.nan)
+    records = Records(
+        steps={"step": s, "loss": np.linspace(2.3, 0.5, 30)},
+        layers={"step": rows, "layer": np.array(LAYERS * 30), "pre_var": np.ones(len(rows)),
+                "grad_in_norm": grads, "grad_out_norm": grads * 2},
+    )  # fmt: skip
+    svc.runs.ingest(created["id"], encode(records, seq=1), created["write_token"])
+    view = data.run_view(svc, created["id"], None)
+    at_21 = grads[rows == 21]
+    assert view["depth"]["grad_in_norm"] == pytest.approx(list(at_21))
+    assert view["depth"]["grad_out_norm"] == pytest.approx(list(at_21 * 2))
+    figs, _ = run_figures(view)
+    assert figs["fig-depth"]["data"][0]["y"] == pytest.approx(list(at_21 * 2))
+    assert not figs["fig-depth"]["layout"].get("annotations"), "no 'not recorded' note"
+
+
 def test_render_run_draws_the_open_section_and_says_how_it_grows(svc):
     run_id = script_run(svc)
     out = run.render_run(svc, run_id, None, None, "overview", "block1")
@@ -243,6 +296,34 @@ def test_render_run_draws_the_open_section_and_says_how_it_grows(svc):
     assert {s.get("layer") for s in out[len(run.GRAPHS)]["specs"]} == {"block0"}
 
 
+def test_a_run_before_its_first_record_says_what_it_is_doing(svc):
+    """The first seconds of a launch: no figure shows empty axes with ranges plotly invented;
+    each says, as the banner does, whether the run is queued, its worker starting, or its first
+    records awaited, and the page draws all again at the first records (the spec's waiting)."""
+    queued = queued_run(svc)
+    out = run.render_run(svc, queued, None, None, "overview", None)
+    spec, banner = out[len(run.GRAPHS)], out[len(run.GRAPHS) + 3]
+    assert spec["waiting"].startswith("queued") and "#1 in the queue" in text(banner)
+    for graph in run.SECTIONS["overview"]:
+        fig = out[run.GRAPHS.index(graph)]
+        axes = [a for k, a in fig["layout"].items() if k[1:5] == "axis"]
+        assert axes and all(a["visible"] is False for a in axes), graph
+        assert fig["layout"]["annotations"][0]["text"].startswith("queued (#1 in the queue)")
+        assert fig["data"], "its traces stay, for the stream to extend"
+    created = svc.runs.create_client_run(ClientRunCreate(name="s", meta={}, steps_total=5))
+    out = run.render_run(svc, created["id"], None, None, "overview", None)
+    note = "waiting for the script's first records"
+    assert note in text(out[len(run.GRAPHS) + 3])
+    assert out[0]["layout"]["annotations"][0]["text"].startswith(note)
+    worker = {"status": "running", "source": "worker", "meta": {}, "steps_done": 0}
+    assert run.starting(worker).startswith("the worker is starting")
+    assert "waiting for the first records" in run.starting({**worker, "meta": {"layers": ["a"]}})
+    assert run.starting({**worker, "status": "failed"}).startswith("the run ended (failed)")
+    with_records = run.render_run(svc, script_run(svc), None, None, "overview", None)
+    assert with_records[len(run.GRAPHS)]["waiting"] == ""
+    assert "visible" not in with_records[0]["layout"]["yaxis"]
+
+
 def test_render_run_of_no_run_says_so(svc):
     out = run.render_run(svc, "nosuchrun", None, None, "overview", None)
     figs, (spec, options, layer, banner, report) = out[: len(run.GRAPHS)], out[len(run.GRAPHS) :]
@@ -260,6 +341,10 @@ def test_the_stream_s_status_redraws_when_layers_become_known_or_the_run_ends():
     assert run.live_status(running, {"layers": ["a"]})[1] is no_update
     assert run.live_status({**running, "status": "completed"}, {"layers": ["a"]})[1]
     assert run.live_status(None, None) == (no_update, no_update)
+    starting = {"id": "r", "status": "running", "steps_done": 0, "meta": {}}
+    assert run.live_status(starting, {"layers": [], "waiting": "queued"})[1] is not no_update
+    said = {"layers": [], "waiting": run.starting(starting)}
+    assert run.live_status(starting, said)[1] is no_update
     assert run.server_back(1, None) is no_update and run.server_back(1, "r")
 
 
@@ -325,6 +410,22 @@ def test_launch_a_sweep_with_a_bad_point_marks_the_field(svc):
     assert grid_error == "" and svc.runs.newest(10) == []
     banner, _, _ = launch.launch(svc, 2, values, ids, '{"optim.lr": [0.1, 0.2]}', None)
     assert text(banner).startswith("launchedsweep ") and len(svc.runs.newest(10)) == 2
+
+
+def test_a_preset_s_launch_links_to_comparing_its_runs(svc):
+    """ "BN vs no BN" is launched to be compared: its launch links to the Compare view with
+    both runs, and its sweep takes the preset's name (its row in the runs list)."""
+    name = "BN vs no BN"
+    _, grid = launch.preset(name)
+    ids, values = form(steps=40)
+    banner, errors, _ = launch.launch(svc, 1, values, ids, grid, None, name)
+    runs_queued = [r["id"] for r in reversed(svc.runs.newest(10))]
+    assert len(runs_queued) == 2 and not any(errors)
+    link = next(c for c in _tree(banner) if getattr(c, "id", None) == "launch-compare")
+    assert link.href == f"/dashboard/?tab=compare&compare={','.join(runs_queued)}"
+    assert address.view_of(address.query_of(link.href.split("?")[1])).compare == runs_queued
+    assert text(banner).startswith("launchedsweep ") and "compare its 2 runs" in text(banner)
+    assert {r["name"].partition(": ")[0] for r in svc.runs.newest(10)} == {name}
 
 
 def test_launch_marks_each_bad_field_and_each_bad_grid(svc):
