@@ -363,3 +363,5 @@ def test_gradient_explosion_is_tested_within_its_uncertainty():
     bent = _explosion({8: yang("linear", 8), 128: yang("linear", 128) + 0.0035}, curve=0.002)
     assert bent["agrees"], bent["text"]  # B=128's excess is within its uncertainty: not tested
     assert "neither confirm nor refute it: activation=linear, batch_size=128" in bent["text"]
+    untested = _explosion({128: yang("linear", 128)}, curve=0.002)
+    assert not untested["agrees"] and "cannot test the theory" in untested["text"]
