@@ -62,11 +62,15 @@ class SampledEffect:
         """The effect, its spread and margin, and on how many samples it points the claimed way,
         each number written by ``fmt`` (for example ``lambda v: f"{100 * v:+.1f} points"``)."""
         n = len(self.samples)
+
+        def size(v: float) -> str:  # a spread or a margin: no sign
+            return fmt(v).lstrip("+")
+
         if n == 1:
-            return f"{fmt(self.mean)} (1 {self.over[:-1]}; margin {fmt(self.margin)})"
+            return f"{fmt(self.mean)} (1 {self.over[:-1]}; margin {size(self.margin)})"
         return (
-            f"{fmt(self.mean)} (mean of {n} {self.over}, spread {fmt(self.spread)}; margin "
-            f"{fmt(self.margin)}, the larger of {fmt(self.floor)} and {self.k:g} standard "
+            f"{fmt(self.mean)} (mean of {n} {self.over}, spread {size(self.spread)}; margin "
+            f"{size(self.margin)}, the larger of {size(self.floor)} and {self.k:g} standard "
             f"errors; the claimed way on {self.positive} of {n})"
         )
 
