@@ -125,7 +125,7 @@ def ioffe_szegedy(points: Sequence[Point]) -> Verdict:
         floor=math.log(2),
     )
     ok = higher.holds and steadier.holds
-    where = [w for w, e in (("BN does not train higher", higher),
+    where = [w for w, e in (("BN does not train higher beyond the margin", higher),
                             ("its input is not twice as stable with BN", steadier))
              if not e.holds]  # fmt: skip
     return Verdict(
