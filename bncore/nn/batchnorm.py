@@ -47,6 +47,14 @@ B = TypeVar("B", bound="BatchNorm")
 is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+def _under_transform(input: Tensor) -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, ...) is running, or ``input`` comes
+    from one. Transforms reach parameters as well as inputs (functional_call with grad or vmap over
+    the parameters: the input stays a plain tensor), and reject an autograd.Function met anywhere
+    under them, so the test is on the transform, not only on the input."""
+    return torch._C._are_functorch_transforms_active() or is_functorch_wrapped(input)
+
+
 def keras_momentum_to_torch(momentum: float) -> float:
     """Keras momentum weighs the old running value; torch momentum weighs the new batch value."""
     if not 0.0 <= momentum <= 1.0:
@@ -300,7 +308,7 @@ class BatchNorm(BatchNormBase):
             return batch_norm_with_stats(
                 input, running_mean, running_var, weight, bias, False, 0.0, self.eps
             )
-        if torch.compiler.is_compiling() or is_functorch_wrapped(input):
+        if torch.compiler.is_compiling() or _under_transform(input):
             return self._traceable_forward(input, weight, bias, running_mean, running_var)
         running = None
         if self.training and self.track_running_stats and running_mean is not None:

@@ -13,7 +13,12 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["gradient_explosion_rate", "gradient_growth_rate", "mean_field_rate"]
+__all__ = [
+    "gradient_explosion_rate",
+    "gradient_growth_rate",
+    "gradient_growth_uncertainty",
+    "mean_field_rate",
+]
 
 
 def gradient_explosion_rate(activation: str, batch_size: int) -> float:
@@ -105,3 +110,28 @@ def gradient_growth_rate(
     log_sq = np.log(g.reshape(-1, depth) ** 2).mean(0)[skip : depth - skip]
     slope = np.polyfit(np.arange(len(log_sq)), log_sq, 1)[0]
     return float(math.exp(-slope))
+
+
+def gradient_growth_uncertainty(norms: np.ndarray, skip: int = 2) -> float:
+    """The uncertainty of :func:`gradient_growth_rate` measured from ``norms`` (steps x blocks,
+    input side first): the standard error of the rate over the steps' batches, and half the
+    difference between the rates fitted to the first and the second half of the blocks (the
+    drift with depth: a finite network has not settled at the mean field's fixed point),
+    added in quadrature.
+    """
+    g = np.asarray(norms, dtype=np.float64)
+    log_sq = np.log(g**2)[:, skip : g.shape[1] - skip]
+    if log_sq.shape[1] < 4:
+        raise ValueError(f"{g.shape[1]} blocks leave fewer than 4 after skipping {skip} per end")
+
+    def rate(cols: np.ndarray) -> float:
+        return float(math.exp(-np.polyfit(np.arange(cols.shape[-1]), cols, 1)[0]))
+
+    per_step = [rate(row) for row in log_sq]
+    batches = (
+        float(np.std(per_step, ddof=1) / math.sqrt(len(per_step))) if len(per_step) > 1 else 0.0
+    )
+    half = log_sq.shape[1] // 2
+    mean = log_sq.mean(0)
+    depth = abs(rate(mean[: half + 1]) - rate(mean[half:])) / 2
+    return float(math.hypot(batches, depth))

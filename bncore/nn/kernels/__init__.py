@@ -115,6 +115,10 @@ def training_batch_norm(
         )
     if n == 0:
         return x.clone()
+    if torch._C._are_functorch_transforms_active():
+        # torch.func transforms reject autograd.Functions and bncore's fused operators have no
+        # batching rule: the reference's plain torch operations (the same math), not recorded
+        return reference.forward(x, weight, bias, eps, running).y
     kernel = select(x, weight, bias)
     if kernel is cpu and (keep.record is None or keep.record.row.dtype == x.dtype):
         return cpu.training_batch_norm(x, weight, bias, eps, running, keep)

@@ -2,19 +2,25 @@
 one sentence what was measured, with the numbers, and (where it disagrees) where.
 
 A check reads the runs' series as :func:`bncore.science.experiments.framework.result` has them; it
-raises :class:`Missing` while a run or a measurement it needs is not there yet.
+raises :class:`Missing` while a run or a measurement it needs is not there yet. Each check is a
+test that can fail: an effect must exceed its noise margin on every seed
+(:class:`~bncore.science.experiments.evidence.SampledEffect`, the margin printed in the
+sentence), a shape is tested as a shape (:func:`~bncore.science.experiments.evidence.growth_shape`),
+and tests/bncore/science/test_experiments.py feeds each check measurements it must reject.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from bncore.run.config import get_field
+from bncore.science.experiments.evidence import SampledEffect, growth_shape
 from bncore.science.experiments.framework import Missing, Panel, Point, Verdict, reduce_point
-from bncore.science.theory import gradient_explosion_rate
+from bncore.science.theory import gradient_explosion_rate, gradient_growth_uncertainty
 
 __all__ = ["CHECKS"]
 
@@ -55,6 +61,26 @@ def _grid(points: Sequence[Point], key: str) -> list[Any]:
     return found
 
 
+def _seeds(points: Sequence[Point]) -> list[Any]:
+    """The seeds the runs were made with; [None] where the sweep does not vary the seed."""
+    found = sorted({p.values["seed"] for p in points if p.values.get("seed") is not None})
+    return found or [None]
+
+
+def _points(v: float) -> str:
+    return f"{100 * v:+.1f} points"
+
+
+def _times(v: float) -> str:
+    """A log ratio, as the factor it stands for."""
+    return f"x{math.exp(v):.2f}"
+
+
+def _log_ratio(a: float, b: float) -> float:
+    """log(a / b), zeros kept finite."""
+    return math.log(max(a, 1e-12) / max(b, 1e-12))
+
+
 def _yes(ok: bool) -> str:
     return "agrees" if ok else "does not agree"
 
@@ -83,42 +109,81 @@ def bn_vs_learning_rate(points: Sequence[Point]) -> Verdict:
 
 
 def ioffe_szegedy(points: Sequence[Point]) -> Verdict:
-    bn, none = _pick(points, norm__kind="batch"), _pick(points, norm__kind="none")
-    acc = {k: _final(p, "test_acc") for k, p in (("bn", bn), ("none", none))}
-    drift = {}
-    for k, p in (("bn", bn), ("none", none)):
-        median = _values(p, "p50_0", "last")[1]
-        drift[k] = float(abs(median[-1] - median[0]))
-    ok = acc["bn"] >= acc["none"] - 0.01 and drift["bn"] < drift["none"]
+    seeds = _seeds(points)
+    acc: dict[str, list[float]] = {"batch": [], "none": []}
+    drift: dict[str, list[float]] = {"batch": [], "none": []}
+    for seed in seeds:
+        for k in acc:
+            p = _pick(points, norm__kind=k, seed=seed)
+            acc[k].append(_final(p, "test_acc", last=3))
+            median = _values(p, "p50_0", "last")[1]
+            drift[k].append(float(abs(median[-1] - median[0])))
+    higher = SampledEffect(tuple(a - b for a, b in zip(acc["batch"], acc["none"], strict=True)),
+                           floor=0.02)  # fmt: skip
+    steadier = SampledEffect(
+        tuple(_log_ratio(b, a) for a, b in zip(drift["batch"], drift["none"], strict=True)),
+        floor=math.log(2),
+    )
+    ok = higher.holds and steadier.holds
+    where = [w for w, e in (("BN does not train higher beyond the margin", higher),
+                            ("its input is not twice as stable with BN", steadier))
+             if not e.holds]  # fmt: skip
     return Verdict(
         ok,
-        f"Final test accuracy {acc['bn']:.2f} with BN against {acc['none']:.2f} "
-        f"without; the tracked sigmoid input's median moved by {drift['bn']:.2f} with "
-        f"BN and {drift['none']:.2f} without: this {_yes(ok)} with the paper.",
+        f"Final test accuracy (last 3 evaluations) {np.mean(acc['batch']):.2f} with BN against "
+        f"{np.mean(acc['none']):.2f} without, BN higher by {higher.describe(_points)}; the "
+        f"tracked sigmoid input's median moved by {np.mean(drift['batch']):.2f} with BN and "
+        f"{np.mean(drift['none']):.2f} without, {steadier.describe(_times)} less with BN: "
+        f"this {_yes(ok)} with the paper" + (f" ({'; '.join(where)})." if where else "."),
     )
 
 
 def gradient_explosion(panel: Panel) -> Any:
     def check(points: Sequence[Point]) -> Verdict:
-        errors = []
+        tested, unresolved = [], []
         for p in points:
             rate = reduce_point(panel, p)
             if rate is None:
                 raise Missing("growth not measured yet")
+            cols = [p.series[layer, panel.stats[0]][1] for layer in p.layers]
+            n = min(len(c) for c in cols)
+            spread = gradient_growth_uncertainty(np.stack([c[:n] for c in cols], axis=1))
             theory = gradient_explosion_rate(
                 get_field(p.config, "model.activation"), get_field(p.config, "batch_size")
             )
-            errors.append((abs(rate - theory) / theory, p.values))
-        if not errors:
+            where = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in p.values.items())
+            # a deviation of 2 uncertainties, or 5% of the predicted excess, is allowed; where
+            # the predicted excess itself is within 2 uncertainties, nothing is tested
+            allowed = max(2 * spread, 0.05 * (theory - 1))
+            if theory - 1 <= 2 * spread:
+                unresolved.append(f"{where} ({rate:.4f} against {theory:.4f}, +-{spread:.4f})")
+            else:
+                tested.append((abs(rate - theory) / allowed, rate, theory, spread, where))
+        if not points:
             raise Missing("no runs")
-        worst, at = max(errors, key=lambda e: e[0])
-        ok = worst <= 0.05
-        where = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in at.items())
+        if not tested:
+            return Verdict(
+                False,
+                "At every setting the predicted excess over 1 is within 2 uncertainties of none "
+                f"({', '.join(unresolved)}): this measurement cannot test the theory.",
+            )
+        worst = max(tested, key=lambda e: e[0])
+        ok = worst[0] <= 1
+        _, rate, theory, spread, where = worst
+        untested = (
+            "; where the predicted excess is within 2 uncertainties of none, the measurement "
+            f"can neither confirm nor refute it: {', '.join(unresolved)}"
+            if unresolved
+            else ""
+        )
         return Verdict(
             ok,
-            f"The measured growth per layer is within {100 * worst:.1f}% of "
-            f"Yang et al.'s rate at every batch size (the largest error at {where}): "
-            f"this {_yes(ok)} with the theory (5% allowed).",
+            f"At {len(tested)} of {len(points)} settings the measured growth per layer is "
+            f"tested against Yang et al.'s rate, allowing 2 uncertainties (the spread over "
+            f"batches and the drift with depth) or 5% of the predicted excess over 1; the "
+            f"largest deviation, at {where}, is {rate:.4f} against {theory:.4f} "
+            f"(+-{spread:.4f}), {worst[0]:.2f} of what is allowed{untested}: this {_yes(ok)} "
+            "with the theory.",
         )
 
     return check
@@ -163,13 +228,23 @@ def running_statistics(points: Sequence[Point]) -> Verdict:
         m: float(np.mean(_values(_pick(points, norm__momentum=m), "mode_gap")[1][1:])) for m in moms
     }
     acc = {m: _final(_pick(points, norm__momentum=m), "test_acc") for m in moms}
-    ok = gap[moms[0]] > gap[moms[-1]] and acc[moms[0]] <= max(acc.values())
+    # the lag shows as the largest gap at the smallest momentum, 1.5 times the largest
+    # momentum's at least (accuracy is shown, not tested: the claim is about the gap)
+    largest = max(gap, key=lambda m: gap[m])
+    ratio = gap[moms[0]] / max(gap[moms[-1]], 1e-12)
+    ok = len(moms) > 1 and largest == moms[0] and ratio >= 1.5
+    between = "".join(f", {gap[m]:.3f} at {m:g}" for m in moms[1:-1])
+    where = ""
+    if largest != moms[0]:
+        where = f" (the gap is largest at momentum {largest:g}: {gap[largest]:.3f})"
+    elif not ok:
+        where = " (less than the 1.5 times required)"
     return Verdict(
         ok,
-        f"Mean train/eval-mode gap {gap[moms[0]]:.3f} at momentum {moms[0]:g} "
-        f"against {gap[moms[-1]]:.3f} at {moms[-1]:g}; final test accuracy "
-        f"{acc[moms[0]]:.2f} against {acc[moms[-1]]:.2f}: this {_yes(ok)} with the "
-        "claim that a small momentum lags behind.",
+        f"Mean train/eval-mode gap {gap[moms[0]]:.3f} at momentum {moms[0]:g} against "
+        f"{gap[moms[-1]]:.3f} at {moms[-1]:g} ({ratio:.1f} times{between}); final test accuracy "
+        f"{acc[moms[0]]:.2f} against {acc[moms[-1]]:.2f}: this {_yes(ok)} with the claim that "
+        f"a small momentum lags behind{where}.",
     )
 
 
@@ -211,7 +286,7 @@ def noisy_bn(points: Sequence[Point]) -> Verdict:
 def landscape_check(points: Sequence[Point]) -> Verdict:
     names = {"landscape_loss_range": "loss range", "grad_change": "gradient change",
              "beta_smoothness": "beta-smoothness"}  # fmt: skip
-    seeds = _grid(points, "seed")
+    seeds = _seeds(points)
     per_seed: dict[str, list[tuple[float, float]]] = {s: [] for s in names}
     for seed in seeds:
         bn = _pick(points, norm__kind="batch", seed=seed)
@@ -226,75 +301,91 @@ def landscape_check(points: Sequence[Point]) -> Verdict:
             raise Missing("the networks have not both started to learn")
         at = sorted(learning)
 
-        def mean(p: Point, stat: str, at: list[int] = at) -> float:
+        def median(p: Point, stat: str, at: list[int] = at) -> float:
             steps, vals = _values(p, stat)
-            return float(np.mean(vals[np.isin(steps, at)]))
+            return float(np.median(vals[np.isin(steps, at)]))
 
         for stat in names:
-            per_seed[stat].append((mean(bn, stat), mean(none, stat)))
-    means = {s: tuple(np.mean(v, axis=0)) for s, v in per_seed.items()}
-    wins = {s: sum(a < b for a, b in v) for s, v in per_seed.items()}
+            per_seed[stat].append((median(bn, stat), median(none, stat)))
+    # smaller with BN: none/BN per seed, by 10% at least and beyond the spread, on every seed
+    smaller = {s: SampledEffect(tuple(_log_ratio(b, a) for a, b in v), floor=math.log(1.1))
+               for s, v in per_seed.items()}  # fmt: skip
     parts = "; ".join(
-        f"{names[s]} {a:.3g} with BN, {b:.3g} without (BN smaller on {wins[s]} of {len(seeds)})"
-        for s, (a, b) in means.items()
+        f"{names[s]} {np.mean([a for a, _ in v]):.3g} with BN, {np.mean([b for _, b in v]):.3g} "
+        f"without, {smaller[s].describe(_times)} smaller with BN"
+        for s, v in per_seed.items()
     )
-    smaller = [s for s, (a, b) in means.items() if a < b]
-    ok = len(smaller) == len(names)
-    where = (
-        ""
-        if ok
-        else (
-            " (BN is not smoother in: "
-            + ", ".join(names[s] for s in names if s not in smaller)
-            + ")"
-        )
-    )
+    ok = all(e.holds for e in smaller.values())
+    where = ", ".join(names[s] for s, e in smaller.items() if not e.holds)
     return Verdict(
         ok,
-        f"Averaged over the evaluations where both networks learn and over "
-        f"{len(seeds)} seeds: {parts}: this {_yes(ok)} with the paper{where}.",
+        f"Medians over the evaluations where both networks learn, {len(seeds)} seed"
+        f"{'s' * (len(seeds) > 1)}: {parts}: this {_yes(ok)} with the paper"
+        + (f" (BN is not smoother beyond the margin in: {where})." if where else "."),
     )
+
+
+def _precise_gain(p: Point) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, EMA accuracy, PreciseBN accuracy) at the evaluations that have both."""
+    steps_e, ema = _values(p, "test_acc")
+    steps_p, precise = _values(p, "test_acc_precise")
+    common, ie, ip = np.intersect1d(steps_e, steps_p, return_indices=True)
+    if not len(common):
+        raise Missing("no evaluation with both statistics")
+    return common, ema[ie], precise[ip]
 
 
 def ema_vs_precise(points: Sequence[Point]) -> Verdict:
     moms = _grid(points, "norm.momentum")
-    gain = {}
-    for m in moms:
-        p = _pick(points, norm__momentum=m)
-        _, ema = _values(p, "test_acc")
-        _, precise = _values(p, "test_acc_precise")
-        n = min(len(ema), len(precise))
-        gain[m] = float(np.mean(precise[1:n] - ema[1:n]))
-    ok = gain[moms[0]] > 0.02 and gain[moms[0]] > gain[moms[-1]]
+    runs = {m: _precise_gain(_pick(points, norm__momentum=m)) for m in moms}
+    final = {m: float(pr[-1] - e[-1]) for m, (_, e, pr) in runs.items()}
+    steps, ema, precise = runs[moms[0]]
+    # the paper's claim is about the trained model: the final evaluation, and the last 3 must
+    # all show the gain (at the start the EMA still holds its initial (0, 1) at small momentum)
+    late = SampledEffect(tuple((precise - ema)[-3:].tolist()), floor=0.02, over="evaluations")
+    most = final[moms[0]] - final[moms[-1]] > 0.02
+    ok = late.holds and most
+    where = "" if late.holds else " (the gain is not beyond its margin in the last evaluations)"
+    if late.holds and not most:
+        where = f" (not 2 points more than at momentum {moms[-1]:g})"
     return Verdict(
         ok,
-        f"PreciseBN's statistics give {100 * gain[moms[0]]:.1f} points more test "
-        f"accuracy than the EMA's on average over training at momentum {moms[0]:g}, "
-        f"{100 * gain[moms[-1]]:.1f} at {moms[-1]:g}: this {_yes(ok)} with Wu & "
-        "Johnson (a lagging EMA costs accuracy; PreciseBN gives it back).",
+        f"At the final evaluation (step {int(steps[-1])}), at momentum {moms[0]:g}, PreciseBN's "
+        f"statistics give {precise[-1]:.3f} test accuracy against the EMA's {ema[-1]:.3f} "
+        f"({_points(final[moms[0]])}; over the last 3 evaluations {late.describe(_points)}); "
+        f"at {moms[-1]:g}, {_points(final[moms[-1]])}: this {_yes(ok)} with Wu & Johnson (a "
+        f"lagging EMA costs accuracy; PreciseBN gives it back){where}.",
     )
 
 
 def frozen_bn(points: Sequence[Point]) -> Verdict:
-    sizes = _grid(points, "batch_size")
-    gain = {}
-    for b in sizes:
-        frozen = _final(_pick(points, batch_size=b, norm__freeze_after=0.75), "test_acc", last=2)
-        plain = _final(_pick(points, batch_size=b, norm__freeze_after=None), "test_acc", last=2)
-        gain[b] = frozen - plain
-    inconsistency = {}
-    for b in (sizes[0], sizes[-1]):
-        p = _pick(points, batch_size=b, norm__freeze_after=None)
-        inconsistency[b] = _final(p, "test_acc", last=2) - _final(p, "test_acc_batch", last=2)
-    ok = gain[sizes[0]] > 0 and gain[sizes[0]] >= gain[sizes[-1]]
+    sizes, seeds = _grid(points, "batch_size"), _seeds(points)
+    small, large = sizes[0], sizes[-1]
+
+    def acc(b: int, seed: Any, frozen: float | None, stat: str = "test_acc") -> float:
+        p = _pick(points, batch_size=b, norm__freeze_after=frozen, seed=seed)
+        return _final(p, stat, last=2)
+
+    gain = {b: [acc(b, s, 0.75) - acc(b, s, None) for s in seeds] for b in (small, large)}
+    helps = SampledEffect(tuple(gain[small]), floor=0.01)
+    most = SampledEffect(tuple(a - b for a, b in zip(gain[small], gain[large], strict=True)),
+                         floor=0.0)  # fmt: skip
+    inconsistency = {
+        b: float(np.mean([acc(b, s, None) - acc(b, s, None, "test_acc_batch") for s in seeds]))
+        for b in (small, large)
+    }
+    ok = helps.holds and most.holds
+    where = [w for w, e in ((f"no gain beyond the margin at batch size {small}", helps),
+                            (f"not more than at {large}", most)) if not e.holds]  # fmt: skip
     return Verdict(
         ok,
         f"FrozenBN for the last quarter changes the final test accuracy by "
-        f"{100 * gain[sizes[0]]:+.1f} points at batch size {sizes[0]} and "
-        f"{100 * gain[sizes[-1]]:+.1f} at {sizes[-1]}; population statistics beat "
-        f"the batch's own at test time by {100 * inconsistency[sizes[0]]:+.1f} points"
-        f" at {sizes[0]} and {100 * inconsistency[sizes[-1]]:+.1f} at {sizes[-1]}: "
-        f"this {_yes(ok)} with Wu & Johnson's FrozenBN finding.",
+        f"{helps.describe(_points)} at batch size {small} and "
+        f"{_points(float(np.mean(gain[large])))} at {large} (the difference: "
+        f"{most.describe(_points)}); population statistics beat the batch's own at test "
+        f"time by {_points(inconsistency[small])} at {small} and "
+        f"{_points(inconsistency[large])} at {large}: this {_yes(ok)} with Wu & Johnson's "
+        f"FrozenBN finding" + (f" ({'; '.join(where)})." if where else "."),
     )
 
 
@@ -305,30 +396,43 @@ def signal_propagation_check(points: Sequence[Point]) -> Verdict:
             raise Missing("no signal propagation yet")
         return np.asarray(vals)
 
-    def growth(p: Point) -> float:
-        """The output variance's growth per block through the first stage (geometric mean;
-        later stages start with channels that He et al.'s shortcut pads with zeros)."""
-        var, n = profile(p, "signal_var"), int(get_field(p.config, "model.depth"))
-        if n < 2:
-            raise Missing("one block per stage: no growth within a stage")
-        return float((var[n - 1] / var[0]) ** (1 / (n - 1)))
-
     bn = _pick(points, norm__kind="batch", model__skip_init=False)
     raw = _pick(points, norm__kind="none", model__skip_init=False)
     skip = _pick(points, norm__kind="none", model__skip_init=True)
-    g_bn, g_raw, g_skip = growth(bn), growth(raw), growth(skip)
-    var_bn, branch = profile(bn, "signal_var"), profile(bn, "branch_var")
     n = int(get_field(bn.config, "model.depth"))
-    step = float(np.mean(np.diff(var_bn[:n]))) if n > 1 else float("nan")
-    ok = g_bn < 1.3 and g_raw >= 1.5 and abs(g_skip - 1) < 0.05
+    if n < 3:
+        raise Missing("fewer than 3 blocks per stage: no shape to test within a stage")
+    # the first stage only: at a stage transition the shortcut changes the stream (below)
+    shape = {k: growth_shape(profile(p, "signal_var")[:n]) for k, p in
+             (("bn", bn), ("raw", raw), ("skip", skip))}  # fmt: skip
+    var_bn, branch = profile(bn, "signal_var"), profile(bn, "branch_var")
+    step = float(np.mean(np.diff(var_bn[:n])))
+    ok = (shape["bn"].kind == "linear" and shape["raw"].kind == "exponential"
+          and shape["skip"].kind == "flat")  # fmt: skip
+
+    def said(k: str) -> str:
+        g = shape[k]
+        inc = (f"x{g.increment_ratio:.3g} per block" if math.isfinite(g.increment_ratio)
+               else "not all positive")  # fmt: skip
+        return (f"x{g.ratio:.3g} per block, increments {inc}, "
+                f"misfit of a line {g.linear_misfit:.3f} against an exponential "
+                f"{g.exponential_misfit:.3f}: {g.kind}")  # fmt: skip
+
+    transition = ""
+    if len(var_bn) > n:
+        transition = (
+            f"; at the first stage transition the zero-padding shortcut averages the stream "
+            f"with new zero channels, so the BN network's variance goes from "
+            f"{var_bn[n - 1]:.2f} to {var_bn[n]:.2f} (x{var_bn[n] / var_bn[n - 1]:.2f}), not "
+            "reset to about 1 as Brock et al.'s projection shortcuts do"
+        )
     return Verdict(
         ok,
-        f"Through the first stage, at initialization, each residual block multiplies the "
-        f"output variance by {g_bn:.2f} with BN (it adds {step:.2f} per block in the "
-        f"first stage, about the branch variance {branch[:n].mean():.2f}: linear "
-        f"growth), by {g_raw:.2f} without normalization (exponential), and by "
-        f"{g_skip:.3f} with SkipInit: this {_yes(ok)} with Brock et al. and De & "
-        "Smith.",
+        f"Through the first stage, at initialization, the output variance grows "
+        f"{said('bn')} with BN (it adds {step:.2f} per block, about the branch variance "
+        f"{branch[:n].mean():.2f}); {said('raw')} without normalization; and "
+        f"{said('skip')} with SkipInit{transition}: this {_yes(ok)} with Brock et al. and De "
+        "& Smith.",
     )
 
 

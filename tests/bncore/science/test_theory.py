@@ -12,7 +12,12 @@ import torch
 from bncore.run.config import parse_config
 from bncore.run.engine import train
 from bncore.run.models import build_model
-from bncore.science.theory import gradient_explosion_rate, gradient_growth_rate, mean_field_rate
+from bncore.science.theory import (
+    gradient_explosion_rate,
+    gradient_growth_rate,
+    gradient_growth_uncertainty,
+    mean_field_rate,
+)
 
 DEPTH = 24
 
@@ -113,3 +118,15 @@ def test_bn_degrades_at_batch_2_while_groupnorm_does_not(seed):
                                                             ("batch", 16)))  # fmt: skip
     assert bn16 > bn2 + 0.3  # BN itself is fine at batch 16
     assert gn2 > bn2 + 0.2  # at batch 2 GroupNorm still learns, BN does not
+
+
+def test_the_growth_rate_s_uncertainty_is_its_batch_noise_and_its_drift_with_depth():
+    depth_from_out = np.arange(24)[::-1].astype(np.float64)
+    geometric = np.exp(depth_from_out * np.log(1.2) / 2) * np.ones((10, 1))
+    assert gradient_growth_uncertainty(geometric) < 1e-12  # one rate at every depth, no noise
+    rng = np.random.default_rng(0)
+    noisy = geometric * np.exp(rng.normal(0, 0.05, geometric.shape))
+    assert 1e-4 < gradient_growth_uncertainty(noisy) < 0.02
+    bent = np.exp((depth_from_out * np.log(1.2) + 0.002 * (depth_from_out - 12) ** 2) / 2)
+    drift = gradient_growth_uncertainty(bent * np.ones((10, 1)))
+    assert drift > 0.01  # the local rate changes by 0.004 per block through 20 blocks
