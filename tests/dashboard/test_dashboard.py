@@ -281,7 +281,7 @@ def test_an_experiment_runs_from_its_button_and_shows_theory_beside_measurement(
     )
     head = page.inner_text("#exp-head")
     assert "mean field theory" in head and "Yang et al. 2019" in head
-    assert "This measurement: The measured growth per layer is within" in head
+    assert "This measurement: At " in head and "the measured growth per layer is tested" in head
     assert page.locator("#exp-head .verdict-yes").inner_text() == "agrees"
     traces = page.evaluate(
         "() => { const gd = document.querySelector('#exp-figures .js-plotly-plot');"
