@@ -20,7 +20,7 @@ from dash import Dash, dcc, html
 from fastapi import FastAPI
 
 from bncore.status import ACTIVE, FINISHED
-from dashboard import report, wiring
+from dashboard import glossary, report, wiring
 from dashboard.views import (
     address,
     calculator,
@@ -99,5 +99,6 @@ def mount(app: FastAPI, svc: Service) -> None:
     )
     wiring.bind(dash_app, svc, VIEWS)
     report.register(app, svc)
+    glossary.serve_statistics_page(app)
     # a2wsgi types its ASGI callable apart from Starlette's; they are the same protocol
     app.mount("/dashboard", WSGIMiddleware(dash_app.server))  # type: ignore[arg-type]

@@ -19,7 +19,7 @@ from fastapi.responses import HTMLResponse
 from plotly.offline import get_plotlyjs
 
 from dashboard import data
-from dashboard.figures.run import run_figures
+from dashboard.figures.run import about, run_figures
 from server.schemas import ERROR_RESPONSES
 from server.service import Service
 
@@ -88,11 +88,12 @@ def render(svc: Service, run_id: str) -> str:
         if not shown:
             continue
         parts.append(f"<h2>{html.escape(heading)}</h2>")
-        for fig in shown:
+        for graph in (g for g in ids if g in figs):
             body = pio.to_html(
-                fig, include_plotlyjs=False, full_html=False, config={"displaylogo": False}
+                figs[graph], include_plotlyjs=False, full_html=False, config={"displaylogo": False}
             )
-            parts.append(f"<div class='figure'>{body}</div>")
+            look = html.escape(f"Look for {about(graph).look_for}.")
+            parts.append(f"<div class='figure'>{body}<p class='note'>{look}</p></div>")
     config = run.get("config") or run.get("meta") or {}
     parts += [
         "<h2>Config</h2>",
