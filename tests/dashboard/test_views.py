@@ -216,16 +216,23 @@ def test_a_link_opens_its_view_and_buttons_open_the_ticked_runs():
 
 
 def test_the_address_bar_follows_the_view():
-    assert address.follow_view("aaa", None, "run", "layer", "block1", "") == (
+    assert address.follow_view("aaa", None, "run", "layer", "block1", None, "") == (
         "?tab=run&run=aaa&section=layer&layer=block1"
     )
-    assert address.follow_view("aaa", None, "run", "overview", "block1", None) == (
+    assert address.follow_view("aaa", None, "run", "overview", "block1", None, None) == (
         "?tab=run&run=aaa&section=overview"
     )
-    assert address.follow_view("aaa", ["a", "b"], "compare", "overview", None, None) == (
+    assert address.follow_view("aaa", ["a", "b"], "compare", "overview", None, None, None) == (
         "?tab=compare&compare=a,b"
     )
-    assert address.follow_view(None, None, "runs", "overview", None, "?tab=runs") is no_update
+    assert address.follow_view(None, None, "runs", "overview", None, None, "?tab=runs") is (
+        no_update
+    )
+    # an experiment's result has an address of its own, and a link to it opens it
+    assert address.follow_view("aaa", None, "experiments", "overview", None, "swp1", "") == (
+        "?tab=experiments&sweep=swp1"
+    )
+    assert address.view_of({"sweep": "swp1"}).tab == "experiments"
 
 
 def test_the_page_opens_on_the_view_its_link_names():
@@ -481,12 +488,16 @@ def test_a_preset_fills_the_form_and_the_grid():
 
 
 def test_an_experiment_starts_from_its_button_and_shows_its_progress(svc):
-    assert experiments.start(svc, "tabs", [0], "runs", None) == (no_update,) * 3
-    options, picked, _ = experiments.start(svc, "tabs", [0], "experiments", None)
+    assert experiments.start(svc, "tabs", [0], "runs", "", None) == (no_update,) * 3
+    options, picked, _ = experiments.start(svc, "tabs", [0], "experiments", "", None)
     assert options == [] and picked is no_update
     button = {"type": "exp-run", "key": "placement"}
-    options, picked, head = experiments.start(svc, button, [1], "experiments", None)
+    options, picked, head = experiments.start(svc, button, [1], "experiments", "", None)
     assert options[0]["value"] == picked and head is no_update
+    # its result's link opens it, from the page's first call or a change of address
+    for fired in (None, "url"):
+        link = f"?tab=experiments&sweep={picked}"
+        assert experiments.start(svc, fired, [0], "runs", link, None)[:2] == (options, picked)
     head, _, done = experiments.show(svc, picked, None)
     assert "queued" in text(head) and "0 of 2 runs finished" in text(head) and not done
     head, _, done = experiments.show(svc, "nosuchsweep", None)
@@ -573,7 +584,7 @@ def test_the_diagnosis_panel_the_badge_and_the_report_say_what_the_doctor_found(
     fig = out[run.GRAPHS.index("fig-layer")]
     assert [s["x0"] for s in fig["layout"]["shapes"]] == [12]
     assert any(a["text"] == "rule-x at step 12" for a in fig["layout"]["annotations"])
-    assert address.follow_view(sick, None, "run", "layer", "block1", "", marked).endswith(
+    assert address.follow_view(sick, None, "run", "layer", "block1", None, "", marked).endswith(
         "&step=12&mark=rule-x"
     )
 
