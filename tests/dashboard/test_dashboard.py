@@ -484,6 +484,43 @@ def test_every_chart_names_its_axes_and_the_address_bar_follows_the_view(page, s
         other.close()
 
 
+def test_a_finished_run_opens_once_captioned_with_cancel_disabled(page, server):
+    """Opening a finished run's link fetches its figures once (not again when its stream says
+    it has ended), Cancel is disabled, a run of one process has no replicas panel, and each
+    figure says what to look for, linking to its statistic on the statistics page."""
+    with server.client() as api:
+        run_id = finished_run(api, name="opened once")
+    fetched: list[str] = []
+
+    def answered(response) -> None:
+        if "_dash-update-component" in response.url:
+            body = response.request.post_data or ""
+            if "fig-loss.figure" in body:
+                fetched.append(response.url)
+
+    page.on("response", answered)
+    page.goto(f"{server.url}/dashboard/?tab=run&run={run_id}")
+    wait_for(lambda: points(page, "fig-loss") > 0, 30)
+    page.locator("#live-indicator").get_by_text("ended: completed").wait_for(timeout=15_000)
+    time.sleep(4)  # past the stream's status, and a 3 s look for undrawn figures
+    assert len(fetched) == 1, f"the run's figures were fetched {len(fetched)} times"
+    assert page.locator("#run-cancel").is_disabled()
+    page.click("#section >> text=One layer")
+    wait_for(lambda: points(page, "fig-layer") > 0, 30)
+    assert not page.locator("#cell-fig-replicas").is_visible(), "no replicas on one process"
+    captions = page.locator("#cell-fig-layer .caption")
+    assert captions.inner_text().startswith("Look for the dotted running statistics")
+    href = captions.locator("a").get_attribute("href")
+    assert href == "/dashboard/statistics#running_mean"
+    with server.client() as api:
+        doc = api.get(href)
+    assert doc.status_code == 200 and "<tr id='running_mean'>" in doc.text
+    hover = page.evaluate(
+        "() => document.querySelector('#fig-layer .js-plotly-plot').data[0].hovertemplate"
+    )
+    assert "step %{x}" in hover and "BN input mean (batch)" in hover
+
+
 def test_a_resnet_run_shows_population_statistics_and_signal_propagation(page, server):
     with server.client() as api:
         run_id = finished_run(
