@@ -16,9 +16,8 @@ from typing import Any
 import plotly.io as pio
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
-from plotly.offline import get_plotlyjs
 
-from dashboard import data
+from dashboard import data, plotlyjs
 from dashboard.figures.run import about, run_figures
 from server.schemas import ERROR_RESPONSES
 from server.service import Service
@@ -72,7 +71,7 @@ def render(svc: Service, run_id: str) -> str:
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>BN Scope report: {html.escape(run.get('name') or run['id'])}</title>",
         f"<style>{STYLE}</style>",
-        f"<script>{get_plotlyjs()}</script>",  # inline: the page opens offline
+        f"<script>{plotlyjs.source()}</script>",  # inline: the page opens offline
         "</head><body>",
         f"<h1>{html.escape(run.get('name') or run['id'])} "
         f"<span class='status'>{html.escape(run['status'])}</span></h1>",

@@ -1,7 +1,8 @@
 """Which view is open. The address bar follows the view (``?tab=run&run=ID&section=layer&
-layer=NAME``, ``?tab=compare&compare=A,B``, ``?tab=experiments&sweep=ID``), so any view can be shared by its link; a link
-opens its view; the runs list's Open and Compare open the ticked runs. ``&step=N&mark=TEXT``
-marks a step on the run's figures (the Diagnosis panel's layer links: where a rule fired)."""
+layer=NAME``, ``?tab=compare&compare=A,B``, ``?tab=experiments&sweep=ID``), so any view can be
+shared by its link; a link opens its view; the runs list's Open and Compare open the ticked
+runs. ``&step=N&mark=TEXT`` marks a step on the run's figures (the Diagnosis panel's layer
+links: where a rule fired)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,7 @@ def query_of(search: str | None) -> dict[str, str]:
     Input("url", "search"),
     *TICKED,
     *(State(*prop) for prop in OPEN_VIEW),
+    prevent_initial_call=True,  # the page's layout opens its link's view (dashboard.app.layout)
     service=False,
     trigger=True,
 )
@@ -86,8 +88,9 @@ def open_runs(
     tab_now: str,
     section_now: str,
 ) -> tuple[Any, ...]:
-    """A link (``fired``: None, the page's first call, or "url") opens what it names, where
-    that is not open already; Open, the first ticked run; Compare, the ticked runs."""
+    """A link followed in the page (``fired``: "url"; None where the page's own address was
+    not known to its layout) opens what it names, where that is not open already; Open, the
+    first ticked run; Compare, the ticked runs."""
     keep = no_update
     if fired in (None, "url"):
         view = view_of(query_of(search))

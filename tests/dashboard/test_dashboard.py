@@ -15,6 +15,7 @@ from bnscope.process import ServerProcess, wait_for
 from tests.helpers import free_port
 
 playwright = pytest.importorskip("playwright.sync_api")
+from dashboard import plotlyjs  # noqa: E402
 from dashboard.browser import CHROMIUM, launch_browser  # noqa: E402
 
 pytestmark = [
@@ -498,12 +499,24 @@ def test_a_finished_run_opens_once_captioned_with_cancel_disabled(page, server):
             if "fig-loss.figure" in body:
                 fetched.append(response.url)
 
+    scripts: list[str] = []
     page.on("response", answered)
+    page.on("request", lambda r: scripts.append(r.url) if r.resource_type == "script" else None)
     page.goto(f"{server.url}/dashboard/?tab=run&run={run_id}")
     wait_for(lambda: points(page, "fig-loss") > 0, 30)
     page.locator("#live-indicator").get_by_text("ended: completed").wait_for(timeout=15_000)
     time.sleep(4)  # past the stream's status, and a 3 s look for undrawn figures
     assert len(fetched) == 1, f"the run's figures were fetched {len(fetched)} times"
+    # plotly.js: the cartesian bundle, loaded with the page, never Dash's full 4.8 MB one
+    plotly = [u for u in scripts if "plotly" in u.rsplit("/", 1)[-1]]
+    assert [u.removeprefix(server.url) for u in plotly] == [plotlyjs.ADDRESS], scripts
+    with server.client() as api:
+        bundle = api.get(plotlyjs.ADDRESS, headers={"accept-encoding": "gzip"})
+    assert (
+        bundle.headers["content-encoding"] == "gzip"
+        and "immutable" in bundle.headers["cache-control"]
+    )
+    assert int(bundle.headers["content-length"]) < 600_000 and "plotly.js" in bundle.text[:200]
     assert page.locator("#run-cancel").is_disabled()
     page.click("#section >> text=One layer")
     wait_for(lambda: points(page, "fig-layer") > 0, 30)
@@ -890,8 +903,6 @@ def test_every_log_axis_labels_whole_numbers_few_of_them(browser, low, high):
     """What plotly.js draws on a log axis from the factory's rules (dashboard.figures.factory):
     each label a whole number in plain (0.5) or scientific (5x10^-1) form, never a leading digit
     alone ("2, 1, 9, 8" for 2, 1, 0.9, 0.8), and at most 8 of them."""
-    from plotly.offline import get_plotlyjs
-
     from dashboard.figures.factory import figure, line
 
     steps = list(range(50))
@@ -901,7 +912,7 @@ def test_every_log_axis_labels_whole_numbers_few_of_them(browser, low, high):
     page = browser.new_page(viewport={"width": 700, "height": 400})
     try:
         page.set_content("<div id='g'></div>")
-        page.add_script_tag(content=get_plotlyjs())
+        page.add_script_tag(content=plotlyjs.source())  # the dashboard's bundle
         ticks = page.evaluate(
             "(fig) => Plotly.newPlot('g', fig.data, fig.layout).then((gd) =>"
             " gd._fullLayout.yaxis._vals.map((t) => [t.x, t.text]))",

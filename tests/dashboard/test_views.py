@@ -236,7 +236,7 @@ def test_the_address_bar_follows_the_view():
 
 
 def test_the_page_opens_on_the_view_its_link_names():
-    page = app.layout(False, {"run": "aaa", "section": "layer", "layer": "block1"})
+    page = app.layout(False, "?run=aaa&section=layer&layer=block1")
     tabs = next(c for c in page.children if getattr(c, "id", None) == "tabs")
     assert tabs.value == "run"
     stores = {c.id: c.data for c in page.children if type(c).__name__ == "Store"}
