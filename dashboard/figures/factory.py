@@ -204,7 +204,8 @@ def has_data(fig: Figure, yaxis: str | None = None) -> bool:
     for trace in fig["data"]:
         if yaxis is not None and trace.get("yaxis", "y") != yaxis:
             continue
-        for key in ("y", "z"):
+        # a heatmap's y are its rows' names: only its z are values
+        for key in ("z",) if trace.get("type") == "heatmap" else ("y",):
             values = np.asarray(trace.get(key) or [], dtype=object).ravel()
             if any(v is not None and v == v for v in values):  # v == v: not NaN
                 return True
@@ -214,14 +215,20 @@ def has_data(fig: Figure, yaxis: str | None = None) -> bool:
 def nothing(text: str) -> Figure:
     """An empty figure that says why (no axes to read)."""
     fig = figure([], "", "", "", height=220)
-    fig["layout"]["xaxis"]["visible"] = fig["layout"]["yaxis"]["visible"] = False
     mark_empty(fig, text)
     return fig
 
 
 def mark_empty(fig: Figure, text: str, yaxis: str | None = None) -> None:
-    """An empty figure says why it is empty, in the middle of its plot; with ``yaxis`` ("y2"),
-    an empty panel of a figure of two, in the middle of that panel."""
+    """An empty figure says why it is empty, in the middle of its plot, with no axes (plotly
+    would invent their ranges: -1 to 6, a log axis from 10^-1 to 10^4); with ``yaxis`` ("y2"),
+    an empty panel of a figure of two, in the middle of that panel, its axes kept."""
+    if yaxis is None:
+        for key, axis in fig["layout"].items():
+            if key[1:5] == "axis" and isinstance(axis, dict):
+                axis["visible"] = False
+        # assets/live.js draws it again, with its axes, when records come for it
+        fig["layout"]["meta"] = {"empty": True}
     where = {"yref": f"{yaxis} domain"} if yaxis else {"yref": "paper"}
     note = {"text": wrapped(text), "xref": "paper", "x": 0.5, "y": 0.5, "showarrow": False,
             "font": {"size": 13, "color": "#6b7280"}, **where}  # fmt: skip
@@ -230,11 +237,8 @@ def mark_empty(fig: Figure, text: str, yaxis: str | None = None) -> None:
 
 
 def waiting(fig: Figure, text: str) -> None:
-    """A figure before its run's first record: no axes (plotly would invent their ranges:
-    a log axis from 10^-1 to 10^4), ``text`` in their place. Its traces stay, to be extended."""
-    for key, axis in fig["layout"].items():
-        if key[1:5] == "axis" and isinstance(axis, dict):
-            axis["visible"] = False
+    """A figure before its run's first record: ``text`` in place of its axes. Its traces stay,
+    to be extended."""
     mark_empty(fig, text)
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from bncore.statistics import REPLICA, STATISTICS, Documented, documented
+from bncore.status import FINISHED
 from dashboard.figures.declare import (
     DOTTED,
     MARKED,
@@ -307,7 +308,8 @@ def run_figures(view: View) -> tuple[dict[str, Figure], list[Spec]]:
     if view["last_step"]:  # records came, but none for these: say so instead of empty axes
         run = view["run"]
         not_recorded = (run.get("meta") or {}).get("not_recorded") or {}
-        explain_empty(figs, not_recorded, script=run.get("source") == "client")
+        ended = run.get("status") in FINISHED
+        explain_empty(figs, not_recorded, script=run.get("source") == "client", ended=ended)
     return figs, specs
 
 
@@ -315,15 +317,19 @@ def run_figures(view: View) -> tuple[dict[str, Figure], list[Spec]]:
 SCRIPT_NEEDS = "measured in the runs BN Scope trains itself (Launch, bnscope train)"
 
 
-def explain_empty(figs: dict[str, Figure], not_recorded: dict[str, str], script: bool) -> None:
+def explain_empty(
+    figs: dict[str, Figure], not_recorded: dict[str, str], script: bool, ended: bool = True
+) -> None:
     """Each figure with nothing to draw says why: the run's own note, or what it needs (a
-    script's run: that BN Scope's own runs measure it); a figure of two panels with one of them
+    script's run: that BN Scope's own runs measure it); while the run goes on, that nothing is
+    recorded yet (its first evaluation may be to come); a figure of two panels with one of them
     empty says so in that panel."""
+    said = "not recorded for this run" if ended else "nothing recorded yet"
     for graph, fig in figs.items():
         if not has_data(fig):
             needs = (SCRIPT_NEEDS if script else NEEDS[graph]) if graph in NEEDS else ""
             reason = not_recorded.get(NOTE_FOR.get(graph, ""), "") or needs
-            mark_empty(fig, "not recorded for this run" + (f": {reason}" if reason else ""))
+            mark_empty(fig, said + (f": {reason}" if reason else ""))
         elif "domain" in fig["layout"].get("yaxis2", {}):
             for panel in ("y", "y2"):
                 if not has_data(fig, panel):

@@ -57,7 +57,7 @@ def small_view(
              "first_step": 10, "last_step": 20}  # fmt: skip
     nothing_at = {"layers": [], "first": [], "last": [], "first_step": 0, "last_step": 0}
     return {
-        "run": {"id": "r1", "meta": meta or {}},
+        "run": {"id": "r1", "meta": meta or {}, "status": "completed"},
         "layers": LAYERS,
         "layer": layer,
         "last_step": last_step,
@@ -257,6 +257,15 @@ def test_empty_figures_say_why():
         "not recorded for this run: no linear or conv weight feeds this block"
     )
     assert notes(figs["fig-loss"]) == "" and notes(figs["fig-heat-var"]) == ""
+    # an empty figure shows no axes whose ranges plotly would invent (-1 to 6; 10^-1 to 10^4)
+    acc = figs["fig-acc"]["layout"]
+    assert acc["xaxis"]["visible"] is False and acc["yaxis2"]["visible"] is False
+    # a heatmap whose rows are named but hold no value is empty too
+    view["channels"] = []
+    assert notes(run_figures(view)[0]["fig-channels"]) == "not recorded for this run"
+    # while the run goes on, what has not come yet may still come
+    running, _ = run_figures({**view, "run": {**view["run"], "status": "running"}})
+    assert notes(running["fig-acc"]) == "nothing recorded yet"
     # before any record, nothing is said: the figures are filling
     figs, _ = run_figures(small_view(evals=False, last_step=0))
     assert notes(figs["fig-acc"]) == ""
