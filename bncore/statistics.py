@@ -264,10 +264,10 @@ LOOK_FOR: dict[str, str] = {
     "at rest or saturated; about 0.5 is a healthy ReLU",
     "ema_mean_gap": "gaps still large at the latest evaluation: the EMA running statistics "
     "lag the population (PreciseBN, or a larger momentum)",
-    "signal_var": "with BN, variance growing about linearly with depth; without, "
-    "exponentially (Brock et al. 2021)",
+    "signal_var": "variance growing about linearly with depth with BN, exponentially "
+    "without (Brock et al. 2021)",
     "grad_in_norm": "a layer whose gradient grows or fades over the steps or through depth",
-    "p50_j": "with BN, a unit's band steady over the steps; without, drifting as the layers "
+    "p50_j": "a unit's band steady over the steps with BN, drifting without as the layers "
     "below learn (Ioffe & Szegedy, Fig. 1)",
 }
 #: Percentiles of tracked unit j's activation input: p15_j, p50_j, p85_j.

@@ -14,7 +14,10 @@ from bncore.statistics import TABLE_HEADINGS, documented
 from dashboard.report import STYLE
 
 #: The report's page style, and the row a link points at marked.
-PAGE_STYLE = f"{STYLE} tr:target {{ background: #fef9c3; }} code {{ font-size: 12px; }}"
+PAGE_STYLE = (
+    f"{STYLE} tr:target {{ background: #fef9c3; }} code {{ font-size: 12px; }}"
+    " table { display: block; overflow-x: auto; }"  # a phone scrolls the table, not the page
+)
 
 
 def statistics_html() -> str:
