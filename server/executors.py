@@ -32,7 +32,8 @@ __all__ = ["PRELOAD", "Executor", "LocalExecutor", "RayExecutor", "executor_for"
 log = logging.getLogger(__name__)
 
 #: What the fork server imports once, ahead of any launch, so that no worker imports it again:
-#: torch, and torch._dynamo (a process's first optimizer imports it: 1-5 s), bncore's training
+#: torch, torch._dynamo (a process's first optimizer imports it: 1-5 s) and
+#: torch.utils.cpp_extension (the fused kernel's build flags: 0.1-0.2 s), bncore's training
 #: (config, data, replicas, loop), the worker itself, and the makers of the made datasets
 #: (scikit-learn's digits, MNIST-1D: about 1 s each). One that cannot be imported is skipped
 #: (multiprocessing's forkserver ignores an ImportError); none of them initialises CUDA (checked
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 PRELOAD = [
     "torch",
     "torch._dynamo",
+    "torch.utils.cpp_extension",
     "bncore.run.config",
     "bncore.run.data",
     "bncore.run.distributed",
