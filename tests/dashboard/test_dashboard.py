@@ -41,10 +41,11 @@ def points(page, graph: str, trace: int = 0) -> int:
 
 
 def loss_layout(page) -> dict | None:
-    """The loss figure's layout as the page holds it (None: not drawn yet)."""
+    """The loss figure's layout as the page holds it (None: not drawn yet, or only dcc.Graph's
+    empty placeholder, which has no title)."""
     return page.evaluate(
         "() => { const gd = document.querySelector('#fig-loss .js-plotly-plot');"
-        " return gd && gd.layout && gd.data ? gd.layout : null; }"
+        " return gd && gd.layout && gd.layout.title && gd.data ? gd.layout : null; }"
     )
 
 
