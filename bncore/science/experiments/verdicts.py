@@ -118,7 +118,7 @@ def _judged(parts: Sequence[_Part], said: str, whose: str) -> Verdict:
     the sentence up to the verdict, with the numbers; ``whose``: whom it agrees with."""
     failing = [p.says for p in parts if not p.effect.holds]
     ok = not failing
-    where = f" (not beyond the margin on every seed: {'; '.join(failing)})" if failing else ""
+    where = f" (not shown beyond the noise on every seed: {'; '.join(failing)})" if failing else ""
     return Verdict(
         ok,
         f"{said}: this {_yes(ok)} with {whose}{where}.",
@@ -340,8 +340,8 @@ def running_statistics(points: Sequence[Point]) -> Verdict:
     between = "".join(f", {mean_gap(m):.3f} at {m:g}" for m in moms[1:-1])
     return _judged(
         [lags, largest],
-        f"Mean train/eval-mode gap {mean_gap(small):.3f} at momentum {small:g} against "
-        f"{mean_gap(large):.3f} at {large:g}{between}: {lags.describe()} larger at the smallest "
+        f"Mean train/eval-mode gap {mean_gap(small):.3f} at momentum {small:g}{between} and "
+        f"{mean_gap(large):.3f} at {large:g}: {lags.describe()} larger at the smallest "
         f"momentum, and {largest.describe()} larger than at any other; final test accuracy "
         f"{acc[small]:.2f} against {acc[large]:.2f} (shown, not tested)",
         "the claim that a small momentum lags behind",

@@ -551,7 +551,7 @@ def test_verdicts_say_their_numbers_margins_and_where_they_fail():
         "ioffe-szegedy-figure-1",
         WRONG["ioffe-szegedy-figure-1"]["the opposite: BN 1 point worse"](),
     )
-    assert "not beyond the margin on every seed: BN trains higher" in worse["text"]
+    assert "not shown beyond the noise on every seed: BN trains higher" in worse["text"]
     landscape = _verdict("landscape", WRONG["landscape"]["on 2 of 3 seeds"]())
     assert "on 2 of 3" in landscape["text"]
     noisy = _verdict("noisy-bn", WRONG["noisy-bn"]["5 points under BN"]())
