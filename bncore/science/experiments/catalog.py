@@ -299,9 +299,10 @@ EXPERIMENTS: dict[str, Experiment] = {
             "steps without overshooting, so the loss range mostly measures how far a step "
             "descends, which is further with BN (0.31 against 0.22, BN larger on 3 of 3 seeds), "
             "while gradient change and beta-smoothness still favour BN; the paper's VGG without "
-            "BN overshoots, as this depth-8 network does once it learns (but as medians over "
-            "the evaluations, BN's loss range is the larger on all 3 seeds at quick size, 0.25 "
-            "against 0.21, while the other two measures are smaller with BN on all 3). While a "
+            "BN overshoots, as this depth-8 network does once it learns; but as medians over "
+            "the evaluations, at quick size, BN's loss range does not come out smaller on every "
+            "seed, while the other two measures do (the results table in docs/experiments.md "
+            "gives the numbers of one run). While a "
             "network sits on its initial plateau its landscape is flat: the verdict leaves those "
             "evaluations out.",
         ),
