@@ -235,6 +235,41 @@ _ALL: tuple[Statistic, ...] = (
 STATISTICS: dict[str, Statistic] = {s.name: s for s in _ALL if s.table != "channels"}
 #: The per-channel arrays of the ``channels`` table (names shared with their layer averages).
 CHANNEL_STATISTICS: dict[str, Statistic] = {s.name: s for s in _ALL if s.table == "channels"}
+#: What to look for in a chart of a statistic: the one line a figure of it is captioned with
+#: (the dashboard and the report), and the same line in docs/statistics.md.
+LOOK_FOR: dict[str, str] = {
+    "loss": "a steady fall; spikes or a plateau from the first steps point at the learning "
+    "rate, NaN at divergence",
+    "mode_gap": "train and test accuracy rising together; a mode gap that grows means eval "
+    "mode's running statistics no longer match the batches",
+    "pre_var": "a layer whose colour drifts over the steps, or variance that grows or "
+    "collapses with depth: what BN takes out at each layer",
+    "pre_mean": "strong red or blue that stays: a layer whose input is shifted far from 0, "
+    "which BN removes every step (and beta must not put back)",
+    "grad_out_norm": "norms that change by decades from the output to the input: exploding "
+    "or vanishing gradients",
+    "pre_var_min": "a channel far darker than its layer (variance near 0): a dead or constant "
+    "channel, normalized by eps alone",
+    "running_mean": "the dotted running statistics following the solid batch ones with a lag; "
+    "a gap that never closes: momentum too small, or the statistics not updating",
+    "running_var_gap": "gaps that shrink toward 0 as training settles; gamma falling toward "
+    "0 silences the layer",
+    "weight_grad_norm": "gradient norms against the weight's own norm: one falling to 0 "
+    "stops that layer learning",
+    "eff_lr": "the weight norm growing and lr/||w||^2 falling with it (scale invariance); "
+    "weight decay holds them steady",
+    "replica_var_spread": "replicas whose batches differ from the global batch: per-replica BN "
+    "with small per-device batches, which SyncBatchNorm removes",
+    "act_saturated": "shares far above 0.5 for ReLU (or near 1 for sigmoid and tanh): units "
+    "at rest or saturated; about 0.5 is a healthy ReLU",
+    "ema_mean_gap": "gaps still large at the latest evaluation: the EMA running statistics "
+    "lag the population (PreciseBN, or a larger momentum)",
+    "signal_var": "variance growing about linearly with depth with BN, exponentially "
+    "without (Brock et al. 2021)",
+    "grad_in_norm": "a layer whose gradient grows or fades over the steps or through depth",
+    "p50_j": "a unit's band steady over the steps with BN, drifting without as the layers "
+    "below learn (Ioffe & Szegedy, Fig. 1)",
+}
 #: Percentiles of tracked unit j's activation input: p15_j, p50_j, p85_j.
 PERCENTILE = re.compile(r"p(15|50|85)_(\d+)")
 #: Replica k's own batch statistics in a distributed run: r{k}_pre_mean, r{k}_pre_var.
@@ -296,41 +331,73 @@ def unknown(name: str) -> str:
     return f"unknown stat {name!r}; " + "; ".join(f"{k}: {', '.join(v)}" for k, v in groups.items())
 
 
+#: The headings of the records tables, as docs/statistics.md orders them.
+TABLE_HEADINGS: dict[Table, str] = {
+    "steps": "Per training step (`steps`)",
+    "evals": "Per evaluation, in eval mode (`evals`)",
+    "layers": "Per recorded step and block (`layers`)",
+    "layer_evals": "Per evaluation and block (`layer_evals`)",
+    "channels": "Per channel, every `channel_interval` steps (`channels`)",
+}
+
+
+@dataclass(frozen=True)
+class Documented:
+    """A row of the statistics' documentation: one statistic, or a family (``p50_j``)."""
+
+    table: Table
+    names: tuple[str, ...]
+    meaning: str
+    unit: str
+    shown: str
+    look_for: str
+
+    @property
+    def anchor(self) -> str:
+        """Where its documentation is, in the page (``#name``): its first name."""
+        return self.names[0]
+
+
+def documented() -> list[Documented]:
+    """Every statistic and family of statistics, by table, as documented (docs/statistics.md,
+    and the page the dashboard's captions link to)."""
+    out = []
+    for table in TABLE_HEADINGS:
+        for s in _ALL:
+            if s.table == table:
+                extra = " (only in runs that ask for it)" if s.optional else ""
+                shown = s.label + (", log axis" if s.log else "")
+                look = LOOK_FOR.get(s.name, "") if table != "channels" else ""
+                out.append(Documented(table, (s.name,), s.meaning + extra, s.unit, shown, look))
+        if table == "evals":
+            out.append(Documented(
+                table, ("user_<name>",), "a script's own evaluation metric, as its `log_eval` "
+                "names it (bnscope.client; other characters than letters, digits and _ as _)",
+                "", "<name>", ""))  # fmt: skip
+        if table == "layers":
+            out.append(Documented(
+                table, ("p50_j", "p15_j", "p85_j"), "15th/50th/85th percentiles over the batch "
+                "of tracked unit j's activation input (Ioffe & Szegedy, Fig. 1)", "", "unit j",
+                LOOK_FOR["p50_j"]))  # fmt: skip
+            out.append(Documented(
+                table, ("r{k}_pre_mean", "r{k}_pre_var"), "distributed runs: channel averages "
+                "of replica k's own batch mean and variance", "", "replica k", ""))  # fmt: skip
+    return out
+
+
 def markdown() -> str:
-    """docs/statistics.md: every statistic, by table."""
-    heads = {
-        "steps": "Per training step (`steps`)",
-        "evals": "Per evaluation, in eval mode (`evals`)",
-        "layers": "Per recorded step and block (`layers`)",
-        "layer_evals": "Per evaluation and block (`layer_evals`)",
-        "channels": "Per channel, every `channel_interval` steps (`channels`)",
-    }
+    """docs/statistics.md: every statistic, by table, and what to look for in its chart."""
     out = [
         "# What BN Scope records",
         "",
         "Generated from `bncore/statistics.py` (`markdown()`); "
         "tests/bncore/test_statistics.py keeps it current.",
     ]
-    for table, head in heads.items():
-        out += ["", f"## {head}", "", "| name | meaning | unit | shown as |", "|---|---|---|---|"]
-        for s in _ALL:
-            if s.table == table:
-                extra = " (only in runs that ask for it)" if s.optional else ""
-                shown = s.label + (", log axis" if s.log else "")
-                out.append(f"| `{s.name}` | {s.meaning}{extra} | {s.unit} | {shown} |")
-        if table == "evals":
-            out.append(
-                "| `user_<name>` | a script's own evaluation metric, as its `log_eval` names "
-                "it (bnscope.client; other characters than letters, digits and _ as _) |  | "
-                "<name> |"
-            )
-        if table == "layers":
-            out.append(
-                "| `p15_j`, `p50_j`, `p85_j` | 15th/50th/85th percentiles over the batch of "
-                "tracked unit j's activation input (Ioffe & Szegedy, Fig. 1) |  | unit j |"
-            )
-            out.append(
-                "| `r{k}_pre_mean`, `r{k}_pre_var` | distributed runs: channel averages of "
-                "replica k's own batch mean and variance |  | replica k |"
-            )
+    rows = documented()
+    for table, head in TABLE_HEADINGS.items():
+        out += ["", f"## {head}", "", "| name | meaning | unit | shown as | what to look for |",
+                "|---|---|---|---|---|"]  # fmt: skip
+        for d in (d for d in rows if d.table == table):
+            names = ", ".join(f"`{n}`" for n in sorted(d.names))
+            out.append(f"| {names} | {d.meaning} | {d.unit} | {d.shown} | {d.look_for} |")
     return "\n".join(out) + "\n"

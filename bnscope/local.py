@@ -94,6 +94,11 @@ def server_url() -> str:
             data,
             "--parent-pid",
             str(os.getpid()),
+            # a script's server: its runs are the script's own; a run launched from its
+            # dashboard starts a fresh worker, instead of a process importing torch beside the
+            # script from the start, kept for the server's life (server.executors)
+            "--worker-start",
+            "spawn",
             inherit_settings=False,
             own_session=True,
         ).start(START_TIMEOUT)

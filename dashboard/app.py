@@ -10,8 +10,8 @@ figures in the browser (dcc.Graph extendData), so nothing is reloaded while a ru
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from typing import Any
+from urllib.parse import urlsplit
 
 import flask
 import plotly.io as pio
@@ -20,7 +20,7 @@ from dash import Dash, dcc, html
 from fastapi import FastAPI
 
 from bncore.status import ACTIVE, FINISHED
-from dashboard import report, wiring
+from dashboard import glossary, plotlyjs, report, wiring
 from dashboard.views import (
     address,
     calculator,
@@ -36,18 +36,24 @@ from server.service import Service
 
 #: Every view with callbacks, bound to the service at mount.
 VIEWS = (address, runs, run, doctor, compare, launch, experiments, calculator)
-#: The page's state, shared by the views' callbacks (and assets/live.js).
-STORES = ("view-run", "compare-runs", "live-spec", "following", "live-status", "live-reset",
-          "live-conn", "watching", "want-layer", "delete-ids", "runs-changed",
-          "server-back", "live-diagnosis", "doctor-changed", "want-step")  # fmt: skip
+#: The page's state, shared by the views' callbacks (and assets/live.js), each with its value
+#: while it holds nothing: never None, which a memory dcc.Store replaces as it mounts, firing
+#: every callback it feeds, and holding back the run's figures until they have answered.
+STORES: dict[str, Any] = {
+    "view-run": "", "compare-runs": [], "live-spec": {}, "following": "", "live-status": {},
+    "live-reset": 0, "live-conn": "", "watching": "", "want-layer": "", "delete-ids": [],
+    "runs-changed": 0, "server-back": 0, "live-diagnosis": 0, "doctor-changed": 0,
+    "want-step": {},
+}  # fmt: skip
 #: What the page's script (assets/live.js) shares with the server: the run-status vocabulary.
 PAGE_VOCABULARY = {"active": list(ACTIVE), "finished": list(FINISHED)}
 
 
-def layout(has_token: bool, query: Mapping[str, str] | None = None) -> html.Div:
-    """The page, opened on the view its link names (``query``: the address's parameters), so
-    the first drawing is already the right one."""
-    view = address.view_of(query or {})
+def layout(has_token: bool, search: str | None = None) -> html.Div:
+    """The page, opened on the view its link names (``search``: the address's ``?a=1&b=2``), so
+    the first drawing is already the right one: its figures are asked for in the page's first
+    round of callbacks, not after the address has been read in two more."""
+    view = address.view_of(address.query_of(search))
     initial: dict[str, Any] = {
         "view-run": view.run, "compare-runs": view.compare, "want-layer": view.layer
     }  # fmt: skip
@@ -74,10 +80,22 @@ def layout(has_token: bool, query: Mapping[str, str] | None = None) -> html.Div:
             html.Div(id="conn-banner", className="conn-banner", role="status"),
             tabs("tabs", view.tab or "runs", views),
             dcc.ConfirmDialog(id="confirm-delete"),
-            dcc.Location(id="url", refresh=False),
-            *(dcc.Store(id=i, data=initial.get(i)) for i in STORES),
+            # the address as the page has it: nothing changes when it mounts (a change would
+            # fire the callbacks that read it, and hold back the figures until they answer)
+            dcc.Location(id="url", refresh=False, search=search or ""),
+            *(dcc.Store(id=i, data=initial.get(i) or empty) for i, empty in STORES.items()),
         ]
     )
+
+
+def page_search() -> str | None:
+    """The page's ``?a=1&b=2``, read when Dash asks for its layout: that request
+    (``_dash-layout``) carries none, but names the page it is for (its Referer); None where it
+    does not (the address is then read once the page has mounted)."""
+    if not flask.has_request_context() or not flask.request.referrer:
+        return None
+    query = urlsplit(flask.request.referrer).query
+    return f"?{query}" if query else ""
 
 
 def mount(app: FastAPI, svc: Service) -> None:
@@ -92,12 +110,14 @@ def mount(app: FastAPI, svc: Service) -> None:
         update_title=None,  # type: ignore[arg-type]  # None: no 'Updating...' title
     )
     vocabulary = f"<script>window.bnscopeVocabulary = {json.dumps(PAGE_VOCABULARY)};</script>"
-    dash_app.index_string = dash_app.index_string.replace("{%scripts%}", vocabulary + "{%scripts%}")
-    has_token = bool(svc.settings.token)
-    dash_app.layout = lambda: layout(
-        has_token, flask.request.args if flask.has_request_context() else None
+    dash_app.index_string = dash_app.index_string.replace(
+        "{%scripts%}", vocabulary + plotlyjs.script_tag() + "{%scripts%}"
     )
+    has_token = bool(svc.settings.token)
+    dash_app.layout = lambda: layout(has_token, page_search())
     wiring.bind(dash_app, svc, VIEWS)
     report.register(app, svc)
+    glossary.serve_statistics_page(app)
+    plotlyjs.serve_plotlyjs(app)
     # a2wsgi types its ASGI callable apart from Starlette's; they are the same protocol
     app.mount("/dashboard", WSGIMiddleware(dash_app.server))  # type: ignore[arg-type]

@@ -16,10 +16,9 @@ from typing import Any
 import plotly.io as pio
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
-from plotly.offline import get_plotlyjs
 
-from dashboard import data
-from dashboard.figures.run import run_figures
+from dashboard import data, plotlyjs
+from dashboard.figures.run import about, run_figures
 from server.schemas import ERROR_RESPONSES
 from server.service import Service
 
@@ -72,7 +71,7 @@ def render(svc: Service, run_id: str) -> str:
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>BN Scope report: {html.escape(run.get('name') or run['id'])}</title>",
         f"<style>{STYLE}</style>",
-        f"<script>{get_plotlyjs()}</script>",  # inline: the page opens offline
+        f"<script>{plotlyjs.source()}</script>",  # inline: the page opens offline
         "</head><body>",
         f"<h1>{html.escape(run.get('name') or run['id'])} "
         f"<span class='status'>{html.escape(run['status'])}</span></h1>",
@@ -88,11 +87,12 @@ def render(svc: Service, run_id: str) -> str:
         if not shown:
             continue
         parts.append(f"<h2>{html.escape(heading)}</h2>")
-        for fig in shown:
+        for graph in (g for g in ids if g in figs):
             body = pio.to_html(
-                fig, include_plotlyjs=False, full_html=False, config={"displaylogo": False}
+                figs[graph], include_plotlyjs=False, full_html=False, config={"displaylogo": False}
             )
-            parts.append(f"<div class='figure'>{body}</div>")
+            look = html.escape(f"Look for {about(graph).look_for}.")
+            parts.append(f"<div class='figure'>{body}<p class='note'>{look}</p></div>")
     config = run.get("config") or run.get("meta") or {}
     parts += [
         "<h2>Config</h2>",

@@ -27,14 +27,14 @@ class Wiring:
     their values."""
 
     dependencies: tuple[Output | Input | State, ...]
-    prevent_initial_call: bool | None
+    prevent_initial_call: bool | str | None
     service: bool
     trigger: bool
 
 
 def callback(
     *dependencies: Output | Input | State,
-    prevent_initial_call: bool | None = None,
+    prevent_initial_call: bool | str | None = None,
     service: bool = True,
     trigger: bool = False,
 ) -> Callable[[F], F]:

@@ -4,6 +4,13 @@ cluster (``--executor ray --ray-address ADDR``). Either way the worker is server
 process API it needs (``is_alive``, ``join``, ``kill``, ``exitcode``, ``pid``) and a cancel flag
 with ``set``.
 
+A local worker is a fork of a process that has already imported torch and bncore (a fork
+server, started and warmed when the scheduler starts: :class:`LocalExecutor`): a fresh process
+spent 2-7 s importing them before its first step, most of a launch's wait for its first point
+(issue 28; benchmarks/dashboard_page.py measures it). ``--worker-start spawn`` starts each in a
+fresh interpreter instead, as before; so does a platform without fork servers, or one that
+failed, with a warning.
+
 A Ray task asks for the run's resources: its threads times its replicas as CPUs, and a GPU per
 replica for a CUDA run. Ray does not retry it: a worker that dies leaves its run failed, with
 what it stored. Cancel asks Ray to interrupt the task (a KeyboardInterrupt in the worker, which
@@ -12,12 +19,40 @@ stops at once and keeps what it sent); a task still running after the grace is k
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import socket
+import sys
+import threading
 import time
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
-__all__ = ["Executor", "LocalExecutor", "RayExecutor", "executor_for"]
+__all__ = ["PRELOAD", "Executor", "LocalExecutor", "RayExecutor", "executor_for"]
+
+log = logging.getLogger(__name__)
+
+#: What the fork server imports once, ahead of any launch, so that no worker imports it again:
+#: torch, torch._dynamo (a process's first optimizer imports it: 1-5 s) and
+#: torch.utils.cpp_extension (the fused kernel's build flags: 0.1-0.2 s), bncore's training
+#: (config, data, replicas, loop), the worker itself, and the makers of the made datasets
+#: (scikit-learn's digits, MNIST-1D: about 1 s each). One that cannot be imported is skipped
+#: (multiprocessing's forkserver ignores an ImportError); none of them initialises CUDA (checked
+#: by :func:`_check_preloaded` before the first launch), which a fork could not carry over.
+PRELOAD = [
+    "torch",
+    "torch._dynamo",
+    "torch.utils.cpp_extension",
+    "bncore.run.config",
+    "bncore.run.data",
+    "bncore.run.distributed",
+    "bncore.run.engine",
+    "server.worker",
+    "sklearn.datasets",
+    "mnist1d.data",
+]
+#: Seconds the fork server may take to import PRELOAD before launches stop waiting for it and
+#: start by spawn (a loaded machine imports torch in 6 s, ten times an idle one).
+WARM_TIMEOUT = 120.0
 
 
 class Handle(Protocol):
@@ -31,6 +66,14 @@ class Handle(Protocol):
 
 
 class Executor(Protocol):
+    def prepare(self) -> None:
+        """Get ready for launches, in the background (called as the scheduler starts)."""
+        ...
+
+    def ready(self) -> bool:
+        """Whether a launch may start now (False while workers are being made ready)."""
+        ...
+
     def start(self, args: tuple[Any, ...], cpus: int, gpus: int, name: str) -> tuple[Any, Any]:
         """Start ``server.worker.main(*args[:5], cancel, *args[5:])``; (handle, cancel flag)."""
         ...
@@ -38,21 +81,94 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-class LocalExecutor:
-    """Each run in a process of its own on this machine (multiprocessing, spawn)."""
+def _check_preloaded() -> None:
+    """The fork server's first child: it has PRELOAD imported, and CUDA uninitialised (a CUDA
+    context does not survive a fork: a worker would fail at its first CUDA call)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        raise SystemExit("torch was not preloaded")
+    if torch.cuda.is_initialized():
+        raise SystemExit("the fork server initialised CUDA")
 
-    def __init__(self) -> None:
-        self._ctx = mp.get_context("spawn")
+
+class LocalExecutor:
+    """Each run in a process of its own on this machine (multiprocessing).
+
+    ``start="preloaded"`` (the default): each worker is forked from a fork server that imported
+    :data:`PRELOAD` once, so its first step comes about a second after the launch instead of
+    after several seconds of imports. :meth:`prepare` starts that server in the background;
+    :meth:`ready` says when launches may go (the scheduler keeps runs queued until then, at most
+    :data:`WARM_TIMEOUT`: a fresh spawn meanwhile would compete with it for the cores and start
+    later). Where the fork server is not to be had, or fails, workers are spawned, with a
+    warning in the log: a run never fails for it. ``start="spawn"``: each worker a fresh
+    interpreter (``--worker-start spawn``; the benchmark's baseline).
+
+    A forked worker's parent is the fork server, not the server: it watches the server itself
+    (server.worker.watch_parent). It sets its own torch threads and CPU priority after the fork
+    (server.worker.main); a distributed run's other replicas are fresh processes of its own
+    (bncore.run.distributed)."""
+
+    def __init__(self, start: Literal["preloaded", "spawn"] = "preloaded") -> None:
+        self._spawn = mp.get_context("spawn")
+        self._forkserver: Any = None  # the fork server's context, once it is warm
+        self._preload = start == "preloaded"
+        self._warm_by: float | None = None  # once prepared: when launches stop waiting for it
+        self._warmed = threading.Event()  # warm, failed, or waited for long enough
+
+    def prepare(self) -> None:
+        """Start the fork server and have it import PRELOAD, in the background (the server's
+        startup does not wait for it)."""
+        if not self._preload or self._warm_by is not None:
+            return
+        self._warm_by = time.monotonic() + WARM_TIMEOUT
+        threading.Thread(target=self._warm, name="bnscope-forkserver", daemon=True).start()
+
+    def _warm(self) -> None:
+        try:
+            ctx = mp.get_context("forkserver")  # ValueError on a platform without it
+            ctx.set_forkserver_preload(PRELOAD)
+            probe = ctx.Process(target=_check_preloaded, name="bnscope-warm-up", daemon=True)
+            probe.start()  # returns once the fork server has imported PRELOAD and forked
+            probe.join(WARM_TIMEOUT)
+            if probe.exitcode != 0:
+                raise RuntimeError(f"its first child ended with exit code {probe.exitcode}")
+            self._forkserver = ctx
+        except Exception as exc:
+            log.warning("workers start by spawn (each imports torch: seconds more per launch): "
+                        "no fork server (%s)", exc)  # fmt: skip
+        finally:
+            self._warmed.set()
+
+    def ready(self) -> bool:
+        """Whether a launch may start now (see the class; never prepared: at once, by spawn)."""
+        if self._warm_by is None or self._warmed.is_set():
+            return True
+        if time.monotonic() < self._warm_by:
+            return False
+        log.warning("the fork server has not imported torch in %.0f s: workers start by spawn "
+                    "until it has", WARM_TIMEOUT)  # fmt: skip
+        self._warmed.set()
+        return True
 
     def start(self, args: tuple[Any, ...], cpus: int, gpus: int, name: str) -> tuple[Any, Any]:
         from server import worker
 
-        cancel = self._ctx.Event()
-        process = self._ctx.Process(
-            target=worker.main, name=name, daemon=True, args=(*args[:5], cancel, *args[5:])
-        )
-        process.start()
-        return process, cancel
+        for ctx in (self._forkserver, self._spawn):
+            if ctx is None:
+                continue
+            cancel = ctx.Event()
+            process = ctx.Process(
+                target=worker.main, name=name, daemon=True, args=(*args[:5], cancel, *args[5:])
+            )
+            try:
+                process.start()
+            except Exception as exc:  # the fork server died, and could not start again
+                if ctx is self._spawn:
+                    raise
+                log.warning("%s: the fork server failed (%s); spawning its worker", name, exc)
+                continue
+            return process, cancel
+        raise AssertionError("unreachable: spawn either starts or raises")
 
     def close(self) -> None:
         pass
@@ -144,6 +260,12 @@ class RayExecutor:
         )
         return _RayTask(ref), _RayCancel(ref)
 
+    def prepare(self) -> None:
+        pass
+
+    def ready(self) -> bool:
+        return True
+
     def close(self) -> None:
         import ray
 
@@ -160,6 +282,9 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
         raise ConnectionError(f"nothing answers at {address} ({exc})") from None
 
 
-def executor_for(kind: str, ray_address: str | None) -> LocalExecutor | RayExecutor:
-    """The executor ``--executor`` names."""
-    return RayExecutor(ray_address) if kind == "ray" else LocalExecutor()
+def executor_for(
+    kind: str, ray_address: str | None, worker_start: Literal["preloaded", "spawn"] = "preloaded"
+) -> LocalExecutor | RayExecutor:
+    """The executor ``--executor`` names (a local one starting workers as ``--worker-start``
+    says)."""
+    return RayExecutor(ray_address) if kind == "ray" else LocalExecutor(worker_start)

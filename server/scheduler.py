@@ -42,13 +42,14 @@ class Scheduler:
         self.store, self.settings, self.on_status = store, settings, on_status
         self.queue: deque[str] = deque()
         self.running: dict[str, _Worker] = {}
-        self.executor = executor_for(settings.executor, settings.ray_address)
+        self.executor = executor_for(settings.executor, settings.ray_address, settings.worker_start)
         self._task: asyncio.Task[None] | None = None
         self.api_url = settings.public_url
 
     def start(self, api_url: str) -> None:
         self.api_url = self.settings.public_url or api_url
         self.queue.extend(self.store.runs.recover())
+        self.executor.prepare()  # workers ready before the first launch (server.executors)
         self._task = asyncio.get_running_loop().create_task(self._loop())
 
     async def stop(self) -> None:
@@ -127,8 +128,9 @@ class Scheduler:
                 self._reap(run_id, w)
             elif w.cancelled_at and time.monotonic() - w.cancelled_at > KILL_AFTER:
                 w.process.kill()
-        # a distributed run takes a slot per replica; one larger than max_runs runs alone
-        while self.queue:
+        # a distributed run takes a slot per replica; one larger than max_runs runs alone; none
+        # starts while the executor gets its workers ready (seconds, once)
+        while self.queue and self.executor.ready():
             need = self._slots(self.queue[0])
             used = sum(w.slots for w in self.running.values())
             if self.running and used + need > self.settings.max_runs:

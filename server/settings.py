@@ -144,6 +144,12 @@ class Settings(BaseSettings):
         description="where runs train: 'local' (a process each, on this machine) or 'ray' "
         "(a task each on the Ray cluster at ray_address; pip install 'bnscope[ray]')",
     )
+    worker_start: Literal["preloaded", "spawn"] = Field(
+        "preloaded",
+        description="how a local run's worker starts: 'preloaded' (forked from a process that "
+        "imported torch and bncore when the server started: its first step about a second "
+        "after the launch) or 'spawn' (a fresh Python each, importing them: seconds more)",
+    )
     ray_address: str | None = Field(
         None,
         description="the Ray cluster (host:port, or 'auto'); default: a cluster of this machine",

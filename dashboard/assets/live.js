@@ -25,6 +25,7 @@
   B.spec = null;
   B.redrawAsked = false;
   B.firstAsked = false;
+  B.emptyAsked = false;
 
   const set = (id, props) => window.dash_clientside.set_props(id, props);
   const say = (text) => set("live-indicator", {children: text});
@@ -224,6 +225,11 @@
       if (u) work.push([spec.graph, u]);
     }
     for (const [graph, ext] of Object.entries(lines).reverse()) {
+      const gd = ext.traces.length ? plotted(graph) : null;
+      if (gd && gd.layout.meta && gd.layout.meta.empty && !B.emptyAsked) {
+        B.emptyAsked = true;  // drawn empty, axes hidden, a note: drawn again with its data
+        set("live-reset", {data: Date.now()});
+      }
       if (ext.traces.length) {
         work.unshift([graph, ["extendData", [{x: ext.x, y: ext.y}, ext.traces, ext.max]]]);
       }
@@ -289,6 +295,7 @@
         B.spec = spec || null;
         if (spec && (spec.layers || []).length) B.redrawAsked = false;
         if (spec && spec.waiting) B.firstAsked = false;
+        B.emptyAsked = false;
         return spec ? spec.run : null;
       },
     },

@@ -144,22 +144,20 @@ def line_specs(graph: str, lines: list[Line], layer: str | None) -> list[Spec]:
 @dataclass(frozen=True)
 class Heat:
     """A layer x step heatmap of one statistic (log10 where the registry draws it on a log
-    axis), a step column more with each live batch; ``unit``: its colour bar's title."""
+    axis), a step column more with each live batch; ``scale``: its colours (factory.SCALES);
+    ``unit``: its colour bar's title."""
 
     graph: str
     stat: str
     title: str
-    colorscale: str
+    scale: str
     unit: str
 
     def draw(self, view: View) -> Drawn:
         stat, layers = registered(self.stat), view["layers"]
         z = log10(view["heat"][self.stat]) if stat.log else view["heat"][self.stat]
-        diverging = {"zmid": 0, "reversescale": True} if self.colorscale == "RdBu" else {}
-        colorbar = {"thickness": 10, "title": {"text": self.unit, "side": "right"}}
         fig = figure(
-            [heatmap(z, layers, view["heat_steps"], transpose=True, colorscale=self.colorscale,
-                     colorbar=colorbar, name=self.unit, **diverging)],
+            [heatmap(z, layers, view["heat_steps"], self.scale, self.unit, transpose=True)],
             self.title,
             "step",
             "layer",

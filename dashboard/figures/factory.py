@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import plotly.colors
 
 Figure = dict[str, Any]  # plotly's JSON figure: plain dicts are far cheaper than Figure
 
@@ -22,6 +23,21 @@ TITLE_LINE = 46
 #: ten. nticks 3 never picks "D1" (9 labels a decade), and "complete" labels the 2s and 5s in
 #: full (2x10^-1): at most 8 labels, each a whole number in plain or scientific form.
 LOG_TICKS = {"nticks": 3, "exponentformat": "power", "minorloglabels": "complete"}
+
+
+#: Every heatmap's colour scale, by what its values are, as explicit colour lists: plotly.js and
+#: plotly.py give the same names other directions ("RdBu", "Greys"), so a named scale drew
+#: positive means blue in the dashboard and red in the report. ``centre``: the value drawn white
+#: (a signed quantity); ``bounds``: a fixed range (a share is read against 0 and 1, not against
+#: its own spread: 0.5 at rest is a normal ReLU).
+SCALES: dict[str, dict[str, Any]] = {
+    "signed": {"colors": plotly.colors.diverging.RdBu_r, "zmid": 0},  # negative blue
+    "magnitude": {"colors": plotly.colors.sequential.Viridis},
+    "gradient": {"colors": plotly.colors.sequential.Hot},
+    "share": {"colors": plotly.colors.sequential.Greys, "zmin": 0, "zmax": 1},
+}
+#: A dotted line is the earlier of two moments (the first evaluation); the solid one the latest.
+EARLIER = {"dash": "dot"}
 
 
 def figure(
@@ -63,10 +79,32 @@ def figure(
         if key[1:5] == "axis" and isinstance(axis, dict) and axis.get("type") == "log":
             for name, value in LOG_TICKS.items():
                 axis.setdefault(name, value)
+    for trace in traces:
+        trace.setdefault("hovertemplate", hover(trace, lay))
     shown = [t for t in traces if t.get("showlegend", True) is not False and t.get("name")]
     if shown and lay.get("showlegend", True) and not all(t["type"] == "heatmap" for t in shown):
         lay["margin"]["b"] = 52 + 20 * min(5, 1 + len(shown) // 3)  # room for the legend
     return {"data": traces, "layout": lay}
+
+
+def hover(trace: dict[str, Any], lay: dict[str, Any]) -> str:
+    """What a hover says: the statistic (the trace's name, a heatmap's colour-bar title with its
+    unit) and its value, and where, each named as its axis is (never "x: 501 y: block2")."""
+
+    def title(axis: str) -> str:
+        text = ((lay.get(axis) or {}).get("title") or {}).get("text") or ""
+        return text.replace("<br>", " ").replace(" (log)", "")
+
+    x, y = (
+        title(trace.get("xaxis", "x").replace("x", "xaxis", 1)),
+        title(trace.get("yaxis", "y").replace("y", "yaxis", 1)),
+    )
+    if trace.get("type") == "heatmap":
+        unit = (trace.get("colorbar") or {}).get("title", {}).get("text") or trace.get("name", "")
+        return f"{y or 'y'} %{{y}}<br>{x or 'x'} %{{x}}<br><b>{unit}: %{{z:.4g}}</b><extra></extra>"
+    name = trace.get("name") or y
+    value = f"{y}: " if y and y != name else ""
+    return f"{name}<br>{x or 'x'} %{{x}}<br>{value}<b>%{{y:.4g}}</b><extra></extra>"
 
 
 def top_margin(lines: int) -> int:
@@ -98,7 +136,11 @@ def _categories(lay: dict[str, Any], traces: list[dict[str, Any]]) -> None:
             values = trace.get(axis)
             if isinstance(values, list) and values and all(isinstance(v, str) for v in values):
                 key = trace.get(f"{axis}axis", axis).replace(axis, f"{axis}axis", 1)
-                lay.setdefault(key, dict(AXIS))["type"] = "category"
+                # every layer labelled (plotly drops every second one of 20), small if many
+                axis = lay.setdefault(key, dict(AXIS))
+                axis.update(type="category", dtick=1)
+                if len(values) > 12 and key.startswith("y"):
+                    axis["tickfont"] = {"size": 10}
 
 
 def line(x: Any, y: Any, name: str, color: str | None = None, **kw: Any) -> dict[str, Any]:
@@ -117,8 +159,16 @@ def trace(xy: tuple[Any, Any], name: str, color: str | None = None, **kw: Any) -
     return line(xy[0], xy[1], name, color, **kw)
 
 
-def heatmap(z: np.ndarray, y: list[str], x: Any = None, **kw: Any) -> dict[str, Any]:
-    trace = {"type": "heatmap", "z": plain(z), "y": list(y), "colorbar": {"thickness": 10}, **kw}
+def heatmap(
+    z: np.ndarray, y: list[str], x: Any = None, scale: str = "magnitude", unit: str = "", **kw: Any
+) -> dict[str, Any]:
+    """A heatmap coloured by :data:`SCALES` [``scale``], its colour bar titled ``unit``."""
+    spec = dict(SCALES[scale])
+    colors = spec.pop("colors")
+    colorscale = [[i / (len(colors) - 1), c] for i, c in enumerate(colors)]
+    colorbar = {"thickness": 10, "title": {"text": unit, "side": "right"}, **kw.pop("colorbar", {})}
+    trace = {"type": "heatmap", "z": plain(z), "y": list(y), "colorscale": colorscale,
+             "colorbar": colorbar, "name": unit, **spec, **kw}  # fmt: skip
     if x is not None:
         trace["x"] = plain(x)
     return trace
@@ -154,7 +204,8 @@ def has_data(fig: Figure, yaxis: str | None = None) -> bool:
     for trace in fig["data"]:
         if yaxis is not None and trace.get("yaxis", "y") != yaxis:
             continue
-        for key in ("y", "z"):
+        # a heatmap's y are its rows' names: only its z are values
+        for key in ("z",) if trace.get("type") == "heatmap" else ("y",):
             values = np.asarray(trace.get(key) or [], dtype=object).ravel()
             if any(v is not None and v == v for v in values):  # v == v: not NaN
                 return True
@@ -164,14 +215,20 @@ def has_data(fig: Figure, yaxis: str | None = None) -> bool:
 def nothing(text: str) -> Figure:
     """An empty figure that says why (no axes to read)."""
     fig = figure([], "", "", "", height=220)
-    fig["layout"]["xaxis"]["visible"] = fig["layout"]["yaxis"]["visible"] = False
     mark_empty(fig, text)
     return fig
 
 
 def mark_empty(fig: Figure, text: str, yaxis: str | None = None) -> None:
-    """An empty figure says why it is empty, in the middle of its plot; with ``yaxis`` ("y2"),
-    an empty panel of a figure of two, in the middle of that panel."""
+    """An empty figure says why it is empty, in the middle of its plot, with no axes (plotly
+    would invent their ranges: -1 to 6, a log axis from 10^-1 to 10^4); with ``yaxis`` ("y2"),
+    an empty panel of a figure of two, in the middle of that panel, its axes kept."""
+    if yaxis is None:
+        for key, axis in fig["layout"].items():
+            if key[1:5] == "axis" and isinstance(axis, dict):
+                axis["visible"] = False
+        # assets/live.js draws it again, with its axes, when records come for it
+        fig["layout"]["meta"] = {"empty": True}
     where = {"yref": f"{yaxis} domain"} if yaxis else {"yref": "paper"}
     note = {"text": wrapped(text), "xref": "paper", "x": 0.5, "y": 0.5, "showarrow": False,
             "font": {"size": 13, "color": "#6b7280"}, **where}  # fmt: skip
@@ -180,11 +237,8 @@ def mark_empty(fig: Figure, text: str, yaxis: str | None = None) -> None:
 
 
 def waiting(fig: Figure, text: str) -> None:
-    """A figure before its run's first record: no axes (plotly would invent their ranges:
-    a log axis from 10^-1 to 10^4), ``text`` in their place. Its traces stay, to be extended."""
-    for key, axis in fig["layout"].items():
-        if key[1:5] == "axis" and isinstance(axis, dict):
-            axis["visible"] = False
+    """A figure before its run's first record: ``text`` in place of its axes. Its traces stay,
+    to be extended."""
     mark_empty(fig, text)
 
 

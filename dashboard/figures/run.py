@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from bncore.statistics import REPLICA, STATISTICS
+from bncore.statistics import REPLICA, STATISTICS, Documented, documented
+from bncore.status import FINISHED
 from dashboard.figures.declare import (
     DOTTED,
     MARKED,
@@ -24,6 +25,7 @@ from dashboard.figures.declare import (
 from dashboard.figures.factory import (
     AXIS,
     COLORS,
+    EARLIER,
     Figure,
     figure,
     has_data,
@@ -61,11 +63,12 @@ ACC = Lines(
     },
 )  # fmt: skip
 HEATS = (
-    Heat("fig-heat-mean", "pre_mean", "Pre-BN batch mean (channel average)", "RdBu", "mean"),
-    Heat("fig-heat-var", "pre_var", "Pre-BN batch variance (log10)", "Viridis", "log10 variance"),
-    Heat("fig-heat-grad", "grad_in_norm", "Gradient entering each layer (log10 norm)", "Hot",
-         "log10 L2 norm"),
-    Heat("fig-heat-sat", "act_saturated", "Activations at rest or saturated (share)", "Greys",
+    Heat("fig-heat-mean", "pre_mean", "Pre-BN batch mean (channel average)", "signed", "mean"),
+    Heat("fig-heat-var", "pre_var", "Pre-BN batch variance (log10)", "magnitude",
+         "log10 variance"),
+    Heat("fig-heat-grad", "grad_in_norm", "Gradient entering each layer (log10 norm)",
+         "gradient", "log10 L2 norm"),
+    Heat("fig-heat-sat", "act_saturated", "Activations at rest or saturated (share)", "share",
          "share"),
 )  # fmt: skip
 DEPTH = Latest(
@@ -158,19 +161,25 @@ PERCENTILES = Lines(
 )  # fmt: skip
 
 
+def first_and_latest(by_block: dict[str, Any], label: str, color: str, names: Any = None) -> list:
+    """A per-block statistic at the latest evaluation (solid) and, if it differs, the first
+    (dotted, :data:`EARLIER`): every figure of two moments draws them alike."""
+    x = by_block["layers"] if names is None else names
+    traces = [line(x, by_block["last"], f"{label}, step {by_block['last_step']}", color,
+                   **MARKED)]  # fmt: skip
+    if by_block["first_step"] != by_block["last_step"]:
+        traces.append(line(x, by_block["first"], f"{label}, step {by_block['first_step']}",
+                           color, line=EARLIER, **MARKED))  # fmt: skip
+    return traces
+
+
 def population(view: View) -> Drawn:
     """The EMA running statistics' gap to PreciseBN's population statistics, per block, at the
     latest evaluation and the first (measured at evaluations: nothing live)."""
-    gap_m, gap_v = view["by_block"]["ema_mean_gap"], view["by_block"]["ema_var_gap"]
+    by_block = view["by_block"]
     fig = figure(
-        [
-            line(gap_m["layers"], gap_m["last"], f"mean gap, step {gap_m['last_step']}",
-                 COLORS[0], **MARKED),
-            line(gap_v["layers"], gap_v["last"], f"variance gap, step {gap_v['last_step']}",
-                 COLORS[1], **MARKED),
-            line(gap_m["layers"], gap_m["first"], f"mean gap, step {gap_m['first_step']}",
-                 COLORS[0], line={"dash": "dot"}, **MARKED),
-        ],
+        [*first_and_latest(by_block["ema_mean_gap"], "mean gap", COLORS[0]),
+         *first_and_latest(by_block["ema_var_gap"], "variance gap", COLORS[1])],
         "EMA running statistics against PreciseBN's population statistics",
         "layer (input side first)",
         "RMS gap over channels (log)",
@@ -181,16 +190,12 @@ def population(view: View) -> Drawn:
 
 def signal(view: View) -> Drawn:
     """Signal propagation through a residual network (Brock et al. 2021), per block, at the
-    first evaluation and the latest (nothing live)."""
+    latest evaluation and the first (nothing live)."""
     traces = []
     for i, stat in enumerate(("signal_var", "signal_sq_mean", "branch_var")):
-        v, label = view["by_block"][stat], STATISTICS[stat].label
+        v = view["by_block"][stat]
         names = [n.removesuffix(".b") for n in v["layers"]]
-        traces.append(line(names, v["first"], f"{label}, step {v['first_step']}", COLORS[i],
-                           **MARKED))  # fmt: skip
-        if v["last_step"] != v["first_step"]:
-            traces.append(line(names, v["last"], f"{label}, step {v['last_step']}", COLORS[i],
-                               line={"dash": "dot"}, **MARKED))  # fmt: skip
+        traces += first_and_latest(v, STATISTICS[stat].label, COLORS[i], names)
     fig = figure(
         traces,
         "Signal propagation through the residual blocks (Brock et al. 2021)",
@@ -215,26 +220,10 @@ def channel_figure(rows: list[dict[str, Any]], layers: list[str]) -> Figure:
     step = max((r["step"] for r in rows), default=None)
     return figure(
         [
-            heatmap(
-                _channel_grid(rows, names, "pre_mean"),
-                names,
-                colorscale="RdBu",
-                reversescale=True,
-                zmid=0,
-                colorbar={"thickness": 10, "y": 0.78, "len": 0.45,
-                          "title": {"text": "mean", "side": "right"}},
-                name="batch mean",
-            ),
-            heatmap(
-                log10(_channel_grid(rows, names, "pre_var")),
-                names,
-                colorscale="Viridis",
-                xaxis="x2",
-                yaxis="y2",
-                colorbar={"thickness": 10, "y": 0.22, "len": 0.45,
-                          "title": {"text": "log10 var", "side": "right"}},
-                name="batch variance (log10)",
-            ),
+            heatmap(_channel_grid(rows, names, "pre_mean"), names, None, "signed", "batch mean",
+                    colorbar={"y": 0.78, "len": 0.45}),
+            heatmap(log10(_channel_grid(rows, names, "pre_var")), names, None, "magnitude",
+                    "log10 variance", xaxis="x2", yaxis="y2", colorbar={"y": 0.22, "len": 0.45}),
         ],
         channel_title(step),
         "channel",
@@ -274,6 +263,23 @@ RUN_FIGURES: tuple[Declared, ...] = (
     LOSS, ACC, Drawing("fig-population", population), Drawing("fig-signal", signal), *HEATS,
     DEPTH, LAYER, AFFINE, SCALE, REPLICAS, GRADS, PERCENTILES, Drawing("fig-channels", channels),
 )  # fmt: skip
+#: What each figure of the run view is about: it is captioned with that statistic's line of
+#: bncore.statistics.LOOK_FOR, linked to its documentation.
+ABOUT = {
+    "fig-loss": "loss", "fig-acc": "mode_gap", "fig-heat-var": "pre_var",
+    "fig-heat-mean": "pre_mean", "fig-depth": "grad_out_norm", "fig-depth-2": "grad_out_norm",
+    "fig-channels": "pre_var_min", "fig-layer": "running_mean", "fig-affine": "running_var_gap",
+    "fig-grads": "weight_grad_norm", "fig-scale": "eff_lr", "fig-replicas": "replica_var_spread",
+    "fig-pct": "p50_j", "fig-heat-grad": "grad_in_norm", "fig-heat-sat": "act_saturated",
+    "fig-population": "ema_mean_gap", "fig-signal": "signal_var",
+}  # fmt: skip
+
+
+def about(graph: str) -> Documented:
+    """The documented statistic a run figure is about (its caption and link)."""
+    return next(d for d in documented() if ABOUT[graph] in d.names)
+
+
 #: Figures shown in a second section too: the same drawing, fed alike.
 ALSO = {"fig-depth-2": "fig-depth"}
 #: Which of a run's "not recorded" notes (bncore.record.watcher) explains an empty figure.
@@ -300,17 +306,30 @@ def run_figures(view: View) -> tuple[dict[str, Figure], list[Spec]]:
             figs[graph] = figs[shown]
             specs += [{**s, "graph": graph} for s in specs if s["graph"] == shown]
     if view["last_step"]:  # records came, but none for these: say so instead of empty axes
-        explain_empty(figs, (view["run"].get("meta") or {}).get("not_recorded") or {})
+        run = view["run"]
+        not_recorded = (run.get("meta") or {}).get("not_recorded") or {}
+        ended = run.get("status") in FINISHED
+        explain_empty(figs, not_recorded, script=run.get("source") == "client", ended=ended)
     return figs, specs
 
 
-def explain_empty(figs: dict[str, Figure], not_recorded: dict[str, str]) -> None:
-    """Each figure with nothing to draw says why: the run's own note, or what it needs; a
-    figure of two panels with one of them empty says so in that panel."""
+#: Why a script's run has no figure of :data:`NEEDS`: the script has no config to set.
+SCRIPT_NEEDS = "measured in the runs BN Scope trains itself (Launch, bnscope train)"
+
+
+def explain_empty(
+    figs: dict[str, Figure], not_recorded: dict[str, str], script: bool, ended: bool = True
+) -> None:
+    """Each figure with nothing to draw says why: the run's own note, or what it needs (a
+    script's run: that BN Scope's own runs measure it); while the run goes on, that nothing is
+    recorded yet (its first evaluation may be to come); a figure of two panels with one of them
+    empty says so in that panel."""
+    said = "not recorded for this run" if ended else "nothing recorded yet"
     for graph, fig in figs.items():
         if not has_data(fig):
-            reason = not_recorded.get(NOTE_FOR.get(graph, ""), "") or NEEDS.get(graph, "")
-            mark_empty(fig, "not recorded for this run" + (f": {reason}" if reason else ""))
+            needs = (SCRIPT_NEEDS if script else NEEDS[graph]) if graph in NEEDS else ""
+            reason = not_recorded.get(NOTE_FOR.get(graph, ""), "") or needs
+            mark_empty(fig, said + (f": {reason}" if reason else ""))
         elif "domain" in fig["layout"].get("yaxis2", {}):
             for panel in ("y", "y2"):
                 if not has_data(fig, panel):

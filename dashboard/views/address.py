@@ -1,7 +1,8 @@
 """Which view is open. The address bar follows the view (``?tab=run&run=ID&section=layer&
-layer=NAME``, ``?tab=compare&compare=A,B``), so any view can be shared by its link; a link
-opens its view; the runs list's Open and Compare open the ticked runs. ``&step=N&mark=TEXT``
-marks a step on the run's figures (the Diagnosis panel's layer links: where a rule fired)."""
+layer=NAME``, ``?tab=compare&compare=A,B``, ``?tab=experiments&sweep=ID``), so any view can be
+shared by its link; a link opens its view; the runs list's Open and Compare open the ticked
+runs. ``&step=N&mark=TEXT`` marks a step on the run's figures (the Diagnosis panel's layer
+links: where a rule fired)."""
 
 from __future__ import annotations
 
@@ -32,13 +33,17 @@ class View(NamedTuple):
     layer: str | None
     step: int | None = None
     mark: str | None = None
+    sweep: str | None = None
 
 
 def view_of(query: Mapping[str, str]) -> View:
     """The view a link's parameters name (``?run=ID`` alone means its run view)."""
     run = query.get("run") or None
     compare = [i for i in query.get("compare", "").split(",") if i] or None
-    tab = query.get("tab") or ("run" if run else "compare" if compare else None)
+    sweep = (query.get("sweep") or "")[:64] or None
+    tab = query.get("tab") or (
+        "run" if run else "compare" if compare else "experiments" if sweep else None
+    )
     section = query.get("section")
     step = query.get("step", "")
     return View(
@@ -49,6 +54,7 @@ def view_of(query: Mapping[str, str]) -> View:
         query.get("layer") or None,
         int(step) if step.isdigit() and len(step) < 19 else None,
         (query.get("mark") or "")[:64] or None,
+        sweep,
     )
 
 
@@ -66,6 +72,7 @@ def query_of(search: str | None) -> dict[str, str]:
     Input("url", "search"),
     *TICKED,
     *(State(*prop) for prop in OPEN_VIEW),
+    prevent_initial_call=True,  # the page's layout opens its link's view (dashboard.app.layout)
     service=False,
     trigger=True,
 )
@@ -81,8 +88,9 @@ def open_runs(
     tab_now: str,
     section_now: str,
 ) -> tuple[Any, ...]:
-    """A link (``fired``: None, the page's first call, or "url") opens what it names, where
-    that is not open already; Open, the first ticked run; Compare, the ticked runs."""
+    """A link followed in the page (``fired``: "url"; None where the page's own address was
+    not known to its layout) opens what it names, where that is not open already; Open, the
+    first ticked run; Compare, the ticked runs."""
     keep = no_update
     if fired in (None, "url"):
         view = view_of(query_of(search))
@@ -108,6 +116,7 @@ def open_runs(
     Output("url", "search"),
     *(Input(*prop) for prop in OPEN_VIEW),
     Input("layer-select", "value"),
+    Input("exp-pick", "value"),
     State("url", "search"),
     State("want-step", "data"),
     prevent_initial_call=True,
@@ -119,13 +128,16 @@ def follow_view(
     tab: str,
     section: str,
     layer: str | None,
+    sweep: str | None,
     search: str | None,
     marked: dict[str, Any] | None = None,
 ) -> Any:
     """The address of the view now open (no update where the address says it already), with
     the step marked on it (``marked``: dashboard.views.doctor.step_from_link) where it is that
-    layer's."""
+    layer's; an experiment's result (``sweep``) at its own address."""
     query: dict[str, str] = {"tab": tab}
+    if sweep and tab == "experiments":
+        query["sweep"] = sweep
     if run and tab == "run":
         query["run"] = run
         query["section"] = section

@@ -1,4 +1,5 @@
-"""What several views share: a failure's words, the ticked rows, a figure's cell, tabs."""
+"""What several views share: a failure's words, the ticked rows, a figure's cell and its
+caption, tabs."""
 
 from __future__ import annotations
 
@@ -6,6 +7,10 @@ from typing import Any
 
 from dash import State, dcc, html
 
+from bncore.statistics import Documented
+
+#: The statistics' documentation (dashboard.glossary), where each caption links to.
+STATISTICS_PAGE = "/dashboard/statistics"
 NEEDS_TOKEN = "this server needs its token: type it in the Launch tab"
 SELECT_FIRST = "select a run first (tick its box)"
 #: Figures of two stacked panels, or of a long legend (the percentiles' six lines): drawn taller.
@@ -32,6 +37,15 @@ def graph(gid: str) -> dcc.Graph:
     """A figure that fills its cell's width (the height comes from the stylesheet)."""
     cls = "graph tall" if gid in TALL else "graph"
     return dcc.Graph(id=gid, config={"displaylogo": False, "responsive": True}, className=cls)
+
+
+def captioned(gid: str, about: Documented) -> html.Div:
+    """A figure with its one-line caption below: what to look for in it (the registry's
+    LOOK_FOR of the statistic it is ``about``), linking to that statistic's documentation."""
+    link = html.A(f"about {about.shown.removesuffix(', log axis')}", target="_blank",
+                  href=f"{STATISTICS_PAGE}#{about.anchor}")  # fmt: skip
+    caption = html.P([f"Look for {about.look_for}. ", link], className="caption")
+    return html.Div([graph(gid), caption], id=f"cell-{gid}", className="cell")
 
 
 def tabs(tab_id: str, value: str, children: list[dcc.Tab]) -> dcc.Tabs:

@@ -11,6 +11,7 @@ from dash import ALL, Input, Output, State, dcc, html, no_update
 
 from bncore.science.experiments import EXPERIMENTS
 from dashboard.figures.experiment import experiment_figure
+from dashboard.views.address import query_of
 from dashboard.views.common import NEEDS_TOKEN, failed
 from dashboard.wiring import callback
 from server.errors import DomainError, Unauthorized
@@ -73,17 +74,25 @@ def verdict(found: dict[str, Any] | None, done: bool) -> html.P:
     Output("exp-head", "children", allow_duplicate=True),
     Input({"type": "exp-run", "key": ALL}, "n_clicks"),
     Input("tabs", "value"),
+    Input("url", "search"),
     State("token", "value"),
-    prevent_initial_call=True,
+    prevent_initial_call="initial_duplicate",
     trigger=True,
 )
 def start(
-    svc: Service, fired: Any, clicks: list[int], tab_name: str, token: str | None
+    svc: Service,
+    fired: Any,
+    clicks: list[int],
+    tab_name: str,
+    search: str | None,
+    token: str | None,
 ) -> tuple[Any, Any, Any]:
-    """Starts an experiment on a click (``fired``: its button's id); lists the experiments run
-    so far (on a click, or on opening the tab)."""
+    """Starts an experiment on a click (``fired``: its button's id); opens the result a link
+    names (``?tab=experiments&sweep=ID``: each result has an address of its own); lists the
+    experiments run so far (then, or on opening the tab)."""
     picked: Any = no_update
     head: Any = no_update
+    linked = query_of(search).get("sweep") if fired in (None, "url") else None
     if isinstance(fired, dict) and any(clicks):
         try:
             svc.runs.authorize(token)
@@ -92,6 +101,8 @@ def start(
             head = failed(NEEDS_TOKEN, "not started")
         except DomainError as exc:
             head = failed(exc.message, "not started")
+    elif linked:
+        picked = linked
     elif tab_name != "experiments":
         return no_update, no_update, no_update
     options = [

@@ -12,14 +12,15 @@ from dash import ClientsideFunction, Input, Output, State, dcc, html, no_update
 
 from bncore.status import FINISHED, RunStatus
 from dashboard import data
-from dashboard.figures.factory import mark_step, nothing, waiting
-from dashboard.figures.run import run_figures
-from dashboard.views.common import failed, graph, tabs
+from dashboard.figures.factory import has_data, mark_step, nothing, waiting
+from dashboard.figures.run import about, run_figures
+from dashboard.views.common import captioned, failed, tabs
 from dashboard.wiring import Clientside, callback
 from server.errors import NotFound
 from server.service import Service
 
 log = logging.getLogger(__name__)
+HIDDEN = {"display": "none"}
 
 # The sections: only the open one is drawn (and fed live), so opening a run or streaming into
 # it costs a handful of figures, however many there are in all.
@@ -37,6 +38,9 @@ SECTION_LABELS = {
     "population": "Population statistics and signal",
 }
 GRAPHS = [g for section in SECTIONS.values() for g in section]
+#: Figures of what only some runs have: hidden on a run without it (a distributed run's
+#: replicas), rather than taking a panel of every run to say so.
+ONLY_IF_RECORDED = ("fig-replicas",)
 
 
 def layout(section: str | None) -> html.Div:
@@ -53,7 +57,7 @@ def layout(section: str | None) -> html.Div:
             html.Div(
                 [
                     *([layer_select] if name == "layer" else []),
-                    html.Div([graph(g) for g in graphs], className="grid"),
+                    html.Div([captioned(g, about(g)) for g in graphs], className="grid"),
                 ]
             ),
             label=SECTION_LABELS[name],
@@ -128,6 +132,8 @@ def banner(run: dict[str, Any] | None, error: str | None = None) -> list[Any]:
     Output("layer-select", "value"),
     Output("run-banner", "children"),
     Output("run-report", "href"),
+    *[Output(f"cell-{g}", "style") for g in ONLY_IF_RECORDED],
+    Output("run-cancel", "disabled"),
     Input("view-run", "data"),
     Input("layer-select", "value"),
     Input("live-reset", "data"),
@@ -147,8 +153,9 @@ def render_run(
     """The open section's figures, fresh from the store, and what feeds them live; a step a
     link marked (``marked``: dashboard.views.doctor.step_from_link) drawn on those over steps."""
     keep = [no_update] * len(GRAPHS)
+    hidden = [HIDDEN] * len(ONLY_IF_RECORDED)
     if not run_id:
-        return *keep, no_update, [], None, banner(None), ""
+        return *keep, no_update, [], None, banner(None), "", *hidden, True
     try:
         view = data.run_view(svc, run_id, layer or wanted)
         figs, specs = run_figures(view)
@@ -158,10 +165,11 @@ def render_run(
             f"there is no run with id {run_id!r} (deleted, or a mistyped link): pick one "
             "in the Runs tab"
         )
-        return *empty, None, [], None, banner(None, message), ""
+        return *empty, None, [], None, banner(None, message), "", *hidden, True
     except Exception as exc:
         log.exception("run view")
-        return *keep, no_update, no_update, no_update, banner(None, f"{exc}"), no_update
+        return (*keep, no_update, no_update, no_update, banner(None, f"{exc}"), no_update,
+                *[no_update] * len(ONLY_IF_RECORDED), no_update)  # fmt: skip
     shown = set(SECTIONS.get(section, ()))
     run = svc.runs.out(view["run"])
     note = "" if view["last_step"] else starting(run)
@@ -177,35 +185,43 @@ def render_run(
         "specs": [s for s in specs if s["graph"] in shown],
         "layers": view["layers"],
         "waiting": note,  # assets/live.js redraws all at the first records
+        "status": run["status"],  # drawn once more when it ends (live_status), not before
     }
     report = f"/api/runs/{run_id}/report"
-    run_banner = banner(run)
-    return (*out, spec, view["layers"], view["layer"], run_banner, report)
+    shown_if = [None if g in figs and has_data(figs[g]) else HIDDEN for g in ONLY_IF_RECORDED]
+    ended = run["status"] in FINISHED
+    return (*out, spec, view["layers"], view["layer"], banner(run), report, *shown_if, ended)
 
 
 @callback(
     Output("run-banner", "children", allow_duplicate=True),
     Output("live-reset", "data", allow_duplicate=True),
+    Output("run-cancel", "disabled", allow_duplicate=True),
     Input("live-status", "data"),
     State("live-spec", "data"),
     prevent_initial_call=True,
     service=False,
 )
-def live_status(run: dict[str, Any] | None, spec: dict[str, Any] | None) -> tuple[Any, Any]:
-    """The stream said the run's status: the banner says it; the figures are drawn again from
-    the store once the worker has said which layers it has, or the run has ended (the final
-    per-channel arrays, everything the stream did not carry), or, before its first record, what
-    it is doing has changed (queued, then its worker starting)."""
+def live_status(run: dict[str, Any] | None, spec: dict[str, Any] | None) -> tuple[Any, ...]:
+    """The stream said the run's status: the banner says it (Cancel too, disabled once it has
+    ended); the figures are drawn again from the store once the worker has said which layers
+    it has, or the run has ended since they were drawn (the final per-channel arrays,
+    everything the stream did not carry; a run that had already ended is not drawn twice), or,
+    before its first record, what it is doing has changed (queued, then its worker starting)."""
     if not run:
-        return no_update, no_update
+        return no_update, no_update, no_update
+    ended = run["status"] in FINISHED
+    spec = spec or {}
+    if spec.get("run") != run.get("id"):  # its drawing is on its way, from the store as it is
+        return banner(run), no_update, ended
     layers_known = bool((run.get("meta") or {}).get("layers"))
-    waiting = (spec or {}).get("waiting")
+    waiting = spec.get("waiting")
     redraw = (
-        (layers_known and spec is not None and not spec.get("layers"))
-        or run["status"] in FINISHED
+        (layers_known and bool(spec) and not spec.get("layers"))
+        or (ended and spec.get("status") not in FINISHED)
         or bool(waiting and not run["steps_done"] and starting(run) != waiting)  # the news
     )
-    return banner(run), (time.time() if redraw else no_update)
+    return banner(run), (time.time() if redraw else no_update), ended
 
 
 @callback(

@@ -15,6 +15,7 @@ from bnscope.process import ServerProcess, wait_for
 from tests.helpers import free_port
 
 playwright = pytest.importorskip("playwright.sync_api")
+from dashboard import plotlyjs  # noqa: E402
 from dashboard.browser import CHROMIUM, launch_browser  # noqa: E402
 
 pytestmark = [
@@ -40,10 +41,11 @@ def points(page, graph: str, trace: int = 0) -> int:
 
 
 def loss_layout(page) -> dict | None:
-    """The loss figure's layout as the page holds it (None: not drawn yet)."""
+    """The loss figure's layout as the page holds it (None: not drawn yet, or only dcc.Graph's
+    empty placeholder, which has no title)."""
     return page.evaluate(
         "() => { const gd = document.querySelector('#fig-loss .js-plotly-plot');"
-        " return gd && gd.layout && gd.data ? gd.layout : null; }"
+        " return gd && gd.layout && gd.layout.title && gd.data ? gd.layout : null; }"
     )
 
 
@@ -484,6 +486,55 @@ def test_every_chart_names_its_axes_and_the_address_bar_follows_the_view(page, s
         other.close()
 
 
+def test_a_finished_run_opens_once_captioned_with_cancel_disabled(page, server):
+    """Opening a finished run's link fetches its figures once (not again when its stream says
+    it has ended), Cancel is disabled, a run of one process has no replicas panel, and each
+    figure says what to look for, linking to its statistic on the statistics page."""
+    with server.client() as api:
+        run_id = finished_run(api, name="opened once")
+    fetched: list[str] = []
+
+    def answered(response) -> None:
+        if "_dash-update-component" in response.url:
+            body = response.request.post_data or ""
+            if "fig-loss.figure" in body:
+                fetched.append(response.url)
+
+    scripts: list[str] = []
+    page.on("response", answered)
+    page.on("request", lambda r: scripts.append(r.url) if r.resource_type == "script" else None)
+    page.goto(f"{server.url}/dashboard/?tab=run&run={run_id}")
+    wait_for(lambda: points(page, "fig-loss") > 0, 30)
+    page.locator("#live-indicator").get_by_text("ended: completed").wait_for(timeout=15_000)
+    time.sleep(4)  # past the stream's status, and a 3 s look for undrawn figures
+    assert len(fetched) == 1, f"the run's figures were fetched {len(fetched)} times"
+    # plotly.js: the cartesian bundle, loaded with the page, never Dash's full 4.8 MB one
+    plotly = [u for u in scripts if "plotly" in u.rsplit("/", 1)[-1]]
+    assert [u.removeprefix(server.url) for u in plotly] == [plotlyjs.ADDRESS], scripts
+    with server.client() as api:
+        bundle = api.get(plotlyjs.ADDRESS, headers={"accept-encoding": "gzip"})
+    assert (
+        bundle.headers["content-encoding"] == "gzip"
+        and "immutable" in bundle.headers["cache-control"]
+    )
+    assert int(bundle.headers["content-length"]) < 600_000 and "plotly.js" in bundle.text[:200]
+    assert page.locator("#run-cancel").is_disabled()
+    page.click("#section >> text=One layer")
+    wait_for(lambda: points(page, "fig-layer") > 0, 30)
+    assert not page.locator("#cell-fig-replicas").is_visible(), "no replicas on one process"
+    captions = page.locator("#cell-fig-layer .caption")
+    assert captions.inner_text().startswith("Look for the dotted running statistics")
+    href = captions.locator("a").get_attribute("href")
+    assert href == "/dashboard/statistics#running_mean"
+    with server.client() as api:
+        doc = api.get(href)
+    assert doc.status_code == 200 and "<tr id='running_mean'>" in doc.text
+    hover = page.evaluate(
+        "() => document.querySelector('#fig-layer .js-plotly-plot').data[0].hovertemplate"
+    )
+    assert "step %{x}" in hover and "BN input mean (batch)" in hover
+
+
 def test_a_resnet_run_shows_population_statistics_and_signal_propagation(page, server):
     with server.client() as api:
         run_id = finished_run(
@@ -853,8 +904,6 @@ def test_every_log_axis_labels_whole_numbers_few_of_them(browser, low, high):
     """What plotly.js draws on a log axis from the factory's rules (dashboard.figures.factory):
     each label a whole number in plain (0.5) or scientific (5x10^-1) form, never a leading digit
     alone ("2, 1, 9, 8" for 2, 1, 0.9, 0.8), and at most 8 of them."""
-    from plotly.offline import get_plotlyjs
-
     from dashboard.figures.factory import figure, line
 
     steps = list(range(50))
@@ -864,7 +913,7 @@ def test_every_log_axis_labels_whole_numbers_few_of_them(browser, low, high):
     page = browser.new_page(viewport={"width": 700, "height": 400})
     try:
         page.set_content("<div id='g'></div>")
-        page.add_script_tag(content=get_plotlyjs())
+        page.add_script_tag(content=plotlyjs.source())  # the dashboard's bundle
         ticks = page.evaluate(
             "(fig) => Plotly.newPlot('g', fig.data, fig.layout).then((gd) =>"
             " gd._fullLayout.yaxis._vals.map((t) => [t.x, t.text]))",

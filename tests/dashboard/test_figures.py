@@ -15,8 +15,16 @@ from dashboard import data
 from dashboard.figures.compare import compare_figures
 from dashboard.figures.declare import SOURCES, Latest, Lines
 from dashboard.figures.experiment import experiment_figure
-from dashboard.figures.factory import LOG_TICKS, TITLE_LINE, nothing, plain, wrapped
-from dashboard.figures.run import ALSO, RUN_FIGURES, run_figures
+from dashboard.figures.factory import (
+    EARLIER,
+    LOG_TICKS,
+    SCALES,
+    TITLE_LINE,
+    nothing,
+    plain,
+    wrapped,
+)
+from dashboard.figures.run import ABOUT, ALSO, RUN_FIGURES, about, run_figures
 from dashboard.views.run import GRAPHS
 
 LAYERS = ["a", "b", "c"]
@@ -49,7 +57,7 @@ def small_view(
              "first_step": 10, "last_step": 20}  # fmt: skip
     nothing_at = {"layers": [], "first": [], "last": [], "first_step": 0, "last_step": 0}
     return {
-        "run": {"id": "r1", "meta": meta or {}},
+        "run": {"id": "r1", "meta": meta or {}, "status": "completed"},
         "layers": LAYERS,
         "layer": layer,
         "last_step": last_step,
@@ -95,7 +103,7 @@ def test_trace_names_are_the_registry_s_labels():
     ]
     assert names(figs["fig-layer"])[0] == "BN input mean (batch)" == label["pre_mean"]
     assert names(figs["fig-depth"]) == [label["grad_out_norm"], label["grad_in_norm"]]
-    assert names(figs["fig-signal"])[0] == f"{label['signal_var']}, step 10"
+    assert names(figs["fig-signal"])[:2] == [f"{label['signal_var']}, step {s}" for s in (20, 10)]
     # every line without a name of its own is named by the registry, whatever the figure
     view = small_view()
     for declared in RUN_FIGURES:
@@ -241,10 +249,23 @@ def test_empty_figures_say_why():
     assert "set precise_bn" in notes(figs["fig-population"])
     assert "model.kind=resnet" in notes(figs["fig-signal"])
     assert "distributed.replicas above 1" in notes(figs["fig-replicas"])
+    # a script's run has no config to set: it is told where these are measured instead
+    figs, _ = run_figures({**view, "run": {**view["run"], "source": "client"}})
+    for graph in ("fig-population", "fig-signal", "fig-replicas"):
+        assert "BN Scope trains itself" in notes(figs[graph]) and "set " not in notes(figs[graph])
     assert notes(figs["fig-grads"]) == (
         "not recorded for this run: no linear or conv weight feeds this block"
     )
     assert notes(figs["fig-loss"]) == "" and notes(figs["fig-heat-var"]) == ""
+    # an empty figure shows no axes whose ranges plotly would invent (-1 to 6; 10^-1 to 10^4)
+    acc = figs["fig-acc"]["layout"]
+    assert acc["xaxis"]["visible"] is False and acc["yaxis2"]["visible"] is False
+    # a heatmap whose rows are named but hold no value is empty too
+    view["channels"] = []
+    assert notes(run_figures(view)[0]["fig-channels"]) == "not recorded for this run"
+    # while the run goes on, what has not come yet may still come
+    running, _ = run_figures({**view, "run": {**view["run"], "status": "running"}})
+    assert notes(running["fig-acc"]) == "nothing recorded yet"
     # before any record, nothing is said: the figures are filling
     figs, _ = run_figures(small_view(evals=False, last_step=0))
     assert notes(figs["fig-acc"]) == ""
@@ -288,3 +309,92 @@ def test_compare_figures_name_runs_and_take_the_statistic_s_axis(stat):
     axis = figs["cmp-stat-fig"]["layout"]["yaxis"]
     assert axis["type"] == ("log" if STATISTICS[stat].log else "linear")
     assert axis["title"]["text"].startswith(STATISTICS[stat].label)
+
+
+def every_figure() -> list[dict]:
+    """Every figure the dashboard and the report draw: the run view's, compare's, an
+    experiment's."""
+    run = {"name": "bn", "status": "completed", "layer": "b", "loss": _xy(), "test_acc": _xy(),
+           "stat": _xy()}  # fmt: skip
+    panel = {"series": [{"name": "measured", "theory": False, "x": [16, 32], "y": [0.1, 0.2]}],
+             "log_x": True, "log_y": False, "kind": "by_value", "title": "t", "x_label": "batch",
+             "y_label": "gap"}  # fmt: skip
+    return [*run_figures(small_view())[0].values(), *compare_figures([run], "pre_var").values(),
+            experiment_figure(panel)]  # fmt: skip
+
+
+def test_every_heatmap_takes_its_colours_from_one_explicit_scale():
+    """A named scale ("RdBu") is read the other way round by plotly.py (the report) and
+    plotly.js (the dashboard): every heatmap's scale is an explicit list, negative means blue
+    and positive red wherever it is drawn, and a share is read against 0 and 1."""
+    heats = [t for f in every_figure() for t in f["data"] if t["type"] == "heatmap"]
+    assert len(heats) >= 6
+    for trace in heats:
+        scale = trace["colorscale"]
+        assert isinstance(scale, list) and scale[0][0] == 0 and scale[-1][0] == 1, trace["name"]
+        assert scale in [[[i / (len(c["colors"]) - 1), x] for i, x in enumerate(c["colors"])]
+                         for c in SCALES.values()]  # fmt: skip
+        assert "reversescale" not in trace
+    figs, _ = run_figures(small_view())
+    mean = figs["fig-heat-mean"]["data"][0]
+    assert mean["zmid"] == 0
+    blue, red = mean["colorscale"][0][1], mean["colorscale"][-1][1]
+    assert _rgb(blue)[2] > _rgb(blue)[0] and _rgb(red)[0] > _rgb(red)[2], "negative blue"
+    sat = figs["fig-heat-sat"]["data"][0]
+    assert (sat["zmin"], sat["zmax"]) == (0, 1), "a share's colours span 0 to 1"
+
+
+def _rgb(color: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in color.removeprefix("rgb(").removesuffix(")").split(","))
+
+
+def test_hovers_name_the_statistic_and_the_axes():
+    """No hover reads "x: 501 y: block2 z: -0.139": each names where (its axes' titles) and
+    what (the trace's statistic, a heatmap's colour-bar title with its unit)."""
+    for fig in every_figure():
+        lay = fig["layout"]
+        for trace in fig["data"]:
+            hover = trace["hovertemplate"]
+            assert "%{y" in hover and "%{x" in hover and hover.endswith("<extra></extra>")
+            x_title = lay["xaxis"]["title"]["text"] if trace.get("xaxis", "x") == "x" else ""
+            if x_title:
+                assert x_title.replace("<br>", " ").replace(" (log)", "") in hover
+            if trace["type"] == "heatmap":
+                assert f"{trace['colorbar']['title']['text']}: %{{z" in hover
+            else:
+                assert (trace.get("name") or "") in hover
+    figs, _ = run_figures(small_view())
+    assert (
+        "layer %{y}<br>step %{x}<br><b>mean: %{z"
+        in figs["fig-heat-mean"]["data"][0]["hovertemplate"]
+    )
+
+
+def test_a_dotted_line_is_the_earlier_moment_in_every_figure_of_two():
+    """Population and signal figures draw the latest evaluation solid and the first dotted."""
+    figs, _ = run_figures(small_view())
+    for graph in ("fig-population", "fig-signal"):
+        for trace in figs[graph]["data"]:
+            dotted = trace["line"].get("dash") == EARLIER["dash"]
+            assert dotted == trace["name"].endswith("step 10"), (graph, trace["name"])
+
+
+def test_every_layer_of_a_heatmap_is_labelled():
+    view = small_view()
+    layers = [f"layer{i}.bn" for i in range(20)]
+    view["layers"] = layers
+    view["heat"] = {s: np.ones((20, 20)) for s in data.HEAT_STATS}
+    figs, _ = run_figures(view)
+    axis = figs["fig-heat-var"]["layout"]["yaxis"]
+    assert axis["type"] == "category" and axis["dtick"] == 1
+
+
+def test_every_run_figure_has_a_caption_from_the_registry():
+    """What to look for, one line each, from bncore.statistics.LOOK_FOR, linking to where the
+    statistic is documented."""
+    assert set(ABOUT) == set(GRAPHS)
+    for graph in GRAPHS:
+        doc = about(graph)
+        assert doc.look_for and len(doc.look_for) < 160, graph
+        assert doc.look_for == statistics.LOOK_FOR[ABOUT[graph]]
+    assert set(statistics.LOOK_FOR) <= {n for d in statistics.documented() for n in d.names}

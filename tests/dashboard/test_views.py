@@ -5,6 +5,9 @@ with the service first. No browser, no server."""
 
 from __future__ import annotations
 
+import html
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,20 +217,27 @@ def test_a_link_opens_its_view_and_buttons_open_the_ticked_runs():
 
 
 def test_the_address_bar_follows_the_view():
-    assert address.follow_view("aaa", None, "run", "layer", "block1", "") == (
+    assert address.follow_view("aaa", None, "run", "layer", "block1", None, "") == (
         "?tab=run&run=aaa&section=layer&layer=block1"
     )
-    assert address.follow_view("aaa", None, "run", "overview", "block1", None) == (
+    assert address.follow_view("aaa", None, "run", "overview", "block1", None, None) == (
         "?tab=run&run=aaa&section=overview"
     )
-    assert address.follow_view("aaa", ["a", "b"], "compare", "overview", None, None) == (
+    assert address.follow_view("aaa", ["a", "b"], "compare", "overview", None, None, None) == (
         "?tab=compare&compare=a,b"
     )
-    assert address.follow_view(None, None, "runs", "overview", None, "?tab=runs") is no_update
+    assert address.follow_view(None, None, "runs", "overview", None, None, "?tab=runs") is (
+        no_update
+    )
+    # an experiment's result has an address of its own, and a link to it opens it
+    assert address.follow_view("aaa", None, "experiments", "overview", None, "swp1", "") == (
+        "?tab=experiments&sweep=swp1"
+    )
+    assert address.view_of({"sweep": "swp1"}).tab == "experiments"
 
 
 def test_the_page_opens_on_the_view_its_link_names():
-    page = app.layout(False, {"run": "aaa", "section": "layer", "layer": "block1"})
+    page = app.layout(False, "?run=aaa&section=layer&layer=block1")
     tabs = next(c for c in page.children if getattr(c, "id", None) == "tabs")
     assert tabs.value == "run"
     stores = {c.id: c.data for c in page.children if type(c).__name__ == "Store"}
@@ -281,7 +291,9 @@ def test_render_run_draws_the_open_section_and_says_how_it_grows(svc):
     run_id = script_run(svc)
     out = run.render_run(svc, run_id, None, None, "overview", "block1")
     figs = dict(zip(run.GRAPHS, out, strict=False))
-    spec, options, layer, banner, report = out[len(run.GRAPHS) :]
+    spec, options, layer, banner, report, replicas_cell, cancel_off = out[len(run.GRAPHS) :]
+    assert replicas_cell == run.HIDDEN, "no replicas panel on a run of one process"
+    assert cancel_off is False, "a running run can be cancelled"
     for graph in run.GRAPHS:
         drawn = graph in run.SECTIONS["overview"]
         assert (figs[graph] is not no_update) == drawn, graph
@@ -327,7 +339,11 @@ def test_a_run_before_its_first_record_says_what_it_is_doing(svc):
 
 def test_render_run_of_no_run_says_so(svc):
     out = run.render_run(svc, "nosuchrun", None, None, "overview", None)
-    figs, (spec, options, layer, banner, report) = out[: len(run.GRAPHS)], out[len(run.GRAPHS) :]
+    figs, (spec, options, layer, banner, report, _, cancel_off) = (
+        out[: len(run.GRAPHS)],
+        out[len(run.GRAPHS) :],
+    )
+    assert cancel_off is True
     assert all(f["layout"]["annotations"][0]["text"] == "no run to show" for f in figs)
     assert spec is None and options == [] and layer is None and report == ""
     assert "there is no run with id 'nosuchrun'" in text(banner)
@@ -337,14 +353,26 @@ def test_render_run_of_no_run_says_so(svc):
 
 def test_the_stream_s_status_redraws_when_layers_become_known_or_the_run_ends():
     running = {"id": "r", "status": "running", "steps_done": 3, "meta": {"layers": ["a"]}}
-    banner, redraw = run.live_status(running, {"layers": []})
-    assert "running" in text(banner) and redraw is not no_update
-    assert run.live_status(running, {"layers": ["a"]})[1] is no_update
-    assert run.live_status({**running, "status": "completed"}, {"layers": ["a"]})[1]
-    assert run.live_status(None, None) == (no_update, no_update)
+    banner, redraw, cancel_off = run.live_status(running, {"run": "r", "layers": []})
+    assert "running" in text(banner) and redraw is not no_update and cancel_off is False
+    drawn = {"run": "r", "layers": ["a"], "status": "running"}
+    assert run.live_status(running, drawn)[1] is no_update
+    ended = run.live_status({**running, "status": "completed"}, drawn)
+    assert ended[1] is not no_update and ended[2] is True, "drawn once more; Cancel disabled"
+    # a run already ended when it was drawn is not drawn again (opening it fetches it once)
+    assert (
+        run.live_status({**running, "status": "completed"}, {**drawn, "status": "completed"})[1]
+        is no_update
+    )
+    # nor is a run whose drawing has not come back yet (it reads the store as it is now)
+    assert run.live_status({**running, "status": "completed"}, None)[1] is no_update
+    assert run.live_status({**running, "status": "completed"}, {"run": "other"})[1] is no_update
+    assert run.live_status(None, None) == (no_update, no_update, no_update)
     starting = {"id": "r", "status": "running", "steps_done": 0, "meta": {}}
-    assert run.live_status(starting, {"layers": [], "waiting": "queued"})[1] is not no_update
-    said = {"layers": [], "waiting": run.starting(starting)}
+    assert run.live_status(starting, {"run": "r", "layers": [], "waiting": "queued"})[1] is not (
+        no_update
+    )
+    said = {"run": "r", "layers": [], "waiting": run.starting(starting)}
     assert run.live_status(starting, said)[1] is no_update
     assert run.server_back(1, None) is no_update and run.server_back(1, "r")
 
@@ -461,12 +489,16 @@ def test_a_preset_fills_the_form_and_the_grid():
 
 
 def test_an_experiment_starts_from_its_button_and_shows_its_progress(svc):
-    assert experiments.start(svc, "tabs", [0], "runs", None) == (no_update,) * 3
-    options, picked, _ = experiments.start(svc, "tabs", [0], "experiments", None)
+    assert experiments.start(svc, "tabs", [0], "runs", "", None) == (no_update,) * 3
+    options, picked, _ = experiments.start(svc, "tabs", [0], "experiments", "", None)
     assert options == [] and picked is no_update
     button = {"type": "exp-run", "key": "placement"}
-    options, picked, head = experiments.start(svc, button, [1], "experiments", None)
+    options, picked, head = experiments.start(svc, button, [1], "experiments", "", None)
     assert options[0]["value"] == picked and head is no_update
+    # its result's link opens it, from the page's first call or a change of address
+    for fired in (None, "url"):
+        link = f"?tab=experiments&sweep={picked}"
+        assert experiments.start(svc, fired, [0], "runs", link, None)[:2] == (options, picked)
     head, _, done = experiments.show(svc, picked, None)
     runs = EXPERIMENTS["placement"].runs()
     assert "queued" in text(head) and f"0 of {runs} runs finished" in text(head) and not done
@@ -554,7 +586,7 @@ def test_the_diagnosis_panel_the_badge_and_the_report_say_what_the_doctor_found(
     fig = out[run.GRAPHS.index("fig-layer")]
     assert [s["x0"] for s in fig["layout"]["shapes"]] == [12]
     assert any(a["text"] == "rule-x at step 12" for a in fig["layout"]["annotations"])
-    assert address.follow_view(sick, None, "run", "layer", "block1", "", marked).endswith(
+    assert address.follow_view(sick, None, "run", "layer", "block1", None, "", marked).endswith(
         "&step=12&mark=rule-x"
     )
 
@@ -605,3 +637,31 @@ def test_a_stored_meta_of_any_shape_is_read_at_the_cost_of_the_records(svc, meta
     assert seconds(hostile) < 3 * seconds(plain) + 0.5
     assert svc.records.layers(hostile)["layers"] is not None  # the API's listing too
     assert svc.diagnoses.report(svc.runs.get(hostile))["steps"] is not None
+
+
+def test_the_report_draws_each_figure_as_the_dashboard_does_with_its_caption(svc):
+    """One figure factory for both: the report's mean heatmap has the dashboard's explicit
+    colour scale (a named one was read the other way round by plotly.py), and each figure
+    says what to look for, as the run view's captions do."""
+    from bncore.statistics import LOOK_FOR
+
+    run_id = script_run(svc)
+    figs, _ = run_figures(data.run_view(svc, run_id, None))
+    page = report.render(svc, run_id)
+    scales = [json.loads(m) for m in re.findall(r'"colorscale":(\[\[.*?\]\])', page)]
+    assert figs["fig-heat-mean"]["data"][0]["colorscale"] in scales
+    assert html.escape(f"Look for {LOOK_FOR['pre_mean']}.") in page
+
+
+def test_each_caption_links_to_its_statistic_on_the_statistics_page():
+    from dashboard import glossary
+    from dashboard.figures.run import ABOUT, about
+
+    page, view = glossary.statistics_html(), run.layout(None)
+    for graph in run.GRAPHS:
+        found = [c for c in _tree(view) if getattr(c, "id", None) == f"cell-{graph}"]
+        (link,) = [c for c in _tree(found[0]) if type(c).__name__ == "A"]
+        anchor = link.href.split("#")[1]
+        assert link.href.startswith("/dashboard/statistics#") and anchor == about(graph).anchor
+        assert f"<tr id='{anchor}'>" in page, graph
+        assert ABOUT[graph] in page

@@ -255,6 +255,31 @@ def test_a_killed_worker_fails_its_run_only(api):
     assert finished(api, other["id"])["status"] == "completed"
 
 
+def test_a_worker_is_forked_from_a_process_that_had_imported_torch(api):
+    """Its first step is not seconds of imports away (issue 28): the worker found torch and its
+    own module imported by another process, the fork server (server.executors), and set its
+    torch threads after the fork (2 cores, --max-runs 2: one each)."""
+    run = api.post("/api/runs", json=tiny_run(steps=10)).json()
+    done = finished(api, run["id"])
+    assert done["status"] == "completed", done
+    threads = max(1, (os.cpu_count() or 2) // 2)
+    assert done["meta"]["worker"] == {"preloaded": True, "threads": threads}
+
+
+def test_a_worker_started_by_spawn_imports_torch_itself(tmp_path):
+    """--worker-start spawn (what every worker did before issue 28): a fresh interpreter each;
+    the worker says so."""
+    srv = ServerProcess(tmp_path, "--max-runs", "1", "--worker-start", "spawn").start()
+    try:
+        with srv.client() as api:
+            run = api.post("/api/runs", json=tiny_run(steps=10)).json()
+            done = finished(api, run["id"])
+            assert done["status"] == "completed", done
+            assert done["meta"]["worker"]["preloaded"] is False
+    finally:
+        srv.stop()
+
+
 def test_runs_beyond_the_limit_queue_then_run(tmp_path, db):
     srv = ServerProcess(tmp_path, "--max-runs", "1", env=db).start()
     try:
@@ -548,6 +573,11 @@ def _gone(pid: int) -> bool:
         return True
 
 
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads /proc")
 def test_a_worker_stops_within_2s_of_its_server_dying(tmp_path, record_property, db):
     srv = ServerProcess(tmp_path, env=db).start()
@@ -557,6 +587,9 @@ def test_a_worker_stops_within_2s_of_its_server_dying(tmp_path, record_property,
                 "/api/runs", json=tiny_run(steps=1_000_000, stats_interval=5, channel_interval=100)
             ).json()
             pid = training_pid(api, run["id"], after_steps=20)
+            # a fork server's child: its parent is not the server, and outlives it
+            assert api.get(f"/api/runs/{run['id']}").json()["meta"]["worker"]["preloaded"]
+            assert _parent(pid) != srv.proc.pid
         srv.kill()  # kill -9: the worker is left training, its sends failing
         killed = time.monotonic()
         wait_for(lambda: _gone(pid), 15, every=0.05)

@@ -104,6 +104,7 @@ def test_gradient_explosion_experiment_through_the_server_matches_yang_et_al(tmp
             res = api.get(f"/api/sweeps/{sweep['id']}/result").json()
             assert res["runs_finished"] == res["runs_total"] == 10
             assert res["claim"] == EXPERIMENTS["gradient-explosion"].claim
+            assert isinstance(res["verdict"]["agrees"], bool) and res["verdict"]["text"], res
             series = {s["name"]: s for s in res["panels"][0]["series"]}
             linear, theory = series["activation=linear"], series["activation=linear: Yang et al. "
                                                                  "mean field"]  # fmt: skip
