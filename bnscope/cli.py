@@ -178,22 +178,36 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _experiment(args: argparse.Namespace) -> int:
-    """Run one of the experiments here, without a server, and say whether this measurement
-    agrees with its paper."""
+    """Run one of the experiments (or --all) here, without a server, and say whether each
+    measurement agrees with its paper."""
     import yaml
 
     from bncore.run.config import get_field
     from bncore.run.engine import RunResult
-    from bncore.science.experiments import EXPERIMENTS
-    from bncore.science.experiments.local import run
+    from bncore.science.experiments import EXPERIMENTS, result
+    from bncore.science.experiments.local import points
+    from bncore.science.experiments.report import results_table, with_results
 
-    exp = EXPERIMENTS.get(args.key)
-    if exp is None:
+    if bool(args.key) == args.all:
+        print("bnscope experiment: name one experiment, or give --all", file=sys.stderr)
+        return EXIT_USAGE
+    if args.key and args.key not in EXPERIMENTS:
         known = ", ".join(EXPERIMENTS)
         print(
             f"bnscope experiment: no experiment {args.key!r}; there are: {known}", file=sys.stderr
         )
         return EXIT_USAGE
+    target = None if args.markdown in (None, "-") else Path(args.markdown)
+    if target is not None:
+        if not args.all:  # the document's table has a row for every experiment
+            print("bnscope experiment: --markdown FILE writes every experiment's row: add --all",
+                  file=sys.stderr)  # fmt: skip
+            return EXIT_USAGE
+        try:
+            with_results(target.read_text(), "")  # its markers, checked before hours of runs
+        except (OSError, ValueError) as exc:
+            print(f"bnscope experiment: {target}: {exc}", file=sys.stderr)
+            return EXIT_USAGE
     overrides = {}
     for item in args.set:
         key, sep, raw = item.partition("=")
@@ -202,32 +216,45 @@ def _experiment(args: argparse.Namespace) -> int:
             return EXIT_USAGE
         overrides[key.strip()] = yaml.safe_load(raw)
 
-    arms: list[tuple[str, list[Diagnosis], int]] = []  # each run's label, diagnoses, steps
+    quiet = args.quiet or args.json or args.markdown == "-"
+    done_all = []
+    for exp in [EXPERIMENTS[k] for k in (EXPERIMENTS if args.all else [args.key])]:
+        arms: list[tuple[str, list[Diagnosis], int]] = []  # each run's label, diagnoses, steps
 
-    def progress(config: dict, done: RunResult, found: list[Diagnosis]) -> None:
-        where = ", ".join(f"{k}={get_field(config, k)}" for k in exp.grid)
-        arms.append((where, found, done.steps_done))
-        if args.quiet or args.json:
-            return
-        acc = done.final.get("test_acc", float("nan"))
-        print(f"  {where}: {done.status}, test accuracy {acc:.3f}", flush=True)
+        def progress(config: dict, done: RunResult, found: list[Diagnosis], exp=exp, arms=arms):
+            where = ", ".join(f"{k}={get_field(config, k)}" for k in exp.grid)
+            arms.append((where, found, done.steps_done))
+            if not quiet:
+                acc = done.final.get("test_acc", float("nan"))
+                key = f"{exp.key}: " if args.all else ""
+                print(f"  {key}{where}: {done.status}, test accuracy {acc:.3f}", flush=True)
 
-    try:
-        res = run(exp, args.size, overrides, on_run=progress)
-    except ConfigError as exc:
-        print(f"bnscope experiment: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.json:
+        try:
+            res = result(exp, points(exp, args.size, overrides, on_run=progress))
+        except ConfigError as exc:
+            print(f"bnscope experiment: {exc}", file=sys.stderr)
+            return EXIT_USAGE
         res["diagnoses"] = [
             {"run": where, "diagnoses": [d.to_dict() for d in found]} for where, found, _ in arms
         ]
-        print(json.dumps(res))
-        return EXIT_OK
-    v = res["verdict"]
-    said = f"{'agrees' if v['agrees'] else 'DISAGREES'}: {v['text']}" if v else "not measured"
-    print(f"{res['title']}\nPaper: {res['claim']}\nThis measurement {said}")
-    for where, found, steps in arms:  # the BN doctor, per run
-        print(f"{where}: " + "\n    ".join(diagnosis_lines(found, steps)))
+        done_all.append((exp, res))
+        if quiet or args.markdown:
+            continue
+        v = res["verdict"]
+        said = f"{'agrees' if v['agrees'] else 'DISAGREES'}: {v['text']}" if v else "not measured"
+        print(f"{res['title']}\nPaper: {res['claim']}\nThis measurement {said}")
+        for where, found, steps in arms:  # the BN doctor, per run
+            print(f"{where}: " + "\n    ".join(diagnosis_lines(found, steps)))
+    if args.json:
+        print(json.dumps([res for _, res in done_all] if args.all else done_all[0][1]))
+    if args.markdown:
+        table = results_table(done_all, args.size)
+        if target is None:
+            print(table, end="")
+        else:
+            target.write_text(with_results(target.read_text(), table))
+            print(f"bnscope experiment: wrote the results of {len(done_all)} experiments into "
+                  f"{target}", file=sys.stderr)  # fmt: skip
     return EXIT_OK
 
 
@@ -264,7 +291,10 @@ def _train_parser(sub: argparse._SubParsersAction) -> None:
 
 def _experiment_parser(sub: argparse._SubParsersAction) -> None:
     exp = sub.add_parser("experiment", help=_experiment.__doc__, description=_experiment.__doc__)
-    exp.add_argument("key", help="the experiment (the dashboard's Experiments tab lists them)")
+    exp.add_argument(
+        "key", nargs="?", help="the experiment (the dashboard's Experiments tab lists them)"
+    )
+    exp.add_argument("--all", action="store_true", help="run every experiment, one after another")
     exp.add_argument(
         "--size",
         choices=("quick", "full"),
@@ -273,6 +303,15 @@ def _experiment_parser(sub: argparse._SubParsersAction) -> None:
     )
     _add_set(exp, "a field of every run", "device=cuda")
     exp.add_argument("--json", action="store_true", help="print the result (panels, verdict)")
+    exp.add_argument(
+        "--markdown",
+        nargs="?",
+        const="-",
+        metavar="FILE",
+        help="print the results table (experiment, claim, measurement with its spread over "
+        "seeds, test and margin, verdict); with FILE and --all, write it between FILE's results "
+        "markers (docs/experiments.md: bnscope experiment --all --markdown docs/experiments.md)",
+    )
     exp.add_argument("--quiet", action="store_true", help="no line per finished run")
     exp.set_defaults(func=_experiment)
 

@@ -236,6 +236,10 @@ class ProvokedOut(BaseModel):
 class VerdictOut(BaseModel):
     agrees: bool
     text: str
+    measured: str = Field(
+        default="", description="the measurement in short, with its spread over seeds"
+    )
+    test: str = Field(default="", description="the test it was put to, with its margin")
 
 
 class ExperimentResult(BaseModel):

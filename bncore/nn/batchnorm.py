@@ -41,13 +41,14 @@ __all__ = [
     "BatchNorm3d",
     "BatchNormBase",
     "keras_momentum_to_torch",
+    "under_transform",
 ]
 
 B = TypeVar("B", bound="BatchNorm")
 is_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def _under_transform(input: Tensor) -> bool:
+def under_transform(input: Tensor) -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, ...) is running, or ``input`` comes
     from one. Transforms reach parameters as well as inputs (functional_call with grad or vmap over
     the parameters: the input stays a plain tensor), and reject an autograd.Function met anywhere
@@ -308,7 +309,7 @@ class BatchNorm(BatchNormBase):
             return batch_norm_with_stats(
                 input, running_mean, running_var, weight, bias, False, 0.0, self.eps
             )
-        if torch.compiler.is_compiling() or _under_transform(input):
+        if torch.compiler.is_compiling() or under_transform(input):
             return self._traceable_forward(input, weight, bias, running_mean, running_var)
         running = None
         if self.training and self.track_running_stats and running_mean is not None:

@@ -19,6 +19,13 @@ concatenated global batch. Unlike torch.nn's, it runs on the CPU (gloo) as well 
 The layer keeps its replica's own batch statistics beside the global ones it normalized with
 (:attr:`SyncBatchNorm.replica`): how far each replica's batch is from the global batch is what
 synchronizing removes.
+
+Under torch.func transforms (grad, vmap, jacrev, functional_call, ...), which refuse the fused
+Function above, the same math runs in plain torch operations around one collective,
+:class:`_AllReduceSum`, whose derivative and batching rule are written out: an all-reduce's
+adjoint is itself (the backward sums every replica's cotangent, as the Function's backward
+does), and it sums a batched tensor element by element whatever its batch dimension. Every
+replica must then transform alike (the same vmap sizes), as every collective needs.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from bncore.nn.batchnorm import BatchNorm
+from bncore.nn.batchnorm import BatchNorm, under_transform
 from bncore.nn.byproducts import ActivationStats, Capture, RecordTarget
 from bncore.nn.kernels import reference
 from bncore.nn.kernels.reference import Running
@@ -143,6 +150,60 @@ class _Sync(torch.autograd.Function):
         return dx, dw, db, None, None, None, None, None, None
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """The sum of a tensor over the group's replicas, for torch.func: differentiable (the
+    adjoint of an all-reduce is an all-reduce) and batchable (element by element)."""
+
+    @staticmethod
+    def forward(t: Tensor, group: Any) -> Tensor:
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        ctx.group = inputs[1]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], t: Tensor, group: Any) -> tuple[Tensor, Any]:
+        return _AllReduceSum.apply(t, group), in_dims[0]
+
+
+def _traceable_sync(
+    x: Tensor,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    eps: float,
+    running: Running | None,
+    group: Any,
+) -> tuple[Tensor, list[Any]]:
+    """:func:`sync_batch_norm` in plain torch operations and :class:`_AllReduceSum`, for
+    torch.func transforms: two passes over the global batch (its mean, then the squares about
+    it: no cancellation), not recorded."""
+    x3 = reference.ncl_view(x)
+    acc = reference.opmath_dtype(x.dtype)
+    xa = x3.to(acc)
+    count = torch.tensor([float(reference.values_per_channel(x))], dtype=acc)
+    dist.all_reduce(count, group=group)  # not transformed: how many values, on every replica
+    n = int(count.item())
+    if n <= 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got {n} over all replicas"
+        )
+    mean = _AllReduceSum.apply(xa.sum((0, 2)), group) / n
+    var = _AllReduceSum.apply((xa - mean[:, None]).square().sum((0, 2)), group) / n
+    if running is not None:  # torch.func refuses this mutation, as it does torch.nn's
+        reference.update_running(running, mean.detach(), var.detach(), n)
+    y = reference.normalize(x3, mean, torch.rsqrt(var + eps), weight, bias).view(x.shape)
+    nan = torch.full((4, x3.shape[1]), float("nan"), dtype=acc)
+    var_r, mean_r = torch.var_mean(xa.detach(), (0, 2), correction=0)
+    return y, [mean.detach(), var.detach(), mean_r, var_r, nan, None]
+
+
 def sync_batch_norm(
     x: Tensor,
     weight: Tensor | None,
@@ -156,7 +217,10 @@ def sync_batch_norm(
     """Training-mode batch norm over the global batch of ``group``'s replicas: the output, and
     [global mean, global biased variance, this replica's mean, this replica's variance, the
     (4, C) gradient sums its backward fills (BNStats.GRAD_ROWS), the activation's statistics
-    or None]. ``act`` and ``record`` as for bncore's BatchNorm (a recorder's row)."""
+    or None]. ``act`` and ``record`` as for bncore's BatchNorm (a recorder's row); under
+    torch.func transforms nothing is recorded."""
+    if under_transform(x):
+        return _traceable_sync(x, weight, bias, eps, running, group)
     found: list[Any] = []
     y = _Sync.apply(x, weight, bias, eps, running, group, found, act, record)
     return y, found
@@ -196,8 +260,9 @@ class SyncBatchNorm(BatchNorm):
         y, (mean, var, mean_r, var_r, grad, act) = sync_batch_norm(
             input, self.weight, self.bias, self.eps, running, group, keep.act, keep.record
         )
-        self.stats.record(mean, var, grad, act)
-        self.replica = (mean_r, var_r)
+        if not under_transform(input):  # a transform's values are its own (not recorded)
+            self.stats.record(mean, var, grad, act)
+            self.replica = (mean_r, var_r)
         return y
 
 

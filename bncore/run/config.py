@@ -112,6 +112,15 @@ class ModelConfig(_Strict):
         description="resnet: the last normalization of each residual branch starts with gamma"
         " = 0, so every block starts as the identity (Goyal et al. 2017)",
     )
+    shortcut: Literal["zero_pad", "projection"] = Field(
+        default="zero_pad",
+        description="resnet: the shortcut of a stage's first block, where the resolution halves "
+        "and the channels double: zero_pad (He et al.'s option A, no parameters: every other "
+        "position, the new channels zero, so the stream's average channel variance halves) or "
+        "projection (a 1x1 convolution with its own normalization, as in Brock et al. 2021's "
+        "networks: norm-ReLU-conv in a pre-activation network, conv-norm in a post-activation "
+        "one; the variance resets to about 1)",
+    )
     skip_init: bool = Field(
         default=False,
         description="resnet: each residual branch is scaled by a learnable scalar that starts "
@@ -447,6 +456,13 @@ class RunConfig(_Strict):
                 f"({', '.join(SPATIAL_DATASETS)}), not data.name={self.data.name!r}",
                 "model.kind",
                 "data.name",
+            )
+        if self.model.shortcut != "zero_pad" and self.model.kind != "resnet":
+            raise FieldsError(
+                f"model.shortcut={self.model.shortcut!r} is the shortcut of a residual network's "
+                f"stage transitions: model.kind must be 'resnet', not {self.model.kind!r}",
+                "model.shortcut",
+                "model.kind",
             )
         replicas = self.distributed.replicas
         if self.batch_size % replicas:

@@ -4,7 +4,8 @@ A plain network (``mlp``, ``cnn``) is ``block0 .. block{depth-1}`` then ``head``
 :class:`Block` is a linear or convolutional layer, a normalization and an activation, in the
 configured order; without normalization the ``norm`` slot is an identity, so runs compare block
 by block. A residual network (``resnet``, :class:`ResNet`) is a stem block, then residual blocks
-``res{k}`` whose branches are two blocks each, ``res{k}.a`` and ``res{k}.b``. On the steps a
+``res{k}`` whose branches are two blocks each, ``res{k}.a`` and ``res{k}.b`` (and, with projection
+shortcuts, a stage's first block has a third, its shortcut ``res{k}.shortcut``). On the steps a
 :class:`Probe` is attached, a block hands it the tensors at its positions:
 
 - ``pre_norm`` / ``post_norm``: what enters and leaves the normalization;
@@ -212,7 +213,9 @@ class Shortcut(nn.Module):
 
 
 class ResidualBlock(nn.Module):
-    r"""x -> shortcut(x) + alpha * branch(x), the branch two blocks ``a`` and ``b``.
+    r"""x -> shortcut(x) + alpha * branch(x), the branch two blocks ``a`` and ``b``; the shortcut
+    is a :class:`Shortcut` (parameter-free) or, at a stage transition with projection shortcuts,
+    a :class:`Block` of its own (a 1x1 convolution and its normalization).
 
     Post-activation (He et al. 2016a): branch = conv-norm-ReLU-conv-norm, and a ReLU after the
     sum (``b``'s activation is the identity: the ReLU takes the sum, not ``b``'s output).
@@ -222,7 +225,9 @@ class ResidualBlock(nn.Module):
     (:attr:`branch_out`, :attr:`out`) for the signal propagation measurement.
     """
 
-    def __init__(self, a: Block, b: Block, shortcut: Shortcut, post_relu: bool, skip_init: bool):
+    def __init__(
+        self, a: Block, b: Block, shortcut: Shortcut | Block, post_relu: bool, skip_init: bool
+    ):
         super().__init__()
         self.a, self.b, self.shortcut = a, b, shortcut
         self.post_relu = post_relu
@@ -261,6 +266,8 @@ class ResNet(Net):
         self._named = [("stem", stem)]
         for k, r in enumerate(res):
             self._named += [(f"res{k}.a", r.a), (f"res{k}.b", r.b)]
+            if isinstance(r.shortcut, Block):  # a projection: computed after the branch
+                self._named.append((f"res{k}.shortcut", r.shortcut))
         if final is not None:
             self._named.append(("final", final))
 
@@ -342,8 +349,8 @@ def _resnet(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int) -> R
     post = m.residual == "post"
     act = m.activation
 
-    def conv(cin: int, cout: int, stride: int = 1) -> nn.Conv1d | nn.Conv2d:
-        layer = conv_cls(cin, cout, 3, stride=stride, padding=1, bias=bias)
+    def conv(cin: int, cout: int, stride: int = 1, size: int = 3) -> nn.Conv1d | nn.Conv2d:
+        layer = conv_cls(cin, cout, size, stride=stride, padding=size // 2, bias=bias)
         # He et al. (2015): a ReLU network keeps its signal's scale through each layer
         nn.init.kaiming_normal_(layer.weight, mode="fan_in", nonlinearity="relu")
         return layer
@@ -357,6 +364,18 @@ def _resnet(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int) -> R
                          nn.Identity() if last else ACTIVATIONS[act](),
                          order="layer_norm_act", activation="linear" if last else act)  # fmt: skip
         return Block(conv(cin, cout, stride), normed(cin), ACTIVATIONS[act](),
+                     order="norm_act_layer", activation=act)  # fmt: skip
+
+    def shortcut(cin: int, cout: int, stride: int) -> Shortcut | Block:
+        """The identity within a stage; at a transition, He et al.'s option A or a projection
+        (Brock et al. 2021: a pre-activation network projects the normalized, activated input,
+        so the stream restarts at about unit variance)."""
+        if m.shortcut == "zero_pad" or (cin == cout and stride == 1):
+            return Shortcut(cin, cout, stride)
+        if post:  # option B: conv-norm, added before the ReLU after the sum
+            return Block(conv(cin, cout, stride, size=1), normed(cout), nn.Identity(),
+                         order="layer_norm_act", activation="linear")  # fmt: skip
+        return Block(conv(cin, cout, stride, size=1), normed(cin), ACTIVATIONS[act](),
                      order="norm_act_layer", activation=act)  # fmt: skip
 
     w = m.width
@@ -374,7 +393,7 @@ def _resnet(cfg: RunConfig, input_shape: tuple[int, ...], num_classes: int) -> R
             r = ResidualBlock(
                 block(channels, out, stride, last=False),
                 block(out, out, 1, last=True),
-                Shortcut(channels, out, stride),
+                shortcut(channels, out, stride),
                 post_relu=post,
                 skip_init=m.skip_init,
             )

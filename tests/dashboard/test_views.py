@@ -19,6 +19,7 @@ from dash import Dash, no_update
 from bncore.record.sinks import encode
 from bncore.record.tables import CHANNEL_COLUMNS, Records
 from bncore.run.config import RunConfig
+from bncore.science.experiments import EXPERIMENTS
 from dashboard import app, data, report, wiring
 from dashboard.figures.run import run_figures
 from dashboard.form import build_form
@@ -499,7 +500,8 @@ def test_an_experiment_starts_from_its_button_and_shows_its_progress(svc):
         link = f"?tab=experiments&sweep={picked}"
         assert experiments.start(svc, fired, [0], "runs", link, None)[:2] == (options, picked)
     head, _, done = experiments.show(svc, picked, None)
-    assert "queued" in text(head) and "0 of 2 runs finished" in text(head) and not done
+    runs = EXPERIMENTS["placement"].runs()
+    assert "queued" in text(head) and f"0 of {runs} runs finished" in text(head) and not done
     head, _, done = experiments.show(svc, "nosuchsweep", None)
     assert text(head).startswith("errorno sweep with id") and done
 

@@ -23,17 +23,22 @@ __all__ = ["GrowthShape", "SampledEffect", "growth_shape"]
 @dataclass(frozen=True)
 class SampledEffect:
     """An effect measured once per sample (a seed, or an evaluation), signed so that a positive
-    value is the claimed direction.
+    value is the claimed direction, and the test the claim puts to it.
 
-    It holds when its mean is larger than :attr:`margin` (``floor``, or ``k`` standard errors
-    of the samples, whichever is larger) and every sample is positive: one seed in three going
-    the other way is no agreement. A single sample has no spread: its margin is the floor.
+    A claimed effect (``within`` false) holds when its mean is larger than :attr:`margin`
+    (``floor``, or ``k`` standard errors of the samples, whichever is larger) and every sample is
+    positive: one seed in three going the other way is no agreement. A claimed absence of effect
+    ("trains about as well", ``within`` true) holds when the effect, its noise included, stays
+    within the tolerance ``floor``: ``|mean| + k`` standard errors under it, and every sample
+    within it. A single sample has no spread: its margin is the floor (or, for an absence, no
+    allowance for noise).
     """
 
     samples: tuple[float, ...]
-    floor: float
+    floor: float  # the smallest effect that counts; with ``within``, the tolerance
     over: str = "seeds"  # what a sample is, for the sentence
     k: float = 2.0
+    within: bool = False
 
     @property
     def mean(self) -> float:
@@ -45,34 +50,78 @@ class SampledEffect:
         return float(np.std(self.samples, ddof=1)) if len(self.samples) > 1 else 0.0
 
     @property
-    def margin(self) -> float:
-        return max(self.floor, self.k * self.spread / math.sqrt(max(len(self.samples), 1)))
+    def noise(self) -> float:
+        """``k`` standard errors of the mean."""
+        return self.k * self.spread / math.sqrt(max(len(self.samples), 1))
 
     @property
-    def positive(self) -> int:
-        """How many samples point the claimed way."""
+    def margin(self) -> float:
+        """What the mean must exceed (a claimed effect), or what is added to its size before it
+        is held against the tolerance (a claimed absence)."""
+        return self.noise if self.within else max(self.floor, self.noise)
+
+    @property
+    def agreeing(self) -> int:
+        """How many samples point the claimed way (an absence: lie within the tolerance)."""
+        if self.within:
+            return sum(abs(s) < self.floor for s in self.samples)
         return sum(s > 0 for s in self.samples)
 
     @property
     def holds(self) -> bool:
         n = len(self.samples)
-        return n > 0 and self.mean > self.margin and self.positive == n
+        if not n or self.agreeing < n:
+            return False
+        if self.within:
+            return abs(self.mean) + self.margin < self.floor
+        return self.mean > self.margin
+
+    def measured(self, fmt: Callable[[float], str]) -> str:
+        """The mean and its spread over the samples, each number written by ``fmt``."""
+        n = len(self.samples)
+        if n == 1:
+            return f"{fmt(self.mean)} (1 {self.over[:-1]})"
+        return f"{fmt(self.mean)} (mean of {n} {self.over}, spread {_size(fmt, self.spread)})"
+
+    def test(self, fmt: Callable[[float], str]) -> str:
+        """The test, with its margin, in words."""
+        every = f"every {self.over[:-1]}"
+        if self.within:
+            return (
+                f"within {_size(fmt, self.floor)} either way, with {self.k:g} standard errors "
+                f"({_size(fmt, self.noise)}) added to its size, on {every}"
+            )
+        return (
+            f"larger than {_size(fmt, self.margin)} (the larger of {_size(fmt, self.floor)} and "
+            f"{self.k:g} standard errors), the claimed way on {every}"
+        )
 
     def describe(self, fmt: Callable[[float], str]) -> str:
-        """The effect, its spread and margin, and on how many samples it points the claimed way,
-        each number written by ``fmt`` (for example ``lambda v: f"{100 * v:+.1f} points"``)."""
+        """The effect, its spread and margin, and on how many samples it agrees, each number
+        written by ``fmt`` (for example ``lambda v: f"{100 * v:+.1f} points"``)."""
         n = len(self.samples)
-
-        def size(v: float) -> str:  # a spread or a margin: no sign
-            return fmt(v).lstrip("+")
-
+        way = "within it" if self.within else "the claimed way"
         if n == 1:
-            return f"{fmt(self.mean)} (1 {self.over[:-1]}; margin {size(self.margin)})"
+            return f"{self.measured(fmt)[:-1]}; {self._limit(fmt)})"
+        return f"{self.measured(fmt)[:-1]}; {self._limit(fmt)}; {way} on {self.agreeing} of {n})"
+
+    def _limit(self, fmt: Callable[[float], str]) -> str:
+        if self.within:
+            return (
+                f"tolerance {_size(fmt, self.floor)}, against its size with {self.k:g} standard "
+                f"errors {_size(fmt, abs(self.mean) + self.margin)}"
+            )
+        if len(self.samples) == 1:
+            return f"margin {_size(fmt, self.margin)}"
         return (
-            f"{fmt(self.mean)} (mean of {n} {self.over}, spread {size(self.spread)}; margin "
-            f"{size(self.margin)}, the larger of {size(self.floor)} and {self.k:g} standard "
-            f"errors; the claimed way on {self.positive} of {n})"
+            f"margin {_size(fmt, self.margin)}, the larger of {_size(fmt, self.floor)} and "
+            f"{self.k:g} standard errors"
         )
+
+
+def _size(fmt: Callable[[float], str], v: float) -> str:
+    """A spread, a margin or a tolerance: written without a sign."""
+    return fmt(v).lstrip("+")
 
 
 @dataclass(frozen=True)

@@ -67,10 +67,14 @@ class Panel:
 @dataclass(frozen=True)
 class Verdict:
     """Whether this measurement agrees with the paper, and what it measured, in one sentence
-    with its numbers (where it disagrees, the sentence says where)."""
+    with its numbers (where it disagrees, the sentence says where); ``measured`` and ``test``
+    say the same in short, for a table: the numbers with their spread over seeds, and the test
+    they were put to with its margin."""
 
     agrees: bool
     text: str
+    measured: str = ""
+    test: str = ""
 
 
 class Missing(LookupError):
@@ -103,6 +107,8 @@ class Experiment:
     verdict: Callable[[Sequence[Point]], Verdict] | None = None
     # the pitfalls its arms provoke on purpose, for the BN doctor to find (bncore.diagnose)
     provokes: tuple[Provoked, ...] = ()
+    # the grid's points to run (None: every one), where the product has arms the claim needs not
+    keep: Callable[[dict[str, Any]], bool] | None = None
 
     def sweep(
         self, size: Literal["quick", "full"] = "quick", overrides: dict[str, Any] | None = None
@@ -113,13 +119,19 @@ class Experiment:
         given = {**(self.full if size == "full" else {}), **(overrides or {})}
         base = point_config(self.base, given)  # the dotted overrides set as a point's values
         grid = {k: list(v) for k, v in self.grid.items()}
-        if self.derive is None:
+        if self.derive is None and self.keep is None:
             return {"base": base, "grid": grid}
-        return {"base": base, "points": [{**p, **self.derive(p)} for p in grid_points(grid)]}
+        derive = self.derive or (lambda p: {})
+        return {"base": base, "points": [{**p, **derive(p)} for p in self._points()]}
+
+    def _points(self) -> list[dict[str, Any]]:
+        return [p for p in grid_points(self.grid) if self.keep is None or self.keep(p)]
 
     def runs(self) -> int:
         """Runs in the sweep."""
-        return math.prod(len(v) for v in self.grid.values())
+        if self.keep is None:
+            return math.prod(len(v) for v in self.grid.values())
+        return len(self._points())
 
 
 @dataclass
@@ -198,7 +210,8 @@ def _first_values(point: Point, stat: str) -> tuple[list[str], list[float]]:
 def result(exp: Experiment, points: Sequence[Point]) -> dict[str, Any]:
     """The experiment's panels from its runs: {"title", "claim", "note", "verdict", "panels":
     [{"title", "kind", "x_label", "y_label", "log_x", "log_y", "series": [{"name", "x", "y",
-    "theory"}]}]}; "verdict" is {"agrees", "text"}, or None while runs are missing."""
+    "theory"}]}]}; "verdict" is {"agrees", "text", "measured", "test"}, or None while runs are
+    missing."""
     panels = []
     for p in exp.panels:
         series: list[dict[str, Any]] = []
@@ -257,7 +270,8 @@ def result(exp: Experiment, points: Sequence[Point]) -> dict[str, Any]:
     if exp.verdict is not None:
         try:
             found = exp.verdict(points)
-            verdict = {"agrees": bool(found.agrees), "text": found.text}
+            verdict = {"agrees": bool(found.agrees), "text": found.text,
+                       "measured": found.measured, "test": found.test}  # fmt: skip
         except Missing:
             pass
     return {"title": exp.title, "claim": exp.claim, "note": exp.note, "verdict": verdict,

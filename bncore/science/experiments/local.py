@@ -17,7 +17,7 @@ from bncore.run.engine import RunResult, train
 from bncore.run.sweep import grid_points, point_config
 from bncore.science.experiments.framework import Experiment, Point, result
 
-__all__ = ["configs", "point", "run"]
+__all__ = ["configs", "point", "points", "run"]
 
 
 def configs(
@@ -62,16 +62,15 @@ def point(
     return Point(config=config, values=values, series=series, layers=layers, diagnoses=found)
 
 
-def run(
+def points(
     exp: Experiment,
     size: Literal["quick", "full"] = "quick",
     overrides: dict[str, Any] | None = None,
     on_run: Callable[[dict[str, Any], RunResult, list[Diagnosis]], None] | None = None,
-) -> dict[str, Any]:
-    """Every run of the sweep, each diagnosed by the BN doctor (``on_run`` gets the run's
-    config, result and diagnoses as it ends), then the result (panels, verdict, the doctor's
-    findings) as the server gives it."""
-    points = []
+) -> list[Point]:
+    """Every run of the sweep, one after the other, each diagnosed by the BN doctor (``on_run``
+    gets the run's config, result and diagnoses as it ends), as the verdict reads them."""
+    found_points = []
     for config in configs(exp, size, overrides):
         cfg = parse_config(config)
         if cfg.distributed.replicas > 1:
@@ -83,7 +82,18 @@ def run(
             assert done.records is not None  # the in-memory sink keeps them
             records, meta = done.records, done.meta
         found = diagnose(records, meta).diagnoses
-        points.append(point(exp, config, records, found))
+        found_points.append(point(exp, config, records, found))
         if on_run is not None:
             on_run(config, done, found)
-    return result(exp, points)
+    return found_points
+
+
+def run(
+    exp: Experiment,
+    size: Literal["quick", "full"] = "quick",
+    overrides: dict[str, Any] | None = None,
+    on_run: Callable[[dict[str, Any], RunResult, list[Diagnosis]], None] | None = None,
+) -> dict[str, Any]:
+    """:func:`points`, then the result (panels, verdict, the doctor's findings) as the server
+    gives it."""
+    return result(exp, points(exp, size, overrides, on_run))

@@ -62,7 +62,8 @@ def test_an_experiment_says_whether_the_doctor_found_what_it_provokes():
     exp = EXPERIMENTS["batch-size-bn-vs-groupnorm"]
     points = []
     for config in configs(exp):
-        if config["batch_size"] in (2, 128) and config["norm"]["kind"] == "batch":
+        if (config["batch_size"] in (2, 128) and config["norm"]["kind"] == "batch"
+                and config["seed"] == 0):  # fmt: skip
             config = {**config, "steps": 30}  # the pitfall is in the config: any length shows it
             res = train(parse_config(config))
             assert res.records is not None
@@ -74,8 +75,8 @@ def test_an_experiment_says_whether_the_doctor_found_what_it_provokes():
     assert by_arm["batch_size=2, kind=batch"]["control_clear"] is True
     assert by_arm["batch_size=4, kind=batch"]["found"] is None  # not run here
     assert {r["run"] for r in out["diagnoses"]} == {
-        "batch_size=2, kind=batch",
-        "batch_size=128, kind=batch",
+        "batch_size=2, kind=batch, seed=0",
+        "batch_size=128, kind=batch, seed=0",
     }
 
 

@@ -45,21 +45,29 @@ def _torch_nn(net: nn.Module) -> nn.Module:
     return ref
 
 
+@pytest.mark.parametrize("shortcut", ["zero_pad", "projection"])
 @pytest.mark.parametrize("residual", ["post", "pre"])
-def test_resnet_6n_plus_2_layout(residual):
-    net = _resnet(depth=2, residual=residual)
+def test_resnet_6n_plus_2_layout(residual, shortcut):
+    net = _resnet(depth=2, residual=residual, shortcut=shortcut)
     names = [n for n, _ in net.blocks()]
-    # a stem, 3 stages x 2 residual blocks of two units, and (pre-activation) a final norm-ReLU
-    assert names[:3] == ["stem", "res0.a", "res0.b"] and len(names) == 1 + 12 + (residual == "pre")
+    # a stem, 3 stages x 2 residual blocks of two units, and (pre-activation) a final norm-ReLU;
+    # projection shortcuts: a unit of their own at the two stage transitions
+    projected = 2 * (shortcut == "projection")
+    assert names[:3] == ["stem", "res0.a", "res0.b"]
+    assert len(names) == 1 + 12 + (residual == "pre") + projected
+    assert [n for n in names if n.endswith(".shortcut")] == ["res2.shortcut", "res4.shortcut"][
+        :projected
+    ]
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
-    assert len(convs) + 1 == 6 * 2 + 2  # ResNet-(6n+2): 6n + 1 convs and the classifier
+    assert len(convs) + 1 == 6 * 2 + 2 + projected  # ResNet-(6n+2): 6n + 1 convs, the classifier
     assert [r.a.layer.out_channels for _, r in net.residual_blocks()] == [8, 8, 16, 16, 32, 32]
     assert net(torch.randn(4, *DIGITS)).shape == (4, 10)
 
 
+@pytest.mark.parametrize("shortcut", ["zero_pad", "projection"])
 @pytest.mark.parametrize("residual", ["post", "pre"])
-def test_resnet_is_exact_to_torch_nn_forward_backward_and_running_stats(residual):
-    net = _resnet(depth=1, residual=residual)
+def test_resnet_is_exact_to_torch_nn_forward_backward_and_running_stats(residual, shortcut):
+    net = _resnet(depth=1, residual=residual, shortcut=shortcut)
     ref = _torch_nn(net)
     x = torch.randn(16, *DIGITS)
     y, y_ref = net(x), ref(x)
@@ -93,6 +101,30 @@ def test_zero_init_residual_and_skip_init_start_every_block_as_the_identity():
     assert gain is not None and gain.requires_grad and float(gain.detach()) == 0.0
 
 
+@pytest.mark.parametrize("residual", ["post", "pre"])
+def test_at_a_transition_zero_padding_halves_the_variance_and_a_projection_resets_it(residual):
+    """He et al.'s option A averages the stream with as many zero channels: its average channel
+    variance halves. A projection (1x1 conv and its norm, Brock et al.'s networks) starts the
+    next stage at about unit variance, whatever the stream's variance was."""
+    x = 5 * torch.randn(64, 8, 8, 8)  # a stream of variance 25 entering stage 2
+    with torch.no_grad():
+        _, padded = _resnet(residual=residual).residual_blocks()[1]
+        _, projected = _resnet(residual=residual, shortcut="projection").residual_blocks()[1]
+        assert padded.a.layer.stride == projected.a.layer.stride == (2, 2)
+
+        def var(t: torch.Tensor) -> float:
+            return float(t.var([0, 2, 3], correction=0).mean())
+
+        kept = x[:, :, ::2, ::2]
+        assert var(padded.shortcut(x)) == pytest.approx(var(kept) / 2, rel=1e-6)
+        assert 0.4 < var(projected.shortcut(x)) < 2.5  # reset: 25 in, about 1 out
+    with pytest.raises(ConfigError, match=r"model\.shortcut.*model\.kind must be 'resnet'"):
+        parse_config({"model": {"kind": "cnn", "shortcut": "projection"},
+                      "data": {"name": "digits"}})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"model\.shortcut"):
+        parse_config(_cfg(shortcut="conv"))
+
+
 @pytest.mark.parametrize(("norm", "cls"), [("group", nn.GroupNorm), ("layer", nn.GroupNorm),
                                            ("none", nn.Identity)])  # fmt: skip
 def test_other_normalizations_take_the_same_positions(norm, cls):
@@ -105,10 +137,13 @@ def test_other_normalizations_take_the_same_positions(norm, cls):
         assert r.a.norm.num_groups == 1
 
 
-@pytest.mark.parametrize("residual", ["post", "pre"])
-def test_every_unit_is_recorded_as_its_normalization_sees_it(residual):
-    """The recorded batch statistics at each unit equal those of what enters its norm."""
-    cfg = parse_config({**_cfg(residual=residual), "steps": 1, "batch_size": 32})
+@pytest.mark.parametrize(("residual", "shortcut"), [("post", "zero_pad"), ("pre", "zero_pad"),
+                                                   ("pre", "projection")])  # fmt: skip
+def test_every_unit_is_recorded_as_its_normalization_sees_it(residual, shortcut):
+    """The recorded batch statistics at each unit (a projection shortcut's too) equal those of
+    what enters its norm."""
+    cfg = parse_config({**_cfg(residual=residual, shortcut=shortcut), "steps": 1,
+                        "batch_size": 32})  # fmt: skip
     t = Trainer(cfg)
     seen: dict[str, torch.Tensor] = {}
     hooks = [
