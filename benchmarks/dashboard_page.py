@@ -236,7 +236,9 @@ def side_by_side(browser, tmp: Path, ref: str, launches: int, opens: int) -> Non
             for name, tree in trees.items():
                 data = tmp / f"data-{name.split()[0]}"
                 data.mkdir()
-                env = {"PYTHONPATH": str(tree)}
+                # PYTHONSAFEPATH: `python -m` would put the working directory (this tree)
+                # ahead of PYTHONPATH, and the baseline's server would run this code
+                env = {"PYTHONPATH": str(tree), "PYTHONSAFEPATH": "1"}
                 servers[name] = ServerProcess(data, "--max-runs", "1", env=env).start()
             runs = {n: replay(srv, run, "2,000 steps") for n, srv in servers.items()}
             for srv in servers.values():  # a launch first: caches (data, kernels) filled
