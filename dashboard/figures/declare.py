@@ -25,7 +25,16 @@ import numpy as np
 
 from bncore import statistics
 from bncore.statistics import Statistic
-from dashboard.figures.factory import COLORS, Figure, figure, heatmap, line, log10, trace
+from dashboard.figures.factory import (
+    COLORS,
+    HEIGHT,
+    Figure,
+    figure,
+    heatmap,
+    line,
+    log10,
+    trace,
+)
 
 Spec = dict[str, Any]
 View = dict[str, Any]  # what dashboard.data.run_view reads for the run view
@@ -161,7 +170,7 @@ class Heat:
             self.title,
             "step",
             "layer",
-            height=max(240, 80 + 18 * len(layers)),
+            height=max(HEIGHT, 80 + 18 * len(layers)),
         )  # fmt: skip
         spec = {"graph": self.graph, "kind": "heat", "table": stat.table, "column": self.stat,
                 "log": stat.log, "layers": layers, "max": MAX_LIVE_COLUMNS}  # fmt: skip

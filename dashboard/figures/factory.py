@@ -36,6 +36,10 @@ SCALES: dict[str, dict[str, Any]] = {
     "gradient": {"colors": plotly.colors.sequential.Hot},
     "share": {"colors": plotly.colors.sequential.Greys, "zmin": 0, "zmax": 1},
 }
+#: A figure's height, in px, as assets/style.css gives its cell (.graph; .graph.tall: figures of
+#: two panels or of a long legend): a figure plotly draws before its cell has a size keeps the
+#: height it was given, so that must be the cell's (else a 300 px figure in a 340 px cell).
+HEIGHT, TALL_HEIGHT = 340, 470
 #: A dotted line is the earlier of two moments (the first evaluation); the solid one the latest.
 EARLIER = {"dash": "dot"}
 
@@ -45,7 +49,7 @@ def figure(
     title: str,
     x_title: str,
     y_title: str,
-    height: int = 300,
+    height: int = HEIGHT,
     rows: int = 1,
     **layout: Any,
 ) -> Figure:

@@ -26,6 +26,7 @@ from dashboard.figures.factory import (
     AXIS,
     COLORS,
     EARLIER,
+    TALL_HEIGHT,
     Figure,
     figure,
     has_data,
@@ -39,7 +40,7 @@ from dashboard.figures.factory import (
 )
 
 _LOG = {"type": "log"}
-_TWO_PANELS: dict[str, Any] = {"height": 400, "rows": 2}
+_TWO_PANELS: dict[str, Any] = {"height": TALL_HEIGHT, "rows": 2}
 
 LOSS = Lines(
     "fig-loss", "Loss", "step", "cross-entropy loss (log)",
@@ -158,6 +159,7 @@ def percentile_lines(view: View) -> list[Line]:
 PERCENTILES = Lines(
     "fig-pct", "{layer}: a unit's input to the activation (Ioffe & Szegedy, Fig. 1)", "step",
     "value<br>(15th, 50th, 85th pct)", percentile_lines, of_layer=True,
+    layout={"height": TALL_HEIGHT},  # its legend is long
 )  # fmt: skip
 
 
@@ -228,7 +230,7 @@ def channel_figure(rows: list[dict[str, Any]], layers: list[str]) -> Figure:
         channel_title(step),
         "channel",
         "layer",
-        height=max(320, 120 + 36 * len(names)),
+        height=max(TALL_HEIGHT, 120 + 36 * len(names)),
         # one channel axis, below both panels (on top, its title sat on the figure's); each
         # panel's y title short enough for its panel, its colour bar saying which it is
         yaxis={"domain": [0.56, 1.0]},

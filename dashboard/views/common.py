@@ -13,7 +13,8 @@ from bncore.statistics import Documented
 STATISTICS_PAGE = "/dashboard/statistics"
 NEEDS_TOKEN = "this server needs its token: type it in the Launch tab"
 SELECT_FIRST = "select a run first (tick its box)"
-#: Figures of two stacked panels, or of a long legend (the percentiles' six lines): drawn taller.
+#: Figures of two stacked panels, or of a long legend (the percentiles' six lines): drawn taller
+#: (dashboard.figures.factory.TALL_HEIGHT, as the stylesheet's .graph.tall).
 TALL = ("fig-layer", "fig-affine", "fig-scale", "fig-replicas", "fig-channels", "fig-pct")
 
 

@@ -398,3 +398,24 @@ def test_every_run_figure_has_a_caption_from_the_registry():
         assert doc.look_for and len(doc.look_for) < 160, graph
         assert doc.look_for == statistics.LOOK_FOR[ABOUT[graph]]
     assert set(statistics.LOOK_FOR) <= {n for d in statistics.documented() for n in d.names}
+
+
+def test_every_figure_is_as_tall_as_its_cell():
+    """A figure plotly draws before its cell has a size (a loaded machine) keeps its own
+    height: it is at least the cell's, as the stylesheet gives it, or its axis titles run off
+    a shorter plot."""
+    import re as _re
+    from pathlib import Path
+
+    from dashboard.figures.factory import HEIGHT, TALL_HEIGHT
+    from dashboard.views.common import TALL
+
+    css = (Path(__file__).parents[2] / "dashboard" / "assets" / "style.css").read_text()
+    assert (
+        f".graph {{ border: 1px solid #e2e8f0; border-radius: 4px; min-height: {HEIGHT}px; }}"
+        in css
+    )
+    assert _re.search(rf"\.graph\.tall[^{{]*{{ min-height: {TALL_HEIGHT}px; }}", css)
+    figs, _ = run_figures(small_view())
+    for graph, fig in figs.items():
+        assert fig["layout"]["height"] >= (TALL_HEIGHT if graph in TALL else HEIGHT), graph
