@@ -19,8 +19,11 @@ stops at once and keeps what it sent); a task still running after the grace is k
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
+import os
+import signal
 import socket
 import sys
 import threading
@@ -171,7 +174,16 @@ class LocalExecutor:
         raise AssertionError("unreachable: spawn either starts or raises")
 
     def close(self) -> None:
-        pass
+        """The fork server goes with the server (it would otherwise finish importing torch, a
+        few seconds of a core, before it noticed)."""
+        if self._warm_by is None:
+            return
+        from multiprocessing import forkserver
+
+        pid = getattr(getattr(forkserver, "_forkserver", None), "_forkserver_pid", None)
+        if pid:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
 
 
 class _NeverSet:

@@ -139,6 +139,10 @@ def train_replicas(
                 trainer = Trainer(config, load_dataset(config.data, data_root),
                                   Replicas(0, world), device=device)  # fmt: skip
                 result = trainer.run(sink, should_stop, flush_every=flush_every, **run)
+                # the replicas end before this rank's group goes: a connection closed under a
+                # replica's last receive aborted it (exit -6, "terminate called without an
+                # active exception"), seen on a cancelled run under load
+                _wait(helpers)
             finally:
                 dist.destroy_process_group()
         except BaseException:  # rank 0 failed: the others would wait on it until TIMEOUT
@@ -146,12 +150,7 @@ def train_replicas(
                 h.kill()
             raise
         finally:
-            for h in helpers:
-                try:
-                    h.wait(timeout=TIMEOUT.total_seconds())
-                except subprocess.TimeoutExpired:
-                    h.kill()
-                    h.wait()
+            _wait(helpers)
         for h, log in zip(helpers, logs, strict=True):
             if h.returncode:
                 log.seek(0)
@@ -160,6 +159,16 @@ def train_replicas(
                     f"a replica ended with exit code {h.returncode}: " + "\n".join(said)
                 )
         return result
+
+
+def _wait(helpers: list[subprocess.Popen]) -> None:
+    """Each replica's process ended (killed after :data:`TIMEOUT`)."""
+    for h in helpers:
+        try:
+            h.wait(timeout=TIMEOUT.total_seconds())
+        except subprocess.TimeoutExpired:
+            h.kill()
+            h.wait()
 
 
 if __name__ == "__main__":
