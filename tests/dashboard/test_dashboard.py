@@ -124,6 +124,7 @@ def test_launch_from_the_form_and_watch_it_grow(page, server):
     wait_for(lambda: points(page, "fig-loss") > 20, 60)
     wait_for(lambda: loss_layout(page)["yaxis"].get("visible") is not False, 10)
     assert not loss_layout(page).get("annotations"), "drawn again with its axes"
+    ARTIFACTS.mkdir(exist_ok=True)  # no screenshot may have made it: the worker is that fast
     (ARTIFACTS / "first-point.json").write_text(json.dumps({"open_to_first_point_s": first_point}))
     first = points(page, "fig-loss")
     time.sleep(2)
