@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import cache
 from typing import Literal
 
 Table = Literal["steps", "evals", "layers", "layer_evals", "channels"]
@@ -358,9 +359,10 @@ class Documented:
         return self.names[0]
 
 
-def documented() -> list[Documented]:
+@cache
+def documented() -> tuple[Documented, ...]:
     """Every statistic and family of statistics, by table, as documented (docs/statistics.md,
-    and the page the dashboard's captions link to)."""
+    and the page the dashboard's captions link to); the registry is fixed: made once."""
     out = []
     for table in TABLE_HEADINGS:
         for s in _ALL:
@@ -382,7 +384,7 @@ def documented() -> list[Documented]:
             out.append(Documented(
                 table, ("r{k}_pre_mean", "r{k}_pre_var"), "distributed runs: channel averages "
                 "of replica k's own batch mean and variance", "", "replica k", ""))  # fmt: skip
-    return out
+    return tuple(out)
 
 
 def markdown() -> str:

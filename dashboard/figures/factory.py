@@ -27,9 +27,9 @@ LOG_TICKS = {"nticks": 3, "exponentformat": "power", "minorloglabels": "complete
 
 #: Every heatmap's colour scale, by what its values are, as explicit colour lists: plotly.js and
 #: plotly.py give the same names other directions ("RdBu", "Greys"), so a named scale drew
-#: positive means blue in the dashboard and red in the report. ``centre``: the value drawn white
-#: (a signed quantity); ``bounds``: a fixed range (a share is read against 0 and 1, not against
-#: its own spread: 0.5 at rest is a normal ReLU).
+#: positive means blue in the dashboard and red in the report. ``zmid``: the value drawn white
+#: (a signed quantity); ``zmin``/``zmax``: a fixed range (a share is read against 0 and 1, not
+#: against its own spread: 0.5 at rest is a normal ReLU).
 SCALES: dict[str, dict[str, Any]] = {
     "signed": {"colors": plotly.colors.diverging.RdBu_r, "zmid": 0},  # negative blue
     "magnitude": {"colors": plotly.colors.sequential.Viridis},
