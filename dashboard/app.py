@@ -47,12 +47,19 @@ STORES: dict[str, Any] = {
 }  # fmt: skip
 #: What the page's script (assets/live.js) shares with the server: the run-status vocabulary.
 PAGE_VOCABULARY = {"active": list(ACTIVE), "finished": list(FINISHED)}
+#: What the page asks for while its scripts load, not after: its layout (a link's run drawn in
+#: it: the longest answer) and the chunk that draws figures (dcc.Graph's, loaded on first use).
+EARLY = (
+    '<link rel="preload" href="/dashboard/_dash-layout" as="fetch" crossorigin="anonymous">'
+    '<link rel="preload" href="/dashboard/_dash-component-suites/dash/dcc/async-graph.js" '
+    'as="script">'
+)
 
 
-def layout(has_token: bool, search: str | None = None) -> html.Div:
-    """The page, opened on the view its link names (``search``: the address's ``?a=1&b=2``), so
-    the first drawing is already the right one: its figures are asked for in the page's first
-    round of callbacks, not after the address has been read in two more."""
+def layout(svc: Service, search: str | None = None) -> html.Div:
+    """The page, opened on the view its link names (``search``: the address's ``?a=1&b=2``)
+    and already drawn: a link's run comes with its figures, banner and diagnosis in the page
+    (wiring.fill), so they are drawn as the page mounts, with no round of callbacks first."""
     view = address.view_of(address.query_of(search))
     initial: dict[str, Any] = {
         "view-run": view.run, "compare-runs": view.compare, "want-layer": view.layer
@@ -70,11 +77,11 @@ def layout(has_token: bool, search: str | None = None) -> html.Div:
         dcc.Tab(runs.layout(), label="Runs", value="runs"),
         dcc.Tab(run.layout(view.section), label="Run", value="run"),
         dcc.Tab(compare.layout(), label="Compare", value="compare"),
-        dcc.Tab(launch.layout(has_token), label="Launch", value="launch"),
+        dcc.Tab(launch.layout(bool(svc.settings.token)), label="Launch", value="launch"),
         dcc.Tab(experiments.layout(), label="Experiments", value="experiments"),
         dcc.Tab(calculator.layout(), label="BN calculator", value="calculator"),
     ]
-    return html.Div(
+    page = html.Div(
         [
             header,
             html.Div(id="conn-banner", className="conn-banner", role="status"),
@@ -86,6 +93,14 @@ def layout(has_token: bool, search: str | None = None) -> html.Div:
             *(dcc.Store(id=i, data=initial.get(i) or empty) for i, empty in STORES.items()),
         ]
     )
+    if view.run:
+        section = view.section or "overview"
+        drawn = run.render_run(
+            svc, view.run, None, None, section, view.layer, initial.get("want-step")
+        )
+        wiring.fill(page, run.render_run, drawn)
+        wiring.fill(page, doctor.show_doctor, doctor.show_doctor(svc, view.run))
+    return page
 
 
 def page_search() -> str | None:
@@ -110,11 +125,10 @@ def mount(app: FastAPI, svc: Service) -> None:
         update_title=None,  # type: ignore[arg-type]  # None: no 'Updating...' title
     )
     vocabulary = f"<script>window.bnscopeVocabulary = {json.dumps(PAGE_VOCABULARY)};</script>"
-    dash_app.index_string = dash_app.index_string.replace(
+    dash_app.index_string = dash_app.index_string.replace("{%css%}", EARLY + "{%css%}").replace(
         "{%scripts%}", vocabulary + plotlyjs.script_tag() + "{%scripts%}"
     )
-    has_token = bool(svc.settings.token)
-    dash_app.layout = lambda: layout(has_token, page_search())
+    dash_app.layout = lambda: layout(svc, page_search())
     wiring.bind(dash_app, svc, VIEWS)
     report.register(app, svc)
     glossary.serve_statistics_page(app)

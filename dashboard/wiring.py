@@ -3,7 +3,9 @@ the Dash outputs, inputs and states stand beside the function, recorded on it, r
 nowhere. :func:`bind` registers the views' callbacks on the Dash app when the dashboard is
 mounted, each called with the service as its first argument (and, where it asks for it, the id
 of the input that fired it). A test calls the same functions with a service of its own, and no
-browser."""
+browser. A callback whose drawing the page's layout already holds (:func:`fill`: a link's run
+view, drawn before the page is sent) is declared ``prevent_initial_call``, so it is not asked
+for it again."""
 
 from __future__ import annotations
 
@@ -13,7 +15,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, TypeVar
 
-from dash import ClientsideFunction, Dash, Input, Output, State, ctx
+from dash import ClientsideFunction, Dash, Input, Output, State, ctx, no_update
+from dash.development.base_component import Component
 
 from server.service import Service
 
@@ -95,3 +98,14 @@ def _bound(fn: Callable[..., Any], wiring: Wiring, svc: Service) -> Callable[...
     call.__name__, call.__qualname__, call.__doc__ = fn.__name__, fn.__qualname__, fn.__doc__
     call.__module__ = fn.__module__
     return call
+
+
+def fill(page: Component, fn: Callable[..., Any], values: Any) -> None:
+    """Set on ``page``'s components what the callback ``fn`` returned (``values``: one per
+    Output it declares, in order; ``no_update`` leaves a property as the layout has it), so the
+    page arrives drawn: no round of callbacks before the first paint."""
+    outputs = [d for d in getattr(fn, _WIRING).dependencies if isinstance(d, Output)]
+    values = values if len(outputs) > 1 else (values,)
+    for output, value in zip(outputs, values, strict=True):
+        if value is not no_update:
+            setattr(page[output.component_id], output.component_property, value)

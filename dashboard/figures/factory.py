@@ -59,7 +59,7 @@ def figure(
     lay: dict[str, Any] = {
         "title": {"text": wrapped(title), "font": {"size": 14}, "x": 0.01},
         # the title, in the middle of the top margin, clear of the plot whatever its lines
-        "margin": {"l": 60, "r": 16, "t": top_margin(wrapped(title).count("<br>") + 1), "b": 40},
+        "margin": {"l": 80, "r": 30, "t": top_margin(wrapped(title).count("<br>") + 1), "b": 50},
         "height": height,
         "paper_bgcolor": "white",
         "plot_bgcolor": "white",
@@ -85,10 +85,33 @@ def figure(
                 axis.setdefault(name, value)
     for trace in traces:
         trace.setdefault("hovertemplate", hover(trace, lay))
+    _fit_margins(lay, traces)
+    return {"data": traces, "layout": lay}
+
+
+def _fit_margins(lay: dict[str, Any], traces: list[dict[str, Any]]) -> None:
+    """Margins that already hold the legend, colour bars and layer names: plotly's automargin
+    (kept, for what is not foreseen here) draws a figure twice when it has to widen one, which
+    doubled the time to draw a run's first screen."""
+    margin = lay["margin"]
     shown = [t for t in traces if t.get("showlegend", True) is not False and t.get("name")]
     if shown and lay.get("showlegend", True) and not all(t["type"] == "heatmap" for t in shown):
-        lay["margin"]["b"] = 52 + 20 * min(5, 1 + len(shown) // 3)  # room for the legend
-    return {"data": traces, "layout": lay}
+        margin["b"] = 52 + 20 * min(5, 1 + len(shown) // 2)  # room for the legend
+    if any(t.get("type") == "heatmap" and t.get("showscale", True) for t in traces):
+        margin["r"] = max(margin["r"], 100)  # the colour bar, its ticks and title
+    for key, axis in lay.items():
+        if not (key.startswith("yaxis") and isinstance(axis, dict)):
+            continue
+        side = "r" if axis.get("side") == "right" else "l"
+        # tick labels: 0.0015 or 5x10^-4 (a log axis), beside the axis title
+        margin[side] = max(margin[side], 92 if axis.get("type") == "log" else 80)
+        if axis.get("type") == "category":
+            names = [
+                v for t in traces if t.get("yaxis", "y") == "y" + key[5:] for v in t.get("y") or []
+            ]
+            size = (axis.get("tickfont") or {}).get("size", 12)
+            longest = max((len(str(v)) for v in names), default=0)
+            margin["l"] = max(margin["l"], round(0.6 * size * longest) + 34)
 
 
 def hover(trace: dict[str, Any], lay: dict[str, Any]) -> str:

@@ -161,6 +161,7 @@ def checked(rules: list[dict[str, Any]], open_: bool) -> html.Div:
     Input("live-status", "data"),
     Input("live-diagnosis", "data"),
     Input("doctor-changed", "data"),
+    prevent_initial_call=True,  # a link's run comes with its panel (dashboard.app.layout)
 )
 def show_doctor(svc: Service, run_id: str | None, *_: Any) -> Any:
     """The panel of the run in view, as the service reports it now."""

@@ -48,7 +48,7 @@ def layout(section: str | None) -> html.Div:
     layer_select = html.Div(
         [
             html.Label("Layer"),
-            dcc.Dropdown(id="layer-select", clearable=False, style={"width": "260px"}),
+            dcc.Dropdown(id="layer-select", options=[], clearable=False, style={"width": "260px"}),
         ],
         className="toolbar",
     )
@@ -57,7 +57,7 @@ def layout(section: str | None) -> html.Div:
             html.Div(
                 [
                     *([layer_select] if name == "layer" else []),
-                    html.Div([captioned(g, about(g)) for g in graphs], className="grid"),
+                    html.Div([cell(g) for g in graphs], className="grid"),
                 ]
             ),
             label=SECTION_LABELS[name],
@@ -66,7 +66,7 @@ def layout(section: str | None) -> html.Div:
         for name, graphs in SECTIONS.items()
     ]
     toolbar = [
-        html.Button("Cancel run", id="run-cancel", n_clicks=0),
+        html.Button("Cancel run", id="run-cancel", n_clicks=0, disabled=True),
         html.Button("Delete run", id="run-delete", n_clicks=0, className="danger"),
         html.A("Report (HTML)", id="run-report", href="", target="_blank", className="button-link"),
         html.Span(id="live-indicator", className="note"),
@@ -74,12 +74,20 @@ def layout(section: str | None) -> html.Div:
     ]
     return html.Div(
         [
-            html.Div(id="run-banner", className="banner"),
+            html.Div(banner(None), id="run-banner", className="banner"),
             html.Div(toolbar, className="toolbar"),
             html.Div(id="doctor-panel", className="doctor"),  # dashboard.views.doctor
             tabs("section", section or "overview", sections),
         ]
     )
+
+
+def cell(graph: str) -> html.Div:
+    """A figure's cell, captioned; one of ONLY_IF_RECORDED hidden until a run has it."""
+    shown = captioned(graph, about(graph))
+    if graph in ONLY_IF_RECORDED:
+        shown.style = HIDDEN
+    return shown
 
 
 def starting(run: dict[str, Any]) -> str:
@@ -140,6 +148,7 @@ def banner(run: dict[str, Any] | None, error: str | None = None) -> list[Any]:
     Input("section", "value"),
     State("want-layer", "data"),
     Input("want-step", "data"),
+    prevent_initial_call=True,  # a link's run comes drawn with the page (dashboard.app.layout)
 )
 def render_run(
     svc: Service,

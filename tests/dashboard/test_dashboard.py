@@ -497,10 +497,21 @@ def test_every_chart_names_its_axes_and_the_address_bar_follows_the_view(page, s
         other.close()
 
 
+#: The shown figures whose margins plotly widened to fit what they hold (automargin: a second
+#: drawing, the first screen's largest avoidable cost; dashboard.figures.factory._fit_margins).
+WIDENED = """() => [...document.querySelectorAll('.js-plotly-plot')]
+  .filter((gd) => gd.offsetParent !== null && gd._fullLayout && gd.layout.margin)
+  .filter((gd) => ['l', 'r', 't', 'b'].some(
+    (k) => Math.round(gd._fullLayout._size[k]) > gd.layout.margin[k]))
+  .map((gd) => gd.closest('[id^="fig-"]').id + ': ' + ['l', 'r', 't', 'b'].map(
+    (k) => `${k} ${Math.round(gd._fullLayout._size[k])} > ${gd.layout.margin[k]}`).join(', '))"""
+
+
 def test_a_finished_run_opens_once_captioned_with_cancel_disabled(page, server):
-    """Opening a finished run's link fetches its figures once (not again when its stream says
-    it has ended), Cancel is disabled, a run of one process has no replicas panel, and each
-    figure says what to look for, linking to its statistic on the statistics page."""
+    """Opening a finished run's link fetches its figures once, with the page (not again when
+    its stream says it has ended, nor by a first round of callbacks), each drawn once (margins
+    that hold its labels), Cancel is disabled, a run of one process has no replicas panel, and
+    each figure says what to look for, linking to its statistic on the statistics page."""
     with server.client() as api:
         run_id = finished_run(api, name="opened once")
     fetched: list[str] = []
@@ -518,7 +529,8 @@ def test_a_finished_run_opens_once_captioned_with_cancel_disabled(page, server):
     wait_for(lambda: points(page, "fig-loss") > 0, 30)
     page.locator("#live-indicator").get_by_text("ended: completed").wait_for(timeout=15_000)
     time.sleep(4)  # past the stream's status, and a 3 s look for undrawn figures
-    assert len(fetched) == 1, f"the run's figures were fetched {len(fetched)} times"
+    # drawn in the page's layout (dashboard.app.layout): no callback fetches them again
+    assert not fetched, f"the run's figures were fetched {len(fetched)} more times"
     # plotly.js: the cartesian bundle, loaded with the page, never Dash's full 4.8 MB one
     plotly = [u for u in scripts if "plotly" in u.rsplit("/", 1)[-1]]
     assert [u.removeprefix(server.url) for u in plotly] == [plotlyjs.ADDRESS], scripts
@@ -530,8 +542,10 @@ def test_a_finished_run_opens_once_captioned_with_cancel_disabled(page, server):
     )
     assert int(bundle.headers["content-length"]) < 600_000 and "plotly.js" in bundle.text[:200]
     assert page.locator("#run-cancel").is_disabled()
+    assert page.evaluate(WIDENED) == [], "margins too small: drawn twice (automargin)"
     page.click("#section >> text=One layer")
     wait_for(lambda: points(page, "fig-layer") > 0, 30)
+    assert page.evaluate(WIDENED) == [], "margins too small: drawn twice (automargin)"
     assert not page.locator("#cell-fig-replicas").is_visible(), "no replicas on one process"
     captions = page.locator("#cell-fig-layer .caption")
     assert captions.inner_text().startswith("Look for the dotted running statistics")

@@ -21,6 +21,7 @@ from bncore.record.tables import CHANNEL_COLUMNS, Records
 from bncore.run.config import RunConfig
 from bncore.science.experiments import EXPERIMENTS
 from dashboard import app, data, report, wiring
+from dashboard.figures.factory import has_data
 from dashboard.figures.run import run_figures
 from dashboard.form import build_form
 from dashboard.views import (
@@ -236,13 +237,36 @@ def test_the_address_bar_follows_the_view():
     assert address.view_of({"sweep": "swp1"}).tab == "experiments"
 
 
-def test_the_page_opens_on_the_view_its_link_names():
-    page = app.layout(False, "?run=aaa&section=layer&layer=block1")
+def test_the_page_opens_on_the_view_its_link_names(svc):
+    page = app.layout(svc, "?run=aaa&section=layer&layer=block1")
     tabs = next(c for c in page.children if getattr(c, "id", None) == "tabs")
     assert tabs.value == "run"
     stores = {c.id: c.data for c in page.children if type(c).__name__ == "Store"}
     assert stores["view-run"] == "aaa" and stores["want-layer"] == "block1"
     assert set(stores) == set(app.STORES)
+    assert "there is no run with id 'aaa'" in text(page["run-banner"].children)
+
+
+def test_a_link_s_run_comes_drawn_with_the_page(svc):
+    """The page's layout holds the link's run drawn (its open section's figures, what feeds
+    them live, banner, layers, Diagnosis panel), and the callbacks that would draw it are not
+    called as the page mounts (a first round of callbacks before the first paint)."""
+    run_id = script_run(svc)
+    page = app.layout(svc, f"?run={run_id}")
+    assert page["fig-loss"].figure["data"][0]["x"][:2] == [1, 2]
+    assert all(has_data(page[g].figure) for g in ("fig-heat-var", "fig-depth"))
+    assert not hasattr(page["fig-layer"], "figure"), "only the open section is drawn"
+    stores = {c.id: c.data for c in page.children if type(c).__name__ == "Store"}
+    assert stores["live-spec"]["run"] == run_id and stores["live-spec"]["specs"]
+    assert page["layer-select"].options == LAYERS and page["run-cancel"].disabled is False
+    assert text(page["run-banner"].children).startswith("runningscript")
+    assert page["doctor-panel"].children, "the Diagnosis panel"
+    for fn in (run.render_run, doctor.show_doctor):
+        assert fn.__dash_wiring__.prevent_initial_call is True, fn.__name__
+    nothing_open = app.layout(svc, "?tab=runs")
+    assert text(nothing_open["run-banner"].children).startswith("Pick a run")
+    assert nothing_open["run-cancel"].disabled is True
+    assert nothing_open["cell-fig-replicas"].style == run.HIDDEN
 
 
 # -- one run -------------------------------------------------------------------------------------
