@@ -5,8 +5,9 @@ with no instrumentation.
 Both run side by side in one process, step by step: every round times one step of each variant
 (flushes included, in alternating order), so all variants see the same machine moments. The
 ratio is plain mean step time over the variant's, after dropping steps slower than five times
-the variant's median (preemptions on a shared machine; a flush is far below that). Target
-(issue #3): >= 0.90 at statistics interval 1.
+the variant's median (preemptions on a shared machine; a flush is far below that). Goals
+(issue #31): >= 0.95 at statistics interval 1 (every statistic at every step), >= 1.00 at
+interval 100 (bncore's BN is faster than torch's: what is left is the engine's own cost).
 
     python benchmarks/overhead.py
     python benchmarks/overhead.py --check      # exit 1 if a target is missed
@@ -38,7 +39,8 @@ CASES = {
     },
 }
 INTERVALS = (1, 10, 100)
-TARGET = 0.90
+#: The goal at each statistics interval that has one.
+TARGETS = {1: 0.95, 100: 1.00}
 
 
 class PlainLoop:
@@ -114,7 +116,8 @@ def run_case(name: str, spec: dict, rounds: int) -> list[tuple[int, float]]:
     for k in INTERVALS:
         ratio = plain / mean_step(times[k])
         ms = mean_step(times[k]) * 1e3
-        note = f"  target >= {TARGET}: {'met' if ratio >= TARGET else 'MISSED'}" if k == 1 else ""
+        goal = TARGETS.get(k)
+        note = f"  goal >= {goal:.2f}: {'met' if ratio >= goal else 'MISSED'}" if goal else ""
         print(f"  stats every {k:>3} steps: {ms:6.2f} ms/step, throughput ratio {ratio:.3f}{note}")
         out.append((k, ratio))
     return out
@@ -129,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     missed = []
     for name, spec in CASES.items():
         for k, ratio in run_case(name, spec, args.rounds):
-            if k == 1 and ratio < TARGET:
-                missed.append(name)
+            if k in TARGETS and ratio < TARGETS[k]:
+                missed.append(f"{name} at interval {k}")
     return 1 if missed and args.check else 0
 
 

@@ -189,6 +189,7 @@ class Recorder:
         self._weights_at = offset + k + kb  # ...then the weights' norms and angular updates
         self.width = self._weights_at + 2 * k
         self._before: list[Tensor] = []  # the weights before this step's update
+        self._copies: list[Tensor] = []  # where they are copied to, made once
         self._lrs: list[float] = []  # the learning rate of each pending step
         self.buffer = torch.empty(0, self.width, device=device)  # one row per recorded step
         self._row_views: list[Tensor] = []
@@ -217,6 +218,10 @@ class Recorder:
         """Record (or not) the next forward: the blocks that need watching get the recorder as
         their probe, the BN layers' recordings the step's stretch."""
         if on != self.armed:
+            if self._hooked:  # no hook in the backward of a step that records nothing
+                self._unhook()
+                if on:
+                    self._hook()
             for s in self.slots:
                 if s.observed:
                     s.block.record_to(self if on else None)
@@ -311,8 +316,11 @@ class Recorder:
                     self._offsets,
                 )
         if (self.recorded + len(self.pending_steps)) % self.angle_every == 0:
+            if not self._copies:  # kept: a fresh copy of a large weight is zeroed pages first
+                self._copies = [torch.empty_like(w) for w in self.weights]
             with torch.no_grad():
-                self._before = list(torch._foreach_mul(self.weights, 1.0))  # copies, in one call
+                torch._foreach_copy_(self._copies, self.weights)
+            self._before = self._copies
         self.pending_steps.append(step)
         self._lrs.append(lr)
 
@@ -324,15 +332,18 @@ class Recorder:
         if not self._before:
             return
         k = len(self.weights)
-        moved = torch._foreach_sub(self.weights, self._before)
-        # every norm in one call: before (a), after (b), and of the update (d)
-        a, b, d = torch.stack(torch._foreach_norm([*self._before, *self.weights, *moved])).view(
-            3, k
-        )
-        # 4ab sin^2(theta/2) = d^2 - (a - b)^2: stable for the small angles of one step
-        half = ((d * d - (a - b).square()).clamp_min(0) / (4 * a * b)).sqrt().clamp(max=1)
         row = self._row_views[len(self.pending_steps) - 1]
-        row[self._weights_at : self._weights_at + 2 * k] = torch.cat([a, 2 * half.asin()])
+        if self._hooked and all(w.dtype == torch.float32 for w in self.weights):
+            turned = torch.ops.bncore.weight_turn(self._before, self.weights)  # one pass
+        else:
+            moved = torch._foreach_sub(self.weights, self._before)
+            # every norm in one call: before (a), after (b), and of the update (d)
+            norms = torch._foreach_norm([*self._before, *self.weights, *moved])
+            a, b, d = torch.stack(norms).view(3, k)
+            # 4ab sin^2(theta/2) = d^2 - (a - b)^2: stable for the small angles of one step
+            half = ((d * d - (a - b).square()).clamp_min(0) / (4 * a * b)).sqrt().clamp(max=1)
+            turned = torch.stack([a, 2 * half.asin()])
+        row[self._weights_at : self._weights_at + 2 * k] = turned.view(-1)
         self._before = []
 
     def close(self) -> None:
@@ -344,6 +355,15 @@ class Recorder:
             if s.bn is not None and s.bn.recording is s:
                 s.bn.record_to(None)
 
+    def _hook(self) -> None:
+        """The weights' gradient norms, written into the buffer by C++ hooks as the backward
+        computes each gradient (on the row the flag names)."""
+        for i, w in enumerate(self.weights):
+            handle = torch.ops.bncore.watch_grad_norm(
+                w, self.buffer, self._norms_at + i, self._flag
+            )
+            self._watches.append((w, int(handle)))
+
     def _unhook(self) -> None:
         for weight, handle in self._watches:
             torch.ops.bncore.unwatch_grad_norm(weight, handle)
@@ -351,7 +371,7 @@ class Recorder:
 
     def _grow(self) -> None:
         """Twice the rows (keeping the pending ones), each row's views for the BN layers, and
-        the gradient-norm hooks moved onto the new buffer."""
+        the gradient-norm hooks (while armed) moved onto the new buffer."""
         rows = len(self.pending_steps)
         capacity = max(INITIAL_ROWS, 2 * self.buffer.shape[0])
         bigger = torch.full((capacity, self.width), math.nan, device=self.device)
@@ -360,11 +380,9 @@ class Recorder:
         self.buffer = bigger
         self._row_views = list(bigger.unbind(0))
         self._targets = [[s.stretch(row) for s in self._bn] for row in self._row_views]
-        if self._hooked:
+        if self._hooked and self.armed:
             self._unhook()
-            for i, w in enumerate(self.weights):
-                handle = torch.ops.bncore.watch_grad_norm(w, bigger, self._norms_at + i, self._flag)
-                self._watches.append((w, int(handle)))
+            self._hook()
 
     def flush(self, channel_interval: int) -> Records:
         """All pending steps to the host in one transfer, as ``layers``/``channels`` rows

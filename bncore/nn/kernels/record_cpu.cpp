@@ -129,9 +129,56 @@ void record_row(const Tensor& out, at::TensorList tensors, at::IntArrayRef kinds
   }
 }
 
+// For each weight i, its norm before a step and the angle it turned by (rows 0 and 1 of a (2, k)
+// float32 result; the recorder's reference in torch operations beside it): one pass over both
+// copies, double accumulation across runs, no step tensor made. With a = ||before||,
+// b = ||after||, d = ||after - before||: 4ab sin^2(theta/2) = d^2 - (a - b)^2, stable for the
+// small angles of one step.
+Tensor weight_turn(at::TensorList before, at::TensorList after) {
+  TORCH_CHECK(before.size() == after.size(), "bncore: weight_turn takes pairs of tensors");
+  const int64_t k = static_cast<int64_t>(before.size());
+  Tensor out = at::empty({2, k}, at::TensorOptions().dtype(at::kFloat));
+  float* o = out.mutable_data_ptr<float>();
+  const int threads = at::get_num_threads();
+  for (int64_t i = 0; i < k; ++i) {
+    TORCH_CHECK(before[i].scalar_type() == at::kFloat && after[i].scalar_type() == at::kFloat &&
+                    before[i].device().is_cpu() && after[i].device().is_cpu() &&
+                    before[i].numel() == after[i].numel(),
+                "bncore: weight_turn takes float32 CPU tensors of equal sizes");
+    const Tensor was = before[i].contiguous(), now = after[i].contiguous();
+    const float* p = was.const_data_ptr<float>();
+    const float* q = now.const_data_ptr<float>();
+    const int64_t m = was.numel();
+    double sa = 0, sb = 0, sd = 0;
+#pragma omp parallel for reduction(+ : sa, sb, sd) num_threads(pick_threads(m, threads)) if (m > kSerialWork)
+    for (int64_t r0 = 0; r0 < m; r0 += kRun) {
+      const int64_t r1 = std::min(m, r0 + kRun);
+      float x = 0, y = 0, z = 0;
+#pragma omp simd reduction(+ : x, y, z)
+      for (int64_t j = r0; j < r1; ++j) {
+        const float d = q[j] - p[j];
+        x += p[j] * p[j];
+        y += q[j] * q[j];
+        z += d * d;
+      }
+      sa += x;
+      sb += y;
+      sd += z;
+    }
+    const double a = std::sqrt(sa), b = std::sqrt(sb);
+    const double half =  // a weight of norm 0 turns by no angle: NaN, as the reference says
+        a * b > 0 ? std::min(1.0, std::sqrt(std::max(0.0, sd - (a - b) * (a - b)) / (4 * a * b)))
+                  : std::nan("");
+    o[i] = static_cast<float>(a);
+    o[k + i] = static_cast<float>(2 * std::asin(half));
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(bncore, m) {
+  m.def("weight_turn(Tensor[] before, Tensor[] after) -> Tensor");
   m.def("channel_moments(Tensor x, float lo, float hi) -> Tensor");
   m.def("watch_grad_norm(Tensor weight, Tensor(a!) out, int column, Tensor flag) -> int");
   m.def("unwatch_grad_norm(Tensor weight, int handle) -> ()");
@@ -145,4 +192,5 @@ TORCH_LIBRARY_IMPL(bncore, CPU, m) {
   m.impl("record_row", &record_row);
   m.impl("watch_grad_norm", &watch_grad_norm);
   m.impl("unwatch_grad_norm", &unwatch_grad_norm);
+  m.impl("weight_turn", &weight_turn);
 }

@@ -200,6 +200,26 @@ def test_angular_update_equals_the_angle_between_the_weights_before_and_after_th
     assert rec["weight_norm"][rec["layer"] == "block0"][-1] == pytest.approx(norm_before, rel=1e-6)
 
 
+def test_the_fused_weight_turn_is_the_angle_between_the_weights():
+    """bncore::weight_turn (the recorder's one pass on CPU): each weight's norm before the step
+    and the angle it turned by, against float64 torch; NaN for a weight of norm 0."""
+    from bncore.nn.kernels import cpu
+
+    if not cpu.available():
+        pytest.skip("the fused CPU kernel did not build here")
+    torch.manual_seed(0)
+    before = [torch.randn(256, 256), torch.randn(32, 1, 3, 3), torch.randn(7), torch.zeros(5)]
+    after = [b + 1e-3 * torch.randn_like(b) for b in before]
+    got = torch.ops.bncore.weight_turn(before, after)
+    assert got.shape == (2, 4) and got.dtype == torch.float32
+    for i, (p, q) in enumerate(zip(before[:3], after[:3], strict=True)):
+        p, q = p.flatten().double(), q.flatten().double()
+        cos = float(torch.nn.functional.cosine_similarity(p, q, dim=0))
+        assert float(got[0, i]) == pytest.approx(float(p.norm()), rel=1e-6)
+        assert float(got[1, i]) == pytest.approx(math.acos(min(1.0, cos)), rel=1e-3)
+    assert float(got[0, 3]) == 0 and math.isnan(got[1, 3])
+
+
 def test_a_frozen_run_with_precise_bn_writes_the_same_columns_to_the_end(tmp_path):
     """PreciseBN stops at the freeze; its columns stay (NaN), so Parquet's schema holds."""
     from bncore.record.sinks import ParquetSink, read_parquet
