@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from bncore.nn.batchnorm import BatchNorm
 from bncore.nn.byproducts import RECORD_ACT, RECORD_GRAD, RECORD_ROWS, Recording, RecordTarget
-from bncore.nn.kernels import channel_moments
+from bncore.nn.kernels import channel_moments, cpu
 from bncore.record import compiled, core
 from bncore.record.core import SATURATION
 from bncore.record.tables import Records
@@ -136,6 +136,7 @@ class _Layer:
     input_dtype: torch.dtype | None = None
     zero_gamma: Tensor | bool | None = None  # gamma all zero at its first forward
     counter: Tensor | None = None  # the gamma whose gradient accumulations count backwards
+    counted_in_cpp: cpu.CountedGrads | None = None  # those counts, where kept in C++
     feeder_bias: bool = False  # the Linear/Conv feeding it has a bias
     # since the last log: training forwards, of which without autograd, backward passes, and
     # the sums of N and m over the forwards
@@ -193,7 +194,8 @@ class _Layer:
         k = self.forwards
         n = self.examples / k if k else math.nan
         m = self.values / k if k else math.nan
-        out = (n, m, float(k), float(self.no_grad), float(self.backwards))
+        backwards = self.backwards + (self.counted_in_cpp.take() if self.counted_in_cpp else 0)
+        out = (n, m, float(k), float(self.no_grad), float(backwards))
         self.forwards = self.no_grad = self.backwards = self.examples = self.values = 0
         return out
 
@@ -450,9 +452,12 @@ class Watcher:
             # one comparison on the device, read at meta (no host sync in the forward)
             layer.zero_gamma = None if weight is None else torch.all(weight.detach() == 0)
             if isinstance(weight, nn.Parameter) and weight.requires_grad:  # a leaf: its
-                # gradient accumulations count the backward passes
-                hook = weight.register_post_accumulate_grad_hook(layer.count_backward)
-                self._hooks.append(hook)
+                # gradient accumulations count the backward passes; in C++ where it can be
+                layer.counted_in_cpp = cpu.count_grads(weight)
+                self._hooks.append(
+                    layer.counted_in_cpp
+                    or weight.register_post_accumulate_grad_hook(layer.count_backward)
+                )
                 layer.counter = weight
             self.layers[layer.name] = layer
             self._by_module[id(module)] = layer

@@ -320,6 +320,33 @@ def _require() -> None:
         raise RuntimeError(f"the fused CPU kernel is unavailable: {_failed}")
 
 
+class CountedGrads:
+    """A count, kept in C++, of the backward passes that computed a weight's gradient."""
+
+    def __init__(self, weight: Tensor) -> None:
+        self.weight = weight
+        self.counter = torch.zeros(1, dtype=torch.long)
+        self._count = self.counter.numpy()  # read and reset without a torch call
+        self.handle = int(torch.ops.bncore.count_grads(weight, self.counter))
+
+    def take(self) -> int:
+        """The backward passes since the last take."""
+        n = int(self._count[0])
+        self._count[0] = 0
+        return n
+
+    def remove(self) -> None:
+        torch.ops.bncore.unwatch_grad_norm(self.weight, self.handle)
+
+
+def count_grads(weight: Tensor) -> CountedGrads | None:
+    """A hook counting ``weight``'s gradient computations with no Python in the backward; None
+    where that cannot be (not a CPU tensor, or the fused kernel unavailable)."""
+    if weight.device.type != "cpu" or not available():
+        return None
+    return CountedGrads(weight)
+
+
 def channel_moments(x: Tensor, lo: float, hi: float) -> Tensor:
     """Fused reference.channel_moments (one pass)."""
     _require()

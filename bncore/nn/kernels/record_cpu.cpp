@@ -54,6 +54,19 @@ int64_t watch_grad_norm(const Tensor& weight, const Tensor& out, int64_t column,
   });
 }
 
+// Registers a hook on `weight` that adds one to counter[0] each time the backward computes its
+// gradient (once per backward pass that reaches it, however many forwards used it): the
+// backward passes a BN layer took part in, counted with no Python in the backward (a Python
+// hook costs tens of microseconds a layer and step). Returns the hook's handle for unwatch.
+int64_t count_grads(const Tensor& weight, const Tensor& counter) {
+  TORCH_CHECK(weight.requires_grad(), "bncore: count_grads needs a tensor that requires grad");
+  TORCH_CHECK(counter.scalar_type() == at::kLong && counter.numel() == 1 && counter.device().is_cpu(),
+              "bncore: count_grads counts into a one-element int64 CPU tensor");
+  Tensor c = counter;  // held by the hook
+  return weight.register_hook([c](const at::TensorBase&) { c.mutable_data_ptr<int64_t>()[0] += 1; });
+}
+
+// Removes a hook watch_grad_norm or count_grads registered.
 void unwatch_grad_norm(const Tensor& weight, int64_t handle) {
   weight.remove_hook(static_cast<unsigned>(handle));
 }
@@ -182,6 +195,7 @@ TORCH_LIBRARY_FRAGMENT(bncore, m) {
   m.def("channel_moments(Tensor x, float lo, float hi) -> Tensor");
   m.def("watch_grad_norm(Tensor weight, Tensor(a!) out, int column, Tensor flag) -> int");
   m.def("unwatch_grad_norm(Tensor weight, int handle) -> ()");
+  m.def("count_grads(Tensor weight, Tensor(a!) counter) -> int");
   m.def(
       "record_row(Tensor(a!) out, Tensor[] tensors, int[] kinds, float[] lo, float[] hi, "
       "Tensor[] index, int[] offsets, int threads=0) -> ()");
@@ -193,4 +207,5 @@ TORCH_LIBRARY_IMPL(bncore, CPU, m) {
   m.impl("watch_grad_norm", &watch_grad_norm);
   m.impl("unwatch_grad_norm", &unwatch_grad_norm);
   m.impl("weight_turn", &weight_turn);
+  m.impl("count_grads", &count_grads);
 }

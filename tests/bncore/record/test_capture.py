@@ -299,10 +299,15 @@ def test_backwards_are_passes_counted_at_gamma_or_at_the_node_where_gamma_is_fro
         np.testing.assert_array_equal(r["forwards"], [2, 2, 2], err_msg=name)
         # a trained gamma counts the one backward pass; a node hook each node it went through
         np.testing.assert_array_equal(r["backwards"], [passes] * 3, err_msg=name)
+    # one hook, on the trained gamma: in C++ where the fused kernel is, else in Python
+    counted = w.layers["1"].counted_in_cpp
     hooked = [p for p in model.parameters() if p._post_accumulate_grad_hooks]
-    assert hooked == [model[1].weight]
+    assert hooked == ([] if counted else [model[1].weight])
+    assert all(w.layers[k].counted_in_cpp is None for k in ("3", "5", "6"))
     w.close()
     assert not model[1].weight._post_accumulate_grad_hooks  # close() leaves nothing
+    model(torch.randn(8, 4)).sum().backward()
+    assert counted is None or counted.take() == 0, "close() leaves the C++ hook too"
 
 
 def test_batch_m_of_a_2d_bn_and_of_bncore_s_own_layers():
