@@ -84,10 +84,7 @@ def layout(section: str | None) -> html.Div:
 
 def cell(graph: str) -> html.Div:
     """A figure's cell, captioned; one of ONLY_IF_RECORDED hidden until a run has it."""
-    shown = captioned(graph, about(graph))
-    if graph in ONLY_IF_RECORDED:
-        shown.style = HIDDEN
-    return shown
+    return captioned(graph, about(graph), HIDDEN if graph in ONLY_IF_RECORDED else None)
 
 
 def starting(run: dict[str, Any]) -> str:
