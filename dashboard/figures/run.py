@@ -336,3 +336,11 @@ def explain_empty(
             for panel in ("y", "y2"):
                 if not has_data(fig, panel):
                     mark_empty(fig, "not recorded for this run", panel)
+        elif ended and "overlaying" in fig["layout"].get("yaxis2", {}) and not has_data(fig, "y2"):
+            # a right axis with nothing on it (a run without BN has no mode gap): not one with
+            # the ticks of a range plotly made up, nor its name in the legend
+            fig["layout"]["yaxis2"]["visible"] = False
+            fig["layout"]["margin"]["r"] = fig["layout"]["margin"]["l"] // 2
+            for trace in fig["data"]:
+                if trace.get("yaxis") == "y2":
+                    trace["showlegend"] = False

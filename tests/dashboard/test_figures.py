@@ -273,6 +273,24 @@ def test_empty_figures_say_why():
     assert notes(empty) == "no run to show" and empty["layout"]["xaxis"]["visible"] is False
 
 
+def test_a_right_axis_with_nothing_on_it_is_hidden_once_the_run_has_ended():
+    """A run without BN has accuracies but no mode gap: its right axis would show the ticks
+    of a range plotly made up (8x10^3 ... 10^-1); it is hidden, and so is its legend entry.
+    While the run goes on it stays (its first evaluation may be to come)."""
+    view = small_view()
+    view["evals"]["mode_gap"] = (np.array([10, 20]), np.array([np.nan, np.nan]))
+    acc = run_figures(view)[0]["fig-acc"]
+    assert acc["layout"]["yaxis2"]["visible"] is False and acc["layout"]["yaxis"].get(
+        "visible", True
+    )
+    gap = [t for t in acc["data"] if t.get("yaxis") == "y2"]
+    assert gap and all(t["showlegend"] is False for t in gap)
+    running = run_figures({**view, "run": {**view["run"], "status": "running"}})[0]["fig-acc"]
+    assert running["layout"]["yaxis2"].get("visible", True)
+    view["evals"]["mode_gap"] = (np.array([10, 20]), np.array([0.1, 0.2]))
+    assert run_figures(view)[0]["fig-acc"]["layout"]["yaxis2"].get("visible", True)
+
+
 def test_long_titles_and_notes_are_wrapped_to_fit_a_phone():
     """Plotly never wraps a title: every line of a figure's title and of its notes stays
     within TITLE_LINE characters (a phone's figure), its words kept whole."""
