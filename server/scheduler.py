@@ -81,6 +81,14 @@ class Scheduler:
         except ValueError:
             return None
 
+    def queued_for(self, run_id: str) -> str | None:
+        """What a queued run waits for: "workers" while the executor gets its workers ready
+        (the server's first seconds: a fork server importing torch), else "slot" (a free
+        worker); None if not queued."""
+        if run_id not in self.queue:
+            return None
+        return "slot" if self.executor.ready() else "workers"
+
     def cancel(self, run_id: str) -> bool:
         """Cancel a queued or running run; False if it is neither."""
         if run_id in self.queue:

@@ -73,6 +73,11 @@ class RunOut(BaseModel):
     steps_done: int
     steps_total: int | None
     queue_position: int | None = None
+    queued_for: Literal["workers", "slot"] | None = Field(
+        None,
+        description="what a queued run waits for: 'workers' (the server's workers are starting, "
+        "importing PyTorch: its first seconds) or 'slot' (a free worker)",
+    )
     pid: int | None = Field(None, description="the worker process, while training")
     heartbeat_s: float | None = Field(
         None,

@@ -15,7 +15,9 @@ RUN_FIELDS = ("id", "name", "status", "source", "sweep_id", "config", "meta", "f
               "steps_done", "created_at", "started_at", "finished_at", "pid")  # fmt: skip
 
 
-def run_out(run: dict[str, Any], queue_position: int | None) -> dict[str, Any]:
+def run_out(
+    run: dict[str, Any], queue_position: int | None, queued_for: str | None = None
+) -> dict[str, Any]:
     """A stored run as the API shows it (server.schemas.RunOut)."""
     base = f"/api/runs/{run['id']}"
     config = run.get("config") or {}
@@ -24,6 +26,7 @@ def run_out(run: dict[str, Any], queue_position: int | None) -> dict[str, Any]:
         **{k: run[k] for k in RUN_FIELDS},
         "steps_total": config.get("steps") or meta.get("steps_total"),
         "queue_position": queue_position,
+        "queued_for": queued_for,
         "links": {
             "self": base,
             **{

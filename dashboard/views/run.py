@@ -92,6 +92,8 @@ def starting(run: dict[str, Any]) -> str:
     imports torch and builds its network and data before its first step)."""
     status = run["status"]
     if status == RunStatus.QUEUED.value:
+        if run.get("queued_for") == "workers":
+            return "queued: the server's workers are starting (loading PyTorch, once)"
         position = run.get("queue_position")
         where = f" (#{position + 1} in the queue)" if position is not None else ""
         return f"queued{where}: it starts when a worker is free"

@@ -77,7 +77,8 @@ class RunService:
 
     def out(self, run: dict[str, Any]) -> dict[str, Any]:
         """A stored run as the API shows it."""
-        return run_out(run, self.scheduler.position(run["id"]))
+        run_id = run["id"]
+        return run_out(run, self.scheduler.position(run_id), self.scheduler.queued_for(run_id))
 
     def newest(self, limit: int) -> list[dict[str, Any]]:
         """The latest ``limit`` runs, newest first, as the API shows them (with its place in

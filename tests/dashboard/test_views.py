@@ -356,6 +356,8 @@ def test_a_run_before_its_first_record_says_what_it_is_doing(svc):
     assert run.starting(worker).startswith("the worker is starting")
     assert "waiting for the first records" in run.starting({**worker, "meta": {"layers": ["a"]}})
     assert run.starting({**worker, "status": "failed"}).startswith("the run ended (failed)")
+    first = {"status": "queued", "queue_position": 0, "queued_for": "workers"}
+    assert run.starting(first).startswith("queued: the server's workers are starting")
     with_records = run.render_run(svc, script_run(svc), None, None, "overview", None)
     assert with_records[len(run.GRAPHS)]["waiting"] == ""
     assert "visible" not in with_records[0]["layout"]["yaxis"]

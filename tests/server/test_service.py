@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from bncore.run.config import parse_config
+from bnscope.process import wait_for
 from server import keys
 from server.errors import (
     BadRequest,
@@ -179,6 +180,24 @@ def test_status_moves_forward_only(svc):
     assert svc.runs.get(script["id"])["status"] == "cancelled"
     with refused(NotFound, 404, "no run with id 'nope'"):
         svc.runs.cancel("nope")
+
+
+def test_a_queued_run_says_whether_it_waits_for_the_workers_or_a_free_one(svc):
+    """The server's first seconds: its fork server imports torch before any launch (server.
+    executors), and a run queued meanwhile says so (the dashboard tells the user the workers
+    are starting, not that one is busy); once they are ready, it waits for a free worker."""
+    run = svc.runs.create(config(name="first"))
+    assert run["queued_for"] == "slot"  # no executor prepared here: launches could go
+    executor = svc.scheduler.executor
+    executor.prepare()  # a real fork server importing torch: seconds
+    try:
+        assert svc.runs.out(svc.runs.get(run["id"]))["queued_for"] == "workers"
+        wait_for(executor.ready, 150)
+        assert svc.runs.out(svc.runs.get(run["id"]))["queued_for"] == "slot"
+    finally:
+        executor.close()
+    svc.runs.cancel(run["id"])
+    assert svc.runs.out(svc.runs.get(run["id"]))["queued_for"] is None
 
 
 def test_delete_is_refused_while_queued_or_running(svc):
