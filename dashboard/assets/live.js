@@ -216,7 +216,11 @@
       B.firstAsked = true;  // drawn before any record, axes hidden: drawn again with them
       set("live-reset", {data: Date.now()});
     }
-    if (steps && steps.length) set("run-step", {children: String(steps[steps.length - 1])});
+    // the banner's step, once the run's banner is on the page (the stream can come first:
+    // Dash's set_props throws for a component it does not have)
+    if (steps && steps.length && document.getElementById("run-step")) {
+      set("run-step", {children: String(steps[steps.length - 1])});
+    }
     const lines = {};
     const work = [];  // line figures first: the step's loss shows before the heatmaps
     for (const spec of B.spec.specs || []) {

@@ -44,11 +44,15 @@ ONLY_IF_RECORDED = ("fig-replicas",)
 
 
 def layout(section: str | None) -> html.Div:
-    """The Run tab, open on ``section`` (the overview if None)."""
+    """The Run tab, open on ``section`` (the overview if None). Its components start as
+    render_run and show_doctor leave them with no run in view: those are not called as the
+    page mounts (a link's run comes drawn in the layout: dashboard.app.layout)."""
     layer_select = html.Div(
         [
             html.Label("Layer"),
-            dcc.Dropdown(id="layer-select", options=[], clearable=False, style={"width": "260px"}),
+            dcc.Dropdown(
+                id="layer-select", options=[], value=None, clearable=False, style={"width": "260px"}
+            ),
         ],
         className="toolbar",
     )
@@ -76,7 +80,7 @@ def layout(section: str | None) -> html.Div:
         [
             html.Div(banner(None), id="run-banner", className="banner"),
             html.Div(toolbar, className="toolbar"),
-            html.Div(id="doctor-panel", className="doctor"),  # dashboard.views.doctor
+            html.Div([], id="doctor-panel", className="doctor"),  # dashboard.views.doctor
             tabs("section", section or "overview", sections),
         ]
     )

@@ -75,7 +75,7 @@ def browser():
 def page(browser, server):
     p = browser.new_page(viewport={"width": 1400, "height": 1000})
     errors: list[str] = []
-    p.on("pageerror", lambda e: errors.append(str(e)))
+    p.on("pageerror", lambda e: errors.append(f"{e}\n{e.stack}"))
     p.goto(f"{server.url}/dashboard/")
     p.wait_for_selector("#runs-table")
     yield p
