@@ -93,13 +93,12 @@ def layout(svc: Service, search: str | None = None) -> html.Div:
             *(dcc.Store(id=i, data=initial.get(i) or empty) for i, empty in STORES.items()),
         ]
     )
-    if view.run:
-        section = view.section or "overview"
-        drawn = run.render_run(
-            svc, view.run, None, None, section, view.layer, initial.get("want-step")
-        )
-        wiring.fill(page, run.render_run, drawn)
-        wiring.fill(page, doctor.show_doctor, doctor.show_doctor(svc, view.run))
+    # the run view as its callbacks draw it (the link's run, or none), in the page itself:
+    # they are not called as it mounts
+    section = view.section or "overview"
+    drawn = run.render_run(svc, view.run, None, None, section, view.layer, initial.get("want-step"))
+    wiring.fill(page, run.render_run, drawn)
+    wiring.fill(page, doctor.show_doctor, doctor.show_doctor(svc, view.run))
     return page
 
 

@@ -32,7 +32,7 @@ from torch import Tensor
 from bncore.nn.batchnorm import BatchNormBase
 from bncore.nn.functional import eval_batch_norm
 
-__all__ = ["BatchRenorm", "GhostBatchNorm", "NoisyBatchNorm", "new_noise"]
+__all__ = ["BatchRenorm", "GhostBatchNorm", "NoisyBatchNorm", "new_noise", "noisy_norms"]
 
 
 def _check(layer: BatchNormBase, x: Tensor) -> None:
@@ -205,8 +205,12 @@ class NoisyBatchNorm(torch.nn.Module):
         return sigma, mu, e
 
 
+def noisy_norms(model: torch.nn.Module) -> list[NoisyBatchNorm]:
+    """The :class:`NoisyBatchNorm` layers of ``model`` (a trainer finds them once)."""
+    return [m for m in model.modules() if isinstance(m, NoisyBatchNorm)]
+
+
 def new_noise(model: torch.nn.Module) -> None:
     """A new training step: every :class:`NoisyBatchNorm` of ``model`` draws new noise."""
-    for m in model.modules():
-        if isinstance(m, NoisyBatchNorm):
-            m.new_step()
+    for m in noisy_norms(model):
+        m.new_step()

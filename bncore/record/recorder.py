@@ -199,6 +199,8 @@ class Recorder:
         # weight-gradient norms: written into the row by C++ hooks during the backward where
         # possible, on the row the flag names (row + 1; 0: not recording)
         self._hooked = self._write is cpu.record_row
+        # the weights' turn in one fused pass where the weights are the kernel's (CPU float32)
+        self._fused_turn = self._hooked and all(w.dtype == torch.float32 for w in self.weights)
         self._flag = torch.zeros(1, dtype=torch.long)
         self._flag_np = self._flag.numpy()  # set without a torch call
         self._watches: list[tuple[Tensor, int]] = []
@@ -333,7 +335,7 @@ class Recorder:
             return
         k = len(self.weights)
         row = self._row_views[len(self.pending_steps) - 1]
-        if self._hooked and all(w.dtype == torch.float32 for w in self.weights):
+        if self._fused_turn:
             turned = torch.ops.bncore.weight_turn(self._before, self.weights)  # one pass
         else:
             moved = torch._foreach_sub(self.weights, self._before)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from bncore.nn.norms import NoisyBatchNorm
+from bncore.nn.norms import noisy_norms
 from bncore.nn.sync import convert_sync_batchnorm
 from bncore.record.probe import mode_gap_probe
 from bncore.record.recorder import Recorder
@@ -99,7 +99,7 @@ class Trainer:
         self.replicas = replicas
         self.norms = tracked_norms(self.model.blocks())  # those with running statistics
         # found once: not a walk over every module at every step (16 us on a 6-block MLP)
-        self._noisy = [m for m in self.model.modules() if isinstance(m, NoisyBatchNorm)]
+        self._noisy = noisy_norms(self.model)
         # what the training forward goes through: DistributedDataParallel across replicas
         self.net: nn.Module = (
             replicas.wrap(self.model, self.norms, self.device) if replicas else self.model

@@ -40,6 +40,8 @@ SCALES: dict[str, dict[str, Any]] = {
 #: two panels or of a long legend): a figure plotly draws before its cell has a size keeps the
 #: height it was given, so that must be the cell's (else a 300 px figure in a 340 px cell).
 HEIGHT, TALL_HEIGHT = 340, 470
+#: Every figure's margins before what it holds widens them (:func:`_fit_margins`), in px.
+MARGIN = {"l": 80, "r": 30, "b": 50}
 #: A dotted line is the earlier of two moments (the first evaluation); the solid one the latest.
 EARLIER = {"dash": "dot"}
 
@@ -59,7 +61,7 @@ def figure(
     lay: dict[str, Any] = {
         "title": {"text": wrapped(title), "font": {"size": 14}, "x": 0.01},
         # the title, in the middle of the top margin, clear of the plot whatever its lines
-        "margin": {"l": 80, "r": 30, "t": top_margin(wrapped(title).count("<br>") + 1), "b": 50},
+        "margin": {**MARGIN, "t": top_margin(wrapped(title).count("<br>") + 1)},
         "height": height,
         "paper_bgcolor": "white",
         "plot_bgcolor": "white",

@@ -26,6 +26,7 @@ from dashboard.figures.factory import (
     AXIS,
     COLORS,
     EARLIER,
+    MARGIN,
     TALL_HEIGHT,
     Figure,
     figure,
@@ -340,7 +341,7 @@ def explain_empty(
             # a right axis with nothing on it (a run without BN has no mode gap): not one with
             # the ticks of a range plotly made up, nor its name in the legend
             fig["layout"]["yaxis2"]["visible"] = False
-            fig["layout"]["margin"]["r"] = fig["layout"]["margin"]["l"] // 2
+            fig["layout"]["margin"]["r"] = MARGIN["r"]
             for trace in fig["data"]:
                 if trace.get("yaxis") == "y2":
                     trace["showlegend"] = False

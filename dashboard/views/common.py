@@ -40,13 +40,13 @@ def graph(gid: str) -> dcc.Graph:
     return dcc.Graph(id=gid, config={"displaylogo": False, "responsive": True}, className=cls)
 
 
-def captioned(gid: str, about: Documented, style: dict[str, str] | None = None) -> html.Div:
+def captioned(gid: str, about: Documented) -> html.Div:
     """A figure with its one-line caption below: what to look for in it (the registry's
     LOOK_FOR of the statistic it is ``about``), linking to that statistic's documentation."""
     link = html.A(f"about {about.shown.removesuffix(', log axis')}", target="_blank",
                   href=f"{STATISTICS_PAGE}#{about.anchor}")  # fmt: skip
     caption = html.P([f"Look for {about.look_for}. ", link], className="caption")
-    return html.Div([graph(gid), caption], id=f"cell-{gid}", className="cell", style=style)
+    return html.Div([graph(gid), caption], id=f"cell-{gid}", className="cell")
 
 
 def tabs(tab_id: str, value: str, children: list[dcc.Tab]) -> dcc.Tabs:

@@ -44,15 +44,12 @@ ONLY_IF_RECORDED = ("fig-replicas",)
 
 
 def layout(section: str | None) -> html.Div:
-    """The Run tab, open on ``section`` (the overview if None). Its components start as
-    render_run and show_doctor leave them with no run in view: those are not called as the
-    page mounts (a link's run comes drawn in the layout: dashboard.app.layout)."""
+    """The Run tab, open on ``section`` (the overview if None); what it shows is filled in by
+    render_run and show_doctor, in the page's layout (dashboard.app.layout) and then live."""
     layer_select = html.Div(
         [
             html.Label("Layer"),
-            dcc.Dropdown(
-                id="layer-select", options=[], value=None, clearable=False, style={"width": "260px"}
-            ),
+            dcc.Dropdown(id="layer-select", clearable=False, style={"width": "260px"}),
         ],
         className="toolbar",
     )
@@ -61,7 +58,7 @@ def layout(section: str | None) -> html.Div:
             html.Div(
                 [
                     *([layer_select] if name == "layer" else []),
-                    html.Div([cell(g) for g in graphs], className="grid"),
+                    html.Div([captioned(g, about(g)) for g in graphs], className="grid"),
                 ]
             ),
             label=SECTION_LABELS[name],
@@ -70,7 +67,7 @@ def layout(section: str | None) -> html.Div:
         for name, graphs in SECTIONS.items()
     ]
     toolbar = [
-        html.Button("Cancel run", id="run-cancel", n_clicks=0, disabled=True),
+        html.Button("Cancel run", id="run-cancel", n_clicks=0),
         html.Button("Delete run", id="run-delete", n_clicks=0, className="danger"),
         html.A("Report (HTML)", id="run-report", href="", target="_blank", className="button-link"),
         html.Span(id="live-indicator", className="note"),
@@ -78,17 +75,12 @@ def layout(section: str | None) -> html.Div:
     ]
     return html.Div(
         [
-            html.Div(banner(None), id="run-banner", className="banner"),
+            html.Div(id="run-banner", className="banner"),
             html.Div(toolbar, className="toolbar"),
-            html.Div([], id="doctor-panel", className="doctor"),  # dashboard.views.doctor
+            html.Div(id="doctor-panel", className="doctor"),  # dashboard.views.doctor
             tabs("section", section or "overview", sections),
         ]
     )
-
-
-def cell(graph: str) -> html.Div:
-    """A figure's cell, captioned; one of ONLY_IF_RECORDED hidden until a run has it."""
-    return captioned(graph, about(graph), HIDDEN if graph in ONLY_IF_RECORDED else None)
 
 
 def starting(run: dict[str, Any]) -> str:
