@@ -21,6 +21,7 @@ from fastapi import FastAPI
 
 from bncore.status import ACTIVE, FINISHED
 from dashboard import glossary, plotlyjs, report, wiring
+from dashboard.kept import KeptScripts
 from dashboard.views import (
     address,
     calculator,
@@ -124,8 +125,10 @@ def mount(app: FastAPI, svc: Service) -> None:
         update_title=None,  # type: ignore[arg-type]  # None: no 'Updating...' title
     )
     vocabulary = f"<script>window.bnscopeVocabulary = {json.dumps(PAGE_VOCABULARY)};</script>"
+    # plotly.js after Dash's scripts, before the renderer starts: Chrome compiles it on another
+    # thread while the page runs theirs (dashboard.plotlyjs.EAGER)
     dash_app.index_string = dash_app.index_string.replace("{%css%}", EARLY + "{%css%}").replace(
-        "{%scripts%}", vocabulary + plotlyjs.script_tag() + "{%scripts%}"
+        "{%scripts%}", vocabulary + "{%scripts%}" + plotlyjs.script_tag()
     )
     dash_app.layout = lambda: layout(svc, page_search())
     wiring.bind(dash_app, svc, VIEWS)
@@ -133,4 +136,5 @@ def mount(app: FastAPI, svc: Service) -> None:
     glossary.serve_statistics_page(app)
     plotlyjs.serve_plotlyjs(app)
     # a2wsgi types its ASGI callable apart from Starlette's; they are the same protocol
-    app.mount("/dashboard", WSGIMiddleware(dash_app.server))  # type: ignore[arg-type]
+    # (Dash's scripts answered from memory, gzipped, from their first request on)
+    app.mount("/dashboard", KeptScripts(WSGIMiddleware(dash_app.server)))  # type: ignore[arg-type]

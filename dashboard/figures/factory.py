@@ -12,7 +12,9 @@ Figure = dict[str, Any]  # plotly's JSON figure: plain dicts are far cheaper tha
 
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b",
           "#e377c2", "#7f7f7f", "#bcbd22")  # fmt: skip
-AXIS = {"gridcolor": "#eef2f7", "zeroline": False, "automargin": True}
+#: Every axis. ``ticklabeloverflow`` "allow": the margins hold the labels (:func:`_fit_margins`);
+#: plotly's default measured each label again to hide those past the figure's edge.
+AXIS = {"gridcolor": "#eef2f7", "zeroline": False, "automargin": True, "ticklabeloverflow": "allow"}
 #: The longest line of a figure's title, in characters: under 360 px at its 14 px, a phone's
 #: figure (390 px) less its border; a longer title is wrapped (:func:`wrapped`).
 TITLE_LINE = 46

@@ -541,6 +541,12 @@ def test_a_finished_run_opens_once_captioned_with_cancel_disabled(page, server):
         and "immutable" in bundle.headers["cache-control"]
     )
     assert int(bundle.headers["content-length"]) < 600_000 and "plotly.js" in bundle.text[:200]
+    # compiled as it downloads (its first line), while the page runs Dash's scripts before it
+    assert bundle.text.startswith(plotlyjs.EAGER)
+    with server.client() as api:
+        index = api.get("/dashboard/").text
+    order = [index.index(s) for s in ("dash_renderer", plotlyjs.ADDRESS, "new DashRenderer")]
+    assert order == sorted(order), "plotly.js loads after Dash's scripts, before its renderer"
     assert page.locator("#run-cancel").is_disabled()
     assert page.evaluate(WIDENED) == [], "margins too small: drawn twice (automargin)"
     page.click("#section >> text=One layer")
@@ -919,6 +925,15 @@ def test_the_diagnosis_panel_tells_what_the_doctor_found_live_on_a_desk_and_a_ph
     finally:
         page.close()
     assert not errors, errors
+
+
+def test_the_page_s_plotly_registers_only_the_traces_drawn(page, server):
+    """The dashboard's plotly.js (dashboard.plotlyjs) has exactly the trace types BN Scope
+    draws: a heatmap and a line are drawn, a type it does not draw is not there."""
+    page.goto(f"{server.url}/dashboard/")
+    page.wait_for_function("() => window.Plotly && window.Plotly.PlotSchema")
+    traces = page.evaluate("() => Object.keys(Plotly.PlotSchema.get().traces).sort()")
+    assert traces == sorted(plotlyjs.TRACES)
 
 
 @pytest.mark.parametrize(

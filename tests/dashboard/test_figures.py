@@ -437,3 +437,31 @@ def test_every_figure_is_as_tall_as_its_cell():
     figs, _ = run_figures(small_view())
     for graph, fig in figs.items():
         assert fig["layout"]["height"] >= (TALL_HEIGHT if graph in TALL else HEIGHT), graph
+
+
+def test_the_plotly_bundle_registers_the_traces_the_factory_draws():
+    """The bundle's registration is cut to :data:`plotlyjs.TRACES` (its other modules never
+    run): the module it keeps is the heatmap's, read from the bundle itself, and every trace
+    type the factory builds is one of them (scatter is plotly's core)."""
+    import re
+
+    from dashboard import plotlyjs
+    from dashboard.figures.factory import heatmap, line
+
+    bundle = plotlyjs.FILE.read_text(encoding="utf-8")
+
+    def module_name(entry: str) -> str:
+        """The name a registered entry (``xJ()``) exports: ``var xJ=z(...exports=gJ()})``,
+        then ``gJ``'s ``moduleType:"trace",name:"heatmap"``."""
+        outer = re.search(rf'var {re.escape(entry[:-2])}=z\(\(\w+,\w+\)=>{{"use strict";'
+                          rf"\w+\.exports=(\w+)\(\)}}\)", bundle)  # fmt: skip
+        assert outer, entry
+        start = bundle.index(f"var {outer[1]}=z(")
+        return re.search(r'moduleType:"\w+",name:"(\w+)"', bundle[start : start + 20_000])[1]
+
+    kept = re.fullmatch(r"register\(\[(.*)\]\)", plotlyjs.DRAWN)[1].split(",")
+    assert {module_name(e) for e in kept} == set(plotlyjs.TRACES) - {"scatter"}
+    served = plotlyjs.source()
+    assert plotlyjs.DRAWN in served and plotlyjs.REGISTERED not in served
+    drawn = {line([0, 1], [1, 2], "a")["type"], heatmap(np.ones((1, 1)), ["a"])["type"]}
+    assert drawn <= set(plotlyjs.TRACES)
