@@ -53,8 +53,9 @@ PRELOAD = [
     "sklearn.datasets",
     "mnist1d.data",
 ]
-#: Seconds the fork server may take to import PRELOAD before launches stop waiting for it and
-#: start by spawn (a loaded machine imports torch in 6 s, ten times an idle one).
+#: Seconds the fork server may take to import PRELOAD (and, on a new machine, its first child to
+#: build the fused kernel: 30-40 s on 2 cores) before launches stop waiting for it and start by
+#: spawn (a loaded machine imports torch in 6 s, ten times an idle one).
 WARM_TIMEOUT = 120.0
 
 
@@ -86,12 +87,19 @@ class Executor(Protocol):
 
 def _check_preloaded() -> None:
     """The fork server's first child: it has PRELOAD imported, and CUDA uninitialised (a CUDA
-    context does not survive a fork: a worker would fail at its first CUDA call)."""
+    context does not survive a fork: a worker would fail at its first CUDA call). It builds
+    bncore's fused CPU kernel where this machine has none yet (once per machine, about 30 s on
+    2 cores; bncore.nn.kernels.cpu caches it): the first run then starts with it loaded at
+    once, while runs queued meanwhile say that the workers are starting, not that the run's own
+    worker had started and was silent."""
     torch = sys.modules.get("torch")
     if torch is None:
         raise SystemExit("torch was not preloaded")
     if torch.cuda.is_initialized():
         raise SystemExit("the fork server initialised CUDA")
+    from bncore.nn.kernels import cpu
+
+    cpu.load()  # False, with a warning, where it cannot be built: runs use the reference
 
 
 class LocalExecutor:

@@ -89,7 +89,10 @@ def starting(run: dict[str, Any]) -> str:
     status = run["status"]
     if status == RunStatus.QUEUED.value:
         if run.get("queued_for") == "workers":
-            return "queued: the server's workers are starting (loading PyTorch, once)"
+            return (
+                "queued: the server's workers are starting (loading PyTorch, once; on a "
+                "new machine, building BN Scope's CPU kernel too: about 30 s)"
+            )
         position = run.get("queue_position")
         where = f" (#{position + 1} in the queue)" if position is not None else ""
         return f"queued{where}: it starts when a worker is free"

@@ -200,6 +200,34 @@ def test_a_queued_run_says_whether_it_waits_for_the_workers_or_a_free_one(svc):
     assert svc.runs.out(svc.runs.get(run["id"]))["queued_for"] is None
 
 
+def test_the_workers_warm_up_builds_the_fused_kernel_on_a_new_machine(
+    svc, backend, tmp_path, monkeypatch
+):
+    """On a machine with no fused kernel built (a fresh cache), the first run does not wait in
+    its own worker for the 30 s build, its banner saying the worker had started: the fork
+    server's first child builds it while the server's workers are starting, and runs queued
+    meanwhile say so."""
+    from bncore.nn.kernels import cpu
+
+    if backend != "sqlite":
+        pytest.skip("the build is the same whatever the database: built once, on SQLite")
+    if cpu._compiler() is None:
+        pytest.skip("no C++ compiler here: the kernel cannot be built")
+    kernels = tmp_path / "kernels"
+    monkeypatch.setenv("BNCORE_CACHE_DIR", str(kernels))  # the fork server starts with it
+    run = svc.runs.create(config(name="first"))
+    executor = svc.scheduler.executor
+    executor.prepare()
+    try:
+        assert svc.runs.out(svc.runs.get(run["id"]))["queued_for"] == "workers"
+        wait_for(executor.ready, 240)
+        built = list(kernels.glob("bn_cpu-*.so"))
+        assert len(built) == 1, sorted(p.name for p in kernels.iterdir())
+    finally:
+        executor.close()
+    svc.runs.cancel(run["id"])
+
+
 def test_delete_is_refused_while_queued_or_running(svc):
     queued = svc.runs.create(config(steps=1_000_000, stats_interval=10, channel_interval=1000))
     running = client_run(svc, name="running")
