@@ -179,6 +179,9 @@ def replay(srv: ServerProcess, run: MemorySink, name: str) -> str:
     return made["id"]
 
 
+#: The bytes a page has fetched, as sent (its document and every resource).
+FETCHED = """() => performance.getEntriesByType('navigation').concat(
+  performance.getEntriesByType('resource')).reduce((n, e) => n + e.transferSize, 0)"""
 FIRST_POINT = """() => { const gd = document.querySelector('#fig-loss .js-plotly-plot');
   return !!(gd && gd.calcdata && gd.calcdata.some((cd) => (cd || []).some(
     (p) => p && Number.isFinite(p.x) && Number.isFinite(p.y)))); }"""
@@ -208,9 +211,10 @@ def launch_to_first_point(browser, srv: ServerProcess) -> tuple[float, float]:
     return took, done["started_at"] - done["created_at"]
 
 
-def first_screen(browser, srv: ServerProcess, run_id: str) -> tuple[float, float]:
+def first_screen(browser, srv: ServerProcess, run_id: str) -> tuple[float, float, float]:
     """Seconds from opening ``run_id``'s link in a fresh browser context (nothing cached) until
-    every Overview figure is drawn with data, and the longest main-thread task meanwhile (ms)."""
+    every Overview figure is drawn with data, the longest main-thread task meanwhile (ms), and
+    the bytes the page fetched by then (MB, as sent: compressed where it was)."""
     context = browser.new_context(viewport=VIEWPORT)
     page = context.new_page()
     page.add_init_script(WATCH_LONG_TASKS)
@@ -218,10 +222,11 @@ def first_screen(browser, srv: ServerProcess, run_id: str) -> tuple[float, float
     page.goto(f"{srv.url}/dashboard/?run={run_id}")
     page.wait_for_function(DRAWN_WITH_DATA, arg=OVERVIEW, polling="raf", timeout=60_000)
     took = time.perf_counter() - t0
+    fetched = page.evaluate(FETCHED)
     page.wait_for_timeout(300)  # a long task is reported once it has ended
     worst = max(page.evaluate("() => window.__longTasks"), default=0.0)
     context.close()
-    return took, worst
+    return took, worst, fetched / 1e6
 
 
 def side_by_side(browser, tmp: Path, ref: str, launches: int, opens: int) -> None:
@@ -243,8 +248,8 @@ def side_by_side(browser, tmp: Path, ref: str, launches: int, opens: int) -> Non
             runs = {n: replay(srv, run, "2,000 steps") for n, srv in servers.items()}
             for srv in servers.values():  # a launch first: caches (data, kernels) filled
                 launch_to_first_point(browser, srv)
-            launched: dict[str, list[tuple[float, float]]] = {n: [] for n in servers}
-            opened: dict[str, list[tuple[float, float]]] = {n: [] for n in servers}
+            launched: dict[str, list[tuple[float, ...]]] = {n: [] for n in servers}
+            opened: dict[str, list[tuple[float, ...]]] = {n: [] for n in servers}
             order = list(servers)
             for i in range(max(launches, opens)):
                 for name in order if i % 2 == 0 else order[::-1]:
@@ -257,7 +262,7 @@ def side_by_side(browser, tmp: Path, ref: str, launches: int, opens: int) -> Non
                 srv.stop()
     load_after = os.getloadavg()
 
-    def med(xs: list[tuple[float, float]], k: int) -> float:
+    def med(xs: list[tuple[float, ...]], k: int) -> float:
         return float(np.median([x[k] for x in xs]))
 
     base, cur = order
@@ -266,6 +271,7 @@ def side_by_side(browser, tmp: Path, ref: str, launches: int, opens: int) -> Non
         ("  of which launch -> worker running, network built", launched, 1, "s", None),
         (f"first screen: 2,000-step run's Overview drawn (median of {opens})", opened, 0, "s", 1.0),
         ("longest main-thread task during it (median)", opened, 1, "ms", None),
+        ("bytes fetched by then (compressed where sent so)", opened, 2, "MB", None),
     ]
     print(f"\nside by side on {os.cpu_count()} cores (load average before "
           f"{load_before[0]:.2f}, after {load_after[0]:.2f}):")  # fmt: skip
