@@ -1,9 +1,10 @@
 """Dash's scripts, kept in memory gzipped. Dash serves its scripts (React, its renderer, the
-components: 1.2 MB) through Flask, uncompressed, reading each file again on every request; the
-page waited for them before it could start (a fifth of its first second on a 2-core machine).
-The scripts whose address names their version (Dash's fingerprinted ``*.v4_4_1m….js``, cached
-for a year) never change while the server runs: :class:`KeptScripts` keeps each one gzipped
-from its first request on, and answers later requests from memory, without Flask."""
+components: 1.2 MB) through Flask, uncompressed, reading each file again on every request. The
+scripts whose address names their version (Dash's fingerprinted ``*.v4_4_1m….js``, cached for
+a year) never change while the server runs: :class:`KeptScripts` keeps each one gzipped from
+its first request on, and answers later requests from memory, without Flask: a cold page
+fetches 1.15 MB instead of 2.1 MB (what a remote browser waits for; on loopback the time to the
+first screen did not change measurably)."""
 
 from __future__ import annotations
 

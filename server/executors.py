@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 #: (config, data, replicas, loop), the worker itself, and the makers of the made datasets
 #: (scikit-learn's digits, MNIST-1D: about 1 s each). One that cannot be imported is skipped
 #: (multiprocessing's forkserver ignores an ImportError); none of them initialises CUDA (checked
-#: by :func:`_check_preloaded` before the first launch), which a fork could not carry over.
+#: by :func:`_first_child` before the first launch), which a fork could not carry over.
 PRELOAD = [
     "torch",
     "torch._dynamo",
@@ -85,7 +85,7 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def _check_preloaded() -> None:
+def _first_child() -> None:
     """The fork server's first child: it has PRELOAD imported, and CUDA uninitialised (a CUDA
     context does not survive a fork: a worker would fail at its first CUDA call). It builds
     bncore's fused CPU kernel where this machine has none yet (once per machine, about 30 s on
@@ -138,7 +138,7 @@ class LocalExecutor:
         try:
             ctx = mp.get_context("forkserver")  # ValueError on a platform without it
             ctx.set_forkserver_preload(PRELOAD)
-            probe = ctx.Process(target=_check_preloaded, name="bnscope-warm-up", daemon=True)
+            probe = ctx.Process(target=_first_child, name="bnscope-warm-up", daemon=True)
             probe.start()  # returns once the fork server has imported PRELOAD and forked
             probe.join(WARM_TIMEOUT)
             if probe.exitcode != 0:
