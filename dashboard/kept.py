@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+#: Where Dash serves its scripts: nothing else is looked at (nor held while it is answered).
+SCRIPTS = "/_dash-component-suites/"
 #: What Dash answers a fingerprinted address with: it never changes (dash.fingerprint).
 FOR_GOOD = "max-age=31536000"
 #: Headers of the kept answer that say what it is; the rest (length, date) are set anew.
@@ -39,8 +41,8 @@ class KeptScripts:
         self.kept: dict[str, Kept] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "GET":
-            await self.app(scope, receive, send)
+        if scope["type"] != "http" or scope["method"] != "GET" or SCRIPTS not in scope["path"]:
+            await self.app(scope, receive, send)  # not held: the layout, callbacks, assets
             return
         key = scope["path"] + "?" + scope.get("query_string", b"").decode("latin-1")
         kept = self.kept.get(key)

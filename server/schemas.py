@@ -76,7 +76,8 @@ class RunOut(BaseModel):
     queued_for: Literal["workers", "slot"] | None = Field(
         None,
         description="what a queued run waits for: 'workers' (the server's workers are starting, "
-        "importing PyTorch: its first seconds) or 'slot' (a free worker)",
+        "importing PyTorch: its first seconds; on a new machine, building the fused kernel too) "
+        "or 'slot' (a free worker)",
     )
     pid: int | None = Field(None, description="the worker process, while training")
     heartbeat_s: float | None = Field(

@@ -20,7 +20,7 @@ def test_dash_s_versioned_scripts_are_kept_gzipped_and_the_rest_passes_through()
     app = Dash(__name__)
     app.layout = html.Div("kept")
     reached: list[str] = []
-    app.server.before_request(lambda: reached.append(flask.request.path) and None)
+    app.server.before_request(lambda: reached.append(flask.request.path))
     kept = KeptScripts(WSGIMiddleware(app.server))  # type: ignore[arg-type]
     client = TestClient(kept, raise_server_exceptions=False)
 
