@@ -229,17 +229,17 @@ def log10(a: np.ndarray) -> np.ndarray:
         return np.where(a > 0, np.log10(a), np.nan)
 
 
-def has_data(fig: Figure, yaxis: str | None = None) -> bool:
+def has_data(fig: Figure, yaxis: str | None = None, positive: bool = False) -> bool:
     """Whether any trace (of the panel of ``yaxis``, "y" or "y2", if given) has a value to
-    draw (not None, not NaN)."""
+    draw (not None, not NaN; with ``positive``, above 0: what a log axis can draw)."""
     for trace in fig["data"]:
         if yaxis is not None and trace.get("yaxis", "y") != yaxis:
             continue
         # a heatmap's y are its rows' names: only its z are values
         for key in ("z",) if trace.get("type") == "heatmap" else ("y",):
             values = np.asarray(trace.get(key) or [], dtype=object).ravel()
-            if any(v is not None and v == v for v in values):  # v == v: not NaN
-                return True
+            if any(v is not None and v == v and (not positive or v > 0) for v in values):
+                return True  # v == v: not NaN
     return False
 
 

@@ -326,7 +326,7 @@ def explain_empty(
     """Each figure with nothing to draw says why: the run's own note, or what it needs (a
     script's run: that BN Scope's own runs measure it); while the run goes on, that nothing is
     recorded yet (its first evaluation may be to come); a figure of two panels with one of them
-    empty says so in that panel."""
+    empty says so in that panel; an empty right axis is hidden where nothing is to come."""
     said = "not recorded for this run" if ended else "nothing recorded yet"
     for graph, fig in figs.items():
         if not has_data(fig):
@@ -337,9 +337,16 @@ def explain_empty(
             for panel in ("y", "y2"):
                 if not has_data(fig, panel):
                     mark_empty(fig, "not recorded for this run", panel)
-        elif ended and "overlaying" in fig["layout"].get("yaxis2", {}) and not has_data(fig, "y2"):
-            # a right axis with nothing on it (a run without BN has no mode gap): not one with
-            # the ticks of a range plotly made up, nor its name in the legend
+        elif (
+            (ended or not script)
+            and "overlaying" in fig["layout"].get("yaxis2", {})
+            and not has_data(fig, "y2", positive=fig["layout"]["yaxis2"].get("type") == "log")
+        ):
+            # a right axis with nothing it can draw (a run without BN: its mode gap is 0, which
+            # a log axis cannot show; or none at all): not one with
+            # the ticks of a range plotly made up, nor its name in the legend. BN Scope's own
+            # runs evaluate the mode gap with the accuracies, so one that has accuracies and no
+            # gap has none to come; a script may log its evaluations and its probe apart.
             fig["layout"]["yaxis2"]["visible"] = False
             fig["layout"]["margin"]["r"] = MARGIN["r"]
             for trace in fig["data"]:
