@@ -52,6 +52,38 @@ void split(int64_t n, int parts, int part, int64_t* begin, int64_t* end) {
   *end = *begin + base + (part < extra ? 1 : 0);
 }
 
+// The rows kernels also take planes of few values (the small images late in a CNN: 4x4, 3x3) as
+// an (N, C*L) matrix whose L consecutive columns are one channel: the planes kernels reduce each
+// plane on its own, which on a plane of a few values costs more than the sums themselves. Wider
+// planes, or rows too long for their partial sums to stay in cache, are faster as planes
+// (measured: 8x8 planes, or 4x4 with 1024 channels).
+constexpr int64_t kTinyPlane = 8, kFoldedPlane = 32, kFoldedColumns = 12288;
+inline bool folded(int64_t c, int64_t l) {
+  return l < kTinyPlane || (l <= kFoldedPlane && c * l <= kFoldedColumns);
+}
+
+// v[c] for each of the K = C * L columns (channel c: columns [c * L, c * L + L)); v itself when
+// L is 1 (or v is null).
+template <typename T>
+const T* per_column(const T* v, int64_t C, int64_t L, std::vector<T>& buf) {
+  if (L == 1 || !v) return v;
+  buf.resize(static_cast<size_t>(C * L));
+  for (int64_t c = 0; c < C; ++c) std::fill_n(buf.data() + c * L, L, v[c]);
+  return buf.data();
+}
+
+// The sum of one channel's L columns over the nt threads' partial sums: part holds, per thread,
+// `rows` rows of K = C * L doubles; this adds up row j's columns of channel c.
+inline double channel_total(const std::vector<double>& part, int nt, int64_t rows, int64_t K,
+                            int64_t L, int j, int64_t c) {
+  double t = 0;
+  for (int k = 0; k < nt; ++k) {
+    const double* p = &part[static_cast<size_t>(k * rows + j) * K + c * L];
+    for (int64_t l = 0; l < L; ++l) t += p[l];
+  }
+  return t;
+}
+
 // ---------------------------------------------------------------- forward
 
 // The running buffers (if given) move towards the batch statistics:
@@ -64,37 +96,70 @@ inline void update_running(T* rm, T* rv, int64_t c, double mu, double v, double 
   rv[c] = static_cast<T>((1.0 - momentum) * rv[c] + momentum * v * correction);
 }
 
+// Sums of K quantities over one channel's values, kept per SIMD lane across the channel's planes
+// and added up in double every kRun values: a plane of an 8x8 image is only 64 values, so a
+// horizontal reduction per plane cost more than the sums themselves.
+template <typename T, int K>
+struct LaneSums {
+  static constexpr int64_t W = 64 / sizeof(T);  // a cache line: 16 floats, 8 doubles
+  alignas(64) T lane[K][W] = {};
+  double total[K] = {};
+  int64_t pending = 0;  // the most values any lane holds
+
+  // f(lane, i, j) adds value i's K quantities into lane[k][j], for i in [0, len).
+  template <typename F>
+  inline void add(int64_t len, F&& f) {
+    for (int64_t i0 = 0; i0 < len; i0 += kRun) {
+      const int64_t i1 = std::min(len, i0 + kRun);
+      int64_t i = i0;
+      for (; i + W <= i1; i += W) {
+#pragma omp simd
+        for (int64_t j = 0; j < W; ++j) f(lane, i + j, j);
+      }
+      const int64_t rest = i1 - i;
+#pragma omp simd
+      for (int64_t j = 0; j < rest; ++j) f(lane, i + j, j);
+      pending += (i1 - i0 + W - 1) / W;
+      if (pending >= kRun / W) flush();
+    }
+  }
+
+  // The lanes into total.
+  inline void flush() {
+    for (int k = 0; k < K; ++k) {
+      double s = 0;
+      for (int64_t j = 0; j < W; ++j) s += lane[k][j];
+      total[k] += s;
+      std::fill_n(lane[k], W, T(0));
+    }
+    pending = 0;
+  }
+};
+
 // Shifted sums of one channel (planes layout): sum d, sum d^2 with d = x - shift, and, if kTails,
-// the counts of x <= lo and x >= hi. Partial sums run in T over short runs, then add up in double.
+// the counts of x <= lo and x >= hi.
 struct Sums {
   double s1 = 0, s2 = 0, lo = 0, hi = 0;
 };
 
 template <typename T, bool kTails>
 Sums plane_sums(const T* x, int64_t N, int64_t C, int64_t L, int64_t c, T shift, T lo, T hi) {
-  Sums s;
+  LaneSums<T, kTails ? 4 : 2> a;
   for (int64_t n = 0; n < N; ++n) {
     const T* p = x + (n * C + c) * L;
-    for (int64_t l0 = 0; l0 < L; l0 += kRun) {
-      const int64_t l1 = std::min(L, l0 + kRun);
-      T a1 = 0, a2 = 0, a3 = 0, a4 = 0;
-#pragma omp simd reduction(+ : a1, a2, a3, a4)
-      for (int64_t l = l0; l < l1; ++l) {
-        const T d = p[l] - shift;
-        a1 += d;
-        a2 += d * d;
-        if constexpr (kTails) {
-          a3 += p[l] <= lo ? T(1) : T(0);
-          a4 += p[l] >= hi ? T(1) : T(0);
-        }
+    a.add(L, [&](auto& lane, int64_t l, int64_t j) {
+      const T d = p[l] - shift;
+      lane[0][j] += d;
+      lane[1][j] += d * d;
+      if constexpr (kTails) {
+        lane[2][j] += p[l] <= lo ? T(1) : T(0);
+        lane[3][j] += p[l] >= hi ? T(1) : T(0);
       }
-      s.s1 += a1;
-      s.s2 += a2;
-      s.lo += a3;
-      s.hi += a4;
-    }
+    });
   }
-  return s;
+  a.flush();
+  if constexpr (kTails) return {a.total[0], a.total[1], a.total[2], a.total[3]};
+  else return {a.total[0], a.total[1], 0, 0};
 }
 
 // The same over rows [r0, r1) of row-major (R, C) data, for every channel at once, added into
@@ -230,6 +295,7 @@ inline void finish_act(const double* sums, double m, int64_t c, int64_t C, T* ac
 template <typename T, int64_t kAct, bool kLo = true, bool kHi = true>
 void normalize_plane(const T* x, T* y, int64_t N, int64_t C, int64_t L, int64_t c, T scale,
                      T offset, T lo, T hi, double* sums) {
+  LaneSums<T, 4> a;
   for (int64_t n = 0; n < N; ++n) {
     const T* p = x + (n * C + c) * L;
     T* q = y + (n * C + c) * L;
@@ -237,26 +303,19 @@ void normalize_plane(const T* x, T* y, int64_t N, int64_t C, int64_t L, int64_t 
 #pragma omp simd
       for (int64_t l = 0; l < L; ++l) q[l] = p[l] * scale + offset;
     } else {
-      for (int64_t l0 = 0; l0 < L; l0 += kRun) {
-        const int64_t l1 = std::min(L, l0 + kRun);
-        T a1 = 0, a2 = 0, a3 = 0, a4 = 0;
-#pragma omp simd reduction(+ : a1, a2, a3, a4)
-        for (int64_t l = l0; l < l1; ++l) {
-          const T v = p[l] * scale + offset;
-          q[l] = v;
-          const T a = activate_fast<T, kAct>(v);
-          a1 += a;
-          a2 += a * a;
-          if constexpr (kLo) a3 += a <= lo ? T(1) : T(0);
-          if constexpr (kHi) a4 += a >= hi ? T(1) : T(0);
-        }
-        sums[0] += a1;
-        sums[1] += a2;
-        sums[2] += a3;
-        sums[3] += a4;
-      }
+      a.add(L, [&](auto& lane, int64_t l, int64_t j) {
+        const T v = p[l] * scale + offset;
+        q[l] = v;
+        const T u = activate_fast<T, kAct>(v);
+        lane[0][j] += u;
+        lane[1][j] += u * u;
+        if constexpr (kLo) lane[2][j] += u <= lo ? T(1) : T(0);
+        if constexpr (kHi) lane[3][j] += u >= hi ? T(1) : T(0);
+      });
     }
   }
+  a.flush();
+  for (int k = 0; k < 4; ++k) sums[k] += a.total[k];
 }
 
 template <typename T>
@@ -337,67 +396,67 @@ void normalize_rows_act(const T* x, T* y, int64_t r0, int64_t r1, int64_t C, con
 }
 
 template <typename T>
-void forward_rows(const T* x, T* y, int64_t R, int64_t C, const T* w, const T* b, double eps,
-                  T* mean, T* var, T* invstd, T* rm, T* rv, double momentum, double correction,
-                  int threads, int64_t act_kind = kNoAct, T lo = T(0), T hi = T(0),
-                  T* act = nullptr) {
-  const int nt = std::min<int64_t>(pick_threads(R * C, threads), R);
-  std::vector<double> part(static_cast<size_t>(nt) * 2 * C, 0.0);
-  std::vector<double> act_part(act_kind == kNoAct ? 0 : static_cast<size_t>(nt) * 4 * C, 0.0);
-  std::vector<T> scale(C), offset(C);
-  const T* shift = x;  // the first row
+void forward_rows(const T* x, T* y, int64_t R, int64_t C, int64_t L, const T* w, const T* b,
+                  double eps, T* mean, T* var, T* invstd, T* rm, T* rv, double momentum,
+                  double correction, int threads, int64_t act_kind = kNoAct, T lo = T(0),
+                  T hi = T(0), T* act = nullptr) {
+  const int64_t K = C * L;  // columns (see folded)
+  const int nt = std::min<int64_t>(pick_threads(R * K, threads), R);
+  std::vector<double> part(static_cast<size_t>(nt) * 2 * K, 0.0);
+  std::vector<double> act_part(act_kind == kNoAct ? 0 : static_cast<size_t>(nt) * 4 * K, 0.0);
+  std::vector<T> scale(K), offset(K), firsts(C), shift_buf;
+  for (int64_t c = 0; c < C; ++c) firsts[c] = x[c * L];  // each channel's first value
+  const T* shift = per_column(firsts.data(), C, L, shift_buf);
+  const double m = static_cast<double>(R * L);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num(), nth = omp_get_num_threads();
     int64_t r0, r1;
     split(R, nth, t, &r0, &r1);
-    double* s1 = &part[static_cast<size_t>(t) * 2 * C];
-    row_sums<T, false>(x, r0, r1, C, shift, T(0), T(0), s1, s1 + C, nullptr, nullptr);
+    double* s1 = &part[static_cast<size_t>(t) * 2 * K];
+    row_sums<T, false>(x, r0, r1, K, shift, T(0), T(0), s1, s1 + K, nullptr, nullptr);
 #pragma omp barrier
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < C; ++c) {
-      double t1 = 0, t2 = 0;
-      for (int k = 0; k < nth; ++k) {
-        t1 += part[static_cast<size_t>(k) * 2 * C + c];
-        t2 += part[static_cast<size_t>(k) * 2 * C + C + c];
-      }
-      const auto [mu, v] = finish(t1, t2, shift[c], static_cast<double>(R));
+      const double t1 = channel_total(part, nth, 2, K, L, 0, c);
+      const double t2 = channel_total(part, nth, 2, K, L, 1, c);
+      const auto [mu, v] = finish(t1, t2, firsts[c], m);
       const double inv = 1.0 / std::sqrt(v + eps);
       mean[c] = static_cast<T>(mu);
       var[c] = static_cast<T>(v);
       invstd[c] = static_cast<T>(inv);
       update_running(rm, rv, c, mu, v, momentum, correction);
-      scale[c] = static_cast<T>((w ? w[c] : 1.0) * inv);
-      offset[c] = static_cast<T>((b ? b[c] : 0.0) - mu * scale[c]);
+      const T sc = static_cast<T>((w ? w[c] : 1.0) * inv);
+      std::fill_n(scale.data() + c * L, L, sc);
+      std::fill_n(offset.data() + c * L, L, static_cast<T>((b ? b[c] : 0.0) - mu * sc));
     }
     const T* S = scale.data();
     const T* O = offset.data();
     if (act_kind == kNoAct) {
 #pragma omp for schedule(static)
       for (int64_t r = 0; r < R; ++r) {
-        const T* p = x + r * C;
-        T* q = y + r * C;
+        const T* p = x + r * K;
+        T* q = y + r * K;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) q[c] = p[c] * S[c] + O[c];
+        for (int64_t k = 0; k < K; ++k) q[k] = p[k] * S[k] + O[k];
       }
     } else {
       // the same rows as the statistics pass, so the partial sums reuse its buffer
-      double* sums = &act_part[static_cast<size_t>(t) * 4 * C];
+      double* sums = &act_part[static_cast<size_t>(t) * 4 * K];
       with_act(act_kind, lo, hi, [&](auto act, auto kl, auto kh) {
-        normalize_rows_act<T, act(), kl(), kh()>(x, y, r0, r1, C, S, O, lo, hi, sums);
+        normalize_rows_act<T, act(), kl(), kh()>(x, y, r0, r1, K, S, O, lo, hi, sums);
       });
     }
   }
   if (act_kind == kNoAct) return;
   // after the region's own barrier: a few thousand additions, not worth another barrier
   for (int64_t c = 0; c < C; ++c) {
-    double tot[4] = {0, 0, 0, 0};
-    for (int k = 0; k < nt; ++k)
-      for (int j = 0; j < 4; ++j) tot[j] += act_part[static_cast<size_t>(k) * 4 * C + j * C + c];
+    double tot[4];
+    for (int j = 0; j < 4; ++j) tot[j] = channel_total(act_part, nt, 4, K, L, j, c);
     with_act(act_kind, lo, hi, [&](auto act, auto, auto) {
-      exact_act_sums<T, act()>(y + c, R, C, 1, lo, hi, tot);
+      exact_act_sums<T, act()>(y + c * L, R, K, L, lo, hi, tot);
     });
-    finish_act(tot, static_cast<double>(R), c, C, act);
+    finish_act(tot, m, c, C, act);
   }
 }
 
@@ -423,27 +482,31 @@ void moments_planes(const T* x, int64_t N, int64_t C, int64_t L, T lo, T hi, T* 
 }
 
 template <typename T>
-void moments_rows(const T* x, int64_t R, int64_t C, T lo, T hi, T* out, int threads) {
-  const int nt = std::min<int64_t>(pick_threads(R * C, threads), R);
-  std::vector<double> part(static_cast<size_t>(nt) * 4 * C, 0.0);
+void moments_rows(const T* x, int64_t R, int64_t C, int64_t L, T lo, T hi, T* out, int threads) {
+  const int64_t K = C * L;  // columns (see folded)
+  const int nt = std::min<int64_t>(pick_threads(R * K, threads), R);
+  std::vector<double> part(static_cast<size_t>(nt) * 4 * K, 0.0);
+  std::vector<T> firsts(C), shift_buf;
+  for (int64_t c = 0; c < C; ++c) firsts[c] = x[c * L];
+  const T* shift = per_column(firsts.data(), C, L, shift_buf);
+  const double m = static_cast<double>(R * L);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num(), nth = omp_get_num_threads();
     int64_t r0, r1;
     split(R, nth, t, &r0, &r1);
-    double* p = &part[static_cast<size_t>(t) * 4 * C];
-    row_sums<T, true>(x, r0, r1, C, x, lo, hi, p, p + C, p + 2 * C, p + 3 * C);
+    double* p = &part[static_cast<size_t>(t) * 4 * K];
+    row_sums<T, true>(x, r0, r1, K, shift, lo, hi, p, p + K, p + 2 * K, p + 3 * K);
 #pragma omp barrier
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < C; ++c) {
-      double tot[4] = {0, 0, 0, 0};
-      for (int k = 0; k < nth; ++k)
-        for (int j = 0; j < 4; ++j) tot[j] += part[static_cast<size_t>(k) * 4 * C + j * C + c];
-      const auto [mu, v] = finish(tot[0], tot[1], x[c], static_cast<double>(R));
+      double tot[4];
+      for (int j = 0; j < 4; ++j) tot[j] = channel_total(part, nth, 4, K, L, j, c);
+      const auto [mu, v] = finish(tot[0], tot[1], firsts[c], m);
       out[c] = static_cast<T>(mu);
       out[C + c] = static_cast<T>(v);
-      out[2 * C + c] = static_cast<T>(tot[2] / R);
-      out[3 * C + c] = static_cast<T>(tot[3] / R);
+      out[2 * C + c] = static_cast<T>(tot[2] / m);
+      out[3 * C + c] = static_cast<T>(tot[3] / m);
     }
   }
 }
@@ -469,143 +532,127 @@ void backward_planes(const T* dy, const T* x, T* dx, int64_t N, int64_t C, int64
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1)
   for (int64_t c = 0; c < C; ++c) {
     const T mu = mean[c];
-    double s_dy = 0, s_dyx = 0, s_dy2 = 0;
+    LaneSums<T, 3> g;
     for (int64_t n = 0; n < N; ++n) {
-      const int64_t o = (n * C + c) * L;
-      for (int64_t l0 = 0; l0 < L; l0 += kRun) {
-        const int64_t l1 = std::min(L, l0 + kRun);
-        T a = 0, bx = 0, g2 = 0;
-#pragma omp simd reduction(+ : a, bx, g2)
-        for (int64_t l = l0; l < l1; ++l) {
-          const T g = dy[o + l];
-          a += g;
-          bx += g * (x[o + l] - mu);
-          g2 += g * g;
-        }
-        s_dy += a;
-        s_dyx += bx;
-        s_dy2 += g2;
-      }
+      const T *gp = dy + (n * C + c) * L, *xp = x + (n * C + c) * L;
+      g.add(L, [&](auto& lane, int64_t l, int64_t j) {
+        const T v = gp[l];
+        lane[0][j] += v;
+        lane[1][j] += v * (xp[l] - mu);
+        lane[2][j] += v * v;
+      });
     }
-    const double inv = invstd[c];
-    const double sdx = s_dyx * inv;
+    g.flush();
+    const double s_dy = g.total[0], inv = invstd[c];
+    const double sdx = g.total[1] * inv;
     sum_dy[c] = static_cast<T>(s_dy);
     sum_dy_xhat[c] = static_cast<T>(sdx);
-    dy_sq[c] = static_cast<T>(s_dy2);
+    dy_sq[c] = static_cast<T>(g.total[2]);
     if (!dx) continue;
     const DxCoef k = dx_coef(w ? w[c] : 1.0, inv, s_dy, sdx, static_cast<double>(m));
     const T ka = static_cast<T>(k.a), kb = static_cast<T>(k.b), kc = static_cast<T>(k.c);
-    double s_dx2 = 0;
+    LaneSums<T, 1> q;
     for (int64_t n = 0; n < N; ++n) {
       const int64_t o = (n * C + c) * L;
-      for (int64_t l0 = 0; l0 < L; l0 += kRun) {
-        const int64_t l1 = std::min(L, l0 + kRun);
-        T q2 = 0;
-#pragma omp simd reduction(+ : q2)
-        for (int64_t l = l0; l < l1; ++l) {
-          const T v = ka * dy[o + l] + kb * (x[o + l] - mu) + kc;
-          dx[o + l] = v;
-          q2 += v * v;
-        }
-        s_dx2 += q2;
-      }
+      const T *gp = dy + o, *xp = x + o;
+      T* out = dx + o;
+      q.add(L, [&](auto& lane, int64_t l, int64_t j) {
+        const T v = ka * gp[l] + kb * (xp[l] - mu) + kc;
+        out[l] = v;
+        lane[0][j] += v * v;
+      });
     }
-    dx_sq[c] = static_cast<T>(s_dx2);
+    q.flush();
+    dx_sq[c] = static_cast<T>(q.total[0]);
   }
 }
 
 template <typename T>
-void backward_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t C, const T* mean,
-                   const T* invstd, const T* w, T* sum_dy_xhat, T* sum_dy, T* dy_sq, T* dx_sq,
-                   int threads) {
-  const int nt = std::min<int64_t>(pick_threads(R * C, threads), R);
-  std::vector<double> part(static_cast<size_t>(nt) * 4 * C, 0.0);
-  std::vector<T> ka(C), kb(C), kc(C);
+void backward_rows(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t L,
+                   const T* mean, const T* invstd, const T* w, T* sum_dy_xhat, T* sum_dy,
+                   T* dy_sq, T* dx_sq, int threads) {
+  const int64_t K = C * L;  // columns (see folded)
+  const int nt = std::min<int64_t>(pick_threads(R * K, threads), R);
+  std::vector<double> part(static_cast<size_t>(nt) * 4 * K, 0.0);
+  std::vector<T> ka(K), kb(K), kc(K), mean_buf;
+  const T* mu = per_column(mean, C, L, mean_buf);
+  const double m = static_cast<double>(R * L);
 #pragma omp parallel num_threads(nt) if (nt > 1)
   {
     const int t = omp_get_thread_num(), nth = omp_get_num_threads();
     int64_t r0, r1;
     split(R, nth, t, &r0, &r1);
-    double* s_dy = &part[static_cast<size_t>(t) * 4 * C];
-    double* s_dyx = s_dy + C;
-    double* s_dy2 = s_dyx + C;
-    double* s_dx2 = s_dy2 + C;
-    std::vector<T> a(C), bx(C), g2(C);
+    double* s_dy = &part[static_cast<size_t>(t) * 4 * K];
+    double* s_dyx = s_dy + K;
+    double* s_dy2 = s_dyx + K;
+    double* s_dx2 = s_dy2 + K;
+    std::vector<T> a(K), bx(K), g2(K);
     for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
       std::fill(a.begin(), a.end(), T(0));
       std::fill(bx.begin(), bx.end(), T(0));
       std::fill(g2.begin(), g2.end(), T(0));
       const int64_t re = std::min(r1, rb + kRowBlock);
       for (int64_t r = rb; r < re; ++r) {
-        const T* g = dy + r * C;
-        const T* p = x + r * C;
+        const T* g = dy + r * K;
+        const T* p = x + r * K;
         T* A = a.data();
         T* B = bx.data();
         T* G = g2.data();
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) {
-          A[c] += g[c];
-          B[c] += g[c] * (p[c] - mean[c]);
-          G[c] += g[c] * g[c];
+        for (int64_t k = 0; k < K; ++k) {
+          A[k] += g[k];
+          B[k] += g[k] * (p[k] - mu[k]);
+          G[k] += g[k] * g[k];
         }
       }
-      for (int64_t c = 0; c < C; ++c) {
-        s_dy[c] += a[c];
-        s_dyx[c] += bx[c];
-        s_dy2[c] += g2[c];
+      for (int64_t k = 0; k < K; ++k) {
+        s_dy[k] += a[k];
+        s_dyx[k] += bx[k];
+        s_dy2[k] += g2[k];
       }
     }
 #pragma omp barrier
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < C; ++c) {
-      double t_dy = 0, t_dyx = 0, t_dy2 = 0;
-      for (int k = 0; k < nth; ++k) {
-        const double* p = &part[static_cast<size_t>(k) * 4 * C];
-        t_dy += p[c];
-        t_dyx += p[C + c];
-        t_dy2 += p[2 * C + c];
-      }
+      const double t_dy = channel_total(part, nth, 4, K, L, 0, c);
       const double inv = invstd[c];
-      const double sdx = t_dyx * inv;
+      const double sdx = channel_total(part, nth, 4, K, L, 1, c) * inv;
       sum_dy[c] = static_cast<T>(t_dy);
       sum_dy_xhat[c] = static_cast<T>(sdx);
-      dy_sq[c] = static_cast<T>(t_dy2);
-      const DxCoef k = dx_coef(w ? w[c] : 1.0, inv, t_dy, sdx, static_cast<double>(R));
-      ka[c] = static_cast<T>(k.a);
-      kb[c] = static_cast<T>(k.b);
-      kc[c] = static_cast<T>(k.c);
+      dy_sq[c] = static_cast<T>(channel_total(part, nth, 4, K, L, 2, c));
+      const DxCoef k = dx_coef(w ? w[c] : 1.0, inv, t_dy, sdx, m);
+      std::fill_n(ka.data() + c * L, L, static_cast<T>(k.a));
+      std::fill_n(kb.data() + c * L, L, static_cast<T>(k.b));
+      std::fill_n(kc.data() + c * L, L, static_cast<T>(k.c));
     }
     if (dx) {
       const T* KA = ka.data();
       const T* KB = kb.data();
       const T* KC = kc.data();
-      std::vector<T> q2(C, T(0));
+      std::vector<T> q2(K, T(0));
       T* Q = q2.data();
       for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
         const int64_t re = std::min(r1, rb + kRowBlock);
         for (int64_t r = rb; r < re; ++r) {
-          const T* g = dy + r * C;
-          const T* p = x + r * C;
-          T* q = dx + r * C;
+          const T* g = dy + r * K;
+          const T* p = x + r * K;
+          T* q = dx + r * K;
 #pragma omp simd
-          for (int64_t c = 0; c < C; ++c) {
-            const T v = KA[c] * g[c] + KB[c] * (p[c] - mean[c]) + KC[c];
-            q[c] = v;
-            Q[c] += v * v;
+          for (int64_t k = 0; k < K; ++k) {
+            const T v = KA[k] * g[k] + KB[k] * (p[k] - mu[k]) + KC[k];
+            q[k] = v;
+            Q[k] += v * v;
           }
         }
-        for (int64_t c = 0; c < C; ++c) {
-          s_dx2[c] += q2[c];
-          q2[c] = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          s_dx2[k] += q2[k];
+          q2[k] = 0;
         }
       }
 #pragma omp barrier
 #pragma omp for schedule(static)
-      for (int64_t c = 0; c < C; ++c) {
-        double t_dx2 = 0;
-        for (int k = 0; k < nth; ++k) t_dx2 += part[static_cast<size_t>(k) * 4 * C + 3 * C + c];
-        dx_sq[c] = static_cast<T>(t_dx2);
-      }
+      for (int64_t c = 0; c < C; ++c)
+        dx_sq[c] = static_cast<T>(channel_total(part, nth, 4, K, L, 3, c));
     }
   }
 }
@@ -688,7 +735,9 @@ void moments_into(const Tensor& x_in, double lo, double hi, T* out, int threads)
   const T* xp = x.const_data_ptr<T>();
   const auto l = static_cast<T>(lo), h = static_cast<T>(hi);
   if (s.rows)
-    moments_rows<T>(xp, s.n * s.l, s.c, l, h, out, threads);
+    moments_rows<T>(xp, s.n * s.l, s.c, 1, l, h, out, threads);
+  else if (folded(s.c, s.l))
+    moments_rows<T>(xp, s.n, s.c, s.l, l, h, out, threads);
   else
     moments_planes<T>(xp, s.n, s.c, s.l, l, h, out, threads);
 }

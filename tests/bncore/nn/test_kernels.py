@@ -17,7 +17,9 @@ from bncore.nn.kernels.reference import Running
 from tests.helpers import check_cuda_kernel_choice
 
 # Shapes that reach every branch of bn_cpu.cpp: runs longer than kRun (2048), row blocks past
-# kRowBlock (64), odd channel counts, one channel, and enough work to go multi-threaded.
+# kRowBlock (64), odd channel counts, one channel, and enough work to go multi-threaded; planes
+# summed per plane (wide, or too many columns: bn_cpu.h's `folded`) and folded into rows (tiny
+# or few), with and without a remainder past the SIMD lanes.
 CASES = [
     ((3, 5, 4100), None),
     ((150, 7), None),
@@ -25,6 +27,11 @@ CASES = [
     ((2, 1, 30), None),
     ((5, 3, 1), None),
     ((64, 16, 8, 8), None),
+    ((200, 3, 40), None),
+    ((5, 700, 4, 5), None),
+    ((70, 6, 3, 3), None),
+    ((300, 40, 3, 3), None),
+    ((9, 2, 2), None),
     ((16, 13, 9, 9), torch.channels_last),
     ((40, 3, 5), "rows3d"),
 ]
@@ -77,6 +84,16 @@ def test_cpu_kernel_matches_reference(fused, shape, fmt, dtype, affine):
             if a is not None:
                 scale = dict(tol, atol=tol["atol"] * max(1.0, float(e.abs().max())))
                 torch.testing.assert_close(a, e, **scale, msg=name)
+
+
+@pytest.mark.parametrize("shape,fmt", CASES)
+def test_cpu_channel_moments_match_reference(fused, shape, fmt):
+    x = _make(shape, fmt, torch.float32, torch.Generator().manual_seed(2))
+    for lo, hi in ((3.0, 5.0), (float("-inf"), float("inf"))):
+        torch.testing.assert_close(
+            cpu.channel_moments(x, lo, hi), reference.channel_moments(x, lo, hi),
+            rtol=1e-4, atol=1e-4,
+        )  # fmt: skip
 
 
 def test_cpu_kernel_takes_gradient_in_another_layout(fused):

@@ -112,6 +112,8 @@ def test_gradient_sums_survive_gradient_accumulation(kernel: str):
         ((6, 5, 70), False),
         ((8, 6, 5, 5), True),
         ((3, 4, 5000), False),
+        ((70, 6, 3, 3), False),
+        ((5, 700, 4, 5), False),
     ],
 )
 @pytest.mark.parametrize("kind", [1, 2])
@@ -137,7 +139,7 @@ def test_activation_statistics_from_the_forward(kernel: str, shape, channels_las
     assert layer.stats.act is None  # not asked: not measured
 
 
-@pytest.mark.parametrize("shape", [(64, 16), (4, 3, 300)])
+@pytest.mark.parametrize("shape", [(64, 16), (4, 3, 300), (80, 3, 4)])
 @pytest.mark.parametrize("kind", [1, 2])
 @pytest.mark.parametrize("lo", [-math.inf, 0.0])
 def test_activation_statistics_of_infinite_outputs(kernel: str, shape, kind, lo):
