@@ -463,15 +463,21 @@ class Trainer:
 def _optimizer(cfg: RunConfig, model: Net) -> torch.optim.Optimizer:
     o = cfg.optim
     groups: list[dict[str, Any]] = [{"params": list(model.parameters())}]
-    if not o.norm_weight_decay:  # gamma and beta of every block's normalization: no decay
+    # gamma and beta of every block's normalization: no decay (a second group, where it matters:
+    # each group is another pass of the optimizer's foreach kernels, every step)
+    if o.weight_decay and not o.norm_weight_decay:
         norm = {id(p) for _, b in model.blocks() for p in b.norm.parameters()}
         groups = [
             {"params": [p for p in model.parameters() if id(p) not in norm]},
             {"params": [p for p in model.parameters() if id(p) in norm], "weight_decay": 0.0},
         ]
+    # foreach: one call per operation over every parameter (torch picks it only on CUDA; on the
+    # CPU its per-parameter loop cost ~0.3 ms a step in a 6-block MLP); the same arithmetic
     if o.name == "adam":
-        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+        return torch.optim.Adam(groups, lr=o.lr, weight_decay=o.weight_decay, foreach=True)
+    return torch.optim.SGD(
+        groups, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, foreach=True
+    )
 
 
 def _first_nonfinite(rec: Records) -> tuple[int, str] | None:
