@@ -355,3 +355,25 @@ def test_norm_parameters_can_be_left_out_of_weight_decay():
                 assert group["weight_decay"] == 0.01 and (decay_norm or not ids & norm)
         seen = sum(len(g["params"]) for g in t.optimizer.param_groups)
         assert seen == len(list(t.model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam"])
+def test_the_optimizer_steps_every_parameter_at_once(name):
+    """One foreach pass per operation over all parameters (torch picks a Python loop over them
+    on the CPU), in one group where no weight decay tells gamma and beta apart; the same
+    trajectory as torch's per-parameter loop."""
+    from bncore.run.engine import Trainer
+
+    cfg = small_config(steps=3, optim={"name": name, "lr": 0.05})
+    t = Trainer(cfg)
+    assert t.optimizer.defaults["foreach"] is True
+    assert len(t.optimizer.param_groups) == 1
+    ref = Trainer(cfg)
+    cls = type(ref.optimizer)
+    ref.optimizer = cls(ref.model.parameters(), **{**ref.optimizer.defaults, "foreach": False})
+    ref.schedule = torch.optim.lr_scheduler.LambdaLR(ref.optimizer, t.schedule.lr_lambdas[0])
+    for trainer in (t, ref):
+        for _ in range(3):
+            trainer.step()
+    for a, b in zip(t.model.parameters(), ref.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
