@@ -343,10 +343,10 @@ def explain_empty(
             and not has_data(fig, "y2", positive=fig["layout"]["yaxis2"].get("type") == "log")
         ):
             # a right axis with nothing it can draw (a run without BN: its mode gap is 0, which
-            # a log axis cannot show; or none at all): not one with
-            # the ticks of a range plotly made up, nor its name in the legend. BN Scope's own
-            # runs evaluate the mode gap with the accuracies, so one that has accuracies and no
-            # gap has none to come; a script may log its evaluations and its probe apart.
+            # a log axis cannot show; or none at all): not one with the ticks of a range plotly
+            # made up, nor its name in the legend. BN Scope's own runs evaluate the mode gap
+            # with the accuracies, so one that has accuracies and no gap has none to come; a
+            # script may log its evaluations and its probe apart.
             fig["layout"]["yaxis2"]["visible"] = False
             fig["layout"]["margin"]["r"] = MARGIN["r"]
             for trace in fig["data"]:

@@ -103,8 +103,8 @@ ForwardOut forward_impl(const Tensor& x, const optional<Tensor>& w, const option
                    : rec           ? rec + kRecordAct * s.c
                                    : o.act.mutable_data_ptr<scalar_t>();
     const auto lo = static_cast<scalar_t>(act_lo), hi = static_cast<scalar_t>(act_hi);
-    if (s.rows || folded(s.c, s.l))
-      forward_rows<scalar_t>(xp, yp, s.rows ? s.n * s.l : s.n, s.c, s.rows ? 1 : s.l,
+    if (s.as_rows())
+      forward_rows<scalar_t>(xp, yp, s.row_count(), s.c, s.columns_per_channel(),
                              ptr_or_null<scalar_t>(w), ptr_or_null<scalar_t>(b), eps, mp, vp, ip,
                              mut_ptr_or_null<scalar_t>(rm), mut_ptr_or_null<scalar_t>(rv),
                              momentum, correction, threads, act_kind, lo, hi, ap);
@@ -158,8 +158,8 @@ Tensor backward_impl(const Tensor& dy_in, const Tensor& x, const Tensor& mean,
     scalar_t* dxp = need_dx ? dx.mutable_data_ptr<scalar_t>() : nullptr;
     const scalar_t *dyp = dy.const_data_ptr<scalar_t>(), *xp = x.const_data_ptr<scalar_t>();
     const scalar_t *mp = mean.const_data_ptr<scalar_t>(), *ip = invstd.const_data_ptr<scalar_t>();
-    if (s.rows || folded(s.c, s.l))
-      backward_rows<scalar_t>(dyp, xp, dxp, s.rows ? s.n * s.l : s.n, s.c, s.rows ? 1 : s.l, mp,
+    if (s.as_rows())
+      backward_rows<scalar_t>(dyp, xp, dxp, s.row_count(), s.c, s.columns_per_channel(), mp,
                               ip, ptr_or_null<scalar_t>(w), st, st + s.c, st + 2 * s.c,
                               st + 3 * s.c, threads);
     else

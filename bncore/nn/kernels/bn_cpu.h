@@ -672,6 +672,11 @@ using std::optional;
 struct Shape {
   int64_t n, c, l;
   bool rows;
+
+  // Whether the rows kernels take it: as R rows of C channels of L columns each (see folded).
+  bool as_rows() const { return rows || folded(c, l); }
+  int64_t row_count() const { return rows ? n * l : n; }
+  int64_t columns_per_channel() const { return rows ? 1 : l; }
 };
 
 Shape shape_of(const Tensor& x) {
@@ -736,10 +741,8 @@ void moments_into(const Tensor& x_in, double lo, double hi, T* out, int threads)
   auto [x, s] = strideable(x_in);
   const T* xp = x.const_data_ptr<T>();
   const auto l = static_cast<T>(lo), h = static_cast<T>(hi);
-  if (s.rows)
-    moments_rows<T>(xp, s.n * s.l, s.c, 1, l, h, out, threads);
-  else if (folded(s.c, s.l))
-    moments_rows<T>(xp, s.n, s.c, s.l, l, h, out, threads);
+  if (s.as_rows())
+    moments_rows<T>(xp, s.row_count(), s.c, s.columns_per_channel(), l, h, out, threads);
   else
     moments_planes<T>(xp, s.n, s.c, s.l, l, h, out, threads);
 }
